@@ -1,0 +1,296 @@
+//! The gRPC layer: converts between `pb` messages and the engine's domain types, checks the
+//! caller's role, and maps engine errors to status codes in one place. No job logic here.
+
+use crate::auth::require;
+use crate::config::Role;
+use crate::engine::{self, Engine, Submission};
+use crate::job::{Event, EventBody, JobId, JobRecord, JobSpec, JobState, LogLevel, StepRecord, StepState};
+use crate::pb;
+use futures_util::{Stream, StreamExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+impl From<engine::Error> for Status {
+    fn from(e: engine::Error) -> Status {
+        use engine::Error::*;
+        match e {
+            InvalidArgument(m) => Status::invalid_argument(m),
+            NotFound(m) => Status::not_found(m),
+            FailedPrecondition(m) => Status::failed_precondition(m),
+            AlreadyExists(m) => Status::already_exists(m),
+            Unavailable(m) => Status::unavailable(m),
+            Store(e) => {
+                tracing::error!("{e}");
+                Status::internal(e.to_string())
+            }
+        }
+    }
+}
+
+/// The `stately.v1.Jobs` service.
+#[derive(Debug, Clone)]
+pub(crate) struct JobsApi {
+    pub(crate) engine: Engine,
+    /// Cancelled when the daemon stops: open streams end (attached jobs are not cancelled by
+    /// that; they are left to the shutdown grace period and recovery).
+    pub(crate) stopping: CancellationToken,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+fn parse_id(s: &str) -> Result<JobId, Status> {
+    if s.is_empty() {
+        return Err(Status::invalid_argument("job_id is required"));
+    }
+    s.parse().map_err(Status::invalid_argument)
+}
+
+fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
+    let spec = match req.spec.and_then(|s| s.kind) {
+        Some(pb::job_spec::Kind::Runbook(r)) => {
+            if r.runbook.is_empty() {
+                return Err(Status::invalid_argument("spec.runbook.runbook (the runbook's name) is required"));
+            }
+            JobSpec::Runbook { runbook: r.runbook, params: r.params.into_iter().collect() }
+        }
+        Some(pb::job_spec::Kind::Rollback(_)) => {
+            return Err(Status::invalid_argument("rollback jobs are started with RollbackJob, not submitted"));
+        }
+        None => return Err(Status::invalid_argument("spec is required: set one kind of job (e.g. spec.runbook)")),
+    };
+    Ok(Submission {
+        spec,
+        request_id: Some(req.request_id).filter(|r| !r.is_empty()),
+        labels: req.labels.into_iter().collect(),
+    })
+}
+
+#[tonic::async_trait]
+impl pb::jobs_server::Jobs for JobsApi {
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::Job>, Status> {
+        require(&req, Role::Operator, "SubmitJob")?;
+        let job = self.engine.submit(submission(req.into_inner())?).await?;
+        Ok(Response::new(job_to_pb(&job)))
+    }
+
+    type RunJobStream = EventStream;
+
+    async fn run_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<EventStream>, Status> {
+        require(&req, Role::Operator, "RunJob")?;
+        let job = self.engine.submit(submission(req.into_inner())?).await?;
+        let rx = self.engine.watch(job.id, 0)?;
+        let stream = Attached { rx, engine: Some(self.engine.clone()), job: job.id, stopping: self.stopping.clone() };
+        Ok(Response::new(Box::pin(stream.take_until(self.stopping.clone().cancelled_owned()))))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        require(&req, Role::Viewer, "GetJob")?;
+        let id = parse_id(&req.get_ref().job_id)?;
+        Ok(Response::new(job_to_pb(&self.engine.get(id)?)))
+    }
+
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        require(&req, Role::Viewer, "ListJobs")?;
+        let r = req.into_inner();
+        let states = r
+            .states
+            .iter()
+            .map(|s| match pb::JobState::try_from(*s) {
+                Ok(s) if s != pb::JobState::Unspecified => Ok(state_from_pb(s)),
+                _ => Err(Status::invalid_argument(format!("states: {s} is not a job state"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let kind = Some(r.kind).filter(|k| !k.is_empty());
+        let (jobs, next) = self.engine.list(states, kind, r.labels.into_iter().collect(), r.page_size, &r.page_token)?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.iter().map(job_to_pb).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<EventStream>, Status> {
+        require(&req, Role::Viewer, "WatchJob")?;
+        let id = parse_id(&req.get_ref().job_id)?;
+        let rx = self.engine.watch(id, req.get_ref().after_seq)?;
+        let stream = Attached { rx, engine: None, job: id, stopping: self.stopping.clone() };
+        Ok(Response::new(Box::pin(stream.take_until(self.stopping.clone().cancelled_owned()))))
+    }
+
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
+        require(&req, Role::Operator, "CancelJob")?;
+        let r = req.into_inner();
+        let id = parse_id(&r.job_id)?;
+        let job = self.engine.cancel(id, &r.reason, r.wait).await?;
+        Ok(Response::new(job_to_pb(&job)))
+    }
+
+    async fn rollback_job(&self, req: Request<pb::RollbackJobRequest>) -> Result<Response<pb::Job>, Status> {
+        require(&req, Role::Operator, "RollbackJob")?;
+        let r = req.into_inner();
+        let id = parse_id(&r.job_id)?;
+        let job = self.engine.rollback(id, r.force).await?;
+        Ok(Response::new(job_to_pb(&job)))
+    }
+}
+
+/// An event stream. For RunJob (`engine` set) it is attached: dropped before the job's
+/// terminal event — the client cancelled, hit its deadline or went away — it cancels the job.
+struct Attached {
+    rx: mpsc::Receiver<Result<Event, engine::Error>>,
+    engine: Option<Engine>,
+    job: JobId,
+    stopping: CancellationToken,
+}
+
+impl Stream for Attached {
+    type Item = Result<pb::JobEvent, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(e))) => {
+                if e.body.is_terminal() {
+                    self.engine = None;
+                }
+                Poll::Ready(Some(Ok(event_to_pb(&e))))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => {
+                self.engine = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        // A stream ended by the daemon's own shutdown leaves the job to the grace period.
+        if let Some(engine) = self.engine.take().filter(|_| !self.stopping.is_cancelled()) {
+            let job = self.job;
+            tokio::spawn(async move {
+                tracing::info!(%job, "the attached call ended before the job: cancelling it");
+                let _ = engine.cancel(job, "the attached call ended", false).await;
+            });
+        }
+    }
+}
+
+fn ts(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+pub(crate) fn state_to_pb(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Pending => pb::JobState::Pending,
+        JobState::Running => pb::JobState::Running,
+        JobState::Cancelling => pb::JobState::Cancelling,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+fn state_from_pb(s: pb::JobState) -> JobState {
+    match s {
+        pb::JobState::Pending | pb::JobState::Unspecified => JobState::Pending,
+        pb::JobState::Running => JobState::Running,
+        pb::JobState::Cancelling => JobState::Cancelling,
+        pb::JobState::Succeeded => JobState::Succeeded,
+        pb::JobState::Failed => JobState::Failed,
+        pb::JobState::Cancelled => JobState::Cancelled,
+    }
+}
+
+fn step_state_to_pb(s: StepState) -> pb::StepState {
+    match s {
+        StepState::Pending => pb::StepState::Pending,
+        StepState::Running => pb::StepState::Running,
+        StepState::Succeeded => pb::StepState::Succeeded,
+        StepState::Failed => pb::StepState::Failed,
+        StepState::Cancelled => pb::StepState::Cancelled,
+    }
+}
+
+fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
+    let kind = match spec {
+        JobSpec::Runbook { runbook, params } => pb::job_spec::Kind::Runbook(pb::RunbookJob {
+            runbook: runbook.clone(),
+            params: params.clone().into_iter().collect(),
+        }),
+        JobSpec::Rollback { target, force } => {
+            pb::job_spec::Kind::Rollback(pb::RollbackSpec { target_job_id: target.to_string(), force: *force })
+        }
+    };
+    pb::JobSpec { kind: Some(kind) }
+}
+
+fn step_to_pb(i: usize, s: &StepRecord) -> pb::Step {
+    pb::Step {
+        index: i as u32,
+        name: s.name.clone(),
+        state: step_state_to_pb(s.state) as i32,
+        started_at: s.started_at.map(ts),
+        finished_at: s.finished_at.map(ts),
+        error: s.error.clone().unwrap_or_default(),
+    }
+}
+
+pub(crate) fn job_to_pb(j: &JobRecord) -> pb::Job {
+    pb::Job {
+        id: j.id.to_string(),
+        kind: j.spec.kind().to_owned(),
+        spec: Some(spec_to_pb(&j.spec)),
+        state: state_to_pb(j.state) as i32,
+        steps: j.steps.iter().enumerate().map(|(i, s)| step_to_pb(i, s)).collect(),
+        request_id: j.request_id.clone().unwrap_or_default(),
+        labels: j.labels.clone().into_iter().collect(),
+        resources: j.resources.clone(),
+        waiting_for: j.waiting_for.clone(),
+        created_at: Some(ts(j.created_at)),
+        started_at: j.started_at.map(ts),
+        finished_at: j.finished_at.map(ts),
+        error: j.error.clone().unwrap_or_default(),
+        failed_step: j.failed_step.clone().unwrap_or_default(),
+        undo_entries: j.undo_entries,
+        rolled_back_by: j.rolled_back_by.map(|r| r.to_string()).unwrap_or_default(),
+        rollback_of: j.rollback_of().map(|r| r.to_string()).unwrap_or_default(),
+        last_seq: j.last_seq,
+    }
+}
+
+pub(crate) fn event_to_pb(e: &Event) -> pb::JobEvent {
+    use pb::job_event::Event as E;
+    let event = match &e.body {
+        EventBody::State { from, to, reason } => E::StateChanged(pb::StateChanged {
+            from: from.map(|f| state_to_pb(f) as i32).unwrap_or(0),
+            to: state_to_pb(*to) as i32,
+            reason: reason.clone(),
+        }),
+        EventBody::StepStarted { index, name } => E::StepStarted(pb::StepStarted { index: *index, name: name.clone() }),
+        EventBody::StepFinished { index, name, state, error } => E::StepFinished(pb::StepFinished {
+            index: *index,
+            name: name.clone(),
+            state: step_state_to_pb(*state) as i32,
+            error: error.clone().unwrap_or_default(),
+        }),
+        EventBody::Progress { step, done, total, message } => {
+            E::Progress(pb::Progress { step_index: *step, done: *done, total: *total, message: message.clone() })
+        }
+        EventBody::Log { level, message, step } => E::Log(pb::LogLine {
+            level: match level {
+                LogLevel::Info => pb::LogLevel::Info,
+                LogLevel::Warn => pb::LogLevel::Warn,
+                LogLevel::Error => pb::LogLevel::Error,
+            } as i32,
+            message: message.clone(),
+            step_index: *step,
+        }),
+    };
+    pb::JobEvent { job_id: e.job.to_string(), seq: e.seq, at: Some(ts(e.at)), event: Some(event) }
+}

@@ -1,0 +1,162 @@
+//! Runs a program for a step: no shell, a clean environment, its own process group (so a
+//! cancel or a timeout kills it and everything it started), output streamed line by line.
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+/// A program to run.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub(crate) struct Invocation {
+    pub(crate) argv: Vec<String>,
+    pub(crate) cwd: Option<PathBuf>,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) timeout_ms: u64,
+}
+
+/// Why a program did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    #[error("could not start {program}: {source}")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("{program} exited with {status}{}", tail_note(.tail))]
+    Exit { program: String, status: String, tail: Vec<String> },
+    #[error("{program} timed out after {after:?} and was killed")]
+    Timeout { program: String, after: Duration },
+    #[error("cancelled; {program} was killed")]
+    Cancelled { program: String },
+}
+
+fn tail_note(tail: &[String]) -> String {
+    if tail.is_empty() { String::new() } else { format!(": {}", tail.join(" | ")) }
+}
+
+/// Which stream a line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Lines of output reported per run at most; the rest are counted.
+const MAX_LINES: usize = 1000;
+
+impl Invocation {
+    /// Runs to completion, calling `on_line` for each output line. On `cancel` or timeout the
+    /// whole process group is killed and reaped before this returns.
+    pub(crate) async fn run(
+        &self,
+        cancel: &CancellationToken,
+        mut on_line: impl FnMut(Stream, String),
+    ) -> Result<(), Error> {
+        let program = self.argv.first().cloned().unwrap_or_default();
+        let mut cmd = Command::new(&program);
+        cmd.args(&self.argv[1..])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()))
+            .env("LANG", "C.UTF-8")
+            .envs(&self.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(cwd) = &self.cwd {
+            cmd.current_dir(cwd);
+        }
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn { program: program.clone(), source })?;
+        let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+        // Kills the group if this future is dropped before the program ends.
+        let mut group = GroupGuard(pgid);
+        let mut out = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut err = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let (mut out_open, mut err_open) = (true, true);
+        let mut seen = 0usize;
+        let mut tail: Vec<String> = Vec::new();
+        let timeout = Duration::from_millis(self.timeout_ms);
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut line = |stream: Stream, l: String, tail: &mut Vec<String>| {
+            seen += 1;
+            if stream == Stream::Stderr {
+                tail.push(l.clone());
+                if tail.len() > 3 {
+                    tail.remove(0);
+                }
+            }
+            if seen <= MAX_LINES {
+                on_line(stream, l);
+            } else if seen == MAX_LINES + 1 {
+                on_line(Stream::Stderr, format!("(output beyond {MAX_LINES} lines not shown)"));
+            }
+        };
+        let status = loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    kill_group(pgid);
+                    let _ = child.wait().await;
+                    return Err(Error::Cancelled { program });
+                }
+                _ = &mut deadline => {
+                    kill_group(pgid);
+                    let _ = child.wait().await;
+                    return Err(Error::Timeout { program, after: timeout });
+                }
+                l = out.next_line(), if out_open => match l {
+                    Ok(Some(l)) => line(Stream::Stdout, l, &mut tail),
+                    _ => out_open = false,
+                },
+                l = err.next_line(), if err_open => match l {
+                    Ok(Some(l)) => line(Stream::Stderr, l, &mut tail),
+                    _ => err_open = false,
+                },
+                s = child.wait() => break s,
+            }
+        };
+        group.0 = None;
+        // A program that left a daemon holding its stdout would keep the pipes open for ever:
+        // read what is already there, briefly, then stop listening.
+        let drain = async {
+            while out_open || err_open {
+                tokio::select! {
+                    l = out.next_line(), if out_open => match l {
+                        Ok(Some(l)) => line(Stream::Stdout, l, &mut tail),
+                        _ => out_open = false,
+                    },
+                    l = err.next_line(), if err_open => match l {
+                        Ok(Some(l)) => line(Stream::Stderr, l, &mut tail),
+                        _ => err_open = false,
+                    },
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(200), drain).await;
+        match status {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(Error::Exit { program, status: s.to_string(), tail }),
+            Err(e) => Err(Error::Spawn { program, source: e }),
+        }
+    }
+}
+
+fn kill_group(pgid: Option<Pid>) {
+    if let Some(pgid) = pgid {
+        let _ = killpg(pgid, Signal::SIGKILL);
+    }
+}
+
+/// Kills the process group when dropped: a dropped step leaves no process behind.
+struct GroupGuard(Option<Pid>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        kill_group(self.0);
+    }
+}

@@ -1,0 +1,645 @@
+//! The daemon's configuration: a TOML file whose every key has an embedded default, parsed
+//! into raw structs and validated into the form the runtime uses (runbooks, tokens, limits).
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration that could not be read or does not make sense.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema; the message carries line and column.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with the line and column.
+        message: String,
+    },
+    /// A value is well-formed but wrong (an unknown parameter in a template, a path outside
+    /// the runbook's roots, ...).
+    #[error("{origin}: {message}")]
+    Invalid {
+        /// The file, or "defaults".
+        origin: String,
+        /// What is wrong and where.
+        message: String,
+    },
+}
+
+/// The whole configuration, as the daemon runs with it.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The gRPC listener.
+    pub listen: SocketAddr,
+    /// An optional unix socket listener, served beside TCP.
+    pub listen_unix: Option<PathBuf>,
+    /// Where the store, the blobs and the generated token live.
+    pub data_dir: PathBuf,
+    /// How long running jobs get to finish on SIGTERM before they are left for recovery.
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_grace: Duration,
+    /// The journal's durability: `full` syncs every commit to disk (survives power loss),
+    /// `normal` syncs at checkpoints (survives a crash of the daemon, not of the machine).
+    pub sync: SyncMode,
+    /// Finished jobs kept.
+    pub history: History,
+    /// Bearer tokens. With none, an operator token is generated in the data directory.
+    #[serde(rename = "token")]
+    pub tokens: Vec<TokenConfig>,
+    /// Operator-defined runbooks.
+    #[serde(rename = "runbook")]
+    pub runbooks: Vec<Runbook>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("listen_unix", &self.listen_unix)
+            .field("data_dir", &self.data_dir)
+            .field("tokens", &self.tokens.len())
+            .field("runbooks", &self.runbooks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How hard the store syncs its commits.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fsync on every commit.
+    Full,
+    /// fsync at WAL checkpoints only.
+    Normal,
+}
+
+/// Retention of finished jobs and their backups.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct History {
+    /// Finished jobs kept per resource (like a deployment's revision history).
+    pub keep_per_resource: u32,
+    /// Finished jobs kept in all, whatever their resources.
+    pub keep_total: u32,
+    /// How often old jobs and unreferenced backups are pruned.
+    #[serde(with = "humantime_serde_compat")]
+    pub prune_interval: Duration,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        Self { keep_per_resource: 50, keep_total: 10_000, prune_interval: Duration::from_secs(60) }
+    }
+}
+
+/// A bearer token and the role it grants. The secret comes from `value` or from `file`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// A name for logs and audit (never the secret).
+    pub name: String,
+    /// `viewer` or `operator`.
+    pub role: Role,
+    /// The secret itself.
+    pub value: Option<String>,
+    /// A file holding the secret (trailing whitespace ignored).
+    pub file: Option<PathBuf>,
+}
+
+impl fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("value", &self.value.as_ref().map(|_| "<redacted>"))
+            .field("file", &self.file)
+            .finish()
+    }
+}
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read and watch.
+    Viewer,
+    /// Also submit, run, cancel and roll back.
+    Operator,
+}
+
+/// A named, operator-defined sequence of steps.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runbook {
+    /// What clients call it by.
+    pub name: String,
+    /// One line for listings.
+    #[serde(default)]
+    pub description: String,
+    /// Every path a file step touches must lie under one of these.
+    #[serde(default)]
+    pub roots: Vec<PathBuf>,
+    /// Resources the job holds (templates allowed); default `runbook:<name>`.
+    pub resources: Option<Vec<String>>,
+    /// Declared parameters: nothing else may be passed.
+    #[serde(default)]
+    pub params: BTreeMap<String, ParamSpec>,
+    /// The steps, in order.
+    #[serde(rename = "step", default)]
+    pub steps: Vec<StepSpec>,
+}
+
+/// A declared runbook parameter.
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ParamSpec {
+    /// For people.
+    #[serde(default)]
+    pub description: String,
+    /// The value when the client passes none; without one, the parameter is required.
+    pub default: Option<String>,
+    /// A regular expression the whole value must match.
+    pub pattern: Option<String>,
+}
+
+/// One step of a runbook, as written in the config. Strings may hold `{param}` templates.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    /// Shown in progress and in the job's steps.
+    pub name: Option<String>,
+    /// What the step does, with its own settings.
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+/// The built-in step actions.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    /// Run a program; `undo` is run when the step is unwound.
+    Command {
+        /// Program and arguments (no shell).
+        argv: Vec<String>,
+        /// Program and arguments that reverse it.
+        undo: Option<Vec<String>>,
+        /// Working directory.
+        cwd: Option<String>,
+        /// Environment, on top of a clean one with only PATH and LANG.
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        /// Killed (and the step failed) after this long; default 5 minutes.
+        timeout: Option<String>,
+    },
+    /// Run a program whose failure fails the job; it changes nothing, so it has no undo.
+    Check {
+        /// Program and arguments (no shell).
+        argv: Vec<String>,
+        /// Working directory.
+        cwd: Option<String>,
+        /// Environment, on top of a clean one.
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        /// Killed (and the step failed) after this long; default 5 minutes.
+        timeout: Option<String>,
+    },
+    /// Keep a copy of a file so that unwinding puts it back as it is now.
+    BackupFile {
+        /// The file.
+        path: String,
+    },
+    /// Write a file atomically from a template.
+    WriteFile {
+        /// The file.
+        path: String,
+        /// Its content; usually `{some_param}`.
+        content: String,
+        /// Octal mode, e.g. "0640"; default 0644.
+        mode: Option<String>,
+        /// Owner user name.
+        owner: Option<String>,
+        /// Owner group name.
+        group: Option<String>,
+    },
+    /// Fetch a URL into a file atomically, with a size limit.
+    Download {
+        /// HTTP(S) URL.
+        url: String,
+        /// The file.
+        path: String,
+        /// Bytes at most; default 10 MiB.
+        max_bytes: Option<u64>,
+        /// Default 5 minutes.
+        timeout: Option<String>,
+        /// Octal mode; default 0644.
+        mode: Option<String>,
+    },
+    /// Change a file's owner and/or group.
+    Chown {
+        /// The file.
+        path: String,
+        /// User name.
+        owner: Option<String>,
+        /// Group name.
+        group: Option<String>,
+    },
+    /// Change a file's mode.
+    Chmod {
+        /// The file.
+        path: String,
+        /// Octal mode, e.g. "0600".
+        mode: String,
+    },
+}
+
+impl Action {
+    /// The step name used when the config gives none.
+    pub fn default_name(&self) -> String {
+        match self {
+            Action::Command { argv, .. } => format!("run {}", argv.join(" ")),
+            Action::Check { argv, .. } => format!("check {}", argv.join(" ")),
+            Action::BackupFile { path } => format!("back up {path}"),
+            Action::WriteFile { path, .. } => format!("write {path}"),
+            Action::Download { path, .. } => format!("download {path}"),
+            Action::Chown { path, .. } => format!("chown {path}"),
+            Action::Chmod { path, .. } => format!("chmod {path}"),
+        }
+    }
+
+    /// Every template string in the action, for validation.
+    pub(crate) fn templates(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        match self {
+            Action::Command { argv, undo, cwd, env, .. } => {
+                out.extend(argv.iter().map(String::as_str));
+                out.extend(undo.iter().flatten().map(String::as_str));
+                out.extend(cwd.as_deref());
+                out.extend(env.values().map(String::as_str));
+            }
+            Action::Check { argv, cwd, env, .. } => {
+                out.extend(argv.iter().map(String::as_str));
+                out.extend(cwd.as_deref());
+                out.extend(env.values().map(String::as_str));
+            }
+            Action::BackupFile { path } | Action::Chmod { path, .. } => out.push(path),
+            Action::WriteFile { path, content, owner, group, .. } => {
+                out.extend([path.as_str(), content.as_str()]);
+                out.extend(owner.as_deref());
+                out.extend(group.as_deref());
+            }
+            Action::Download { url, path, .. } => out.extend([url.as_str(), path.as_str()]),
+            Action::Chown { path, owner, group } => {
+                out.push(path);
+                out.extend(owner.as_deref());
+                out.extend(group.as_deref());
+            }
+        }
+        out
+    }
+}
+
+/// The default data directory: `$STATELY_DATA_DIR`, else `/var/lib/stately` for root, else
+/// `$XDG_STATE_HOME/stately` or `~/.local/state/stately`. The CLI looks for the generated
+/// token in the same place.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STATELY_DATA_DIR") {
+        return PathBuf::from(dir);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/stately");
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(dir).join("stately");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/state/stately"),
+        None => PathBuf::from("./stately-data"),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            listen_unix: None,
+            data_dir: default_data_dir(),
+            shutdown_grace: Duration::from_secs(10),
+            sync: SyncMode::Full,
+            history: History::default(),
+            tokens: Vec::new(),
+            runbooks: Vec::new(),
+        }
+    }
+}
+
+/// The full default configuration with every key commented, as `statelyd --print-config`
+/// prints it. A test checks it parses to the defaults.
+pub const DEFAULT_CONFIG: &str = r#"# statelyd configuration. Every key is optional; the values shown are the defaults.
+
+# gRPC listener (TCP). Keep it on loopback unless TLS is in front.
+listen = "127.0.0.1:50051"
+
+# Also serve on a unix socket (clients: --server unix:/path).
+# listen_unix = "/run/stately/stately.sock"
+
+# Store, backups and the generated token. Default: $STATELY_DATA_DIR, else /var/lib/stately
+# for root, else $XDG_STATE_HOME/stately or ~/.local/state/stately.
+# data_dir = "/var/lib/stately"
+
+# On SIGTERM/SIGINT: how long running jobs get to finish before the daemon exits and leaves
+# them to be unwound at the next start.
+shutdown_grace = "10s"
+
+# Journal durability: "full" syncs each commit (survives power loss), "normal" survives a
+# crash of the daemon but not of the machine.
+sync = "full"
+
+[history]
+# Finished jobs (and the backups their undo needs) kept per resource, newest first.
+keep_per_resource = 50
+# Finished jobs kept in all.
+keep_total = 10000
+# How often jobs beyond those limits, and backups nothing references, are removed.
+prune_interval = "60s"
+
+# Bearer tokens, each with a role: "viewer" (get, list, watch) or "operator" (also submit,
+# run, cancel, roll back). With no token configured, an operator token is generated and
+# written 0600 to <data_dir>/operator.token, where the CLI on this machine finds it.
+# [[token]]
+# name = "ci"
+# role = "operator"
+# file = "/etc/stately/ci.token"     # or: value = "..."
+
+# Runbooks: named sequences of built-in steps. Clients pass declared parameters only; every
+# path must lie under one of the runbook's roots. Strings may use {param} (write {{ for {).
+# [[runbook]]
+# name = "example"
+# description = "Write a greeting, then check it"
+# roots = ["/srv/example"]
+# resources = ["site:{site}"]        # default: ["runbook:<name>"]
+# [runbook.params.site]
+# pattern = "[a-z0-9-]+"
+# [runbook.params.greeting]
+# default = "hello"
+# [[runbook.step]]
+# type = "write_file"                # also: command, check, backup_file, download, chown, chmod
+# path = "/srv/example/{site}.txt"
+# content = "{greeting}\n"
+# mode = "0644"
+# [[runbook.step]]
+# type = "check"
+# argv = ["/usr/bin/grep", "-q", "{greeting}", "/srv/example/{site}.txt"]
+# timeout = "30s"
+"#;
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| Error::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| Error::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        config.validate(&path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Checks what the schema alone cannot: names, templates, roots, modes, timeouts.
+    pub fn validate(&self, origin: &str) -> Result<(), Error> {
+        let invalid = |message: String| Error::Invalid { origin: origin.to_owned(), message };
+        let mut names = std::collections::HashSet::new();
+        for token in &self.tokens {
+            match (&token.value, &token.file) {
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "token '{}': give exactly one of `value` and `file`",
+                        token.name
+                    )));
+                }
+            }
+        }
+        for rb in &self.runbooks {
+            let at = format!("runbook '{}'", rb.name);
+            if !is_safe_name(&rb.name) {
+                return Err(invalid(format!("{at}: a name is letters, digits, '-', '_' and '.'")));
+            }
+            if !names.insert(rb.name.as_str()) {
+                return Err(invalid(format!("{at} is defined twice")));
+            }
+            if rb.steps.is_empty() {
+                return Err(invalid(format!("{at} has no steps")));
+            }
+            for root in &rb.roots {
+                if !root.is_absolute() || !is_normal(root) {
+                    return Err(invalid(format!(
+                        "{at}: root {} must be an absolute path without '..'",
+                        root.display()
+                    )));
+                }
+            }
+            for (name, spec) in &rb.params {
+                if !is_safe_name(name) {
+                    return Err(invalid(format!("{at}: parameter name '{name}' is not a plain name")));
+                }
+                if let Some(p) = &spec.pattern {
+                    regex::Regex::new(&format!("^(?:{p})$"))
+                        .map_err(|e| invalid(format!("{at}: parameter '{name}': bad pattern: {e}")))?;
+                }
+            }
+            let check_template = |s: &str, what: &str| -> Result<(), Error> {
+                for used in template_names(s).map_err(|e| invalid(format!("{at}, {what}: {e}")))? {
+                    if !rb.params.contains_key(&used) {
+                        return Err(invalid(format!(
+                            "{at}, {what}: {{{used}}} is not a declared parameter"
+                        )));
+                    }
+                }
+                Ok(())
+            };
+            for r in rb.resources.iter().flatten() {
+                check_template(r, "resources")?;
+            }
+            for (i, step) in rb.steps.iter().enumerate() {
+                let what = format!("step {}", i + 1);
+                for t in step.action.templates() {
+                    check_template(t, &what)?;
+                }
+                let needs_roots = !matches!(step.action, Action::Command { .. } | Action::Check { .. });
+                if needs_roots && rb.roots.is_empty() {
+                    return Err(invalid(format!("{at}, {what}: file steps need `roots`")));
+                }
+                match &step.action {
+                    Action::Command { argv, timeout, .. } | Action::Check { argv, timeout, .. } => {
+                        if argv.is_empty() {
+                            return Err(invalid(format!("{at}, {what}: argv is empty")));
+                        }
+                        if let Some(t) = timeout {
+                            humantime::parse_duration(t)
+                                .map_err(|e| invalid(format!("{at}, {what}: timeout '{t}': {e}")))?;
+                        }
+                    }
+                    Action::WriteFile { mode: Some(m), .. }
+                    | Action::Download { mode: Some(m), .. }
+                    | Action::Chmod { mode: m, .. } => {
+                        parse_mode(m).map_err(|e| invalid(format!("{at}, {what}: {e}")))?;
+                    }
+                    _ => {}
+                }
+                if let Action::Download { timeout: Some(t), .. } = &step.action {
+                    humantime::parse_duration(t)
+                        .map_err(|e| invalid(format!("{at}, {what}: timeout '{t}': {e}")))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The runbook of that name.
+    pub fn runbook(&self, name: &str) -> Option<&Runbook> {
+        self.runbooks.iter().find(|r| r.name == name)
+    }
+}
+
+/// A name that is safe as a file name and in a resource: `[A-Za-z0-9._-]+`, not `.`/`..`.
+pub(crate) fn is_safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.len() <= 128
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Whether a path has no `.`/`..` components (so a prefix check on it means something).
+pub(crate) fn is_normal(p: &Path) -> bool {
+    p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
+/// Parses an octal file mode such as "0644".
+pub(crate) fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o7777 => Ok(m),
+        _ => Err(format!("mode '{s}' is not an octal mode like \"0644\"")),
+    }
+}
+
+/// The parameter names a template uses: `{name}`; `{{` and `}}` are literal braces.
+pub(crate) fn template_names(s: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    render(s, |name| {
+        out.push(name.to_owned());
+        Some(String::new())
+    })?;
+    Ok(out)
+}
+
+/// Expands `{name}` with `lookup`; `{{`/`}}` are literal braces.
+pub(crate) fn render(s: &str, mut lookup: impl FnMut(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                out.push('{');
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+                out.push('}');
+            }
+            '{' => {
+                let mut name = String::new();
+                loop {
+                    match chars.next() {
+                        Some('}') => break,
+                        Some(c) => name.push(c),
+                        None => return Err(format!("unclosed '{{' in \"{s}\"")),
+                    }
+                }
+                match lookup(&name) {
+                    Some(v) => out.push_str(&v),
+                    None => return Err(format!("{{{name}}} is not a declared parameter")),
+                }
+            }
+            '}' => return Err(format!("lone '}}' in \"{s}\" (write '}}}}')")),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+/// Reads durations like "10s" written as strings in the config.
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_default_config_parses_to_the_defaults() {
+        let c = Config::parse(DEFAULT_CONFIG, Path::new("default")).unwrap();
+        let d = Config::default();
+        assert_eq!(c.listen, d.listen);
+        assert_eq!(c.shutdown_grace, d.shutdown_grace);
+        assert_eq!(c.sync, d.sync);
+        assert_eq!(c.history.keep_per_resource, d.history.keep_per_resource);
+        assert_eq!(c.history.keep_total, d.history.keep_total);
+        assert!(c.tokens.is_empty() && c.runbooks.is_empty());
+    }
+
+    #[test]
+    fn the_commented_example_runbook_is_valid() {
+        let uncommented: String = DEFAULT_CONFIG
+            .lines()
+            .filter(|l| !l.contains("data_dir") && !l.contains("listen_unix"))
+            .filter(|l| !l.starts_with("# [[token]]") && !l.contains("name = \"ci\""))
+            .filter(|l| !l.contains("role = \"operator\"") && !l.contains("ci.token"))
+            .map(|l| l.strip_prefix("# ").filter(|r| r.starts_with(['[', 'a'..='z'])).unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::parse(&uncommented, Path::new("example")).unwrap();
+        assert_eq!(c.runbooks.len(), 1);
+        assert_eq!(c.runbooks[0].steps.len(), 2);
+    }
+
+    #[test]
+    fn a_type_error_names_the_line() {
+        let err = Config::parse("listen = \"127.0.0.1:1\"\n\nsync = 3\n", Path::new("x.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("x.toml") && msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn templates_expand_and_escape() {
+        let out = render("a{x}b{{c}}", |n| (n == "x").then(|| "X".to_owned())).unwrap();
+        assert_eq!(out, "aXb{c}");
+        assert!(render("{y}", |_| None).is_err());
+        assert!(render("{open", |_| Some(String::new())).is_err());
+    }
+}

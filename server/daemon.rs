@@ -1,0 +1,115 @@
+//! Runs statelyd: the engine, the gRPC services (jobs, health, reflection) on TCP and an
+//! optional unix socket, and an orderly stop when `shutdown` resolves.
+
+use crate::api::JobsApi;
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::pb;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Tokens could not be loaded or generated.
+    #[error("tokens: {0}")]
+    Auth(String),
+    /// The engine could not start.
+    #[error("{0}")]
+    Engine(#[from] crate::engine::Error),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Where.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Reflection could not be built from the descriptor set.
+    #[error("reflection: {0}")]
+    Reflection(String),
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, ends open streams, gives running
+/// jobs the configured grace period and flushes the store. `on_listen` learns the bound TCP
+/// address (the port may have been 0).
+pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr), shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::Bind { addr: config.data_dir.display().to_string(), source: e })?;
+    let auth = Auth::load(&config).map_err(Error::Auth)?;
+    let config = Arc::new(config);
+    let engine = Engine::start(config.clone()).await?;
+
+    let stopping = CancellationToken::new();
+    let jobs = JobsApi { engine: engine.clone(), stopping: stopping.clone() };
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<pb::jobs_server::JobsServer<JobsApi>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Reflection(e.to_string()))?;
+
+    let router = || {
+        Server::builder()
+            .add_service(health.clone())
+            .add_service(InterceptedService::new(reflection_v1.clone(), auth.clone()))
+            .add_service(InterceptedService::new(reflection_v1alpha.clone(), auth.clone()))
+            .add_service(pb::jobs_server::JobsServer::with_interceptor(jobs.clone(), auth.clone()))
+    };
+
+    let tcp = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Bind { addr: config.listen.to_string(), source })?;
+    let addr = tcp.local_addr().map_err(|source| Error::Bind { addr: config.listen.to_string(), source })?;
+    let mut servers = tokio::task::JoinSet::new();
+    let stop = stopping.clone();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(tcp);
+    let tcp_server = router().serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await });
+    servers.spawn(tcp_server);
+    if let Some(path) = &config.listen_unix {
+        let _ = std::fs::remove_file(path);
+        let uds = tokio::net::UnixListener::bind(path)
+            .map_err(|source| Error::Bind { addr: path.display().to_string(), source })?;
+        let stop = stopping.clone();
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(uds);
+        servers.spawn(router().serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }));
+        tracing::info!("listening on unix:{}", path.display());
+    }
+    tracing::info!("listening on {addr}");
+    on_listen(addr);
+
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down"),
+        Some(r) = servers.join_next() => {
+            stopping.cancel();
+            engine.shutdown(config.shutdown_grace).await;
+            return match r {
+                Ok(r) => r.map_err(Error::from),
+                Err(e) => Err(Error::Reflection(format!("server task: {e}"))),
+            };
+        }
+    }
+    stopping.cancel();
+    health_reporter.set_not_serving::<pb::jobs_server::JobsServer<JobsApi>>().await;
+    let grace = config.shutdown_grace;
+    let drain = async { while servers.join_next().await.is_some() {} };
+    let (_, ()) = tokio::join!(tokio::time::timeout(grace, drain), engine.shutdown(grace));
+    if let Some(path) = &config.listen_unix {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}

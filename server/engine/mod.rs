@@ -1,0 +1,540 @@
+//! The job engine: submission (idempotent), resource scheduling, cancellation, rollback,
+//! watching, recovery after a crash and retention. The gRPC layer calls this and nothing
+//! below it.
+
+mod runner;
+mod scheduler;
+
+pub(crate) use runner::StepCtx;
+
+use crate::blobs::BlobStore;
+use crate::config::Config;
+use crate::fsops::FileState;
+use crate::job::{Event, EventBody, JobId, JobRecord, JobSpec, JobState, StepRecord, StepState, now_ms};
+use crate::kinds;
+use crate::store::{self, JobFilter, Store, Write};
+use scheduler::Scheduler;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Why a request to the engine was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// What it names does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is valid but the job or the world is not in a state that allows it.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The idempotency key was used for a different request.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The daemon is shutting down.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+/// A job submission.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    /// What to do.
+    pub spec: JobSpec,
+    /// Idempotency key.
+    pub request_id: Option<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A job that has not ended, in this process.
+pub(crate) struct LiveJob {
+    pub(crate) cancel: CancellationToken,
+    pub(crate) events: broadcast::Sender<Event>,
+    reason: Mutex<Option<String>>,
+}
+
+impl LiveJob {
+    fn new() -> Arc<Self> {
+        Arc::new(LiveJob {
+            cancel: CancellationToken::new(),
+            events: broadcast::channel(256).0,
+            reason: Mutex::new(None),
+        })
+    }
+
+    pub(crate) fn reason(&self) -> String {
+        self.reason.lock().expect("reason lock").clone().unwrap_or_else(|| "cancelled".into())
+    }
+
+    fn request_cancel(&self, reason: String) {
+        self.reason.lock().expect("reason lock").get_or_insert(reason);
+        self.cancel.cancel();
+    }
+}
+
+/// Everything the engine's tasks share.
+pub(crate) struct Shared {
+    pub(crate) config: Arc<Config>,
+    pub(crate) store: Store,
+    pub(crate) blobs: BlobStore,
+    pub(crate) http: reqwest::Client,
+    scheduler: Scheduler,
+    live: Mutex<HashMap<JobId, Arc<LiveJob>>>,
+    request_ids: tokio::sync::Mutex<()>,
+    rollbacks: tokio::sync::Mutex<()>,
+    tasks: TaskTracker,
+    accepting: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// A job has ended: free its resources and forget its live state.
+    fn finish(&self, id: JobId, resources: &[String]) {
+        self.live.lock().expect("live lock").remove(&id);
+        self.scheduler.release(id, resources);
+    }
+}
+
+/// A cheap-clone handle on the engine.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+/// Page sizes: 0 means the default; larger than the maximum is clamped.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// The largest page ListJobs returns.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+impl Engine {
+    /// Opens the store, unwinds jobs a crash interrupted, requeues pending jobs and starts
+    /// the retention task.
+    pub async fn start(config: Arc<Config>) -> Result<Engine, Error> {
+        let data = &config.data_dir;
+        std::fs::create_dir_all(data)
+            .map_err(|e| Error::Unavailable(format!("cannot create data directory {}: {e}", data.display())))?;
+        let store = Store::open(&data.join("stately.db"), config.sync == crate::config::SyncMode::Full)?;
+        let blobs = BlobStore::open(data.join("blobs"))
+            .map_err(|e| Error::Unavailable(format!("cannot create blob directory: {e}")))?;
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("stately/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Unavailable(format!("cannot build the HTTP client: {e}")))?;
+        let shared = Arc::new(Shared {
+            config,
+            store,
+            blobs,
+            http,
+            scheduler: Scheduler::default(),
+            live: Mutex::new(HashMap::new()),
+            request_ids: tokio::sync::Mutex::new(()),
+            rollbacks: tokio::sync::Mutex::new(()),
+            tasks: TaskTracker::new(),
+            accepting: std::sync::atomic::AtomicBool::new(true),
+        });
+        let engine = Engine { shared };
+        engine.recover().await?;
+        engine.spawn_retention();
+        Ok(engine)
+    }
+
+    async fn recover(&self) -> Result<(), Error> {
+        let s = &self.shared;
+        for record in s.store.jobs_in(&[JobState::Running, JobState::Cancelling])? {
+            tracing::warn!(job = %record.id, "unwinding a job interrupted by restart");
+            let live = LiveJob::new();
+            runner::recover(s, record, &live).await?;
+        }
+        for record in s.store.jobs_in(&[JobState::Pending])? {
+            let live = LiveJob::new();
+            s.scheduler.enqueue(record.id, &record.resources);
+            s.live.lock().expect("live lock").insert(record.id, live.clone());
+            s.tasks.spawn(runner::run(s.clone(), record, live));
+        }
+        Ok(())
+    }
+
+    fn spawn_retention(&self) {
+        let weak = Arc::downgrade(&self.shared);
+        let interval = self.shared.config.history.prune_interval;
+        let grace = (interval * 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(s) = weak.upgrade() else { return };
+                let h = &s.config.history;
+                let prune = Write::Prune { keep_per_resource: h.keep_per_resource, keep_total: h.keep_total };
+                if let Err(e) = s.store.commit(vec![prune], None).await {
+                    tracing::warn!("pruning the history failed: {e}");
+                    continue;
+                }
+                let (store, blobs) = (s.store.clone(), s.blobs.clone());
+                drop(s);
+                let collected = tokio::task::spawn_blocking(move || {
+                    let referenced = store.referenced_blobs().map_err(|e| e.to_string())?;
+                    blobs.collect(&referenced, grace).map_err(|e| e.to_string())
+                })
+                .await;
+                match collected {
+                    Ok(Ok(n)) if n > 0 => tracing::debug!("collected {n} unreferenced backup blob(s)"),
+                    Ok(Err(e)) => tracing::warn!("collecting backup blobs failed: {e}"),
+                    _ => {}
+                }
+            }
+        });
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Submits a job. With a request id already used for the same spec, returns that job.
+    pub async fn submit(&self, sub: Submission) -> Result<JobRecord, Error> {
+        if let JobSpec::Rollback { .. } = sub.spec {
+            return Err(Error::InvalidArgument(
+                "rollback jobs are started with RollbackJob, not submitted".into(),
+            ));
+        }
+        validate_labels(&sub.labels)?;
+        let plan = kinds::plan(&sub.spec, &self.shared.config)?;
+        match sub.request_id.as_deref() {
+            Some(rid) => {
+                if rid.is_empty() || rid.len() > 256 {
+                    return Err(Error::InvalidArgument("request_id must be 1 to 256 characters".into()));
+                }
+                let _one_at_a_time = self.shared.request_ids.lock().await;
+                if let Some(existing) = self.shared.store.job_by_request_id(rid)? {
+                    if existing.spec != sub.spec {
+                        return Err(Error::AlreadyExists(format!(
+                            "request_id '{rid}' was already used for job {} with a different spec",
+                            existing.id
+                        )));
+                    }
+                    return Ok(existing);
+                }
+                self.enqueue(sub, plan).await
+            }
+            None => self.enqueue(sub, plan).await,
+        }
+    }
+
+    async fn enqueue(&self, sub: Submission, plan: kinds::Plan) -> Result<JobRecord, Error> {
+        let s = &self.shared;
+        if !s.accepting.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Unavailable("the daemon is shutting down".into()));
+        }
+        let id = JobId::new();
+        let now = now_ms();
+        let mut record = JobRecord {
+            id,
+            spec: sub.spec,
+            state: JobState::Pending,
+            steps: plan
+                .steps
+                .into_iter()
+                .map(|name| StepRecord { name, state: StepState::Pending, started_at: None, finished_at: None, error: None })
+                .collect(),
+            request_id: sub.request_id,
+            labels: sub.labels,
+            resources: plan.resources,
+            waiting_for: Vec::new(),
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            error: None,
+            failed_step: None,
+            undo_entries: 0,
+            rolled_back_by: None,
+            last_seq: 1,
+        };
+        let live = LiveJob::new();
+        s.live.lock().expect("live lock").insert(id, live.clone());
+        s.scheduler.enqueue(id, &record.resources);
+        let first = Event {
+            job: id,
+            seq: 1,
+            at: now,
+            body: EventBody::State { from: None, to: JobState::Pending, reason: "submitted".into() },
+        };
+        if let Err(e) = s.store.commit(vec![Write::InsertJob(record.clone()), Write::Event(first)], Some(&live.events)).await {
+            s.finish(id, &record.resources);
+            return Err(e.into());
+        }
+        record.waiting_for = s.scheduler.blockers(id, &record.resources).into_iter().map(|(r, _)| r).collect();
+        s.tasks.spawn(runner::run(s.clone(), record.clone(), live));
+        Ok(record)
+    }
+
+    /// One job.
+    pub fn get(&self, id: JobId) -> Result<JobRecord, Error> {
+        self.shared.store.job(id)?.ok_or_else(|| not_found(id))
+    }
+
+    /// A page of jobs, newest first, and the token of the next page (None on the last).
+    pub fn list(
+        &self,
+        states: Vec<JobState>,
+        kind: Option<String>,
+        labels: Vec<(String, String)>,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<JobRecord>, Option<String>), Error> {
+        let limit = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        if let Some(k) = &kind
+            && !["runbook", "rollback"].contains(&k.as_str())
+        {
+            return Err(Error::InvalidArgument(format!("unknown kind '{k}' (kinds: runbook, rollback)")));
+        }
+        let before = match page_token {
+            "" => None,
+            t => Some(t.parse::<i64>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                Error::InvalidArgument(format!("page_token '{t}' is not one this server returned"))
+            })?),
+        };
+        let filter = JobFilter { states, kind, labels, before, limit: limit + 1 };
+        let mut rows = self.shared.store.list(&filter)?;
+        let next = if rows.len() > limit as usize {
+            rows.truncate(limit as usize);
+            rows.last().map(|(_, pos)| pos.to_string())
+        } else {
+            None
+        };
+        Ok((rows.into_iter().map(|(j, _)| j).collect(), next))
+    }
+
+    /// Streams a job's events after `after_seq`: the recorded ones, then live ones, ending
+    /// after the terminal event. Nothing is skipped or repeated.
+    pub fn watch(&self, id: JobId, after_seq: u64) -> Result<mpsc::Receiver<Result<Event, Error>>, Error> {
+        let live = self.shared.live.lock().expect("live lock").get(&id).map(|l| l.events.subscribe());
+        let record = self.get(id)?;
+        let (tx, rx) = mpsc::channel(64);
+        let store = self.shared.store.clone();
+        let ended = record.state.is_terminal();
+        tokio::spawn(async move {
+            let mut last = after_seq;
+            if replay(&store, id, &mut last, &tx).await {
+                return;
+            }
+            let Some(mut rx) = live.filter(|_| !ended) else { return };
+            loop {
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Ok(e) if e.seq <= last => {}
+                        Ok(e) if e.seq == last + 1 => {
+                            last = e.seq;
+                            let end = e.body.is_terminal();
+                            if tx.send(Ok(e)).await.is_err() || end {
+                                return;
+                            }
+                        }
+                        // A gap (lagged or out of order): the store has it all.
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                            if replay(&store, id, &mut last, &tx).await {
+                                return;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => {
+                            replay(&store, id, &mut last, &tx).await;
+                            return;
+                        }
+                    },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Cancels a job. With `wait`, returns once it has ended; otherwise once it has seen the
+    /// cancel (CANCELLING, or already ended).
+    pub async fn cancel(&self, id: JobId, reason: &str, wait: bool) -> Result<JobRecord, Error> {
+        let live = self.shared.live.lock().expect("live lock").get(&id).cloned();
+        let Some(live) = live else {
+            let record = self.get(id)?;
+            return Err(Error::FailedPrecondition(format!(
+                "job {id} has already ended {}; there is nothing to cancel{}",
+                record.state.as_str(),
+                if record.state == JobState::Succeeded { " (RollbackJob undoes it)" } else { "" }
+            )));
+        };
+        let mut events = live.events.subscribe();
+        let reason = if reason.trim().is_empty() { "cancelled by request".to_owned() } else { format!("cancelled: {}", reason.trim()) };
+        live.request_cancel(reason);
+        let deadline = if wait { Duration::from_secs(3600) } else { Duration::from_secs(2) };
+        let seen = tokio::time::timeout(deadline, async {
+            loop {
+                match events.recv().await {
+                    Ok(Event { body: EventBody::State { to, .. }, .. }) if to.is_terminal() || (!wait && to == JobState::Cancelling) => return,
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if let Ok(r) = self.get(id)
+                            && (r.state.is_terminal() || (!wait && r.state == JobState::Cancelling))
+                        {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
+        .await;
+        let record = self.get(id)?;
+        if seen.is_ok() && matches!(record.state, JobState::Succeeded | JobState::Failed) {
+            return Err(Error::FailedPrecondition(format!(
+                "job {id} ended {} before the cancel took effect",
+                record.state.as_str()
+            )));
+        }
+        Ok(record)
+    }
+
+    /// Starts a rollback of a finished job, after checking it can be undone and (unless
+    /// `force`) that nothing changed what it left.
+    pub async fn rollback(&self, id: JobId, force: bool) -> Result<JobRecord, Error> {
+        let _one_at_a_time = self.shared.rollbacks.lock().await;
+        let target = self.get(id)?;
+        match target.state {
+            JobState::Succeeded => {}
+            JobState::Failed | JobState::Cancelled => {
+                return Err(Error::FailedPrecondition(format!(
+                    "job {id} ended {}; its changes were already undone when it ended",
+                    target.state.as_str()
+                )));
+            }
+            s => {
+                return Err(Error::FailedPrecondition(format!(
+                    "job {id} is {}; cancel it instead (CancelJob undoes what it did)",
+                    s.as_str()
+                )));
+            }
+        }
+        if let Some(by) = target.rolled_back_by {
+            return Err(Error::FailedPrecondition(format!("job {id} was already rolled back by job {by}")));
+        }
+        if let Some(active) = self.shared.store.active_rollbacks_of(id)?.first() {
+            return Err(Error::FailedPrecondition(format!("job {active} is already rolling back job {id}")));
+        }
+        let journal = self.shared.store.journal(id)?;
+        if journal.is_empty() {
+            return Err(Error::FailedPrecondition(format!("job {id} recorded no changes, so there is nothing to roll back")));
+        }
+        if !force {
+            let changed = changed_since(journal).await;
+            if !changed.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "the world changed since job {id} ran, so rolling it back would overwrite later changes: {} \
+                     (force overrides)",
+                    changed.join("; ")
+                )));
+            }
+        }
+        let spec = JobSpec::Rollback { target: id, force };
+        let plan = kinds::Plan { steps: kinds::rollback::step_names(), resources: target.resources.clone() };
+        self.enqueue(Submission { spec, request_id: None, labels: BTreeMap::new() }, plan).await
+    }
+
+    /// Stops taking jobs, gives running ones `grace` to end, then flushes the store. Jobs still
+    /// running are left RUNNING, to be unwound at the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        let s = &self.shared;
+        s.accepting.store(false, std::sync::atomic::Ordering::SeqCst);
+        s.tasks.close();
+        let running: usize = s.live.lock().expect("live lock").len();
+        if running > 0 {
+            tracing::info!("waiting up to {grace:?} for {running} job(s)");
+        }
+        // Pending jobs never start now; they stay PENDING in the store and run after restart.
+        if tokio::time::timeout(grace, s.tasks.wait()).await.is_err() {
+            tracing::warn!("grace period over; unfinished jobs will be unwound at the next start");
+        }
+        s.store.close().await;
+    }
+}
+
+/// Sends a job's stored events after `*last`; true once the terminal event was sent or the
+/// client left.
+async fn replay(store: &Store, id: JobId, last: &mut u64, tx: &mpsc::Sender<Result<Event, Error>>) -> bool {
+    match store.events_after(id, *last) {
+        Err(e) => {
+            let _ = tx.send(Err(e.into())).await;
+            true
+        }
+        Ok(events) => {
+            for e in events {
+                *last = e.seq;
+                let end = e.body.is_terminal();
+                if tx.send(Ok(e)).await.is_err() || end {
+                    return true;
+                }
+            }
+            false
+        }
+    }
+}
+
+/// What changed in the files a journal's job left, in words; empty when nothing did.
+pub(crate) async fn changed_since(journal: Vec<crate::undo::JournalEntry>) -> Vec<String> {
+    tokio::task::spawn_blocking(move || {
+        let mut seen = std::collections::HashSet::new();
+        let mut changed = Vec::new();
+        for e in journal.iter().rev() {
+            let (Some(path), Some(left)) = (e.entry.path(), &e.left) else { continue };
+            if !seen.insert(path.to_owned()) {
+                continue;
+            }
+            let now = FileState::of(path);
+            let diff = match &now {
+                Ok(now) => left.difference(now),
+                Err(err) => Some(format!("it cannot be read: {err}")),
+            };
+            if let Some(d) = diff {
+                changed.push(format!("{}: {d}", path.display()));
+            }
+        }
+        changed
+    })
+    .await
+    .unwrap_or_else(|e| vec![format!("the check failed: {e}")])
+}
+
+fn not_found(id: JobId) -> Error {
+    Error::NotFound(format!("no job {id} (it never existed, or the history limit pruned it)"))
+}
+
+fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), Error> {
+    if labels.len() > 64 {
+        return Err(Error::InvalidArgument("at most 64 labels".into()));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > 63 || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b)) {
+            return Err(Error::InvalidArgument(format!(
+                "label key '{k}': 1 to 63 of letters, digits, '.', '_', '-', '/'"
+            )));
+        }
+        if v.len() > 256 {
+            return Err(Error::InvalidArgument(format!("label '{k}': the value is longer than 256 bytes")));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,300 @@
+//! A job's life once submitted: wait for its resources, run its steps with write-ahead undo,
+//! and on a cancel or a failure unwind the journal in reverse before ending.
+
+use super::{LiveJob, Shared};
+use crate::blobs::BlobStore;
+use crate::command::Stream;
+use crate::fsops::FileState;
+use crate::job::{Event, EventBody, JobId, JobRecord, JobState, LogLevel, StepState, now_ms};
+use crate::kinds::{Executor, StepError};
+use crate::store::{Store, Write};
+use crate::undo::{JournalEntry, UndoEntry};
+use std::sync::Arc;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+/// A job's event log and undo journal, as its runner appends to them.
+pub(crate) struct Journal {
+    store: Store,
+    publish: broadcast::Sender<Event>,
+    pub(crate) job: JobId,
+    seq: u64,
+    next_idx: u32,
+    entries: Vec<JournalEntry>,
+    pub(crate) blobs: BlobStore,
+}
+
+impl Journal {
+    pub(crate) fn new(shared: &Shared, live: &LiveJob, record: &JobRecord, entries: Vec<JournalEntry>) -> Self {
+        Journal {
+            store: shared.store.clone(),
+            publish: live.events.clone(),
+            job: record.id,
+            seq: record.last_seq,
+            next_idx: entries.last().map_or(0, |e| e.idx + 1),
+            entries,
+            blobs: shared.blobs.clone(),
+        }
+    }
+
+    fn event(&mut self, body: EventBody) -> Write {
+        self.seq += 1;
+        Write::Event(Event { job: self.job, seq: self.seq, at: now_ms(), body })
+    }
+
+    /// Appends an event; it reaches watchers once durable.
+    pub(crate) fn emit(&mut self, body: EventBody) {
+        let w = self.event(body);
+        self.store.write(vec![w], Some(&self.publish));
+    }
+
+    pub(crate) fn log(&mut self, level: LogLevel, step: Option<u32>, message: impl Into<String>) {
+        self.emit(EventBody::Log { level, message: message.into(), step });
+    }
+
+    /// Records the job's new state with an event, durably when `durable`.
+    async fn set_state(&mut self, record: &mut JobRecord, to: JobState, reason: String, durable: bool, extra: Vec<Write>) {
+        let from = record.state;
+        record.state = to;
+        let ev = self.event(EventBody::State { from: Some(from), to, reason });
+        record.last_seq = self.seq;
+        let mut writes = vec![Write::UpdateJob(record.clone()), ev];
+        writes.extend(extra);
+        if durable {
+            if let Err(e) = self.store.commit(writes, Some(&self.publish)).await {
+                tracing::error!(job = %self.job, "could not record state {}: {e}", to.as_str());
+            }
+        } else {
+            self.store.write(writes, Some(&self.publish));
+        }
+    }
+
+    fn update(&mut self, record: &mut JobRecord, extra: Option<EventBody>) {
+        let mut writes = Vec::with_capacity(2);
+        if let Some(body) = extra {
+            writes.push(self.event(body));
+        }
+        record.last_seq = self.seq;
+        writes.insert(0, Write::UpdateJob(record.clone()));
+        self.store.write(writes, Some(&self.publish));
+    }
+
+    /// Makes an undo entry durable; only then may the change it reverses be made.
+    pub(crate) async fn record_undo(&mut self, entry: UndoEntry) -> Result<(), StepError> {
+        let idx = self.next_idx;
+        self.store
+            .commit(vec![Write::Undo { job: self.job, idx, entry: entry.clone() }], None)
+            .await
+            .map_err(|e| StepError::Failed(format!("could not record the undo entry: {e}")))?;
+        self.next_idx += 1;
+        self.entries.push(JournalEntry { idx, entry, applied: false, left: None });
+        Ok(())
+    }
+
+    /// Applies the journal's unapplied entries newest first, each once; a failing entry is
+    /// reported and the others still run. Returns the failures.
+    pub(crate) async fn unwind(&mut self) -> Vec<String> {
+        let pending: Vec<JournalEntry> = self.entries.iter().rev().filter(|e| !e.applied).cloned().collect();
+        if pending.is_empty() {
+            return Vec::new();
+        }
+        self.log(LogLevel::Info, None, format!("undoing {} change(s)", pending.len()));
+        let mut failures = Vec::new();
+        for je in pending {
+            let what = je.entry.describe();
+            let mut lines = Vec::new();
+            let result = je.entry.apply(&self.blobs, |_, l| lines.push(l)).await;
+            for l in lines {
+                self.log(LogLevel::Info, None, l);
+            }
+            match result {
+                Ok(()) => self.log(LogLevel::Info, None, format!("undone: {what}")),
+                Err(e) => {
+                    self.log(LogLevel::Error, None, format!("undo failed: {e}"));
+                    failures.push(e);
+                }
+            }
+            // Marked applied even when it failed: it is reported, and replaying it after a
+            // restart would fail the same way.
+            self.store.write(vec![Write::UndoApplied { job: self.job, idx: je.idx }], None);
+            if let Some(e) = self.entries.iter_mut().find(|e| e.idx == je.idx) {
+                e.applied = true;
+            }
+        }
+        failures
+    }
+
+    /// Records the state the job leaves each file in, for a later rollback to compare.
+    async fn seal(&mut self) {
+        let entries: Vec<(u32, std::path::PathBuf)> =
+            self.entries.iter().filter_map(|e| e.entry.path().map(|p| (e.idx, p.to_owned()))).collect();
+        if entries.is_empty() {
+            return;
+        }
+        let states = tokio::task::spawn_blocking(move || {
+            entries.into_iter().filter_map(|(idx, p)| FileState::of(&p).ok().map(|s| (idx, s))).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let writes = states.into_iter().map(|(idx, left)| Write::Seal { job: self.job, idx, left }).collect();
+        self.store.write(writes, None);
+    }
+}
+
+/// What a step gets to work with.
+pub(crate) struct StepCtx<'a> {
+    pub(crate) index: u32,
+    /// Cancelled when the job is; steps observe it at their await points.
+    pub(crate) cancel: CancellationToken,
+    pub(crate) journal: &'a mut Journal,
+    pub(crate) shared: &'a Shared,
+}
+
+impl StepCtx<'_> {
+    pub(crate) fn log(&mut self, level: LogLevel, message: impl Into<String>) {
+        self.journal.log(level, Some(self.index), message);
+    }
+
+    pub(crate) fn output(&mut self, stream: Stream, line: String) {
+        let level = if stream == Stream::Stderr { LogLevel::Warn } else { LogLevel::Info };
+        self.journal.log(level, Some(self.index), line);
+    }
+
+    pub(crate) fn progress(&mut self, done: u64, total: u64, message: impl Into<String>) {
+        self.journal.emit(EventBody::Progress { step: self.index, done, total, message: message.into() });
+    }
+
+    pub(crate) async fn record_undo(&mut self, entry: UndoEntry) -> Result<(), StepError> {
+        self.journal.record_undo(entry).await
+    }
+}
+
+/// Runs a submitted job to its end.
+pub(crate) async fn run(shared: Arc<Shared>, mut record: JobRecord, live: Arc<LiveJob>) {
+    let mut journal = Journal::new(&shared, &live, &record, Vec::new());
+    let id = record.id;
+
+    // Wait for our turn on every resource, or for a cancel.
+    let resources = record.resources.clone();
+    let waited = {
+        let wait = shared.scheduler.wait_turn(id, &resources, |blockers| {
+            record.waiting_for = blockers.iter().map(|(r, _)| r.clone()).collect();
+            let names: Vec<String> = blockers.iter().map(|(r, j)| format!("{r} (held by job {j})")).collect();
+            let line = EventBody::Log { level: LogLevel::Info, message: format!("waiting for {}", names.join(", ")), step: None };
+            journal.update(&mut record, Some(line));
+        });
+        tokio::select! {
+            biased;
+            _ = live.cancel.cancelled() => false,
+            _ = wait => true,
+        }
+    };
+    record.waiting_for.clear();
+    if !waited {
+        record.finished_at = Some(now_ms());
+        record.error = Some(live.reason());
+        let reason = live.reason();
+        journal.set_state(&mut record, JobState::Cancelled, reason, true, Vec::new()).await;
+        shared.finish(id, &resources);
+        return;
+    }
+
+    record.started_at = Some(now_ms());
+    journal.set_state(&mut record, JobState::Running, "started".into(), false, Vec::new()).await;
+
+    let outcome = execute(&shared, &mut record, &mut journal, &live).await;
+    let mut extra = Vec::new();
+    let (end, reason) = match outcome {
+        Ok(writes) => {
+            journal.seal().await;
+            extra = writes;
+            (JobState::Succeeded, "all steps succeeded".to_owned())
+        }
+        Err(StepError::Cancelled) => {
+            journal.set_state(&mut record, JobState::Cancelling, live.reason(), false, Vec::new()).await;
+            let failures = journal.unwind().await;
+            record.error = Some(with_failures(live.reason(), &failures));
+            (JobState::Cancelled, live.reason())
+        }
+        Err(StepError::Failed(msg) | StepError::Precondition(msg)) => {
+            let failures = journal.unwind().await;
+            record.error = Some(with_failures(msg.clone(), &failures));
+            (JobState::Failed, msg)
+        }
+    };
+    record.finished_at = Some(now_ms());
+    journal.set_state(&mut record, end, reason, true, extra).await;
+    shared.finish(id, &resources);
+}
+
+fn with_failures(msg: String, failures: &[String]) -> String {
+    if failures.is_empty() {
+        msg
+    } else {
+        format!("{msg}; and {} undo step(s) failed: {}", failures.len(), failures.join("; "))
+    }
+}
+
+async fn execute(shared: &Shared, record: &mut JobRecord, journal: &mut Journal, live: &LiveJob) -> Result<Vec<Write>, StepError> {
+    let mut executor = Executor::prepare(&record.spec, shared).await?;
+    if executor.step_count() != record.steps.len() {
+        return Err(StepError::Failed(
+            "the runbook's steps changed in the configuration since the job was submitted".into(),
+        ));
+    }
+    for i in 0..record.steps.len() {
+        if live.cancel.is_cancelled() {
+            return Err(StepError::Cancelled);
+        }
+        let name = record.steps[i].name.clone();
+        let index = i as u32;
+        record.steps[i].state = StepState::Running;
+        record.steps[i].started_at = Some(now_ms());
+        journal.update(record, Some(EventBody::StepStarted { index, name: name.clone() }));
+
+        let mut ctx = StepCtx { index, cancel: live.cancel.child_token(), journal, shared };
+        let result = executor.run_step(i, &mut ctx).await;
+        // A step that finished its critical section is kept, then unwound with the rest.
+        let result = match result {
+            Ok(()) if live.cancel.is_cancelled() => Err(StepError::Cancelled),
+            r => r,
+        };
+        let (state, error) = match &result {
+            Ok(()) => (StepState::Succeeded, None),
+            Err(StepError::Cancelled) => (StepState::Cancelled, Some(live.reason())),
+            Err(StepError::Failed(e) | StepError::Precondition(e)) => (StepState::Failed, Some(e.clone())),
+        };
+        record.steps[i].state = state;
+        record.steps[i].finished_at = Some(now_ms());
+        record.steps[i].error = error.clone();
+        if matches!(result, Err(StepError::Failed(_) | StepError::Precondition(_))) {
+            record.failed_step = Some(name.clone());
+        }
+        journal.update(record, Some(EventBody::StepFinished { index, name, state, error }));
+        result?;
+    }
+    Ok(executor.on_success(record.id))
+}
+
+/// Unwinds a job found RUNNING or CANCELLING at start-up, and ends it.
+pub(crate) async fn recover(shared: &Shared, mut record: JobRecord, live: &LiveJob) -> Result<(), crate::store::Error> {
+    let entries = shared.store.journal(record.id)?;
+    let mut journal = Journal::new(shared, live, &record, entries);
+    let was = record.state;
+    journal.log(LogLevel::Warn, None, format!("the daemon restarted while the job was {}", was.as_str()));
+    let failures = journal.unwind().await;
+    for step in record.steps.iter_mut().filter(|s| s.state == StepState::Running) {
+        step.state = StepState::Failed;
+        step.finished_at = Some(now_ms());
+        step.error = Some("interrupted by restart".into());
+    }
+    let (end, reason) = if was == JobState::Cancelling {
+        (JobState::Cancelled, record.error.clone().unwrap_or_else(|| "cancelled".into()))
+    } else {
+        (JobState::Failed, "interrupted by restart".to_owned())
+    };
+    record.error = Some(with_failures(reason.clone(), &failures));
+    record.finished_at = Some(now_ms());
+    journal.set_state(&mut record, end, reason, true, Vec::new()).await;
+    Ok(())
+}

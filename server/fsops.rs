@@ -1,0 +1,148 @@
+//! File operations that undo can rely on: atomic replacement (temp file, fsync, rename over,
+//! fsync the directory) and a snapshot of a file's state to compare against later.
+
+use nix::unistd::{Gid, Uid};
+use serde::{Deserialize, Serialize};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+/// A file's state, as a rollback compares it: absent, or its content hash and ownership.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub(crate) enum FileState {
+    /// No file there.
+    Absent,
+    /// A file with this content and ownership.
+    Present {
+        /// Hex SHA-256 of the content.
+        sha256: String,
+        /// Permission bits.
+        mode: u32,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
+}
+
+impl FileState {
+    /// Reads a file's state now.
+    pub(crate) fn of(path: &Path) -> io::Result<FileState> {
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(FileState::Absent),
+            Err(e) => Err(e),
+            Ok(meta) => {
+                if !meta.is_file() {
+                    return Err(io::Error::other(format!("{} is not a regular file", path.display())));
+                }
+                let bytes = std::fs::read(path)?;
+                Ok(FileState::Present {
+                    sha256: crate::blobs::sha256_hex(&bytes),
+                    mode: meta.mode() & 0o7777,
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                })
+            }
+        }
+    }
+
+    /// How it differs from `other`, in words, or None when equal.
+    pub(crate) fn difference(&self, now: &FileState) -> Option<String> {
+        match (self, now) {
+            (a, b) if a == b => None,
+            (FileState::Absent, FileState::Present { .. }) => Some("it was created since".into()),
+            (FileState::Present { .. }, FileState::Absent) => Some("it was removed since".into()),
+            (
+                FileState::Present { sha256: h1, mode: m1, uid: u1, gid: g1 },
+                FileState::Present { sha256: h2, mode: m2, uid: u2, gid: g2 },
+            ) => Some(if h1 != h2 {
+                format!("its content changed since (sha256 {}… is now {}…)", &h1[..12], &h2[..12])
+            } else if m1 != m2 {
+                format!("its mode changed since ({m1:04o} is now {m2:04o})")
+            } else {
+                format!("its owner changed since ({u1}:{g1} is now {u2}:{g2})")
+            }),
+            _ => Some("it changed since".into()),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temp file beside it, fsynced, given its mode and
+/// owner, renamed over the old file, then the directory fsynced.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32, owner: Option<(u32, u32)>) -> io::Result<()> {
+    let dir = path.parent().ok_or_else(|| io::Error::other("path has no parent directory"))?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = temp_beside(path);
+    let result = (|| {
+        let mut f = std::fs::File::options().write(true).create_new(true).open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        if let Some((uid, gid)) = owner {
+            nix::unistd::fchown(&f, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(io::Error::from)?;
+        }
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Moves an already written temp file over `path` and fsyncs the directory.
+pub(crate) fn rename_into_place(tmp: &Path, path: &Path) -> io::Result<()> {
+    std::fs::rename(tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// A temp file name in the same directory (so a rename is atomic), unique to this call.
+pub(crate) fn temp_beside(path: &Path) -> std::path::PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.stately-{:016x}.tmp", rand::random::<u64>()))
+}
+
+/// Removes a file; absent is fine (undo entries are idempotent).
+pub(crate) fn remove_if_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => {
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Sets mode and ownership of an existing file.
+pub(crate) fn set_ownership(path: &Path, mode: u32, uid: u32, gid: u32) -> io::Result<()> {
+    nix::unistd::chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(io::Error::from)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// The user id for a user name (or a number).
+pub(crate) fn lookup_user(name: &str) -> Result<u32, String> {
+    if let Ok(n) = name.parse() {
+        return Ok(n);
+    }
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        _ => Err(format!("no user named '{name}' on this machine")),
+    }
+}
+
+/// The group id for a group name (or a number).
+pub(crate) fn lookup_group(name: &str) -> Result<u32, String> {
+    if let Ok(n) = name.parse() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        _ => Err(format!("no group named '{name}' on this machine")),
+    }
+}

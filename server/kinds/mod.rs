@@ -1,0 +1,91 @@
+//! The kinds of job: one module each. A kind plans its steps at submission (so bad input is
+//! refused before anything starts) and executes them, one at a time, on a `StepCtx`.
+
+pub(crate) mod rollback;
+pub(crate) mod runbook;
+
+use crate::config::Config;
+use crate::engine::{Error, Shared, StepCtx};
+use crate::job::{JobId, JobSpec};
+use crate::store::Write;
+
+/// What a job will do, known at submission.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub(crate) steps: Vec<String>,
+    pub(crate) resources: Vec<String>,
+}
+
+/// How a step ended badly.
+#[derive(Debug)]
+pub(crate) enum StepError {
+    /// The job was cancelled; the step stopped at an await point.
+    Cancelled,
+    /// The step failed.
+    Failed(String),
+    /// The world is not as the step requires (e.g. a rollback over a later change).
+    Precondition(String),
+}
+
+/// Plans a submitted spec against the configuration, or says what is wrong with it.
+pub(crate) fn plan(spec: &JobSpec, config: &Config) -> Result<Plan, Error> {
+    match spec {
+        JobSpec::Runbook { runbook, params } => {
+            let rb = config.runbook(runbook).ok_or_else(|| {
+                let known: Vec<&str> = config.runbooks.iter().map(|r| r.name.as_str()).collect();
+                Error::NotFound(format!(
+                    "no runbook '{runbook}' is configured{}",
+                    if known.is_empty() { " (none are)".to_owned() } else { format!(" (runbooks: {})", known.join(", ")) }
+                ))
+            })?;
+            let resolved = runbook::resolve(rb, params)?;
+            Ok(Plan { steps: resolved.step_names(), resources: resolved.resources.clone() })
+        }
+        JobSpec::Rollback { .. } => Err(Error::InvalidArgument("rollback jobs come from RollbackJob".into())),
+    }
+}
+
+/// A job's steps, ready to run.
+pub(crate) enum Executor {
+    Runbook(runbook::Resolved),
+    Rollback(rollback::Rollback),
+}
+
+impl Executor {
+    /// Builds the executor when the job starts (from the configuration of that moment).
+    pub(crate) async fn prepare(spec: &JobSpec, shared: &Shared) -> Result<Executor, StepError> {
+        match spec {
+            JobSpec::Runbook { runbook, params } => {
+                let rb = shared
+                    .config
+                    .runbook(runbook)
+                    .ok_or_else(|| StepError::Failed(format!("runbook '{runbook}' is no longer configured")))?;
+                let resolved = runbook::resolve(rb, params).map_err(|e| StepError::Failed(e.to_string()))?;
+                Ok(Executor::Runbook(resolved))
+            }
+            JobSpec::Rollback { target, force } => Ok(Executor::Rollback(rollback::Rollback::load(shared, *target, *force)?)),
+        }
+    }
+
+    pub(crate) fn step_count(&self) -> usize {
+        match self {
+            Executor::Runbook(r) => r.steps.len(),
+            Executor::Rollback(_) => rollback::step_names().len(),
+        }
+    }
+
+    pub(crate) async fn run_step(&mut self, index: usize, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        match self {
+            Executor::Runbook(r) => r.run_step(index, ctx).await,
+            Executor::Rollback(r) => r.run_step(index, ctx).await,
+        }
+    }
+
+    /// Writes to commit with the job's success.
+    pub(crate) fn on_success(&self, job: JobId) -> Vec<Write> {
+        match self {
+            Executor::Runbook(_) => Vec::new(),
+            Executor::Rollback(r) => r.on_success(job),
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! stately: durable, cancellable, reversible jobs for a web edge, served over gRPC.
+//!
+//! `statelyd` is a thin binary over [`daemon::run`]; the CLI `stately` uses [`pb`]'s client.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+
+mod api;
+mod auth;
+mod blobs;
+mod command;
+pub mod config;
+pub mod daemon;
+pub mod engine;
+mod fsops;
+pub mod job;
+mod kinds;
+mod store;
+mod undo;
+
+/// Generated protobuf and gRPC code for `stately.v1`.
+#[allow(missing_docs, clippy::all, unreachable_pub, missing_debug_implementations)]
+pub mod pb {
+    tonic::include_proto!("stately.v1");
+    /// The encoded descriptor set served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stately_descriptor");
+}

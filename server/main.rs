@@ -1,0 +1,93 @@
+//! statelyd: parses flags, loads the configuration, and runs the daemon until SIGTERM/SIGINT.
+
+use clap::Parser;
+use stately::config::{Config, DEFAULT_CONFIG};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The stately daemon: durable, cancellable, reversible jobs for a web edge, over gRPC.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Flags {
+    /// Configuration file (TOML). Without one, embedded defaults are used.
+    #[arg(long, short, env = "STATELY_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address (overrides the file).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory (overrides the file).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Print the full default configuration, every key commented, and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+/// Exit status for a configuration that cannot be used.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    if flags.print_config {
+        print!("{DEFAULT_CONFIG}");
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STATELY_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = match &flags.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("statelyd: bad configuration: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => Config::default(),
+    };
+    if let Some(listen) = flags.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = flags.data_dir {
+        config.data_dir = dir;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("statelyd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(stately::daemon::run(config, announce, shutdown_signal()));
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("statelyd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Says where it listens on stdout, so scripts and tests can use port 0.
+fn announce(addr: SocketAddr) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "listening on {addr}");
+    let _ = out.flush();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,518 @@
+//! The durable job ledger: jobs, their event logs and undo journals in SQLite (WAL).
+//!
+//! One writer thread owns the write connection and commits in groups: whatever writes are
+//! queued when it wakes go into one transaction, so a thousand concurrent jobs cost one fsync
+//! per round, not one each. Writes keep their submission order. Events are handed to live
+//! watchers only after the commit that made them durable. Reads use their own connections.
+//! The interface is narrow on purpose, so the ledger can move to a shared database later.
+
+use crate::fsops::FileState;
+use crate::job::{Event, JobId, JobRecord, JobSpec, JobState};
+use crate::undo::{JournalEntry, UndoEntry};
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use tokio::sync::{broadcast, oneshot};
+
+/// What went wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// SQLite failed.
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The writer thread has stopped (the daemon is going down).
+    #[error("store: the writer has stopped")]
+    Closed,
+    /// A write failed in the writer thread.
+    #[error("store: {0}")]
+    Write(String),
+    /// A stored row could not be read back.
+    #[error("store: corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// One change to the ledger.
+#[derive(Debug)]
+pub(crate) enum Write {
+    /// A new job.
+    InsertJob(JobRecord),
+    /// A job's new state (everything but who rolled it back).
+    UpdateJob(JobRecord),
+    /// An event, appended to its job's log.
+    Event(Event),
+    /// An undo entry, at its index in the job's journal.
+    Undo { job: JobId, idx: u32, entry: UndoEntry },
+    /// An entry has been applied.
+    UndoApplied { job: JobId, idx: u32 },
+    /// The state the job left an entry's file in.
+    Seal { job: JobId, idx: u32, left: FileState },
+    /// Who rolled a job back (None when that rollback was itself undone).
+    RolledBackBy { job: JobId, by: Option<JobId> },
+    /// Drops finished jobs beyond the history limits.
+    Prune { keep_per_resource: u32, keep_total: u32 },
+}
+
+struct Batch {
+    writes: Vec<Write>,
+    publish: Option<broadcast::Sender<Event>>,
+    ack: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// A cheap-clone handle on the ledger.
+#[derive(Clone)]
+pub(crate) struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    tx: Mutex<Option<mpsc::Sender<Batch>>>,
+    readers: Mutex<Vec<Connection>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.inner.path).finish()
+    }
+}
+
+/// What ListJobs asks for.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct JobFilter {
+    pub(crate) states: Vec<JobState>,
+    pub(crate) kind: Option<String>,
+    pub(crate) labels: Vec<(String, String)>,
+    /// Only jobs older than this position (the page token).
+    pub(crate) before: Option<i64>,
+    pub(crate) limit: u32,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    pos INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    steps TEXT NOT NULL,
+    request_id TEXT UNIQUE,
+    labels TEXT NOT NULL,
+    resources TEXT NOT NULL,
+    waiting_for TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    started_at INTEGER,
+    finished_at INTEGER,
+    error TEXT,
+    failed_step TEXT,
+    rolled_back_by TEXT,
+    rollback_of TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_rollback_of ON jobs(rollback_of);
+CREATE TABLE IF NOT EXISTS job_resources (
+    resource TEXT NOT NULL, job_id TEXT NOT NULL, PRIMARY KEY (resource, job_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS undo (
+    job_id TEXT NOT NULL, idx INTEGER NOT NULL, entry TEXT NOT NULL, blob TEXT,
+    applied INTEGER NOT NULL DEFAULT 0, left_state TEXT,
+    PRIMARY KEY (job_id, idx)
+) WITHOUT ROWID;
+";
+
+// The undo count and the last sequence number are derived, never stored twice.
+const JOB_COLUMNS: &str = "id, spec, state, steps, request_id, labels, resources, waiting_for, created_at, \
+     started_at, finished_at, error, failed_step, \
+     (SELECT COUNT(*) FROM undo u WHERE u.job_id = jobs.id), rolled_back_by, \
+     (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.job_id = jobs.id), pos";
+
+impl Store {
+    /// Opens (creating if needed) the ledger at `path` and starts its writer.
+    pub(crate) fn open(path: &Path, sync_full: bool) -> Result<Store, Error> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", if sync_full { "FULL" } else { "NORMAL" })?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let (tx, rx) = mpsc::channel::<Batch>();
+        let writer = std::thread::Builder::new()
+            .name("stately-store".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| Error::Write(e.to_string()))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                tx: Mutex::new(Some(tx)),
+                readers: Mutex::new(Vec::new()),
+                writer: Mutex::new(Some(writer)),
+            }),
+        })
+    }
+
+    fn send(&self, batch: Batch) -> Result<(), Error> {
+        let tx = self.inner.tx.lock().expect("store lock");
+        tx.as_ref().ok_or(Error::Closed)?.send(batch).map_err(|_| Error::Closed)
+    }
+
+    /// Queues writes, in order, without waiting for them to be durable. Events among them go
+    /// to `publish` once committed.
+    pub(crate) fn write(&self, writes: Vec<Write>, publish: Option<&broadcast::Sender<Event>>) {
+        let _ = self.send(Batch { writes, publish: publish.cloned(), ack: None });
+    }
+
+    /// Writes and waits until they are durable (and their events published).
+    pub(crate) async fn commit(&self, writes: Vec<Write>, publish: Option<&broadcast::Sender<Event>>) -> Result<(), Error> {
+        let (ack, done) = oneshot::channel();
+        self.send(Batch { writes, publish: publish.cloned(), ack: Some(ack) })?;
+        done.await.map_err(|_| Error::Closed)?.map_err(Error::Write)
+    }
+
+    /// Waits for every queued write, then stops the writer.
+    pub(crate) async fn close(&self) {
+        let _ = self.commit(Vec::new(), None).await;
+        self.inner.tx.lock().expect("store lock").take();
+        let writer = self.inner.writer.lock().expect("store lock").take();
+        if let Some(w) = writer {
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
+        let conn = self.inner.readers.lock().expect("store lock").pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => {
+                let c = Connection::open(&self.inner.path)?;
+                c.busy_timeout(std::time::Duration::from_secs(5))?;
+                c
+            }
+        };
+        let out = f(&conn);
+        self.inner.readers.lock().expect("store lock").push(conn);
+        out
+    }
+
+    /// One job.
+    pub(crate) fn job(&self, id: JobId) -> Result<Option<JobRecord>, Error> {
+        self.read(|c| {
+            c.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
+                .query_row([id.to_string()], row_to_job)
+                .optional()?
+                .map(|r| r.map(|(job, _)| job))
+                .transpose()
+        })
+    }
+
+    /// The job created with this idempotency key.
+    pub(crate) fn job_by_request_id(&self, request_id: &str) -> Result<Option<JobRecord>, Error> {
+        self.read(|c| {
+            c.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ?1"))?
+                .query_row([request_id], row_to_job)
+                .optional()?
+                .map(|r| r.map(|(job, _)| job))
+                .transpose()
+        })
+    }
+
+    /// Jobs in these states, oldest first (for recovery at start-up).
+    pub(crate) fn jobs_in(&self, states: &[JobState]) -> Result<Vec<JobRecord>, Error> {
+        let filter = JobFilter { states: states.to_vec(), limit: u32::MAX, ..Default::default() };
+        let mut jobs: Vec<JobRecord> = self.list(&filter)?.into_iter().map(|(j, _)| j).collect();
+        jobs.reverse();
+        Ok(jobs)
+    }
+
+    /// Rollback jobs of `target` that have not ended.
+    pub(crate) fn active_rollbacks_of(&self, target: JobId) -> Result<Vec<JobId>, Error> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id FROM jobs WHERE rollback_of = ?1 AND state IN ('PENDING','RUNNING','CANCELLING')",
+            )?;
+            let ids = stmt
+                .query_map([target.to_string()], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            ids.into_iter().map(|s| s.parse().map_err(Error::Corrupt)).collect()
+        })
+    }
+
+    /// Jobs matching the filter, newest first, each with its position (for page tokens).
+    pub(crate) fn list(&self, f: &JobFilter) -> Result<Vec<(JobRecord, i64)>, Error> {
+        let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1=1");
+        let mut args: Vec<Value> = Vec::new();
+        if !f.states.is_empty() {
+            sql.push_str(" AND state IN (");
+            for (i, s) in f.states.iter().enumerate() {
+                sql.push_str(if i == 0 { "?" } else { ",?" });
+                args.push(Value::Text(s.as_str().to_owned()));
+            }
+            sql.push(')');
+        }
+        if let Some(kind) = &f.kind {
+            sql.push_str(" AND kind = ?");
+            args.push(Value::Text(kind.clone()));
+        }
+        for (k, v) in &f.labels {
+            sql.push_str(" AND EXISTS (SELECT 1 FROM json_each(jobs.labels) WHERE key = ? AND value = ?)");
+            args.push(Value::Text(k.clone()));
+            args.push(Value::Text(v.clone()));
+        }
+        if let Some(before) = f.before {
+            sql.push_str(" AND pos < ?");
+            args.push(Value::Integer(before));
+        }
+        sql.push_str(" ORDER BY pos DESC LIMIT ?");
+        args.push(Value::Integer(i64::from(f.limit.min(i64::MAX as u32))));
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args), row_to_job)?;
+            rows.map(|r| r.map_err(Error::from).and_then(|x| x)).collect()
+        })
+    }
+
+    /// A job's events with seq > `after`, in order.
+    pub(crate) fn events_after(&self, job: JobId, after: u64) -> Result<Vec<Event>, Error> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT body FROM events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq")?;
+            let rows = stmt.query_map(params![job.to_string(), after as i64], |r| r.get::<_, String>(0))?;
+            rows.map(|r| {
+                let body = r?;
+                serde_json::from_str(&body).map_err(|e| Error::Corrupt(e.to_string()))
+            })
+            .collect()
+        })
+    }
+
+    /// A job's undo journal, in the order it was recorded.
+    pub(crate) fn journal(&self, job: JobId) -> Result<Vec<JournalEntry>, Error> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT idx, entry, applied, left_state FROM undo WHERE job_id = ?1 ORDER BY idx",
+            )?;
+            let rows = stmt.query_map([job.to_string()], |r| {
+                Ok((r.get::<_, u32>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?, r.get::<_, Option<String>>(3)?))
+            })?;
+            rows.map(|r| {
+                let (idx, entry, applied, left) = r?;
+                let corrupt = |e: serde_json::Error| Error::Corrupt(e.to_string());
+                Ok(JournalEntry {
+                    idx,
+                    entry: serde_json::from_str(&entry).map_err(corrupt)?,
+                    applied,
+                    left: left.map(|l| serde_json::from_str(&l)).transpose().map_err(corrupt)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    /// Every blob an undo entry still references.
+    pub(crate) fn referenced_blobs(&self) -> Result<HashSet<String>, Error> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT DISTINCT blob FROM undo WHERE blob IS NOT NULL")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            Ok(rows.collect::<Result<HashSet<_>, _>>()?)
+        })
+    }
+}
+
+type JobRow = Result<(JobRecord, i64), Error>;
+
+fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| Error::Corrupt(format!("{what}: {e}"));
+    let text = |i: usize| r.get::<_, String>(i);
+    let id: String = text(0)?;
+    let spec: String = text(1)?;
+    let state: String = text(2)?;
+    let steps: String = text(3)?;
+    let labels: String = text(5)?;
+    let resources: String = text(6)?;
+    let waiting: String = text(7)?;
+    let rolled: Option<String> = r.get(14)?;
+    let pos: i64 = r.get(16)?;
+    let build = || -> Result<JobRecord, Error> {
+        Ok(JobRecord {
+            id: id.parse().map_err(|e: String| corrupt("id", &e))?,
+            spec: serde_json::from_str::<JobSpec>(&spec).map_err(|e| corrupt("spec", &e))?,
+            state: JobState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
+            steps: serde_json::from_str(&steps).map_err(|e| corrupt("steps", &e))?,
+            request_id: r.get(4)?,
+            labels: serde_json::from_str(&labels).map_err(|e| corrupt("labels", &e))?,
+            resources: serde_json::from_str(&resources).map_err(|e| corrupt("resources", &e))?,
+            waiting_for: serde_json::from_str(&waiting).map_err(|e| corrupt("waiting_for", &e))?,
+            created_at: r.get(8)?,
+            started_at: r.get(9)?,
+            finished_at: r.get(10)?,
+            error: r.get(11)?,
+            failed_step: r.get(12)?,
+            undo_entries: r.get(13)?,
+            rolled_back_by: rolled.map(|s| s.parse()).transpose().map_err(|e: String| corrupt("rolled_back_by", &e))?,
+            last_seq: r.get::<_, i64>(15)? as u64,
+        })
+    };
+    Ok(build().map(|j| (j, pos)))
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Batch>) {
+    while let Ok(first) = rx.recv() {
+        let mut batches = vec![first];
+        while batches.len() < 1024 {
+            match rx.try_recv() {
+                Ok(b) => batches.push(b),
+                Err(_) => break,
+            }
+        }
+        let results = apply_batches(&mut conn, &batches);
+        for (batch, result) in batches.into_iter().zip(results) {
+            if result.is_ok()
+                && let Some(tx) = &batch.publish
+            {
+                for w in &batch.writes {
+                    if let Write::Event(e) = w {
+                        let _ = tx.send(e.clone());
+                    }
+                }
+            }
+            if let Some(ack) = batch.ack {
+                let _ = ack.send(result);
+            }
+        }
+    }
+}
+
+/// Applies every batch in one transaction; a batch that fails is rolled back alone.
+fn apply_batches(conn: &mut Connection, batches: &[Batch]) -> Vec<Result<(), String>> {
+    let tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => return batches.iter().map(|_| Err(e.to_string())).collect(),
+    };
+    let mut results = Vec::with_capacity(batches.len());
+    for batch in batches {
+        let r = (|| -> rusqlite::Result<()> {
+            tx.execute_batch("SAVEPOINT b")?;
+            for w in &batch.writes {
+                if let Err(e) = apply(&tx, w) {
+                    tx.execute_batch("ROLLBACK TO b; RELEASE b")?;
+                    return Err(e);
+                }
+            }
+            tx.execute_batch("RELEASE b")
+        })();
+        results.push(r.map_err(|e| e.to_string()));
+    }
+    match tx.commit() {
+        Ok(()) => results,
+        Err(e) => batches.iter().map(|_| Err(e.to_string())).collect(),
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("domain types serialize")
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
+    match w {
+        Write::InsertJob(j) => {
+            tx.prepare_cached(
+                "INSERT INTO jobs (id, kind, spec, state, steps, request_id, labels, resources, waiting_for, \
+                 created_at, started_at, finished_at, error, failed_step, rolled_back_by, rollback_of) \
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
+            )?
+            .execute(params![
+                j.id.to_string(),
+                j.spec.kind(),
+                json(&j.spec),
+                j.state.as_str(),
+                json(&j.steps),
+                j.request_id,
+                json(&j.labels),
+                json(&j.resources),
+                json(&j.waiting_for),
+                j.created_at,
+                j.started_at,
+                j.finished_at,
+                j.error,
+                j.failed_step,
+                j.rolled_back_by.map(|r| r.to_string()),
+                j.rollback_of().map(|r| r.to_string()),
+            ])?;
+            let mut stmt = tx.prepare_cached("INSERT OR IGNORE INTO job_resources (resource, job_id) VALUES (?1, ?2)")?;
+            for r in &j.resources {
+                stmt.execute(params![r, j.id.to_string()])?;
+            }
+        }
+        Write::UpdateJob(j) => {
+            tx.prepare_cached(
+                "UPDATE jobs SET state=?2, steps=?3, waiting_for=?4, started_at=?5, finished_at=?6, error=?7, \
+                 failed_step=?8 WHERE id=?1",
+            )?
+            .execute(params![
+                j.id.to_string(),
+                j.state.as_str(),
+                json(&j.steps),
+                json(&j.waiting_for),
+                j.started_at,
+                j.finished_at,
+                j.error,
+                j.failed_step,
+            ])?;
+        }
+        Write::Event(e) => {
+            tx.prepare_cached("INSERT INTO events (job_id, seq, at, body) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![e.job.to_string(), e.seq as i64, e.at, json(e)])?;
+        }
+        Write::Undo { job, idx, entry } => {
+            tx.prepare_cached("INSERT OR REPLACE INTO undo (job_id, idx, entry, blob) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![job.to_string(), idx, json(entry), entry.blob()])?;
+        }
+        Write::UndoApplied { job, idx } => {
+            tx.prepare_cached("UPDATE undo SET applied = 1 WHERE job_id = ?1 AND idx = ?2")?
+                .execute(params![job.to_string(), idx])?;
+        }
+        Write::Seal { job, idx, left } => {
+            tx.prepare_cached("UPDATE undo SET left_state = ?3 WHERE job_id = ?1 AND idx = ?2")?
+                .execute(params![job.to_string(), idx, json(left)])?;
+        }
+        Write::RolledBackBy { job, by } => {
+            tx.prepare_cached("UPDATE jobs SET rolled_back_by = ?2 WHERE id = ?1")?
+                .execute(params![job.to_string(), by.map(|b| b.to_string())])?;
+        }
+        Write::Prune { keep_per_resource, keep_total } => prune(tx, *keep_per_resource, *keep_total)?,
+    }
+    Ok(())
+}
+
+/// Drops finished jobs that are neither among the newest `keep_total` finished jobs nor among
+/// the newest `keep_per_resource` finished jobs of any resource they touch, with their events
+/// and journals (their blobs are collected afterwards).
+fn prune(tx: &rusqlite::Transaction<'_>, keep_per_resource: u32, keep_total: u32) -> rusqlite::Result<()> {
+    tx.execute_batch("DROP TABLE IF EXISTS temp.doomed; CREATE TEMP TABLE doomed (id TEXT PRIMARY KEY)")?;
+    tx.execute(
+        "INSERT INTO temp.doomed (id)
+         SELECT id FROM jobs
+         WHERE state IN ('SUCCEEDED','FAILED','CANCELLED')
+           AND (pos NOT IN (SELECT pos FROM jobs WHERE state IN ('SUCCEEDED','FAILED','CANCELLED')
+                            ORDER BY pos DESC LIMIT ?2)
+                OR (EXISTS (SELECT 1 FROM job_resources r WHERE r.job_id = jobs.id)
+                    AND id NOT IN (
+                      SELECT job_id FROM (
+                        SELECT r.job_id, ROW_NUMBER() OVER (PARTITION BY r.resource ORDER BY j.pos DESC) AS n
+                        FROM job_resources r JOIN jobs j ON j.id = r.job_id
+                        WHERE j.state IN ('SUCCEEDED','FAILED','CANCELLED'))
+                      WHERE n <= ?1)))",
+        params![keep_per_resource, keep_total],
+    )?;
+    tx.execute_batch(
+        "DELETE FROM events WHERE job_id IN (SELECT id FROM temp.doomed);
+         DELETE FROM undo WHERE job_id IN (SELECT id FROM temp.doomed);
+         DELETE FROM job_resources WHERE job_id IN (SELECT id FROM temp.doomed);
+         DELETE FROM jobs WHERE id IN (SELECT id FROM temp.doomed);
+         DROP TABLE temp.doomed;",
+    )
+}

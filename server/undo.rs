@@ -1,0 +1,178 @@
+//! Undo entries: how to reverse one change to the world, as data. An entry is recorded durably
+//! before the change it reverses; applying it twice is the same as once, so a journal can be
+//! replayed after a crash.
+
+use crate::blobs::BlobStore;
+use crate::command::Invocation;
+use crate::fsops::{self, FileState};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tokio_util::sync::CancellationToken;
+
+/// One way to put something back.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub(crate) enum UndoEntry {
+    /// Put a file's earlier content (a blob) and ownership back.
+    RestoreFile { path: PathBuf, blob: String, mode: u32, uid: u32, gid: u32 },
+    /// Remove a file the job created.
+    RemoveFile { path: PathBuf },
+    /// Put a file's earlier mode and ownership back.
+    RestoreOwnership { path: PathBuf, mode: u32, uid: u32, gid: u32 },
+    /// Run a program that reverses a command; `redo` runs the command again (for rolling back
+    /// a rollback).
+    RunCommand { run: Invocation, redo: Option<Invocation> },
+}
+
+/// A journal entry as stored: the entry, whether it has been applied, and the state the job
+/// left its file in (filled when the job succeeds; a rollback checks it).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct JournalEntry {
+    pub(crate) idx: u32,
+    pub(crate) entry: UndoEntry,
+    pub(crate) applied: bool,
+    pub(crate) left: Option<FileState>,
+}
+
+impl UndoEntry {
+    /// The file it restores, if any.
+    pub(crate) fn path(&self) -> Option<&Path> {
+        match self {
+            UndoEntry::RestoreFile { path, .. }
+            | UndoEntry::RemoveFile { path }
+            | UndoEntry::RestoreOwnership { path, .. } => Some(path),
+            UndoEntry::RunCommand { .. } => None,
+        }
+    }
+
+    /// The blob it needs, if any.
+    pub(crate) fn blob(&self) -> Option<&str> {
+        match self {
+            UndoEntry::RestoreFile { blob, .. } => Some(blob),
+            _ => None,
+        }
+    }
+
+    /// Says, in a few words, what applying it does.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            UndoEntry::RestoreFile { path, .. } => format!("restore {}", path.display()),
+            UndoEntry::RemoveFile { path } => format!("remove {}", path.display()),
+            UndoEntry::RestoreOwnership { path, mode, uid, gid } => {
+                format!("restore {} to {mode:04o} {uid}:{gid}", path.display())
+            }
+            UndoEntry::RunCommand { run, .. } => format!("run {}", run.argv.join(" ")),
+        }
+    }
+
+    /// The entry that puts a file back as it is now: its content in a blob, or its absence.
+    pub(crate) fn snapshot_file(path: &Path, blobs: &BlobStore) -> std::io::Result<UndoEntry> {
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(UndoEntry::RemoveFile { path: path.to_owned() })
+            }
+            Err(e) => Err(e),
+            Ok(meta) => {
+                use std::os::unix::fs::MetadataExt;
+                if !meta.is_file() {
+                    return Err(std::io::Error::other(format!("{} is not a regular file", path.display())));
+                }
+                let blob = blobs.put(&std::fs::read(path)?)?;
+                Ok(UndoEntry::RestoreFile {
+                    path: path.to_owned(),
+                    blob,
+                    mode: meta.mode() & 0o7777,
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                })
+            }
+        }
+    }
+
+    /// The entry that puts a file's ownership back as it is now.
+    pub(crate) fn snapshot_ownership(path: &Path) -> std::io::Result<UndoEntry> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        Ok(UndoEntry::RestoreOwnership {
+            path: path.to_owned(),
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+        })
+    }
+
+    /// The entry that would reverse applying this one (a rollback records it first, so a
+    /// rollback can itself be rolled back). None when it cannot be reversed.
+    pub(crate) fn inverse_now(&self, blobs: &BlobStore) -> std::io::Result<Option<UndoEntry>> {
+        Ok(match self {
+            UndoEntry::RestoreFile { path, .. } | UndoEntry::RemoveFile { path } => {
+                Some(Self::snapshot_file(path, blobs)?)
+            }
+            UndoEntry::RestoreOwnership { path, .. } => match Self::snapshot_ownership(path) {
+                Ok(e) => Some(e),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            },
+            UndoEntry::RunCommand { run, redo } => redo
+                .as_ref()
+                .map(|redo| UndoEntry::RunCommand { run: redo.clone(), redo: Some(run.clone()) }),
+        })
+    }
+
+    /// Applies the entry. Undo runs to the end (a cancel does not interrupt it), bounded by
+    /// the command's own timeout.
+    pub(crate) async fn apply(&self, blobs: &BlobStore, on_line: impl FnMut(crate::command::Stream, String)) -> Result<(), String> {
+        match self.clone() {
+            UndoEntry::RunCommand { run, .. } => {
+                run.run(&CancellationToken::new(), on_line).await.map_err(|e| e.to_string())
+            }
+            entry => {
+                let blobs = blobs.clone();
+                tokio::task::spawn_blocking(move || entry.apply_file(&blobs))
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+        }
+    }
+
+    fn apply_file(&self, blobs: &BlobStore) -> Result<(), String> {
+        let at = |e: std::io::Error| format!("{}: {e}", self.describe());
+        match self {
+            UndoEntry::RestoreFile { path, blob, mode, uid, gid } => {
+                let bytes = blobs.get(blob).map_err(at)?;
+                fsops::write_atomic(path, &bytes, *mode, Some((*uid, *gid))).map_err(at)
+            }
+            UndoEntry::RemoveFile { path } => fsops::remove_if_present(path).map_err(at),
+            UndoEntry::RestoreOwnership { path, mode, uid, gid } => {
+                fsops::set_ownership(path, *mode, *uid, *gid).map_err(at)
+            }
+            UndoEntry::RunCommand { .. } => unreachable!("commands are applied asynchronously"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restored_file_and_a_removed_file_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"before").unwrap();
+        let restore = UndoEntry::snapshot_file(&file, &blobs).unwrap();
+        std::fs::write(&file, b"after").unwrap();
+        restore.apply_file(&blobs).unwrap();
+        restore.apply_file(&blobs).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"before");
+
+        let new = dir.path().join("new");
+        let remove = UndoEntry::snapshot_file(&new, &blobs).unwrap();
+        assert_eq!(remove, UndoEntry::RemoveFile { path: new.clone() });
+        std::fs::write(&new, b"x").unwrap();
+        remove.apply_file(&blobs).unwrap();
+        remove.apply_file(&blobs).unwrap();
+        assert!(!new.exists());
+    }
+}
