@@ -1,0 +1,256 @@
+//! The CLI's commands: `run`, and `jobs list|show|watch|cancel|rollback`. Exit status: 0 when
+//! the job succeeded (or the request did), 1 when a job ended otherwise, 3 when a request
+//! failed, 2 for bad usage.
+
+use crate::connect::{Client, connect, token};
+use crate::render::{EventView, job_json, print_job, print_jobs_table, say, state_name};
+use anyhow::{Result, anyhow, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use stately::pb;
+use std::path::PathBuf;
+use tonic::Code;
+
+/// The job ended, but not well.
+pub(crate) const EXIT_JOB: u8 = 1;
+/// The request itself failed.
+pub(crate) const EXIT_ERROR: u8 = 3;
+
+/// Drive statelyd: run runbooks as jobs, watch, cancel and roll them back.
+#[derive(Parser, Debug)]
+#[command(name = "stately", version)]
+pub(crate) struct Args {
+    /// statelyd's address: host:port, http://host:port or unix:/path.
+    #[arg(long, global = true, env = "STATELY_SERVER", default_value = "127.0.0.1:50051")]
+    server: String,
+    /// Bearer token (default: the operator token statelyd generated on this machine).
+    #[arg(long, global = true, env = "STATELY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Read the token from this file.
+    #[arg(long, global = true, env = "STATELY_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Output for people (table) or for scripts (json: one object per line).
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a runbook, attached: Ctrl-C cancels the job and shows it unwinding.
+    Run {
+        /// The runbook's name (as in statelyd's configuration).
+        runbook: String,
+        /// A parameter, as key=value (repeat for more).
+        #[arg(long = "param", short = 'p', value_parser = key_value)]
+        params: Vec<(String, String)>,
+        /// Submit and print the job id, without waiting.
+        #[arg(long)]
+        detach: bool,
+        /// Idempotency key: a repeat returns the first job instead of starting another.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// A label, as key=value.
+        #[arg(long = "label", value_parser = key_value)]
+        labels: Vec<(String, String)>,
+    },
+    /// Jobs: list, show, watch, cancel, roll back.
+    #[command(subcommand)]
+    Jobs(Jobs),
+}
+
+#[derive(Subcommand, Debug)]
+enum Jobs {
+    /// List jobs, newest first.
+    List {
+        /// Only in this state (repeat for more): pending, running, cancelling, succeeded, failed, cancelled.
+        #[arg(long)]
+        state: Vec<String>,
+        /// Only of this kind: runbook, rollback.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only with this label, as key=value.
+        #[arg(long = "label", value_parser = key_value)]
+        labels: Vec<(String, String)>,
+        /// At most this many (the server caps pages at 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue from a previous page.
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    /// Show one job.
+    Show { id: String },
+    /// Follow a job's events until it ends (Ctrl-C stops watching, not the job).
+    Watch {
+        id: String,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Cancel a job and wait until it has unwound.
+    Cancel {
+        id: String,
+        /// Why, recorded in the job.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Return once the job has seen the cancel, without waiting for the unwind.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Undo a finished job's changes (as a new job), and follow it.
+    Rollback {
+        id: String,
+        /// Undo even over changes made since.
+        #[arg(long)]
+        force: bool,
+        /// Print the rollback job's id without waiting.
+        #[arg(long)]
+        detach: bool,
+    },
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("'{s}' is not key=value"))
+}
+
+/// A gRPC error as one line a person can act on.
+fn explain(s: tonic::Status) -> anyhow::Error {
+    let code = match s.code() {
+        Code::Unavailable => return anyhow!("statelyd is unavailable: {}", s.message()),
+        Code::Unauthenticated => "not authenticated",
+        Code::PermissionDenied => "permission denied",
+        Code::NotFound => "not found",
+        Code::InvalidArgument => "invalid request",
+        Code::FailedPrecondition => "refused",
+        Code::AlreadyExists => "already exists",
+        Code::DeadlineExceeded => "timed out",
+        _ => "error",
+    };
+    anyhow!("{code}: {}", s.message())
+}
+
+pub(crate) async fn run(args: Args) -> Result<u8> {
+    let token = token(args.token.clone(), args.token_file.clone())?;
+    let mut client = connect(&args.server, &token).await?;
+    let json = args.output == Output::Json;
+    match args.command {
+        Command::Run { runbook, params, detach, request_id, labels } => {
+            let req = pb::SubmitJobRequest {
+                spec: Some(pb::JobSpec {
+                    kind: Some(pb::job_spec::Kind::Runbook(pb::RunbookJob { runbook, params: params.into_iter().collect() })),
+                }),
+                request_id: request_id.unwrap_or_default(),
+                labels: labels.into_iter().collect(),
+            };
+            if detach {
+                let job = client.submit_job(req).await.map_err(explain)?.into_inner();
+                say(&if json { job_json(&job).to_string() } else { job.id });
+                return Ok(0);
+            }
+            let stream = client.run_job(req).await.map_err(explain)?.into_inner();
+            follow(&mut client, stream, json, true).await
+        }
+        Command::Jobs(Jobs::List { state, kind, labels, limit, page_token }) => {
+            let states = state
+                .iter()
+                .map(|s| {
+                    pb::JobState::from_str_name(&format!("JOB_STATE_{}", s.to_uppercase()))
+                        .map(|s| s as i32)
+                        .ok_or_else(|| anyhow!("unknown state '{s}'"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let resp = client
+                .list_jobs(pb::ListJobsRequest {
+                    states,
+                    kind: kind.unwrap_or_default(),
+                    labels: labels.into_iter().collect(),
+                    page_size: limit,
+                    page_token: page_token.unwrap_or_default(),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if json {
+                resp.jobs.iter().for_each(|j| say(&job_json(j).to_string()));
+            } else {
+                print_jobs_table(&resp.jobs);
+                if !resp.next_page_token.is_empty() {
+                    eprintln!("more: --page-token {}", resp.next_page_token);
+                }
+            }
+            Ok(0)
+        }
+        Command::Jobs(Jobs::Show { id }) => {
+            let job = client.get_job(pb::GetJobRequest { job_id: id }).await.map_err(explain)?.into_inner();
+            if json { say(&job_json(&job).to_string()) } else { print_job(&job) }
+            Ok(0)
+        }
+        Command::Jobs(Jobs::Watch { id, after }) => {
+            let stream = client.watch_job(pb::WatchJobRequest { job_id: id, after_seq: after }).await.map_err(explain)?.into_inner();
+            follow(&mut client, stream, json, false).await
+        }
+        Command::Jobs(Jobs::Cancel { id, reason, no_wait }) => {
+            let job = client
+                .cancel_job(pb::CancelJobRequest { job_id: id, reason, wait: !no_wait })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if json {
+                say(&job_json(&job).to_string());
+            } else {
+                say(&format!("job {} {}", job.id, state_name(job.state)));
+            }
+            let ok = matches!(pb::JobState::try_from(job.state), Ok(pb::JobState::Cancelled | pb::JobState::Cancelling));
+            Ok(if ok { 0 } else { EXIT_JOB })
+        }
+        Command::Jobs(Jobs::Rollback { id, force, detach }) => {
+            let job = client.rollback_job(pb::RollbackJobRequest { job_id: id, force }).await.map_err(explain)?.into_inner();
+            if detach {
+                say(&if json { job_json(&job).to_string() } else { job.id });
+                return Ok(0);
+            }
+            let stream = client.watch_job(pb::WatchJobRequest { job_id: job.id, after_seq: 0 }).await.map_err(explain)?.into_inner();
+            follow(&mut client, stream, json, false).await
+        }
+    }
+}
+
+/// Shows a job's events until it ends. When `attached`, the first Ctrl-C cancels the job and
+/// keeps showing it unwind; a second one leaves at once (the server still cancels it, since
+/// the attached call ends).
+async fn follow(client: &mut Client, mut stream: tonic::Streaming<pb::JobEvent>, json: bool, attached: bool) -> Result<u8> {
+    let mut view = EventView::new(json);
+    let mut interrupted = false;
+    loop {
+        tokio::select! {
+            msg = stream.message() => match msg {
+                Ok(Some(e)) => view.show(&e),
+                Ok(None) => break,
+                Err(s) => return Err(explain(s)),
+            },
+            _ = tokio::signal::ctrl_c() => {
+                if !attached || interrupted || view.job_id.is_empty() {
+                    return Ok(130);
+                }
+                interrupted = true;
+                eprintln!("cancelling job {} (Ctrl-C again to leave now)…", view.job_id);
+                let req = pb::CancelJobRequest { job_id: view.job_id.clone(), reason: "interrupted from the CLI".into(), wait: false };
+                if let Err(s) = client.cancel_job(req).await {
+                    eprintln!("stately: {}", explain(s));
+                }
+            }
+        }
+    }
+    match view.ended.map(pb::JobState::try_from) {
+        Some(Ok(pb::JobState::Succeeded)) => Ok(0),
+        Some(_) => Ok(EXIT_JOB),
+        None => bail!("the stream ended before job {} did (after event {})", view.job_id, view.last_seq),
+    }
+}

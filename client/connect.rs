@@ -1,0 +1,58 @@
+//! Reaching statelyd: the server address (TCP or unix socket) and the bearer token, found in
+//! the flags, the environment, or the token file the daemon generated on this machine.
+
+use anyhow::{Context, Result, anyhow};
+use hyper_util::rt::TokioIo;
+use stately::pb::jobs_client::JobsClient;
+use std::path::PathBuf;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub(crate) struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub(crate) type Client = JobsClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// Finds the token: the flag or STATELY_TOKEN, then --token-file, then the generated token.
+pub(crate) fn token(flag: Option<String>, file: Option<PathBuf>) -> Result<String> {
+    if let Some(t) = flag.filter(|t| !t.is_empty()) {
+        return Ok(t);
+    }
+    let path = file.unwrap_or_else(|| stately::config::default_data_dir().join("operator.token"));
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim().to_owned())
+        .with_context(|| format!("no token: pass --token or STATELY_TOKEN, or let me read {}", path.display()))
+}
+
+/// Connects to `server`: `host:port`, `http://host:port` or `unix:/path`.
+pub(crate) async fn connect(server: &str, token: &str) -> Result<Client> {
+    let channel = if let Some(path) = server.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        Endpoint::try_from("http://localhost")?
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            }))
+            .await
+            .with_context(|| format!("cannot reach statelyd at {server}"))?
+    } else {
+        let url = if server.contains("://") { server.to_owned() } else { format!("http://{server}") };
+        Endpoint::from_shared(url.clone())
+            .map_err(|e| anyhow!("bad server address '{server}': {e}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach statelyd at {url} (is it running? --server/STATELY_SERVER)"))?
+    };
+    let header: MetadataValue<_> = format!("Bearer {token}").parse().map_err(|_| anyhow!("the token holds characters a header cannot carry"))?;
+    Ok(JobsClient::with_interceptor(channel, Bearer(header)))
+}

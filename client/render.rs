@@ -1,0 +1,253 @@
+//! How the CLI shows things: tables and job details for people, one JSON object per line for
+//! scripts, and a live view of a job's steps (progress bars on a terminal, plain lines when not).
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use stately::pb;
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+
+/// Prints a line to stdout; a closed pipe (`stately jobs list | head`) ends the program quietly.
+pub(crate) fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}")
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
+}
+
+pub(crate) fn state_name(s: i32) -> &'static str {
+    match pb::JobState::try_from(s) {
+        Ok(pb::JobState::Pending) => "PENDING",
+        Ok(pb::JobState::Running) => "RUNNING",
+        Ok(pb::JobState::Cancelling) => "CANCELLING",
+        Ok(pb::JobState::Succeeded) => "SUCCEEDED",
+        Ok(pb::JobState::Failed) => "FAILED",
+        Ok(pb::JobState::Cancelled) => "CANCELLED",
+        _ => "UNKNOWN",
+    }
+}
+
+fn step_state_name(s: i32) -> &'static str {
+    match pb::StepState::try_from(s) {
+        Ok(pb::StepState::Pending) => "pending",
+        Ok(pb::StepState::Running) => "running",
+        Ok(pb::StepState::Succeeded) => "succeeded",
+        Ok(pb::StepState::Failed) => "failed",
+        Ok(pb::StepState::Cancelled) => "cancelled",
+        _ => "unknown",
+    }
+}
+
+fn time(t: &Option<prost_types::Timestamp>) -> Value {
+    match t {
+        Some(t) => {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32);
+            Value::String(humantime::format_rfc3339_millis(at).to_string())
+        }
+        None => Value::Null,
+    }
+}
+
+fn spec_json(spec: &Option<pb::JobSpec>) -> Value {
+    match spec.as_ref().and_then(|s| s.kind.as_ref()) {
+        Some(pb::job_spec::Kind::Runbook(r)) => json!({"runbook": {"runbook": r.runbook, "params": r.params}}),
+        Some(pb::job_spec::Kind::Rollback(r)) => json!({"rollback": {"target_job_id": r.target_job_id, "force": r.force}}),
+        None => Value::Null,
+    }
+}
+
+pub(crate) fn job_json(j: &pb::Job) -> Value {
+    json!({
+        "id": j.id, "kind": j.kind, "spec": spec_json(&j.spec), "state": state_name(j.state),
+        "steps": j.steps.iter().map(|s| json!({
+            "index": s.index, "name": s.name, "state": step_state_name(s.state),
+            "started_at": time(&s.started_at), "finished_at": time(&s.finished_at), "error": s.error,
+        })).collect::<Vec<_>>(),
+        "request_id": j.request_id, "labels": j.labels, "resources": j.resources, "waiting_for": j.waiting_for,
+        "created_at": time(&j.created_at), "started_at": time(&j.started_at), "finished_at": time(&j.finished_at),
+        "error": j.error, "failed_step": j.failed_step, "undo_entries": j.undo_entries,
+        "rolled_back_by": j.rolled_back_by, "rollback_of": j.rollback_of, "last_seq": j.last_seq,
+    })
+}
+
+pub(crate) fn event_json(e: &pb::JobEvent) -> Value {
+    use pb::job_event::Event as E;
+    let body = match &e.event {
+        Some(E::StateChanged(s)) => json!({"state_changed": {"from": state_name(s.from), "to": state_name(s.to), "reason": s.reason}}),
+        Some(E::StepStarted(s)) => json!({"step_started": {"index": s.index, "name": s.name}}),
+        Some(E::StepFinished(s)) => json!({"step_finished": {"index": s.index, "name": s.name, "state": step_state_name(s.state), "error": s.error}}),
+        Some(E::Progress(p)) => json!({"progress": {"step_index": p.step_index, "done": p.done, "total": p.total, "message": p.message}}),
+        Some(E::Log(l)) => json!({"log": {"level": pb::LogLevel::try_from(l.level).map(|l| l.as_str_name()).unwrap_or("?"), "message": l.message, "step_index": l.step_index}}),
+        None => Value::Null,
+    };
+    let mut v = json!({"job_id": e.job_id, "seq": e.seq, "at": time(&e.at)});
+    if let (Value::Object(m), Value::Object(b)) = (&mut v, body) {
+        m.extend(b);
+    }
+    v
+}
+
+fn short_time(t: &Option<prost_types::Timestamp>) -> String {
+    match time(t) {
+        Value::String(s) => s.get(..19).unwrap_or(&s).replace('T', " "),
+        _ => "-".into(),
+    }
+}
+
+fn what(j: &pb::Job) -> String {
+    match j.spec.as_ref().and_then(|s| s.kind.as_ref()) {
+        Some(pb::job_spec::Kind::Runbook(r)) => r.runbook.clone(),
+        Some(pb::job_spec::Kind::Rollback(r)) => format!("undo {}", &r.target_job_id),
+        None => String::new(),
+    }
+}
+
+pub(crate) fn print_jobs_table(jobs: &[pb::Job]) {
+    let rows: Vec<[String; 5]> = jobs
+        .iter()
+        .map(|j| [j.id.clone(), j.kind.clone(), state_name(j.state).to_owned(), short_time(&j.created_at), what(j)])
+        .collect();
+    let header = ["ID", "KIND", "STATE", "CREATED", "WHAT"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    for r in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        say(line.join("  ").trim_end());
+    }
+}
+
+pub(crate) fn print_job(j: &pb::Job) {
+    say(&format!("job        {}", j.id));
+    say(&format!("kind       {} ({})", j.kind, what(j)));
+    say(&format!("state      {}", state_name(j.state)));
+    if !j.error.is_empty() {
+        say(&format!("error      {}", j.error));
+    }
+    if !j.failed_step.is_empty() {
+        say(&format!("failed at  {}", j.failed_step));
+    }
+    say(&format!("created    {}", short_time(&j.created_at)));
+    if j.finished_at.is_some() {
+        say(&format!("finished   {}", short_time(&j.finished_at)));
+    }
+    if !j.resources.is_empty() {
+        say(&format!("resources  {}", j.resources.join(", ")));
+    }
+    if !j.waiting_for.is_empty() {
+        say(&format!("waiting    {}", j.waiting_for.join(", ")));
+    }
+    if !j.labels.is_empty() {
+        let labels: Vec<String> = j.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        say(&format!("labels     {}", labels.join(", ")));
+    }
+    say(&format!("undo       {} entr{}", j.undo_entries, if j.undo_entries == 1 { "y" } else { "ies" }));
+    if !j.rolled_back_by.is_empty() {
+        say(&format!("rolled back by {}", j.rolled_back_by));
+    }
+    if !j.rollback_of.is_empty() {
+        say(&format!("rolls back {}", j.rollback_of));
+    }
+    say("steps");
+    for s in &j.steps {
+        let err = if s.error.is_empty() { String::new() } else { format!(": {}", s.error) };
+        say(&format!("  {}. {:<10} {}{err}", s.index + 1, step_state_name(s.state), s.name));
+    }
+}
+
+/// A live view of a job's events.
+pub(crate) struct EventView {
+    json: bool,
+    fancy: Option<MultiProgress>,
+    bars: HashMap<u32, ProgressBar>,
+    /// The job's end state, once seen.
+    pub(crate) ended: Option<i32>,
+    pub(crate) job_id: String,
+    pub(crate) last_seq: u64,
+}
+
+impl EventView {
+    pub(crate) fn new(json: bool) -> Self {
+        let fancy = (!json && std::io::stderr().is_terminal()).then(MultiProgress::new);
+        EventView { json, fancy, bars: HashMap::new(), ended: None, job_id: String::new(), last_seq: 0 }
+    }
+
+    fn line(&self, s: String) {
+        match &self.fancy {
+            Some(mp) => {
+                let _ = mp.println(s);
+            }
+            None => say(&s),
+        }
+    }
+
+    pub(crate) fn show(&mut self, e: &pb::JobEvent) {
+        use pb::job_event::Event as E;
+        self.job_id.clone_from(&e.job_id);
+        self.last_seq = e.seq;
+        if let Some(E::StateChanged(s)) = &e.event
+            && matches!(pb::JobState::try_from(s.to), Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled))
+        {
+            self.ended = Some(s.to);
+        }
+        if self.json {
+            say(&event_json(e).to_string());
+            return;
+        }
+        match &e.event {
+            Some(E::StateChanged(s)) => {
+                let reason = if s.reason.is_empty() { String::new() } else { format!(" ({})", s.reason) };
+                self.line(format!("job {} {}{reason}", e.job_id, state_name(s.to)));
+            }
+            Some(E::StepStarted(s)) => match &self.fancy {
+                Some(mp) => {
+                    let bar = mp.add(ProgressBar::new_spinner());
+                    bar.set_style(ProgressStyle::with_template("{spinner} {prefix} {msg} {bytes:>}").expect("template"));
+                    bar.set_prefix(format!("step {}", s.index + 1));
+                    bar.set_message(s.name.clone());
+                    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+                    self.bars.insert(s.index, bar);
+                }
+                None => self.line(format!("  ▸ step {}: {}", s.index + 1, s.name)),
+            },
+            Some(E::Progress(p)) => {
+                if let Some(bar) = self.bars.get(&p.step_index) {
+                    if p.total > 0 && bar.length() != Some(p.total) {
+                        bar.set_length(p.total);
+                        bar.set_style(ProgressStyle::with_template("  {prefix} {msg} [{bar:30}] {bytes}/{total_bytes}").expect("template").progress_chars("=> "));
+                    }
+                    bar.set_position(p.done);
+                }
+            }
+            Some(E::Log(l)) => {
+                let mark = match pb::LogLevel::try_from(l.level) {
+                    Ok(pb::LogLevel::Warn) => "!",
+                    Ok(pb::LogLevel::Error) => "✗",
+                    _ => "│",
+                };
+                self.line(format!("    {mark} {}", l.message));
+            }
+            Some(E::StepFinished(s)) => {
+                let (mark, tail) = match pb::StepState::try_from(s.state) {
+                    Ok(pb::StepState::Succeeded) => ("✓", String::new()),
+                    Ok(pb::StepState::Cancelled) => ("⊘", " (cancelled)".to_owned()),
+                    _ => ("✗", format!(": {}", s.error)),
+                };
+                let text = format!("  {mark} step {}: {}{tail}", s.index + 1, s.name);
+                match self.bars.remove(&s.index) {
+                    Some(bar) => {
+                        bar.finish_and_clear();
+                        self.line(text);
+                    }
+                    None => self.line(text),
+                }
+            }
+            None => {}
+        }
+    }
+}
