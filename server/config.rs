@@ -62,6 +62,16 @@ pub struct Config {
     /// Operator-defined runbooks.
     #[serde(rename = "runbook")]
     pub runbooks: Vec<Runbook>,
+    /// Files of more `[[runbook]]` tables (relative to this file's directory).
+    pub include: Vec<PathBuf>,
+}
+
+/// A file named by `include`: runbooks only.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunbookFile {
+    #[serde(rename = "runbook", default)]
+    runbooks: Vec<Runbook>,
 }
 
 impl fmt::Debug for Config {
@@ -341,6 +351,7 @@ impl Default for Config {
             history: History::default(),
             tokens: Vec::new(),
             runbooks: Vec::new(),
+            include: Vec::new(),
         }
     }
 }
@@ -366,6 +377,9 @@ shutdown_grace = "10s"
 # Journal durability: "full" syncs each commit (survives power loss), "normal" survives a
 # crash of the daemon but not of the machine.
 sync = "full"
+
+# More runbooks, from files holding only [[runbook]] tables (paths relative to this file).
+include = []
 
 [history]
 # Finished jobs (and the backups their undo needs) kept per resource, newest first.
@@ -415,8 +429,15 @@ impl Config {
 
     /// Parses and validates config text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
-        let config: Config = toml::from_str(text)
-            .map_err(|e| Error::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        let parse_error = |p: &Path, e: toml::de::Error| Error::Parse { path: p.to_owned(), message: e.to_string().trim_end().to_owned() };
+        let mut config: Config = toml::from_str(text).map_err(|e| parse_error(path, e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for inc in config.include.clone() {
+            let file = base.join(&inc);
+            let text = std::fs::read_to_string(&file).map_err(|source| Error::Read { path: file.clone(), source })?;
+            let more: RunbookFile = toml::from_str(&text).map_err(|e| parse_error(&file, e))?;
+            config.runbooks.extend(more.runbooks);
+        }
         config.validate(&path.display().to_string())?;
         Ok(config)
     }
@@ -611,6 +632,15 @@ mod tests {
         assert_eq!(c.history.keep_per_resource, d.history.keep_per_resource);
         assert_eq!(c.history.keep_total, d.history.keep_total);
         assert!(c.tokens.is_empty() && c.runbooks.is_empty());
+    }
+
+    #[test]
+    fn the_shipped_example_runbooks_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = "include = [\"examples/litespeed-trial-key.toml\", \"examples/openlitespeed-restart.toml\"]\n";
+        let c = Config::parse(text, &dir.join("stately.toml")).unwrap();
+        let names: Vec<&str> = c.runbooks.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["litespeed-trial-key", "openlitespeed-graceful-restart"]);
     }
 
     #[test]
