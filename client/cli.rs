@@ -20,7 +20,12 @@ pub(crate) const EXIT_ERROR: u8 = 3;
 #[command(name = "stately", version)]
 pub(crate) struct Args {
     /// statelyd's address: host:port, http://host:port or unix:/path.
-    #[arg(long, global = true, env = "STATELY_SERVER", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "STATELY_SERVER",
+        default_value = "127.0.0.1:50051"
+    )]
     server: String,
     /// Bearer token (default: the operator token statelyd generated on this machine).
     #[arg(long, global = true, env = "STATELY_TOKEN", hide_env_values = true)]
@@ -117,7 +122,9 @@ enum Jobs {
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("'{s}' is not key=value"))
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("'{s}' is not key=value"))
 }
 
 /// A gRPC error as one line a person can act on.
@@ -141,23 +148,42 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
     let mut client = connect(&args.server, &token).await?;
     let json = args.output == Output::Json;
     match args.command {
-        Command::Run { runbook, params, detach, request_id, labels } => {
+        Command::Run {
+            runbook,
+            params,
+            detach,
+            request_id,
+            labels,
+        } => {
             let req = pb::SubmitJobRequest {
                 spec: Some(pb::JobSpec {
-                    kind: Some(pb::job_spec::Kind::Runbook(pb::RunbookJob { runbook, params: params.into_iter().collect() })),
+                    kind: Some(pb::job_spec::Kind::Runbook(pb::RunbookJob {
+                        runbook,
+                        params: params.into_iter().collect(),
+                    })),
                 }),
                 request_id: request_id.unwrap_or_default(),
                 labels: labels.into_iter().collect(),
             };
             if detach {
                 let job = client.submit_job(req).await.map_err(explain)?.into_inner();
-                say(&if json { job_json(&job).to_string() } else { job.id });
+                say(&if json {
+                    job_json(&job).to_string()
+                } else {
+                    job.id
+                });
                 return Ok(0);
             }
             let stream = client.run_job(req).await.map_err(explain)?.into_inner();
             follow(&mut client, stream, json, true).await
         }
-        Command::Jobs(Jobs::List { state, kind, labels, limit, page_token }) => {
+        Command::Jobs(Jobs::List {
+            state,
+            kind,
+            labels,
+            limit,
+            page_token,
+        }) => {
             let states = state
                 .iter()
                 .map(|s| {
@@ -188,17 +214,40 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             Ok(0)
         }
         Command::Jobs(Jobs::Show { id }) => {
-            let job = client.get_job(pb::GetJobRequest { job_id: id }).await.map_err(explain)?.into_inner();
-            if json { say(&job_json(&job).to_string()) } else { print_job(&job) }
+            let job = client
+                .get_job(pb::GetJobRequest { job_id: id })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if json {
+                say(&job_json(&job).to_string())
+            } else {
+                print_job(&job)
+            }
             Ok(0)
         }
         Command::Jobs(Jobs::Watch { id, after }) => {
-            let stream = client.watch_job(pb::WatchJobRequest { job_id: id, after_seq: after }).await.map_err(explain)?.into_inner();
+            let stream = client
+                .watch_job(pb::WatchJobRequest {
+                    job_id: id,
+                    after_seq: after,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
             follow(&mut client, stream, json, false).await
         }
-        Command::Jobs(Jobs::Cancel { id, reason, no_wait }) => {
+        Command::Jobs(Jobs::Cancel {
+            id,
+            reason,
+            no_wait,
+        }) => {
             let job = client
-                .cancel_job(pb::CancelJobRequest { job_id: id, reason, wait: !no_wait })
+                .cancel_job(pb::CancelJobRequest {
+                    job_id: id,
+                    reason,
+                    wait: !no_wait,
+                })
                 .await
                 .map_err(explain)?
                 .into_inner();
@@ -207,16 +256,34 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             } else {
                 say(&format!("job {} {}", job.id, state_name(job.state)));
             }
-            let ok = matches!(pb::JobState::try_from(job.state), Ok(pb::JobState::Cancelled | pb::JobState::Cancelling));
+            let ok = matches!(
+                pb::JobState::try_from(job.state),
+                Ok(pb::JobState::Cancelled | pb::JobState::Cancelling)
+            );
             Ok(if ok { 0 } else { EXIT_JOB })
         }
         Command::Jobs(Jobs::Rollback { id, force, detach }) => {
-            let job = client.rollback_job(pb::RollbackJobRequest { job_id: id, force }).await.map_err(explain)?.into_inner();
+            let job = client
+                .rollback_job(pb::RollbackJobRequest { job_id: id, force })
+                .await
+                .map_err(explain)?
+                .into_inner();
             if detach {
-                say(&if json { job_json(&job).to_string() } else { job.id });
+                say(&if json {
+                    job_json(&job).to_string()
+                } else {
+                    job.id
+                });
                 return Ok(0);
             }
-            let stream = client.watch_job(pb::WatchJobRequest { job_id: job.id, after_seq: 0 }).await.map_err(explain)?.into_inner();
+            let stream = client
+                .watch_job(pb::WatchJobRequest {
+                    job_id: job.id,
+                    after_seq: 0,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
             follow(&mut client, stream, json, false).await
         }
     }
@@ -225,7 +292,12 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
 /// Shows a job's events until it ends. When `attached`, the first Ctrl-C cancels the job and
 /// keeps showing it unwind; a second one leaves at once (the server still cancels it, since
 /// the attached call ends).
-async fn follow(client: &mut Client, mut stream: tonic::Streaming<pb::JobEvent>, json: bool, attached: bool) -> Result<u8> {
+async fn follow(
+    client: &mut Client,
+    mut stream: tonic::Streaming<pb::JobEvent>,
+    json: bool,
+    attached: bool,
+) -> Result<u8> {
     let mut view = EventView::new(json);
     let mut interrupted = false;
     loop {
@@ -251,6 +323,10 @@ async fn follow(client: &mut Client, mut stream: tonic::Streaming<pb::JobEvent>,
     match view.ended.map(pb::JobState::try_from) {
         Some(Ok(pb::JobState::Succeeded)) => Ok(0),
         Some(_) => Ok(EXIT_JOB),
-        None => bail!("the stream ended before job {} did (after event {})", view.job_id, view.last_seq),
+        None => bail!(
+            "the stream ended before job {} did (after event {})",
+            view.job_id,
+            view.last_seq
+        ),
     }
 }

@@ -20,7 +20,8 @@ impl Interceptor for Bearer {
     }
 }
 
-pub(crate) type Client = JobsClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+pub(crate) type Client =
+    JobsClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
 /// Finds the token: the flag or STATELY_TOKEN, then --token-file, then the generated token.
 pub(crate) fn token(flag: Option<String>, file: Option<PathBuf>) -> Result<String> {
@@ -30,7 +31,12 @@ pub(crate) fn token(flag: Option<String>, file: Option<PathBuf>) -> Result<Strin
     let path = file.unwrap_or_else(|| stately::config::default_data_dir().join("operator.token"));
     std::fs::read_to_string(&path)
         .map(|s| s.trim().to_owned())
-        .with_context(|| format!("no token: pass --token or STATELY_TOKEN, or let me read {}", path.display()))
+        .with_context(|| {
+            format!(
+                "no token: pass --token or STATELY_TOKEN, or let me read {}",
+                path.display()
+            )
+        })
 }
 
 /// Connects to `server`: `host:port`, `http://host:port` or `unix:/path`.
@@ -40,19 +46,31 @@ pub(crate) async fn connect(server: &str, token: &str) -> Result<Client> {
         Endpoint::try_from("http://localhost")?
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
             }))
             .await
             .with_context(|| format!("cannot reach statelyd at {server}"))?
     } else {
-        let url = if server.contains("://") { server.to_owned() } else { format!("http://{server}") };
+        let url = if server.contains("://") {
+            server.to_owned()
+        } else {
+            format!("http://{server}")
+        };
         Endpoint::from_shared(url.clone())
             .map_err(|e| anyhow!("bad server address '{server}': {e}"))?
             .tcp_nodelay(true)
             .connect()
             .await
-            .with_context(|| format!("cannot reach statelyd at {url} (is it running? --server/STATELY_SERVER)"))?
+            .with_context(|| {
+                format!("cannot reach statelyd at {url} (is it running? --server/STATELY_SERVER)")
+            })?
     };
-    let header: MetadataValue<_> = format!("Bearer {token}").parse().map_err(|_| anyhow!("the token holds characters a header cannot carry"))?;
+    let header: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| anyhow!("the token holds characters a header cannot carry"))?;
     Ok(JobsClient::with_interceptor(channel, Bearer(header)))
 }

@@ -43,7 +43,8 @@ fn step_state_name(s: i32) -> &'static str {
 fn time(t: &Option<prost_types::Timestamp>) -> Value {
     match t {
         Some(t) => {
-            let at = std::time::UNIX_EPOCH + std::time::Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32);
+            let at = std::time::UNIX_EPOCH
+                + std::time::Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32);
             Value::String(humantime::format_rfc3339_millis(at).to_string())
         }
         None => Value::Null,
@@ -52,8 +53,12 @@ fn time(t: &Option<prost_types::Timestamp>) -> Value {
 
 fn spec_json(spec: &Option<pb::JobSpec>) -> Value {
     match spec.as_ref().and_then(|s| s.kind.as_ref()) {
-        Some(pb::job_spec::Kind::Runbook(r)) => json!({"runbook": {"runbook": r.runbook, "params": r.params}}),
-        Some(pb::job_spec::Kind::Rollback(r)) => json!({"rollback": {"target_job_id": r.target_job_id, "force": r.force}}),
+        Some(pb::job_spec::Kind::Runbook(r)) => {
+            json!({"runbook": {"runbook": r.runbook, "params": r.params}})
+        }
+        Some(pb::job_spec::Kind::Rollback(r)) => {
+            json!({"rollback": {"target_job_id": r.target_job_id, "force": r.force}})
+        }
         None => Value::Null,
     }
 }
@@ -75,11 +80,19 @@ pub(crate) fn job_json(j: &pb::Job) -> Value {
 pub(crate) fn event_json(e: &pb::JobEvent) -> Value {
     use pb::job_event::Event as E;
     let body = match &e.event {
-        Some(E::StateChanged(s)) => json!({"state_changed": {"from": state_name(s.from), "to": state_name(s.to), "reason": s.reason}}),
+        Some(E::StateChanged(s)) => {
+            json!({"state_changed": {"from": state_name(s.from), "to": state_name(s.to), "reason": s.reason}})
+        }
         Some(E::StepStarted(s)) => json!({"step_started": {"index": s.index, "name": s.name}}),
-        Some(E::StepFinished(s)) => json!({"step_finished": {"index": s.index, "name": s.name, "state": step_state_name(s.state), "error": s.error}}),
-        Some(E::Progress(p)) => json!({"progress": {"step_index": p.step_index, "done": p.done, "total": p.total, "message": p.message}}),
-        Some(E::Log(l)) => json!({"log": {"level": pb::LogLevel::try_from(l.level).map(|l| l.as_str_name()).unwrap_or("?"), "message": l.message, "step_index": l.step_index}}),
+        Some(E::StepFinished(s)) => {
+            json!({"step_finished": {"index": s.index, "name": s.name, "state": step_state_name(s.state), "error": s.error}})
+        }
+        Some(E::Progress(p)) => {
+            json!({"progress": {"step_index": p.step_index, "done": p.done, "total": p.total, "message": p.message}})
+        }
+        Some(E::Log(l)) => {
+            json!({"log": {"level": pb::LogLevel::try_from(l.level).map(|l| l.as_str_name()).unwrap_or("?"), "message": l.message, "step_index": l.step_index}})
+        }
         None => Value::Null,
     };
     let mut v = json!({"job_id": e.job_id, "seq": e.seq, "at": time(&e.at)});
@@ -107,7 +120,15 @@ fn what(j: &pb::Job) -> String {
 pub(crate) fn print_jobs_table(jobs: &[pb::Job]) {
     let rows: Vec<[String; 5]> = jobs
         .iter()
-        .map(|j| [j.id.clone(), j.kind.clone(), state_name(j.state).to_owned(), short_time(&j.created_at), what(j)])
+        .map(|j| {
+            [
+                j.id.clone(),
+                j.kind.clone(),
+                state_name(j.state).to_owned(),
+                short_time(&j.created_at),
+                what(j),
+            ]
+        })
         .collect();
     let header = ["ID", "KIND", "STATE", "CREATED", "WHAT"].map(String::from);
     let mut widths = header.clone().map(|h| h.len());
@@ -117,7 +138,11 @@ pub(crate) fn print_jobs_table(jobs: &[pb::Job]) {
         }
     }
     for r in std::iter::once(&header).chain(&rows) {
-        let line: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         say(line.join("  ").trim_end());
     }
 }
@@ -146,7 +171,11 @@ pub(crate) fn print_job(j: &pb::Job) {
         let labels: Vec<String> = j.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         say(&format!("labels     {}", labels.join(", ")));
     }
-    say(&format!("undo       {} entr{}", j.undo_entries, if j.undo_entries == 1 { "y" } else { "ies" }));
+    say(&format!(
+        "undo       {} entr{}",
+        j.undo_entries,
+        if j.undo_entries == 1 { "y" } else { "ies" }
+    ));
     if !j.rolled_back_by.is_empty() {
         say(&format!("rolled back by {}", j.rolled_back_by));
     }
@@ -155,8 +184,17 @@ pub(crate) fn print_job(j: &pb::Job) {
     }
     say("steps");
     for s in &j.steps {
-        let err = if s.error.is_empty() { String::new() } else { format!(": {}", s.error) };
-        say(&format!("  {}. {:<10} {}{err}", s.index + 1, step_state_name(s.state), s.name));
+        let err = if s.error.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", s.error)
+        };
+        say(&format!(
+            "  {}. {:<10} {}{err}",
+            s.index + 1,
+            step_state_name(s.state),
+            s.name
+        ));
     }
 }
 
@@ -174,7 +212,14 @@ pub(crate) struct EventView {
 impl EventView {
     pub(crate) fn new(json: bool) -> Self {
         let fancy = (!json && std::io::stderr().is_terminal()).then(MultiProgress::new);
-        EventView { json, fancy, bars: HashMap::new(), ended: None, job_id: String::new(), last_seq: 0 }
+        EventView {
+            json,
+            fancy,
+            bars: HashMap::new(),
+            ended: None,
+            job_id: String::new(),
+            last_seq: 0,
+        }
     }
 
     fn line(&self, s: String) {
@@ -191,7 +236,10 @@ impl EventView {
         self.job_id.clone_from(&e.job_id);
         self.last_seq = e.seq;
         if let Some(E::StateChanged(s)) = &e.event
-            && matches!(pb::JobState::try_from(s.to), Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled))
+            && matches!(
+                pb::JobState::try_from(s.to),
+                Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
+            )
         {
             self.ended = Some(s.to);
         }
@@ -201,13 +249,20 @@ impl EventView {
         }
         match &e.event {
             Some(E::StateChanged(s)) => {
-                let reason = if s.reason.is_empty() { String::new() } else { format!(" ({})", s.reason) };
+                let reason = if s.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", s.reason)
+                };
                 self.line(format!("job {} {}{reason}", e.job_id, state_name(s.to)));
             }
             Some(E::StepStarted(s)) => match &self.fancy {
                 Some(mp) => {
                     let bar = mp.add(ProgressBar::new_spinner());
-                    bar.set_style(ProgressStyle::with_template("{spinner} {prefix} {msg} {bytes:>}").expect("template"));
+                    bar.set_style(
+                        ProgressStyle::with_template("{spinner} {prefix} {msg} {bytes:>}")
+                            .expect("template"),
+                    );
                     bar.set_prefix(format!("step {}", s.index + 1));
                     bar.set_message(s.name.clone());
                     bar.enable_steady_tick(std::time::Duration::from_millis(100));
@@ -219,7 +274,13 @@ impl EventView {
                 if let Some(bar) = self.bars.get(&p.step_index) {
                     if p.total > 0 && bar.length() != Some(p.total) {
                         bar.set_length(p.total);
-                        bar.set_style(ProgressStyle::with_template("  {prefix} {msg} [{bar:30}] {bytes}/{total_bytes}").expect("template").progress_chars("=> "));
+                        bar.set_style(
+                            ProgressStyle::with_template(
+                                "  {prefix} {msg} [{bar:30}] {bytes}/{total_bytes}",
+                            )
+                            .expect("template")
+                            .progress_chars("=> "),
+                        );
                     }
                     bar.set_position(p.done);
                 }

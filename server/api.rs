@@ -4,7 +4,9 @@
 use crate::auth::require;
 use crate::config::Role;
 use crate::engine::{self, Engine, Submission};
-use crate::job::{Event, EventBody, JobId, JobRecord, JobSpec, JobState, LogLevel, StepRecord, StepState};
+use crate::job::{
+    Event, EventBody, JobId, JobRecord, JobSpec, JobState, LogLevel, StepRecord, StepState,
+};
 use crate::pb;
 use futures_util::{Stream, StreamExt};
 use std::pin::Pin;
@@ -52,14 +54,25 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
     let spec = match req.spec.and_then(|s| s.kind) {
         Some(pb::job_spec::Kind::Runbook(r)) => {
             if r.runbook.is_empty() {
-                return Err(Status::invalid_argument("spec.runbook.runbook (the runbook's name) is required"));
+                return Err(Status::invalid_argument(
+                    "spec.runbook.runbook (the runbook's name) is required",
+                ));
             }
-            JobSpec::Runbook { runbook: r.runbook, params: r.params.into_iter().collect() }
+            JobSpec::Runbook {
+                runbook: r.runbook,
+                params: r.params.into_iter().collect(),
+            }
         }
         Some(pb::job_spec::Kind::Rollback(_)) => {
-            return Err(Status::invalid_argument("rollback jobs are started with RollbackJob, not submitted"));
+            return Err(Status::invalid_argument(
+                "rollback jobs are started with RollbackJob, not submitted",
+            ));
         }
-        None => return Err(Status::invalid_argument("spec is required: set one kind of job (e.g. spec.runbook)")),
+        None => {
+            return Err(Status::invalid_argument(
+                "spec is required: set one kind of job (e.g. spec.runbook)",
+            ));
+        }
     };
     Ok(Submission {
         spec,
@@ -70,7 +83,10 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
 
 #[tonic::async_trait]
 impl pb::jobs_server::Jobs for JobsApi {
-    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
         require(&req, Role::Operator, "SubmitJob")?;
         let job = self.engine.submit(submission(req.into_inner())?).await?;
         Ok(Response::new(job_to_pb(&job)))
@@ -78,12 +94,24 @@ impl pb::jobs_server::Jobs for JobsApi {
 
     type RunJobStream = EventStream;
 
-    async fn run_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<EventStream>, Status> {
+    async fn run_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         require(&req, Role::Operator, "RunJob")?;
+        let deadline = deadline(&req);
         let job = self.engine.submit(submission(req.into_inner())?).await?;
         let rx = self.engine.watch(job.id, 0)?;
-        let stream = Attached { rx, engine: Some(self.engine.clone()), job: job.id, stopping: self.stopping.clone() };
-        Ok(Response::new(Box::pin(stream.take_until(self.stopping.clone().cancelled_owned()))))
+        let stream = Attached {
+            rx,
+            engine: Some(self.engine.clone()),
+            job: job.id,
+            stopping: self.stopping.clone(),
+            deadline,
+        };
+        Ok(Response::new(Box::pin(
+            stream.take_until(self.stopping.clone().cancelled_owned()),
+        )))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
@@ -92,7 +120,10 @@ impl pb::jobs_server::Jobs for JobsApi {
         Ok(Response::new(job_to_pb(&self.engine.get(id)?)))
     }
 
-    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
         require(&req, Role::Viewer, "ListJobs")?;
         let r = req.into_inner();
         let states = r
@@ -100,11 +131,19 @@ impl pb::jobs_server::Jobs for JobsApi {
             .iter()
             .map(|s| match pb::JobState::try_from(*s) {
                 Ok(s) if s != pb::JobState::Unspecified => Ok(state_from_pb(s)),
-                _ => Err(Status::invalid_argument(format!("states: {s} is not a job state"))),
+                _ => Err(Status::invalid_argument(format!(
+                    "states: {s} is not a job state"
+                ))),
             })
             .collect::<Result<Vec<_>, _>>()?;
         let kind = Some(r.kind).filter(|k| !k.is_empty());
-        let (jobs, next) = self.engine.list(states, kind, r.labels.into_iter().collect(), r.page_size, &r.page_token)?;
+        let (jobs, next) = self.engine.list(
+            states,
+            kind,
+            r.labels.into_iter().collect(),
+            r.page_size,
+            &r.page_token,
+        )?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: jobs.iter().map(job_to_pb).collect(),
             next_page_token: next.unwrap_or_default(),
@@ -113,15 +152,29 @@ impl pb::jobs_server::Jobs for JobsApi {
 
     type WatchJobStream = EventStream;
 
-    async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<EventStream>, Status> {
+    async fn watch_job(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         require(&req, Role::Viewer, "WatchJob")?;
         let id = parse_id(&req.get_ref().job_id)?;
         let rx = self.engine.watch(id, req.get_ref().after_seq)?;
-        let stream = Attached { rx, engine: None, job: id, stopping: self.stopping.clone() };
-        Ok(Response::new(Box::pin(stream.take_until(self.stopping.clone().cancelled_owned()))))
+        let stream = Attached {
+            rx,
+            engine: None,
+            job: id,
+            stopping: self.stopping.clone(),
+            deadline: deadline(&req),
+        };
+        Ok(Response::new(Box::pin(
+            stream.take_until(self.stopping.clone().cancelled_owned()),
+        )))
     }
 
-    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
         require(&req, Role::Operator, "CancelJob")?;
         let r = req.into_inner();
         let id = parse_id(&r.job_id)?;
@@ -129,7 +182,10 @@ impl pb::jobs_server::Jobs for JobsApi {
         Ok(Response::new(job_to_pb(&job)))
     }
 
-    async fn rollback_job(&self, req: Request<pb::RollbackJobRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn rollback_job(
+        &self,
+        req: Request<pb::RollbackJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
         require(&req, Role::Operator, "RollbackJob")?;
         let r = req.into_inner();
         let id = parse_id(&r.job_id)?;
@@ -145,12 +201,44 @@ struct Attached {
     engine: Option<Engine>,
     job: JobId,
     stopping: CancellationToken,
+    /// The caller's deadline (`grpc-timeout`): the stream ends there, DEADLINE_EXCEEDED.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// Reads a `grpc-timeout` header ("100m", "5S", ...), as the gRPC spec writes it.
+fn grpc_timeout<T>(req: &Request<T>) -> Option<std::time::Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    use std::time::Duration as D;
+    Some(match unit {
+        "H" => D::from_secs(n * 3600),
+        "M" => D::from_secs(n * 60),
+        "S" => D::from_secs(n),
+        "m" => D::from_millis(n),
+        "u" => D::from_micros(n),
+        "n" => D::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn deadline<T>(req: &Request<T>) -> Option<Pin<Box<tokio::time::Sleep>>> {
+    grpc_timeout(req).map(|d| Box::pin(tokio::time::sleep(d)))
 }
 
 impl Stream for Attached {
     type Item = Result<pb::JobEvent, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(d) = self.deadline.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            self.deadline = None;
+            // Tonic ends the call on this error; the drop that follows cancels an attached job.
+            return Poll::Ready(Some(Err(Status::deadline_exceeded(
+                "the call's deadline passed",
+            ))));
+        }
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(Ok(e))) => {
                 if e.body.is_terminal() {
@@ -182,7 +270,10 @@ impl Drop for Attached {
 }
 
 fn ts(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
 }
 
 pub(crate) fn state_to_pb(s: JobState) -> pb::JobState {
@@ -223,9 +314,10 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             runbook: runbook.clone(),
             params: params.clone().into_iter().collect(),
         }),
-        JobSpec::Rollback { target, force } => {
-            pb::job_spec::Kind::Rollback(pb::RollbackSpec { target_job_id: target.to_string(), force: *force })
-        }
+        JobSpec::Rollback { target, force } => pb::job_spec::Kind::Rollback(pb::RollbackSpec {
+            target_job_id: target.to_string(),
+            force: *force,
+        }),
     };
     pb::JobSpec { kind: Some(kind) }
 }
@@ -247,7 +339,12 @@ pub(crate) fn job_to_pb(j: &JobRecord) -> pb::Job {
         kind: j.spec.kind().to_owned(),
         spec: Some(spec_to_pb(&j.spec)),
         state: state_to_pb(j.state) as i32,
-        steps: j.steps.iter().enumerate().map(|(i, s)| step_to_pb(i, s)).collect(),
+        steps: j
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| step_to_pb(i, s))
+            .collect(),
         request_id: j.request_id.clone().unwrap_or_default(),
         labels: j.labels.clone().into_iter().collect(),
         resources: j.resources.clone(),
@@ -272,17 +369,37 @@ pub(crate) fn event_to_pb(e: &Event) -> pb::JobEvent {
             to: state_to_pb(*to) as i32,
             reason: reason.clone(),
         }),
-        EventBody::StepStarted { index, name } => E::StepStarted(pb::StepStarted { index: *index, name: name.clone() }),
-        EventBody::StepFinished { index, name, state, error } => E::StepFinished(pb::StepFinished {
+        EventBody::StepStarted { index, name } => E::StepStarted(pb::StepStarted {
+            index: *index,
+            name: name.clone(),
+        }),
+        EventBody::StepFinished {
+            index,
+            name,
+            state,
+            error,
+        } => E::StepFinished(pb::StepFinished {
             index: *index,
             name: name.clone(),
             state: step_state_to_pb(*state) as i32,
             error: error.clone().unwrap_or_default(),
         }),
-        EventBody::Progress { step, done, total, message } => {
-            E::Progress(pb::Progress { step_index: *step, done: *done, total: *total, message: message.clone() })
-        }
-        EventBody::Log { level, message, step } => E::Log(pb::LogLine {
+        EventBody::Progress {
+            step,
+            done,
+            total,
+            message,
+        } => E::Progress(pb::Progress {
+            step_index: *step,
+            done: *done,
+            total: *total,
+            message: message.clone(),
+        }),
+        EventBody::Log {
+            level,
+            message,
+            step,
+        } => E::Log(pb::LogLine {
             level: match level {
                 LogLevel::Info => pb::LogLevel::Info,
                 LogLevel::Warn => pb::LogLevel::Warn,
@@ -292,5 +409,10 @@ pub(crate) fn event_to_pb(e: &Event) -> pb::JobEvent {
             step_index: *step,
         }),
     };
-    pb::JobEvent { job_id: e.job.to_string(), seq: e.seq, at: Some(ts(e.at)), event: Some(event) }
+    pb::JobEvent {
+        job_id: e.job.to_string(),
+        seq: e.seq,
+        at: Some(ts(e.at)),
+        event: Some(event),
+    }
 }

@@ -41,23 +41,41 @@ impl Auth {
             if secret.len() < 16 {
                 return Err(format!("token '{}' is shorter than 16 characters", t.name));
             }
-            tokens.insert(digest(&secret), Caller { name: t.name.clone(), role: t.role });
+            tokens.insert(
+                digest(&secret),
+                Caller {
+                    name: t.name.clone(),
+                    role: t.role,
+                },
+            );
         }
         if tokens.is_empty() {
             let secret = generated_token(&config.data_dir.join("operator.token"))?;
-            tokens.insert(digest(&secret), Caller { name: "operator.token".into(), role: Role::Operator });
+            tokens.insert(
+                digest(&secret),
+                Caller {
+                    name: "operator.token".into(),
+                    role: Role::Operator,
+                },
+            );
         }
-        Ok(Auth { tokens: Arc::new(tokens) })
+        Ok(Auth {
+            tokens: Arc::new(tokens),
+        })
     }
 
     fn authenticate(&self, header: Option<&str>) -> Result<Caller, Status> {
         let header = header.ok_or_else(|| {
-            Status::unauthenticated("no credentials: send the header `authorization: Bearer <token>`")
+            Status::unauthenticated(
+                "no credentials: send the header `authorization: Bearer <token>`",
+            )
         })?;
         let secret = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| Status::unauthenticated("the authorization header must be `Bearer <token>`"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated("the authorization header must be `Bearer <token>`")
+            })?;
         self.tokens
             .get(&digest(secret.trim()))
             .cloned()
@@ -67,7 +85,10 @@ impl Auth {
 
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
         let caller = self.authenticate(header)?;
         req.extensions_mut().insert(caller);
         Ok(req)
@@ -114,8 +135,13 @@ fn generated_token(path: &Path) -> Result<String, String> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    writeln!(f, "{secret}").and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    writeln!(f, "{secret}")
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
-    tracing::info!("no tokens configured: wrote an operator token to {}", path.display());
+    tracing::info!(
+        "no tokens configured: wrote an operator token to {}",
+        path.display()
+    );
     Ok(secret)
 }

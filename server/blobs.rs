@@ -44,17 +44,27 @@ impl BlobStore {
     /// Reads a blob back, checking it is what its name says.
     pub(crate) fn get(&self, hash: &str) -> io::Result<Vec<u8>> {
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad blob name {hash}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad blob name {hash}"),
+            ));
         }
         let bytes = std::fs::read(self.path(hash))?;
         if sha256_hex(&bytes) != hash {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("blob {hash} is corrupt")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("blob {hash} is corrupt"),
+            ));
         }
         Ok(bytes)
     }
 
     /// Deletes blobs no undo entry references, sparing those touched in the last `grace`.
-    pub(crate) fn collect(&self, referenced: &std::collections::HashSet<String>, grace: Duration) -> io::Result<usize> {
+    pub(crate) fn collect(
+        &self,
+        referenced: &std::collections::HashSet<String>,
+        grace: Duration,
+    ) -> io::Result<usize> {
         let mut removed = 0;
         let cutoff = SystemTime::now() - grace;
         for shard in std::fs::read_dir(&self.dir)? {
@@ -68,7 +78,11 @@ impl BlobStore {
                 if referenced.contains(&name) {
                     continue;
                 }
-                let young = blob.metadata()?.modified().map(|m| m > cutoff).unwrap_or(true);
+                let young = blob
+                    .metadata()?
+                    .modified()
+                    .map(|m| m > cutoff)
+                    .unwrap_or(true);
                 if !young && remove(&blob.path()).is_ok() {
                     removed += 1;
                 }

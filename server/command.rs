@@ -24,9 +24,16 @@ pub(crate) struct Invocation {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Error {
     #[error("could not start {program}: {source}")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
     #[error("{program} exited with {status}{}", tail_note(.tail))]
-    Exit { program: String, status: String, tail: Vec<String> },
+    Exit {
+        program: String,
+        status: String,
+        tail: Vec<String>,
+    },
     #[error("{program} timed out after {after:?} and was killed")]
     Timeout { program: String, after: Duration },
     #[error("cancelled; {program} was killed")]
@@ -34,7 +41,11 @@ pub(crate) enum Error {
 }
 
 fn tail_note(tail: &[String]) -> String {
-    if tail.is_empty() { String::new() } else { format!(": {}", tail.join(" | ")) }
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", tail.join(" | "))
+    }
 }
 
 /// Which stream a line came from.
@@ -59,7 +70,10 @@ impl Invocation {
         let mut cmd = Command::new(&program);
         cmd.args(&self.argv[1..])
             .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()))
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+            )
             .env("LANG", "C.UTF-8")
             .envs(&self.env)
             .stdin(Stdio::null())
@@ -70,7 +84,10 @@ impl Invocation {
         if let Some(cwd) = &self.cwd {
             cmd.current_dir(cwd);
         }
-        let mut child = cmd.spawn().map_err(|source| Error::Spawn { program: program.clone(), source })?;
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            program: program.clone(),
+            source,
+        })?;
         let pgid = child.id().map(|id| Pid::from_raw(id as i32));
         // Kills the group if this future is dropped before the program ends.
         let mut group = GroupGuard(pgid);
@@ -93,7 +110,10 @@ impl Invocation {
             if seen <= MAX_LINES {
                 on_line(stream, l);
             } else if seen == MAX_LINES + 1 {
-                on_line(Stream::Stderr, format!("(output beyond {MAX_LINES} lines not shown)"));
+                on_line(
+                    Stream::Stderr,
+                    format!("(output beyond {MAX_LINES} lines not shown)"),
+                );
             }
         };
         let status = loop {
@@ -140,7 +160,11 @@ impl Invocation {
         let _ = tokio::time::timeout(Duration::from_millis(200), drain).await;
         match status {
             Ok(s) if s.success() => Ok(()),
-            Ok(s) => Err(Error::Exit { program, status: s.to_string(), tail }),
+            Ok(s) => Err(Error::Exit {
+                program,
+                status: s.to_string(),
+                tail,
+            }),
             Err(e) => Err(Error::Spawn { program, source: e }),
         }
     }

@@ -111,7 +111,11 @@ pub struct History {
 
 impl Default for History {
     fn default() -> Self {
-        Self { keep_per_resource: 50, keep_total: 10_000, prune_interval: Duration::from_secs(60) }
+        Self {
+            keep_per_resource: 50,
+            keep_total: 10_000,
+            prune_interval: Duration::from_secs(60),
+        }
     }
 }
 
@@ -293,7 +297,13 @@ impl Action {
     pub(crate) fn templates(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
         match self {
-            Action::Command { argv, undo, cwd, env, .. } => {
+            Action::Command {
+                argv,
+                undo,
+                cwd,
+                env,
+                ..
+            } => {
                 out.extend(argv.iter().map(String::as_str));
                 out.extend(undo.iter().flatten().map(String::as_str));
                 out.extend(cwd.as_deref());
@@ -305,7 +315,13 @@ impl Action {
                 out.extend(env.values().map(String::as_str));
             }
             Action::BackupFile { path } | Action::Chmod { path, .. } => out.push(path),
-            Action::WriteFile { path, content, owner, group, .. } => {
+            Action::WriteFile {
+                path,
+                content,
+                owner,
+                group,
+                ..
+            } => {
                 out.extend([path.as_str(), content.as_str()]);
                 out.extend(owner.as_deref());
                 out.extend(group.as_deref());
@@ -422,19 +438,27 @@ prune_interval = "60s"
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, Error> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| Error::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates config text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
-        let parse_error = |p: &Path, e: toml::de::Error| Error::Parse { path: p.to_owned(), message: e.to_string().trim_end().to_owned() };
+        let parse_error = |p: &Path, e: toml::de::Error| Error::Parse {
+            path: p.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        };
         let mut config: Config = toml::from_str(text).map_err(|e| parse_error(path, e))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for inc in config.include.clone() {
             let file = base.join(&inc);
-            let text = std::fs::read_to_string(&file).map_err(|source| Error::Read { path: file.clone(), source })?;
+            let text = std::fs::read_to_string(&file).map_err(|source| Error::Read {
+                path: file.clone(),
+                source,
+            })?;
             let more: RunbookFile = toml::from_str(&text).map_err(|e| parse_error(&file, e))?;
             config.runbooks.extend(more.runbooks);
         }
@@ -444,7 +468,10 @@ impl Config {
 
     /// Checks what the schema alone cannot: names, templates, roots, modes, timeouts.
     pub fn validate(&self, origin: &str) -> Result<(), Error> {
-        let invalid = |message: String| Error::Invalid { origin: origin.to_owned(), message };
+        let invalid = |message: String| Error::Invalid {
+            origin: origin.to_owned(),
+            message,
+        };
         let mut names = std::collections::HashSet::new();
         for token in &self.tokens {
             match (&token.value, &token.file) {
@@ -460,7 +487,9 @@ impl Config {
         for rb in &self.runbooks {
             let at = format!("runbook '{}'", rb.name);
             if !is_safe_name(&rb.name) {
-                return Err(invalid(format!("{at}: a name is letters, digits, '-', '_' and '.'")));
+                return Err(invalid(format!(
+                    "{at}: a name is letters, digits, '-', '_' and '.'"
+                )));
             }
             if !names.insert(rb.name.as_str()) {
                 return Err(invalid(format!("{at} is defined twice")));
@@ -478,11 +507,14 @@ impl Config {
             }
             for (name, spec) in &rb.params {
                 if !is_safe_name(name) {
-                    return Err(invalid(format!("{at}: parameter name '{name}' is not a plain name")));
+                    return Err(invalid(format!(
+                        "{at}: parameter name '{name}' is not a plain name"
+                    )));
                 }
                 if let Some(p) = &spec.pattern {
-                    regex::Regex::new(&format!("^(?:{p})$"))
-                        .map_err(|e| invalid(format!("{at}: parameter '{name}': bad pattern: {e}")))?;
+                    regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| {
+                        invalid(format!("{at}: parameter '{name}': bad pattern: {e}"))
+                    })?;
                 }
             }
             let check_template = |s: &str, what: &str| -> Result<(), Error> {
@@ -503,7 +535,8 @@ impl Config {
                 for t in step.action.templates() {
                     check_template(t, &what)?;
                 }
-                let needs_roots = !matches!(step.action, Action::Command { .. } | Action::Check { .. });
+                let needs_roots =
+                    !matches!(step.action, Action::Command { .. } | Action::Check { .. });
                 if needs_roots && rb.roots.is_empty() {
                     return Err(invalid(format!("{at}, {what}: file steps need `roots`")));
                 }
@@ -513,8 +546,9 @@ impl Config {
                             return Err(invalid(format!("{at}, {what}: argv is empty")));
                         }
                         if let Some(t) = timeout {
-                            humantime::parse_duration(t)
-                                .map_err(|e| invalid(format!("{at}, {what}: timeout '{t}': {e}")))?;
+                            humantime::parse_duration(t).map_err(|e| {
+                                invalid(format!("{at}, {what}: timeout '{t}': {e}"))
+                            })?;
                         }
                     }
                     Action::WriteFile { mode: Some(m), .. }
@@ -524,7 +558,10 @@ impl Config {
                     }
                     _ => {}
                 }
-                if let Action::Download { timeout: Some(t), .. } = &step.action {
+                if let Action::Download {
+                    timeout: Some(t), ..
+                } = &step.action
+                {
                     humantime::parse_duration(t)
                         .map_err(|e| invalid(format!("{at}, {what}: timeout '{t}': {e}")))?;
                 }
@@ -545,12 +582,14 @@ pub(crate) fn is_safe_name(s: &str) -> bool {
         && s != "."
         && s != ".."
         && s.len() <= 128
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// Whether a path has no `.`/`..` components (so a prefix check on it means something).
 pub(crate) fn is_normal(p: &Path) -> bool {
-    p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+    p.components()
+        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
 }
 
 /// Parses an octal file mode such as "0644".
@@ -573,7 +612,10 @@ pub(crate) fn template_names(s: &str) -> Result<Vec<String>, String> {
 }
 
 /// Expands `{name}` with `lookup`; `{{`/`}}` are literal braces.
-pub(crate) fn render(s: &str, mut lookup: impl FnMut(&str) -> Option<String>) -> Result<String, String> {
+pub(crate) fn render(
+    s: &str,
+    mut lookup: impl FnMut(&str) -> Option<String>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
@@ -640,7 +682,10 @@ mod tests {
         let text = "include = [\"examples/litespeed-trial-key.toml\", \"examples/openlitespeed-restart.toml\"]\n";
         let c = Config::parse(text, &dir.join("stately.toml")).unwrap();
         let names: Vec<&str> = c.runbooks.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["litespeed-trial-key", "openlitespeed-graceful-restart"]);
+        assert_eq!(
+            names,
+            ["litespeed-trial-key", "openlitespeed-graceful-restart"]
+        );
     }
 
     #[test]
@@ -658,7 +703,11 @@ mod tests {
 
     #[test]
     fn a_type_error_names_the_line() {
-        let err = Config::parse("listen = \"127.0.0.1:1\"\n\nsync = 3\n", Path::new("x.toml")).unwrap_err();
+        let err = Config::parse(
+            "listen = \"127.0.0.1:1\"\n\nsync = 3\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("x.toml") && msg.contains("line 3"), "{msg}");
     }
@@ -666,7 +715,9 @@ mod tests {
     #[test]
     fn an_unknown_step_key_is_refused() {
         let text = "[[runbook]]\nname = \"x\"\n[[runbook.step]]\ntype = \"check\"\nargv = [\"true\"]\nargvv = 1\n";
-        let err = Config::parse(text, Path::new("x.toml")).unwrap_err().to_string();
+        let err = Config::parse(text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("argvv"), "{err}");
     }
 

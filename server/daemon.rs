@@ -41,17 +41,29 @@ pub enum Error {
 /// Serves until `shutdown` resolves, then stops accepting, ends open streams, gives running
 /// jobs the configured grace period and flushes the store. `on_listen` learns the bound TCP
 /// address (the port may have been 0).
-pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr), shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+pub async fn run(
+    config: Config,
+    on_listen: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::Bind { addr: config.data_dir.display().to_string(), source: e })?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::Bind {
+        addr: config.data_dir.display().to_string(),
+        source: e,
+    })?;
     let auth = Auth::load(&config).map_err(Error::Auth)?;
     let config = Arc::new(config);
     let engine = Engine::start(config.clone()).await?;
 
     let stopping = CancellationToken::new();
-    let jobs = JobsApi { engine: engine.clone(), stopping: stopping.clone() };
+    let jobs = JobsApi {
+        engine: engine.clone(),
+        stopping: stopping.clone(),
+    };
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<pb::jobs_server::JobsServer<JobsApi>>().await;
+    health_reporter
+        .set_serving::<pb::jobs_server::JobsServer<JobsApi>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -67,26 +79,43 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr), shutdown: i
         Server::builder()
             .add_service(health.clone())
             .add_service(InterceptedService::new(reflection_v1.clone(), auth.clone()))
-            .add_service(InterceptedService::new(reflection_v1alpha.clone(), auth.clone()))
-            .add_service(pb::jobs_server::JobsServer::with_interceptor(jobs.clone(), auth.clone()))
+            .add_service(InterceptedService::new(
+                reflection_v1alpha.clone(),
+                auth.clone(),
+            ))
+            .add_service(pb::jobs_server::JobsServer::with_interceptor(
+                jobs.clone(),
+                auth.clone(),
+            ))
     };
 
     let tcp = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| Error::Bind { addr: config.listen.to_string(), source })?;
-    let addr = tcp.local_addr().map_err(|source| Error::Bind { addr: config.listen.to_string(), source })?;
+        .map_err(|source| Error::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let addr = tcp.local_addr().map_err(|source| Error::Bind {
+        addr: config.listen.to_string(),
+        source,
+    })?;
     let mut servers = tokio::task::JoinSet::new();
     let stop = stopping.clone();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(tcp);
-    let tcp_server = router().serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await });
+    let tcp_server =
+        router().serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await });
     servers.spawn(tcp_server);
     if let Some(path) = &config.listen_unix {
         let _ = std::fs::remove_file(path);
-        let uds = tokio::net::UnixListener::bind(path)
-            .map_err(|source| Error::Bind { addr: path.display().to_string(), source })?;
+        let uds = tokio::net::UnixListener::bind(path).map_err(|source| Error::Bind {
+            addr: path.display().to_string(),
+            source,
+        })?;
         let stop = stopping.clone();
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(uds);
-        servers.spawn(router().serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }));
+        servers.spawn(
+            router().serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
+        );
         tracing::info!("listening on unix:{}", path.display());
     }
     tracing::info!("listening on {addr}");
@@ -104,7 +133,9 @@ pub async fn run(config: Config, on_listen: impl FnOnce(SocketAddr), shutdown: i
         }
     }
     stopping.cancel();
-    health_reporter.set_not_serving::<pb::jobs_server::JobsServer<JobsApi>>().await;
+    health_reporter
+        .set_not_serving::<pb::jobs_server::JobsServer<JobsApi>>()
+        .await;
     let grace = config.shutdown_grace;
     let drain = async { while servers.join_next().await.is_some() {} };
     let (_, ()) = tokio::join!(tokio::time::timeout(grace, drain), engine.shutdown(grace));

@@ -34,7 +34,10 @@ impl FileState {
             Err(e) => Err(e),
             Ok(meta) => {
                 if !meta.is_file() {
-                    return Err(io::Error::other(format!("{} is not a regular file", path.display())));
+                    return Err(io::Error::other(format!(
+                        "{} is not a regular file",
+                        path.display()
+                    )));
                 }
                 let bytes = std::fs::read(path)?;
                 Ok(FileState::Present {
@@ -54,10 +57,24 @@ impl FileState {
             (FileState::Absent, FileState::Present { .. }) => Some("it was created since".into()),
             (FileState::Present { .. }, FileState::Absent) => Some("it was removed since".into()),
             (
-                FileState::Present { sha256: h1, mode: m1, uid: u1, gid: g1 },
-                FileState::Present { sha256: h2, mode: m2, uid: u2, gid: g2 },
+                FileState::Present {
+                    sha256: h1,
+                    mode: m1,
+                    uid: u1,
+                    gid: g1,
+                },
+                FileState::Present {
+                    sha256: h2,
+                    mode: m2,
+                    uid: u2,
+                    gid: g2,
+                },
             ) => Some(if h1 != h2 {
-                format!("its content changed since (sha256 {}… is now {}…)", &h1[..12], &h2[..12])
+                format!(
+                    "its content changed since (sha256 {}… is now {}…)",
+                    &h1[..12],
+                    &h2[..12]
+                )
             } else if m1 != m2 {
                 format!("its mode changed since ({m1:04o} is now {m2:04o})")
             } else {
@@ -70,15 +87,26 @@ impl FileState {
 
 /// Writes `bytes` to `path` atomically: a temp file beside it, fsynced, given its mode and
 /// owner, renamed over the old file, then the directory fsynced.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32, owner: Option<(u32, u32)>) -> io::Result<()> {
-    let dir = path.parent().ok_or_else(|| io::Error::other("path has no parent directory"))?;
+pub(crate) fn write_atomic(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("path has no parent directory"))?;
     std::fs::create_dir_all(dir)?;
     let tmp = temp_beside(path);
     let result = (|| {
-        let mut f = std::fs::File::options().write(true).create_new(true).open(&tmp)?;
+        let mut f = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         if let Some((uid, gid)) = owner {
-            nix::unistd::fchown(&f, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(io::Error::from)?;
+            nix::unistd::fchown(&f, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+                .map_err(io::Error::from)?;
         }
         f.write_all(bytes)?;
         f.sync_all()?;
@@ -102,8 +130,14 @@ pub(crate) fn rename_into_place(tmp: &Path, path: &Path) -> io::Result<()> {
 
 /// A temp file name in the same directory (so a rename is atomic), unique to this call.
 pub(crate) fn temp_beside(path: &Path) -> std::path::PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.stately-{:016x}.tmp", rand::random::<u64>()))
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(
+        ".{name}.stately-{:016x}.tmp",
+        rand::random::<u64>()
+    ))
 }
 
 /// Removes a file; absent is fine (undo entries are idempotent).
@@ -121,7 +155,8 @@ pub(crate) fn remove_if_present(path: &Path) -> io::Result<()> {
 
 /// Sets mode and ownership of an existing file.
 pub(crate) fn set_ownership(path: &Path, mode: u32, uid: u32, gid: u32) -> io::Result<()> {
-    nix::unistd::chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(io::Error::from)?;
+    nix::unistd::chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+        .map_err(io::Error::from)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 

@@ -32,9 +32,9 @@ impl fmt::Debug for JobId {
 impl FromStr for JobId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        uuid::Uuid::try_parse(s)
-            .map(JobId)
-            .map_err(|_| format!("'{s}' is not a job id (ids look like 0190f6c2-7b1e-7c3a-9f00-2b8e4d1a5c77)"))
+        uuid::Uuid::try_parse(s).map(JobId).map_err(|_| {
+            format!("'{s}' is not a job id (ids look like 0190f6c2-7b1e-7c3a-9f00-2b8e4d1a5c77)")
+        })
     }
 }
 
@@ -59,7 +59,10 @@ pub enum JobState {
 impl JobState {
     /// Whether the job has ended.
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 
     /// The name stored and shown.

@@ -18,9 +18,15 @@ mod store;
 mod undo;
 
 /// Generated protobuf and gRPC code for `stately.v1`.
-#[allow(missing_docs, clippy::all, unreachable_pub, missing_debug_implementations)]
+#[allow(
+    missing_docs,
+    clippy::all,
+    unreachable_pub,
+    missing_debug_implementations
+)]
 pub mod pb {
     tonic::include_proto!("stately.v1");
     /// The encoded descriptor set served by reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stately_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("stately_descriptor");
 }

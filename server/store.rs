@@ -43,15 +43,26 @@ pub(crate) enum Write {
     /// An event, appended to its job's log.
     Event(Event),
     /// An undo entry, at its index in the job's journal.
-    Undo { job: JobId, idx: u32, entry: UndoEntry },
+    Undo {
+        job: JobId,
+        idx: u32,
+        entry: UndoEntry,
+    },
     /// An entry has been applied.
     UndoApplied { job: JobId, idx: u32 },
     /// The state the job left an entry's file in.
-    Seal { job: JobId, idx: u32, left: FileState },
+    Seal {
+        job: JobId,
+        idx: u32,
+        left: FileState,
+    },
     /// Who rolled a job back (None when that rollback was itself undone).
     RolledBackBy { job: JobId, by: Option<JobId> },
     /// Drops finished jobs beyond the history limits.
-    Prune { keep_per_resource: u32, keep_total: u32 },
+    Prune {
+        keep_per_resource: u32,
+        keep_total: u32,
+    },
 }
 
 struct Batch {
@@ -75,7 +86,9 @@ struct Inner {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.inner.path).finish()
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish()
     }
 }
 
@@ -137,7 +150,11 @@ impl Store {
     pub(crate) fn open(path: &Path, sync_full: bool) -> Result<Store, Error> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", if sync_full { "FULL" } else { "NORMAL" })?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            if sync_full { "FULL" } else { "NORMAL" },
+        )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         conn.set_prepared_statement_cache_capacity(64);
@@ -158,19 +175,34 @@ impl Store {
 
     fn send(&self, batch: Batch) -> Result<(), Error> {
         let tx = self.inner.tx.lock().expect("store lock");
-        tx.as_ref().ok_or(Error::Closed)?.send(batch).map_err(|_| Error::Closed)
+        tx.as_ref()
+            .ok_or(Error::Closed)?
+            .send(batch)
+            .map_err(|_| Error::Closed)
     }
 
     /// Queues writes, in order, without waiting for them to be durable. Events among them go
     /// to `publish` once committed.
     pub(crate) fn write(&self, writes: Vec<Write>, publish: Option<&broadcast::Sender<Event>>) {
-        let _ = self.send(Batch { writes, publish: publish.cloned(), ack: None });
+        let _ = self.send(Batch {
+            writes,
+            publish: publish.cloned(),
+            ack: None,
+        });
     }
 
     /// Writes and waits until they are durable (and their events published).
-    pub(crate) async fn commit(&self, writes: Vec<Write>, publish: Option<&broadcast::Sender<Event>>) -> Result<(), Error> {
+    pub(crate) async fn commit(
+        &self,
+        writes: Vec<Write>,
+        publish: Option<&broadcast::Sender<Event>>,
+    ) -> Result<(), Error> {
         let (ack, done) = oneshot::channel();
-        self.send(Batch { writes, publish: publish.cloned(), ack: Some(ack) })?;
+        self.send(Batch {
+            writes,
+            publish: publish.cloned(),
+            ack: Some(ack),
+        })?;
         done.await.map_err(|_| Error::Closed)?.map_err(Error::Write)
     }
 
@@ -213,17 +245,23 @@ impl Store {
     /// The job created with this idempotency key.
     pub(crate) fn job_by_request_id(&self, request_id: &str) -> Result<Option<JobRecord>, Error> {
         self.read(|c| {
-            c.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ?1"))?
-                .query_row([request_id], row_to_job)
-                .optional()?
-                .map(|r| r.map(|(job, _)| job))
-                .transpose()
+            c.prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ?1"
+            ))?
+            .query_row([request_id], row_to_job)
+            .optional()?
+            .map(|r| r.map(|(job, _)| job))
+            .transpose()
         })
     }
 
     /// Jobs in these states, oldest first (for recovery at start-up).
     pub(crate) fn jobs_in(&self, states: &[JobState]) -> Result<Vec<JobRecord>, Error> {
-        let filter = JobFilter { states: states.to_vec(), limit: u32::MAX, ..Default::default() };
+        let filter = JobFilter {
+            states: states.to_vec(),
+            limit: u32::MAX,
+            ..Default::default()
+        };
         let mut jobs: Vec<JobRecord> = self.list(&filter)?.into_iter().map(|(j, _)| j).collect();
         jobs.reverse();
         Ok(jobs)
@@ -259,7 +297,9 @@ impl Store {
             args.push(Value::Text(kind.clone()));
         }
         for (k, v) in &f.labels {
-            sql.push_str(" AND EXISTS (SELECT 1 FROM json_each(jobs.labels) WHERE key = ? AND value = ?)");
+            sql.push_str(
+                " AND EXISTS (SELECT 1 FROM json_each(jobs.labels) WHERE key = ? AND value = ?)",
+            );
             args.push(Value::Text(k.clone()));
             args.push(Value::Text(v.clone()));
         }
@@ -272,15 +312,20 @@ impl Store {
         self.read(|c| {
             let mut stmt = c.prepare_cached(&sql)?;
             let rows = stmt.query_map(rusqlite::params_from_iter(args), row_to_job)?;
-            rows.map(|r| r.map_err(Error::from).and_then(|x| x)).collect()
+            rows.map(|r| r.map_err(Error::from).and_then(|x| x))
+                .collect()
         })
     }
 
     /// A job's events with seq > `after`, in order.
     pub(crate) fn events_after(&self, job: JobId, after: u64) -> Result<Vec<Event>, Error> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached("SELECT body FROM events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq")?;
-            let rows = stmt.query_map(params![job.to_string(), after as i64], |r| r.get::<_, String>(0))?;
+            let mut stmt = c.prepare_cached(
+                "SELECT body FROM events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq",
+            )?;
+            let rows = stmt.query_map(params![job.to_string(), after as i64], |r| {
+                r.get::<_, String>(0)
+            })?;
             rows.map(|r| {
                 let body = r?;
                 serde_json::from_str(&body).map_err(|e| Error::Corrupt(e.to_string()))
@@ -296,7 +341,12 @@ impl Store {
                 "SELECT idx, entry, applied, left_state FROM undo WHERE job_id = ?1 ORDER BY idx",
             )?;
             let rows = stmt.query_map([job.to_string()], |r| {
-                Ok((r.get::<_, u32>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?, r.get::<_, Option<String>>(3)?))
+                Ok((
+                    r.get::<_, u32>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, bool>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
             })?;
             rows.map(|r| {
                 let (idx, entry, applied, left) = r?;
@@ -305,7 +355,10 @@ impl Store {
                     idx,
                     entry: serde_json::from_str(&entry).map_err(corrupt)?,
                     applied,
-                    left: left.map(|l| serde_json::from_str(&l)).transpose().map_err(corrupt)?,
+                    left: left
+                        .map(|l| serde_json::from_str(&l))
+                        .transpose()
+                        .map_err(corrupt)?,
                 })
             })
             .collect()
@@ -315,7 +368,8 @@ impl Store {
     /// Every blob an undo entry still references.
     pub(crate) fn referenced_blobs(&self) -> Result<HashSet<String>, Error> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached("SELECT DISTINCT blob FROM undo WHERE blob IS NOT NULL")?;
+            let mut stmt =
+                c.prepare_cached("SELECT DISTINCT blob FROM undo WHERE blob IS NOT NULL")?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
             Ok(rows.collect::<Result<HashSet<_>, _>>()?)
         })
@@ -352,7 +406,10 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
             error: r.get(11)?,
             failed_step: r.get(12)?,
             undo_entries: r.get(13)?,
-            rolled_back_by: rolled.map(|s| s.parse()).transpose().map_err(|e: String| corrupt("rolled_back_by", &e))?,
+            rolled_back_by: rolled
+                .map(|s| s.parse())
+                .transpose()
+                .map_err(|e: String| corrupt("rolled_back_by", &e))?,
             last_seq: r.get::<_, i64>(15)? as u64,
         })
     };
@@ -442,7 +499,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 j.rolled_back_by.map(|r| r.to_string()),
                 j.rollback_of().map(|r| r.to_string()),
             ])?;
-            let mut stmt = tx.prepare_cached("INSERT OR IGNORE INTO job_resources (resource, job_id) VALUES (?1, ?2)")?;
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO job_resources (resource, job_id) VALUES (?1, ?2)",
+            )?;
             for r in &j.resources {
                 stmt.execute(params![r, j.id.to_string()])?;
             }
@@ -464,12 +523,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
             ])?;
         }
         Write::Event(e) => {
-            tx.prepare_cached("INSERT INTO events (job_id, seq, at, body) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![e.job.to_string(), e.seq as i64, e.at, json(e)])?;
+            tx.prepare_cached(
+                "INSERT INTO events (job_id, seq, at, body) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![e.job.to_string(), e.seq as i64, e.at, json(e)])?;
         }
         Write::Undo { job, idx, entry } => {
-            tx.prepare_cached("INSERT OR REPLACE INTO undo (job_id, idx, entry, blob) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![job.to_string(), idx, json(entry), entry.blob()])?;
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO undo (job_id, idx, entry, blob) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![job.to_string(), idx, json(entry), entry.blob()])?;
         }
         Write::UndoApplied { job, idx } => {
             tx.prepare_cached("UPDATE undo SET applied = 1 WHERE job_id = ?1 AND idx = ?2")?
@@ -483,7 +546,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
             tx.prepare_cached("UPDATE jobs SET rolled_back_by = ?2 WHERE id = ?1")?
                 .execute(params![job.to_string(), by.map(|b| b.to_string())])?;
         }
-        Write::Prune { keep_per_resource, keep_total } => prune(tx, *keep_per_resource, *keep_total)?,
+        Write::Prune {
+            keep_per_resource,
+            keep_total,
+        } => prune(tx, *keep_per_resource, *keep_total)?,
     }
     Ok(())
 }
@@ -491,8 +557,14 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
 /// Drops finished jobs that are neither among the newest `keep_total` finished jobs nor among
 /// the newest `keep_per_resource` finished jobs of any resource they touch, with their events
 /// and journals (their blobs are collected afterwards).
-fn prune(tx: &rusqlite::Transaction<'_>, keep_per_resource: u32, keep_total: u32) -> rusqlite::Result<()> {
-    tx.execute_batch("DROP TABLE IF EXISTS temp.doomed; CREATE TEMP TABLE doomed (id TEXT PRIMARY KEY)")?;
+fn prune(
+    tx: &rusqlite::Transaction<'_>,
+    keep_per_resource: u32,
+    keep_total: u32,
+) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "DROP TABLE IF EXISTS temp.doomed; CREATE TEMP TABLE doomed (id TEXT PRIMARY KEY)",
+    )?;
     tx.execute(
         "INSERT INTO temp.doomed (id)
          SELECT id FROM jobs

@@ -14,14 +14,28 @@ use tokio_util::sync::CancellationToken;
 #[serde(rename_all = "snake_case", tag = "type")]
 pub(crate) enum UndoEntry {
     /// Put a file's earlier content (a blob) and ownership back.
-    RestoreFile { path: PathBuf, blob: String, mode: u32, uid: u32, gid: u32 },
+    RestoreFile {
+        path: PathBuf,
+        blob: String,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
     /// Remove a file the job created.
     RemoveFile { path: PathBuf },
     /// Put a file's earlier mode and ownership back.
-    RestoreOwnership { path: PathBuf, mode: u32, uid: u32, gid: u32 },
+    RestoreOwnership {
+        path: PathBuf,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
     /// Run a program that reverses a command; `redo` runs the command again (for rolling back
     /// a rollback).
-    RunCommand { run: Invocation, redo: Option<Invocation> },
+    RunCommand {
+        run: Invocation,
+        redo: Option<Invocation>,
+    },
 }
 
 /// A journal entry as stored: the entry, whether it has been applied, and the state the job
@@ -58,7 +72,12 @@ impl UndoEntry {
         match self {
             UndoEntry::RestoreFile { path, .. } => format!("restore {}", path.display()),
             UndoEntry::RemoveFile { path } => format!("remove {}", path.display()),
-            UndoEntry::RestoreOwnership { path, mode, uid, gid } => {
+            UndoEntry::RestoreOwnership {
+                path,
+                mode,
+                uid,
+                gid,
+            } => {
                 format!("restore {} to {mode:04o} {uid}:{gid}", path.display())
             }
             UndoEntry::RunCommand { run, .. } => format!("run {}", run.argv.join(" ")),
@@ -68,14 +87,17 @@ impl UndoEntry {
     /// The entry that puts a file back as it is now: its content in a blob, or its absence.
     pub(crate) fn snapshot_file(path: &Path, blobs: &BlobStore) -> std::io::Result<UndoEntry> {
         match std::fs::symlink_metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(UndoEntry::RemoveFile { path: path.to_owned() })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(UndoEntry::RemoveFile {
+                path: path.to_owned(),
+            }),
             Err(e) => Err(e),
             Ok(meta) => {
                 use std::os::unix::fs::MetadataExt;
                 if !meta.is_file() {
-                    return Err(std::io::Error::other(format!("{} is not a regular file", path.display())));
+                    return Err(std::io::Error::other(format!(
+                        "{} is not a regular file",
+                        path.display()
+                    )));
                 }
                 let blob = blobs.put(&std::fs::read(path)?)?;
                 Ok(UndoEntry::RestoreFile {
@@ -113,19 +135,27 @@ impl UndoEntry {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(e),
             },
-            UndoEntry::RunCommand { run, redo } => redo
-                .as_ref()
-                .map(|redo| UndoEntry::RunCommand { run: redo.clone(), redo: Some(run.clone()) }),
+            UndoEntry::RunCommand { run, redo } => {
+                redo.as_ref().map(|redo| UndoEntry::RunCommand {
+                    run: redo.clone(),
+                    redo: Some(run.clone()),
+                })
+            }
         })
     }
 
     /// Applies the entry. Undo runs to the end (a cancel does not interrupt it), bounded by
     /// the command's own timeout.
-    pub(crate) async fn apply(&self, blobs: &BlobStore, on_line: impl FnMut(crate::command::Stream, String)) -> Result<(), String> {
+    pub(crate) async fn apply(
+        &self,
+        blobs: &BlobStore,
+        on_line: impl FnMut(crate::command::Stream, String),
+    ) -> Result<(), String> {
         match self.clone() {
-            UndoEntry::RunCommand { run, .. } => {
-                run.run(&CancellationToken::new(), on_line).await.map_err(|e| e.to_string())
-            }
+            UndoEntry::RunCommand { run, .. } => run
+                .run(&CancellationToken::new(), on_line)
+                .await
+                .map_err(|e| e.to_string()),
             entry => {
                 let blobs = blobs.clone();
                 tokio::task::spawn_blocking(move || entry.apply_file(&blobs))
@@ -138,14 +168,23 @@ impl UndoEntry {
     fn apply_file(&self, blobs: &BlobStore) -> Result<(), String> {
         let at = |e: std::io::Error| format!("{}: {e}", self.describe());
         match self {
-            UndoEntry::RestoreFile { path, blob, mode, uid, gid } => {
+            UndoEntry::RestoreFile {
+                path,
+                blob,
+                mode,
+                uid,
+                gid,
+            } => {
                 let bytes = blobs.get(blob).map_err(at)?;
                 fsops::write_atomic(path, &bytes, *mode, Some((*uid, *gid))).map_err(at)
             }
             UndoEntry::RemoveFile { path } => fsops::remove_if_present(path).map_err(at),
-            UndoEntry::RestoreOwnership { path, mode, uid, gid } => {
-                fsops::set_ownership(path, *mode, *uid, *gid).map_err(at)
-            }
+            UndoEntry::RestoreOwnership {
+                path,
+                mode,
+                uid,
+                gid,
+            } => fsops::set_ownership(path, *mode, *uid, *gid).map_err(at),
             UndoEntry::RunCommand { .. } => unreachable!("commands are applied asynchronously"),
         }
     }

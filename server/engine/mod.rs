@@ -10,7 +10,9 @@ pub(crate) use runner::StepCtx;
 use crate::blobs::BlobStore;
 use crate::config::Config;
 use crate::fsops::FileState;
-use crate::job::{Event, EventBody, JobId, JobRecord, JobSpec, JobState, StepRecord, StepState, now_ms};
+use crate::job::{
+    Event, EventBody, JobId, JobRecord, JobSpec, JobState, StepRecord, StepState, now_ms,
+};
 use crate::kinds;
 use crate::store::{self, JobFilter, Store, Write};
 use scheduler::Scheduler;
@@ -72,11 +74,18 @@ impl LiveJob {
     }
 
     pub(crate) fn reason(&self) -> String {
-        self.reason.lock().expect("reason lock").clone().unwrap_or_else(|| "cancelled".into())
+        self.reason
+            .lock()
+            .expect("reason lock")
+            .clone()
+            .unwrap_or_else(|| "cancelled".into())
     }
 
     fn request_cancel(&self, reason: String) {
-        self.reason.lock().expect("reason lock").get_or_insert(reason);
+        self.reason
+            .lock()
+            .expect("reason lock")
+            .get_or_insert(reason);
         self.cancel.cancel();
     }
 }
@@ -125,9 +134,16 @@ impl Engine {
     /// the retention task.
     pub async fn start(config: Arc<Config>) -> Result<Engine, Error> {
         let data = &config.data_dir;
-        std::fs::create_dir_all(data)
-            .map_err(|e| Error::Unavailable(format!("cannot create data directory {}: {e}", data.display())))?;
-        let store = Store::open(&data.join("stately.db"), config.sync == crate::config::SyncMode::Full)?;
+        std::fs::create_dir_all(data).map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot create data directory {}: {e}",
+                data.display()
+            ))
+        })?;
+        let store = Store::open(
+            &data.join("stately.db"),
+            config.sync == crate::config::SyncMode::Full,
+        )?;
         let blobs = BlobStore::open(data.join("blobs"))
             .map_err(|e| Error::Unavailable(format!("cannot create blob directory: {e}")))?;
         let http = reqwest::Client::builder()
@@ -154,7 +170,10 @@ impl Engine {
 
     async fn recover(&self) -> Result<(), Error> {
         let s = &self.shared;
-        for record in s.store.jobs_in(&[JobState::Running, JobState::Cancelling])? {
+        for record in s
+            .store
+            .jobs_in(&[JobState::Running, JobState::Cancelling])?
+        {
             tracing::warn!(job = %record.id, "unwinding a job interrupted by restart");
             let live = LiveJob::new();
             runner::recover(s, record, &live).await?;
@@ -162,7 +181,10 @@ impl Engine {
         for record in s.store.jobs_in(&[JobState::Pending])? {
             let live = LiveJob::new();
             s.scheduler.enqueue(record.id, &record.resources);
-            s.live.lock().expect("live lock").insert(record.id, live.clone());
+            s.live
+                .lock()
+                .expect("live lock")
+                .insert(record.id, live.clone());
             s.tasks.spawn(runner::run(s.clone(), record, live));
         }
         Ok(())
@@ -180,7 +202,10 @@ impl Engine {
                 tick.tick().await;
                 let Some(s) = weak.upgrade() else { return };
                 let h = &s.config.history;
-                let prune = Write::Prune { keep_per_resource: h.keep_per_resource, keep_total: h.keep_total };
+                let prune = Write::Prune {
+                    keep_per_resource: h.keep_per_resource,
+                    keep_total: h.keep_total,
+                };
                 if let Err(e) = s.store.commit(vec![prune], None).await {
                     tracing::warn!("pruning the history failed: {e}");
                     continue;
@@ -193,7 +218,9 @@ impl Engine {
                 })
                 .await;
                 match collected {
-                    Ok(Ok(n)) if n > 0 => tracing::debug!("collected {n} unreferenced backup blob(s)"),
+                    Ok(Ok(n)) if n > 0 => {
+                        tracing::debug!("collected {n} unreferenced backup blob(s)")
+                    }
                     Ok(Err(e)) => tracing::warn!("collecting backup blobs failed: {e}"),
                     _ => {}
                 }
@@ -218,7 +245,9 @@ impl Engine {
         match sub.request_id.as_deref() {
             Some(rid) => {
                 if rid.is_empty() || rid.len() > 256 {
-                    return Err(Error::InvalidArgument("request_id must be 1 to 256 characters".into()));
+                    return Err(Error::InvalidArgument(
+                        "request_id must be 1 to 256 characters".into(),
+                    ));
                 }
                 let _one_at_a_time = self.shared.request_ids.lock().await;
                 if let Some(existing) = self.shared.store.job_by_request_id(rid)? {
@@ -250,7 +279,13 @@ impl Engine {
             steps: plan
                 .steps
                 .into_iter()
-                .map(|name| StepRecord { name, state: StepState::Pending, started_at: None, finished_at: None, error: None })
+                .map(|name| StepRecord {
+                    name,
+                    state: StepState::Pending,
+                    started_at: None,
+                    finished_at: None,
+                    error: None,
+                })
                 .collect(),
             request_id: sub.request_id,
             labels: sub.labels,
@@ -272,13 +307,29 @@ impl Engine {
             job: id,
             seq: 1,
             at: now,
-            body: EventBody::State { from: None, to: JobState::Pending, reason: "submitted".into() },
+            body: EventBody::State {
+                from: None,
+                to: JobState::Pending,
+                reason: "submitted".into(),
+            },
         };
-        if let Err(e) = s.store.commit(vec![Write::InsertJob(record.clone()), Write::Event(first)], Some(&live.events)).await {
+        if let Err(e) = s
+            .store
+            .commit(
+                vec![Write::InsertJob(record.clone()), Write::Event(first)],
+                Some(&live.events),
+            )
+            .await
+        {
             s.finish(id, &record.resources);
             return Err(e.into());
         }
-        record.waiting_for = s.scheduler.blockers(id, &record.resources).into_iter().map(|(r, _)| r).collect();
+        record.waiting_for = s
+            .scheduler
+            .blockers(id, &record.resources)
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
         s.tasks.spawn(runner::run(s.clone(), record.clone(), live));
         Ok(record)
     }
@@ -304,7 +355,9 @@ impl Engine {
         if let Some(k) = &kind
             && !["runbook", "rollback"].contains(&k.as_str())
         {
-            return Err(Error::InvalidArgument(format!("unknown kind '{k}' (kinds: runbook, rollback)")));
+            return Err(Error::InvalidArgument(format!(
+                "unknown kind '{k}' (kinds: runbook, rollback)"
+            )));
         }
         let before = match page_token {
             "" => None,
@@ -312,7 +365,13 @@ impl Engine {
                 Error::InvalidArgument(format!("page_token '{t}' is not one this server returned"))
             })?),
         };
-        let filter = JobFilter { states, kind, labels, before, limit: limit + 1 };
+        let filter = JobFilter {
+            states,
+            kind,
+            labels,
+            before,
+            limit: limit + 1,
+        };
         let mut rows = self.shared.store.list(&filter)?;
         let next = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
@@ -325,8 +384,18 @@ impl Engine {
 
     /// Streams a job's events after `after_seq`: the recorded ones, then live ones, ending
     /// after the terminal event. Nothing is skipped or repeated.
-    pub fn watch(&self, id: JobId, after_seq: u64) -> Result<mpsc::Receiver<Result<Event, Error>>, Error> {
-        let live = self.shared.live.lock().expect("live lock").get(&id).map(|l| l.events.subscribe());
+    pub fn watch(
+        &self,
+        id: JobId,
+        after_seq: u64,
+    ) -> Result<mpsc::Receiver<Result<Event, Error>>, Error> {
+        let live = self
+            .shared
+            .live
+            .lock()
+            .expect("live lock")
+            .get(&id)
+            .map(|l| l.events.subscribe());
         let record = self.get(id)?;
         let (tx, rx) = mpsc::channel(64);
         let store = self.shared.store.clone();
@@ -336,7 +405,9 @@ impl Engine {
             if replay(&store, id, &mut last, &tx).await {
                 return;
             }
-            let Some(mut rx) = live.filter(|_| !ended) else { return };
+            let Some(mut rx) = live.filter(|_| !ended) else {
+                return;
+            };
             loop {
                 tokio::select! {
                     r = rx.recv() => match r {
@@ -369,23 +440,44 @@ impl Engine {
     /// Cancels a job. With `wait`, returns once it has ended; otherwise once it has seen the
     /// cancel (CANCELLING, or already ended).
     pub async fn cancel(&self, id: JobId, reason: &str, wait: bool) -> Result<JobRecord, Error> {
-        let live = self.shared.live.lock().expect("live lock").get(&id).cloned();
+        let live = self
+            .shared
+            .live
+            .lock()
+            .expect("live lock")
+            .get(&id)
+            .cloned();
         let Some(live) = live else {
             let record = self.get(id)?;
             return Err(Error::FailedPrecondition(format!(
                 "job {id} has already ended {}; there is nothing to cancel{}",
                 record.state.as_str(),
-                if record.state == JobState::Succeeded { " (RollbackJob undoes it)" } else { "" }
+                if record.state == JobState::Succeeded {
+                    " (RollbackJob undoes it)"
+                } else {
+                    ""
+                }
             )));
         };
         let mut events = live.events.subscribe();
-        let reason = if reason.trim().is_empty() { "cancelled by request".to_owned() } else { format!("cancelled: {}", reason.trim()) };
+        let reason = if reason.trim().is_empty() {
+            "cancelled by request".to_owned()
+        } else {
+            format!("cancelled: {}", reason.trim())
+        };
         live.request_cancel(reason);
-        let deadline = if wait { Duration::from_secs(3600) } else { Duration::from_secs(2) };
+        let deadline = if wait {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_secs(2)
+        };
         let seen = tokio::time::timeout(deadline, async {
             loop {
                 match events.recv().await {
-                    Ok(Event { body: EventBody::State { to, .. }, .. }) if to.is_terminal() || (!wait && to == JobState::Cancelling) => return,
+                    Ok(Event {
+                        body: EventBody::State { to, .. },
+                        ..
+                    }) if to.is_terminal() || (!wait && to == JobState::Cancelling) => return,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         if let Ok(r) = self.get(id)
@@ -430,14 +522,20 @@ impl Engine {
             }
         }
         if let Some(by) = target.rolled_back_by {
-            return Err(Error::FailedPrecondition(format!("job {id} was already rolled back by job {by}")));
+            return Err(Error::FailedPrecondition(format!(
+                "job {id} was already rolled back by job {by}"
+            )));
         }
         if let Some(active) = self.shared.store.active_rollbacks_of(id)?.first() {
-            return Err(Error::FailedPrecondition(format!("job {active} is already rolling back job {id}")));
+            return Err(Error::FailedPrecondition(format!(
+                "job {active} is already rolling back job {id}"
+            )));
         }
         let journal = self.shared.store.journal(id)?;
         if journal.is_empty() {
-            return Err(Error::FailedPrecondition(format!("job {id} recorded no changes, so there is nothing to roll back")));
+            return Err(Error::FailedPrecondition(format!(
+                "job {id} recorded no changes, so there is nothing to roll back"
+            )));
         }
         if !force {
             let changed = changed_since(journal).await;
@@ -450,15 +548,27 @@ impl Engine {
             }
         }
         let spec = JobSpec::Rollback { target: id, force };
-        let plan = kinds::Plan { steps: kinds::rollback::step_names(), resources: target.resources.clone() };
-        self.enqueue(Submission { spec, request_id: None, labels: BTreeMap::new() }, plan).await
+        let plan = kinds::Plan {
+            steps: kinds::rollback::step_names(),
+            resources: target.resources.clone(),
+        };
+        self.enqueue(
+            Submission {
+                spec,
+                request_id: None,
+                labels: BTreeMap::new(),
+            },
+            plan,
+        )
+        .await
     }
 
     /// Stops taking jobs, gives running ones `grace` to end, then flushes the store. Jobs still
     /// running are left RUNNING, to be unwound at the next start.
     pub async fn shutdown(&self, grace: Duration) {
         let s = &self.shared;
-        s.accepting.store(false, std::sync::atomic::Ordering::SeqCst);
+        s.accepting
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         s.tasks.close();
         let running: usize = s.live.lock().expect("live lock").len();
         if running > 0 {
@@ -474,7 +584,12 @@ impl Engine {
 
 /// Sends a job's stored events after `*last`; true once the terminal event was sent or the
 /// client left.
-async fn replay(store: &Store, id: JobId, last: &mut u64, tx: &mpsc::Sender<Result<Event, Error>>) -> bool {
+async fn replay(
+    store: &Store,
+    id: JobId,
+    last: &mut u64,
+    tx: &mpsc::Sender<Result<Event, Error>>,
+) -> bool {
     match store.events_after(id, *last) {
         Err(e) => {
             let _ = tx.send(Err(e.into())).await;
@@ -499,7 +614,9 @@ pub(crate) async fn changed_since(journal: Vec<crate::undo::JournalEntry>) -> Ve
         let mut seen = std::collections::HashSet::new();
         let mut changed = Vec::new();
         for e in journal.iter().rev() {
-            let (Some(path), Some(left)) = (e.entry.path(), &e.left) else { continue };
+            let (Some(path), Some(left)) = (e.entry.path(), &e.left) else {
+                continue;
+            };
             if !seen.insert(path.to_owned()) {
                 continue;
             }
@@ -519,7 +636,9 @@ pub(crate) async fn changed_since(journal: Vec<crate::undo::JournalEntry>) -> Ve
 }
 
 fn not_found(id: JobId) -> Error {
-    Error::NotFound(format!("no job {id} (it never existed, or the history limit pruned it)"))
+    Error::NotFound(format!(
+        "no job {id} (it never existed, or the history limit pruned it)"
+    ))
 }
 
 fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), Error> {
@@ -527,13 +646,20 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), Error> {
         return Err(Error::InvalidArgument("at most 64 labels".into()));
     }
     for (k, v) in labels {
-        if k.is_empty() || k.len() > 63 || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b)) {
+        if k.is_empty()
+            || k.len() > 63
+            || !k
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+        {
             return Err(Error::InvalidArgument(format!(
                 "label key '{k}': 1 to 63 of letters, digits, '.', '_', '-', '/'"
             )));
         }
         if v.len() > 256 {
-            return Err(Error::InvalidArgument(format!("label '{k}': the value is longer than 256 bytes")));
+            return Err(Error::InvalidArgument(format!(
+                "label '{k}': the value is longer than 256 bytes"
+            )));
         }
     }
     Ok(())

@@ -25,7 +25,12 @@ pub(crate) struct Journal {
 }
 
 impl Journal {
-    pub(crate) fn new(shared: &Shared, live: &LiveJob, record: &JobRecord, entries: Vec<JournalEntry>) -> Self {
+    pub(crate) fn new(
+        shared: &Shared,
+        live: &LiveJob,
+        record: &JobRecord,
+        entries: Vec<JournalEntry>,
+    ) -> Self {
         Journal {
             store: shared.store.clone(),
             publish: live.events.clone(),
@@ -39,7 +44,12 @@ impl Journal {
 
     fn event(&mut self, body: EventBody) -> Write {
         self.seq += 1;
-        Write::Event(Event { job: self.job, seq: self.seq, at: now_ms(), body })
+        Write::Event(Event {
+            job: self.job,
+            seq: self.seq,
+            at: now_ms(),
+            body,
+        })
     }
 
     /// Appends an event; it reaches watchers once durable.
@@ -49,14 +59,29 @@ impl Journal {
     }
 
     pub(crate) fn log(&mut self, level: LogLevel, step: Option<u32>, message: impl Into<String>) {
-        self.emit(EventBody::Log { level, message: message.into(), step });
+        self.emit(EventBody::Log {
+            level,
+            message: message.into(),
+            step,
+        });
     }
 
     /// Records the job's new state with an event, durably when `durable`.
-    async fn set_state(&mut self, record: &mut JobRecord, to: JobState, reason: String, durable: bool, extra: Vec<Write>) {
+    async fn set_state(
+        &mut self,
+        record: &mut JobRecord,
+        to: JobState,
+        reason: String,
+        durable: bool,
+        extra: Vec<Write>,
+    ) {
         let from = record.state;
         record.state = to;
-        let ev = self.event(EventBody::State { from: Some(from), to, reason });
+        let ev = self.event(EventBody::State {
+            from: Some(from),
+            to,
+            reason,
+        });
         record.last_seq = self.seq;
         let mut writes = vec![Write::UpdateJob(record.clone()), ev];
         writes.extend(extra);
@@ -83,22 +108,44 @@ impl Journal {
     pub(crate) async fn record_undo(&mut self, entry: UndoEntry) -> Result<(), StepError> {
         let idx = self.next_idx;
         self.store
-            .commit(vec![Write::Undo { job: self.job, idx, entry: entry.clone() }], None)
+            .commit(
+                vec![Write::Undo {
+                    job: self.job,
+                    idx,
+                    entry: entry.clone(),
+                }],
+                None,
+            )
             .await
             .map_err(|e| StepError::Failed(format!("could not record the undo entry: {e}")))?;
         self.next_idx += 1;
-        self.entries.push(JournalEntry { idx, entry, applied: false, left: None });
+        self.entries.push(JournalEntry {
+            idx,
+            entry,
+            applied: false,
+            left: None,
+        });
         Ok(())
     }
 
     /// Applies the journal's unapplied entries newest first, each once; a failing entry is
     /// reported and the others still run. Returns the failures.
     pub(crate) async fn unwind(&mut self) -> Vec<String> {
-        let pending: Vec<JournalEntry> = self.entries.iter().rev().filter(|e| !e.applied).cloned().collect();
+        let pending: Vec<JournalEntry> = self
+            .entries
+            .iter()
+            .rev()
+            .filter(|e| !e.applied)
+            .cloned()
+            .collect();
         if pending.is_empty() {
             return Vec::new();
         }
-        self.log(LogLevel::Info, None, format!("undoing {} change(s)", pending.len()));
+        self.log(
+            LogLevel::Info,
+            None,
+            format!("undoing {} change(s)", pending.len()),
+        );
         let mut failures = Vec::new();
         for je in pending {
             let what = je.entry.describe();
@@ -116,7 +163,13 @@ impl Journal {
             }
             // Marked applied even when it failed: it is reported, and replaying it after a
             // restart would fail the same way.
-            self.store.write(vec![Write::UndoApplied { job: self.job, idx: je.idx }], None);
+            self.store.write(
+                vec![Write::UndoApplied {
+                    job: self.job,
+                    idx: je.idx,
+                }],
+                None,
+            );
             if let Some(e) = self.entries.iter_mut().find(|e| e.idx == je.idx) {
                 e.applied = true;
             }
@@ -126,17 +179,30 @@ impl Journal {
 
     /// Records the state the job leaves each file in, for a later rollback to compare.
     async fn seal(&mut self) {
-        let entries: Vec<(u32, std::path::PathBuf)> =
-            self.entries.iter().filter_map(|e| e.entry.path().map(|p| (e.idx, p.to_owned()))).collect();
+        let entries: Vec<(u32, std::path::PathBuf)> = self
+            .entries
+            .iter()
+            .filter_map(|e| e.entry.path().map(|p| (e.idx, p.to_owned())))
+            .collect();
         if entries.is_empty() {
             return;
         }
         let states = tokio::task::spawn_blocking(move || {
-            entries.into_iter().filter_map(|(idx, p)| FileState::of(&p).ok().map(|s| (idx, s))).collect::<Vec<_>>()
+            entries
+                .into_iter()
+                .filter_map(|(idx, p)| FileState::of(&p).ok().map(|s| (idx, s)))
+                .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
-        let writes = states.into_iter().map(|(idx, left)| Write::Seal { job: self.job, idx, left }).collect();
+        let writes = states
+            .into_iter()
+            .map(|(idx, left)| Write::Seal {
+                job: self.job,
+                idx,
+                left,
+            })
+            .collect();
         self.store.write(writes, None);
     }
 }
@@ -156,12 +222,21 @@ impl StepCtx<'_> {
     }
 
     pub(crate) fn output(&mut self, stream: Stream, line: String) {
-        let level = if stream == Stream::Stderr { LogLevel::Warn } else { LogLevel::Info };
+        let level = if stream == Stream::Stderr {
+            LogLevel::Warn
+        } else {
+            LogLevel::Info
+        };
         self.journal.log(level, Some(self.index), line);
     }
 
     pub(crate) fn progress(&mut self, done: u64, total: u64, message: impl Into<String>) {
-        self.journal.emit(EventBody::Progress { step: self.index, done, total, message: message.into() });
+        self.journal.emit(EventBody::Progress {
+            step: self.index,
+            done,
+            total,
+            message: message.into(),
+        });
     }
 
     pub(crate) async fn record_undo(&mut self, entry: UndoEntry) -> Result<(), StepError> {
@@ -179,8 +254,15 @@ pub(crate) async fn run(shared: Arc<Shared>, mut record: JobRecord, live: Arc<Li
     let waited = {
         let wait = shared.scheduler.wait_turn(id, &resources, |blockers| {
             record.waiting_for = blockers.iter().map(|(r, _)| r.clone()).collect();
-            let names: Vec<String> = blockers.iter().map(|(r, j)| format!("{r} (held by job {j})")).collect();
-            let line = EventBody::Log { level: LogLevel::Info, message: format!("waiting for {}", names.join(", ")), step: None };
+            let names: Vec<String> = blockers
+                .iter()
+                .map(|(r, j)| format!("{r} (held by job {j})"))
+                .collect();
+            let line = EventBody::Log {
+                level: LogLevel::Info,
+                message: format!("waiting for {}", names.join(", ")),
+                step: None,
+            };
             journal.update(&mut record, Some(line));
         });
         tokio::select! {
@@ -194,13 +276,23 @@ pub(crate) async fn run(shared: Arc<Shared>, mut record: JobRecord, live: Arc<Li
         record.finished_at = Some(now_ms());
         record.error = Some(live.reason());
         let reason = live.reason();
-        journal.set_state(&mut record, JobState::Cancelled, reason, true, Vec::new()).await;
+        journal
+            .set_state(&mut record, JobState::Cancelled, reason, true, Vec::new())
+            .await;
         shared.finish(id, &resources);
         return;
     }
 
     record.started_at = Some(now_ms());
-    journal.set_state(&mut record, JobState::Running, "started".into(), false, Vec::new()).await;
+    journal
+        .set_state(
+            &mut record,
+            JobState::Running,
+            "started".into(),
+            false,
+            Vec::new(),
+        )
+        .await;
 
     let outcome = execute(&shared, &mut record, &mut journal, &live).await;
     let mut extra = Vec::new();
@@ -211,7 +303,15 @@ pub(crate) async fn run(shared: Arc<Shared>, mut record: JobRecord, live: Arc<Li
             (JobState::Succeeded, "all steps succeeded".to_owned())
         }
         Err(StepError::Cancelled) => {
-            journal.set_state(&mut record, JobState::Cancelling, live.reason(), false, Vec::new()).await;
+            journal
+                .set_state(
+                    &mut record,
+                    JobState::Cancelling,
+                    live.reason(),
+                    false,
+                    Vec::new(),
+                )
+                .await;
             let failures = journal.unwind().await;
             record.error = Some(with_failures(live.reason(), &failures));
             (JobState::Cancelled, live.reason())
@@ -223,7 +323,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut record: JobRecord, live: Arc<Li
         }
     };
     record.finished_at = Some(now_ms());
-    journal.set_state(&mut record, end, reason, true, extra).await;
+    journal
+        .set_state(&mut record, end, reason, true, extra)
+        .await;
     shared.finish(id, &resources);
 }
 
@@ -231,11 +333,20 @@ fn with_failures(msg: String, failures: &[String]) -> String {
     if failures.is_empty() {
         msg
     } else {
-        format!("{msg}; and {} undo step(s) failed: {}", failures.len(), failures.join("; "))
+        format!(
+            "{msg}; and {} undo step(s) failed: {}",
+            failures.len(),
+            failures.join("; ")
+        )
     }
 }
 
-async fn execute(shared: &Shared, record: &mut JobRecord, journal: &mut Journal, live: &LiveJob) -> Result<Vec<Write>, StepError> {
+async fn execute(
+    shared: &Shared,
+    record: &mut JobRecord,
+    journal: &mut Journal,
+    live: &LiveJob,
+) -> Result<Vec<Write>, StepError> {
     let mut executor = Executor::prepare(&record.spec, shared).await?;
     if executor.step_count() != record.steps.len() {
         return Err(StepError::Failed(
@@ -250,9 +361,20 @@ async fn execute(shared: &Shared, record: &mut JobRecord, journal: &mut Journal,
         let index = i as u32;
         record.steps[i].state = StepState::Running;
         record.steps[i].started_at = Some(now_ms());
-        journal.update(record, Some(EventBody::StepStarted { index, name: name.clone() }));
+        journal.update(
+            record,
+            Some(EventBody::StepStarted {
+                index,
+                name: name.clone(),
+            }),
+        );
 
-        let mut ctx = StepCtx { index, cancel: live.cancel.child_token(), journal, shared };
+        let mut ctx = StepCtx {
+            index,
+            cancel: live.cancel.child_token(),
+            journal,
+            shared,
+        };
         let result = executor.run_step(i, &mut ctx).await;
         // A step that finished its critical section is kept, then unwound with the rest.
         let result = match result {
@@ -262,39 +384,69 @@ async fn execute(shared: &Shared, record: &mut JobRecord, journal: &mut Journal,
         let (state, error) = match &result {
             Ok(()) => (StepState::Succeeded, None),
             Err(StepError::Cancelled) => (StepState::Cancelled, Some(live.reason())),
-            Err(StepError::Failed(e) | StepError::Precondition(e)) => (StepState::Failed, Some(e.clone())),
+            Err(StepError::Failed(e) | StepError::Precondition(e)) => {
+                (StepState::Failed, Some(e.clone()))
+            }
         };
         record.steps[i].state = state;
         record.steps[i].finished_at = Some(now_ms());
         record.steps[i].error = error.clone();
-        if matches!(result, Err(StepError::Failed(_) | StepError::Precondition(_))) {
+        if matches!(
+            result,
+            Err(StepError::Failed(_) | StepError::Precondition(_))
+        ) {
             record.failed_step = Some(name.clone());
         }
-        journal.update(record, Some(EventBody::StepFinished { index, name, state, error }));
+        journal.update(
+            record,
+            Some(EventBody::StepFinished {
+                index,
+                name,
+                state,
+                error,
+            }),
+        );
         result?;
     }
     Ok(executor.on_success(record.id))
 }
 
 /// Unwinds a job found RUNNING or CANCELLING at start-up, and ends it.
-pub(crate) async fn recover(shared: &Shared, mut record: JobRecord, live: &LiveJob) -> Result<(), crate::store::Error> {
+pub(crate) async fn recover(
+    shared: &Shared,
+    mut record: JobRecord,
+    live: &LiveJob,
+) -> Result<(), crate::store::Error> {
     let entries = shared.store.journal(record.id)?;
     let mut journal = Journal::new(shared, live, &record, entries);
     let was = record.state;
-    journal.log(LogLevel::Warn, None, format!("the daemon restarted while the job was {}", was.as_str()));
+    journal.log(
+        LogLevel::Warn,
+        None,
+        format!("the daemon restarted while the job was {}", was.as_str()),
+    );
     let failures = journal.unwind().await;
-    for step in record.steps.iter_mut().filter(|s| s.state == StepState::Running) {
+    for step in record
+        .steps
+        .iter_mut()
+        .filter(|s| s.state == StepState::Running)
+    {
         step.state = StepState::Failed;
         step.finished_at = Some(now_ms());
         step.error = Some("interrupted by restart".into());
     }
     let (end, reason) = if was == JobState::Cancelling {
-        (JobState::Cancelled, record.error.clone().unwrap_or_else(|| "cancelled".into()))
+        (
+            JobState::Cancelled,
+            record.error.clone().unwrap_or_else(|| "cancelled".into()),
+        )
     } else {
         (JobState::Failed, "interrupted by restart".to_owned())
     };
     record.error = Some(with_failures(reason.clone(), &failures));
     record.finished_at = Some(now_ms());
-    journal.set_state(&mut record, end, reason, true, Vec::new()).await;
+    journal
+        .set_state(&mut record, end, reason, true, Vec::new())
+        .await;
     Ok(())
 }

@@ -34,7 +34,12 @@ impl Scheduler {
     }
 
     /// Waits until `job` heads all its queues; returns the blockers seen each time they change.
-    pub(crate) async fn wait_turn(&self, job: JobId, resources: &[String], mut on_wait: impl FnMut(&[(String, JobId)])) {
+    pub(crate) async fn wait_turn(
+        &self,
+        job: JobId,
+        resources: &[String],
+        mut on_wait: impl FnMut(&[(String, JobId)]),
+    ) {
         let mut last: Vec<(String, JobId)> = Vec::new();
         loop {
             let notified = self.released.notified();

@@ -35,13 +35,22 @@ pub(crate) fn plan(spec: &JobSpec, config: &Config) -> Result<Plan, Error> {
                 let known: Vec<&str> = config.runbooks.iter().map(|r| r.name.as_str()).collect();
                 Error::NotFound(format!(
                     "no runbook '{runbook}' is configured{}",
-                    if known.is_empty() { " (none are)".to_owned() } else { format!(" (runbooks: {})", known.join(", ")) }
+                    if known.is_empty() {
+                        " (none are)".to_owned()
+                    } else {
+                        format!(" (runbooks: {})", known.join(", "))
+                    }
                 ))
             })?;
             let resolved = runbook::resolve(rb, params)?;
-            Ok(Plan { steps: resolved.step_names(), resources: resolved.resources.clone() })
+            Ok(Plan {
+                steps: resolved.step_names(),
+                resources: resolved.resources.clone(),
+            })
         }
-        JobSpec::Rollback { .. } => Err(Error::InvalidArgument("rollback jobs come from RollbackJob".into())),
+        JobSpec::Rollback { .. } => Err(Error::InvalidArgument(
+            "rollback jobs come from RollbackJob".into(),
+        )),
     }
 }
 
@@ -56,14 +65,16 @@ impl Executor {
     pub(crate) async fn prepare(spec: &JobSpec, shared: &Shared) -> Result<Executor, StepError> {
         match spec {
             JobSpec::Runbook { runbook, params } => {
-                let rb = shared
-                    .config
-                    .runbook(runbook)
-                    .ok_or_else(|| StepError::Failed(format!("runbook '{runbook}' is no longer configured")))?;
-                let resolved = runbook::resolve(rb, params).map_err(|e| StepError::Failed(e.to_string()))?;
+                let rb = shared.config.runbook(runbook).ok_or_else(|| {
+                    StepError::Failed(format!("runbook '{runbook}' is no longer configured"))
+                })?;
+                let resolved =
+                    runbook::resolve(rb, params).map_err(|e| StepError::Failed(e.to_string()))?;
                 Ok(Executor::Runbook(resolved))
             }
-            JobSpec::Rollback { target, force } => Ok(Executor::Rollback(rollback::Rollback::load(shared, *target, *force)?)),
+            JobSpec::Rollback { target, force } => Ok(Executor::Rollback(
+                rollback::Rollback::load(shared, *target, *force)?,
+            )),
         }
     }
 
@@ -74,7 +85,11 @@ impl Executor {
         }
     }
 
-    pub(crate) async fn run_step(&mut self, index: usize, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+    pub(crate) async fn run_step(
+        &mut self,
+        index: usize,
+        ctx: &mut StepCtx<'_>,
+    ) -> Result<(), StepError> {
         match self {
             Executor::Runbook(r) => r.run_step(index, ctx).await,
             Executor::Rollback(r) => r.run_step(index, ctx).await,

@@ -9,7 +9,10 @@ use crate::store::Write;
 use crate::undo::JournalEntry;
 
 pub(crate) fn step_names() -> Vec<String> {
-    vec!["check nothing changed since".into(), "undo the job's changes".into()]
+    vec![
+        "check nothing changed since".into(),
+        "undo the job's changes".into(),
+    ]
 }
 
 pub(crate) struct Rollback {
@@ -29,16 +32,30 @@ impl Rollback {
             .map_err(store_err)?
             .ok_or_else(|| StepError::Failed(format!("job {target} no longer exists")))?;
         if record.state != JobState::Succeeded {
-            return Err(StepError::Precondition(format!("job {target} ended {}", record.state.as_str())));
+            return Err(StepError::Precondition(format!(
+                "job {target} ended {}",
+                record.state.as_str()
+            )));
         }
         if let Some(by) = record.rolled_back_by {
-            return Err(StepError::Precondition(format!("job {target} was already rolled back by job {by}")));
+            return Err(StepError::Precondition(format!(
+                "job {target} was already rolled back by job {by}"
+            )));
         }
         let journal = shared.store.journal(target).map_err(store_err)?;
-        Ok(Rollback { target, force, journal, target_undid: record.rollback_of() })
+        Ok(Rollback {
+            target,
+            force,
+            journal,
+            target_undid: record.rollback_of(),
+        })
     }
 
-    pub(crate) async fn run_step(&mut self, index: usize, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+    pub(crate) async fn run_step(
+        &mut self,
+        index: usize,
+        ctx: &mut StepCtx<'_>,
+    ) -> Result<(), StepError> {
         match index {
             0 => self.check(ctx).await,
             _ => self.undo(ctx).await,
@@ -48,7 +65,10 @@ impl Rollback {
     async fn check(&self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
         let changed = changed_since(self.journal.clone()).await;
         if changed.is_empty() {
-            ctx.log(LogLevel::Info, format!("every file job {} changed is as it left it", self.target));
+            ctx.log(
+                LogLevel::Info,
+                format!("every file job {} changed is as it left it", self.target),
+            );
             return Ok(());
         }
         if !self.force {
@@ -75,26 +95,44 @@ impl Rollback {
             let inverse = tokio::task::spawn_blocking(move || entry.inverse_now(&blobs))
                 .await
                 .map_err(|e| StepError::Failed(e.to_string()))?
-                .map_err(|e| StepError::Failed(format!("cannot keep a copy before undoing: {e}")))?;
+                .map_err(|e| {
+                    StepError::Failed(format!("cannot keep a copy before undoing: {e}"))
+                })?;
             match inverse {
                 Some(inv) => ctx.record_undo(inv).await?,
-                None => ctx.log(LogLevel::Warn, format!("'{}' cannot itself be undone later", je.entry.describe())),
+                None => ctx.log(
+                    LogLevel::Warn,
+                    format!("'{}' cannot itself be undone later", je.entry.describe()),
+                ),
             }
             let mut lines = Vec::new();
-            let result = je.entry.apply(&ctx.journal.blobs, |_, l| lines.push(l)).await;
+            let result = je
+                .entry
+                .apply(&ctx.journal.blobs, |_, l| lines.push(l))
+                .await;
             for l in lines {
                 ctx.log(LogLevel::Info, l);
             }
             result.map_err(StepError::Failed)?;
-            ctx.progress(n as u64 + 1, total, format!("undone: {}", je.entry.describe()));
+            ctx.progress(
+                n as u64 + 1,
+                total,
+                format!("undone: {}", je.entry.describe()),
+            );
         }
         Ok(())
     }
 
     pub(crate) fn on_success(&self, me: JobId) -> Vec<Write> {
-        let mut writes = vec![Write::RolledBackBy { job: self.target, by: Some(me) }];
+        let mut writes = vec![Write::RolledBackBy {
+            job: self.target,
+            by: Some(me),
+        }];
         if let Some(original) = self.target_undid {
-            writes.push(Write::RolledBackBy { job: original, by: None });
+            writes.push(Write::RolledBackBy {
+                job: original,
+                by: None,
+            });
         }
         writes
     }

@@ -30,13 +30,38 @@ pub(crate) struct Resolved {
 /// One step, ready to run.
 #[derive(Debug)]
 pub(crate) enum Step {
-    Command { run: Invocation, undo: Option<Invocation> },
-    Check { run: Invocation },
-    BackupFile { path: PathBuf },
-    WriteFile { path: PathBuf, content: String, mode: u32, owner: Option<(u32, u32)> },
-    Download { url: reqwest::Url, path: PathBuf, max_bytes: u64, timeout: Duration, mode: u32 },
-    Chown { path: PathBuf, uid: Option<u32>, gid: Option<u32> },
-    Chmod { path: PathBuf, mode: u32 },
+    Command {
+        run: Invocation,
+        undo: Option<Invocation>,
+    },
+    Check {
+        run: Invocation,
+    },
+    BackupFile {
+        path: PathBuf,
+    },
+    WriteFile {
+        path: PathBuf,
+        content: String,
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    },
+    Download {
+        url: reqwest::Url,
+        path: PathBuf,
+        max_bytes: u64,
+        timeout: Duration,
+        mode: u32,
+    },
+    Chown {
+        path: PathBuf,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    },
+    Chmod {
+        path: PathBuf,
+        mode: u32,
+    },
 }
 
 impl Resolved {
@@ -55,7 +80,11 @@ pub(crate) fn resolve(rb: &Runbook, given: &BTreeMap<String, String>) -> Result<
             return Err(invalid(format!(
                 "runbook '{}' takes no parameter '{name}' (it takes: {})",
                 rb.name,
-                if rb.params.is_empty() { "none".into() } else { declared() }
+                if rb.params.is_empty() {
+                    "none".into()
+                } else {
+                    declared()
+                }
             )));
         }
     }
@@ -68,17 +97,27 @@ pub(crate) fn resolve(rb: &Runbook, given: &BTreeMap<String, String>) -> Result<
                 return Err(invalid(format!(
                     "runbook '{}' needs parameter '{name}'{}",
                     rb.name,
-                    if spec.description.is_empty() { String::new() } else { format!(" ({})", spec.description) }
+                    if spec.description.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", spec.description)
+                    }
                 )));
             }
         };
         if value.len() > MAX_PARAM_BYTES || value.contains('\0') {
-            return Err(invalid(format!("parameter '{name}' is longer than 1 MiB or holds a NUL byte")));
+            return Err(invalid(format!(
+                "parameter '{name}' is longer than 1 MiB or holds a NUL byte"
+            )));
         }
         if let Some(p) = &spec.pattern {
-            let re = regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| invalid(e.to_string()))?;
+            let re =
+                regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| invalid(e.to_string()))?;
             if !re.is_match(&value) {
-                return Err(invalid(format!("parameter '{name}' must match /{p}/; got '{}'", shorten(&value))));
+                return Err(invalid(format!(
+                    "parameter '{name}' must match /{p}/; got '{}'",
+                    shorten(&value)
+                )));
             }
         }
         values.insert(name.clone(), value);
@@ -87,23 +126,36 @@ pub(crate) fn resolve(rb: &Runbook, given: &BTreeMap<String, String>) -> Result<
     let path = |s: &str| -> Result<PathBuf, Error> {
         let p = PathBuf::from(t(s)?);
         if !p.is_absolute() || !is_normal(&p) || p.file_name().is_none() {
-            return Err(invalid(format!("path '{}' must be absolute, without '.' or '..'", p.display())));
+            return Err(invalid(format!(
+                "path '{}' must be absolute, without '.' or '..'",
+                p.display()
+            )));
         }
         if !rb.roots.iter().any(|r| p.starts_with(r) && p != *r) {
             return Err(invalid(format!(
                 "path '{}' is outside runbook '{}''s roots ({})",
                 p.display(),
                 rb.name,
-                rb.roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+                rb.roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         Ok(p)
     };
-    let invocation = |argv: &[String], cwd: &Option<String>, env: &BTreeMap<String, String>, timeout: &Option<String>| {
+    let invocation = |argv: &[String],
+                      cwd: &Option<String>,
+                      env: &BTreeMap<String, String>,
+                      timeout: &Option<String>| {
         Ok::<_, Error>(Invocation {
             argv: argv.iter().map(|a| t(a)).collect::<Result<_, _>>()?,
             cwd: cwd.as_deref().map(t).transpose()?.map(PathBuf::from),
-            env: env.iter().map(|(k, v)| Ok((k.clone(), t(v)?))).collect::<Result<_, Error>>()?,
+            env: env
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), t(v)?)))
+                .collect::<Result<_, Error>>()?,
             timeout_ms: timeout
                 .as_deref()
                 .map(|s| humantime::parse_duration(s).map_err(|e| invalid(e.to_string())))
@@ -112,9 +164,23 @@ pub(crate) fn resolve(rb: &Runbook, given: &BTreeMap<String, String>) -> Result<
                 .as_millis() as u64,
         })
     };
-    let mode = |m: &Option<String>| m.as_deref().map(parse_mode).transpose().map_err(invalid).map(|m| m.unwrap_or(0o644));
-    let user = |u: &Option<String>| u.as_deref().map(|u| t(u).and_then(|u| fsops::lookup_user(&u).map_err(invalid))).transpose();
-    let group = |g: &Option<String>| g.as_deref().map(|g| t(g).and_then(|g| fsops::lookup_group(&g).map_err(invalid))).transpose();
+    let mode = |m: &Option<String>| {
+        m.as_deref()
+            .map(parse_mode)
+            .transpose()
+            .map_err(invalid)
+            .map(|m| m.unwrap_or(0o644))
+    };
+    let user = |u: &Option<String>| {
+        u.as_deref()
+            .map(|u| t(u).and_then(|u| fsops::lookup_user(&u).map_err(invalid)))
+            .transpose()
+    };
+    let group = |g: &Option<String>| {
+        g.as_deref()
+            .map(|g| t(g).and_then(|g| fsops::lookup_group(&g).map_err(invalid)))
+            .transpose()
+    };
 
     let mut steps = Vec::with_capacity(rb.steps.len());
     for spec in &rb.steps {
@@ -123,36 +189,92 @@ pub(crate) fn resolve(rb: &Runbook, given: &BTreeMap<String, String>) -> Result<
             None => t(&spec.action.default_name())?,
         };
         let step = match &spec.action {
-            Action::Command { argv, undo, cwd, env, timeout } => Step::Command {
+            Action::Command {
+                argv,
+                undo,
+                cwd,
+                env,
+                timeout,
+            } => Step::Command {
                 run: invocation(argv, cwd, env, timeout)?,
-                undo: undo.as_ref().map(|u| invocation(u, cwd, env, timeout)).transpose()?,
+                undo: undo
+                    .as_ref()
+                    .map(|u| invocation(u, cwd, env, timeout))
+                    .transpose()?,
             },
-            Action::Check { argv, cwd, env, timeout } => Step::Check { run: invocation(argv, cwd, env, timeout)? },
+            Action::Check {
+                argv,
+                cwd,
+                env,
+                timeout,
+            } => Step::Check {
+                run: invocation(argv, cwd, env, timeout)?,
+            },
             Action::BackupFile { path: p } => Step::BackupFile { path: path(p)? },
-            Action::WriteFile { path: p, content, mode: m, owner, group: g } => {
+            Action::WriteFile {
+                path: p,
+                content,
+                mode: m,
+                owner,
+                group: g,
+            } => {
                 let uid = user(owner)?;
                 let gid = group(g)?;
                 let owner = match (uid, gid) {
                     (None, None) => None,
-                    (u, g) => Some((u.unwrap_or_else(|| nix::unistd::geteuid().as_raw()), g.unwrap_or_else(|| nix::unistd::getegid().as_raw()))),
+                    (u, g) => Some((
+                        u.unwrap_or_else(|| nix::unistd::geteuid().as_raw()),
+                        g.unwrap_or_else(|| nix::unistd::getegid().as_raw()),
+                    )),
                 };
-                Step::WriteFile { path: path(p)?, content: t(content)?, mode: mode(m)?, owner }
+                Step::WriteFile {
+                    path: path(p)?,
+                    content: t(content)?,
+                    mode: mode(m)?,
+                    owner,
+                }
             }
-            Action::Download { url, path: p, max_bytes, timeout, mode: m } => {
+            Action::Download {
+                url,
+                path: p,
+                max_bytes,
+                timeout,
+                mode: m,
+            } => {
                 let raw = t(url)?;
-                let url = reqwest::Url::parse(&raw).map_err(|e| invalid(format!("'{}' is not a URL: {e}", shorten(&raw))))?;
+                let url = reqwest::Url::parse(&raw)
+                    .map_err(|e| invalid(format!("'{}' is not a URL: {e}", shorten(&raw))))?;
                 if !matches!(url.scheme(), "http" | "https") {
-                    return Err(invalid(format!("download URL '{url}' must be http or https")));
+                    return Err(invalid(format!(
+                        "download URL '{url}' must be http or https"
+                    )));
                 }
                 let timeout = timeout
                     .as_deref()
                     .map(|s| humantime::parse_duration(s).map_err(|e| invalid(e.to_string())))
                     .transpose()?
                     .unwrap_or(DEFAULT_TIMEOUT);
-                Step::Download { url, path: path(p)?, max_bytes: max_bytes.unwrap_or(DEFAULT_MAX_DOWNLOAD), timeout, mode: mode(m)? }
+                Step::Download {
+                    url,
+                    path: path(p)?,
+                    max_bytes: max_bytes.unwrap_or(DEFAULT_MAX_DOWNLOAD),
+                    timeout,
+                    mode: mode(m)?,
+                }
             }
-            Action::Chown { path: p, owner, group: g } => Step::Chown { path: path(p)?, uid: user(owner)?, gid: group(g)? },
-            Action::Chmod { path: p, mode: m } => Step::Chmod { path: path(p)?, mode: parse_mode(m).map_err(invalid)? },
+            Action::Chown {
+                path: p,
+                owner,
+                group: g,
+            } => Step::Chown {
+                path: path(p)?,
+                uid: user(owner)?,
+                gid: group(g)?,
+            },
+            Action::Chmod { path: p, mode: m } => Step::Chmod {
+                path: path(p)?,
+                mode: parse_mode(m).map_err(invalid)?,
+            },
         };
         steps.push((name, step));
     }
@@ -163,11 +285,19 @@ pub(crate) fn resolve(rb: &Runbook, given: &BTreeMap<String, String>) -> Result<
     if resources.iter().any(|r| r.is_empty()) {
         return Err(invalid("a resource renders empty".into()));
     }
-    Ok(Resolved { steps, resources, roots: rb.roots.clone() })
+    Ok(Resolved {
+        steps,
+        resources,
+        roots: rb.roots.clone(),
+    })
 }
 
 fn shorten(s: &str) -> String {
-    if s.chars().count() > 80 { format!("{}…", s.chars().take(80).collect::<String>()) } else { s.to_owned() }
+    if s.chars().count() > 80 {
+        format!("{}…", s.chars().take(80).collect::<String>())
+    } else {
+        s.to_owned()
+    }
 }
 
 fn failed(e: impl std::fmt::Display) -> StepError {
@@ -175,31 +305,59 @@ fn failed(e: impl std::fmt::Display) -> StepError {
 }
 
 /// Runs blocking file work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, StepError> {
-    tokio::task::spawn_blocking(f).await.map_err(failed)?.map_err(StepError::Failed)
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, StepError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(failed)?
+        .map_err(StepError::Failed)
 }
 
 /// Refuses a path whose real parent directory is outside the roots, or that is a symlink.
 fn check_real_path(path: &Path, roots: &[PathBuf]) -> Result<(), String> {
     let parent = path.parent().ok_or("path has no parent")?;
-    let real = parent.canonicalize().map_err(|e| format!("directory {}: {e}", parent.display()))?;
-    let inside = roots.iter().any(|r| r.canonicalize().map(|r| real.starts_with(r)).unwrap_or(false));
+    let real = parent
+        .canonicalize()
+        .map_err(|e| format!("directory {}: {e}", parent.display()))?;
+    let inside = roots.iter().any(|r| {
+        r.canonicalize()
+            .map(|r| real.starts_with(r))
+            .unwrap_or(false)
+    });
     if !inside {
-        return Err(format!("{} resolves outside the runbook's roots (through a symlink)", path.display()));
+        return Err(format!(
+            "{} resolves outside the runbook's roots (through a symlink)",
+            path.display()
+        ));
     }
-    if std::fs::symlink_metadata(path).map(|m| m.file_type().is_symlink()).unwrap_or(false) {
-        return Err(format!("{} is a symlink; runbooks only change regular files", path.display()));
+    if std::fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_symlink())
+        .unwrap_or(false)
+    {
+        return Err(format!(
+            "{} is a symlink; runbooks only change regular files",
+            path.display()
+        ));
     }
     Ok(())
 }
 
 impl Resolved {
-    pub(crate) async fn run_step(&mut self, index: usize, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+    pub(crate) async fn run_step(
+        &mut self,
+        index: usize,
+        ctx: &mut StepCtx<'_>,
+    ) -> Result<(), StepError> {
         let roots = self.roots.clone();
         match &self.steps[index].1 {
             Step::Command { run, undo } => {
                 if let Some(undo) = undo {
-                    ctx.record_undo(UndoEntry::RunCommand { run: undo.clone(), redo: Some(run.clone()) }).await?;
+                    ctx.record_undo(UndoEntry::RunCommand {
+                        run: undo.clone(),
+                        redo: Some(run.clone()),
+                    })
+                    .await?;
                 }
                 run_program(run, ctx).await
             }
@@ -208,25 +366,48 @@ impl Resolved {
                 let (path, blobs) = (path.clone(), ctx.journal.blobs.clone());
                 let entry = blocking(move || {
                     check_real_path(&path, &roots)?;
-                    UndoEntry::snapshot_file(&path, &blobs).map_err(|e| format!("{}: {e}", path.display()))
+                    UndoEntry::snapshot_file(&path, &blobs)
+                        .map_err(|e| format!("{}: {e}", path.display()))
                 })
                 .await?;
-                ctx.log(LogLevel::Info, format!("kept a copy: unwinding will {}", entry.describe()));
+                ctx.log(
+                    LogLevel::Info,
+                    format!("kept a copy: unwinding will {}", entry.describe()),
+                );
                 ctx.record_undo(entry).await
             }
-            Step::WriteFile { path, content, mode, owner } => {
+            Step::WriteFile {
+                path,
+                content,
+                mode,
+                owner,
+            } => {
                 let entry = snapshot(path, &roots, ctx).await?;
                 ctx.record_undo(entry).await?;
                 let (path, content, mode, owner) = (path.clone(), content.clone(), *mode, *owner);
-                blocking(move || fsops::write_atomic(&path, content.as_bytes(), mode, owner).map_err(|e| format!("{}: {e}", path.display()))).await
+                blocking(move || {
+                    fsops::write_atomic(&path, content.as_bytes(), mode, owner)
+                        .map_err(|e| format!("{}: {e}", path.display()))
+                })
+                .await
             }
-            Step::Download { url, path, max_bytes, timeout, mode } => {
+            Step::Download {
+                url,
+                path,
+                max_bytes,
+                timeout,
+                mode,
+            } => {
                 let tmp = download(ctx, url, path, *max_bytes, *timeout, *mode).await?;
                 let guard = TempFile(Some(tmp.clone()));
                 let entry = snapshot(path, &roots, ctx).await?;
                 ctx.record_undo(entry).await?;
                 let path = path.clone();
-                blocking(move || fsops::rename_into_place(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))).await?;
+                blocking(move || {
+                    fsops::rename_into_place(&tmp, &path)
+                        .map_err(|e| format!("{}: {e}", path.display()))
+                })
+                .await?;
                 std::mem::forget(guard);
                 Ok(())
             }
@@ -240,8 +421,12 @@ impl Resolved {
                 .await?;
                 ctx.record_undo(entry).await?;
                 blocking(move || {
-                    nix::unistd::chown(&path, uid.map(nix::unistd::Uid::from_raw), gid.map(nix::unistd::Gid::from_raw))
-                        .map_err(|e| format!("chown {}: {e}", path.display()))
+                    nix::unistd::chown(
+                        &path,
+                        uid.map(nix::unistd::Uid::from_raw),
+                        gid.map(nix::unistd::Gid::from_raw),
+                    )
+                    .map_err(|e| format!("chown {}: {e}", path.display()))
                 })
                 .await
             }
@@ -266,7 +451,11 @@ impl Resolved {
 }
 
 /// The undo entry that puts `path` back as it is now, after checking where it really is.
-async fn snapshot(path: &Path, roots: &[PathBuf], ctx: &StepCtx<'_>) -> Result<UndoEntry, StepError> {
+async fn snapshot(
+    path: &Path,
+    roots: &[PathBuf],
+    ctx: &StepCtx<'_>,
+) -> Result<UndoEntry, StepError> {
     if ctx.cancel.is_cancelled() {
         return Err(StepError::Cancelled);
     }
@@ -280,7 +469,9 @@ async fn snapshot(path: &Path, roots: &[PathBuf], ctx: &StepCtx<'_>) -> Result<U
 
 async fn run_program(run: &Invocation, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
     let cancel = ctx.cancel.clone();
-    let result = run.run(&cancel, |stream: Stream, line| ctx.output(stream, line)).await;
+    let result = run
+        .run(&cancel, |stream: Stream, line| ctx.output(stream, line))
+        .await;
     match result {
         Ok(()) => Ok(()),
         Err(crate::command::Error::Cancelled { .. }) => Err(StepError::Cancelled),
@@ -310,20 +501,33 @@ async fn download(
 ) -> Result<PathBuf, StepError> {
     let cancel = ctx.cancel.clone();
     let fetch = async {
-        let resp = ctx.shared.http.get(url.clone()).send().await.map_err(|e| failed(format!("GET {url}: {e}")))?;
+        let resp = ctx
+            .shared
+            .http
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| failed(format!("GET {url}: {e}")))?;
         let status = resp.status();
         if !status.is_success() {
             return Err(failed(format!("GET {url}: the server answered {status}")));
         }
         let total = resp.content_length().unwrap_or(0);
         if total > max_bytes {
-            return Err(failed(format!("GET {url}: {total} bytes is more than the limit of {max_bytes}")));
+            return Err(failed(format!(
+                "GET {url}: {total} bytes is more than the limit of {max_bytes}"
+            )));
         }
         let tmp = fsops::temp_beside(path);
         let mut guard = TempFile(Some(tmp.clone()));
         let mut file = {
             use std::os::unix::fs::OpenOptionsExt;
-            std::fs::File::options().write(true).create_new(true).mode(mode).open(&tmp).map_err(|e| failed(format!("{}: {e}", tmp.display())))?
+            std::fs::File::options()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)
+                .map_err(|e| failed(format!("{}: {e}", tmp.display())))?
         };
         let mut body = resp.bytes_stream();
         let mut done: u64 = 0;
@@ -332,7 +536,9 @@ async fn download(
             let chunk = chunk.map_err(|e| failed(format!("GET {url}: {e}")))?;
             done += chunk.len() as u64;
             if done > max_bytes {
-                return Err(failed(format!("GET {url}: the body passed the limit of {max_bytes} bytes")));
+                return Err(failed(format!(
+                    "GET {url}: the body passed the limit of {max_bytes} bytes"
+                )));
             }
             file.write_all(&chunk).map_err(failed)?;
             if done - reported >= 64 << 10 {
@@ -342,7 +548,8 @@ async fn download(
         }
         {
             use std::os::unix::fs::PermissionsExt;
-            file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(failed)?;
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(failed)?;
         }
         file.sync_all().map_err(failed)?;
         ctx.progress(done, total.max(done), format!("downloaded {done} bytes"));

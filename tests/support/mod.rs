@@ -1,0 +1,373 @@
+//! Test support: a real statelyd process on a loopback port with its own data directory,
+//! clients for it, and small real servers (HTTP) the runbooks talk to.
+#![allow(dead_code)]
+
+use stately::pb;
+use stately::pb::jobs_client::JobsClient;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub const OPERATOR: &str = "operator-token-0123456789";
+pub const VIEWER: &str = "viewer-token-0123456789ab";
+
+pub type Client = JobsClient<InterceptedService<Channel, Bearer>>;
+
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub fn bearer(token: Option<&str>) -> Bearer {
+    Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()))
+}
+
+/// A statelyd process. Killed when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+/// The runbooks most tests use; `{root}` is the test's file root.
+pub fn test_runbooks(root: &Path) -> String {
+    let root = root.display();
+    format!(
+        r#"
+[[runbook]]
+name = "write"
+roots = ["{root}"]
+resources = ["file:{{name}}"]
+[runbook.params.name]
+pattern = "[a-z0-9-]+"
+[runbook.params.content]
+default = "new\n"
+[[runbook.step]]
+type = "write_file"
+path = "{root}/{{name}}.txt"
+content = "{{content}}"
+
+[[runbook]]
+name = "write-then-block"
+roots = ["{root}"]
+resources = ["file:{{name}}"]
+[runbook.params.name]
+pattern = "[a-z0-9-]+"
+[[runbook.step]]
+name = "write {{name}}.txt"
+type = "write_file"
+path = "{root}/{{name}}.txt"
+content = "new\n"
+[[runbook.step]]
+name = "block"
+type = "command"
+argv = ["/bin/sh", "-c", "echo $$ > {root}/{{name}}.pid; echo ready; exec sleep 300"]
+[[runbook.step]]
+name = "never reached"
+type = "write_file"
+path = "{root}/{{name}}.after"
+content = "x"
+
+[[runbook]]
+name = "write-then-fail"
+roots = ["{root}"]
+[runbook.params.name]
+pattern = "[a-z0-9-]+"
+[[runbook.step]]
+type = "write_file"
+path = "{root}/{{name}}.txt"
+content = "new\n"
+[[runbook.step]]
+name = "fail"
+type = "check"
+argv = ["/bin/sh", "-c", "echo 'the check says no' >&2; exit 3"]
+
+[[runbook]]
+name = "chatty"
+resources = []
+[runbook.params.lines]
+default = "30"
+pattern = "[0-9]+"
+[[runbook.step]]
+name = "count"
+type = "command"
+argv = ["/bin/sh", "-c", "i=1; while [ $i -le {{lines}} ]; do echo line $i; i=$((i+1)); sleep 0.01; done"]
+
+[[runbook]]
+name = "noop"
+resources = []
+[[runbook.step]]
+type = "check"
+argv = ["/bin/true"]
+
+[[runbook]]
+name = "put"
+roots = ["{root}"]
+[runbook.params.path]
+[[runbook.step]]
+type = "write_file"
+path = "{{path}}"
+content = "x"
+
+[[runbook]]
+name = "fetch"
+roots = ["{root}"]
+[runbook.params.url]
+[[runbook.step]]
+type = "download"
+url = "{{url}}"
+path = "{root}/fetched"
+max_bytes = 1000
+"#
+    )
+}
+
+impl Daemon {
+    /// Starts statelyd with the standard tokens, the test runbooks and `extra` config.
+    pub fn start(extra: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        let config = dir.path().join("statelyd.toml");
+        let text = format!(
+            r#"listen = "127.0.0.1:0"
+data_dir = "{data}"
+shutdown_grace = "2s"
+{extra}
+[[token]]
+name = "op"
+role = "operator"
+value = "{OPERATOR}"
+[[token]]
+name = "watcher"
+role = "viewer"
+value = "{VIEWER}"
+{runbooks}"#,
+            data = dir.path().join("data").display(),
+            runbooks = test_runbooks(&root),
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut d = Daemon {
+            child: None,
+            addr: String::new(),
+            dir,
+            config,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// (Re)starts the process on the same config and data.
+    pub fn spawn(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("statelyd.log"))
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_statelyd"))
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("statelyd starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "statelyd did not start: {}",
+                    std::fs::read_to_string(self.dir.path().join("statelyd.log"))
+                        .unwrap_or_default()
+                )
+            });
+        self.addr = addr.to_owned();
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        c.wait().unwrap()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn client_as(&self, token: Option<&str>) -> Client {
+        JobsClient::with_interceptor(self.channel().await, bearer(token))
+    }
+
+    pub async fn client(&self) -> Client {
+        self.client_as(Some(OPERATOR)).await
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("statelyd.log")).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_stately"));
+        c.env("STATELY_SERVER", &self.addr)
+            .env("STATELY_TOKEN", OPERATOR);
+        c
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn runbook(name: &str, params: &[(&str, &str)]) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::Runbook(pb::RunbookJob {
+                runbook: name.into(),
+                params: params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            })),
+        }),
+        request_id: String::new(),
+        labels: Default::default(),
+    }
+}
+
+pub fn state(job: &pb::Job) -> pb::JobState {
+    pb::JobState::try_from(job.state).unwrap()
+}
+
+/// Follows a job until it ends and returns its final record.
+pub async fn wait_end(client: &mut Client, id: &str) -> pb::Job {
+    let mut s = client
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.into(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(_e) = tokio::time::timeout(Duration::from_secs(60), s.message())
+        .await
+        .expect("job ends in time")
+        .unwrap()
+    {}
+    client
+        .get_job(pb::GetJobRequest { job_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Reads events until one log line equals `text`.
+pub async fn until_log(s: &mut tonic::Streaming<pb::JobEvent>, text: &str) -> Vec<pb::JobEvent> {
+    let mut seen = Vec::new();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(30), s.message())
+            .await
+            .expect("event in time")
+            .unwrap()
+            .expect("stream open");
+        let hit = matches!(&e.event, Some(pb::job_event::Event::Log(l)) if l.message == text);
+        seen.push(e);
+        if hit {
+            return seen;
+        }
+    }
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+pub fn read_pid(path: &Path) -> i32 {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A loopback HTTP/1.1 server answering every GET with `body` (status 200), or 404 for
+/// paths ending in /missing. Returns its base URL.
+pub async fn http_server(body: &'static [u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let missing = req.lines().next().unwrap_or("").contains("/missing ");
+                let head = if missing {
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_owned()
+                } else {
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    )
+                };
+                let _ = s.write_all(head.as_bytes()).await;
+                if !missing {
+                    let _ = s.write_all(body).await;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
