@@ -1,10 +1,8 @@
 //! The job spine against a real statelyd over gRPC: submit, watch, cancel, roll back,
 //! attached runs, crash recovery, auth and bad input.
 
-mod support;
-
+use crate::support::*;
 use stately::pb;
-use support::*;
 use tonic::Code;
 
 fn write(name: &str) -> pb::SubmitJobRequest {

@@ -1,0 +1,297 @@
+//! The `stately` CLI and `statelyd`'s own flags, run as a user would run them.
+
+use crate::support::*;
+use stately::pb;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+
+fn output(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn run_exits_0_on_success_and_1_when_the_job_fails() {
+    let d = Daemon::start("");
+    let (code, out, err) =
+        output(
+            d.cli()
+                .args(["run", "write", "-p", "name=cli", "-p", "content=hi"]),
+        );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("SUCCEEDED"), "{out}");
+    assert!(out.contains("✓ step 1"), "a line per step: {out}");
+    assert_eq!(
+        std::fs::read_to_string(d.root().join("cli.txt")).unwrap(),
+        "hi"
+    );
+
+    let (code, out, _) = output(d.cli().args(["run", "write-then-fail", "-p", "name=f"]));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAILED") && out.contains("the check says no"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn errors_are_one_readable_line_with_their_own_exit_code() {
+    let d = Daemon::start("");
+    let (code, out, err) = output(d.cli().args(["run", "nope"]));
+    assert_eq!(code, 3);
+    assert!(out.is_empty());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("not found") && err.contains("nope"), "{err}");
+
+    let (code, _, err) = output(
+        d.cli()
+            .env("STATELY_TOKEN", VIEWER)
+            .args(["run", "write", "-p", "name=v"]),
+    );
+    assert_eq!(code, 3);
+    assert!(err.contains("permission denied"), "{err}");
+
+    let (code, _, err) = output(d.cli().args(["jobs", "show", "not-an-id"]));
+    assert_eq!(code, 3);
+    assert!(err.contains("invalid request"), "{err}");
+}
+
+#[tokio::test]
+async fn detach_prints_the_id_and_jobs_commands_show_it() {
+    let d = Daemon::start("");
+    let (code, out, _) = output(d.cli().args([
+        "run",
+        "write",
+        "-p",
+        "name=det",
+        "--detach",
+        "--label",
+        "team=edge",
+    ]));
+    assert_eq!(code, 0);
+    let id = out.trim().to_owned();
+    assert_eq!(id.len(), 36, "{out}");
+    let (code, out, _) = output(d.cli().args(["jobs", "watch", &id]));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("SUCCEEDED"));
+
+    let (_, out, _) = output(d.cli().args(["jobs", "list"]));
+    assert!(out.lines().next().unwrap().starts_with("ID"), "{out}");
+    assert!(out.contains(&id) && out.contains("SUCCEEDED"), "{out}");
+
+    let (_, out, _) = output(
+        d.cli()
+            .args(["-o", "json", "jobs", "list", "--label", "team=edge"]),
+    );
+    let jobs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0]["id"], id.as_str());
+    assert_eq!(jobs[0]["state"], "SUCCEEDED");
+
+    let (_, out, _) = output(d.cli().args(["jobs", "show", &id]));
+    assert!(
+        out.contains("write /") && out.contains("succeeded"),
+        "{out}"
+    );
+
+    let (code, out, _) = output(d.cli().args(["-o", "json", "jobs", "watch", &id]));
+    assert_eq!(code, 0);
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["state_changed"]["to"], "SUCCEEDED");
+
+    let (code, out, _) = output(d.cli().args(["jobs", "rollback", &id]));
+    assert_eq!(code, 0, "{out}");
+    assert!(!d.root().join("det.txt").exists());
+    let (code, _, err) = output(d.cli().args(["jobs", "rollback", &id]));
+    assert_eq!(code, 3);
+    assert!(
+        err.contains("refused") && err.contains("already rolled back"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn cancel_from_the_cli_waits_for_the_unwind() {
+    let d = Daemon::start("");
+    std::fs::write(d.root().join("c.txt"), "old\n").unwrap();
+    let mut c = d.client().await;
+    let job = c
+        .submit_job(runbook("write-then-block", &[("name", "c")]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until_log(&mut s, "ready").await;
+    let (code, out, _) = output(
+        d.cli()
+            .args(["jobs", "cancel", &job.id, "--reason", "wrong key"]),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("CANCELLED"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(d.root().join("c.txt")).unwrap(),
+        "old\n"
+    );
+}
+
+#[tokio::test]
+async fn ctrl_c_on_an_attached_run_cancels_the_job_and_shows_the_unwind() {
+    let d = Daemon::start("");
+    std::fs::write(d.root().join("i.txt"), "old\n").unwrap();
+    let mut child = d
+        .cli()
+        .args(["run", "write-then-block", "-p", "name=i"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("ready") {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the run shows its output: {seen}"
+        );
+        seen.push_str(&line);
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert_eq!(status.code(), Some(1), "{seen}{rest}");
+    assert!(
+        rest.contains("CANCELLING") && rest.contains("undone") && rest.contains("CANCELLED"),
+        "shows the unwind: {rest}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.root().join("i.txt")).unwrap(),
+        "old\n"
+    );
+}
+
+#[tokio::test]
+async fn the_cli_reaches_the_daemon_over_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("stately.sock");
+    let d = Daemon::start(&format!("listen_unix = \"{}\"\n", sock.display()));
+    let (code, out, err) = output(
+        d.cli()
+            .env("STATELY_SERVER", format!("unix:{}", sock.display()))
+            .args(["run", "noop"]),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn statelyd_with_no_config_writes_an_operator_token_the_cli_finds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_statelyd"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env("STATELY_DATA_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(daemon.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("it starts on embedded defaults")
+        .to_owned();
+    let token = dir.path().join("operator.token");
+    let mode = std::fs::metadata(&token).unwrap().permissions().mode() & 0o777;
+    let (code, out, err) = output(
+        Command::new(env!("CARGO_BIN_EXE_stately"))
+            .args(["jobs", "list"])
+            .env("STATELY_SERVER", &addr)
+            .env("STATELY_DATA_DIR", dir.path())
+            .env_remove("STATELY_TOKEN"),
+    );
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    assert_eq!(mode, 0o600);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("ID"), "{out}");
+}
+
+#[test]
+fn a_bad_config_stops_statelyd_with_the_file_line_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:0\"\n\n[history]\nkeep_total = \"many\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = output(
+        Command::new(env!("CARGO_BIN_EXE_statelyd"))
+            .arg("--config")
+            .arg(&file),
+    );
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("bad.toml") && err.contains("line 4") && err.contains("keep_total"),
+        "{err}"
+    );
+
+    std::fs::write(&file, "[[runbook]]\nname = \"r\"\n[[runbook.step]]\ntype = \"write_file\"\npath = \"/x/{nope}\"\ncontent = \"\"\nroots = 1\n").unwrap();
+    let (code, _, err) = output(
+        Command::new(env!("CARGO_BIN_EXE_statelyd"))
+            .arg("--config")
+            .arg(&file),
+    );
+    assert_eq!(code, 64, "{err}");
+}
+
+#[test]
+fn print_config_prints_a_config_statelyd_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, text, _) =
+        output(Command::new(env!("CARGO_BIN_EXE_statelyd")).arg("--print-config"));
+    assert_eq!(code, 0);
+    assert!(
+        text.lines().filter(|l| l.starts_with('#')).count() > 20,
+        "every key is commented"
+    );
+    let file = dir.path().join("printed.toml");
+    std::fs::write(&file, text).unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_statelyd"))
+        .arg("--config")
+        .arg(&file)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(daemon.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    assert!(line.starts_with("listening on 127.0.0.1:"), "{line}");
+}

@@ -1,0 +1,10 @@
+//! Integration tests: each starts real statelyd processes (and the real programs and servers
+//! they drive) on loopback, and checks behaviour through gRPC and the CLI. One test binary, so
+//! the suite links once.
+
+mod support;
+
+mod cli;
+mod jobs_api;
+mod reflection;
+mod runbooks;

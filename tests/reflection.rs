@@ -1,0 +1,254 @@
+//! A generic client, as grpcurl is: it learns the API only through server reflection (v1 and
+//! v1alpha), builds messages from JSON, and calls the jobs service with them.
+
+use crate::support::*;
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
+use std::collections::BTreeSet;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_reflection::pb::v1 as refl;
+
+struct DynCodec(MessageDescriptor);
+struct DynEncoder;
+struct DynDecoder(MessageDescriptor);
+
+impl Codec for DynCodec {
+    type Encode = DynamicMessage;
+    type Decode = DynamicMessage;
+    type Encoder = DynEncoder;
+    type Decoder = DynDecoder;
+    fn encoder(&mut self) -> DynEncoder {
+        DynEncoder
+    }
+    fn decoder(&mut self) -> DynDecoder {
+        DynDecoder(self.0.clone())
+    }
+}
+
+impl Encoder for DynEncoder {
+    type Item = DynamicMessage;
+    type Error = Status;
+    fn encode(&mut self, item: DynamicMessage, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(dst)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+impl Decoder for DynDecoder {
+    type Item = DynamicMessage;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<DynamicMessage>, Status> {
+        DynamicMessage::decode(self.0.clone(), src)
+            .map(Some)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+type ReflClient =
+    refl::server_reflection_client::ServerReflectionClient<InterceptedService<Channel, Bearer>>;
+
+async fn ask(
+    client: &mut ReflClient,
+    req: refl::server_reflection_request::MessageRequest,
+) -> refl::server_reflection_response::MessageResponse {
+    let req = refl::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(req),
+    };
+    let mut s = client
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    s.message()
+        .await
+        .unwrap()
+        .unwrap()
+        .message_response
+        .unwrap()
+}
+
+/// Fetches the file defining `symbol` and every file it imports, as grpcurl does.
+async fn pool_for(client: &mut ReflClient, symbol: &str) -> DescriptorPool {
+    use refl::server_reflection_request::MessageRequest as Q;
+    use refl::server_reflection_response::MessageResponse as A;
+    let mut files = std::collections::HashMap::new();
+    let mut wanted = vec![Q::FileContainingSymbol(symbol.into())];
+    while let Some(q) = wanted.pop() {
+        let A::FileDescriptorResponse(r) = ask(client, q).await else {
+            panic!("no descriptor")
+        };
+        for bytes in r.file_descriptor_proto {
+            let fd = prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap();
+            for dep in &fd.dependency {
+                if !files.contains_key(dep) {
+                    wanted.push(Q::FileByFilename(dep.clone()));
+                }
+            }
+            files.insert(fd.name().to_owned(), fd);
+        }
+        wanted.retain(|q| !matches!(q, Q::FileByFilename(f) if files.contains_key(f)));
+    }
+    DescriptorPool::from_file_descriptor_set(prost_types::FileDescriptorSet {
+        file: files.into_values().collect(),
+    })
+    .unwrap()
+}
+
+fn message(desc: MessageDescriptor, json: &str) -> DynamicMessage {
+    let mut de = serde_json::Deserializer::from_str(json);
+    let m = DynamicMessage::deserialize(desc, &mut de).unwrap();
+    de.end().unwrap();
+    m
+}
+
+fn to_json(m: &DynamicMessage) -> serde_json::Value {
+    serde_json::to_value(m).unwrap()
+}
+
+#[tokio::test]
+async fn reflection_v1_and_v1alpha_list_the_services() {
+    let d = Daemon::start("");
+    let mut v1 = refl::server_reflection_client::ServerReflectionClient::with_interceptor(
+        d.channel().await,
+        bearer(Some(VIEWER)),
+    );
+    let refl::server_reflection_response::MessageResponse::ListServicesResponse(list) = ask(
+        &mut v1,
+        refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+    )
+    .await
+    else {
+        panic!("not a service list")
+    };
+    let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains("stately.v1.Jobs"), "{names:?}");
+    assert!(names.contains("grpc.health.v1.Health"), "{names:?}");
+
+    use tonic_reflection::pb::v1alpha as alpha;
+    let mut old = alpha::server_reflection_client::ServerReflectionClient::with_interceptor(
+        d.channel().await,
+        bearer(Some(VIEWER)),
+    );
+    let req = alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut s = old
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        s.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("v1alpha answers too")
+    };
+    assert!(list.service.iter().any(|s| s.name == "stately.v1.Jobs"));
+
+    let mut anonymous =
+        refl::server_reflection_client::ServerReflectionClient::new(d.channel().await);
+    let req = refl::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let err = anonymous
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::Unauthenticated,
+        "reflection needs a token too"
+    );
+}
+
+#[tokio::test]
+async fn a_generic_client_submits_watches_and_reads_a_job_from_json() {
+    let d = Daemon::start("");
+    let channel = d.channel().await;
+    let mut refl = refl::server_reflection_client::ServerReflectionClient::with_interceptor(
+        channel.clone(),
+        bearer(Some(OPERATOR)),
+    );
+    let pool = pool_for(&mut refl, "stately.v1.Jobs").await;
+    let svc = pool
+        .get_service_by_name("stately.v1.Jobs")
+        .expect("the service is described");
+    let method = |name: &str| {
+        svc.methods()
+            .find(|m| m.name() == name)
+            .unwrap_or_else(|| panic!("{name} is described"))
+    };
+
+    let mut grpc =
+        tonic::client::Grpc::new(InterceptedService::new(channel, bearer(Some(OPERATOR))));
+    let call =
+        |name: &str| PathAndQuery::from_maybe_shared(format!("/stately.v1.Jobs/{name}")).unwrap();
+
+    let submit = method("SubmitJob");
+    let req = message(
+        submit.input(),
+        r#"{"spec": {"runbook": {"runbook": "write", "params": {"name": "json", "content": "from json\n"}}}, "labels": {"via": "reflection"}}"#,
+    );
+    grpc.ready().await.unwrap();
+    let job = grpc
+        .unary(
+            tonic::Request::new(req),
+            call("SubmitJob"),
+            DynCodec(submit.output()),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let job = to_json(&job);
+    let id = job["id"].as_str().expect("the job has an id").to_owned();
+    assert_eq!(job["state"], "JOB_STATE_PENDING");
+
+    let watch = method("WatchJob");
+    let req = message(watch.input(), &format!(r#"{{"jobId": "{id}"}}"#));
+    grpc.ready().await.unwrap();
+    let mut events = grpc
+        .server_streaming(
+            tonic::Request::new(req),
+            call("WatchJob"),
+            DynCodec(watch.output()),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = serde_json::Value::Null;
+    while let Some(e) = events.message().await.unwrap() {
+        last = to_json(&e);
+    }
+    assert_eq!(last["stateChanged"]["to"], "JOB_STATE_SUCCEEDED", "{last}");
+
+    let get = method("GetJob");
+    let req = message(get.input(), &format!(r#"{{"jobId": "{id}"}}"#));
+    grpc.ready().await.unwrap();
+    let job = to_json(
+        &grpc
+            .unary(
+                tonic::Request::new(req),
+                call("GetJob"),
+                DynCodec(get.output()),
+            )
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(job["state"], "JOB_STATE_SUCCEEDED");
+    assert_eq!(job["labels"]["via"], "reflection");
+    assert_eq!(
+        std::fs::read_to_string(d.root().join("json.txt")).unwrap(),
+        "from json\n"
+    );
+}
