@@ -187,6 +187,9 @@ pub struct ParamSpec {
     pub default: Option<String>,
     /// A regular expression the whole value must match.
     pub pattern: Option<String>,
+    /// `pattern`, anchored and compiled once when the config is loaded.
+    #[serde(skip)]
+    pub(crate) compiled: Option<regex::Regex>,
 }
 
 /// One step of a runbook, as written in the config. Strings may hold `{param}` templates.
@@ -463,6 +466,16 @@ impl Config {
             config.runbooks.extend(more.runbooks);
         }
         config.validate(&path.display().to_string())?;
+        for spec in config
+            .runbooks
+            .iter_mut()
+            .flat_map(|r| r.params.values_mut())
+        {
+            spec.compiled = spec
+                .pattern
+                .as_deref()
+                .and_then(|p| regex::Regex::new(&format!("^(?:{p})$")).ok());
+        }
         Ok(config)
     }
 

@@ -101,7 +101,8 @@ pub async fn run(
     })?;
     let mut servers = tokio::task::JoinSet::new();
     let stop = stopping.clone();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(tcp);
+    // Without TCP_NODELAY, streamed events meet delayed ACKs and a reply can wait 40 ms.
+    let incoming = tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true));
     let tcp_server =
         router().serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await });
     servers.spawn(tcp_server);

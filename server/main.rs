@@ -57,7 +57,13 @@ fn main() -> ExitCode {
     if let Some(dir) = flags.data_dir {
         config.data_dir = dir;
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Few blocking threads: file steps fsync one disk, and dozens of threads creating files in
+    // one directory mostly spin on its lock.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(4)
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("statelyd: cannot start the runtime: {e}");

@@ -185,7 +185,7 @@ impl Engine {
                 .lock()
                 .expect("live lock")
                 .insert(record.id, live.clone());
-            s.tasks.spawn(runner::run(s.clone(), record, live));
+            s.tasks.spawn(runner::run(s.clone(), record, live, None));
         }
         Ok(())
     }
@@ -265,7 +265,7 @@ impl Engine {
         }
     }
 
-    async fn enqueue(&self, sub: Submission, plan: kinds::Plan) -> Result<JobRecord, Error> {
+    async fn enqueue(&self, sub: Submission, mut plan: kinds::Plan) -> Result<JobRecord, Error> {
         let s = &self.shared;
         if !s.accepting.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::Unavailable("the daemon is shutting down".into()));
@@ -276,8 +276,7 @@ impl Engine {
             id,
             spec: sub.spec,
             state: JobState::Pending,
-            steps: plan
-                .steps
+            steps: std::mem::take(&mut plan.steps)
                 .into_iter()
                 .map(|name| StepRecord {
                     name,
@@ -289,7 +288,7 @@ impl Engine {
                 .collect(),
             request_id: sub.request_id,
             labels: sub.labels,
-            resources: plan.resources,
+            resources: std::mem::take(&mut plan.resources),
             waiting_for: Vec::new(),
             created_at: now,
             started_at: None,
@@ -330,7 +329,8 @@ impl Engine {
             .into_iter()
             .map(|(r, _)| r)
             .collect();
-        s.tasks.spawn(runner::run(s.clone(), record.clone(), live));
+        s.tasks
+            .spawn(runner::run(s.clone(), record.clone(), live, plan.prepared));
         Ok(record)
     }
 
@@ -551,6 +551,7 @@ impl Engine {
         let plan = kinds::Plan {
             steps: kinds::rollback::step_names(),
             resources: target.resources.clone(),
+            prepared: None,
         };
         self.enqueue(
             Submission {

@@ -245,7 +245,12 @@ impl StepCtx<'_> {
 }
 
 /// Runs a submitted job to its end.
-pub(crate) async fn run(shared: Arc<Shared>, mut record: JobRecord, live: Arc<LiveJob>) {
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut record: JobRecord,
+    live: Arc<LiveJob>,
+    prepared: Option<Executor>,
+) {
     let mut journal = Journal::new(&shared, &live, &record, Vec::new());
     let id = record.id;
 
@@ -294,7 +299,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut record: JobRecord, live: Arc<Li
         )
         .await;
 
-    let outcome = execute(&shared, &mut record, &mut journal, &live).await;
+    let outcome = execute(&shared, &mut record, &mut journal, &live, prepared).await;
     let mut extra = Vec::new();
     let (end, reason) = match outcome {
         Ok(writes) => {
@@ -346,8 +351,12 @@ async fn execute(
     record: &mut JobRecord,
     journal: &mut Journal,
     live: &LiveJob,
+    prepared: Option<Executor>,
 ) -> Result<Vec<Write>, StepError> {
-    let mut executor = Executor::prepare(&record.spec, shared).await?;
+    let mut executor = match prepared {
+        Some(e) => e,
+        None => Executor::prepare(&record.spec, shared).await?,
+    };
     if executor.step_count() != record.steps.len() {
         return Err(StepError::Failed(
             "the runbook's steps changed in the configuration since the job was submitted".into(),

@@ -14,6 +14,8 @@ use crate::store::Write;
 pub(crate) struct Plan {
     pub(crate) steps: Vec<String>,
     pub(crate) resources: Vec<String>,
+    /// The executor built while planning, so the job need not build it again.
+    pub(crate) prepared: Option<Executor>,
 }
 
 /// How a step ended badly.
@@ -46,6 +48,7 @@ pub(crate) fn plan(spec: &JobSpec, config: &Config) -> Result<Plan, Error> {
             Ok(Plan {
                 steps: resolved.step_names(),
                 resources: resolved.resources.clone(),
+                prepared: Some(Executor::Runbook(resolved)),
             })
         }
         JobSpec::Rollback { .. } => Err(Error::InvalidArgument(
@@ -55,6 +58,7 @@ pub(crate) fn plan(spec: &JobSpec, config: &Config) -> Result<Plan, Error> {
 }
 
 /// A job's steps, ready to run.
+#[derive(Debug)]
 pub(crate) enum Executor {
     Runbook(runbook::Resolved),
     Rollback(rollback::Rollback),

@@ -15,6 +15,7 @@ pub(crate) fn step_names() -> Vec<String> {
     ]
 }
 
+#[derive(Debug)]
 pub(crate) struct Rollback {
     target: JobId,
     force: bool,
