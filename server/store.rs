@@ -103,6 +103,9 @@ pub(crate) struct JobFilter {
     pub(crate) limit: u32,
 }
 
+/// Read connections kept open between reads.
+const MAX_IDLE_READERS: usize = 4;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
     pos INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -223,11 +226,17 @@ impl Store {
             None => {
                 let c = Connection::open(&self.inner.path)?;
                 c.busy_timeout(std::time::Duration::from_secs(5))?;
+                c.pragma_update(None, "cache_size", -1024)?;
                 c
             }
         };
         let out = f(&conn);
-        self.inner.readers.lock().expect("store lock").push(conn);
+        // Keep a few connections warm; a burst's extra ones are closed, so memory goes back
+        // down when the daemon is idle again.
+        let mut pool = self.inner.readers.lock().expect("store lock");
+        if pool.len() < MAX_IDLE_READERS {
+            pool.push(conn);
+        }
         out
     }
 

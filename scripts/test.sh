@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs stately's whole test suite on a fresh Debian machine: installs the Debian packages the
+# tests need when they are missing, builds once, and runs every test (in parallel where nextest
+# is installed). The tests start their own real processes on loopback; nothing leaves the machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the tests drive, and a command that shows each is there. The job spine's
+# tests need only the base system; HAProxy, Pebble and SMTP join as those issues land.
+declare -A PACKAGES=(
+  [coreutils]=/bin/sleep
+  [passwd]=/usr/sbin/nologin
+)
+missing=()
+for pkg in "${!PACKAGES[@]}"; do
+  [ -e "${PACKAGES[$pkg]}" ] || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}"
+fi
+getent group nogroup >/dev/null || { echo "the tests need the Debian group 'nogroup'" >&2; exit 1; }
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --lib --bins --tests --no-fail-fast "$@"
+else
+  cargo test --lib --bins --tests --no-fail-fast "$@"
+fi
