@@ -70,6 +70,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    spawn_trimmer();
     let result = runtime.block_on(stately::daemon::run(config, announce, shutdown_signal()));
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
@@ -79,6 +80,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// glibc keeps memory freed after a burst of jobs in its per-thread arenas; hand it back to
+/// the system now and then, so an idle daemon stays small (BENCHMARKS.md).
+fn spawn_trimmer() {
+    let _ = std::thread::Builder::new()
+        .name("malloc-trim".into())
+        .spawn(|| {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(10));
+                // SAFETY: malloc_trim only returns free heap memory to the system.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+            }
+        });
 }
 
 /// Says where it listens on stdout, so scripts and tests can use port 0.

@@ -159,6 +159,8 @@ impl Store {
             if sync_full { "FULL" } else { "NORMAL" },
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Small page caches: the working set is the newest jobs, and an idle daemon stays small.
+        conn.pragma_update(None, "cache_size", -1024)?;
         conn.execute_batch(SCHEMA)?;
         conn.set_prepared_statement_cache_capacity(64);
         let (tx, rx) = mpsc::channel::<Batch>();
@@ -226,7 +228,7 @@ impl Store {
             None => {
                 let c = Connection::open(&self.inner.path)?;
                 c.busy_timeout(std::time::Duration::from_secs(5))?;
-                c.pragma_update(None, "cache_size", -1024)?;
+                c.pragma_update(None, "cache_size", -256)?;
                 c
             }
         };
