@@ -24,6 +24,9 @@ impl From<engine::Error> for Status {
             FailedPrecondition(m) => Status::failed_precondition(m),
             AlreadyExists(m) => Status::already_exists(m),
             Unavailable(m) => Status::unavailable(m),
+            Store(crate::store::Error::Closed) => {
+                Status::unavailable("the daemon is shutting down")
+            }
             Store(e) => {
                 tracing::error!("{e}");
                 Status::internal(e.to_string())
@@ -209,6 +212,10 @@ struct Attached {
 fn grpc_timeout<T>(req: &Request<T>) -> Option<std::time::Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    // The spec allows at most 8 digits, so none of the products below can overflow.
+    if n.is_empty() || n.len() > 8 {
+        return None;
+    }
     let n: u64 = n.parse().ok()?;
     use std::time::Duration as D;
     Some(match unit {

@@ -10,6 +10,9 @@ use std::time::{Duration, SystemTime};
 #[derive(Clone, Debug)]
 pub(crate) struct BlobStore {
     dir: PathBuf,
+    /// Taken by `put` and by the collector's look-and-remove, so a blob being reused is
+    /// never removed between the two.
+    gc: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 /// The hex SHA-256 of some bytes.
@@ -20,7 +23,10 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 impl BlobStore {
     pub(crate) fn open(dir: PathBuf) -> io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            gc: Default::default(),
+        })
     }
 
     fn path(&self, hash: &str) -> PathBuf {
@@ -32,6 +38,7 @@ impl BlobStore {
     pub(crate) fn put(&self, bytes: &[u8]) -> io::Result<String> {
         let hash = sha256_hex(bytes);
         let path = self.path(&hash);
+        let _gc = self.gc.lock().expect("blob lock");
         if path.exists() {
             let f = std::fs::File::options().append(true).open(&path)?;
             f.set_modified(SystemTime::now())?;

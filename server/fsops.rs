@@ -104,7 +104,12 @@ pub(crate) fn write_atomic(
             .create_new(true)
             .open(&tmp)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        if let Some((uid, gid)) = owner {
+        // A daemon that is not root may only "give" a file to itself: skip that no-op.
+        let me = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        if let Some((uid, gid)) = owner.filter(|o| *o != me) {
             nix::unistd::fchown(&f, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
                 .map_err(io::Error::from)?;
         }

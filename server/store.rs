@@ -34,7 +34,7 @@ pub enum Error {
 }
 
 /// One change to the ledger.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Write {
     /// A new job.
     InsertJob(JobRecord),
@@ -189,11 +189,13 @@ impl Store {
     /// Queues writes, in order, without waiting for them to be durable. Events among them go
     /// to `publish` once committed.
     pub(crate) fn write(&self, writes: Vec<Write>, publish: Option<&broadcast::Sender<Event>>) {
-        let _ = self.send(Batch {
+        if let Err(e) = self.send(Batch {
             writes,
             publish: publish.cloned(),
             ack: None,
-        });
+        }) {
+            tracing::error!("{e}: a write was dropped");
+        }
     }
 
     /// Writes and waits until they are durable (and their events published).
@@ -447,8 +449,15 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Batch>) {
                     }
                 }
             }
-            if let Some(ack) = batch.ack {
-                let _ = ack.send(result);
+            match batch.ack {
+                Some(ack) => {
+                    let _ = ack.send(result);
+                }
+                None => {
+                    if let Err(e) = result {
+                        tracing::error!("store: a write failed: {e}");
+                    }
+                }
             }
         }
     }
@@ -565,9 +574,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Drops finished jobs that are neither among the newest `keep_total` finished jobs nor among
-/// the newest `keep_per_resource` finished jobs of any resource they touch, with their events
-/// and journals (their blobs are collected afterwards).
+/// Drops a finished job when it is beyond the newest `keep_total` finished jobs, or beyond the
+/// newest `keep_per_resource` finished jobs of every resource it touches; with its events and
+/// journal (its blobs are collected afterwards).
 fn prune(
     tx: &rusqlite::Transaction<'_>,
     keep_per_resource: u32,

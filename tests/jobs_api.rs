@@ -942,3 +942,72 @@ async fn sigterm_stops_the_daemon_cleanly() {
         .into_inner();
     assert_eq!(state(&job), pb::JobState::Succeeded);
 }
+
+#[tokio::test]
+async fn a_symlink_out_of_the_roots_is_refused_when_the_step_runs() {
+    let d = Daemon::start("");
+    let outside = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(outside.path(), d.root().join("link")).unwrap();
+    let mut c = d.client().await;
+    let path = format!("{}/link/escaped", d.root().display());
+    let job = c
+        .submit_job(runbook("put", &[("path", &path)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let job = wait_end(&mut c, &job.id).await;
+    assert_eq!(state(&job), pb::JobState::Failed);
+    assert!(
+        job.error.contains("outside the runbook's roots"),
+        "{}",
+        job.error
+    );
+    assert_eq!(
+        std::fs::read_dir(outside.path()).unwrap().count(),
+        0,
+        "nothing was written outside"
+    );
+}
+
+#[tokio::test]
+async fn history_keeps_at_most_keep_total_finished_jobs() {
+    let d = Daemon::start(
+        "[history]\nkeep_per_resource = 100\nkeep_total = 3\nprune_interval = \"100ms\"\n",
+    );
+    let mut c = d.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let j = c
+            .submit_job(runbook("noop", &[]))
+            .await
+            .unwrap()
+            .into_inner();
+        wait_end(&mut c, &j.id).await;
+        ids.push(j.id);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let listed: Vec<String> = c
+            .list_jobs(pb::ListJobsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        if listed.len() == 3 {
+            assert_eq!(
+                listed,
+                ids[2..].iter().rev().cloned().collect::<Vec<_>>(),
+                "the newest three are kept"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pruned to 3: {listed:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -61,6 +61,8 @@ pub struct Submission {
 pub(crate) struct LiveJob {
     pub(crate) cancel: CancellationToken,
     pub(crate) events: broadcast::Sender<Event>,
+    /// The job's latest recorded state; a cancel waits on it (it cannot miss a change).
+    pub(crate) state: tokio::sync::watch::Sender<JobState>,
     reason: Mutex<Option<String>>,
 }
 
@@ -69,6 +71,7 @@ impl LiveJob {
         Arc::new(LiveJob {
             cancel: CancellationToken::new(),
             events: broadcast::channel(256).0,
+            state: tokio::sync::watch::Sender::new(JobState::Pending),
             reason: Mutex::new(None),
         })
     }
@@ -241,7 +244,7 @@ impl Engine {
             ));
         }
         validate_labels(&sub.labels)?;
-        let plan = kinds::plan(&sub.spec, &self.shared.config)?;
+        let plan = || kinds::plan(&sub.spec, &self.shared.config);
         match sub.request_id.as_deref() {
             Some(rid) => {
                 if rid.is_empty() || rid.len() > 256 {
@@ -257,11 +260,16 @@ impl Engine {
                             existing.id
                         )));
                     }
+                    // A repeat gets its job back even if the config changed since.
                     return Ok(existing);
                 }
+                let plan = plan()?;
                 self.enqueue(sub, plan).await
             }
-            None => self.enqueue(sub, plan).await,
+            None => {
+                let plan = plan()?;
+                self.enqueue(sub, plan).await
+            }
         }
     }
 
@@ -459,7 +467,7 @@ impl Engine {
                 }
             )));
         };
-        let mut events = live.events.subscribe();
+        let mut state = live.state.subscribe();
         let reason = if reason.trim().is_empty() {
             "cancelled by request".to_owned()
         } else {
@@ -469,30 +477,17 @@ impl Engine {
         let deadline = if wait {
             Duration::from_secs(3600)
         } else {
-            Duration::from_secs(2)
+            Duration::from_secs(5)
         };
-        let seen = tokio::time::timeout(deadline, async {
-            loop {
-                match events.recv().await {
-                    Ok(Event {
-                        body: EventBody::State { to, .. },
-                        ..
-                    }) if to.is_terminal() || (!wait && to == JobState::Cancelling) => return,
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if let Ok(r) = self.get(id)
-                            && (r.state.is_terminal() || (!wait && r.state == JobState::Cancelling))
-                        {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        })
+        let seen = tokio::time::timeout(
+            deadline,
+            state.wait_for(|s| s.is_terminal() || (!wait && *s == JobState::Cancelling)),
+        )
         .await;
         let record = self.get(id)?;
-        if seen.is_ok() && matches!(record.state, JobState::Succeeded | JobState::Failed) {
+        if matches!(seen, Ok(Ok(_)))
+            && matches!(record.state, JobState::Succeeded | JobState::Failed)
+        {
             return Err(Error::FailedPrecondition(format!(
                 "job {id} ended {} before the cancel took effect",
                 record.state.as_str()
@@ -615,7 +610,11 @@ pub(crate) async fn changed_since(journal: Vec<crate::undo::JournalEntry>) -> Ve
         let mut seen = std::collections::HashSet::new();
         let mut changed = Vec::new();
         for e in journal.iter().rev() {
-            let (Some(path), Some(left)) = (e.entry.path(), &e.left) else {
+            let Some(path) = e.entry.path() else { continue };
+            let Some(left) = &e.left else {
+                if seen.insert(path.to_owned()) {
+                    changed.push(format!("{}: its state when the job ended was not recorded, so it cannot be checked", path.display()));
+                }
                 continue;
             };
             if !seen.insert(path.to_owned()) {

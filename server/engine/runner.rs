@@ -22,16 +22,18 @@ pub(crate) struct Journal {
     next_idx: u32,
     entries: Vec<JournalEntry>,
     pub(crate) blobs: BlobStore,
+    live: Arc<LiveJob>,
 }
 
 impl Journal {
     pub(crate) fn new(
         shared: &Shared,
-        live: &LiveJob,
+        live: &Arc<LiveJob>,
         record: &JobRecord,
         entries: Vec<JournalEntry>,
     ) -> Self {
         Journal {
+            live: live.clone(),
             store: shared.store.clone(),
             publish: live.events.clone(),
             job: record.id,
@@ -66,7 +68,9 @@ impl Journal {
         });
     }
 
-    /// Records the job's new state with an event, durably when `durable`.
+    /// Records the job's new state with an event, durably when `durable`; then tells those
+    /// waiting on the job's state. A durable write is retried until the store takes it: a job
+    /// whose end is not recorded must not hand its resources to the next job.
     async fn set_state(
         &mut self,
         record: &mut JobRecord,
@@ -85,13 +89,25 @@ impl Journal {
         record.last_seq = self.seq;
         let mut writes = vec![Write::UpdateJob(record.clone()), ev];
         writes.extend(extra);
-        if durable {
-            if let Err(e) = self.store.commit(writes, Some(&self.publish)).await {
-                tracing::error!(job = %self.job, "could not record state {}: {e}", to.as_str());
-            }
-        } else {
+        if !durable {
             self.store.write(writes, Some(&self.publish));
+            self.live.state.send_replace(to);
+            return;
         }
+        let mut backoff = std::time::Duration::from_millis(50);
+        loop {
+            match self.store.commit(writes.clone(), Some(&self.publish)).await {
+                Ok(()) => break,
+                // The daemon is going down; the next start recovers the job.
+                Err(crate::store::Error::Closed) => return,
+                Err(e) => {
+                    tracing::error!(job = %self.job, "could not record state {}, retrying: {e}", to.as_str());
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
+        }
+        self.live.state.send_replace(to);
     }
 
     fn update(&mut self, record: &mut JobRecord, extra: Option<EventBody>) {
@@ -253,6 +269,12 @@ pub(crate) async fn run(
 ) {
     let mut journal = Journal::new(&shared, &live, &record, Vec::new());
     let id = record.id;
+    // Frees the job's resources however this task ends, a panic included.
+    let _release = Release {
+        shared: shared.clone(),
+        id,
+        resources: record.resources.clone(),
+    };
 
     // Wait for our turn on every resource, or for a cancel.
     let resources = record.resources.clone();
@@ -284,7 +306,10 @@ pub(crate) async fn run(
         journal
             .set_state(&mut record, JobState::Cancelled, reason, true, Vec::new())
             .await;
-        shared.finish(id, &resources);
+        return;
+    }
+    if !shared.accepting.load(std::sync::atomic::Ordering::SeqCst) {
+        // Shutting down: the job stays PENDING and runs after the restart.
         return;
     }
 
@@ -308,12 +333,14 @@ pub(crate) async fn run(
             (JobState::Succeeded, "all steps succeeded".to_owned())
         }
         Err(StepError::Cancelled) => {
+            // Durable, so a restart mid-unwind still knows it was a cancel, and why.
+            record.error = Some(live.reason());
             journal
                 .set_state(
                     &mut record,
                     JobState::Cancelling,
                     live.reason(),
-                    false,
+                    true,
                     Vec::new(),
                 )
                 .await;
@@ -331,7 +358,19 @@ pub(crate) async fn run(
     journal
         .set_state(&mut record, end, reason, true, extra)
         .await;
-    shared.finish(id, &resources);
+}
+
+/// Releases a job's resources and live state when its task ends.
+struct Release {
+    shared: Arc<Shared>,
+    id: JobId,
+    resources: Vec<String>,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.shared.finish(self.id, &self.resources);
+    }
 }
 
 fn with_failures(msg: String, failures: &[String]) -> String {
@@ -357,7 +396,13 @@ async fn execute(
         Some(e) => e,
         None => Executor::prepare(&record.spec, shared).await?,
     };
-    if executor.step_count() != record.steps.len() {
+    if executor.step_names()
+        != record
+            .steps
+            .iter()
+            .map(|s| s.name.clone())
+            .collect::<Vec<_>>()
+    {
         return Err(StepError::Failed(
             "the runbook's steps changed in the configuration since the job was submitted".into(),
         ));
@@ -424,7 +469,7 @@ async fn execute(
 pub(crate) async fn recover(
     shared: &Shared,
     mut record: JobRecord,
-    live: &LiveJob,
+    live: &Arc<LiveJob>,
 ) -> Result<(), crate::store::Error> {
     let entries = shared.store.journal(record.id)?;
     let mut journal = Journal::new(shared, live, &record, entries);

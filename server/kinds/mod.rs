@@ -82,10 +82,10 @@ impl Executor {
         }
     }
 
-    pub(crate) fn step_count(&self) -> usize {
+    pub(crate) fn step_names(&self) -> Vec<String> {
         match self {
-            Executor::Runbook(r) => r.steps.len(),
-            Executor::Rollback(_) => rollback::step_names().len(),
+            Executor::Runbook(r) => r.step_names(),
+            Executor::Rollback(_) => rollback::step_names(),
         }
     }
 

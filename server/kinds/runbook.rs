@@ -314,9 +314,11 @@ async fn blocking<T: Send + 'static>(
         .map_err(StepError::Failed)
 }
 
-/// Refuses a path whose real parent directory is outside the roots, or that is a symlink.
-fn check_real_path(path: &Path, roots: &[PathBuf]) -> Result<(), String> {
+/// The path with its directory resolved (symlinks followed), refused if that lies outside the
+/// roots or the file itself is a symlink. Steps act on this path only.
+fn real_path(path: &Path, roots: &[PathBuf]) -> Result<PathBuf, String> {
     let parent = path.parent().ok_or("path has no parent")?;
+    let name = path.file_name().ok_or("path has no file name")?;
     let real = parent
         .canonicalize()
         .map_err(|e| format!("directory {}: {e}", parent.display()))?;
@@ -331,7 +333,8 @@ fn check_real_path(path: &Path, roots: &[PathBuf]) -> Result<(), String> {
             path.display()
         ));
     }
-    if std::fs::symlink_metadata(path)
+    let real = real.join(name);
+    if std::fs::symlink_metadata(&real)
         .map(|m| m.file_type().is_symlink())
         .unwrap_or(false)
     {
@@ -340,7 +343,7 @@ fn check_real_path(path: &Path, roots: &[PathBuf]) -> Result<(), String> {
             path.display()
         ));
     }
-    Ok(())
+    Ok(real)
 }
 
 impl Resolved {
@@ -349,9 +352,24 @@ impl Resolved {
         index: usize,
         ctx: &mut StepCtx<'_>,
     ) -> Result<(), StepError> {
-        let roots = self.roots.clone();
-        match &self.steps[index].1 {
-            Step::Command { run, undo } => {
+        let step = &self.steps[index].1;
+        let path = match step {
+            Step::Command { .. } | Step::Check { .. } => None,
+            Step::BackupFile { path }
+            | Step::WriteFile { path, .. }
+            | Step::Download { path, .. }
+            | Step::Chown { path, .. }
+            | Step::Chmod { path, .. } => {
+                let (path, roots) = (path.clone(), self.roots.clone());
+                Some(blocking(move || real_path(&path, &roots)).await?)
+            }
+        };
+        let at = |p: &Path| {
+            let p = p.to_owned();
+            move |e: std::io::Error| format!("{}: {e}", p.display())
+        };
+        match (step, path) {
+            (Step::Command { run, undo }, _) => {
                 if let Some(undo) = undo {
                     ctx.record_undo(UndoEntry::RunCommand {
                         run: undo.clone(),
@@ -361,65 +379,56 @@ impl Resolved {
                 }
                 run_program(run, ctx).await
             }
-            Step::Check { run } => run_program(run, ctx).await,
-            Step::BackupFile { path } => {
-                let (path, blobs) = (path.clone(), ctx.journal.blobs.clone());
-                let entry = blocking(move || {
-                    check_real_path(&path, &roots)?;
-                    UndoEntry::snapshot_file(&path, &blobs)
-                        .map_err(|e| format!("{}: {e}", path.display()))
-                })
-                .await?;
+            (Step::Check { run }, _) => run_program(run, ctx).await,
+            (_, None) => unreachable!("file steps have a path"),
+            (Step::BackupFile { .. }, Some(path)) => {
+                let entry = snapshot(&path, ctx).await?;
                 ctx.log(
                     LogLevel::Info,
                     format!("kept a copy: unwinding will {}", entry.describe()),
                 );
                 ctx.record_undo(entry).await
             }
-            Step::WriteFile {
-                path,
-                content,
-                mode,
-                owner,
-            } => {
-                let entry = snapshot(path, &roots, ctx).await?;
+            (
+                Step::WriteFile {
+                    content,
+                    mode,
+                    owner,
+                    ..
+                },
+                Some(path),
+            ) => {
+                let entry = snapshot(&path, ctx).await?;
                 ctx.record_undo(entry).await?;
-                let (path, content, mode, owner) = (path.clone(), content.clone(), *mode, *owner);
+                let (content, mode, owner, err) = (content.clone(), *mode, *owner, at(&path));
                 blocking(move || {
-                    fsops::write_atomic(&path, content.as_bytes(), mode, owner)
-                        .map_err(|e| format!("{}: {e}", path.display()))
+                    fsops::write_atomic(&path, content.as_bytes(), mode, owner).map_err(err)
                 })
                 .await
             }
-            Step::Download {
-                url,
-                path,
-                max_bytes,
-                timeout,
-                mode,
-            } => {
-                let tmp = download(ctx, url, path, *max_bytes, *timeout, *mode).await?;
-                let guard = TempFile(Some(tmp.clone()));
-                let entry = snapshot(path, &roots, ctx).await?;
+            (
+                Step::Download {
+                    url,
+                    max_bytes,
+                    timeout,
+                    mode,
+                    ..
+                },
+                Some(path),
+            ) => {
+                let tmp = download(ctx, url, &path, *max_bytes, *timeout, *mode).await?;
+                let mut guard = TempFile(Some(tmp.clone()));
+                let entry = snapshot(&path, ctx).await?;
                 ctx.record_undo(entry).await?;
-                let path = path.clone();
-                blocking(move || {
-                    fsops::rename_into_place(&tmp, &path)
-                        .map_err(|e| format!("{}: {e}", path.display()))
-                })
-                .await?;
-                std::mem::forget(guard);
+                let err = at(&path);
+                blocking(move || fsops::rename_into_place(&tmp, &path).map_err(err)).await?;
+                guard.0 = None;
                 Ok(())
             }
-            Step::Chown { path, uid, gid } => {
-                let (path, uid, gid, r2) = (path.clone(), *uid, *gid, roots.clone());
-                let p = path.clone();
-                let entry = blocking(move || {
-                    check_real_path(&p, &r2)?;
-                    UndoEntry::snapshot_ownership(&p).map_err(|e| format!("{}: {e}", p.display()))
-                })
-                .await?;
+            (Step::Chown { uid, gid, .. }, Some(path)) => {
+                let entry = snapshot_ownership(&path).await?;
                 ctx.record_undo(entry).await?;
+                let (uid, gid) = (*uid, *gid);
                 blocking(move || {
                     nix::unistd::chown(
                         &path,
@@ -430,15 +439,10 @@ impl Resolved {
                 })
                 .await
             }
-            Step::Chmod { path, mode } => {
-                let (path, mode, r2) = (path.clone(), *mode, roots.clone());
-                let p = path.clone();
-                let entry = blocking(move || {
-                    check_real_path(&p, &r2)?;
-                    UndoEntry::snapshot_ownership(&p).map_err(|e| format!("{}: {e}", p.display()))
-                })
-                .await?;
+            (Step::Chmod { mode, .. }, Some(path)) => {
+                let entry = snapshot_ownership(&path).await?;
                 ctx.record_undo(entry).await?;
+                let mode = *mode;
                 blocking(move || {
                     use std::os::unix::fs::PermissionsExt;
                     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
@@ -450,19 +454,23 @@ impl Resolved {
     }
 }
 
-/// The undo entry that puts `path` back as it is now, after checking where it really is.
-async fn snapshot(
-    path: &Path,
-    roots: &[PathBuf],
-    ctx: &StepCtx<'_>,
-) -> Result<UndoEntry, StepError> {
+/// The undo entry that puts a file back as it is now (its content, or its absence).
+async fn snapshot(path: &Path, ctx: &StepCtx<'_>) -> Result<UndoEntry, StepError> {
     if ctx.cancel.is_cancelled() {
         return Err(StepError::Cancelled);
     }
-    let (path, roots, blobs) = (path.to_owned(), roots.to_vec(), ctx.journal.blobs.clone());
+    let (path, blobs) = (path.to_owned(), ctx.journal.blobs.clone());
     blocking(move || {
-        check_real_path(&path, &roots)?;
         UndoEntry::snapshot_file(&path, &blobs).map_err(|e| format!("{}: {e}", path.display()))
+    })
+    .await
+}
+
+/// The undo entry that puts a file's mode and owner back as they are now.
+async fn snapshot_ownership(path: &Path) -> Result<UndoEntry, StepError> {
+    let path = path.to_owned();
+    blocking(move || {
+        UndoEntry::snapshot_ownership(&path).map_err(|e| format!("{}: {e}", path.display()))
     })
     .await
 }
