@@ -64,6 +64,19 @@ pub struct Config {
     pub runbooks: Vec<Runbook>,
     /// Files of more `[[runbook]]` tables (relative to this file's directory).
     pub include: Vec<PathBuf>,
+    /// HAProxy targets clients may name.
+    #[serde(rename = "haproxy")]
+    pub haproxy: Vec<HaproxyTarget>,
+}
+
+/// A HAProxy instance stately manages; clients name it, never its paths.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaproxyTarget {
+    /// What clients call it.
+    pub name: String,
+    /// Its stats/admin socket (`stats socket <path> level admin`).
+    pub stats_socket: Option<PathBuf>,
 }
 
 /// A file named by `include`: runbooks only.
@@ -371,6 +384,7 @@ impl Default for Config {
             tokens: Vec::new(),
             runbooks: Vec::new(),
             include: Vec::new(),
+            haproxy: Vec::new(),
         }
     }
 }
@@ -407,6 +421,12 @@ keep_per_resource = 50
 keep_total = 10000
 # How often jobs beyond those limits, and backups nothing references, are removed.
 prune_interval = "60s"
+
+# HAProxy targets, named by clients (who never send paths). stats_socket is the admin socket
+# from `stats socket <path> mode 600 level admin` in haproxy.cfg.
+# [[haproxy]]
+# name = "edge"
+# stats_socket = "/run/haproxy/admin.sock"
 
 # Bearer tokens, each with a role: "viewer" (get, list, watch) or "operator" (also submit,
 # run, cancel, roll back). With no token configured, an operator token is generated and
@@ -485,6 +505,23 @@ impl Config {
             origin: origin.to_owned(),
             message,
         };
+        let mut targets = std::collections::HashSet::new();
+        for t in &self.haproxy {
+            if !is_safe_name(&t.name) || !targets.insert(t.name.as_str()) {
+                return Err(invalid(format!(
+                    "haproxy target '{}': a unique name of letters, digits, '-', '_', '.'",
+                    t.name
+                )));
+            }
+            if let Some(s) = &t.stats_socket
+                && !s.is_absolute()
+            {
+                return Err(invalid(format!(
+                    "haproxy target '{}': stats_socket must be an absolute path",
+                    t.name
+                )));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for token in &self.tokens {
             match (&token.value, &token.file) {

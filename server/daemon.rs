@@ -1,7 +1,7 @@
 //! Runs statelyd: the engine, the gRPC services (jobs, health, reflection) on TCP and an
 //! optional unix socket, and an orderly stop when `shutdown` resolves.
 
-use crate::api::JobsApi;
+use crate::api::{JobsApi, StatsApi};
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::engine::Engine;
@@ -60,9 +60,21 @@ pub async fn run(
         engine: engine.clone(),
         stopping: stopping.clone(),
     };
+    let sockets = config
+        .haproxy
+        .iter()
+        .filter_map(|t| t.stats_socket.clone().map(|s| (t.name.clone(), s)))
+        .collect();
+    let stats = StatsApi {
+        hub: Arc::new(crate::stats::StatsHub::new(sockets)),
+        stopping: stopping.clone(),
+    };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<pb::jobs_server::JobsServer<JobsApi>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::stats_server::StatsServer<StatsApi>>()
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -85,6 +97,10 @@ pub async fn run(
             ))
             .add_service(pb::jobs_server::JobsServer::with_interceptor(
                 jobs.clone(),
+                auth.clone(),
+            ))
+            .add_service(pb::stats_server::StatsServer::with_interceptor(
+                stats.clone(),
                 auth.clone(),
             ))
     };

@@ -14,6 +14,7 @@ pub mod engine;
 mod fsops;
 pub mod job;
 mod kinds;
+pub mod stats;
 mod store;
 mod undo;
 

@@ -1,6 +1,7 @@
-//! The gRPC layer: converts between `pb` messages and the engine's domain types, checks the
-//! caller's role, and maps engine errors to status codes in one place. No job logic here.
+//! `stately.v1.Jobs`: converts between `pb` messages and the engine's domain types and checks
+//! the caller's role. No job logic here.
 
+use super::ts;
 use crate::auth::require;
 use crate::config::Role;
 use crate::engine::{self, Engine, Submission};
@@ -14,26 +15,6 @@ use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-
-impl From<engine::Error> for Status {
-    fn from(e: engine::Error) -> Status {
-        use engine::Error::*;
-        match e {
-            InvalidArgument(m) => Status::invalid_argument(m),
-            NotFound(m) => Status::not_found(m),
-            FailedPrecondition(m) => Status::failed_precondition(m),
-            AlreadyExists(m) => Status::already_exists(m),
-            Unavailable(m) => Status::unavailable(m),
-            Store(crate::store::Error::Closed) => {
-                Status::unavailable("the daemon is shutting down")
-            }
-            Store(e) => {
-                tracing::error!("{e}");
-                Status::internal(e.to_string())
-            }
-        }
-    }
-}
 
 /// The `stately.v1.Jobs` service.
 #[derive(Debug, Clone)]
@@ -273,13 +254,6 @@ impl Drop for Attached {
                 let _ = engine.cancel(job, "the attached call ended", false).await;
             });
         }
-    }
-}
-
-fn ts(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
     }
 }
 

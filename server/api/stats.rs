@@ -1,0 +1,270 @@
+//! `stately.v1.Stats`: converts the shared pollers' results into snapshots and deltas for each
+//! watcher, with its filter. The polling and diffing live in `crate::stats`.
+
+use super::ts;
+use crate::auth::require;
+use crate::config::Role;
+use crate::pb;
+use crate::stats::parse::{Row, RowType, State, Status as RowStatus};
+use crate::stats::{DEFAULT_INTERVAL, Filter, Poll, Snapshot, StatsHub};
+use futures_util::Stream;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// The `stately.v1.Stats` service.
+#[derive(Debug, Clone)]
+pub(crate) struct StatsApi {
+    pub(crate) hub: Arc<StatsHub>,
+    pub(crate) stopping: CancellationToken,
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::StatsUpdate, Status>> + Send>>;
+
+fn filter(f: Option<pb::StatsFilter>) -> Result<Filter, Status> {
+    let f = f.unwrap_or_default();
+    let types = f
+        .types
+        .iter()
+        .map(|t| match pb::RowType::try_from(*t) {
+            Ok(pb::RowType::Frontend) => Ok(RowType::Frontend),
+            Ok(pb::RowType::Backend) => Ok(RowType::Backend),
+            Ok(pb::RowType::Server) => Ok(RowType::Server),
+            Ok(pb::RowType::Listener) => Ok(RowType::Listener),
+            _ => Err(Status::invalid_argument(format!(
+                "filter.types: {t} is not a row type"
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Filter {
+        proxies: f.proxies,
+        servers: f.servers,
+        types,
+    })
+}
+
+fn target(t: &str) -> Result<&str, Status> {
+    if t.is_empty() {
+        return Err(Status::invalid_argument(
+            "target is required (a configured HAProxy target's name)",
+        ));
+    }
+    Ok(t)
+}
+
+#[tonic::async_trait]
+impl pb::stats_server::Stats for StatsApi {
+    async fn get_stats(
+        &self,
+        req: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::StatsSnapshot>, Status> {
+        require(&req, Role::Viewer, "GetStats")?;
+        let r = req.into_inner();
+        let target = target(&r.target)?;
+        let filter = filter(r.filter)?;
+        let snap = self.hub.snapshot(target).await?;
+        Ok(Response::new(snapshot_to_pb(
+            target,
+            crate::job::now_ms(),
+            &snap,
+            &filter,
+            self.hub.polls(target),
+        )))
+    }
+
+    type WatchStatsStream = UpdateStream;
+
+    async fn watch_stats(
+        &self,
+        req: Request<pb::WatchStatsRequest>,
+    ) -> Result<Response<UpdateStream>, Status> {
+        require(&req, Role::Viewer, "WatchStats")?;
+        let r = req.into_inner();
+        let target = target(&r.target)?.to_owned();
+        let filter = filter(r.filter)?;
+        let interval = match r.interval {
+            None => DEFAULT_INTERVAL,
+            Some(d) => Duration::try_from(d)
+                .ok()
+                .filter(|d| *d <= Duration::from_secs(3600))
+                .ok_or_else(|| Status::invalid_argument("interval must be between 0 and 1 hour"))?,
+        };
+        let mut sub = self.hub.subscribe(&target, interval)?;
+        let (tx, rx) = mpsc::channel(4);
+        let stopping = self.stopping.clone();
+        let changes_only = r.changes_only;
+        tokio::spawn(async move {
+            let mut last_seq = 0;
+            let mut need_full = true;
+            let mut poll = tokio::select! {
+                p = sub.latest() => p,
+                _ = tx.closed() => return,
+                _ = stopping.cancelled() => return,
+            };
+            loop {
+                let skipped = if last_seq == 0 {
+                    0
+                } else {
+                    poll.seq.saturating_sub(last_seq + 1)
+                };
+                last_seq = poll.seq;
+                let update = update_for(
+                    &target,
+                    &poll,
+                    &filter,
+                    changes_only && !need_full && skipped == 0,
+                    skipped,
+                );
+                need_full = poll.result.is_err();
+                if let Some(u) = update
+                    && tx.send(Ok(u)).await.is_err()
+                {
+                    return;
+                }
+                poll = tokio::select! {
+                    p = sub.next() => match p { Some(p) => p, None => return },
+                    _ = tx.closed() => return,
+                    _ = stopping.cancelled() => return,
+                };
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// What a watcher is sent for one poll: a delta (if `delta_ok` and anything it wants changed),
+/// a full snapshot, or what went wrong.
+fn update_for(
+    target: &str,
+    poll: &Poll,
+    filter: &Filter,
+    delta_ok: bool,
+    skipped: u64,
+) -> Option<pb::StatsUpdate> {
+    use pb::stats_update::Update;
+    let update = match &poll.result {
+        Err(e @ crate::stats::Error::Parse { .. }) => Update::ParseError(e.to_string()),
+        Err(e) => Update::Unreachable(e.to_string()),
+        Ok(snap) => match (&poll.delta, delta_ok) {
+            (Some(delta), true) => {
+                let d = pb::StatsDelta {
+                    changed: delta
+                        .changed
+                        .iter()
+                        .filter(|(i, _)| filter.accepts(&snap.rows[*i]))
+                        .map(|(i, before)| pb::RowChange {
+                            row: Some(row_to_pb(&snap.rows[*i])),
+                            previous_status: Some(status_to_pb(before)),
+                        })
+                        .collect(),
+                    added: delta
+                        .added
+                        .iter()
+                        .map(|i| &snap.rows[*i])
+                        .filter(|r| filter.accepts(r))
+                        .map(row_to_pb)
+                        .collect(),
+                    removed: delta
+                        .removed
+                        .iter()
+                        .filter(|(p, s)| filter.accepts_names(p, s))
+                        .map(|(p, s)| pb::RemovedRow {
+                            proxy: p.clone(),
+                            server: s.clone(),
+                        })
+                        .collect(),
+                };
+                if d.changed.is_empty() && d.added.is_empty() && d.removed.is_empty() {
+                    return None;
+                }
+                Update::Delta(d)
+            }
+            _ => Update::Snapshot(snapshot_to_pb(target, poll.at, snap, filter, poll.seq)),
+        },
+    };
+    Some(pb::StatsUpdate {
+        target: target.to_owned(),
+        at: Some(ts(poll.at)),
+        poll: poll.seq,
+        skipped,
+        update: Some(update),
+    })
+}
+
+fn snapshot_to_pb(
+    target: &str,
+    at: i64,
+    snap: &Snapshot,
+    filter: &Filter,
+    polls: u64,
+) -> pb::StatsSnapshot {
+    pb::StatsSnapshot {
+        target: target.to_owned(),
+        at: Some(ts(at)),
+        rows: snap
+            .rows
+            .iter()
+            .filter(|r| filter.accepts(r))
+            .map(row_to_pb)
+            .collect(),
+        polls,
+    }
+}
+
+fn status_to_pb(s: &RowStatus) -> pb::Status {
+    let state = match s.state {
+        State::Up => pb::ServerState::Up,
+        State::Down => pb::ServerState::Down,
+        State::Maint => pb::ServerState::Maint,
+        State::Drain => pb::ServerState::Drain,
+        State::Nolb => pb::ServerState::Nolb,
+        State::NoCheck => pb::ServerState::NoCheck,
+        State::Open => pb::ServerState::Open,
+        State::Full => pb::ServerState::Full,
+        State::Stopped => pb::ServerState::Stopped,
+        State::Other => pb::ServerState::Other,
+    };
+    pb::Status {
+        state: state as i32,
+        raw: s.raw.clone(),
+        checks_done: s.checks.map(|c| c.0),
+        checks_needed: s.checks.map(|c| c.1),
+        transitional: s.transitional(),
+    }
+}
+
+fn row_to_pb(r: &Row) -> pb::StatsRow {
+    let kind = match r.kind {
+        RowType::Frontend => pb::RowType::Frontend,
+        RowType::Backend => pb::RowType::Backend,
+        RowType::Server => pb::RowType::Server,
+        RowType::Listener => pb::RowType::Listener,
+    };
+    pb::StatsRow {
+        proxy: r.proxy.clone(),
+        server: r.server.clone(),
+        r#type: kind as i32,
+        status: Some(status_to_pb(&r.status)),
+        current_sessions: r.current_sessions,
+        max_sessions: r.max_sessions,
+        session_limit: r.session_limit,
+        total_sessions: r.total_sessions,
+        session_rate: r.session_rate,
+        request_rate: r.request_rate,
+        check_status: r.check_status.clone().unwrap_or_default(),
+        check_in_progress: r.check_in_progress,
+        check_code: r.check_code,
+        check_description: r.check_description.clone().unwrap_or_default(),
+        last_change_seconds: r.last_change,
+        downtime_seconds: r.downtime,
+        http_5xx: r.http_5xx,
+        weight: r.weight,
+        address: r.address.clone().unwrap_or_default(),
+        cookie: r.cookie.clone().unwrap_or_default(),
+    }
+}

@@ -1,0 +1,401 @@
+//! HAProxy stats: one shared poller per stats socket, however many watch it.
+//!
+//! A poller asks `show stat` on a fresh connection each tick (a persistent CLI connection
+//! would stay on the old worker after a reload), parses it, works out what changed since the
+//! previous poll once for everybody, and publishes the result on a `watch` channel. Watchers
+//! read the latest result: a slow one skips to it and is told how many polls it missed, so it
+//! neither slows the others nor holds memory. The tick is the smallest interval any watcher
+//! asks for; the poller stops when its last watcher leaves.
+
+pub mod parse;
+
+use parse::{ParseError, Row, RowType};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// The smallest poll interval.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// The interval when a watcher asks for none.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+/// A poll that takes longer than this is a failure.
+const POLL_TIMEOUT: Duration = Duration::from_secs(5);
+/// `show stat` answers larger than this are refused (5000 servers is ~1.3 MB).
+const MAX_ANSWER: usize = 256 << 20;
+
+/// Why stats could not be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// No such target in the configuration.
+    #[error("{0}")]
+    UnknownTarget(String),
+    /// The socket could not be reached or read.
+    #[error("stats socket {socket}: {reason}")]
+    Unreachable {
+        /// The socket path.
+        socket: String,
+        /// Why.
+        reason: String,
+    },
+    /// The answer could not be parsed.
+    #[error("stats socket {socket}: {source}")]
+    Parse {
+        /// The socket path.
+        socket: String,
+        /// What was wrong.
+        source: ParseError,
+    },
+}
+
+/// The rows of one poll, keyed for diffs.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// In HAProxy's order.
+    pub rows: Vec<Row>,
+    index: HashMap<(String, String), usize>,
+}
+
+impl Snapshot {
+    fn new(rows: Vec<Row>) -> Snapshot {
+        let index = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ((r.proxy.clone(), r.server.clone()), i))
+            .collect();
+        Snapshot { rows, index }
+    }
+
+    /// The row of that proxy and server.
+    pub fn get(&self, proxy: &str, server: &str) -> Option<&Row> {
+        self.index
+            .get(&(proxy.to_owned(), server.to_owned()))
+            .map(|i| &self.rows[*i])
+    }
+
+    /// What changed from `before` to `self`, in operator terms (not the counters).
+    pub fn delta_since(&self, before: &Snapshot) -> Delta {
+        let mut delta = Delta::default();
+        for (i, row) in self.rows.iter().enumerate() {
+            match before.get(&row.proxy, &row.server) {
+                Some(old) if row.state_differs(old) => delta.changed.push((i, old.status.clone())),
+                Some(_) => {}
+                None => delta.added.push(i),
+            }
+        }
+        for old in &before.rows {
+            if self.get(&old.proxy, &old.server).is_none() {
+                delta.removed.push((old.proxy.clone(), old.server.clone()));
+            }
+        }
+        delta
+    }
+}
+
+/// Changes between two polls; indexes point into the newer snapshot's rows.
+#[derive(Debug, Default, Clone)]
+pub struct Delta {
+    /// Rows whose state changed, with the status they had before.
+    pub changed: Vec<(usize, parse::Status)>,
+    /// Rows that are new.
+    pub added: Vec<usize>,
+    /// (proxy, server) of rows that are gone.
+    pub removed: Vec<(String, String)>,
+}
+
+impl Delta {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// One poll's result, shared by every watcher.
+#[derive(Debug)]
+pub struct Poll {
+    /// The socket's poll counter at this poll (1, 2, ...).
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub at: i64,
+    /// The rows, or why there are none.
+    pub result: Result<Arc<Snapshot>, Error>,
+    /// What changed since the previous successful poll (None for the first, or after a
+    /// failure).
+    pub delta: Option<Delta>,
+}
+
+/// Which rows a watcher wants.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    /// Proxy names or globs; empty: all.
+    pub proxies: Vec<String>,
+    /// Server names or globs; empty: all.
+    pub servers: Vec<String>,
+    /// Row types; empty: all.
+    pub types: Vec<RowType>,
+}
+
+impl Filter {
+    /// Whether a row passes.
+    pub fn accepts(&self, row: &Row) -> bool {
+        self.accepts_names(&row.proxy, &row.server)
+            && (self.types.is_empty() || self.types.contains(&row.kind))
+    }
+
+    /// Whether a (proxy, server) passes the name filters (for rows whose type is unknown,
+    /// such as removed ones).
+    pub fn accepts_names(&self, proxy: &str, server: &str) -> bool {
+        (self.proxies.is_empty() || self.proxies.iter().any(|p| glob(p, proxy)))
+            && (self.servers.is_empty() || self.servers.iter().any(|s| glob(s, server)))
+    }
+}
+
+/// `*` and `?` globbing, iteratively (no backtracking blow-up).
+fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// All stats pollers of the daemon, by target.
+#[derive(Debug)]
+pub struct StatsHub {
+    sockets: HashMap<String, PathBuf>,
+    pollers: Mutex<HashMap<String, Weak<Poller>>>,
+    counters: HashMap<String, Arc<AtomicU64>>,
+}
+
+/// A running poller; it stops when the last `Subscription` holding it is dropped.
+#[derive(Debug)]
+struct Poller {
+    rx: watch::Receiver<Arc<Poll>>,
+    intervals: Arc<Mutex<HashMap<u64, Duration>>>,
+    next_id: AtomicU64,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A watcher's hold on a poller.
+#[derive(Debug)]
+pub struct Subscription {
+    poller: Arc<Poller>,
+    id: u64,
+    rx: watch::Receiver<Arc<Poll>>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.poller
+            .intervals
+            .lock()
+            .expect("interval lock")
+            .remove(&self.id);
+    }
+}
+
+impl Subscription {
+    /// The latest poll (waits for the first one).
+    pub async fn latest(&mut self) -> Arc<Poll> {
+        let _ = self.rx.wait_for(|p| p.seq > 0).await;
+        self.rx.borrow_and_update().clone()
+    }
+
+    /// Waits for a poll newer than the last one this subscription returned.
+    pub async fn next(&mut self) -> Option<Arc<Poll>> {
+        self.rx.changed().await.ok()?;
+        Some(self.rx.borrow_and_update().clone())
+    }
+}
+
+impl StatsHub {
+    /// A hub for the configured targets' stats sockets.
+    pub fn new(sockets: HashMap<String, PathBuf>) -> StatsHub {
+        let counters = sockets
+            .keys()
+            .map(|k| (k.clone(), Arc::new(AtomicU64::new(0))))
+            .collect();
+        StatsHub {
+            sockets,
+            pollers: Mutex::new(HashMap::new()),
+            counters,
+        }
+    }
+
+    /// How many times a target's socket has been polled since start.
+    pub fn polls(&self, target: &str) -> u64 {
+        self.counters
+            .get(target)
+            .map_or(0, |c| c.load(Ordering::SeqCst))
+    }
+
+    fn socket(&self, target: &str) -> Result<&PathBuf, Error> {
+        self.sockets.get(target).ok_or_else(|| {
+            let mut known: Vec<&str> = self.sockets.keys().map(String::as_str).collect();
+            known.sort();
+            Error::UnknownTarget(format!(
+                "no HAProxy target '{target}' with a stats socket is configured{}",
+                if known.is_empty() {
+                    " (none are)".to_owned()
+                } else {
+                    format!(" (targets: {})", known.join(", "))
+                }
+            ))
+        })
+    }
+
+    /// Subscribes to a target's shared poller, starting it if needed, at most `interval`
+    /// apart (clamped to at least `MIN_INTERVAL`).
+    pub fn subscribe(&self, target: &str, interval: Duration) -> Result<Subscription, Error> {
+        let socket = self.socket(target)?.clone();
+        let interval = interval.max(MIN_INTERVAL);
+        let mut pollers = self.pollers.lock().expect("poller lock");
+        let poller = match pollers.get(target).and_then(Weak::upgrade) {
+            Some(p) => p,
+            None => {
+                let counter = self.counters[target].clone();
+                let p = Arc::new(start_poller(socket, counter));
+                pollers.insert(target.to_owned(), Arc::downgrade(&p));
+                p
+            }
+        };
+        let id = poller.next_id.fetch_add(1, Ordering::SeqCst);
+        poller
+            .intervals
+            .lock()
+            .expect("interval lock")
+            .insert(id, interval);
+        let rx = poller.rx.clone();
+        Ok(Subscription { poller, id, rx })
+    }
+
+    /// One snapshot now, from a fresh poll (not counted as a tick of the shared poller).
+    pub async fn snapshot(&self, target: &str) -> Result<Arc<Snapshot>, Error> {
+        let socket = self.socket(target)?.clone();
+        self.counters[target].fetch_add(1, Ordering::SeqCst);
+        fetch(&socket)
+            .await
+            .map(|rows| Arc::new(Snapshot::new(rows)))
+    }
+}
+
+fn start_poller(socket: PathBuf, counter: Arc<AtomicU64>) -> Poller {
+    let first = Arc::new(Poll {
+        seq: 0,
+        at: 0,
+        result: Ok(Arc::default()),
+        delta: None,
+    });
+    let (tx, rx) = watch::channel(first);
+    let intervals: Arc<Mutex<HashMap<u64, Duration>>> = Arc::default();
+    let task = tokio::spawn(poll_loop(socket, tx, intervals.clone(), counter)).abort_handle();
+    Poller {
+        rx,
+        intervals,
+        next_id: AtomicU64::new(0),
+        task,
+    }
+}
+
+async fn poll_loop(
+    socket: PathBuf,
+    tx: watch::Sender<Arc<Poll>>,
+    intervals: Arc<Mutex<HashMap<u64, Duration>>>,
+    counter: Arc<AtomicU64>,
+) {
+    let mut previous: Option<Arc<Snapshot>> = None;
+    loop {
+        let started = tokio::time::Instant::now();
+        let seq = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        let result = fetch(&socket)
+            .await
+            .map(|rows| Arc::new(Snapshot::new(rows)));
+        let delta = match (&result, &previous) {
+            (Ok(now), Some(before)) => Some(now.delta_since(before)),
+            _ => None,
+        };
+        previous = result.as_ref().ok().cloned();
+        tx.send_replace(Arc::new(Poll {
+            seq,
+            at: crate::job::now_ms(),
+            result,
+            delta,
+        }));
+        let interval = intervals
+            .lock()
+            .expect("interval lock")
+            .values()
+            .min()
+            .copied()
+            .unwrap_or(DEFAULT_INTERVAL);
+        tokio::time::sleep_until(started + interval).await;
+    }
+}
+
+/// One `show stat` on a fresh connection, parsed.
+async fn fetch(socket: &PathBuf) -> Result<Vec<Row>, Error> {
+    let unreachable = |reason: String| Error::Unreachable {
+        socket: socket.display().to_string(),
+        reason,
+    };
+    let read = async {
+        let mut s = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        s.write_all(b"show stat\n")
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let mut buf = Vec::with_capacity(64 << 10);
+        (&mut s)
+            .take(MAX_ANSWER as u64)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok(buf)
+    };
+    let buf = tokio::time::timeout(POLL_TIMEOUT, read)
+        .await
+        .map_err(|_| unreachable(format!("no answer within {POLL_TIMEOUT:?}")))??;
+    parse::parse(&buf).map_err(|source| Error::Parse {
+        socket: socket.display().to_string(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn globs_match_like_a_shell() {
+        assert!(glob("web*", "web1"));
+        assert!(glob("*", ""));
+        assert!(glob("w?b", "web"));
+        assert!(!glob("web", "web1"));
+        assert!(glob("*-*-x", "a-b-c-x"));
+        assert!(!glob("a*b", "acbd"));
+    }
+}
