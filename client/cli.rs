@@ -19,13 +19,9 @@ pub(crate) const EXIT_ERROR: u8 = 3;
 #[derive(Parser, Debug)]
 #[command(name = "stately", version)]
 pub(crate) struct Args {
-    /// statelyd's address: host:port, http://host:port or unix:/path.
-    #[arg(
-        long,
-        global = true,
-        env = "STATELY_SERVER",
-        default_value = "127.0.0.1:50051"
-    )]
+    /// statelyd's address: host:port, http://host:port or unix:/path. Give it before the
+    /// command (`stately --server ADDR stats ...`): `stats --server` names HAProxy servers.
+    #[arg(long, env = "STATELY_SERVER", default_value = "127.0.0.1:50051")]
     server: String,
     /// Bearer token (default: the operator token statelyd generated on this machine).
     #[arg(long, global = true, env = "STATELY_TOKEN", hide_env_values = true)]
@@ -68,6 +64,8 @@ enum Command {
     /// Jobs: list, show, watch, cancel, roll back.
     #[command(subcommand)]
     Jobs(Jobs),
+    /// HAProxy stats of a target: a table, or a live view with --watch.
+    Stats(crate::stats::StatsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -145,9 +143,13 @@ fn explain(s: tonic::Status) -> anyhow::Error {
 
 pub(crate) async fn run(args: Args) -> Result<u8> {
     let token = token(args.token.clone(), args.token_file.clone())?;
-    let mut client = connect(&args.server, &token).await?;
+    let channel = connect(&args.server, &token).await?;
     let json = args.output == Output::Json;
+    let mut client = pb::jobs_client::JobsClient::new(channel.clone());
     match args.command {
+        Command::Stats(a) => {
+            crate::stats::run(pb::stats_client::StatsClient::new(channel), a, json).await
+        }
         Command::Run {
             runbook,
             params,

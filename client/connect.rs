@@ -20,8 +20,10 @@ impl Interceptor for Bearer {
     }
 }
 
-pub(crate) type Client =
-    JobsClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+/// A channel that authenticates every call.
+pub(crate) type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+pub(crate) type Client = JobsClient<Authed>;
 
 /// Finds the token: the flag or STATELY_TOKEN, then --token-file, then the generated token.
 pub(crate) fn token(flag: Option<String>, file: Option<PathBuf>) -> Result<String> {
@@ -40,7 +42,7 @@ pub(crate) fn token(flag: Option<String>, file: Option<PathBuf>) -> Result<Strin
 }
 
 /// Connects to `server`: `host:port`, `http://host:port` or `unix:/path`.
-pub(crate) async fn connect(server: &str, token: &str) -> Result<Client> {
+pub(crate) async fn connect(server: &str, token: &str) -> Result<Authed> {
     let channel = if let Some(path) = server.strip_prefix("unix:") {
         let path = PathBuf::from(path);
         Endpoint::try_from("http://localhost")?
@@ -72,5 +74,8 @@ pub(crate) async fn connect(server: &str, token: &str) -> Result<Client> {
     let header: MetadataValue<_> = format!("Bearer {token}")
         .parse()
         .map_err(|_| anyhow!("the token holds characters a header cannot carry"))?;
-    Ok(JobsClient::with_interceptor(channel, Bearer(header)))
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        channel,
+        Bearer(header),
+    ))
 }

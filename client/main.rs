@@ -3,6 +3,7 @@
 mod cli;
 mod connect;
 mod render;
+mod stats;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -5,11 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests drive, and a command that shows each is there. The job spine's
-# tests need only the base system; HAProxy, Pebble and SMTP join as those issues land.
+# Debian packages the tests drive, and a file that shows each is there.
 declare -A PACKAGES=(
   [coreutils]=/bin/sleep
   [passwd]=/usr/sbin/nologin
+  [haproxy]=/usr/sbin/haproxy
 )
 missing=()
 for pkg in "${!PACKAGES[@]}"; do

@@ -8,3 +8,4 @@ mod cli;
 mod jobs_api;
 mod reflection;
 mod runbooks;
+mod stats;

@@ -371,3 +371,141 @@ pub async fn http_server(body: &'static [u8]) -> String {
     });
     format!("http://{addr}")
 }
+
+/// A TCP server standing in for a backend web server: it accepts and closes connections,
+/// which is all a layer-4 health check needs. Dropping it (or `stop`) makes checks fail.
+pub struct Backend {
+    pub port: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Backend {
+    pub async fn start(port: u16) -> Backend {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket
+            .bind(format!("127.0.0.1:{port}").parse().unwrap())
+            .unwrap();
+        let listener = socket.listen(128).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                drop(s);
+            }
+        });
+        Backend {
+            port,
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// A free loopback TCP port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real haproxy in master-worker mode, on loopback, with its admin socket in `dir`.
+pub struct Haproxy {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub stats: PathBuf,
+    pub config: PathBuf,
+}
+
+pub const HAPROXY: &str = "/usr/sbin/haproxy";
+
+impl Haproxy {
+    /// Starts haproxy with one frontend and the given backends of servers (name, port).
+    pub fn start(dir: &Path, backends: &[(&str, Vec<(&str, u16)>)]) -> Haproxy {
+        assert!(
+            Path::new(HAPROXY).exists(),
+            "haproxy is not installed ({HAPROXY}); scripts/test.sh installs the Debian package"
+        );
+        let stats = dir.join("admin.sock");
+        let mut cfg = format!(
+            "global\n  stats socket {} mode 600 level admin expose-fd listeners\n\
+             defaults\n  mode http\n  timeout connect 1s\n  timeout client 5s\n  timeout server 5s\n\
+             default-server check inter 100ms fall 2 rise 1\n\
+             frontend fe\n  bind 127.0.0.1:{}\n  default_backend {}\n",
+            stats.display(),
+            free_port(),
+            backends[0].0
+        );
+        for (name, servers) in backends {
+            cfg.push_str(&format!("backend {name}\n"));
+            for (s, port) in servers {
+                cfg.push_str(&format!("  server {s} 127.0.0.1:{port}\n"));
+            }
+        }
+        let config = dir.join("haproxy.cfg");
+        std::fs::write(&config, cfg).unwrap();
+        let mut h = Haproxy {
+            child: None,
+            dir: dir.to_owned(),
+            stats,
+            config,
+        };
+        h.spawn();
+        h
+    }
+
+    pub fn spawn(&mut self) {
+        let child = Command::new(HAPROXY)
+            .arg("-W")
+            .arg("-S")
+            .arg(self.dir.join("master.sock"))
+            .arg("-f")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy starts");
+        self.child = Some(child);
+        // Ready when the admin socket answers.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&self.stats).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "haproxy did not open its stats socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.stats);
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
