@@ -11,11 +11,10 @@ pub mod parse;
 
 use parse::{ParseError, Row, RowType};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 /// The smallest poll interval.
@@ -51,44 +50,62 @@ pub enum Error {
     },
 }
 
-/// The rows of one poll, keyed for diffs.
+/// The rows of one poll.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     /// In HAProxy's order.
     pub rows: Vec<Row>,
-    index: HashMap<(String, String), usize>,
+    /// proxy → server → row, built on first use (a diff of polls in the same order, the
+    /// usual case, needs none).
+    index: std::sync::OnceLock<HashMap<String, HashMap<String, usize>>>,
 }
 
 impl Snapshot {
     fn new(rows: Vec<Row>) -> Snapshot {
-        let index = rows
-            .iter()
-            .enumerate()
-            .map(|(i, r)| ((r.proxy.clone(), r.server.clone()), i))
-            .collect();
-        Snapshot { rows, index }
+        Snapshot {
+            rows,
+            index: Default::default(),
+        }
     }
 
     /// The row of that proxy and server.
     pub fn get(&self, proxy: &str, server: &str) -> Option<&Row> {
-        self.index
-            .get(&(proxy.to_owned(), server.to_owned()))
-            .map(|i| &self.rows[*i])
+        let index = self.index.get_or_init(|| {
+            let mut index: HashMap<String, HashMap<String, usize>> = HashMap::new();
+            for (i, r) in self.rows.iter().enumerate() {
+                index
+                    .entry(r.proxy.clone())
+                    .or_default()
+                    .insert(r.server.clone(), i);
+            }
+            index
+        });
+        index.get(proxy)?.get(server).map(|i| &self.rows[*i])
     }
 
     /// What changed from `before` to `self`, in operator terms (not the counters).
     pub fn delta_since(&self, before: &Snapshot) -> Delta {
         let mut delta = Delta::default();
+        let mut same_order = self.rows.len() == before.rows.len();
         for (i, row) in self.rows.iter().enumerate() {
-            match before.get(&row.proxy, &row.server) {
+            let at_same_place = before
+                .rows
+                .get(i)
+                .filter(|o| o.proxy == row.proxy && o.server == row.server);
+            if at_same_place.is_none() {
+                same_order = false;
+            }
+            match at_same_place.or_else(|| before.get(&row.proxy, &row.server)) {
                 Some(old) if row.state_differs(old) => delta.changed.push((i, old.status.clone())),
                 Some(_) => {}
                 None => delta.added.push(i),
             }
         }
-        for old in &before.rows {
-            if self.get(&old.proxy, &old.server).is_none() {
-                delta.removed.push((old.proxy.clone(), old.server.clone()));
+        if !same_order {
+            for old in &before.rows {
+                if self.get(&old.proxy, &old.server).is_none() {
+                    delta.removed.push((old.proxy.clone(), old.server.clone()));
+                }
             }
         }
         delta
@@ -355,30 +372,42 @@ async fn poll_loop(
     }
 }
 
-/// One `show stat` on a fresh connection, parsed.
-async fn fetch(socket: &PathBuf) -> Result<Vec<Row>, Error> {
-    let unreachable = |reason: String| Error::Unreachable {
-        socket: socket.display().to_string(),
-        reason,
-    };
-    let read = async {
-        let mut s = tokio::net::UnixStream::connect(socket)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        s.write_all(b"show stat\n")
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let mut buf = Vec::with_capacity(64 << 10);
-        (&mut s)
-            .take(MAX_ANSWER as u64)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        Ok(buf)
-    };
-    let buf = tokio::time::timeout(POLL_TIMEOUT, read)
+/// One `show stat` on a fresh connection, parsed: blocking I/O on a blocking thread, which
+/// costs less CPU than waking the reactor for each of the ~70 chunks of a large answer.
+async fn fetch(socket: &Path) -> Result<Vec<Row>, Error> {
+    let socket = socket.to_owned();
+    tokio::task::spawn_blocking(move || fetch_blocking(&socket))
         .await
-        .map_err(|_| unreachable(format!("no answer within {POLL_TIMEOUT:?}")))??;
+        .map_err(|e| Error::Unreachable {
+            socket: String::new(),
+            reason: e.to_string(),
+        })?
+}
+
+fn fetch_blocking(socket: &Path) -> Result<Vec<Row>, Error> {
+    use std::io::{Read, Write};
+    let unreachable = |e: std::io::Error| {
+        let reason = match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                format!("no answer within {POLL_TIMEOUT:?}")
+            }
+            _ => e.to_string(),
+        };
+        Error::Unreachable {
+            socket: socket.display().to_string(),
+            reason,
+        }
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(unreachable)?;
+    s.set_read_timeout(Some(POLL_TIMEOUT))
+        .map_err(unreachable)?;
+    s.set_write_timeout(Some(POLL_TIMEOUT))
+        .map_err(unreachable)?;
+    s.write_all(b"show stat\n").map_err(unreachable)?;
+    let mut buf = Vec::with_capacity(256 << 10);
+    s.take(MAX_ANSWER as u64)
+        .read_to_end(&mut buf)
+        .map_err(unreachable)?;
     parse::parse(&buf).map_err(|source| Error::Parse {
         socket: socket.display().to_string(),
         source,

@@ -248,6 +248,7 @@ pub fn parse(text: &[u8]) -> Result<Vec<Row>, ParseError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
+        .buffer_capacity(256 << 10)
         .from_reader(&text[header_end + 1..]);
     let mut rows = Vec::new();
     let mut record = csv::ByteRecord::new();
