@@ -220,7 +220,7 @@ fn main() {
     let per_poll = rt.block_on(async {
         let hub = StatsHub::new(HashMap::from([("edge".to_owned(), big_sock.clone())]));
         let mut sub = hub.subscribe("edge", Duration::from_millis(100)).unwrap();
-        sub.latest().await;
+        sub.latest().await.unwrap();
         let me = std::process::id();
         let (c0, p0) = (cpu_secs(me), hub.polls("edge"));
         for _ in 0..30 {

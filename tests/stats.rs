@@ -112,7 +112,7 @@ async fn until_change(
     }
 }
 
-/// Waits until GetStats shows `server` in `want`.
+/// Waits until GetStats shows `server` settled in `want` (not "UP 1/2" and the like).
 async fn until_state(c: &mut StatsClient, proxy: &str, server: &str, want: pb::ServerState) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -124,7 +124,8 @@ async fn until_state(c: &mut StatsClient, proxy: &str, server: &str, want: pb::S
             .await
             .unwrap()
             .into_inner();
-        if state(row(&snap.rows, proxy, server)) == want {
+        let r = row(&snap.rows, proxy, server);
+        if state(r) == want && !r.status.as_ref().unwrap().transitional {
             return;
         }
         assert!(
@@ -438,4 +439,113 @@ async fn the_cli_prints_a_table_and_streams_json() {
     assert_eq!(v["target"], "edge");
     assert_eq!(v["snapshot"][0]["server"], "s1");
     assert_eq!(v["snapshot"][0]["status"], "UP");
+}
+
+#[tokio::test]
+async fn the_poller_follows_the_shortest_interval_and_stops_when_nobody_watches() {
+    let e = edge().await;
+    let mut c = stats_client(&e.d).await;
+    let full = |interval_ms: u64| pb::WatchStatsRequest {
+        target: "edge".into(),
+        filter: None,
+        interval: Some(prost_types::Duration {
+            seconds: (interval_ms / 1000) as i64,
+            nanos: ((interval_ms % 1000) * 1_000_000) as i32,
+        }),
+        changes_only: false,
+    };
+    let mut slow_client = stats_client(&e.d).await;
+    let mut slow = slow_client
+        .watch_stats(full(10_000))
+        .await
+        .unwrap()
+        .into_inner();
+    slow.message().await.unwrap().unwrap();
+    // A faster watcher joining shortens the shared tick at once.
+    let mut fast = c.watch_stats(full(100)).await.unwrap().into_inner();
+    let t = Instant::now();
+    for _ in 0..4 {
+        fast.message().await.unwrap().unwrap();
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "4 snapshots at 100 ms took {:?}",
+        t.elapsed()
+    );
+    // The 10 s watcher is not flooded with the fast one's ticks.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), slow.message())
+            .await
+            .is_err(),
+        "full snapshots at its own pace"
+    );
+    drop((fast, slow));
+
+    // With no watcher left the poller stops: only the two GetStats below poll.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = c
+        .get_stats(pb::GetStatsRequest {
+            target: "edge".into(),
+            filter: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .polls;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = c
+        .get_stats(pb::GetStatsRequest {
+            target: "edge".into(),
+            filter: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .polls;
+    assert_eq!(
+        after,
+        before + 1,
+        "the poller kept polling after its last watcher left"
+    );
+
+    // And a new watcher starts it again.
+    let mut again = watch(&mut c, None, 100).await;
+    assert!(matches!(
+        again.message().await.unwrap().unwrap().update,
+        Some(pb::stats_update::Update::Snapshot(_))
+    ));
+}
+
+#[tokio::test]
+async fn deltas_are_quiet_when_nothing_changes_and_respect_filters() {
+    let mut e = edge().await;
+    let mut c = stats_client(&e.d).await;
+    until_state(&mut c, "web", "s1", pb::ServerState::Up).await;
+    until_state(&mut c, "api", "a1", pb::ServerState::Up).await;
+    let mut all = watch(&mut c, None, 100).await;
+    all.message().await.unwrap().unwrap();
+    let mut c2 = stats_client(&e.d).await;
+    let mut api_only = watch(
+        &mut c2,
+        Some(pb::StatsFilter {
+            proxies: vec!["api".into()],
+            ..Default::default()
+        }),
+        100,
+    )
+    .await;
+    api_only.message().await.unwrap().unwrap();
+    if let Ok(u) = tokio::time::timeout(Duration::from_millis(500), all.message()).await {
+        panic!(
+            "no delta while nothing changes (counters and running checks are not changes): {u:?}"
+        );
+    }
+    e.servers[0].stop().await;
+    until_change(&mut all, "s1", pb::ServerState::Down).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), api_only.message())
+            .await
+            .is_err(),
+        "a web change is not sent to an api-only watcher"
+    );
 }

@@ -93,14 +93,18 @@ impl pb::stats_server::Stats for StatsApi {
                 .ok_or_else(|| Status::invalid_argument("interval must be between 0 and 1 hour"))?,
         };
         let mut sub = self.hub.subscribe(&target, interval)?;
-        let (tx, rx) = mpsc::channel(4);
+        // One update in flight at most: a slow client then finds the latest poll waiting,
+        // with the count of those it missed, rather than a queue of stale ones.
+        let (tx, rx) = mpsc::channel(1);
         let stopping = self.stopping.clone();
         let changes_only = r.changes_only;
         tokio::spawn(async move {
             let mut last_seq = 0;
             let mut need_full = true;
+            let mut last_sent: Option<tokio::time::Instant> = None;
+            let mut last_error: Option<String> = None;
             let mut poll = tokio::select! {
-                p = sub.latest() => p,
+                p = sub.latest() => match p { Some(p) => p, None => return },
                 _ = tx.closed() => return,
                 _ = stopping.cancelled() => return,
             };
@@ -111,18 +115,50 @@ impl pb::stats_server::Stats for StatsApi {
                     poll.seq.saturating_sub(last_seq + 1)
                 };
                 last_seq = poll.seq;
-                let update = update_for(
-                    &target,
-                    &poll,
-                    &filter,
-                    changes_only && !need_full && skipped == 0,
-                    skipped,
-                );
-                need_full = poll.result.is_err();
-                if let Some(u) = update
-                    && tx.send(Ok(u)).await.is_err()
-                {
-                    return;
+                let update = match &poll.result {
+                    // Said once per distinct failure, not every tick.
+                    Err(e) => {
+                        need_full = true;
+                        let msg = e.to_string();
+                        (last_error.as_ref() != Some(&msg))
+                            .then(|| {
+                                last_error = Some(msg);
+                                update_for(&target, &poll, &filter, false, skipped)
+                            })
+                            .flatten()
+                    }
+                    Ok(_) => {
+                        last_error = None;
+                        // Full snapshots come at this watcher's own pace, even when the shared
+                        // poller ticks faster for someone else; deltas come as they happen.
+                        let due = changes_only
+                            || need_full
+                            || last_sent.is_none_or(|t| {
+                                t.elapsed() + Duration::from_millis(20) >= interval
+                            });
+                        let u = due
+                            .then(|| {
+                                update_for(
+                                    &target,
+                                    &poll,
+                                    &filter,
+                                    changes_only && !need_full && skipped == 0,
+                                    skipped,
+                                )
+                            })
+                            .flatten();
+                        if due {
+                            need_full = false;
+                        }
+                        u
+                    }
+                };
+                if let Some(u) = update {
+                    tokio::select! {
+                        r = tx.send(Ok(u)) => if r.is_err() { return },
+                        _ = stopping.cancelled() => return,
+                    }
+                    last_sent = Some(tokio::time::Instant::now());
                 }
                 poll = tokio::select! {
                     p = sub.next() => match p { Some(p) => p, None => return },
@@ -172,10 +208,10 @@ fn update_for(
                     removed: delta
                         .removed
                         .iter()
-                        .filter(|(p, s)| filter.accepts_names(p, s))
-                        .map(|(p, s)| pb::RemovedRow {
-                            proxy: p.clone(),
-                            server: s.clone(),
+                        .filter(|r| filter.accepts(r))
+                        .map(|r| pb::RemovedRow {
+                            proxy: r.proxy.clone(),
+                            server: r.server.clone(),
                         })
                         .collect(),
                 };

@@ -24,7 +24,7 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 /// A poll that takes longer than this is a failure.
 const POLL_TIMEOUT: Duration = Duration::from_secs(5);
 /// `show stat` answers larger than this are refused (5000 servers is ~1.3 MB).
-const MAX_ANSWER: usize = 256 << 20;
+const MAX_ANSWER: usize = 64 << 20;
 
 /// Why stats could not be had.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -104,7 +104,7 @@ impl Snapshot {
         if !same_order {
             for old in &before.rows {
                 if self.get(&old.proxy, &old.server).is_none() {
-                    delta.removed.push((old.proxy.clone(), old.server.clone()));
+                    delta.removed.push(old.clone());
                 }
             }
         }
@@ -119,8 +119,8 @@ pub struct Delta {
     pub changed: Vec<(usize, parse::Status)>,
     /// Rows that are new.
     pub added: Vec<usize>,
-    /// (proxy, server) of rows that are gone.
-    pub removed: Vec<(String, String)>,
+    /// Rows that are gone (as they were last seen).
+    pub removed: Vec<Row>,
 }
 
 impl Delta {
@@ -162,23 +162,25 @@ impl Filter {
             && (self.types.is_empty() || self.types.contains(&row.kind))
     }
 
-    /// Whether a (proxy, server) passes the name filters (for rows whose type is unknown,
-    /// such as removed ones).
-    pub fn accepts_names(&self, proxy: &str, server: &str) -> bool {
+    fn accepts_names(&self, proxy: &str, server: &str) -> bool {
         (self.proxies.is_empty() || self.proxies.iter().any(|p| glob(p, proxy)))
             && (self.servers.is_empty() || self.servers.iter().any(|s| glob(s, server)))
     }
 }
 
-/// `*` and `?` globbing, iteratively (no backtracking blow-up).
+/// `*` and `?` globbing on bytes, iteratively (no backtracking blow-up); a pattern without
+/// wildcards is a plain comparison.
 fn glob(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    if !pattern.contains(['*', '?']) {
+        return pattern == text;
+    }
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
     let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == t[ti]) {
             pi += 1;
             ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        } else if pi < p.len() && p[pi] == b'*' {
             star = Some(pi);
             mark = ti;
             pi += 1;
@@ -190,7 +192,7 @@ fn glob(pattern: &str, text: &str) -> bool {
             return false;
         }
     }
-    p[pi..].iter().all(|c| *c == '*')
+    p[pi..].iter().all(|c| *c == b'*')
 }
 
 /// All stats pollers of the daemon, by target.
@@ -206,6 +208,8 @@ pub struct StatsHub {
 struct Poller {
     rx: watch::Receiver<Arc<Poll>>,
     intervals: Arc<Mutex<HashMap<u64, Duration>>>,
+    /// Wakes the loop when a watcher joins, so a shorter interval takes effect at once.
+    joined: Arc<tokio::sync::Notify>,
     next_id: AtomicU64,
     task: tokio::task::AbortHandle,
 }
@@ -236,9 +240,9 @@ impl Drop for Subscription {
 
 impl Subscription {
     /// The latest poll (waits for the first one).
-    pub async fn latest(&mut self) -> Arc<Poll> {
-        let _ = self.rx.wait_for(|p| p.seq > 0).await;
-        self.rx.borrow_and_update().clone()
+    pub async fn latest(&mut self) -> Option<Arc<Poll>> {
+        self.rx.wait_for(|p| p.seq > 0).await.ok()?;
+        Some(self.rx.borrow_and_update().clone())
     }
 
     /// Waits for a poll newer than the last one this subscription returned.
@@ -305,6 +309,7 @@ impl StatsHub {
             .lock()
             .expect("interval lock")
             .insert(id, interval);
+        poller.joined.notify_one();
         let rx = poller.rx.clone();
         Ok(Subscription { poller, id, rx })
     }
@@ -328,10 +333,19 @@ fn start_poller(socket: PathBuf, counter: Arc<AtomicU64>) -> Poller {
     });
     let (tx, rx) = watch::channel(first);
     let intervals: Arc<Mutex<HashMap<u64, Duration>>> = Arc::default();
-    let task = tokio::spawn(poll_loop(socket, tx, intervals.clone(), counter)).abort_handle();
+    let joined: Arc<tokio::sync::Notify> = Arc::default();
+    let task = tokio::spawn(poll_loop(
+        socket,
+        tx,
+        intervals.clone(),
+        joined.clone(),
+        counter,
+    ))
+    .abort_handle();
     Poller {
         rx,
         intervals,
+        joined,
         next_id: AtomicU64::new(0),
         task,
     }
@@ -341,12 +355,17 @@ async fn poll_loop(
     socket: PathBuf,
     tx: watch::Sender<Arc<Poll>>,
     intervals: Arc<Mutex<HashMap<u64, Duration>>>,
+    joined: Arc<tokio::sync::Notify>,
     counter: Arc<AtomicU64>,
 ) {
     let mut previous: Option<Arc<Snapshot>> = None;
+    // This poller's own sequence (what `skipped` is computed from); `counter` counts every
+    // poll of the socket, one-shot GetStats included.
+    let mut seq = 0;
     loop {
         let started = tokio::time::Instant::now();
-        let seq = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        counter.fetch_add(1, Ordering::SeqCst);
+        seq += 1;
         let result = fetch(&socket)
             .await
             .map(|rows| Arc::new(Snapshot::new(rows)));
@@ -361,14 +380,21 @@ async fn poll_loop(
             result,
             delta,
         }));
-        let interval = intervals
-            .lock()
-            .expect("interval lock")
-            .values()
-            .min()
-            .copied()
-            .unwrap_or(DEFAULT_INTERVAL);
-        tokio::time::sleep_until(started + interval).await;
+        // Sleep until the smallest interval has passed since this poll began; a watcher
+        // joining with a shorter one shortens the wait (to nothing if it is already over).
+        loop {
+            let interval = intervals
+                .lock()
+                .expect("interval lock")
+                .values()
+                .min()
+                .copied()
+                .unwrap_or(DEFAULT_INTERVAL);
+            tokio::select! {
+                _ = tokio::time::sleep_until(started + interval) => break,
+                _ = joined.notified() => {}
+            }
+        }
     }
 }
 
