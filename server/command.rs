@@ -55,6 +55,15 @@ pub(crate) enum Stream {
     Stderr,
 }
 
+/// What a running program reports.
+#[derive(Debug)]
+pub(crate) enum Output {
+    /// It started, as this process group.
+    Spawned(i32),
+    /// A line of its output.
+    Line(Stream, String),
+}
+
 /// Lines of output reported per run at most; the rest are counted.
 const MAX_LINES: usize = 1000;
 
@@ -65,6 +74,21 @@ impl Invocation {
         &self,
         cancel: &CancellationToken,
         mut on_line: impl FnMut(Stream, String),
+    ) -> Result<(), Error> {
+        self.run_tracked(cancel, |event| {
+            if let Output::Line(stream, line) = event {
+                on_line(stream, line)
+            }
+        })
+        .await
+    }
+
+    /// Like `run`, also reporting the process group (the child's pid) once it exists, so a
+    /// restart after a crash can find a command that outlived the daemon.
+    pub(crate) async fn run_tracked(
+        &self,
+        cancel: &CancellationToken,
+        mut on_event: impl FnMut(Output),
     ) -> Result<(), Error> {
         let program = self.argv.first().cloned().unwrap_or_default();
         let mut cmd = Command::new(&program);
@@ -89,6 +113,9 @@ impl Invocation {
             source,
         })?;
         let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+        if let Some(p) = pgid {
+            on_event(Output::Spawned(p.as_raw()));
+        }
         // Kills the group if this future is dropped before the program ends.
         let mut group = GroupGuard(pgid);
         let mut out = BufReader::new(child.stdout.take().expect("piped")).lines();
@@ -108,12 +135,12 @@ impl Invocation {
                 }
             }
             if seen <= MAX_LINES {
-                on_line(stream, l);
+                on_event(Output::Line(stream, l));
             } else if seen == MAX_LINES + 1 {
-                on_line(
+                on_event(Output::Line(
                     Stream::Stderr,
                     format!("(output beyond {MAX_LINES} lines not shown)"),
-                );
+                ));
             }
         };
         let status = loop {
@@ -168,6 +195,27 @@ impl Invocation {
             Err(e) => Err(Error::Spawn { program, source: e }),
         }
     }
+}
+
+/// When a process started, in clock ticks since boot (field 22 of /proc/PID/stat); with the
+/// pid it names one process for good, whatever pids are reused later.
+pub(crate) fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Kills a process group left by a crashed daemon, if its leader is still the process that
+/// was started (same pid and start time): a finished command's pid may belong to another now.
+pub(crate) fn kill_orphan(pgid: i32, started: u64) -> bool {
+    if pgid <= 1 || start_ticks(pgid) != Some(started) {
+        return false;
+    }
+    killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok()
 }
 
 fn kill_group(pgid: Option<Pid>) {

@@ -63,6 +63,10 @@ pub(crate) enum Write {
         keep_per_resource: u32,
         keep_total: u32,
     },
+    /// A step's command is running as this process group (leader start time in ticks).
+    ProcessStarted { job: JobId, pgid: i32, started: u64 },
+    /// That command has ended.
+    ProcessEnded { job: JobId, pgid: i32 },
 }
 
 struct Batch {
@@ -134,6 +138,10 @@ CREATE TABLE IF NOT EXISTS job_resources (
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL, body TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS processes (
+    job_id TEXT NOT NULL, pgid INTEGER NOT NULL, started INTEGER NOT NULL,
+    PRIMARY KEY (job_id, pgid)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS undo (
     job_id TEXT NOT NULL, idx INTEGER NOT NULL, entry TEXT NOT NULL, blob TEXT,
@@ -378,6 +386,18 @@ impl Store {
         })
     }
 
+    /// Commands of a job still recorded as running: (process group, leader start time).
+    pub(crate) fn processes(&self, job: JobId) -> Result<Vec<(i32, u64)>, Error> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT pgid, started FROM processes WHERE job_id = ?1")?;
+            let rows = stmt.query_map([job.to_string()], |r| {
+                Ok((r.get::<_, i32>(0)?, r.get::<_, i64>(1)? as u64))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
     /// Every blob an undo entry still references.
     pub(crate) fn referenced_blobs(&self) -> Result<HashSet<String>, Error> {
         self.read(|c| {
@@ -570,6 +590,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
             keep_per_resource,
             keep_total,
         } => prune(tx, *keep_per_resource, *keep_total)?,
+        Write::ProcessStarted { job, pgid, started } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO processes (job_id, pgid, started) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![job.to_string(), pgid, *started as i64])?;
+        }
+        Write::ProcessEnded { job, pgid } => {
+            tx.prepare_cached("DELETE FROM processes WHERE job_id = ?1 AND pgid = ?2")?
+                .execute(params![job.to_string(), pgid])?;
+        }
     }
     Ok(())
 }
@@ -603,6 +633,7 @@ fn prune(
     tx.execute_batch(
         "DELETE FROM events WHERE job_id IN (SELECT id FROM temp.doomed);
          DELETE FROM undo WHERE job_id IN (SELECT id FROM temp.doomed);
+         DELETE FROM processes WHERE job_id IN (SELECT id FROM temp.doomed);
          DELETE FROM job_resources WHERE job_id IN (SELECT id FROM temp.doomed);
          DELETE FROM jobs WHERE id IN (SELECT id FROM temp.doomed);
          DROP TABLE temp.doomed;",

@@ -498,9 +498,9 @@ async fn kill_9_mid_runbook_then_restart_unwinds_the_journal() {
         "new\n"
     );
     d.kill9();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(orphan),
-        nix::sys::signal::Signal::SIGKILL,
+    assert!(
+        pid_alive(orphan),
+        "the step's process outlives a kill -9 of the daemon"
     );
 
     d.spawn();
@@ -515,6 +515,10 @@ async fn kill_9_mid_runbook_then_restart_unwinds_the_journal() {
         job.error.contains("interrupted by restart"),
         "{}",
         job.error
+    );
+    assert!(
+        !pid_alive(orphan),
+        "recovery killed the command the crash left running"
     );
     assert_eq!(
         std::fs::read_to_string(d.root().join("k.txt")).unwrap(),

@@ -120,6 +120,31 @@ impl Journal {
         self.store.write(writes, Some(&self.publish));
     }
 
+    /// Notes that a step's command runs as process group `pgid` (for recovery after a crash).
+    pub(crate) fn process_started(&self, pgid: i32) {
+        if let Some(started) = crate::command::start_ticks(pgid) {
+            self.store.write(
+                vec![Write::ProcessStarted {
+                    job: self.job,
+                    pgid,
+                    started,
+                }],
+                None,
+            );
+        }
+    }
+
+    /// Notes that the command of process group `pgid` has ended.
+    pub(crate) fn process_ended(&self, pgid: i32) {
+        self.store.write(
+            vec![Write::ProcessEnded {
+                job: self.job,
+                pgid,
+            }],
+            None,
+        );
+    }
+
     /// Makes an undo entry durable; only then may the change it reverses be made.
     pub(crate) async fn record_undo(&mut self, entry: UndoEntry) -> Result<(), StepError> {
         let idx = self.next_idx;
@@ -474,6 +499,17 @@ pub(crate) async fn recover(
     let entries = shared.store.journal(record.id)?;
     let mut journal = Journal::new(shared, live, &record, entries);
     let was = record.state;
+    // A command that outlived the crashed daemon is stopped before its changes are undone.
+    for (pgid, started) in shared.store.processes(record.id)? {
+        if crate::command::kill_orphan(pgid, started) {
+            journal.log(
+                LogLevel::Warn,
+                None,
+                format!("killed process group {pgid}, left running by the crash"),
+            );
+        }
+        journal.process_ended(pgid);
+    }
     journal.log(
         LogLevel::Warn,
         None,

@@ -3,7 +3,7 @@
 //! at submission and again, with symlinks resolved, when the step runs.
 
 use super::StepError;
-use crate::command::{Invocation, Stream};
+use crate::command::{Invocation, Output};
 use crate::config::{Action, Runbook, is_normal, parse_mode, render};
 use crate::engine::{Error, StepCtx};
 use crate::fsops;
@@ -477,9 +477,19 @@ async fn snapshot_ownership(path: &Path) -> Result<UndoEntry, StepError> {
 
 async fn run_program(run: &Invocation, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
     let cancel = ctx.cancel.clone();
+    let mut group = None;
     let result = run
-        .run(&cancel, |stream: Stream, line| ctx.output(stream, line))
+        .run_tracked(&cancel, |event| match event {
+            Output::Spawned(pgid) => {
+                group = Some(pgid);
+                ctx.journal.process_started(pgid);
+            }
+            Output::Line(stream, line) => ctx.output(stream, line),
+        })
         .await;
+    if let Some(pgid) = group {
+        ctx.journal.process_ended(pgid);
+    }
     match result {
         Ok(()) => Ok(()),
         Err(crate::command::Error::Cancelled { .. }) => Err(StepError::Cancelled),
