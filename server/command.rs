@@ -143,15 +143,20 @@ impl Invocation {
                 ));
             }
         };
-        let status = loop {
+        // A program that left a daemon holding its stdout would keep the pipes open for ever:
+        // once it has exited, what is already in the pipes is read for a moment, then no more.
+        let drain = tokio::time::sleep(Duration::from_secs(u64::from(u32::MAX)));
+        tokio::pin!(drain);
+        let mut status = None;
+        loop {
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => {
+                _ = cancel.cancelled(), if status.is_none() => {
                     kill_group(pgid);
                     let _ = child.wait().await;
                     return Err(Error::Cancelled { program });
                 }
-                _ = &mut deadline => {
+                _ = &mut deadline, if status.is_none() => {
                     kill_group(pgid);
                     let _ = child.wait().await;
                     return Err(Error::Timeout { program, after: timeout });
@@ -164,27 +169,18 @@ impl Invocation {
                     Ok(Some(l)) => line(Stream::Stderr, l, &mut tail),
                     _ => err_open = false,
                 },
-                s = child.wait() => break s,
-            }
-        };
-        group.0 = None;
-        // A program that left a daemon holding its stdout would keep the pipes open for ever:
-        // read what is already there, briefly, then stop listening.
-        let drain = async {
-            while out_open || err_open {
-                tokio::select! {
-                    l = out.next_line(), if out_open => match l {
-                        Ok(Some(l)) => line(Stream::Stdout, l, &mut tail),
-                        _ => out_open = false,
-                    },
-                    l = err.next_line(), if err_open => match l {
-                        Ok(Some(l)) => line(Stream::Stderr, l, &mut tail),
-                        _ => err_open = false,
-                    },
+                s = child.wait(), if status.is_none() => {
+                    status = Some(s);
+                    group.0 = None;
+                    drain.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(200));
                 }
+                _ = &mut drain, if status.is_some() => break,
             }
-        };
-        let _ = tokio::time::timeout(Duration::from_millis(200), drain).await;
+            if status.is_some() && !out_open && !err_open {
+                break;
+            }
+        }
+        let status = status.expect("the loop ends after the program exits");
         match status {
             Ok(s) if s.success() => Ok(()),
             Ok(s) => Err(Error::Exit {

@@ -342,6 +342,16 @@ impl Engine {
         Ok(record)
     }
 
+    /// A job that has not ended, in this process.
+    fn live(&self, id: JobId) -> Option<Arc<LiveJob>> {
+        self.shared
+            .live
+            .lock()
+            .expect("live lock")
+            .get(&id)
+            .cloned()
+    }
+
     /// One job.
     pub fn get(&self, id: JobId) -> Result<JobRecord, Error> {
         self.shared.store.job(id)?.ok_or_else(|| not_found(id))
@@ -397,13 +407,7 @@ impl Engine {
         id: JobId,
         after_seq: u64,
     ) -> Result<mpsc::Receiver<Result<Event, Error>>, Error> {
-        let live = self
-            .shared
-            .live
-            .lock()
-            .expect("live lock")
-            .get(&id)
-            .map(|l| l.events.subscribe());
+        let live = self.live(id).map(|l| l.events.subscribe());
         let record = self.get(id)?;
         let (tx, rx) = mpsc::channel(64);
         let store = self.shared.store.clone();
@@ -448,14 +452,7 @@ impl Engine {
     /// Cancels a job. With `wait`, returns once it has ended; otherwise once it has seen the
     /// cancel (CANCELLING, or already ended).
     pub async fn cancel(&self, id: JobId, reason: &str, wait: bool) -> Result<JobRecord, Error> {
-        let live = self
-            .shared
-            .live
-            .lock()
-            .expect("live lock")
-            .get(&id)
-            .cloned();
-        let Some(live) = live else {
+        let Some(live) = self.live(id) else {
             let record = self.get(id)?;
             return Err(Error::FailedPrecondition(format!(
                 "job {id} has already ended {}; there is nothing to cancel{}",
