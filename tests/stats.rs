@@ -549,3 +549,74 @@ async fn deltas_are_quiet_when_nothing_changes_and_respect_filters() {
         "a web change is not sent to an api-only watcher"
     );
 }
+
+#[tokio::test]
+async fn a_slow_watcher_skips_to_the_latest_poll_without_slowing_the_others() {
+    // 400 servers, so snapshots are large (~50 KB) and what HTTP/2 buffers for a stalled
+    // stream (a few hundred KB) fills within a second.
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..400).map(|i| format!("s{i}")).collect();
+    let servers: Vec<(&str, u16)> = names.iter().map(|n| (n.as_str(), 9)).collect();
+    let h = Haproxy::start_with(dir.path(), &[("web", servers)], false);
+    let d = Daemon::start(&format!(
+        "[[haproxy]]\nname = \"edge\"\nstats_socket = \"{}\"\n",
+        h.stats.display()
+    ));
+    let full = pb::WatchStatsRequest {
+        target: "edge".into(),
+        filter: None,
+        interval: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 100_000_000,
+        }),
+        changes_only: false,
+    };
+    // A client that takes only ~2 KB before it reads.
+    let tight = tonic::transport::Endpoint::from_shared(format!("http://{}", d.addr))
+        .unwrap()
+        .initial_stream_window_size(2048)
+        .initial_connection_window_size(2048)
+        .connect()
+        .await
+        .unwrap();
+    let mut slow_client =
+        pb::stats_client::StatsClient::with_interceptor(tight, bearer(Some(VIEWER)));
+    let mut slow = slow_client
+        .watch_stats(full.clone())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut c = stats_client(&d).await;
+    let mut brisk = c.watch_stats(full).await.unwrap().into_inner();
+    let t = Instant::now();
+    let mut seen = 0;
+    while t.elapsed() < Duration::from_secs(2) {
+        brisk.message().await.unwrap().unwrap();
+        seen += 1;
+    }
+    assert!(
+        seen >= 14,
+        "the brisk watcher got {seen} updates in 2 s at 100 ms: it was slowed down"
+    );
+
+    // The slow one now reads: after what was already buffered for it, it is told what it missed.
+    let mut skipped = 0;
+    let mut polls = Vec::new();
+    for _ in 0..40 {
+        let u = slow.message().await.unwrap().unwrap();
+        polls.push((u.poll, u.skipped));
+        if u.skipped > 0 {
+            skipped = u.skipped;
+            assert!(matches!(
+                u.update,
+                Some(pb::stats_update::Update::Snapshot(_))
+            ));
+            break;
+        }
+    }
+    assert!(
+        skipped >= 3,
+        "the slow watcher was told it skipped polls (told {skipped}): {polls:?}"
+    );
+}

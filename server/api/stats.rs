@@ -100,6 +100,7 @@ impl pb::stats_server::Stats for StatsApi {
         let changes_only = r.changes_only;
         tokio::spawn(async move {
             let mut last_seq = 0;
+            let mut skipped = 0;
             let mut need_full = true;
             let mut last_sent: Option<tokio::time::Instant> = None;
             let mut last_error: Option<String> = None;
@@ -109,11 +110,11 @@ impl pb::stats_server::Stats for StatsApi {
                 _ = stopping.cancelled() => return,
             };
             loop {
-                let skipped = if last_seq == 0 {
-                    0
-                } else {
-                    poll.seq.saturating_sub(last_seq + 1)
-                };
+                // Polls missed because this client read too slowly, owed to it until an update
+                // carries the count.
+                if last_seq != 0 {
+                    skipped += poll.seq.saturating_sub(last_seq + 1);
+                }
                 last_seq = poll.seq;
                 let update = match &poll.result {
                     // Said once per distinct failure, not every tick.
@@ -133,6 +134,7 @@ impl pb::stats_server::Stats for StatsApi {
                         // poller ticks faster for someone else; deltas come as they happen.
                         let due = changes_only
                             || need_full
+                            || skipped > 0
                             || last_sent.is_none_or(|t| {
                                 t.elapsed() + Duration::from_millis(20) >= interval
                             });
@@ -154,6 +156,7 @@ impl pb::stats_server::Stats for StatsApi {
                     }
                 };
                 if let Some(u) = update {
+                    skipped = 0;
                     tokio::select! {
                         r = tx.send(Ok(u)) => if r.is_err() { return },
                         _ = stopping.cancelled() => return,

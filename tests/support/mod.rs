@@ -435,8 +435,14 @@ pub struct Haproxy {
 pub const HAPROXY: &str = "/usr/sbin/haproxy";
 
 impl Haproxy {
-    /// Starts haproxy with one frontend and the given backends of servers (name, port).
+    /// Starts haproxy with one frontend and the given backends of servers (name, port), each
+    /// server health-checked every 100 ms.
     pub fn start(dir: &Path, backends: &[(&str, Vec<(&str, u16)>)]) -> Haproxy {
+        Self::start_with(dir, backends, true)
+    }
+
+    /// Like `start`, with or without health checks.
+    pub fn start_with(dir: &Path, backends: &[(&str, Vec<(&str, u16)>)], checks: bool) -> Haproxy {
         assert!(
             Path::new(HAPROXY).exists(),
             "haproxy is not installed ({HAPROXY}); scripts/test.sh installs the Debian package"
@@ -445,9 +451,13 @@ impl Haproxy {
         let mut cfg = format!(
             "global\n  stats socket {} mode 600 level admin expose-fd listeners\n\
              defaults\n  mode http\n  timeout connect 1s\n  timeout client 5s\n  timeout server 5s\n\
-             default-server check inter 100ms fall 2 rise 1\n\
-             frontend fe\n  bind 127.0.0.1:{}\n  default_backend {}\n",
+             {}frontend fe\n  bind 127.0.0.1:{}\n  default_backend {}\n",
             stats.display(),
+            if checks {
+                "default-server check inter 100ms fall 2 rise 1\n"
+            } else {
+                ""
+            },
             free_port(),
             backends[0].0
         );
