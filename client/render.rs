@@ -260,7 +260,7 @@ impl EventView {
                 Some(mp) => {
                     let bar = mp.add(ProgressBar::new_spinner());
                     bar.set_style(
-                        ProgressStyle::with_template("{spinner} {prefix} {msg} {bytes:>}")
+                        ProgressStyle::with_template("{spinner} {prefix} {msg}")
                             .expect("template"),
                     );
                     bar.set_prefix(format!("step {}", s.index + 1));
