@@ -66,6 +66,9 @@ enum Command {
     Jobs(Jobs),
     /// HAProxy stats of a target: a table, or a live view with --watch.
     Stats(crate::stats::StatsArgs),
+    /// HAProxy targets and configurations.
+    #[command(subcommand)]
+    Haproxy(crate::haproxy::HaproxyCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,6 +150,9 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
     let json = args.output == Output::Json;
     let mut client = pb::jobs_client::JobsClient::new(channel.clone());
     match args.command {
+        Command::Haproxy(cmd) => {
+            crate::haproxy::run(pb::haproxy_client::HaproxyClient::new(channel), cmd, json).await
+        }
         Command::Stats(a) => {
             crate::stats::run(pb::stats_client::StatsClient::new(channel), a, json).await
         }

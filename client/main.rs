@@ -2,6 +2,7 @@
 
 mod cli;
 mod connect;
+mod haproxy;
 mod render;
 mod stats;
 

@@ -260,8 +260,7 @@ impl EventView {
                 Some(mp) => {
                     let bar = mp.add(ProgressBar::new_spinner());
                     bar.set_style(
-                        ProgressStyle::with_template("{spinner} {prefix} {msg}")
-                            .expect("template"),
+                        ProgressStyle::with_template("{spinner} {prefix} {msg}").expect("template"),
                     );
                     bar.set_prefix(format!("step {}", s.index + 1));
                     bar.set_message(s.name.clone());

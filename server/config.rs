@@ -77,6 +77,15 @@ pub struct HaproxyTarget {
     pub name: String,
     /// Its stats/admin socket (`stats socket <path> level admin`).
     pub stats_socket: Option<PathBuf>,
+    /// Its configuration file.
+    pub config: Option<PathBuf>,
+    /// The haproxy binary that checks configurations.
+    #[serde(default = "default_haproxy_binary")]
+    pub binary: PathBuf,
+}
+
+fn default_haproxy_binary() -> PathBuf {
+    PathBuf::from("/usr/sbin/haproxy")
 }
 
 /// A file named by `include`: runbooks only.
@@ -426,6 +435,8 @@ prune_interval = "60s"
 # from `stats socket <path> mode 600 level admin` in haproxy.cfg.
 # [[haproxy]]
 # name = "edge"
+# config = "/etc/haproxy/haproxy.cfg"
+# binary = "/usr/sbin/haproxy"
 # stats_socket = "/run/haproxy/admin.sock"
 
 # Bearer tokens, each with a role: "viewer" (get, list, watch) or "operator" (also submit,
@@ -510,6 +521,14 @@ impl Config {
             if !is_safe_name(&t.name) || !targets.insert(t.name.as_str()) {
                 return Err(invalid(format!(
                     "haproxy target '{}': a unique name of letters, digits, '-', '_', '.'",
+                    t.name
+                )));
+            }
+            if let Some(c) = &t.config
+                && !c.is_absolute()
+            {
+                return Err(invalid(format!(
+                    "haproxy target '{}': config must be an absolute path",
                     t.name
                 )));
             }

@@ -1,7 +1,7 @@
 //! Runs statelyd: the engine, the gRPC services (jobs, health, reflection) on TCP and an
 //! optional unix socket, and an orderly stop when `shutdown` resolves.
 
-use crate::api::{JobsApi, StatsApi};
+use crate::api::{HaproxyApi, JobsApi, StatsApi};
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::engine::Engine;
@@ -65,6 +65,9 @@ pub async fn run(
         .iter()
         .filter_map(|t| t.stats_socket.clone().map(|s| (t.name.clone(), s)))
         .collect();
+    let haproxy = HaproxyApi {
+        targets: crate::haproxy::Targets::new(&config),
+    };
     let stats = StatsApi {
         hub: Arc::new(crate::stats::StatsHub::new(sockets)),
         stopping: stopping.clone(),
@@ -75,6 +78,9 @@ pub async fn run(
         .await;
     health_reporter
         .set_serving::<pb::stats_server::StatsServer<StatsApi>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::haproxy_server::HaproxyServer<HaproxyApi>>()
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -101,6 +107,10 @@ pub async fn run(
             ))
             .add_service(pb::stats_server::StatsServer::with_interceptor(
                 stats.clone(),
+                auth.clone(),
+            ))
+            .add_service(pb::haproxy_server::HaproxyServer::with_interceptor(
+                haproxy.clone(),
                 auth.clone(),
             ))
     };

@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 mod fsops;
+pub mod haproxy;
 pub mod job;
 mod kinds;
 pub mod stats;

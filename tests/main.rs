@@ -5,6 +5,7 @@
 mod support;
 
 mod cli;
+mod haproxy;
 mod jobs_api;
 mod reflection;
 mod runbooks;

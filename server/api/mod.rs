@@ -1,9 +1,11 @@
 //! The gRPC layer: one module per service, converting between `pb` messages and domain
 //! types and checking the caller's role; and here, the one mapping of errors to status codes.
 
+mod haproxy;
 mod jobs;
 mod stats;
 
+pub(crate) use haproxy::HaproxyApi;
 pub(crate) use jobs::JobsApi;
 pub(crate) use stats::StatsApi;
 
@@ -36,6 +38,18 @@ impl From<crate::stats::Error> for Status {
             UnknownTarget(m) => Status::not_found(m),
             e @ Unreachable { .. } => Status::unavailable(e.to_string()),
             e @ Parse { .. } => Status::internal(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::haproxy::Error> for Status {
+    fn from(e: crate::haproxy::Error) -> Status {
+        use crate::haproxy::Error::*;
+        match e {
+            UnknownTarget(m) => Status::not_found(m),
+            e @ NoConfig(_) => Status::failed_precondition(e.to_string()),
+            BadCandidate(m) => Status::invalid_argument(m),
+            Io(m) => Status::unavailable(m),
         }
     }
 }

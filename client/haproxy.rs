@@ -1,0 +1,118 @@
+//! `stately haproxy`: targets, the live configuration, and validating a candidate (the dry run
+//! of an apply), with HAProxy's complaints shown next to the lines they are about.
+
+use crate::connect::Authed;
+use crate::render::say;
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::json;
+use stately::pb;
+use std::path::PathBuf;
+
+type Client = pb::haproxy_client::HaproxyClient<Authed>;
+
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum HaproxyCommand {
+    /// The configured HAProxy targets.
+    Targets,
+    /// Print a target's live configuration (its version goes to stderr).
+    Config { target: String },
+    /// Check a new configuration for a target. Only --dry-run exists so far: it validates
+    /// with `haproxy -c` beside the live file and changes nothing.
+    Apply {
+        target: String,
+        /// The new configuration file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Only validate: nothing is swapped, nothing reloaded.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+pub(crate) async fn run(mut c: Client, cmd: HaproxyCommand, json: bool) -> Result<u8> {
+    let status = |s: tonic::Status| anyhow!("{}", s.message());
+    match cmd {
+        HaproxyCommand::Targets => {
+            let r = c
+                .list_targets(pb::ListTargetsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            for t in r.targets {
+                if json {
+                    say(&json!({"name": t.name, "has_config": t.has_config, "has_stats": t.has_stats}).to_string());
+                } else {
+                    let what: Vec<&str> = [(t.has_config, "config"), (t.has_stats, "stats")]
+                        .iter()
+                        .filter(|(b, _)| *b)
+                        .map(|(_, w)| *w)
+                        .collect();
+                    say(&format!("{}  {}", t.name, what.join(", ")));
+                }
+            }
+            Ok(0)
+        }
+        HaproxyCommand::Config { target } => {
+            let cfg = c
+                .get_config(pb::GetConfigRequest { target })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if json {
+                say(
+                    &json!({"target": cfg.target, "version": cfg.version, "text": cfg.text})
+                        .to_string(),
+                );
+            } else {
+                eprintln!("# version {}", cfg.version);
+                print!("{}", cfg.text);
+            }
+            Ok(0)
+        }
+        HaproxyCommand::Apply {
+            target,
+            file,
+            dry_run,
+        } => {
+            if !dry_run {
+                bail!("applying a configuration is not built yet; `--dry-run` validates it");
+            }
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let v = c
+                .validate_config(pb::ValidateConfigRequest { target, text })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if json {
+                let d: Vec<_> = v
+                    .diagnostics
+                    .iter()
+                    .map(|d| json!({"level": if d.level == pb::diagnostic::Level::Alert as i32 { "alert" } else { "warning" }, "line": d.line, "message": d.message, "source": d.source}))
+                    .collect();
+                say(&json!({"valid": v.valid, "version": v.version, "diagnostics": d}).to_string());
+            } else {
+                for d in &v.diagnostics {
+                    let mark = if d.level == pb::diagnostic::Level::Alert as i32 {
+                        "✗"
+                    } else {
+                        "!"
+                    };
+                    match d.line {
+                        Some(n) => {
+                            say(&format!("{mark} {}:{n}: {}", file.display(), d.message));
+                            say(&format!("    {n:>5} | {}", d.source));
+                        }
+                        None => say(&format!("{mark} {}", d.message)),
+                    }
+                }
+                say(&if v.valid {
+                    format!("valid ({})", v.version)
+                } else {
+                    "invalid: nothing was changed".to_owned()
+                });
+            }
+            Ok(if v.valid { 0 } else { crate::cli::EXIT_JOB })
+        }
+    }
+}

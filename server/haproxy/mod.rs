@@ -1,0 +1,284 @@
+//! HAProxy targets: reading a target's live configuration with its version, and validating a
+//! candidate with `haproxy -c` the way an apply will (written beside the live file, so
+//! relative paths resolve the same; removed afterwards), with HAProxy's ALERT and WARNING lines
+//! mapped back to the candidate's own line numbers.
+
+use crate::config::{Config, HaproxyTarget};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long `haproxy -c` may take (a 5000-server config takes ~75 ms).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Candidate configurations larger than this are refused.
+pub const MAX_CONFIG_BYTES: usize = 16 << 20;
+
+/// Why a target's configuration could not be read or checked.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No such target.
+    #[error("{0}")]
+    UnknownTarget(String),
+    /// The target has no configuration file configured.
+    #[error("HAProxy target '{0}' has no `config` file configured")]
+    NoConfig(String),
+    /// The candidate is unusable before HAProxy even sees it.
+    #[error("{0}")]
+    BadCandidate(String),
+    /// Reading, writing or running failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// The configured targets, by name.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    targets: Vec<HaproxyTarget>,
+}
+
+/// A live configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveConfig {
+    /// The file's text.
+    pub text: String,
+    /// "sha256:<hex>" of its bytes.
+    pub version: String,
+}
+
+/// How serious a diagnostic is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// The configuration is refused.
+    Alert,
+    /// Accepted, but worth a look.
+    Warning,
+}
+
+/// One thing `haproxy -c` said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// How serious.
+    pub level: Level,
+    /// The candidate's line it points at.
+    pub line: Option<u32>,
+    /// What HAProxy said, with the temp file's name replaced by the live file's.
+    pub message: String,
+    /// That line of the candidate.
+    pub source: Option<String>,
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validation {
+    /// Whether HAProxy accepted it.
+    pub valid: bool,
+    /// What it said.
+    pub diagnostics: Vec<Diagnostic>,
+    /// The candidate's version.
+    pub version: String,
+}
+
+/// The version of a configuration: "sha256:" and the hex digest of its bytes.
+pub fn version(bytes: &[u8]) -> String {
+    format!("sha256:{}", crate::blobs::sha256_hex(bytes))
+}
+
+impl Targets {
+    /// The targets of a configuration.
+    pub fn new(config: &Config) -> Targets {
+        Targets {
+            targets: config.haproxy.clone(),
+        }
+    }
+
+    /// All of them.
+    pub fn all(&self) -> &[HaproxyTarget] {
+        &self.targets
+    }
+
+    /// One by name.
+    pub fn get(&self, name: &str) -> Result<&HaproxyTarget, Error> {
+        self.targets.iter().find(|t| t.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.targets.iter().map(|t| t.name.as_str()).collect();
+            Error::UnknownTarget(format!(
+                "no HAProxy target '{name}' is configured{}",
+                if known.is_empty() {
+                    " (none are)".to_owned()
+                } else {
+                    format!(" (targets: {})", known.join(", "))
+                }
+            ))
+        })
+    }
+
+    fn config_path(&self, name: &str) -> Result<(&HaproxyTarget, &PathBuf), Error> {
+        let t = self.get(name)?;
+        let path = t
+            .config
+            .as_ref()
+            .ok_or_else(|| Error::NoConfig(name.to_owned()))?;
+        Ok((t, path))
+    }
+
+    /// A target's live configuration.
+    pub async fn live(&self, name: &str) -> Result<LiveConfig, Error> {
+        let (_, path) = self.config_path(name)?;
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
+        let version = version(&bytes);
+        let text = String::from_utf8(bytes)
+            .map_err(|_| Error::Io(format!("{} is not UTF-8", path.display())))?;
+        Ok(LiveConfig { text, version })
+    }
+
+    /// Checks a candidate for a target with `haproxy -c`, changing nothing.
+    pub async fn validate(&self, name: &str, text: &str) -> Result<Validation, Error> {
+        let (target, live) = self.config_path(name)?;
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(Error::BadCandidate(format!(
+                "the candidate is larger than {} MiB",
+                MAX_CONFIG_BYTES >> 20
+            )));
+        }
+        if text.contains('\0') {
+            return Err(Error::BadCandidate("the candidate holds a NUL byte".into()));
+        }
+        let candidate = Candidate::write(live, text).await?;
+        let out = tokio::time::timeout(
+            CHECK_TIMEOUT,
+            tokio::process::Command::new(&target.binary)
+                .arg("-c")
+                .arg("-f")
+                .arg(&candidate.0)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .map_err(|_| Error::Io(format!("`haproxy -c` took longer than {CHECK_TIMEOUT:?}")))?
+        .map_err(|e| Error::Io(format!("cannot run {}: {e}", target.binary.display())))?;
+        let valid = match out.status.code() {
+            Some(0) => true,
+            Some(1) => false,
+            _ => {
+                return Err(Error::Io(format!(
+                    "{} -c ended with {}: {}",
+                    target.binary.display(),
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+        };
+        let mut said = String::from_utf8_lossy(&out.stderr).into_owned();
+        said.push_str(&String::from_utf8_lossy(&out.stdout));
+        let diagnostics = diagnostics(&said, &candidate.0, live, text);
+        Ok(Validation {
+            valid,
+            diagnostics,
+            version: version(text.as_bytes()),
+        })
+    }
+}
+
+/// A candidate file beside the live one, removed when dropped.
+struct Candidate(PathBuf);
+
+impl Candidate {
+    async fn write(live: &Path, text: &str) -> Result<Candidate, Error> {
+        let path = crate::fsops::temp_beside(live).with_extension("cfg");
+        tokio::fs::write(&path, text)
+            .await
+            .map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
+        Ok(Candidate(path))
+    }
+}
+
+impl Drop for Candidate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// HAProxy's `[ALERT]` / `[WARNING]` lines (and their `|` continuations), with the candidate's
+/// file name replaced by the live file's and `parsing [file:line]` mapped to a line number.
+fn diagnostics(output: &str, candidate: &Path, live: &Path, text: &str) -> Vec<Diagnostic> {
+    let cand = candidate.display().to_string();
+    let live_name = live.display().to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out: Vec<Diagnostic> = Vec::new();
+    for raw in output.lines() {
+        let level = if raw.starts_with("[ALERT]") {
+            Level::Alert
+        } else if raw.starts_with("[WARNING]") {
+            Level::Warning
+        } else if let Some(more) = raw.trim_start().strip_prefix("| ") {
+            if let Some(last) = out.last_mut() {
+                last.message.push(' ');
+                last.message.push_str(more.trim());
+            }
+            continue;
+        } else {
+            continue;
+        };
+        // "[ALERT]    (29018) : config : parsing [f.cfg:10] : unknown keyword ..."
+        let message = raw
+            .split_once(") : ")
+            .map_or(raw, |(_, m)| m)
+            .replace(&cand, &live_name);
+        if message.starts_with("config : Fatal errors found")
+            || message.contains("Error(s) found in configuration file")
+        {
+            continue;
+        }
+        let line = message
+            .split_once("parsing [")
+            .and_then(|(_, rest)| rest.split_once(']'))
+            .and_then(|(loc, _)| loc.rsplit_once(':'))
+            .and_then(|(_, n)| n.parse::<u32>().ok());
+        let source = line
+            .and_then(|n| lines.get(n.checked_sub(1)? as usize))
+            .map(|l| l.to_string());
+        out.push(Diagnostic {
+            level,
+            line,
+            message,
+            source,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alerts_name_the_callers_line_and_the_live_file() {
+        let said = "[NOTICE]   (1) : haproxy version is 2.6.12\n\
+                    [ALERT]    (1) : config : parsing [/etc/haproxy/.haproxy.cfg.stately-1.tmp.cfg:3] : unknown keyword 'bogus' in 'frontend' section\n\
+                    [ALERT]    (1) : config : Error(s) found in configuration file : /etc/haproxy/.haproxy.cfg.stately-1.tmp.cfg\n\
+                    [ALERT]    (1) : config : Fatal errors found in configuration.\n\
+                    [WARNING]  (1) : config : missing timeouts for frontend 'fe'.\n   | While not properly invalid\n";
+        let d = diagnostics(
+            said,
+            Path::new("/etc/haproxy/.haproxy.cfg.stately-1.tmp.cfg"),
+            Path::new("/etc/haproxy/haproxy.cfg"),
+            "global\nfrontend fe\n  bogus x\n",
+        );
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert_eq!(d[0].level, Level::Alert);
+        assert_eq!(d[0].line, Some(3));
+        assert_eq!(d[0].source.as_deref(), Some("  bogus x"));
+        assert!(
+            d[0].message.contains("[/etc/haproxy/haproxy.cfg:3]"),
+            "{}",
+            d[0].message
+        );
+        assert_eq!(d[1].level, Level::Warning);
+        assert!(
+            d[1].message.ends_with("While not properly invalid"),
+            "{}",
+            d[1].message
+        );
+    }
+}
