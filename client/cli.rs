@@ -151,7 +151,13 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
     let mut client = pb::jobs_client::JobsClient::new(channel.clone());
     match args.command {
         Command::Haproxy(cmd) => {
-            crate::haproxy::run(pb::haproxy_client::HaproxyClient::new(channel), cmd, json).await
+            crate::haproxy::run(
+                pb::haproxy_client::HaproxyClient::new(channel),
+                &mut client,
+                cmd,
+                json,
+            )
+            .await
         }
         Command::Stats(a) => {
             crate::stats::run(pb::stats_client::StatsClient::new(channel), a, json).await
@@ -300,7 +306,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
 /// Shows a job's events until it ends. When `attached`, the first Ctrl-C cancels the job and
 /// keeps showing it unwind; a second one leaves at once (the server still cancels it, since
 /// the attached call ends).
-async fn follow(
+pub(crate) async fn follow(
     client: &mut Client,
     mut stream: tonic::Streaming<pb::JobEvent>,
     json: bool,

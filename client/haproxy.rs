@@ -3,7 +3,7 @@
 
 use crate::connect::Authed;
 use crate::render::say;
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use serde_json::json;
 use stately::pb;
 use std::path::PathBuf;
@@ -16,20 +16,28 @@ pub(crate) enum HaproxyCommand {
     Targets,
     /// Print a target's live configuration (its version goes to stderr).
     Config { target: String },
-    /// Check a new configuration for a target. Only --dry-run exists so far: it validates
-    /// with `haproxy -c` beside the live file and changes nothing.
+    /// Apply a new configuration as a job (validate, swap, reload, verify; undone on failure),
+    /// attached: Ctrl-C cancels it and puts the old configuration back.
     Apply {
         target: String,
         /// The new configuration file.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Refuse to apply over a live configuration other than this version (from `config`).
+        #[arg(long)]
+        base_version: Option<String>,
         /// Only validate: nothing is swapped, nothing reloaded.
         #[arg(long)]
         dry_run: bool,
     },
 }
 
-pub(crate) async fn run(mut c: Client, cmd: HaproxyCommand, json: bool) -> Result<u8> {
+pub(crate) async fn run(
+    mut c: Client,
+    jobs: &mut crate::connect::Client,
+    cmd: HaproxyCommand,
+    json: bool,
+) -> Result<u8> {
     let status = |s: tonic::Status| anyhow!("{}", s.message());
     match cmd {
         HaproxyCommand::Targets => {
@@ -72,13 +80,25 @@ pub(crate) async fn run(mut c: Client, cmd: HaproxyCommand, json: bool) -> Resul
         HaproxyCommand::Apply {
             target,
             file,
+            base_version,
             dry_run,
         } => {
-            if !dry_run {
-                bail!("applying a configuration is not built yet; `--dry-run` validates it");
-            }
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
+            if !dry_run {
+                let req = pb::SubmitJobRequest {
+                    spec: Some(pb::JobSpec {
+                        kind: Some(pb::job_spec::Kind::HaproxyApply(pb::HaproxyApplyJob {
+                            target,
+                            config: text,
+                            base_version: base_version.unwrap_or_default(),
+                        })),
+                    }),
+                    ..Default::default()
+                };
+                let stream = jobs.run_job(req).await.map_err(status)?.into_inner();
+                return crate::cli::follow(jobs, stream, json, true).await;
+            }
             let v = c
                 .validate_config(pb::ValidateConfigRequest { target, text })
                 .await

@@ -59,6 +59,9 @@ fn spec_json(spec: &Option<pb::JobSpec>) -> Value {
         Some(pb::job_spec::Kind::Rollback(r)) => {
             json!({"rollback": {"target_job_id": r.target_job_id, "force": r.force}})
         }
+        Some(pb::job_spec::Kind::HaproxyApply(a)) => {
+            json!({"haproxy_apply": {"target": a.target, "base_version": a.base_version, "config_bytes": a.config.len()}})
+        }
         None => Value::Null,
     }
 }
@@ -113,6 +116,7 @@ fn what(j: &pb::Job) -> String {
     match j.spec.as_ref().and_then(|s| s.kind.as_ref()) {
         Some(pb::job_spec::Kind::Runbook(r)) => r.runbook.clone(),
         Some(pb::job_spec::Kind::Rollback(r)) => format!("undo {}", &r.target_job_id),
+        Some(pb::job_spec::Kind::HaproxyApply(a)) => format!("apply to {}", a.target),
         None => String::new(),
     }
 }

@@ -79,6 +79,8 @@ pub struct HaproxyTarget {
     pub stats_socket: Option<PathBuf>,
     /// Its configuration file.
     pub config: Option<PathBuf>,
+    /// The master CLI socket (`haproxy -W -S <path>`), through which it is reloaded.
+    pub master_socket: Option<PathBuf>,
     /// The haproxy binary that checks configurations.
     #[serde(default = "default_haproxy_binary")]
     pub binary: PathBuf,
@@ -437,6 +439,7 @@ prune_interval = "60s"
 # name = "edge"
 # config = "/etc/haproxy/haproxy.cfg"
 # binary = "/usr/sbin/haproxy"
+# master_socket = "/run/haproxy/master.sock"   # haproxy -W -S <path>: reloads go through it
 # stats_socket = "/run/haproxy/admin.sock"
 
 # Bearer tokens, each with a role: "viewer" (get, list, watch) or "operator" (also submit,

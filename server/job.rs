@@ -117,6 +117,15 @@ pub enum JobSpec {
         /// Declared parameters.
         params: BTreeMap<String, String>,
     },
+    /// Replace a HAProxy target's configuration.
+    HaproxyApply {
+        /// The target.
+        target: String,
+        /// The whole new configuration.
+        config: String,
+        /// The version the caller edited, if given.
+        base_version: Option<String>,
+    },
     /// Undo a finished job.
     Rollback {
         /// The job undone.
@@ -132,6 +141,7 @@ impl JobSpec {
         match self {
             JobSpec::Runbook { .. } => "runbook",
             JobSpec::Rollback { .. } => "rollback",
+            JobSpec::HaproxyApply { .. } => "haproxy_apply",
         }
     }
 }
@@ -193,7 +203,7 @@ impl JobRecord {
     pub fn rollback_of(&self) -> Option<JobId> {
         match self.spec {
             JobSpec::Rollback { target, .. } => Some(target),
-            JobSpec::Runbook { .. } => None,
+            JobSpec::Runbook { .. } | JobSpec::HaproxyApply { .. } => None,
         }
     }
 }

@@ -36,6 +36,8 @@ pub(crate) enum UndoEntry {
         run: Invocation,
         redo: Option<Invocation>,
     },
+    /// Reload HAProxy through its master CLI (after the files it reads were put back).
+    ReloadHaproxy { master_socket: PathBuf },
 }
 
 /// A journal entry as stored: the entry, whether it has been applied, and the state the job
@@ -55,7 +57,7 @@ impl UndoEntry {
             UndoEntry::RestoreFile { path, .. }
             | UndoEntry::RemoveFile { path }
             | UndoEntry::RestoreOwnership { path, .. } => Some(path),
-            UndoEntry::RunCommand { .. } => None,
+            UndoEntry::RunCommand { .. } | UndoEntry::ReloadHaproxy { .. } => None,
         }
     }
 
@@ -81,6 +83,9 @@ impl UndoEntry {
                 format!("restore {} to {mode:04o} {uid}:{gid}", path.display())
             }
             UndoEntry::RunCommand { run, .. } => format!("run {}", run.argv.join(" ")),
+            UndoEntry::ReloadHaproxy { master_socket } => {
+                format!("reload HAProxy ({})", master_socket.display())
+            }
         }
     }
 
@@ -141,6 +146,8 @@ impl UndoEntry {
                     redo: Some(run.clone()),
                 })
             }
+            // Reloading again is its own inverse.
+            e @ UndoEntry::ReloadHaproxy { .. } => Some(e.clone()),
         })
     }
 
@@ -156,6 +163,11 @@ impl UndoEntry {
                 .run(&CancellationToken::new(), on_line)
                 .await
                 .map_err(|e| e.to_string()),
+            UndoEntry::ReloadHaproxy { master_socket } => {
+                crate::haproxy::master::reload(&master_socket, std::time::Duration::from_secs(15))
+                    .await
+                    .map(|_| ())
+            }
             entry => {
                 let blobs = blobs.clone();
                 tokio::task::spawn_blocking(move || entry.apply_file(&blobs))
@@ -185,7 +197,9 @@ impl UndoEntry {
                 uid,
                 gid,
             } => fsops::set_ownership(path, *mode, *uid, *gid).map_err(at),
-            UndoEntry::RunCommand { .. } => unreachable!("commands are applied asynchronously"),
+            UndoEntry::RunCommand { .. } | UndoEntry::ReloadHaproxy { .. } => {
+                unreachable!("commands and reloads are applied asynchronously")
+            }
         }
     }
 }

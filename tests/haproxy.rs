@@ -225,6 +225,315 @@ async fn the_cli_prints_the_config_and_shows_a_dry_runs_failing_line() {
             .arg(&bad)
             .output()
             .unwrap();
+    // This target has no master socket, so applying for real is refused up front.
     assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--dry-run"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("master_socket"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn the_cli_applies_attached_and_shows_each_step() {
+    let e = managed().await;
+    let live = std::fs::read_to_string(&e.h.config).unwrap();
+    let port = free_port();
+    let file = e.h.dir.join("next.cfg");
+    std::fs::write(&file, with_frontend(&live, "cli", port)).unwrap();
+    let out =
+        e.d.cli()
+            .args(["haproxy", "apply", "edge", "-f"])
+            .arg(&file)
+            .output()
+            .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steps = [
+        "check the base version",
+        "validate with haproxy -c",
+        "swap the configuration",
+        "reload",
+        "verify",
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        assert!(
+            text.contains(&format!("✓ step {}: {step}", i + 1)),
+            "{step}: {text}"
+        );
+    }
+    assert!(answers(port, "cli"));
+}
+
+/// statelyd managing a real master-worker haproxy: config, master socket and stats socket.
+async fn managed() -> Edge {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(0).await;
+    let h = Haproxy::start(dir.path(), &[("web", vec![("s1", backend.port)])]);
+    let d = Daemon::start(&format!(
+        "[[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nmaster_socket = \"{}\"\nstats_socket = \"{}\"\n",
+        h.config.display(),
+        h.dir.join("master.sock").display(),
+        h.stats.display()
+    ));
+    Edge {
+        d,
+        h,
+        _backend: backend,
+        _dir: dir,
+    }
+}
+
+fn apply(config: &str, base_version: &str) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::HaproxyApply(pb::HaproxyApplyJob {
+                target: "edge".into(),
+                config: config.into(),
+                base_version: base_version.into(),
+            })),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The live config plus a frontend on `port` that answers 200 itself.
+fn with_frontend(live: &str, name: &str, port: u16) -> String {
+    format!(
+        "{live}frontend {name}\n  bind 127.0.0.1:{port}\n  http-request return status 200 content-type text/plain string ok-{name}\n"
+    )
+}
+
+fn answers(port: u16, name: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.contains(&format!("ok-{name}"))
+}
+
+#[tokio::test]
+async fn an_applied_change_is_live_and_a_rollback_takes_it_back() {
+    let e = managed().await;
+    let live = std::fs::read_to_string(&e.h.config).unwrap();
+    let port = free_port();
+    let new = with_frontend(&live, "extra", port);
+    let mut c = e.d.client().await;
+    let job = c
+        .submit_job(apply(&new, &stately::haproxy::version(live.as_bytes())))
+        .await
+        .unwrap()
+        .into_inner();
+    let job = wait_end(&mut c, &job.id).await;
+    assert_eq!(
+        state(&job),
+        pb::JobState::Succeeded,
+        "{job:?}\n{}",
+        e.d.log()
+    );
+    assert_eq!(std::fs::read_to_string(&e.h.config).unwrap(), new);
+    assert!(answers(port, "extra"), "the new frontend answers");
+
+    let rb = c
+        .rollback_job(pb::RollbackJobRequest {
+            job_id: job.id,
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rb = wait_end(&mut c, &rb.id).await;
+    assert_eq!(state(&rb), pb::JobState::Succeeded, "{rb:?}");
+    assert_eq!(std::fs::read_to_string(&e.h.config).unwrap(), live);
+    assert!(
+        !answers(port, "extra"),
+        "after the rollback's reload the frontend is gone"
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_change_fails_with_its_line_and_the_old_config_stays_live() {
+    let e = managed().await;
+    let live = std::fs::read_to_string(&e.h.config).unwrap();
+    let bad = format!(
+        "{live}frontend broken\n  bind 127.0.0.1:{}\n  no_such_keyword 1\n",
+        free_port()
+    );
+    let mut c = e.d.client().await;
+    let job = c.submit_job(apply(&bad, "")).await.unwrap().into_inner();
+    let job = wait_end(&mut c, &job.id).await;
+    assert_eq!(state(&job), pb::JobState::Failed);
+    assert_eq!(job.failed_step, "validate with haproxy -c");
+    let line = bad.lines().count();
+    assert!(
+        job.error.contains(&format!("line {line}")) && job.error.contains("no_such_keyword"),
+        "{}",
+        job.error
+    );
+    assert_eq!(std::fs::read_to_string(&e.h.config).unwrap(), live);
+}
+
+#[tokio::test]
+async fn a_port_clash_that_passes_the_check_fails_the_reload_and_is_unwound() {
+    let e = managed().await;
+    let live = std::fs::read_to_string(&e.h.config).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let clash = with_frontend(&live, "clash", port);
+    let mut c = e.d.client().await;
+    let job = c.submit_job(apply(&clash, "")).await.unwrap().into_inner();
+    let job = wait_end(&mut c, &job.id).await;
+    assert_eq!(state(&job), pb::JobState::Failed, "{job:?}");
+    assert_eq!(job.failed_step, "reload", "{job:?}");
+    assert_eq!(
+        std::fs::read_to_string(&e.h.config).unwrap(),
+        live,
+        "the old file is back"
+    );
+    let mut stats =
+        pb::stats_client::StatsClient::with_interceptor(e.d.channel().await, bearer(Some(VIEWER)));
+    let _ = &mut stats;
+    let rows = stately::stats::parse::parse(&{
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&e.h.stats)
+            .expect("haproxy still serves its stats socket");
+        s.write_all(b"show stat\n").unwrap();
+        let mut b = Vec::new();
+        s.read_to_end(&mut b).unwrap();
+        b
+    })
+    .unwrap();
+    assert!(
+        rows.iter().any(|r| r.proxy == "web") && !rows.iter().any(|r| r.proxy == "clash"),
+        "the old config serves"
+    );
+    drop(taken);
+}
+
+#[tokio::test]
+async fn a_stale_base_version_is_refused_and_nothing_is_touched() {
+    let e = managed().await;
+    let live = std::fs::read_to_string(&e.h.config).unwrap();
+    let mut c = e.d.client().await;
+    let job = c
+        .submit_job(apply(
+            &with_frontend(&live, "x", free_port()),
+            "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let job = wait_end(&mut c, &job.id).await;
+    assert_eq!(state(&job), pb::JobState::Failed);
+    assert_eq!(job.failed_step, "check the base version");
+    assert!(
+        job.error
+            .contains(&stately::haproxy::version(live.as_bytes())),
+        "{}",
+        job.error
+    );
+    assert_eq!(std::fs::read_to_string(&e.h.config).unwrap(), live);
+}
+
+#[tokio::test]
+async fn applies_to_one_target_run_one_after_the_other_and_a_rollback_over_a_later_one_is_refused()
+{
+    let e = managed().await;
+    let live = std::fs::read_to_string(&e.h.config).unwrap();
+    let (p1, p2) = (free_port(), free_port());
+    let first = with_frontend(&live, "one", p1);
+    let second = with_frontend(&first, "two", p2);
+    let mut c = e.d.client().await;
+    let a = c.submit_job(apply(&first, "")).await.unwrap().into_inner();
+    let b = c.submit_job(apply(&second, "")).await.unwrap().into_inner();
+    assert_eq!(
+        b.waiting_for,
+        vec!["haproxy:edge".to_owned()],
+        "the second waits for the first"
+    );
+    let a = wait_end(&mut c, &a.id).await;
+    let b = wait_end(&mut c, &b.id).await;
+    assert_eq!(
+        (state(&a), state(&b)),
+        (pb::JobState::Succeeded, pb::JobState::Succeeded),
+        "{a:?} {b:?}"
+    );
+    assert!(answers(p1, "one") && answers(p2, "two"));
+
+    let err = c
+        .rollback_job(pb::RollbackJobRequest {
+            job_id: a.id.clone(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains(&e.h.config.display().to_string()),
+        "{}",
+        err.message()
+    );
+    let rb = c
+        .rollback_job(pb::RollbackJobRequest {
+            job_id: a.id,
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rb = wait_end(&mut c, &rb.id).await;
+    assert_eq!(state(&rb), pb::JobState::Succeeded, "{rb:?}");
+    assert_eq!(std::fs::read_to_string(&e.h.config).unwrap(), live);
+}
+
+#[tokio::test]
+async fn cancelling_during_verify_restores_the_old_config() {
+    let e = managed().await;
+    let live = std::fs::read_to_string(&e.h.config).unwrap();
+    // Without its stats socket the new worker can never be verified: the job waits in verify.
+    let stats_line = live.lines().find(|l| l.contains("stats socket")).unwrap();
+    let blind = with_frontend(&live.replace(stats_line, ""), "blind", free_port());
+    let mut c = e.d.client().await;
+    let job = c.submit_job(apply(&blind, "")).await.unwrap().into_inner();
+    let mut s = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let ev = s.message().await.unwrap().unwrap();
+        if let Some(pb::job_event::Event::StepStarted(st)) = ev.event
+            && st.name == "verify"
+        {
+            break;
+        }
+    }
+    let job = c
+        .cancel_job(pb::CancelJobRequest {
+            job_id: job.id,
+            reason: "wrong file".into(),
+            wait: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&job), pb::JobState::Cancelled, "{job:?}");
+    assert_eq!(std::fs::read_to_string(&e.h.config).unwrap(), live);
+    assert!(
+        std::os::unix::net::UnixStream::connect(&e.h.stats).is_ok(),
+        "reloaded on the old config: its stats socket is back"
+    );
 }

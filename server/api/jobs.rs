@@ -47,6 +47,18 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
                 params: r.params.into_iter().collect(),
             }
         }
+        Some(pb::job_spec::Kind::HaproxyApply(a)) => {
+            if a.target.is_empty() {
+                return Err(Status::invalid_argument(
+                    "spec.haproxy_apply.target is required",
+                ));
+            }
+            JobSpec::HaproxyApply {
+                target: a.target,
+                config: a.config,
+                base_version: Some(a.base_version).filter(|v| !v.is_empty()),
+            }
+        }
         Some(pb::job_spec::Kind::Rollback(_)) => {
             return Err(Status::invalid_argument(
                 "rollback jobs are started with RollbackJob, not submitted",
@@ -294,6 +306,15 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
         JobSpec::Runbook { runbook, params } => pb::job_spec::Kind::Runbook(pb::RunbookJob {
             runbook: runbook.clone(),
             params: params.clone().into_iter().collect(),
+        }),
+        JobSpec::HaproxyApply {
+            target,
+            config,
+            base_version,
+        } => pb::job_spec::Kind::HaproxyApply(pb::HaproxyApplyJob {
+            target: target.clone(),
+            config: config.clone(),
+            base_version: base_version.clone().unwrap_or_default(),
         }),
         JobSpec::Rollback { target, force } => pb::job_spec::Kind::Rollback(pb::RollbackSpec {
             target_job_id: target.to_string(),

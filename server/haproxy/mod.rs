@@ -3,6 +3,8 @@
 //! relative paths resolve the same; removed afterwards), with HAProxy's ALERT and WARNING lines
 //! mapped back to the candidate's own line numbers.
 
+pub(crate) mod master;
+
 use crate::config::{Config, HaproxyTarget};
 use std::path::{Path, PathBuf};
 use std::time::Duration;

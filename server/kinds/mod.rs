@@ -1,6 +1,7 @@
 //! The kinds of job: one module each. A kind plans its steps at submission (so bad input is
 //! refused before anything starts) and executes them, one at a time, on a `StepCtx`.
 
+pub(crate) mod haproxy_apply;
 pub(crate) mod rollback;
 pub(crate) mod runbook;
 
@@ -51,6 +52,15 @@ pub(crate) fn plan(spec: &JobSpec, config: &Config) -> Result<Plan, Error> {
                 prepared: Some(Executor::Runbook(resolved)),
             })
         }
+        JobSpec::HaproxyApply {
+            target,
+            config: text,
+            ..
+        } => Ok(Plan {
+            steps: haproxy_apply::step_names(),
+            resources: haproxy_apply::plan(config, target, text)?,
+            prepared: None,
+        }),
         JobSpec::Rollback { .. } => Err(Error::InvalidArgument(
             "rollback jobs come from RollbackJob".into(),
         )),
@@ -61,6 +71,7 @@ pub(crate) fn plan(spec: &JobSpec, config: &Config) -> Result<Plan, Error> {
 #[derive(Debug)]
 pub(crate) enum Executor {
     Runbook(runbook::Resolved),
+    HaproxyApply(Box<haproxy_apply::Apply>),
     Rollback(rollback::Rollback),
 }
 
@@ -76,6 +87,16 @@ impl Executor {
                     runbook::resolve(rb, params).map_err(|e| StepError::Failed(e.to_string()))?;
                 Ok(Executor::Runbook(resolved))
             }
+            JobSpec::HaproxyApply {
+                target,
+                config,
+                base_version,
+            } => Ok(Executor::HaproxyApply(Box::new(haproxy_apply::Apply::new(
+                &shared.config,
+                target,
+                config,
+                base_version.clone(),
+            )?))),
             JobSpec::Rollback { target, force } => Ok(Executor::Rollback(
                 rollback::Rollback::load(shared, *target, *force)?,
             )),
@@ -85,6 +106,7 @@ impl Executor {
     pub(crate) fn step_names(&self) -> Vec<String> {
         match self {
             Executor::Runbook(r) => r.step_names(),
+            Executor::HaproxyApply(_) => haproxy_apply::step_names(),
             Executor::Rollback(_) => rollback::step_names(),
         }
     }
@@ -96,6 +118,7 @@ impl Executor {
     ) -> Result<(), StepError> {
         match self {
             Executor::Runbook(r) => r.run_step(index, ctx).await,
+            Executor::HaproxyApply(a) => a.run_step(index, ctx).await,
             Executor::Rollback(r) => r.run_step(index, ctx).await,
         }
     }
@@ -103,7 +126,7 @@ impl Executor {
     /// Writes to commit with the job's success.
     pub(crate) fn on_success(&self, job: JobId) -> Vec<Write> {
         match self {
-            Executor::Runbook(_) => Vec::new(),
+            Executor::Runbook(_) | Executor::HaproxyApply(_) => Vec::new(),
             Executor::Rollback(r) => r.on_success(job),
         }
     }

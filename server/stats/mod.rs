@@ -400,7 +400,7 @@ async fn poll_loop(
 
 /// One `show stat` on a fresh connection, parsed: blocking I/O on a blocking thread, which
 /// costs less CPU than waking the reactor for each of the ~70 chunks of a large answer.
-async fn fetch(socket: &Path) -> Result<Vec<Row>, Error> {
+pub(crate) async fn fetch(socket: &Path) -> Result<Vec<Row>, Error> {
     let socket = socket.to_owned();
     tokio::task::spawn_blocking(move || fetch_blocking(&socket))
         .await

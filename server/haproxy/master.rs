@@ -1,0 +1,148 @@
+//! HAProxy's master CLI (master-worker mode, `-S <socket>`): reload, and `show proc` to see
+//! that the reload happened and did not fail. One connection per command: the master re-execs
+//! on reload, and an answer ends with a blank line while the connection stays open.
+
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What `show proc` says about the master and its workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Procs {
+    /// The master's reload count.
+    pub(crate) reloads: u64,
+    /// How many reloads failed (`[failed: N]`).
+    pub(crate) failed: u64,
+    /// The current workers' pids.
+    pub(crate) workers: Vec<u32>,
+}
+
+/// Sends one command and reads the answer (up to the closing blank line, or the close).
+async fn command(socket: &Path, cmd: &str) -> Result<String, String> {
+    let talk = async {
+        let mut s = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| format!("{}: {e}", socket.display()))?;
+        s.write_all(format!("{cmd}\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.ends_with(b"\n\n") {
+                break;
+            }
+        }
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(10), talk)
+        .await
+        .map_err(|_| {
+            format!(
+                "the master CLI at {} did not answer `{cmd}`",
+                socket.display()
+            )
+        })?
+}
+
+/// Reads `show proc`.
+pub(crate) async fn show_proc(socket: &Path) -> Result<Procs, String> {
+    let text = command(socket, "show proc").await?;
+    parse_show_proc(&text).ok_or_else(|| format!("unexpected `show proc` answer: {}", text.trim()))
+}
+
+fn parse_show_proc(text: &str) -> Option<Procs> {
+    let mut master = None;
+    let mut workers = Vec::new();
+    let mut section = "";
+    for line in text.lines() {
+        if line.starts_with("# workers") {
+            section = "workers";
+            continue;
+        }
+        if line.starts_with('#') {
+            section = if line.starts_with("#<PID>") {
+                ""
+            } else {
+                "other"
+            };
+            continue;
+        }
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        match (section, cols.as_slice()) {
+            ("", [_, "master", reloads, "[failed:", failed, ..]) => {
+                master = Some((
+                    reloads.parse().ok()?,
+                    failed.trim_end_matches(']').parse().ok()?,
+                ));
+            }
+            ("workers", [pid, "worker", ..]) => workers.push(pid.parse().ok()?),
+            _ => {}
+        }
+    }
+    let (reloads, failed) = master?;
+    Some(Procs {
+        reloads,
+        failed,
+        workers,
+    })
+}
+
+/// Reloads through the master and waits until `show proc` shows the outcome: Ok when the
+/// reload count grew with no new failure and a new worker is there; Err with what HAProxy
+/// shows otherwise (e.g. a port clash that `haproxy -c` could not see).
+pub(crate) async fn reload(socket: &Path, within: Duration) -> Result<Procs, String> {
+    let before = show_proc(socket).await?;
+    // The master re-execs and closes the connection; there is no answer to read.
+    let _ = command(socket, "reload").await;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // While the master re-execs, its socket may refuse connections for a moment.
+        if let Ok(now) = show_proc(socket).await {
+            if now.failed > before.failed {
+                return Err(format!(
+                    "HAProxy refused the new configuration (reload failed; {} failed reload(s) in all); the old worker keeps serving",
+                    now.failed
+                ));
+            }
+            if now.reloads > before.reloads
+                && now.workers.iter().any(|w| !before.workers.contains(w))
+            {
+                return Ok(now);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("no new worker within {within:?} of the reload"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_proc_of_haproxy_2_6_parses() {
+        let text = "#<PID>          <type>          <reloads>       <uptime>        <version>      \n\
+                    1240            master          1 [failed: 0]   0d00h00m04s     2.6.12-1+deb12u4\n\
+                    # workers\n\
+                    1290            worker          0               0d00h00m01s     2.6.12-1+deb12u4\n\
+                    # programs\n\n";
+        let p = parse_show_proc(text).unwrap();
+        assert_eq!(
+            p,
+            Procs {
+                reloads: 1,
+                failed: 0,
+                workers: vec![1290]
+            }
+        );
+        assert!(parse_show_proc("Unknown command\n\n").is_none());
+    }
+}

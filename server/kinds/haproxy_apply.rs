@@ -1,0 +1,270 @@
+//! The `haproxy_apply` kind: check the base version, validate with `haproxy -c`, swap the file
+//! atomically, reload through the master CLI, verify the new worker serves. The swap records
+//! its undo first — reload again, then put the old file back — so a failed reload or verify,
+//! a cancel, or a rollback leaves HAProxy on the configuration it had, reloaded.
+
+use super::StepError;
+use crate::config::{Config, HaproxyTarget};
+use crate::engine::{Error, StepCtx};
+use crate::haproxy::{Level, Targets, master};
+use crate::job::LogLevel;
+use crate::stats::parse::State;
+use crate::undo::UndoEntry;
+use std::collections::HashSet;
+use std::time::Duration;
+
+/// How long the new worker gets to show the new configuration's proxies.
+const VERIFY_WITHIN: Duration = Duration::from_secs(5);
+/// How long a reload may take before it counts as failed (a port clash fails after ~2 s).
+const RELOAD_WITHIN: Duration = Duration::from_secs(10);
+
+pub(crate) fn step_names() -> Vec<String> {
+    [
+        "check the base version",
+        "validate with haproxy -c",
+        "swap the configuration",
+        "reload",
+        "verify",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Checks a submission: the target exists with a config file and a master socket.
+pub(crate) fn plan(config: &Config, target: &str, text: &str) -> Result<Vec<String>, Error> {
+    let targets = Targets::new(config);
+    let t = targets
+        .get(target)
+        .map_err(|e| Error::NotFound(e.to_string()))?;
+    if t.config.is_none() || t.master_socket.is_none() {
+        return Err(Error::FailedPrecondition(format!(
+            "HAProxy target '{target}' needs `config` and `master_socket` in statelyd's configuration to be applied to"
+        )));
+    }
+    if text.trim().is_empty() {
+        return Err(Error::InvalidArgument(
+            "config (the whole new configuration) is required".into(),
+        ));
+    }
+    if text.len() > crate::haproxy::MAX_CONFIG_BYTES {
+        return Err(Error::InvalidArgument(
+            "the configuration is larger than 16 MiB".into(),
+        ));
+    }
+    Ok(vec![format!("haproxy:{target}")])
+}
+
+#[derive(Debug)]
+pub(crate) struct Apply {
+    targets: Targets,
+    target: HaproxyTarget,
+    text: String,
+    base_version: Option<String>,
+    /// Servers UP before the swap, to check none is DOWN after.
+    up_before: HashSet<(String, String)>,
+}
+
+impl Apply {
+    pub(crate) fn new(
+        config: &Config,
+        target: &str,
+        text: &str,
+        base_version: Option<String>,
+    ) -> Result<Apply, StepError> {
+        let targets = Targets::new(config);
+        let t = targets
+            .get(target)
+            .map_err(|e| StepError::Failed(e.to_string()))?
+            .clone();
+        Ok(Apply {
+            targets,
+            target: t,
+            text: text.to_owned(),
+            base_version,
+            up_before: HashSet::new(),
+        })
+    }
+
+    pub(crate) async fn run_step(
+        &mut self,
+        index: usize,
+        ctx: &mut StepCtx<'_>,
+    ) -> Result<(), StepError> {
+        let failed = |e: crate::haproxy::Error| StepError::Failed(e.to_string());
+        let name = self.target.name.clone();
+        match index {
+            0 => {
+                let live = self.targets.live(&name).await.map_err(failed)?;
+                match &self.base_version {
+                    Some(base) if *base != live.version => Err(StepError::Precondition(format!(
+                        "the live configuration of '{name}' is now {}, not {base} that the change was made from; \
+                         get the config again and redo the edit",
+                        live.version
+                    ))),
+                    _ => Ok(()),
+                }
+            }
+            1 => {
+                let v = self
+                    .targets
+                    .validate(&name, &self.text)
+                    .await
+                    .map_err(failed)?;
+                for d in v.diagnostics.iter().filter(|d| d.level == Level::Warning) {
+                    ctx.log(LogLevel::Warn, d.message.clone());
+                }
+                if !v.valid {
+                    let alerts: Vec<String> = v
+                        .diagnostics
+                        .iter()
+                        .filter(|d| d.level == Level::Alert)
+                        .map(|d| match (d.line, &d.source) {
+                            (Some(n), Some(src)) => {
+                                format!("line {n} ({}): {}", src.trim(), d.message)
+                            }
+                            _ => d.message.clone(),
+                        })
+                        .collect();
+                    return Err(StepError::Failed(format!(
+                        "haproxy -c refused the configuration: {}",
+                        alerts.join("; ")
+                    )));
+                }
+                Ok(())
+            }
+            2 => {
+                if let Some(stats) = &self.target.stats_socket
+                    && let Ok(rows) = crate::stats::fetch(stats).await
+                {
+                    self.up_before = rows
+                        .into_iter()
+                        .filter(|r| r.status.state == State::Up && !r.status.transitional())
+                        .map(|r| (r.proxy, r.server))
+                        .collect();
+                }
+                let live = self.target.config.clone().expect("planned with a config");
+                let socket = self
+                    .target
+                    .master_socket
+                    .clone()
+                    .expect("planned with a master socket");
+                // Reverse order of undo: the old file goes back first, then HAProxy reloads.
+                ctx.record_undo(UndoEntry::ReloadHaproxy {
+                    master_socket: socket,
+                })
+                .await?;
+                let (path, blobs) = (live.clone(), ctx.journal.blobs.clone());
+                let entry =
+                    tokio::task::spawn_blocking(move || UndoEntry::snapshot_file(&path, &blobs))
+                        .await
+                        .map_err(|e| StepError::Failed(e.to_string()))?
+                        .map_err(|e| StepError::Failed(format!("{}: {e}", live.display())))?;
+                let (mode, owner) = match &entry {
+                    UndoEntry::RestoreFile { mode, uid, gid, .. } => (*mode, Some((*uid, *gid))),
+                    _ => (0o644, None),
+                };
+                ctx.record_undo(entry).await?;
+                let text = self.text.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::fsops::write_atomic(&live, text.as_bytes(), mode, owner)
+                })
+                .await
+                .map_err(|e| StepError::Failed(e.to_string()))?
+                .map_err(|e| StepError::Failed(format!("swapping the configuration: {e}")))
+            }
+            3 => {
+                // A reload runs to its end (a critical section); a cancel is seen after it.
+                let socket = self
+                    .target
+                    .master_socket
+                    .clone()
+                    .expect("planned with a master socket");
+                let procs = master::reload(&socket, RELOAD_WITHIN)
+                    .await
+                    .map_err(StepError::Failed)?;
+                ctx.log(
+                    LogLevel::Info,
+                    format!(
+                        "reloaded: reload {} with worker(s) {:?}",
+                        procs.reloads, procs.workers
+                    ),
+                );
+                Ok(())
+            }
+            _ => self.verify(ctx).await,
+        }
+    }
+
+    /// The new worker answers with the new configuration's proxies, and no server UP before
+    /// is DOWN now.
+    async fn verify(&self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        let Some(stats) = self.target.stats_socket.clone() else {
+            ctx.log(
+                LogLevel::Warn,
+                "no stats_socket configured for this target: serving is not verified",
+            );
+            return Ok(());
+        };
+        let wanted: HashSet<String> = proxies(&self.text);
+        let deadline = tokio::time::Instant::now() + VERIFY_WITHIN;
+        loop {
+            let check = async {
+                let rows = crate::stats::fetch(&stats).await.ok()?;
+                let have: HashSet<&str> = rows.iter().map(|r| r.proxy.as_str()).collect();
+                wanted
+                    .iter()
+                    .all(|p| have.contains(p.as_str()))
+                    .then_some(rows)
+            };
+            let rows = tokio::select! {
+                biased;
+                _ = ctx.cancel.cancelled() => return Err(StepError::Cancelled),
+                r = check => r,
+            };
+            if let Some(rows) = rows {
+                let down: Vec<String> = rows
+                    .iter()
+                    .filter(|r| r.status.state == State::Down && !r.status.transitional())
+                    .filter(|r| {
+                        self.up_before
+                            .contains(&(r.proxy.clone(), r.server.clone()))
+                    })
+                    .map(|r| format!("{}/{}", r.proxy, r.server))
+                    .collect();
+                if !down.is_empty() {
+                    return Err(StepError::Failed(format!(
+                        "servers UP before the reload are DOWN after it: {}",
+                        down.join(", ")
+                    )));
+                }
+                ctx.log(
+                    LogLevel::Info,
+                    format!("the new worker serves all {} proxies", wanted.len()),
+                );
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StepError::Failed(format!(
+                    "the new configuration's proxies did not all appear on the stats socket within {VERIFY_WITHIN:?}"
+                )));
+            }
+            tokio::select! {
+                _ = ctx.cancel.cancelled() => return Err(StepError::Cancelled),
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+}
+
+/// The proxy names a configuration declares (frontend, backend, listen sections).
+fn proxies(text: &str) -> HashSet<String> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            match (w.next(), w.next()) {
+                (Some("frontend" | "backend" | "listen"), Some(name)) => Some(name.to_owned()),
+                _ => None,
+            }
+        })
+        .collect()
+}
