@@ -16,6 +16,14 @@ pub(crate) enum HaproxyCommand {
     Targets,
     /// Print a target's live configuration (its version goes to stderr).
     Config { target: String },
+    /// Set a server ready, drain or maint (a job; rolling it back restores the state it had).
+    Server {
+        target: String,
+        /// BACKEND/SERVER.
+        server: String,
+        /// ready, drain or maint.
+        state: String,
+    },
     /// Apply a new configuration as a job (validate, swap, reload, verify; undone on failure),
     /// attached: Ctrl-C cancels it and puts the old configuration back.
     Apply {
@@ -76,6 +84,30 @@ pub(crate) async fn run(
                 print!("{}", cfg.text);
             }
             Ok(0)
+        }
+        HaproxyCommand::Server {
+            target,
+            server,
+            state,
+        } => {
+            let (backend, server) = server
+                .split_once('/')
+                .ok_or_else(|| anyhow!("'{server}' is not BACKEND/SERVER"))?;
+            let req = pb::SubmitJobRequest {
+                spec: Some(pb::JobSpec {
+                    kind: Some(pb::job_spec::Kind::HaproxyServerState(
+                        pb::HaproxyServerStateJob {
+                            target,
+                            backend: backend.into(),
+                            server: server.into(),
+                            state,
+                        },
+                    )),
+                }),
+                ..Default::default()
+            };
+            let stream = jobs.run_job(req).await.map_err(status)?.into_inner();
+            crate::cli::follow(jobs, stream, json, true).await
         }
         HaproxyCommand::Apply {
             target,

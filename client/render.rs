@@ -62,6 +62,9 @@ fn spec_json(spec: &Option<pb::JobSpec>) -> Value {
         Some(pb::job_spec::Kind::HaproxyApply(a)) => {
             json!({"haproxy_apply": {"target": a.target, "base_version": a.base_version, "config_bytes": a.config.len()}})
         }
+        Some(pb::job_spec::Kind::HaproxyServerState(h)) => {
+            json!({"haproxy_server_state": {"target": h.target, "backend": h.backend, "server": h.server, "state": h.state}})
+        }
         None => Value::Null,
     }
 }
@@ -117,6 +120,9 @@ fn what(j: &pb::Job) -> String {
         Some(pb::job_spec::Kind::Runbook(r)) => r.runbook.clone(),
         Some(pb::job_spec::Kind::Rollback(r)) => format!("undo {}", &r.target_job_id),
         Some(pb::job_spec::Kind::HaproxyApply(a)) => format!("apply to {}", a.target),
+        Some(pb::job_spec::Kind::HaproxyServerState(h)) => {
+            format!("{} {}/{} {}", h.target, h.backend, h.server, h.state)
+        }
         None => String::new(),
     }
 }

@@ -126,6 +126,17 @@ pub enum JobSpec {
         /// The version the caller edited, if given.
         base_version: Option<String>,
     },
+    /// Set a server's administrative state.
+    HaproxyServerState {
+        /// The target.
+        target: String,
+        /// The backend.
+        backend: String,
+        /// The server.
+        server: String,
+        /// ready, drain or maint.
+        state: String,
+    },
     /// Undo a finished job.
     Rollback {
         /// The job undone.
@@ -142,6 +153,7 @@ impl JobSpec {
             JobSpec::Runbook { .. } => "runbook",
             JobSpec::Rollback { .. } => "rollback",
             JobSpec::HaproxyApply { .. } => "haproxy_apply",
+            JobSpec::HaproxyServerState { .. } => "haproxy_server_state",
         }
     }
 }
@@ -203,7 +215,9 @@ impl JobRecord {
     pub fn rollback_of(&self) -> Option<JobId> {
         match self.spec {
             JobSpec::Rollback { target, .. } => Some(target),
-            JobSpec::Runbook { .. } | JobSpec::HaproxyApply { .. } => None,
+            JobSpec::Runbook { .. }
+            | JobSpec::HaproxyApply { .. }
+            | JobSpec::HaproxyServerState { .. } => None,
         }
     }
 }

@@ -38,6 +38,13 @@ pub(crate) enum UndoEntry {
     },
     /// Reload HAProxy through its master CLI (after the files it reads were put back).
     ReloadHaproxy { master_socket: PathBuf },
+    /// Put a server's administrative state back through the runtime API.
+    HaproxyServerState {
+        socket: PathBuf,
+        backend: String,
+        server: String,
+        state: String,
+    },
 }
 
 /// A journal entry as stored: the entry, whether it has been applied, and the state the job
@@ -57,7 +64,9 @@ impl UndoEntry {
             UndoEntry::RestoreFile { path, .. }
             | UndoEntry::RemoveFile { path }
             | UndoEntry::RestoreOwnership { path, .. } => Some(path),
-            UndoEntry::RunCommand { .. } | UndoEntry::ReloadHaproxy { .. } => None,
+            UndoEntry::RunCommand { .. }
+            | UndoEntry::ReloadHaproxy { .. }
+            | UndoEntry::HaproxyServerState { .. } => None,
         }
     }
 
@@ -83,6 +92,14 @@ impl UndoEntry {
                 format!("restore {} to {mode:04o} {uid}:{gid}", path.display())
             }
             UndoEntry::RunCommand { run, .. } => format!("run {}", run.argv.join(" ")),
+            UndoEntry::HaproxyServerState {
+                backend,
+                server,
+                state,
+                ..
+            } => {
+                format!("set server {backend}/{server} back to {state}")
+            }
             UndoEntry::ReloadHaproxy { master_socket } => {
                 format!("reload HAProxy ({})", master_socket.display())
             }
@@ -148,6 +165,8 @@ impl UndoEntry {
             }
             // Reloading again is its own inverse.
             e @ UndoEntry::ReloadHaproxy { .. } => Some(e.clone()),
+            // Reading a server's state is asynchronous: the rollback kind does it itself.
+            UndoEntry::HaproxyServerState { .. } => None,
         })
     }
 
@@ -163,6 +182,14 @@ impl UndoEntry {
                 .run(&CancellationToken::new(), on_line)
                 .await
                 .map_err(|e| e.to_string()),
+            UndoEntry::HaproxyServerState {
+                socket,
+                backend,
+                server,
+                state,
+            } => {
+                crate::haproxy::runtime::set_server_state(&socket, &backend, &server, &state).await
+            }
             UndoEntry::ReloadHaproxy { master_socket } => {
                 crate::haproxy::master::reload(&master_socket, std::time::Duration::from_secs(15))
                     .await
@@ -197,7 +224,9 @@ impl UndoEntry {
                 uid,
                 gid,
             } => fsops::set_ownership(path, *mode, *uid, *gid).map_err(at),
-            UndoEntry::RunCommand { .. } | UndoEntry::ReloadHaproxy { .. } => {
+            UndoEntry::RunCommand { .. }
+            | UndoEntry::ReloadHaproxy { .. }
+            | UndoEntry::HaproxyServerState { .. } => {
                 unreachable!("commands and reloads are applied asynchronously")
             }
         }

@@ -537,3 +537,95 @@ async fn cancelling_during_verify_restores_the_old_config() {
         "reloaded on the old config: its stats socket is back"
     );
 }
+
+fn server_state(target: &str, backend: &str, server: &str, state: &str) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::HaproxyServerState(
+                pb::HaproxyServerStateJob {
+                    target: target.into(),
+                    backend: backend.into(),
+                    server: server.into(),
+                    state: state.into(),
+                },
+            )),
+        }),
+        ..Default::default()
+    }
+}
+
+fn status_of(stats: &std::path::Path, backend: &str, server: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(stats).unwrap();
+    s.write_all(b"show stat\n").unwrap();
+    let mut b = Vec::new();
+    s.read_to_end(&mut b).unwrap();
+    let rows = stately::stats::parse::parse(&b).unwrap();
+    rows.into_iter()
+        .find(|r| r.proxy == backend && r.server == server)
+        .unwrap()
+        .status
+        .raw
+}
+
+#[tokio::test]
+async fn draining_a_server_is_a_job_a_rollback_undoes() {
+    let e = managed().await;
+    let mut c = e.d.client().await;
+    let job = c
+        .submit_job(server_state("edge", "web", "s1", "drain"))
+        .await
+        .unwrap()
+        .into_inner();
+    let job = wait_end(&mut c, &job.id).await;
+    assert_eq!(state(&job), pb::JobState::Succeeded, "{job:?}");
+    assert_eq!(status_of(&e.h.stats, "web", "s1"), "DRAIN");
+
+    let rb = c
+        .rollback_job(pb::RollbackJobRequest {
+            job_id: job.id,
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rb = wait_end(&mut c, &rb.id).await;
+    assert_eq!(state(&rb), pb::JobState::Succeeded, "{rb:?}");
+    assert_ne!(status_of(&e.h.stats, "web", "s1"), "DRAIN", "back to ready");
+
+    let out =
+        e.d.cli()
+            .args(["haproxy", "server", "edge", "web/s1", "maint"])
+            .output()
+            .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(status_of(&e.h.stats, "web", "s1").starts_with("MAINT"));
+}
+
+#[tokio::test]
+async fn an_unknown_backend_or_server_is_not_found_with_the_names_that_exist() {
+    let e = managed().await;
+    let mut c = e.d.client().await;
+    let err = c
+        .submit_job(server_state("edge", "web", "nope", "drain"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("s1"), "{}", err.message());
+    let err = c
+        .submit_job(server_state("edge", "nobackend", "s1", "drain"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("web"), "{}", err.message());
+    let err = c
+        .submit_job(server_state("edge", "web", "s1", "sleep"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}

@@ -59,6 +59,19 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
                 base_version: Some(a.base_version).filter(|v| !v.is_empty()),
             }
         }
+        Some(pb::job_spec::Kind::HaproxyServerState(h)) => {
+            if h.target.is_empty() || h.backend.is_empty() || h.server.is_empty() {
+                return Err(Status::invalid_argument(
+                    "spec.haproxy_server_state needs target, backend and server",
+                ));
+            }
+            JobSpec::HaproxyServerState {
+                target: h.target,
+                backend: h.backend,
+                server: h.server,
+                state: h.state,
+            }
+        }
         Some(pb::job_spec::Kind::Rollback(_)) => {
             return Err(Status::invalid_argument(
                 "rollback jobs are started with RollbackJob, not submitted",
@@ -315,6 +328,17 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             target: target.clone(),
             config: config.clone(),
             base_version: base_version.clone().unwrap_or_default(),
+        }),
+        JobSpec::HaproxyServerState {
+            target,
+            backend,
+            server,
+            state,
+        } => pb::job_spec::Kind::HaproxyServerState(pb::HaproxyServerStateJob {
+            target: target.clone(),
+            backend: backend.clone(),
+            server: server.clone(),
+            state: state.clone(),
         }),
         JobSpec::Rollback { target, force } => pb::job_spec::Kind::Rollback(pb::RollbackSpec {
             target_job_id: target.to_string(),

@@ -244,7 +244,7 @@ impl Engine {
             ));
         }
         validate_labels(&sub.labels)?;
-        let plan = || kinds::plan(&sub.spec, &self.shared.config);
+
         match sub.request_id.as_deref() {
             Some(rid) => {
                 if rid.is_empty() || rid.len() > 256 {
@@ -263,11 +263,11 @@ impl Engine {
                     // A repeat gets its job back even if the config changed since.
                     return Ok(existing);
                 }
-                let plan = plan()?;
+                let plan = kinds::plan(&sub.spec, &self.shared.config).await?;
                 self.enqueue(sub, plan).await
             }
             None => {
-                let plan = plan()?;
+                let plan = kinds::plan(&sub.spec, &self.shared.config).await?;
                 self.enqueue(sub, plan).await
             }
         }

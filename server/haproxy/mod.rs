@@ -4,6 +4,7 @@
 //! mapped back to the candidate's own line numbers.
 
 pub(crate) mod master;
+pub(crate) mod runtime;
 
 use crate::config::{Config, HaproxyTarget};
 use std::path::{Path, PathBuf};

@@ -2,6 +2,7 @@
 //! refused before anything starts) and executes them, one at a time, on a `StepCtx`.
 
 pub(crate) mod haproxy_apply;
+pub(crate) mod haproxy_server_state;
 pub(crate) mod rollback;
 pub(crate) mod runbook;
 
@@ -30,9 +31,20 @@ pub(crate) enum StepError {
     Precondition(String),
 }
 
-/// Plans a submitted spec against the configuration, or says what is wrong with it.
-pub(crate) fn plan(spec: &JobSpec, config: &Config) -> Result<Plan, Error> {
+/// Plans a submitted spec against the configuration (and, for a server's state, HAProxy), or
+/// says what is wrong with it.
+pub(crate) async fn plan(spec: &JobSpec, config: &Config) -> Result<Plan, Error> {
     match spec {
+        JobSpec::HaproxyServerState {
+            target,
+            backend,
+            server,
+            state,
+        } => Ok(Plan {
+            steps: haproxy_server_state::step_names(backend, server, state),
+            resources: haproxy_server_state::check(config, target, backend, server, state).await?,
+            prepared: None,
+        }),
         JobSpec::Runbook { runbook, params } => {
             let rb = config.runbook(runbook).ok_or_else(|| {
                 let known: Vec<&str> = config.runbooks.iter().map(|r| r.name.as_str()).collect();
@@ -72,6 +84,7 @@ pub(crate) fn plan(spec: &JobSpec, config: &Config) -> Result<Plan, Error> {
 pub(crate) enum Executor {
     Runbook(runbook::Resolved),
     HaproxyApply(Box<haproxy_apply::Apply>),
+    HaproxyServerState(haproxy_server_state::SetState),
     Rollback(rollback::Rollback),
 }
 
@@ -97,6 +110,20 @@ impl Executor {
                 config,
                 base_version.clone(),
             )?))),
+            JobSpec::HaproxyServerState {
+                target,
+                backend,
+                server,
+                state,
+            } => Ok(Executor::HaproxyServerState(
+                haproxy_server_state::SetState::new(
+                    &shared.config,
+                    target,
+                    backend,
+                    server,
+                    state,
+                )?,
+            )),
             JobSpec::Rollback { target, force } => Ok(Executor::Rollback(
                 rollback::Rollback::load(shared, *target, *force)?,
             )),
@@ -107,6 +134,7 @@ impl Executor {
         match self {
             Executor::Runbook(r) => r.step_names(),
             Executor::HaproxyApply(_) => haproxy_apply::step_names(),
+            Executor::HaproxyServerState(s) => s.step_names(),
             Executor::Rollback(_) => rollback::step_names(),
         }
     }
@@ -119,6 +147,7 @@ impl Executor {
         match self {
             Executor::Runbook(r) => r.run_step(index, ctx).await,
             Executor::HaproxyApply(a) => a.run_step(index, ctx).await,
+            Executor::HaproxyServerState(s) => s.run_step(index, ctx).await,
             Executor::Rollback(r) => r.run_step(index, ctx).await,
         }
     }
@@ -126,7 +155,9 @@ impl Executor {
     /// Writes to commit with the job's success.
     pub(crate) fn on_success(&self, job: JobId) -> Vec<Write> {
         match self {
-            Executor::Runbook(_) | Executor::HaproxyApply(_) => Vec::new(),
+            Executor::Runbook(_) | Executor::HaproxyApply(_) | Executor::HaproxyServerState(_) => {
+                Vec::new()
+            }
             Executor::Rollback(r) => r.on_success(job),
         }
     }

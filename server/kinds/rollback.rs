@@ -6,7 +6,7 @@ use super::StepError;
 use crate::engine::{Shared, StepCtx, changed_since};
 use crate::job::{JobId, JobState, LogLevel};
 use crate::store::Write;
-use crate::undo::JournalEntry;
+use crate::undo::{JournalEntry, UndoEntry};
 
 pub(crate) fn step_names() -> Vec<String> {
     vec![
@@ -91,14 +91,37 @@ impl Rollback {
             if ctx.cancel.is_cancelled() {
                 return Err(StepError::Cancelled);
             }
-            let entry = je.entry.clone();
-            let blobs = ctx.journal.blobs.clone();
-            let inverse = tokio::task::spawn_blocking(move || entry.inverse_now(&blobs))
-                .await
-                .map_err(|e| StepError::Failed(e.to_string()))?
-                .map_err(|e| {
-                    StepError::Failed(format!("cannot keep a copy before undoing: {e}"))
-                })?;
+            let inverse = match &je.entry {
+                UndoEntry::HaproxyServerState {
+                    socket,
+                    backend,
+                    server,
+                    ..
+                } => {
+                    let now = crate::haproxy::runtime::server_state(socket, backend, server)
+                        .await
+                        .map_err(|e| {
+                            StepError::Failed(format!(
+                                "cannot read {backend}/{server} before undoing: {e:?}"
+                            ))
+                        })?;
+                    Some(UndoEntry::HaproxyServerState {
+                        socket: socket.clone(),
+                        backend: backend.clone(),
+                        server: server.clone(),
+                        state: now,
+                    })
+                }
+                entry => {
+                    let (entry, blobs) = (entry.clone(), ctx.journal.blobs.clone());
+                    tokio::task::spawn_blocking(move || entry.inverse_now(&blobs))
+                        .await
+                        .map_err(|e| StepError::Failed(e.to_string()))?
+                        .map_err(|e| {
+                            StepError::Failed(format!("cannot keep a copy before undoing: {e}"))
+                        })?
+                }
+            };
             match inverse {
                 Some(inv) => ctx.record_undo(inv).await?,
                 None => ctx.log(

@@ -1,0 +1,104 @@
+//! HAProxy's runtime API on the admin (stats) socket: a server's administrative state, read
+//! from `show stat` and set with `set server <backend>/<server> state ready|drain|maint`.
+
+use crate::stats::parse::State;
+use std::path::Path;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The administrative states a client may set.
+pub(crate) const STATES: [&str; 3] = ["ready", "drain", "maint"];
+
+async fn command(socket: &Path, cmd: &str) -> Result<String, String> {
+    let talk = async {
+        let mut s = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| format!("{}: {e}", socket.display()))?;
+        s.write_all(format!("{cmd}\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(out)
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), talk)
+        .await
+        .map_err(|_| format!("{} did not answer `{cmd}`", socket.display()))?
+}
+
+/// A server's administrative state now: "maint", "drain" or "ready". NOT_FOUND-style errors
+/// name what exists.
+pub(crate) async fn server_state(
+    socket: &Path,
+    backend: &str,
+    server: &str,
+) -> Result<String, Lookup> {
+    let rows = crate::stats::fetch(socket)
+        .await
+        .map_err(|e| Lookup::Failed(e.to_string()))?;
+    let servers: Vec<&crate::stats::parse::Row> = rows
+        .iter()
+        .filter(|r| r.proxy == backend && r.kind == crate::stats::parse::RowType::Server)
+        .collect();
+    if !rows
+        .iter()
+        .any(|r| r.proxy == backend && r.kind == crate::stats::parse::RowType::Backend)
+    {
+        let mut names: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.kind == crate::stats::parse::RowType::Backend)
+            .map(|r| r.proxy.as_str())
+            .collect();
+        names.dedup();
+        return Err(Lookup::NotFound(format!(
+            "no backend '{backend}' (backends: {})",
+            names.join(", ")
+        )));
+    }
+    let Some(row) = servers.iter().find(|r| r.server == server) else {
+        let names: Vec<&str> = servers.iter().map(|r| r.server.as_str()).collect();
+        return Err(Lookup::NotFound(format!(
+            "no server '{server}' in backend '{backend}' (servers: {})",
+            names.join(", ")
+        )));
+    };
+    Ok(match row.status.state {
+        State::Maint => "maint",
+        State::Drain => "drain",
+        _ => "ready",
+    }
+    .to_owned())
+}
+
+/// Why a server could not be looked up.
+#[derive(Debug)]
+pub(crate) enum Lookup {
+    /// No such backend or server; the message names those that exist.
+    NotFound(String),
+    /// The socket could not be read.
+    Failed(String),
+}
+
+/// Sets a server's administrative state.
+pub(crate) async fn set_server_state(
+    socket: &Path,
+    backend: &str,
+    server: &str,
+    state: &str,
+) -> Result<(), String> {
+    if !STATES.contains(&state) {
+        return Err(format!("'{state}' is not ready, drain or maint"));
+    }
+    let answer = command(
+        socket,
+        &format!("set server {backend}/{server} state {state}"),
+    )
+    .await?;
+    let answer = answer.trim();
+    if answer.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("HAProxy said: {answer}"))
+    }
+}
