@@ -102,3 +102,21 @@ pub(crate) async fn set_server_state(
         Err(format!("HAProxy said: {answer}"))
     }
 }
+
+/// Dumps `show servers state` to `file` (atomically), for HAProxy to load after a reload.
+pub(crate) async fn save_server_state(socket: &Path, file: &Path) -> Result<(), String> {
+    let state = command(socket, "show servers state").await?;
+    if !state.starts_with('1') {
+        return Err(format!(
+            "unexpected `show servers state` answer: {}",
+            state.lines().next().unwrap_or("")
+        ));
+    }
+    let file = file.to_owned();
+    tokio::task::spawn_blocking(move || {
+        crate::fsops::write_atomic(&file, state.as_bytes(), 0o644, None)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}

@@ -173,6 +173,19 @@ impl Apply {
                 .map_err(|e| StepError::Failed(format!("swapping the configuration: {e}")))
             }
             3 => {
+                // Servers keep their state across the reload when HAProxy loads it from a file.
+                if let (Some(file), Some(stats)) =
+                    (&self.target.server_state_file, &self.target.stats_socket)
+                {
+                    crate::haproxy::runtime::save_server_state(stats, file)
+                        .await
+                        .map_err(|e| {
+                            StepError::Failed(format!(
+                                "saving the server state to {}: {e}",
+                                file.display()
+                            ))
+                        })?;
+                }
                 // A reload runs to its end (a critical section); a cancel is seen after it.
                 let socket = self
                     .target

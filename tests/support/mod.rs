@@ -443,15 +443,26 @@ impl Haproxy {
 
     /// Like `start`, with or without health checks.
     pub fn start_with(dir: &Path, backends: &[(&str, Vec<(&str, u16)>)], checks: bool) -> Haproxy {
+        Self::start_full(dir, backends, checks, "", "")
+    }
+
+    /// Like `start_with`, adding lines to the global and defaults sections.
+    pub fn start_full(
+        dir: &Path,
+        backends: &[(&str, Vec<(&str, u16)>)],
+        checks: bool,
+        global: &str,
+        defaults: &str,
+    ) -> Haproxy {
         assert!(
             Path::new(HAPROXY).exists(),
             "haproxy is not installed ({HAPROXY}); scripts/test.sh installs the Debian package"
         );
         let stats = dir.join("admin.sock");
         let mut cfg = format!(
-            "global\n  stats socket {} mode 600 level admin expose-fd listeners\n\
+            "global\n  stats socket {} mode 600 level admin expose-fd listeners\n{global}\
              defaults\n  mode http\n  timeout connect 1s\n  timeout client 5s\n  timeout server 5s\n\
-             {}frontend fe\n  bind 127.0.0.1:{}\n  default_backend {}\n",
+             {}{defaults}frontend fe\n  bind 127.0.0.1:{}\n  default_backend {}\n",
             stats.display(),
             if checks {
                 "default-server check inter 100ms fall 2 rise 1\n"
