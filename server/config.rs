@@ -81,6 +81,9 @@ pub struct HaproxyTarget {
     pub config: Option<PathBuf>,
     /// The master CLI socket (`haproxy -W -S <path>`), through which it is reloaded.
     pub master_socket: Option<PathBuf>,
+    /// A command that reloads HAProxy (e.g. `["systemctl", "reload", "haproxy"]`), used when
+    /// there is no master socket; the verify step then confirms the new worker.
+    pub reload_command: Option<Vec<String>>,
     /// The `server-state-file` of haproxy.cfg: before a reload, `show servers state` is
     /// dumped there so servers keep their state (a DOWN server stays DOWN) across it.
     pub server_state_file: Option<PathBuf>,
@@ -443,6 +446,7 @@ prune_interval = "60s"
 # config = "/etc/haproxy/haproxy.cfg"
 # binary = "/usr/sbin/haproxy"
 # master_socket = "/run/haproxy/master.sock"   # haproxy -W -S <path>: reloads go through it
+# reload_command = ["systemctl", "reload", "haproxy"]   # used when there is no master_socket
 # server_state_file = "/var/lib/haproxy/server-state"   # with `server-state-file` in global and
 #                                       # `load-server-state-from-file global` in defaults
 # stats_socket = "/run/haproxy/admin.sock"

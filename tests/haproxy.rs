@@ -677,3 +677,27 @@ async fn a_down_server_stays_down_across_an_applys_reload_with_a_state_file() {
         tokio::time::sleep(std::time::Duration::from_millis(15)).await;
     }
 }
+
+#[tokio::test]
+async fn a_target_without_a_master_socket_reloads_with_its_reload_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(0).await;
+    let h = Haproxy::start(dir.path(), &[("web", vec![("s1", backend.port)])]);
+    let d = Daemon::start(&format!(
+        "[[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nreload_command = [\"/bin/kill\", \"-USR2\", \"{}\"]\nstats_socket = \"{}\"\n",
+        h.config.display(),
+        h.pid(),
+        h.stats.display()
+    ));
+    let live = std::fs::read_to_string(&h.config).unwrap();
+    let port = free_port();
+    let mut c = d.client().await;
+    let job = c
+        .submit_job(apply(&with_frontend(&live, "signalled", port), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let job = wait_end(&mut c, &job.id).await;
+    assert_eq!(state(&job), pb::JobState::Succeeded, "{job:?}");
+    assert!(answers(port, "signalled"));
+}

@@ -36,9 +36,9 @@ pub(crate) fn plan(config: &Config, target: &str, text: &str) -> Result<Vec<Stri
     let t = targets
         .get(target)
         .map_err(|e| Error::NotFound(e.to_string()))?;
-    if t.config.is_none() || t.master_socket.is_none() {
+    if t.config.is_none() || (t.master_socket.is_none() && t.reload_command.is_none()) {
         return Err(Error::FailedPrecondition(format!(
-            "HAProxy target '{target}' needs `config` and `master_socket` in statelyd's configuration to be applied to"
+            "HAProxy target '{target}' needs `config`, and `master_socket` or `reload_command`, in statelyd's configuration to be applied to"
         )));
     }
     if text.trim().is_empty() {
@@ -143,16 +143,8 @@ impl Apply {
                         .collect();
                 }
                 let live = self.target.config.clone().expect("planned with a config");
-                let socket = self
-                    .target
-                    .master_socket
-                    .clone()
-                    .expect("planned with a master socket");
                 // Reverse order of undo: the old file goes back first, then HAProxy reloads.
-                ctx.record_undo(UndoEntry::ReloadHaproxy {
-                    master_socket: socket,
-                })
-                .await?;
+                ctx.record_undo(self.reload_undo()).await?;
                 let (path, blobs) = (live.clone(), ctx.journal.blobs.clone());
                 let entry =
                     tokio::task::spawn_blocking(move || UndoEntry::snapshot_file(&path, &blobs))
@@ -187,21 +179,35 @@ impl Apply {
                         })?;
                 }
                 // A reload runs to its end (a critical section); a cancel is seen after it.
-                let socket = self
-                    .target
-                    .master_socket
-                    .clone()
-                    .expect("planned with a master socket");
-                let procs = master::reload(&socket, RELOAD_WITHIN)
-                    .await
-                    .map_err(StepError::Failed)?;
-                ctx.log(
-                    LogLevel::Info,
-                    format!(
-                        "reloaded: reload {} with worker(s) {:?}",
-                        procs.reloads, procs.workers
-                    ),
-                );
+                match (&self.target.master_socket, &self.target.reload_command) {
+                    (Some(socket), _) => {
+                        let procs = master::reload(socket, RELOAD_WITHIN)
+                            .await
+                            .map_err(StepError::Failed)?;
+                        ctx.log(
+                            LogLevel::Info,
+                            format!(
+                                "reloaded: reload {} with worker(s) {:?}",
+                                procs.reloads, procs.workers
+                            ),
+                        );
+                    }
+                    (None, Some(argv)) => {
+                        let run = reload_invocation(argv);
+                        run.run(&tokio_util::sync::CancellationToken::new(), |_, l| {
+                            ctx.log(LogLevel::Info, l)
+                        })
+                        .await
+                        .map_err(|e| {
+                            StepError::Failed(format!("the reload command failed: {e}"))
+                        })?;
+                        ctx.log(
+                            LogLevel::Info,
+                            "reload command done; the verify step confirms the new worker",
+                        );
+                    }
+                    (None, None) => unreachable!("planned with a reload path"),
+                }
                 Ok(())
             }
             _ => self.verify(ctx).await,
@@ -265,6 +271,31 @@ impl Apply {
                 _ = ctx.cancel.cancelled() => return Err(StepError::Cancelled),
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
+        }
+    }
+}
+
+fn reload_invocation(argv: &[String]) -> crate::command::Invocation {
+    crate::command::Invocation {
+        argv: argv.to_vec(),
+        cwd: None,
+        env: Default::default(),
+        timeout_ms: RELOAD_WITHIN.as_millis() as u64,
+    }
+}
+
+impl Apply {
+    /// How to reload again when unwinding: through the master CLI, or the reload command.
+    fn reload_undo(&self) -> UndoEntry {
+        match (&self.target.master_socket, &self.target.reload_command) {
+            (Some(socket), _) => UndoEntry::ReloadHaproxy {
+                master_socket: socket.clone(),
+            },
+            (None, Some(argv)) => UndoEntry::RunCommand {
+                run: reload_invocation(argv),
+                redo: Some(reload_invocation(argv)),
+            },
+            (None, None) => unreachable!("planned with a reload path"),
         }
     }
 }
