@@ -94,22 +94,41 @@ impl Apply {
         let name = self.target.name.clone();
         match index {
             0 => {
+                let Some(base) = &self.base_version else {
+                    ctx.log(
+                        LogLevel::Info,
+                        "no base version given: applying over whatever is live",
+                    );
+                    return Ok(());
+                };
                 let live = self.targets.live(&name).await.map_err(failed)?;
-                match &self.base_version {
-                    Some(base) if *base != live.version => Err(StepError::Precondition(format!(
+                if *base != live.version {
+                    return Err(StepError::Precondition(format!(
                         "the live configuration of '{name}' is now {}, not {base} that the change was made from; \
                          get the config again and redo the edit",
                         live.version
-                    ))),
-                    _ => Ok(()),
+                    )));
                 }
+                Ok(())
             }
             1 => {
-                let v = self
-                    .targets
-                    .validate(&name, &self.text)
-                    .await
-                    .map_err(failed)?;
+                // Which servers are UP now, read while `haproxy -c` runs (both take tens of
+                // milliseconds on a large config), to check none is DOWN after the reload.
+                let before = async {
+                    match &self.target.stats_socket {
+                        Some(stats) => crate::stats::fetch(stats).await.ok(),
+                        None => None,
+                    }
+                };
+                let (v, rows) = tokio::join!(self.targets.validate(&name, &self.text), before);
+                if let Some(rows) = rows {
+                    self.up_before = rows
+                        .into_iter()
+                        .filter(|r| r.status.state == State::Up && !r.status.transitional())
+                        .map(|r| (r.proxy, r.server))
+                        .collect();
+                }
+                let v = v.map_err(failed)?;
                 for d in v.diagnostics.iter().filter(|d| d.level == Level::Warning) {
                     ctx.log(LogLevel::Warn, d.message.clone());
                 }
@@ -133,15 +152,6 @@ impl Apply {
                 Ok(())
             }
             2 => {
-                if let Some(stats) = &self.target.stats_socket
-                    && let Ok(rows) = crate::stats::fetch(stats).await
-                {
-                    self.up_before = rows
-                        .into_iter()
-                        .filter(|r| r.status.state == State::Up && !r.status.transitional())
-                        .map(|r| (r.proxy, r.server))
-                        .collect();
-                }
                 let live = self.target.config.clone().expect("planned with a config");
                 // Reverse order of undo: the old file goes back first, then HAProxy reloads.
                 ctx.record_undo(self.reload_undo()).await?;

@@ -1,0 +1,203 @@
+//! End-to-end HAProxy config apply (validate, swap, reload, confirmed serving) by statelyd,
+//! beside the same steps done by a shell script (`haproxy -c`, `mv`, `echo reload | socat`,
+//! poll `show proc`), in one run, for a small config and a 5000-server one.
+//!
+//! `cargo bench --bench apply` (needs the Debian packages haproxy and socat).
+
+use stately::pb;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "bench-operator-token-000000";
+const ROUNDS: usize = 11;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config(dir: &Path, backends: usize, servers: usize, extra_frontend: Option<u16>) -> String {
+    let mut c = format!(
+        "global\n  stats socket {}/admin.sock mode 600 level admin expose-fd listeners\ndefaults\n  mode http\n  \
+         timeout connect 1s\n  timeout client 5s\n  timeout server 5s\nfrontend fe\n  bind 127.0.0.1:{}\n  default_backend b0\n",
+        dir.display(),
+        free_port()
+    );
+    if let Some(p) = extra_frontend {
+        c.push_str(&format!(
+            "frontend extra\n  bind 127.0.0.1:{p}\n  http-request return status 200\n"
+        ));
+    }
+    for b in 0..backends {
+        c.push_str(&format!("backend b{b}\n"));
+        for s in 0..servers {
+            c.push_str(&format!(
+                "  server s{s} 127.0.0.{}:{}\n",
+                2 + (s % 200),
+                10000 + b * servers + s
+            ));
+        }
+    }
+    c
+}
+
+fn start_haproxy(dir: &Path, text: &str) -> Child {
+    std::fs::write(dir.join("haproxy.cfg"), text).unwrap();
+    let child = Command::new("/usr/sbin/haproxy")
+        .args(["-W", "-S"])
+        .arg(dir.join("master.sock"))
+        .arg("-f")
+        .arg(dir.join("haproxy.cfg"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haproxy is installed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(dir.join("admin.sock")).is_err() {
+        assert!(Instant::now() < deadline, "haproxy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// The shell operator's way, as one script run per apply.
+const SCRIPT: &str = r#"set -e
+dir="$1"; cand="$dir/candidate.cfg"; live="$dir/haproxy.cfg"
+haproxy -c -q -f "$cand"
+before=$(echo "show proc" | socat - "UNIX-CONNECT:$dir/master.sock" | awk '$2 == "master" {print $3}')
+mv "$cand" "$live"
+echo reload | socat - "UNIX-CONNECT:$dir/master.sock" >/dev/null || true
+while :; do
+  now=$(echo "show proc" | socat - "UNIX-CONNECT:$dir/master.sock" 2>/dev/null | awk '$2 == "master" {print $3}')
+  [ -n "$now" ] && [ "$now" -gt "$before" ] && break
+  sleep 0.02
+done
+"#;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[derive(Clone)]
+struct Auth;
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        Ok(r)
+    }
+}
+
+fn measure(label: &str, backends: usize, servers: usize) {
+    let root = tempfile::tempdir().unwrap();
+    let (sd, hd) = (root.path().join("stately"), root.path().join("shell"));
+    std::fs::create_dir_all(&sd).unwrap();
+    std::fs::create_dir_all(&hd).unwrap();
+    let mut h1 = start_haproxy(&sd, &config(&sd, backends, servers, None));
+    let mut h2 = start_haproxy(&hd, &config(&hd, backends, servers, None));
+
+    let cfg = root.path().join("statelyd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nmaster_socket = \"{}\"\n\
+             stats_socket = \"{}\"\n[[token]]\nname = \"b\"\nrole = \"operator\"\nvalue = \"{TOKEN}\"\n",
+            root.path().join("data").display(),
+            sd.join("haproxy.cfg").display(),
+            sd.join("master.sock").display(),
+            sd.join("admin.sock").display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_statelyd"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("STATELY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(daemon.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut ours, mut script) = (Vec::new(), Vec::new());
+    rt.block_on(async {
+        let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = pb::jobs_client::JobsClient::with_interceptor(ch, Auth);
+        for round in 0..ROUNDS {
+            // Alternate between the base config and one with an extra frontend.
+            let extra = (round % 2 == 0).then(free_port);
+            let text = config(&sd, backends, servers, extra);
+            let t = Instant::now();
+            let req = pb::SubmitJobRequest {
+                spec: Some(pb::JobSpec {
+                    kind: Some(pb::job_spec::Kind::HaproxyApply(pb::HaproxyApplyJob {
+                        target: "edge".into(),
+                        config: text,
+                        base_version: String::new(),
+                    })),
+                }),
+                ..Default::default()
+            };
+            let mut s = c.run_job(req).await.unwrap().into_inner();
+            let mut last = None;
+            while let Some(e) = s.message().await.unwrap() {
+                last = e.event;
+            }
+            match last {
+                Some(pb::job_event::Event::StateChanged(sc))
+                    if sc.to == pb::JobState::Succeeded as i32 => {}
+                other => panic!("apply did not succeed: {other:?}"),
+            }
+            ours.push(t.elapsed().as_secs_f64() * 1e3);
+
+            std::fs::write(
+                hd.join("candidate.cfg"),
+                config(&hd, backends, servers, extra),
+            )
+            .unwrap();
+            let t = Instant::now();
+            let st = Command::new("bash")
+                .arg("-c")
+                .arg(SCRIPT)
+                .arg("apply")
+                .arg(&hd)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            script.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    });
+    let (m1, m2) = (median(ours), median(script));
+    println!(
+        "{label}: stately apply (validate, swap, reload, verified serving) median {m1:.0} ms; shell script (haproxy -c, mv, \
+         reload via socat, poll show proc) median {m2:.0} ms; ratio {:.2} ({ROUNDS} rounds each)",
+        m1 / m2
+    );
+    for p in [&mut daemon, &mut h1, &mut h2] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}
+
+fn main() {
+    measure("small config (1 frontend, 1 backend × 1 server)", 1, 1);
+    measure("5000-server config (100 backends × 50 servers)", 100, 50);
+}
