@@ -152,6 +152,7 @@ fn measure(label: &str, backends: usize, servers: usize) {
                         target: "edge".into(),
                         config: text,
                         base_version: String::new(),
+                        ..Default::default()
                     })),
                 }),
                 ..Default::default()

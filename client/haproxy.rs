@@ -37,6 +37,9 @@ pub(crate) enum HaproxyCommand {
         /// Only validate: nothing is swapped, nothing reloaded.
         #[arg(long)]
         dry_run: bool,
+        /// Accept servers UP before the reload being DOWN after it.
+        #[arg(long)]
+        allow_servers_down: bool,
     },
 }
 
@@ -114,6 +117,7 @@ pub(crate) async fn run(
             file,
             base_version,
             dry_run,
+            allow_servers_down,
         } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
@@ -124,6 +128,7 @@ pub(crate) async fn run(
                             target,
                             config: text,
                             base_version: base_version.unwrap_or_default(),
+                            allow_servers_down,
                         })),
                     }),
                     ..Default::default()

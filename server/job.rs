@@ -125,6 +125,9 @@ pub enum JobSpec {
         config: String,
         /// The version the caller edited, if given.
         base_version: Option<String>,
+        /// Whether servers UP before may be DOWN after.
+        #[serde(default)]
+        allow_servers_down: bool,
     },
     /// Set a server's administrative state.
     HaproxyServerState {

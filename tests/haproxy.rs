@@ -296,6 +296,7 @@ fn apply(config: &str, base_version: &str) -> pb::SubmitJobRequest {
                 target: "edge".into(),
                 config: config.into(),
                 base_version: base_version.into(),
+                ..Default::default()
             })),
         }),
         ..Default::default()

@@ -128,6 +128,7 @@ async fn reflection_v1_and_v1alpha_list_the_services() {
     let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains("stately.v1.Jobs"), "{names:?}");
     assert!(names.contains("stately.v1.Stats"), "{names:?}");
+    assert!(names.contains("stately.v1.Haproxy"), "{names:?}");
     assert!(names.contains("grpc.health.v1.Health"), "{names:?}");
 
     use tonic_reflection::pb::v1alpha as alpha;

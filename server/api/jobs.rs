@@ -57,6 +57,7 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
                 target: a.target,
                 config: a.config,
                 base_version: Some(a.base_version).filter(|v| !v.is_empty()),
+                allow_servers_down: a.allow_servers_down,
             }
         }
         Some(pb::job_spec::Kind::HaproxyServerState(h)) => {
@@ -324,10 +325,12 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             target,
             config,
             base_version,
+            allow_servers_down,
         } => pb::job_spec::Kind::HaproxyApply(pb::HaproxyApplyJob {
             target: target.clone(),
             config: config.clone(),
             base_version: base_version.clone().unwrap_or_default(),
+            allow_servers_down: *allow_servers_down,
         }),
         JobSpec::HaproxyServerState {
             target,

@@ -62,6 +62,7 @@ pub(crate) struct Apply {
     base_version: Option<String>,
     /// Servers UP before the swap, to check none is DOWN after.
     up_before: HashSet<(String, String)>,
+    allow_servers_down: bool,
 }
 
 impl Apply {
@@ -70,6 +71,7 @@ impl Apply {
         target: &str,
         text: &str,
         base_version: Option<String>,
+        allow_servers_down: bool,
     ) -> Result<Apply, StepError> {
         let targets = Targets::new(config);
         let t = targets
@@ -82,6 +84,7 @@ impl Apply {
             text: text.to_owned(),
             base_version,
             up_before: HashSet::new(),
+            allow_servers_down,
         })
     }
 
@@ -260,7 +263,15 @@ impl Apply {
                     })
                     .map(|r| format!("{}/{}", r.proxy, r.server))
                     .collect();
-                if !down.is_empty() {
+                if !down.is_empty() && self.allow_servers_down {
+                    ctx.log(
+                        LogLevel::Warn,
+                        format!(
+                            "accepted as asked: servers UP before are DOWN now: {}",
+                            down.join(", ")
+                        ),
+                    );
+                } else if !down.is_empty() {
                     return Err(StepError::Failed(format!(
                         "servers UP before the reload are DOWN after it: {}",
                         down.join(", ")

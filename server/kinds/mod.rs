@@ -104,11 +104,13 @@ impl Executor {
                 target,
                 config,
                 base_version,
+                allow_servers_down,
             } => Ok(Executor::HaproxyApply(Box::new(haproxy_apply::Apply::new(
                 &shared.config,
                 target,
                 config,
                 base_version.clone(),
+                *allow_servers_down,
             )?))),
             JobSpec::HaproxyServerState {
                 target,
