@@ -2,9 +2,9 @@
 //! that the reload happened and did not fail. One connection per command: the master re-execs
 //! on reload, and an answer ends with a blank line while the connection stays open.
 
+use super::command;
 use std::path::Path;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// What `show proc` says about the master and its workers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,39 +15,6 @@ pub(crate) struct Procs {
     pub(crate) failed: u64,
     /// The current workers' pids.
     pub(crate) workers: Vec<u32>,
-}
-
-/// Sends one command and reads the answer (up to the closing blank line, or the close).
-async fn command(socket: &Path, cmd: &str) -> Result<String, String> {
-    let talk = async {
-        let mut s = tokio::net::UnixStream::connect(socket)
-            .await
-            .map_err(|e| format!("{}: {e}", socket.display()))?;
-        s.write_all(format!("{cmd}\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 8192];
-        loop {
-            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if buf.ends_with(b"\n\n") {
-                break;
-            }
-        }
-        Ok(String::from_utf8_lossy(&buf).into_owned())
-    };
-    tokio::time::timeout(Duration::from_secs(10), talk)
-        .await
-        .map_err(|_| {
-            format!(
-                "the master CLI at {} did not answer `{cmd}`",
-                socket.display()
-            )
-        })?
 }
 
 /// Reads `show proc`.

@@ -12,6 +12,37 @@ use std::time::Duration;
 
 /// How long `haproxy -c` may take (a 5000-server config takes ~75 ms).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Sends one command on a HAProxy CLI socket (master or admin) and reads the answer, up to the
+/// blank line that ends it or the close: the master CLI keeps the connection open after an
+/// answer, the admin socket closes it.
+pub(crate) async fn command(socket: &Path, cmd: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let talk = async {
+        let mut s = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| format!("{}: {e}", socket.display()))?;
+        s.write_all(format!("{cmd}\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.ends_with(b"\n\n") {
+                break;
+            }
+        }
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(10), talk)
+        .await
+        .map_err(|_| format!("{} did not answer `{cmd}`", socket.display()))?
+}
+
 /// Candidate configurations larger than this are refused.
 pub const MAX_CONFIG_BYTES: usize = 16 << 20;
 

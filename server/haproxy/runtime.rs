@@ -1,31 +1,12 @@
 //! HAProxy's runtime API on the admin (stats) socket: a server's administrative state, read
 //! from `show stat` and set with `set server <backend>/<server> state ready|drain|maint`.
 
+use super::command;
 use crate::stats::parse::State;
 use std::path::Path;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The administrative states a client may set.
 pub(crate) const STATES: [&str; 3] = ["ready", "drain", "maint"];
-
-async fn command(socket: &Path, cmd: &str) -> Result<String, String> {
-    let talk = async {
-        let mut s = tokio::net::UnixStream::connect(socket)
-            .await
-            .map_err(|e| format!("{}: {e}", socket.display()))?;
-        s.write_all(format!("{cmd}\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(out)
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(10), talk)
-        .await
-        .map_err(|_| format!("{} did not answer `{cmd}`", socket.display()))?
-}
 
 /// A server's administrative state now: "maint", "drain" or "ready". NOT_FOUND-style errors
 /// name what exists.
