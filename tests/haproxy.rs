@@ -629,6 +629,20 @@ async fn an_unknown_backend_or_server_is_not_found_with_the_names_that_exist() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    let err = c
+        .submit_job(server_state(
+            "edge",
+            "web",
+            "s1 state maint\nshutdown sessions server web",
+            "ready",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::InvalidArgument,
+        "no second runtime command can ride in a name"
+    );
 }
 
 #[tokio::test]

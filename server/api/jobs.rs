@@ -155,7 +155,20 @@ impl pb::jobs_server::Jobs for JobsApi {
             &r.page_token,
         )?;
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.iter().map(job_to_pb).collect(),
+            // A listing leaves out applied configuration texts (up to 16 MiB each): GetJob has them.
+            jobs: jobs
+                .iter()
+                .map(|j| {
+                    let mut p = job_to_pb(j);
+                    if let Some(pb::JobSpec {
+                        kind: Some(pb::job_spec::Kind::HaproxyApply(a)),
+                    }) = &mut p.spec
+                    {
+                        a.config.clear();
+                    }
+                    p
+                })
+                .collect(),
             next_page_token: next.unwrap_or_default(),
         }))
     }

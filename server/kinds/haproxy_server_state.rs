@@ -37,6 +37,19 @@ pub(crate) async fn check(
     server: &str,
     state: &str,
 ) -> Result<Vec<String>, Error> {
+    for (what, name) in [("backend", backend), ("server", server)] {
+        if name.is_empty()
+            || name.len() > 256
+            || name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '/')
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{what} name '{}' is not a HAProxy name",
+                name.escape_debug()
+            )));
+        }
+    }
     if !STATES.contains(&state) {
         return Err(Error::InvalidArgument(format!(
             "state '{state}' is not one of ready, drain, maint"
