@@ -716,3 +716,39 @@ async fn a_target_without_a_master_socket_reloads_with_its_reload_command() {
     assert_eq!(state(&job), pb::JobState::Succeeded, "{job:?}");
     assert!(answers(port, "signalled"));
 }
+
+#[tokio::test]
+async fn rolling_back_the_rollback_of_an_apply_brings_the_change_back_live() {
+    let e = managed().await;
+    let live = std::fs::read_to_string(&e.h.config).unwrap();
+    let port = free_port();
+    let new = with_frontend(&live, "again", port);
+    let mut c = e.d.client().await;
+    let job = c.submit_job(apply(&new, "")).await.unwrap().into_inner();
+    wait_end(&mut c, &job.id).await;
+    let rb = c
+        .rollback_job(pb::RollbackJobRequest {
+            job_id: job.id,
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_end(&mut c, &rb.id).await;
+    assert!(!answers(port, "again"));
+    let rb2 = c
+        .rollback_job(pb::RollbackJobRequest {
+            job_id: rb.id,
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rb2 = wait_end(&mut c, &rb2.id).await;
+    assert_eq!(state(&rb2), pb::JobState::Succeeded, "{rb2:?}");
+    assert_eq!(std::fs::read_to_string(&e.h.config).unwrap(), new);
+    assert!(
+        answers(port, "again"),
+        "the file came back before the reload, so the change is live"
+    );
+}

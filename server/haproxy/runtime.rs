@@ -71,6 +71,14 @@ pub(crate) async fn set_server_state(
     if !STATES.contains(&state) {
         return Err(format!("'{state}' is not ready, drain or maint"));
     }
+    // Names go into a command line: nothing that could end it or start another.
+    if [backend, server].iter().any(|n| {
+        n.is_empty()
+            || n.chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == ';' || c == '/')
+    }) {
+        return Err(format!("'{backend}/{server}' is not a HAProxy server name"));
+    }
     let answer = command(
         socket,
         &format!("set server {backend}/{server} state {state}"),

@@ -41,6 +41,11 @@ pub(crate) fn plan(config: &Config, target: &str, text: &str) -> Result<Vec<Stri
             "HAProxy target '{target}' needs `config`, and `master_socket` or `reload_command`, in statelyd's configuration to be applied to"
         )));
     }
+    if text.contains('\0') {
+        return Err(Error::InvalidArgument(
+            "the configuration holds a NUL byte".into(),
+        ));
+    }
     if text.trim().is_empty() {
         return Err(Error::InvalidArgument(
             "config (the whole new configuration) is required".into(),
@@ -78,6 +83,12 @@ impl Apply {
             .get(target)
             .map_err(|e| StepError::Failed(e.to_string()))?
             .clone();
+        // The configuration may have changed since the job was planned.
+        if t.config.is_none() || (t.master_socket.is_none() && t.reload_command.is_none()) {
+            return Err(StepError::Precondition(format!(
+                "HAProxy target '{target}' no longer has `config` and a reload path in statelyd's configuration"
+            )));
+        }
         Ok(Apply {
             targets,
             target: t,
@@ -156,8 +167,6 @@ impl Apply {
             }
             2 => {
                 let live = self.target.config.clone().expect("planned with a config");
-                // Reverse order of undo: the old file goes back first, then HAProxy reloads.
-                ctx.record_undo(self.reload_undo()).await?;
                 let (path, blobs) = (live.clone(), ctx.journal.blobs.clone());
                 let entry =
                     tokio::task::spawn_blocking(move || UndoEntry::snapshot_file(&path, &blobs))
@@ -168,6 +177,17 @@ impl Apply {
                     UndoEntry::RestoreFile { mode, uid, gid, .. } => (*mode, Some((*uid, *gid))),
                     _ => (0o644, None),
                 };
+                // The file may have changed since the base check (another job, a person).
+                if let (Some(base), UndoEntry::RestoreFile { blob, .. }) =
+                    (&self.base_version, &entry)
+                    && *base != format!("sha256:{blob}")
+                {
+                    return Err(StepError::Precondition(format!(
+                        "the live configuration changed to sha256:{blob} while this job ran; it was made from {base}"
+                    )));
+                }
+                // Reverse order of undo: the old file goes back first, then HAProxy reloads.
+                ctx.record_undo(self.reload_undo()).await?;
                 ctx.record_undo(entry).await?;
                 let text = self.text.clone();
                 tokio::task::spawn_blocking(move || {

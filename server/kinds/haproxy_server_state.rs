@@ -102,7 +102,10 @@ impl SetState {
         if index == 0 {
             let now = runtime::server_state(&self.socket, &self.backend, &self.server)
                 .await
-                .map_err(|e| StepError::Failed(format!("{e:?}")))?;
+                .map_err(|e| match e {
+                    Lookup::NotFound(m) => StepError::Precondition(m),
+                    Lookup::Failed(m) => StepError::Failed(m),
+                })?;
             ctx.log(
                 LogLevel::Info,
                 format!("{}/{} is {now}", self.backend, self.server),

@@ -87,11 +87,19 @@ impl Rollback {
 
     async fn undo(&self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
         let total = self.journal.len() as u64;
+        // A reload must follow the files it reads. Its inverse is recorded first, so that
+        // undoing this rollback puts the files back before reloading, as the original did.
+        for je in &self.journal {
+            if let e @ UndoEntry::ReloadHaproxy { .. } = &je.entry {
+                ctx.record_undo(e.clone()).await?;
+            }
+        }
         for (n, je) in self.journal.iter().rev().enumerate() {
             if ctx.cancel.is_cancelled() {
                 return Err(StepError::Cancelled);
             }
             let inverse = match &je.entry {
+                UndoEntry::ReloadHaproxy { .. } => None,
                 UndoEntry::HaproxyServerState {
                     socket,
                     backend,
@@ -124,6 +132,7 @@ impl Rollback {
             };
             match inverse {
                 Some(inv) => ctx.record_undo(inv).await?,
+                None if matches!(je.entry, UndoEntry::ReloadHaproxy { .. }) => {}
                 None => ctx.log(
                     LogLevel::Warn,
                     format!("'{}' cannot itself be undone later", je.entry.describe()),
