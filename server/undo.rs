@@ -37,7 +37,13 @@ pub(crate) enum UndoEntry {
         redo: Option<Invocation>,
     },
     /// Reload HAProxy through its master CLI (after the files it reads were put back).
-    ReloadHaproxy { master_socket: PathBuf },
+    ReloadHaproxy {
+        master_socket: PathBuf,
+        /// (stats socket, state file): dump `show servers state` there first, so servers keep
+        /// their state across this reload too.
+        #[serde(default)]
+        save_state: Option<(PathBuf, PathBuf)>,
+    },
     /// Put a server's administrative state back through the runtime API.
     HaproxyServerState {
         socket: PathBuf,
@@ -100,7 +106,7 @@ impl UndoEntry {
             } => {
                 format!("set server {backend}/{server} back to {state}")
             }
-            UndoEntry::ReloadHaproxy { master_socket } => {
+            UndoEntry::ReloadHaproxy { master_socket, .. } => {
                 format!("reload HAProxy ({})", master_socket.display())
             }
         }
@@ -190,7 +196,13 @@ impl UndoEntry {
             } => {
                 crate::haproxy::runtime::set_server_state(&socket, &backend, &server, &state).await
             }
-            UndoEntry::ReloadHaproxy { master_socket } => {
+            UndoEntry::ReloadHaproxy {
+                master_socket,
+                save_state,
+            } => {
+                if let Some((stats, file)) = &save_state {
+                    crate::haproxy::runtime::save_server_state(stats, file).await?;
+                }
                 crate::haproxy::master::reload(&master_socket, std::time::Duration::from_secs(15))
                     .await
                     .map(|_| ())

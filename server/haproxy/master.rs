@@ -65,7 +65,14 @@ fn parse_show_proc(text: &str) -> Option<Procs> {
 /// shows otherwise (e.g. a port clash that `haproxy -c` could not see).
 pub(crate) async fn reload(socket: &Path, within: Duration) -> Result<Procs, String> {
     let before = show_proc(socket).await?;
-    // The master re-execs and closes the connection; there is no answer to read.
+    // The master re-execs and closes the connection; there is no answer to read. A socket
+    // that cannot even be reached is a failure now, not a timeout later.
+    if let Err(e) = tokio::net::UnixStream::connect(socket).await {
+        return Err(format!(
+            "cannot reach the master CLI at {}: {e}",
+            socket.display()
+        ));
+    }
     let _ = command(socket, "reload").await;
     let deadline = tokio::time::Instant::now() + within;
     loop {

@@ -331,6 +331,11 @@ impl Apply {
         match (&self.target.master_socket, &self.target.reload_command) {
             (Some(socket), _) => UndoEntry::ReloadHaproxy {
                 master_socket: socket.clone(),
+                save_state: self
+                    .target
+                    .stats_socket
+                    .clone()
+                    .zip(self.target.server_state_file.clone()),
             },
             (None, Some(argv)) => UndoEntry::RunCommand {
                 run: reload_invocation(argv),
