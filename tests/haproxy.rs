@@ -345,15 +345,7 @@ async fn an_applied_change_is_live_and_a_rollback_takes_it_back() {
     assert_eq!(std::fs::read_to_string(&e.h.config).unwrap(), new);
     assert!(answers(port, "extra"), "the new frontend answers");
 
-    let rb = c
-        .rollback_job(pb::RollbackJobRequest {
-            job_id: job.id,
-            force: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let rb = wait_end(&mut c, &rb.id).await;
+    let rb = rollback(&mut c, &job.id, false).await;
     assert_eq!(state(&rb), pb::JobState::Succeeded, "{rb:?}");
     assert_eq!(std::fs::read_to_string(&e.h.config).unwrap(), live);
     assert!(
@@ -401,19 +393,7 @@ async fn a_port_clash_that_passes_the_check_fails_the_reload_and_is_unwound() {
         live,
         "the old file is back"
     );
-    let mut stats =
-        pb::stats_client::StatsClient::with_interceptor(e.d.channel().await, bearer(Some(VIEWER)));
-    let _ = &mut stats;
-    let rows = stately::stats::parse::parse(&{
-        use std::io::{Read, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(&e.h.stats)
-            .expect("haproxy still serves its stats socket");
-        s.write_all(b"show stat\n").unwrap();
-        let mut b = Vec::new();
-        s.read_to_end(&mut b).unwrap();
-        b
-    })
-    .unwrap();
+    let rows = show_stat(&e.h.stats);
     assert!(
         rows.iter().any(|r| r.proxy == "web") && !rows.iter().any(|r| r.proxy == "clash"),
         "the old config serves"
@@ -484,15 +464,7 @@ async fn applies_to_one_target_run_one_after_the_other_and_a_rollback_over_a_lat
         "{}",
         err.message()
     );
-    let rb = c
-        .rollback_job(pb::RollbackJobRequest {
-            job_id: a.id,
-            force: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let rb = wait_end(&mut c, &rb.id).await;
+    let rb = rollback(&mut c, &a.id, true).await;
     assert_eq!(state(&rb), pb::JobState::Succeeded, "{rb:?}");
     assert_eq!(std::fs::read_to_string(&e.h.config).unwrap(), live);
 }
@@ -556,13 +528,8 @@ fn server_state(target: &str, backend: &str, server: &str, state: &str) -> pb::S
 }
 
 fn status_of(stats: &std::path::Path, backend: &str, server: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(stats).unwrap();
-    s.write_all(b"show stat\n").unwrap();
-    let mut b = Vec::new();
-    s.read_to_end(&mut b).unwrap();
-    let rows = stately::stats::parse::parse(&b).unwrap();
-    rows.into_iter()
+    show_stat(stats)
+        .into_iter()
         .find(|r| r.proxy == backend && r.server == server)
         .unwrap()
         .status
@@ -582,15 +549,7 @@ async fn draining_a_server_is_a_job_a_rollback_undoes() {
     assert_eq!(state(&job), pb::JobState::Succeeded, "{job:?}");
     assert_eq!(status_of(&e.h.stats, "web", "s1"), "DRAIN");
 
-    let rb = c
-        .rollback_job(pb::RollbackJobRequest {
-            job_id: job.id,
-            force: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let rb = wait_end(&mut c, &rb.id).await;
+    let rb = rollback(&mut c, &job.id, false).await;
     assert_eq!(state(&rb), pb::JobState::Succeeded, "{rb:?}");
     assert_ne!(status_of(&e.h.stats, "web", "s1"), "DRAIN", "back to ready");
 
@@ -736,15 +695,7 @@ async fn rolling_back_the_rollback_of_an_apply_brings_the_change_back_live() {
         .into_inner();
     wait_end(&mut c, &rb.id).await;
     assert!(!answers(port, "again"));
-    let rb2 = c
-        .rollback_job(pb::RollbackJobRequest {
-            job_id: rb.id,
-            force: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let rb2 = wait_end(&mut c, &rb2.id).await;
+    let rb2 = rollback(&mut c, &rb.id, false).await;
     assert_eq!(state(&rb2), pb::JobState::Succeeded, "{rb2:?}");
     assert_eq!(std::fs::read_to_string(&e.h.config).unwrap(), new);
     assert!(

@@ -338,15 +338,7 @@ async fn rolling_back_a_rollback_brings_the_change_back() {
         !file.exists(),
         "the job created the file, so undoing it removes it"
     );
-    let rb2 = c
-        .rollback_job(pb::RollbackJobRequest {
-            job_id: rb.id,
-            force: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let rb2 = wait_end(&mut c, &rb2.id).await;
+    let rb2 = rollback(&mut c, &rb.id, false).await;
     assert_eq!(state(&rb2), pb::JobState::Succeeded, "{rb2:?}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "new\n");
     let target = c
@@ -394,15 +386,7 @@ async fn rollback_is_refused_after_a_later_change_unless_forced() {
         "nothing was touched"
     );
 
-    let rb = c
-        .rollback_job(pb::RollbackJobRequest {
-            job_id: first.id,
-            force: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let rb = wait_end(&mut c, &rb.id).await;
+    let rb = rollback(&mut c, &first.id, true).await;
     assert_eq!(state(&rb), pb::JobState::Succeeded, "{rb:?}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "old\n");
 }

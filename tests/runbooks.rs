@@ -109,15 +109,7 @@ async fn litespeed_trial_key_renewal_installs_the_new_key() {
     assert_eq!(read(&lsws.join("calls.log")), "stop\nstart\n");
     assert_eq!(read(&lsws.join("state")), "running\n");
 
-    let rb = c
-        .rollback_job(pb::RollbackJobRequest {
-            job_id: job.id,
-            force: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let rb = wait_end(&mut c, &rb.id).await;
+    let rb = rollback(&mut c, &job.id, false).await;
     assert_eq!(state(&rb), pb::JobState::Succeeded, "{rb:?}");
     assert_eq!(
         read(&lsws.join("conf/trial.key")),

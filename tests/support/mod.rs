@@ -535,3 +535,27 @@ impl Drop for Haproxy {
         self.stop();
     }
 }
+
+/// Starts a rollback of `id` and follows it to its end.
+pub async fn rollback(client: &mut Client, id: &str, force: bool) -> pb::Job {
+    let rb = client
+        .rollback_job(pb::RollbackJobRequest {
+            job_id: id.into(),
+            force,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_end(client, &rb.id).await
+}
+
+/// The rows of a haproxy's `show stat`, read directly from its admin socket.
+pub fn show_stat(stats: &Path) -> Vec<stately::stats::parse::Row> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(stats)
+        .expect("haproxy answers on its stats socket");
+    s.write_all(b"show stat\n").unwrap();
+    let mut b = Vec::new();
+    s.read_to_end(&mut b).unwrap();
+    stately::stats::parse::parse(&b).unwrap()
+}
