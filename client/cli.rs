@@ -69,6 +69,9 @@ enum Command {
     /// HAProxy targets and configurations.
     #[command(subcommand)]
     Haproxy(crate::haproxy::HaproxyCommand),
+    /// Mail alerts on a target's servers going down and coming back.
+    #[command(subcommand)]
+    Alerts(crate::alerts::AlertsCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -78,7 +81,7 @@ enum Jobs {
         /// Only in this state (repeat for more): pending, running, cancelling, succeeded, failed, cancelled.
         #[arg(long)]
         state: Vec<String>,
-        /// Only of this kind: runbook, rollback.
+        /// Only of this kind: runbook, rollback, haproxy_apply, haproxy_server_state, alert_watch.
         #[arg(long)]
         kind: Option<String>,
         /// Only with this label, as key=value.
@@ -129,7 +132,7 @@ fn key_value(s: &str) -> Result<(String, String), String> {
 }
 
 /// A gRPC error as one line a person can act on.
-fn explain(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn explain(s: tonic::Status) -> anyhow::Error {
     let code = match s.code() {
         Code::Unavailable => return anyhow!("statelyd is unavailable: {}", s.message()),
         Code::Unauthenticated => "not authenticated",
@@ -159,6 +162,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             )
             .await
         }
+        Command::Alerts(cmd) => crate::alerts::run(&mut client, cmd, json).await,
         Command::Stats(a) => {
             crate::stats::run(pb::stats_client::StatsClient::new(channel), a, json).await
         }

@@ -1,5 +1,6 @@
 //! stately: the command-line client of statelyd. Parses flags and hands over to `cli`.
 
+mod alerts;
 mod cli;
 mod connect;
 mod haproxy;

@@ -65,6 +65,11 @@ fn spec_json(spec: &Option<pb::JobSpec>) -> Value {
         Some(pb::job_spec::Kind::HaproxyServerState(h)) => {
             json!({"haproxy_server_state": {"target": h.target, "backend": h.backend, "server": h.server, "state": h.state}})
         }
+        Some(pb::job_spec::Kind::AlertWatch(a)) => {
+            json!({"alert_watch": {"target": a.target, "to": a.to, "interval_ms": a.interval_ms, "hold_ms": a.hold_ms,
+                "proxies": a.proxies, "max_session_rate": a.max_session_rate,
+                "max_sessions_percent": a.max_sessions_percent, "max_5xx": a.max_5xx}})
+        }
         None => Value::Null,
     }
 }
@@ -122,6 +127,9 @@ fn what(j: &pb::Job) -> String {
         Some(pb::job_spec::Kind::HaproxyApply(a)) => format!("apply to {}", a.target),
         Some(pb::job_spec::Kind::HaproxyServerState(h)) => {
             format!("{} {}/{} {}", h.target, h.backend, h.server, h.state)
+        }
+        Some(pb::job_spec::Kind::AlertWatch(a)) => {
+            format!("watch {} → {}", a.target, a.to.join(", "))
         }
         None => String::new(),
     }

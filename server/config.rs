@@ -67,6 +67,67 @@ pub struct Config {
     /// HAProxy targets clients may name.
     #[serde(rename = "haproxy")]
     pub haproxy: Vec<HaproxyTarget>,
+    /// Where alert mails go out.
+    pub smtp: Option<Smtp>,
+}
+
+/// The SMTP relay alerts are sent through.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Smtp {
+    /// The relay's host name or address.
+    pub host: String,
+    /// Its port; by default 25 without TLS, 587 with STARTTLS, 465 with implicit TLS.
+    pub port: Option<u16>,
+    /// none, starttls or tls.
+    #[serde(default)]
+    pub tls: SmtpTls,
+    /// The user to authenticate as, if any.
+    pub user: Option<String>,
+    /// A file holding the password (first line), readable by the daemon only.
+    pub password_file: Option<PathBuf>,
+    /// The From address, e.g. `stately <stately@example.com>`.
+    pub from: String,
+    /// Extra CA certificates (PEM) to trust for the relay's TLS.
+    pub ca_file: Option<PathBuf>,
+    /// How long one connection attempt or command may take.
+    #[serde(default = "default_smtp_timeout", with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// The longest wait between two delivery attempts of a message.
+    #[serde(default = "default_smtp_retry_max", with = "humantime_serde_compat")]
+    pub retry_max: Duration,
+}
+
+impl fmt::Debug for Smtp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Smtp")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the SMTP connection is secured.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain SMTP (loopback relays only, really).
+    None,
+    /// STARTTLS, required.
+    #[default]
+    Starttls,
+    /// TLS from the first byte (SMTPS).
+    Tls,
+}
+
+fn default_smtp_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_smtp_retry_max() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// A HAProxy instance stately manages; clients name it, never its paths.
@@ -402,6 +463,7 @@ impl Default for Config {
             runbooks: Vec::new(),
             include: Vec::new(),
             haproxy: Vec::new(),
+            smtp: None,
         }
     }
 }
@@ -450,6 +512,19 @@ prune_interval = "60s"
 # server_state_file = "/var/lib/haproxy/server-state"   # with `server-state-file` in global and
 #                                       # `load-server-state-from-file global` in defaults
 # stats_socket = "/run/haproxy/admin.sock"
+
+# The SMTP relay alert mails go through (alert_watch jobs). The password is read from a file,
+# never from a job or this file.
+# [smtp]
+# host = "smtp.example.com"
+# port = 587                          # default: 25 (tls = "none"), 587 (starttls), 465 (tls)
+# tls = "starttls"                    # none | starttls | tls
+# user = "alerts@example.com"
+# password_file = "/etc/stately/smtp.password"
+# from = "stately <alerts@example.com>"
+# ca_file = "/etc/stately/relay-ca.pem"   # extra CA for the relay's certificate
+# timeout = "10s"                     # per connection attempt
+# retry_max = "5m"                    # longest wait between delivery attempts
 
 # Bearer tokens, each with a role: "viewer" (get, list, watch) or "operator" (also submit,
 # run, cancel, roll back). With no token configured, an operator token is generated and
@@ -528,6 +603,22 @@ impl Config {
             origin: origin.to_owned(),
             message,
         };
+        if let Some(smtp) = &self.smtp {
+            if smtp.host.trim().is_empty() {
+                return Err(invalid("smtp: host is empty".into()));
+            }
+            if let Err(e) = smtp.from.parse::<lettre::message::Mailbox>() {
+                return Err(invalid(format!(
+                    "smtp: from '{}' is not a mail address: {e}",
+                    smtp.from
+                )));
+            }
+            if smtp.user.is_some() != smtp.password_file.is_some() {
+                return Err(invalid(
+                    "smtp: user and password_file go together (give both or neither)".into(),
+                ));
+            }
+        }
         let mut targets = std::collections::HashSet::new();
         for t in &self.haproxy {
             if !is_safe_name(&t.name) || !targets.insert(t.name.as_str()) {

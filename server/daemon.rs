@@ -60,16 +60,11 @@ pub async fn run(
         engine: engine.clone(),
         stopping: stopping.clone(),
     };
-    let sockets = config
-        .haproxy
-        .iter()
-        .filter_map(|t| t.stats_socket.clone().map(|s| (t.name.clone(), s)))
-        .collect();
     let haproxy = HaproxyApi {
         targets: crate::haproxy::Targets::new(&config),
     };
     let stats = StatsApi {
-        hub: Arc::new(crate::stats::StatsHub::new(sockets)),
+        hub: engine.stats(),
         stopping: stopping.clone(),
     };
     let (health_reporter, health) = tonic_health::server::health_reporter();

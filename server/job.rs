@@ -140,6 +140,15 @@ pub enum JobSpec {
         /// ready, drain or maint.
         state: String,
     },
+    /// Watch a target's stats and mail its transitions, until cancelled.
+    AlertWatch {
+        /// The HAProxy target.
+        target: String,
+        /// Recipients.
+        to: Vec<String>,
+        /// What to alert on.
+        rules: crate::alerts::rules::Rules,
+    },
     /// Undo a finished job.
     Rollback {
         /// The job undone.
@@ -157,7 +166,23 @@ impl JobSpec {
             JobSpec::Rollback { .. } => "rollback",
             JobSpec::HaproxyApply { .. } => "haproxy_apply",
             JobSpec::HaproxyServerState { .. } => "haproxy_server_state",
+            JobSpec::AlertWatch { .. } => "alert_watch",
         }
+    }
+
+    /// Every kind's name.
+    pub const KINDS: &'static [&'static str] = &[
+        "runbook",
+        "rollback",
+        "haproxy_apply",
+        "haproxy_server_state",
+        "alert_watch",
+    ];
+
+    /// Whether a job of this kind, found running after a restart, carries on instead of
+    /// being unwound (long-lived watches).
+    pub fn resumes(&self) -> bool {
+        matches!(self, JobSpec::AlertWatch { .. })
     }
 }
 
@@ -220,7 +245,8 @@ impl JobRecord {
             JobSpec::Rollback { target, .. } => Some(target),
             JobSpec::Runbook { .. }
             | JobSpec::HaproxyApply { .. }
-            | JobSpec::HaproxyServerState { .. } => None,
+            | JobSpec::HaproxyServerState { .. }
+            | JobSpec::AlertWatch { .. } => None,
         }
     }
 }

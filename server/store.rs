@@ -67,6 +67,39 @@ pub(crate) enum Write {
     ProcessStarted { job: JobId, pgid: i32, started: u64 },
     /// That command has ended.
     ProcessEnded { job: JobId, pgid: i32 },
+    /// A message queued for delivery (before any attempt to send it).
+    OutboxAdd {
+        job: JobId,
+        n: u64,
+        at: i64,
+        mail: crate::alerts::Mail,
+    },
+    /// A delivery attempt failed and will be retried.
+    OutboxAttempt {
+        job: JobId,
+        n: u64,
+        attempts: u32,
+        error: String,
+    },
+    /// A message was delivered (`error` None) or given up on.
+    OutboxDone {
+        job: JobId,
+        n: u64,
+        attempts: u32,
+        at: i64,
+        error: Option<String>,
+    },
+    /// A watch job's remembered state (JSON), kept across restarts.
+    WatchState { job: JobId, state: String },
+}
+
+/// A message of a job's outbox.
+#[derive(Debug, Clone)]
+pub(crate) struct OutboxEntry {
+    pub(crate) n: u64,
+    pub(crate) mail: crate::alerts::Mail,
+    pub(crate) attempts: u32,
+    pub(crate) state: String,
 }
 
 struct Batch {
@@ -147,6 +180,15 @@ CREATE TABLE IF NOT EXISTS undo (
     job_id TEXT NOT NULL, idx INTEGER NOT NULL, entry TEXT NOT NULL, blob TEXT,
     applied INTEGER NOT NULL DEFAULT 0, left_state TEXT,
     PRIMARY KEY (job_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    job_id TEXT NOT NULL, n INTEGER NOT NULL, created_at INTEGER NOT NULL, mail TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT, done_at INTEGER,
+    PRIMARY KEY (job_id, n)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS watch_state (
+    job_id TEXT PRIMARY KEY, state TEXT NOT NULL
 ) WITHOUT ROWID;
 ";
 
@@ -398,6 +440,44 @@ impl Store {
         })
     }
 
+    /// A job's outbox, oldest first.
+    pub(crate) fn outbox(&self, job: JobId) -> Result<Vec<OutboxEntry>, Error> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT n, mail, attempts, state FROM outbox WHERE job_id = ?1 ORDER BY n",
+            )?;
+            let rows = stmt.query_map([job.to_string()], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })?;
+            rows.map(|r| {
+                let (n, mail, attempts, state) = r?;
+                Ok(OutboxEntry {
+                    n: n as u64,
+                    mail: serde_json::from_str(&mail).map_err(|e| Error::Corrupt(e.to_string()))?,
+                    attempts,
+                    state,
+                })
+            })
+            .collect()
+        })
+    }
+
+    /// A watch job's remembered state.
+    pub(crate) fn watch_state(&self, job: JobId) -> Result<Option<String>, Error> {
+        self.read(|c| {
+            Ok(
+                c.prepare_cached("SELECT state FROM watch_state WHERE job_id = ?1")?
+                    .query_row([job.to_string()], |r| r.get(0))
+                    .optional()?,
+            )
+        })
+    }
+
     /// Every blob an undo entry still references.
     pub(crate) fn referenced_blobs(&self) -> Result<HashSet<String>, Error> {
         self.read(|c| {
@@ -600,6 +680,49 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
             tx.prepare_cached("DELETE FROM processes WHERE job_id = ?1 AND pgid = ?2")?
                 .execute(params![job.to_string(), pgid])?;
         }
+        Write::OutboxAdd { job, n, at, mail } => {
+            tx.prepare_cached(
+                "INSERT INTO outbox (job_id, n, created_at, mail) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![job.to_string(), *n as i64, at, json(mail)])?;
+        }
+        Write::OutboxAttempt {
+            job,
+            n,
+            attempts,
+            error,
+        } => {
+            tx.prepare_cached(
+                "UPDATE outbox SET attempts = ?3, last_error = ?4 WHERE job_id = ?1 AND n = ?2",
+            )?
+            .execute(params![job.to_string(), *n as i64, attempts, error])?;
+        }
+        Write::OutboxDone {
+            job,
+            n,
+            attempts,
+            at,
+            error,
+        } => {
+            tx.prepare_cached(
+                "UPDATE outbox SET state = ?3, attempts = ?4, last_error = ?5, done_at = ?6 \
+                 WHERE job_id = ?1 AND n = ?2",
+            )?
+            .execute(params![
+                job.to_string(),
+                *n as i64,
+                if error.is_some() { "failed" } else { "sent" },
+                attempts,
+                error,
+                at
+            ])?;
+        }
+        Write::WatchState { job, state } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO watch_state (job_id, state) VALUES (?1, ?2)",
+            )?
+            .execute(params![job.to_string(), state])?;
+        }
     }
     Ok(())
 }
@@ -634,6 +757,8 @@ fn prune(
         "DELETE FROM events WHERE job_id IN (SELECT id FROM temp.doomed);
          DELETE FROM undo WHERE job_id IN (SELECT id FROM temp.doomed);
          DELETE FROM processes WHERE job_id IN (SELECT id FROM temp.doomed);
+         DELETE FROM outbox WHERE job_id IN (SELECT id FROM temp.doomed);
+         DELETE FROM watch_state WHERE job_id IN (SELECT id FROM temp.doomed);
          DELETE FROM job_resources WHERE job_id IN (SELECT id FROM temp.doomed);
          DELETE FROM jobs WHERE id IN (SELECT id FROM temp.doomed);
          DROP TABLE temp.doomed;",

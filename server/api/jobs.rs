@@ -27,6 +27,8 @@ pub(crate) struct JobsApi {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
 
+use crate::alerts::rules::{DEFAULT_HOLD_MS, DEFAULT_INTERVAL_MS, Rules};
+
 fn parse_id(s: &str) -> Result<JobId, Status> {
     if s.is_empty() {
         return Err(Status::invalid_argument("job_id is required"));
@@ -71,6 +73,28 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
                 backend: h.backend,
                 server: h.server,
                 state: h.state,
+            }
+        }
+        Some(pb::job_spec::Kind::AlertWatch(a)) => {
+            if a.target.is_empty() {
+                return Err(Status::invalid_argument(
+                    "spec.alert_watch.target is required",
+                ));
+            }
+            JobSpec::AlertWatch {
+                target: a.target,
+                to: a.to,
+                rules: Rules {
+                    interval_ms: match a.interval_ms {
+                        0 => DEFAULT_INTERVAL_MS,
+                        n => u64::from(n),
+                    },
+                    hold_ms: a.hold_ms.map_or(DEFAULT_HOLD_MS, u64::from),
+                    proxies: a.proxies,
+                    max_session_rate: a.max_session_rate,
+                    max_sessions_percent: a.max_sessions_percent,
+                    max_5xx: a.max_5xx,
+                },
             }
         }
         Some(pb::job_spec::Kind::Rollback(_)) => {
@@ -356,6 +380,18 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             server: server.clone(),
             state: state.clone(),
         }),
+        JobSpec::AlertWatch { target, to, rules } => {
+            pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {
+                target: target.clone(),
+                to: to.clone(),
+                interval_ms: rules.interval_ms.min(u64::from(u32::MAX)) as u32,
+                hold_ms: Some(rules.hold_ms.min(u64::from(u32::MAX)) as u32),
+                proxies: rules.proxies.clone(),
+                max_session_rate: rules.max_session_rate,
+                max_sessions_percent: rules.max_sessions_percent,
+                max_5xx: rules.max_5xx,
+            })
+        }
         JobSpec::Rollback { target, force } => pb::job_spec::Kind::Rollback(pb::RollbackSpec {
             target_job_id: target.to_string(),
             force: *force,

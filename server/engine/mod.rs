@@ -99,6 +99,11 @@ pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) blobs: BlobStore,
     pub(crate) http: reqwest::Client,
+    /// The shared stats pollers (the Stats API and alert watches subscribe to them).
+    pub(crate) stats: Arc<crate::stats::StatsHub>,
+    /// Cancelled when the daemon begins to stop: watch jobs suspend themselves (they stay
+    /// RUNNING and resume at the next start).
+    pub(crate) stopping: CancellationToken,
     scheduler: Scheduler,
     live: Mutex<HashMap<JobId, Arc<LiveJob>>>,
     request_ids: tokio::sync::Mutex<()>,
@@ -153,7 +158,14 @@ impl Engine {
             .user_agent(concat!("stately/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::Unavailable(format!("cannot build the HTTP client: {e}")))?;
+        let sockets = config
+            .haproxy
+            .iter()
+            .filter_map(|t| t.stats_socket.clone().map(|s| (t.name.clone(), s)))
+            .collect();
         let shared = Arc::new(Shared {
+            stats: Arc::new(crate::stats::StatsHub::new(sockets)),
+            stopping: CancellationToken::new(),
             config,
             store,
             blobs,
@@ -177,6 +189,17 @@ impl Engine {
             .store
             .jobs_in(&[JobState::Running, JobState::Cancelling])?
         {
+            if record.state == JobState::Running && record.spec.resumes() {
+                tracing::info!(job = %record.id, "resuming a watch job");
+                let live = LiveJob::new();
+                live.state.send_replace(JobState::Running);
+                s.live
+                    .lock()
+                    .expect("live lock")
+                    .insert(record.id, live.clone());
+                s.tasks.spawn(runner::resume(s.clone(), record, live));
+                continue;
+            }
             tracing::warn!(job = %record.id, "unwinding a job interrupted by restart");
             let live = LiveJob::new();
             runner::recover(s, record, &live).await?;
@@ -234,6 +257,11 @@ impl Engine {
     /// The configuration the engine runs with.
     pub fn config(&self) -> &Config {
         &self.shared.config
+    }
+
+    /// The shared stats pollers.
+    pub fn stats(&self) -> Arc<crate::stats::StatsHub> {
+        self.shared.stats.clone()
     }
 
     /// Submits a job. With a request id already used for the same spec, returns that job.
@@ -371,10 +399,11 @@ impl Engine {
             n => n.min(MAX_PAGE_SIZE),
         };
         if let Some(k) = &kind
-            && !["runbook", "rollback"].contains(&k.as_str())
+            && !JobSpec::KINDS.contains(&k.as_str())
         {
             return Err(Error::InvalidArgument(format!(
-                "unknown kind '{k}' (kinds: runbook, rollback)"
+                "unknown kind '{k}' (kinds: {})",
+                JobSpec::KINDS.join(", ")
             )));
         }
         let before = match page_token {
@@ -562,6 +591,7 @@ impl Engine {
         let s = &self.shared;
         s.accepting
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        s.stopping.cancel();
         s.tasks.close();
         let running: usize = s.live.lock().expect("live lock").len();
         if running > 0 {

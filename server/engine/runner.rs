@@ -120,6 +120,24 @@ impl Journal {
         self.store.write(writes, Some(&self.publish));
     }
 
+    /// Appends an event together with other writes, and waits until they are durable.
+    pub(crate) async fn commit(
+        &mut self,
+        body: EventBody,
+        mut writes: Vec<Write>,
+    ) -> Result<(), crate::store::Error> {
+        writes.push(self.event(body));
+        self.store.commit(writes, Some(&self.publish)).await
+    }
+
+    /// Appends an event together with other writes, without waiting.
+    pub(crate) fn write(&mut self, body: Option<EventBody>, mut writes: Vec<Write>) {
+        if let Some(b) = body {
+            writes.push(self.event(b));
+        }
+        self.store.write(writes, Some(&self.publish));
+    }
+
     /// Notes that a step's command runs as process group `pgid` (for recovery after a crash).
     pub(crate) fn process_started(&self, pgid: i32) {
         if let Some(started) = crate::command::start_ticks(pgid) {
@@ -348,10 +366,39 @@ pub(crate) async fn run(
             Vec::new(),
         )
         .await;
+    complete(&shared, record, journal, &live, prepared).await;
+}
 
-    let outcome = execute(&shared, &mut record, &mut journal, &live, prepared).await;
+/// Carries on with a watch job found RUNNING at start-up, from the step it was in.
+pub(crate) async fn resume(shared: Arc<Shared>, record: JobRecord, live: Arc<LiveJob>) {
+    let entries = shared.store.journal(record.id).unwrap_or_default();
+    let mut journal = Journal::new(&shared, &live, &record, entries);
+    let _release = Release {
+        shared: shared.clone(),
+        id: record.id,
+        resources: record.resources.clone(),
+    };
+    journal.log(
+        LogLevel::Info,
+        None,
+        "the daemon restarted; the job carries on",
+    );
+    complete(&shared, record, journal, &live, None).await;
+}
+
+/// Runs the steps not done yet, then ends the job (unwinding on a failure or a cancel).
+async fn complete(
+    shared: &Arc<Shared>,
+    mut record: JobRecord,
+    mut journal: Journal,
+    live: &Arc<LiveJob>,
+    prepared: Option<Executor>,
+) {
+    let outcome = execute(shared, &mut record, &mut journal, live, prepared).await;
     let mut extra = Vec::new();
     let (end, reason) = match outcome {
+        // The daemon is stopping: the job stays RUNNING and resumes at the next start.
+        Err(StepError::Suspended) => return,
         Ok(writes) => {
             journal.seal().await;
             extra = writes;
@@ -432,7 +479,12 @@ async fn execute(
             "the runbook's steps changed in the configuration since the job was submitted".into(),
         ));
     }
-    for i in 0..record.steps.len() {
+    let first = record
+        .steps
+        .iter()
+        .position(|s| s.state != StepState::Succeeded)
+        .unwrap_or(record.steps.len());
+    for i in first..record.steps.len() {
         if live.cancel.is_cancelled() {
             return Err(StepError::Cancelled);
         }
@@ -455,6 +507,9 @@ async fn execute(
             shared,
         };
         let result = executor.run_step(i, &mut ctx).await;
+        if let Err(StepError::Suspended) = result {
+            return Err(StepError::Suspended);
+        }
         // A step that finished its critical section is kept, then unwound with the rest.
         let result = match result {
             Ok(()) if live.cancel.is_cancelled() => Err(StepError::Cancelled),
@@ -466,6 +521,7 @@ async fn execute(
             Err(StepError::Failed(e) | StepError::Precondition(e)) => {
                 (StepState::Failed, Some(e.clone()))
             }
+            Err(StepError::Suspended) => (StepState::Running, None),
         };
         record.steps[i].state = state;
         record.steps[i].finished_at = Some(now_ms());

@@ -1,6 +1,7 @@
 //! The kinds of job: one module each. A kind plans its steps at submission (so bad input is
 //! refused before anything starts) and executes them, one at a time, on a `StepCtx`.
 
+pub(crate) mod alert_watch;
 pub(crate) mod haproxy_apply;
 pub(crate) mod haproxy_server_state;
 pub(crate) mod rollback;
@@ -29,6 +30,9 @@ pub(crate) enum StepError {
     Failed(String),
     /// The world is not as the step requires (e.g. a rollback over a later change).
     Precondition(String),
+    /// The daemon is stopping and the (watch) step stopped without ending: the job stays
+    /// RUNNING and resumes at the next start.
+    Suspended,
 }
 
 /// Plans a submitted spec against the configuration (and, for a server's state, HAProxy), or
@@ -73,6 +77,11 @@ pub(crate) async fn plan(spec: &JobSpec, config: &Config) -> Result<Plan, Error>
             resources: haproxy_apply::plan(config, target, text)?,
             prepared: None,
         }),
+        JobSpec::AlertWatch { target, to, rules } => Ok(Plan {
+            steps: alert_watch::step_names(target),
+            resources: alert_watch::plan(config, target, to, rules).await?,
+            prepared: None,
+        }),
         JobSpec::Rollback { .. } => Err(Error::InvalidArgument(
             "rollback jobs come from RollbackJob".into(),
         )),
@@ -86,6 +95,7 @@ pub(crate) enum Executor {
     HaproxyApply(Box<haproxy_apply::Apply>),
     HaproxyServerState(haproxy_server_state::SetState),
     Rollback(rollback::Rollback),
+    AlertWatch(alert_watch::Watch),
 }
 
 impl Executor {
@@ -126,6 +136,9 @@ impl Executor {
                     state,
                 )?,
             )),
+            JobSpec::AlertWatch { target, to, rules } => Ok(Executor::AlertWatch(
+                alert_watch::Watch::new(&shared.config, target, to, rules)?,
+            )),
             JobSpec::Rollback { target, force } => Ok(Executor::Rollback(
                 rollback::Rollback::load(shared, *target, *force)?,
             )),
@@ -138,6 +151,7 @@ impl Executor {
             Executor::HaproxyApply(_) => haproxy_apply::step_names(),
             Executor::HaproxyServerState(s) => s.step_names(),
             Executor::Rollback(_) => rollback::step_names(),
+            Executor::AlertWatch(w) => w.step_names(),
         }
     }
 
@@ -151,15 +165,17 @@ impl Executor {
             Executor::HaproxyApply(a) => a.run_step(index, ctx).await,
             Executor::HaproxyServerState(s) => s.run_step(index, ctx).await,
             Executor::Rollback(r) => r.run_step(index, ctx).await,
+            Executor::AlertWatch(w) => w.run_step(index, ctx).await,
         }
     }
 
     /// Writes to commit with the job's success.
     pub(crate) fn on_success(&self, job: JobId) -> Vec<Write> {
         match self {
-            Executor::Runbook(_) | Executor::HaproxyApply(_) | Executor::HaproxyServerState(_) => {
-                Vec::new()
-            }
+            Executor::Runbook(_)
+            | Executor::HaproxyApply(_)
+            | Executor::HaproxyServerState(_)
+            | Executor::AlertWatch(_) => Vec::new(),
             Executor::Rollback(r) => r.on_success(job),
         }
     }

@@ -61,7 +61,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    fn new(rows: Vec<Row>) -> Snapshot {
+    pub(crate) fn new(rows: Vec<Row>) -> Snapshot {
         Snapshot {
             rows,
             index: Default::default(),

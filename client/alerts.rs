@@ -1,0 +1,172 @@
+//! `stately alerts`: start a watch that mails a target's transitions, list the watches, stop
+//! one. A watch is an ordinary job (`stately jobs watch ID` shows its alerts as they fire).
+
+use crate::cli::{explain, follow};
+use crate::connect::Client;
+use crate::render::{job_json, say, state_name};
+use anyhow::{Result, anyhow};
+use stately::pb;
+use std::time::Duration;
+
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum AlertsCommand {
+    /// Start watching a target: mail when a server leaves UP and when it comes back, when a
+    /// backend has no server UP, and on the thresholds given.
+    Start {
+        /// The HAProxy target (with a stats socket).
+        target: String,
+        /// A recipient (repeat for more).
+        #[arg(long, required = true)]
+        to: Vec<String>,
+        /// How often the stats are read.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// How long a transitional state (INI after a reload) must last to be believed.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        hold: Duration,
+        /// Only these backends (names or globs; repeat for more).
+        #[arg(long = "backend")]
+        backends: Vec<String>,
+        /// Alert when a frontend's or backend's session rate (per second) exceeds this.
+        #[arg(long)]
+        max_session_rate: Option<u64>,
+        /// Alert when current sessions reach this percentage of their limit.
+        #[arg(long)]
+        max_sessions_percent: Option<u32>,
+        /// Alert when a backend answers more than this many 5xx in one interval.
+        #[arg(long = "max-5xx")]
+        max_5xx: Option<u64>,
+        /// Stay and show the alerts as they fire (Ctrl-C leaves; the watch goes on).
+        #[arg(long)]
+        follow: bool,
+    },
+    /// The watches that are running.
+    List {
+        /// Also the stopped ones.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Stop a watch (a cancel of its job).
+    Stop { id: String },
+}
+
+fn millis(d: Duration, what: &str) -> Result<u32> {
+    u32::try_from(d.as_millis()).map_err(|_| anyhow!("--{what} is too long"))
+}
+
+pub(crate) async fn run(client: &mut Client, cmd: AlertsCommand, json: bool) -> Result<u8> {
+    match cmd {
+        AlertsCommand::Start {
+            target,
+            to,
+            interval,
+            hold,
+            backends,
+            max_session_rate,
+            max_sessions_percent,
+            max_5xx,
+            follow: stay,
+        } => {
+            let req = pb::SubmitJobRequest {
+                spec: Some(pb::JobSpec {
+                    kind: Some(pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {
+                        target,
+                        to,
+                        interval_ms: millis(interval, "interval")?,
+                        hold_ms: Some(millis(hold, "hold")?),
+                        proxies: backends,
+                        max_session_rate,
+                        max_sessions_percent,
+                        max_5xx,
+                    })),
+                }),
+                ..Default::default()
+            };
+            let job = client.submit_job(req).await.map_err(explain)?.into_inner();
+            if json {
+                say(&job_json(&job).to_string());
+            } else {
+                say(&job.id);
+                eprintln!("watching; stop with: stately alerts stop {}", job.id);
+            }
+            if !stay {
+                return Ok(0);
+            }
+            let stream = client
+                .watch_job(pb::WatchJobRequest {
+                    job_id: job.id,
+                    after_seq: 0,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            follow(client, stream, json, false).await
+        }
+        AlertsCommand::List { all } => {
+            let states = if all {
+                Vec::new()
+            } else {
+                vec![
+                    pb::JobState::Pending as i32,
+                    pb::JobState::Running as i32,
+                    pb::JobState::Cancelling as i32,
+                ]
+            };
+            let resp = client
+                .list_jobs(pb::ListJobsRequest {
+                    states,
+                    kind: "alert_watch".into(),
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if json {
+                resp.jobs.iter().for_each(|j| say(&job_json(j).to_string()));
+                return Ok(0);
+            }
+            if resp.jobs.is_empty() {
+                eprintln!("no alert watches{}", if all { "" } else { " running" });
+                return Ok(0);
+            }
+            say(&format!(
+                "{:<36}  {:<9}  {:<12}  {:<8}  TO",
+                "ID", "STATE", "TARGET", "INTERVAL"
+            ));
+            for j in &resp.jobs {
+                let Some(pb::job_spec::Kind::AlertWatch(a)) =
+                    j.spec.as_ref().and_then(|s| s.kind.as_ref())
+                else {
+                    continue;
+                };
+                say(&format!(
+                    "{:<36}  {:<9}  {:<12}  {:<8}  {}",
+                    j.id,
+                    state_name(j.state),
+                    a.target,
+                    format!("{}ms", a.interval_ms),
+                    a.to.join(", ")
+                ));
+            }
+            Ok(0)
+        }
+        AlertsCommand::Stop { id } => {
+            let job = client
+                .cancel_job(pb::CancelJobRequest {
+                    job_id: id,
+                    reason: "alerts stopped".into(),
+                    wait: true,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if json {
+                say(&job_json(&job).to_string());
+            } else {
+                say(&format!("watch {} {}", job.id, state_name(job.state)));
+            }
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Alert mail: the message as the outbox keeps it, and delivery through the configured relay.
+
+use crate::config::{Smtp, SmtpTls};
+use lettre::message::Mailbox;
+use lettre::message::header::ContentType;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, UNIX_EPOCH};
+
+/// A message as the outbox stores it: everything needed to send it again, identically.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mail {
+    /// Recipients.
+    pub to: Vec<String>,
+    /// Subject line.
+    pub subject: String,
+    /// Plain-text body.
+    pub body: String,
+    /// The Message-ID, the same on every attempt, so a receiver can spot a repeat.
+    pub message_id: String,
+    /// Unix milliseconds, the Date header.
+    pub date_ms: i64,
+}
+
+/// How a delivery attempt failed.
+#[derive(Debug)]
+pub(crate) struct SendError {
+    /// The relay refused the message for good (a 5xx reply): do not retry.
+    pub(crate) permanent: bool,
+    pub(crate) message: String,
+}
+
+/// The relay, ready to send.
+pub(crate) struct Mailer {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+    /// "host:port (starttls)", for messages.
+    pub(crate) relay: String,
+    pub(crate) retry_max: Duration,
+}
+
+impl std::fmt::Debug for Mailer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mailer")
+            .field("relay", &self.relay)
+            .finish()
+    }
+}
+
+impl Mailer {
+    /// Builds the transport from the daemon's settings (reading the password file).
+    pub(crate) fn new(smtp: &Smtp) -> Result<Mailer, String> {
+        let port = smtp.port.unwrap_or(match smtp.tls {
+            SmtpTls::None => 25,
+            SmtpTls::Starttls => 587,
+            SmtpTls::Tls => 465,
+        });
+        let mode = match smtp.tls {
+            SmtpTls::None => "no TLS",
+            SmtpTls::Starttls => "STARTTLS",
+            SmtpTls::Tls => "implicit TLS",
+        };
+        let relay = format!("{}:{port} ({mode})", smtp.host);
+        let from: Mailbox = smtp
+            .from
+            .parse()
+            .map_err(|e| format!("smtp: from '{}': {e}", smtp.from))?;
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host)
+            .port(port)
+            .timeout(Some(smtp.timeout));
+        if smtp.tls != SmtpTls::None {
+            let mut params = TlsParameters::builder(smtp.host.clone());
+            if let Some(ca) = &smtp.ca_file {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| format!("smtp: cannot read ca_file {}: {e}", ca.display()))?;
+                let cert = Certificate::from_pem(&pem)
+                    .map_err(|e| format!("smtp: ca_file {}: {e}", ca.display()))?;
+                params = params.add_root_certificate(cert);
+            }
+            let params = params
+                .build_rustls()
+                .map_err(|e| format!("smtp: TLS settings: {e}"))?;
+            builder = builder.tls(match smtp.tls {
+                SmtpTls::Tls => Tls::Wrapper(params),
+                _ => Tls::Required(params),
+            });
+        }
+        if let (Some(user), Some(file)) = (&smtp.user, &smtp.password_file) {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("smtp: cannot read password_file {}: {e}", file.display()))?;
+            let password = text.lines().next().unwrap_or("").to_owned();
+            if password.is_empty() {
+                return Err(format!("smtp: password_file {} is empty", file.display()));
+            }
+            builder = builder.credentials(Credentials::new(user.clone(), password));
+        }
+        Ok(Mailer {
+            transport: builder.build(),
+            from,
+            relay,
+            retry_max: smtp.retry_max,
+        })
+    }
+
+    /// Connects, greets, secures and authenticates as a delivery would, then quits.
+    pub(crate) async fn check(&self) -> Result<(), String> {
+        match self.transport.test_connection().await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!(
+                "the SMTP relay {} did not accept a connection",
+                self.relay
+            )),
+            Err(e) => Err(format!("the SMTP relay {}: {}", self.relay, describe(&e))),
+        }
+    }
+
+    /// One delivery attempt; on success, the relay's reply.
+    pub(crate) async fn send(&self, mail: &Mail) -> Result<String, SendError> {
+        let message = self.message(mail).map_err(|message| SendError {
+            permanent: true,
+            message,
+        })?;
+        match self.transport.send(message).await {
+            Ok(reply) => Ok(format!(
+                "{} {}",
+                reply.code(),
+                reply.message().collect::<Vec<_>>().join(" ")
+            )),
+            Err(e) => Err(SendError {
+                permanent: e.is_permanent(),
+                message: describe(&e),
+            }),
+        }
+    }
+
+    fn message(&self, mail: &Mail) -> Result<Message, String> {
+        let mut m = Message::builder()
+            .from(self.from.clone())
+            .subject(mail.subject.clone())
+            .message_id(Some(mail.message_id.clone()))
+            .date(UNIX_EPOCH + Duration::from_millis(mail.date_ms.max(0) as u64))
+            .header(ContentType::TEXT_PLAIN);
+        for to in &mail.to {
+            let mbox: Mailbox = to
+                .parse()
+                .map_err(|e| format!("recipient '{to}' is not a mail address: {e}"))?;
+            m = m.to(mbox);
+        }
+        m.body(mail.body.clone()).map_err(|e| e.to_string())
+    }
+}
+
+/// lettre's error with its causes, on one line.
+fn describe(e: &lettre::transport::smtp::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// Checks a recipient list as a job gives it.
+pub(crate) fn check_recipients(to: &[String]) -> Result<(), String> {
+    if to.is_empty() {
+        return Err("at least one recipient (--to) is needed".into());
+    }
+    if to.len() > 50 {
+        return Err(format!("at most 50 recipients, not {}", to.len()));
+    }
+    for r in to {
+        r.parse::<Mailbox>()
+            .map_err(|e| format!("recipient '{r}' is not a mail address: {e}"))?;
+    }
+    Ok(())
+}
