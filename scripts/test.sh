@@ -10,6 +10,7 @@ declare -A PACKAGES=(
   [coreutils]=/bin/sleep
   [passwd]=/usr/sbin/nologin
   [haproxy]=/usr/sbin/haproxy
+  [python3-aiosmtpd]=/usr/lib/python3/dist-packages/aiosmtpd
 )
 missing=()
 for pkg in "${!PACKAGES[@]}"; do

@@ -1,8 +1,9 @@
 //! Alert mail: the message as the outbox keeps it, and delivery through the configured relay.
 
 use crate::config::{Smtp, SmtpTls};
+use lettre::message::Body;
 use lettre::message::Mailbox;
-use lettre::message::header::ContentType;
+use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -148,7 +149,20 @@ impl Mailer {
                 .map_err(|e| format!("recipient '{to}' is not a mail address: {e}"))?;
             m = m.to(mbox);
         }
-        m.body(mail.body.clone()).map_err(|e| e.to_string())
+        // Plain 7-bit text when it is ASCII with lines under SMTP's limit, so the message
+        // reads as written; otherwise lettre picks an encoding.
+        let crlf = mail.body.replace("\r\n", "\n").replace('\n', "\r\n");
+        let plain = crlf.is_ascii()
+            && !crlf.contains('\0')
+            && crlf
+                .split("\r\n")
+                .all(|l| l.len() < 990 && !l.contains('\r'));
+        let body = if plain {
+            Body::dangerous_pre_encoded(crlf.into_bytes(), ContentTransferEncoding::SevenBit)
+        } else {
+            Body::new(mail.body.clone())
+        };
+        m.body(body).map_err(|e| e.to_string())
     }
 }
 

@@ -186,8 +186,14 @@ fn reason(row: &Row) -> String {
     out
 }
 
+/// "400ms", "12s 300ms", "3m 12s": tenths of a second under a minute, seconds above.
 fn duration_words(ms: i64) -> String {
-    let d = std::time::Duration::from_secs((ms.max(0) / 1000) as u64);
+    let ms = ms.max(0) as u64;
+    let d = if ms < 60_000 {
+        std::time::Duration::from_millis(ms / 100 * 100)
+    } else {
+        std::time::Duration::from_secs(ms / 1000)
+    };
     humantime::format_duration(d).to_string()
 }
 

@@ -490,6 +490,26 @@ impl Haproxy {
         h
     }
 
+    /// Starts haproxy on a configuration of the caller's; `global` gets the admin socket
+    /// (`{stats}` in `cfg` is replaced by its path).
+    pub fn from_config(dir: &Path, cfg: &str) -> Haproxy {
+        let stats = dir.join("admin.sock");
+        let config = dir.join("haproxy.cfg");
+        std::fs::write(
+            &config,
+            cfg.replace("{stats}", &stats.display().to_string()),
+        )
+        .unwrap();
+        let mut h = Haproxy {
+            child: None,
+            dir: dir.to_owned(),
+            stats,
+            config,
+        };
+        h.spawn();
+        h
+    }
+
     pub fn spawn(&mut self) {
         let child = Command::new(HAPROXY)
             .arg("-W")
@@ -558,4 +578,136 @@ pub fn show_stat(stats: &Path) -> Vec<stately::stats::parse::Row> {
     let mut b = Vec::new();
     s.read_to_end(&mut b).unwrap();
     stately::stats::parse::parse(&b).unwrap()
+}
+
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// A real SMTP server (aiosmtpd) on a loopback port, saving each message it accepts into a
+/// directory. Stopping and starting it again keeps the port and the directory.
+pub struct SmtpSink {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl SmtpSink {
+    pub fn start(dir: &Path) -> SmtpSink {
+        let mut s = SmtpSink {
+            child: None,
+            port: free_port(),
+            dir: dir.to_owned(),
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn spawn(&mut self) {
+        let ok = Command::new(PYTHON)
+            .args(["-c", "import aiosmtpd"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "{PYTHON} cannot import aiosmtpd; scripts/test.sh installs the Debian package python3-aiosmtpd"
+        );
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/smtp_sink.py");
+        let mut child = Command::new(PYTHON)
+            .arg(script)
+            .arg(&self.dir)
+            .arg(self.port.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the SMTP sink starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "the SMTP sink did not start");
+        self.child = Some(child);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The messages accepted so far, oldest first.
+    pub fn mails(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".eml") && !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort_by_key(|n| n.split('-').next().and_then(|t| t.parse::<u128>().ok()));
+        names
+            .iter()
+            .map(|n| std::fs::read_to_string(self.dir.join(n)).unwrap())
+            .collect()
+    }
+
+    /// Waits until at least `n` messages were accepted, and returns them all.
+    pub async fn wait_for(&self, n: usize, within: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let m = self.mails();
+            if m.len() >= n {
+                return m;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "expected {n} mail(s) within {within:?}, got {}: {m:#?}",
+                m.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The `[smtp]` section for statelyd.
+    pub fn config(&self) -> String {
+        format!(
+            "[smtp]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nfrom = \"stately <stately@example.test>\"\nretry_max = \"300ms\"\ntimeout = \"2s\"\n",
+            self.port
+        )
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A header's value in a raw mail.
+pub fn header<'a>(mail: &'a str, name: &str) -> Option<&'a str> {
+    mail.lines()
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(": ")))
+}
+
+/// Reads events until a log line contains `text`.
+pub async fn until_log_with(
+    s: &mut tonic::Streaming<pb::JobEvent>,
+    text: &str,
+) -> Vec<pb::JobEvent> {
+    let mut seen = Vec::new();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(30), s.message())
+            .await
+            .unwrap_or_else(|_| panic!("no log line with '{text}' in time; saw {seen:#?}"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("the job ended before a log line with '{text}': {seen:#?}"));
+        let hit =
+            matches!(&e.event, Some(pb::job_event::Event::Log(l)) if l.message.contains(text));
+        seen.push(e);
+        if hit {
+            return seen;
+        }
+    }
 }
