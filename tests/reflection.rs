@@ -254,3 +254,92 @@ async fn a_generic_client_submits_watches_and_reads_a_job_from_json() {
         "from json\n"
     );
 }
+
+/// A generic unary caller: service and method names, JSON in, JSON out.
+pub(crate) struct Generic {
+    channel: Channel,
+    refl: ReflClient,
+}
+
+impl Generic {
+    pub(crate) async fn new(d: &Daemon) -> Generic {
+        let channel = d.channel().await;
+        let refl = refl::server_reflection_client::ServerReflectionClient::with_interceptor(
+            channel.clone(),
+            bearer(Some(OPERATOR)),
+        );
+        Generic { channel, refl }
+    }
+
+    pub(crate) async fn call(
+        &mut self,
+        service: &str,
+        method: &str,
+        json: &str,
+    ) -> Result<serde_json::Value, Status> {
+        let pool = pool_for(&mut self.refl, service).await;
+        let svc = pool
+            .get_service_by_name(service)
+            .unwrap_or_else(|| panic!("{service} is described"));
+        let m = svc
+            .methods()
+            .find(|m| m.name() == method)
+            .unwrap_or_else(|| panic!("{method} is described"));
+        let mut grpc = tonic::client::Grpc::new(InterceptedService::new(
+            self.channel.clone(),
+            bearer(Some(OPERATOR)),
+        ));
+        grpc.ready().await.unwrap();
+        let path = PathAndQuery::from_maybe_shared(format!("/{service}/{method}")).unwrap();
+        grpc.unary(
+            tonic::Request::new(message(m.input(), json)),
+            path,
+            DynCodec(m.output()),
+        )
+        .await
+        .map(|r| to_json(&r.into_inner()))
+    }
+}
+
+#[tokio::test]
+async fn a_generic_client_starts_and_stops_an_alert_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backend::start(0).await;
+    let h = Haproxy::start(dir.path(), &[("app", vec![("s1", b.port)])]);
+    let smtp = SmtpSink::start(&dir.path().join("mail"));
+    let d = Daemon::start(&format!(
+        "[[haproxy]]\nname = \"edge\"\nstats_socket = \"{}\"\n{}",
+        h.stats.display(),
+        smtp.config()
+    ));
+    let mut g = Generic::new(&d).await;
+    let job = g
+        .call(
+            "stately.v1.Jobs",
+            "SubmitJob",
+            r#"{"spec": {"alertWatch": {"target": "edge", "to": ["ops@example.test"], "intervalMs": 100}}}"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(job["kind"], "alert_watch", "{job}");
+    assert_eq!(job["spec"]["alertWatch"]["to"][0], "ops@example.test");
+    let id = job["id"].as_str().unwrap();
+    let stopped = g
+        .call(
+            "stately.v1.Jobs",
+            "CancelJob",
+            &format!(r#"{{"jobId": "{id}", "wait": true}}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stopped["state"], "JOB_STATE_CANCELLED", "{stopped}");
+    let err = g
+        .call(
+            "stately.v1.Jobs",
+            "SubmitJob",
+            r#"{"spec": {"alertWatch": {"target": "edge", "to": ["not an address"]}}}"#,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
