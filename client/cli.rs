@@ -69,6 +69,9 @@ enum Command {
     /// HAProxy targets and configurations.
     #[command(subcommand)]
     Haproxy(crate::haproxy::HaproxyCommand),
+    /// Certificates over ACME: issue, list, show, renew.
+    #[command(subcommand)]
+    Cert(crate::certs::CertCommand),
     /// Mail alerts on a target's servers going down and coming back.
     #[command(subcommand)]
     Alerts(crate::alerts::AlertsCommand),
@@ -163,6 +166,15 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             .await
         }
         Command::Alerts(cmd) => crate::alerts::run(&mut client, cmd, json).await,
+        Command::Cert(cmd) => {
+            crate::certs::run(
+                pb::certificates_client::CertificatesClient::new(channel),
+                &mut client,
+                cmd,
+                json,
+            )
+            .await
+        }
         Command::Stats(a) => {
             crate::stats::run(pb::stats_client::StatsClient::new(channel), a, json).await
         }

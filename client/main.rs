@@ -1,6 +1,7 @@
 //! stately: the command-line client of statelyd. Parses flags and hands over to `cli`.
 
 mod alerts;
+mod certs;
 mod cli;
 mod connect;
 mod haproxy;

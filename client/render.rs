@@ -70,6 +70,11 @@ fn spec_json(spec: &Option<pb::JobSpec>) -> Value {
                 "proxies": a.proxies, "max_session_rate": a.max_session_rate,
                 "max_sessions_percent": a.max_sessions_percent, "max_5xx": a.max_5xx}})
         }
+        Some(pb::job_spec::Kind::CertificateIssue(c)) => {
+            json!({"certificate_issue": {"names": c.names, "lineage": c.lineage, "webroot": c.webroot,
+                "key_type": c.key_type, "reuse_key": c.reuse_key, "deploy": c.deploy, "acme": c.acme,
+                "expand": c.expand}})
+        }
         None => Value::Null,
     }
 }
@@ -130,6 +135,9 @@ fn what(j: &pb::Job) -> String {
         }
         Some(pb::job_spec::Kind::AlertWatch(a)) => {
             format!("watch {} → {}", a.target, a.to.join(", "))
+        }
+        Some(pb::job_spec::Kind::CertificateIssue(c)) => {
+            format!("cert {} ({})", c.lineage, c.names.join(", "))
         }
         None => String::new(),
     }

@@ -69,6 +69,105 @@ pub struct Config {
     pub haproxy: Vec<HaproxyTarget>,
     /// Where alert mails go out.
     pub smtp: Option<Smtp>,
+    /// Certificates: where lineages live, how challenges are answered, renewal.
+    pub certificates: Certificates,
+    /// ACME servers beyond the built-in `letsencrypt` and `letsencrypt-staging`.
+    #[serde(rename = "acme")]
+    pub acme: Vec<AcmeServer>,
+}
+
+/// Where certificates live and how they are obtained.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Certificates {
+    /// The certbot-style root (archive/, live/); default `<data_dir>/letsencrypt`.
+    pub root: Option<PathBuf>,
+    /// Where HAProxy bundles (`<name>.pem`: fullchain + key) are written; default
+    /// `<root>/haproxy`.
+    pub haproxy_dir: Option<PathBuf>,
+    /// The ACME server used when a job names none.
+    pub default_acme: String,
+    /// statelyd answers HTTP-01 challenges here (route `/.well-known/acme-challenge/` to it).
+    pub responder: Option<SocketAddr>,
+    /// Directories a job may name as its webroot (the directory itself or beneath it).
+    pub webroots: Vec<PathBuf>,
+    /// Renew a lineage this long before it expires.
+    #[serde(with = "humantime_serde_compat")]
+    pub renew_before: Duration,
+    /// How often lineages are checked for renewal; "0s" turns automatic renewal off.
+    #[serde(with = "humantime_serde_compat")]
+    pub renew_check: Duration,
+}
+
+impl Default for Certificates {
+    fn default() -> Self {
+        Certificates {
+            root: None,
+            haproxy_dir: None,
+            default_acme: "letsencrypt".into(),
+            responder: None,
+            webroots: Vec::new(),
+            renew_before: Duration::from_secs(30 * 86400),
+            renew_check: Duration::from_secs(12 * 3600),
+        }
+    }
+}
+
+/// An ACME server (directory) certificates can be ordered from.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeServer {
+    /// What jobs call it.
+    pub name: String,
+    /// The directory URL.
+    pub directory: String,
+    /// Contact addresses for the account (`mailto:...`).
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// Extra CA certificates (PEM) for the directory's TLS (a private ACME server).
+    pub ca_file: Option<PathBuf>,
+    /// External Account Binding: the key id.
+    pub eab_kid: Option<String>,
+    /// External Account Binding: a file holding the base64url HMAC key.
+    pub eab_hmac_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// The certificate root.
+    pub fn cert_root(&self) -> PathBuf {
+        self.certificates
+            .root
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("letsencrypt"))
+    }
+
+    /// Where HAProxy bundles go.
+    pub fn bundle_dir(&self) -> PathBuf {
+        self.certificates
+            .haproxy_dir
+            .clone()
+            .unwrap_or_else(|| self.cert_root().join("haproxy"))
+    }
+
+    /// An ACME server by name: configured ones first, then the built-in Let's Encrypt ones.
+    pub fn acme_server(&self, name: &str) -> Option<AcmeServer> {
+        if let Some(a) = self.acme.iter().find(|a| a.name == name) {
+            return Some(a.clone());
+        }
+        let directory = match name {
+            "letsencrypt" => "https://acme-v02.api.letsencrypt.org/directory",
+            "letsencrypt-staging" => "https://acme-staging-v02.api.letsencrypt.org/directory",
+            _ => return None,
+        };
+        Some(AcmeServer {
+            name: name.into(),
+            directory: directory.into(),
+            contact: Vec::new(),
+            ca_file: None,
+            eab_kid: None,
+            eab_hmac_file: None,
+        })
+    }
 }
 
 /// The SMTP relay alerts are sent through.
@@ -464,6 +563,8 @@ impl Default for Config {
             include: Vec::new(),
             haproxy: Vec::new(),
             smtp: None,
+            certificates: Certificates::default(),
+            acme: Vec::new(),
         }
     }
 }
@@ -512,6 +613,32 @@ prune_interval = "60s"
 # server_state_file = "/var/lib/haproxy/server-state"   # with `server-state-file` in global and
 #                                       # `load-server-state-from-file global` in defaults
 # stats_socket = "/run/haproxy/admin.sock"
+
+[certificates]
+# The certbot-style root (archive/<name>/, live/<name>/). Default: <data_dir>/letsencrypt.
+# root = "/etc/letsencrypt"
+# HAProxy bundles (<name>.pem = fullchain + private key). Default: <root>/haproxy.
+# haproxy_dir = "/etc/haproxy/certs"
+# The ACME server jobs use unless they name one: "letsencrypt", "letsencrypt-staging", or an
+# [[acme]] below.
+default_acme = "letsencrypt"
+# Answer HTTP-01 here; route /.well-known/acme-challenge/ to it from HAProxy (see README).
+# responder = "127.0.0.1:8402"
+# Directories a job may name as its webroot.
+webroots = []
+# Renew lineages this long before they expire; check this often ("0s": never by itself).
+renew_before = "30d"
+renew_check = "12h"
+
+# More ACME servers (e.g. a private one). The account key is created once per directory and
+# kept 0600 in <data_dir>/acme/.
+# [[acme]]
+# name = "internal"
+# directory = "https://acme.internal:14000/dir"
+# contact = ["mailto:ops@example.com"]
+# ca_file = "/etc/stately/internal-ca.pem"
+# eab_kid = "kid-1"
+# eab_hmac_file = "/etc/stately/eab.key"
 
 # The SMTP relay alert mails go through (alert_watch jobs). The password is read from a file,
 # never from a job or this file.
@@ -603,6 +730,40 @@ impl Config {
             origin: origin.to_owned(),
             message,
         };
+        for a in &self.acme {
+            if !is_safe_name(&a.name) {
+                return Err(invalid(format!(
+                    "acme '{}': a name of letters, digits, '-', '_', '.'",
+                    a.name
+                )));
+            }
+            if !a.directory.starts_with("https://") {
+                return Err(invalid(format!(
+                    "acme '{}': directory must be an https:// URL",
+                    a.name
+                )));
+            }
+            if a.eab_kid.is_some() != a.eab_hmac_file.is_some() {
+                return Err(invalid(format!(
+                    "acme '{}': eab_kid and eab_hmac_file go together",
+                    a.name
+                )));
+            }
+        }
+        if self.acme_server(&self.certificates.default_acme).is_none() {
+            return Err(invalid(format!(
+                "certificates: default_acme '{}' is not an [[acme]] name nor letsencrypt / letsencrypt-staging",
+                self.certificates.default_acme
+            )));
+        }
+        for w in &self.certificates.webroots {
+            if !w.is_absolute() {
+                return Err(invalid(format!(
+                    "certificates: webroot {} must be an absolute path",
+                    w.display()
+                )));
+            }
+        }
         if let Some(smtp) = &self.smtp {
             if smtp.host.trim().is_empty() {
                 return Err(invalid("smtp: host is empty".into()));

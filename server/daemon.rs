@@ -1,7 +1,7 @@
 //! Runs statelyd: the engine, the gRPC services (jobs, health, reflection) on TCP and an
 //! optional unix socket, and an orderly stop when `shutdown` resolves.
 
-use crate::api::{HaproxyApi, JobsApi, StatsApi};
+use crate::api::{CertsApi, HaproxyApi, JobsApi, StatsApi};
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::engine::Engine;
@@ -67,6 +67,9 @@ pub async fn run(
         hub: engine.stats(),
         stopping: stopping.clone(),
     };
+    let certs = CertsApi {
+        engine: engine.clone(),
+    };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<pb::jobs_server::JobsServer<JobsApi>>()
@@ -108,6 +111,12 @@ pub async fn run(
                 haproxy.clone(),
                 auth.clone(),
             ))
+            .add_service(
+                pb::certificates_server::CertificatesServer::with_interceptor(
+                    certs.clone(),
+                    auth.clone(),
+                ),
+            )
     };
 
     let tcp = tokio::net::TcpListener::bind(config.listen)

@@ -24,6 +24,11 @@ pub(crate) enum FileState {
         /// Group.
         gid: u32,
     },
+    /// A symbolic link pointing there.
+    Link {
+        /// Its target, as written in the link.
+        target: String,
+    },
 }
 
 impl FileState {
@@ -32,6 +37,9 @@ impl FileState {
         match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(FileState::Absent),
             Err(e) => Err(e),
+            Ok(meta) if meta.file_type().is_symlink() => Ok(FileState::Link {
+                target: std::fs::read_link(path)?.to_string_lossy().into_owned(),
+            }),
             Ok(meta) => {
                 if !meta.is_file() {
                     return Err(io::Error::other(format!(
@@ -54,6 +62,9 @@ impl FileState {
     pub(crate) fn difference(&self, now: &FileState) -> Option<String> {
         match (self, now) {
             (a, b) if a == b => None,
+            (FileState::Link { target: a }, FileState::Link { target: b }) => {
+                Some(format!("it pointed to {a} and now points to {b}"))
+            }
             (FileState::Absent, FileState::Present { .. }) => Some("it was created since".into()),
             (FileState::Present { .. }, FileState::Absent) => Some("it was removed since".into()),
             (
@@ -122,6 +133,22 @@ pub(crate) fn write_atomic(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Makes `path` a symbolic link to `target` atomically: a new link beside it renamed over
+/// whatever was there (never unlink-then-link), then the directory fsynced.
+pub(crate) fn symlink_atomic(target: &Path, path: &Path) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("path has no parent directory"))?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = temp_beside(path);
+    std::os::unix::fs::symlink(target, &tmp)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Moves an already written temp file over `path` and fsyncs the directory.

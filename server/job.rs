@@ -149,6 +149,25 @@ pub enum JobSpec {
         /// What to alert on.
         rules: crate::alerts::rules::Rules,
     },
+    /// Issue or renew a certificate over ACME, install it, optionally deploy it.
+    CertificateIssue {
+        /// The lineage's name.
+        lineage: String,
+        /// DNS names.
+        names: Vec<String>,
+        /// HTTP-01 by this webroot; None: statelyd's responder.
+        webroot: Option<std::path::PathBuf>,
+        /// ec256, ec384, rsa2048, rsa3072, rsa4096.
+        key_type: String,
+        /// Keep the lineage's key on renewal.
+        reuse_key: bool,
+        /// HAProxy targets to deploy to.
+        deploy: Vec<String>,
+        /// The ACME server's name ("" = the configured default).
+        acme: String,
+        /// Allow changing an existing lineage's names.
+        expand: bool,
+    },
     /// Undo a finished job.
     Rollback {
         /// The job undone.
@@ -167,6 +186,7 @@ impl JobSpec {
             JobSpec::HaproxyApply { .. } => "haproxy_apply",
             JobSpec::HaproxyServerState { .. } => "haproxy_server_state",
             JobSpec::AlertWatch { .. } => "alert_watch",
+            JobSpec::CertificateIssue { .. } => "certificate_issue",
         }
     }
 
@@ -177,6 +197,7 @@ impl JobSpec {
         "haproxy_apply",
         "haproxy_server_state",
         "alert_watch",
+        "certificate_issue",
     ];
 
     /// Whether a job of this kind, found running after a restart, carries on instead of
@@ -246,7 +267,8 @@ impl JobRecord {
             JobSpec::Runbook { .. }
             | JobSpec::HaproxyApply { .. }
             | JobSpec::HaproxyServerState { .. }
-            | JobSpec::AlertWatch { .. } => None,
+            | JobSpec::AlertWatch { .. }
+            | JobSpec::CertificateIssue { .. } => None,
         }
     }
 }

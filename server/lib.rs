@@ -8,6 +8,7 @@ pub mod alerts;
 mod api;
 mod auth;
 mod blobs;
+mod certs;
 mod command;
 pub mod config;
 pub mod daemon;

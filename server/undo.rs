@@ -44,6 +44,11 @@ pub(crate) enum UndoEntry {
         #[serde(default)]
         save_state: Option<(PathBuf, PathBuf)>,
     },
+    /// Make a symbolic link point where it pointed before.
+    RestoreLink { path: PathBuf, target: PathBuf },
+    /// Load a certificate file into a running HAProxy again (`set ssl cert` + `commit ssl
+    /// cert` with the file's content at the time the entry is applied).
+    HotSwapCert { socket: PathBuf, path: PathBuf },
     /// Put a server's administrative state back through the runtime API.
     HaproxyServerState {
         socket: PathBuf,
@@ -69,9 +74,11 @@ impl UndoEntry {
         match self {
             UndoEntry::RestoreFile { path, .. }
             | UndoEntry::RemoveFile { path }
+            | UndoEntry::RestoreLink { path, .. }
             | UndoEntry::RestoreOwnership { path, .. } => Some(path),
             UndoEntry::RunCommand { .. }
             | UndoEntry::ReloadHaproxy { .. }
+            | UndoEntry::HotSwapCert { .. }
             | UndoEntry::HaproxyServerState { .. } => None,
         }
     }
@@ -89,6 +96,12 @@ impl UndoEntry {
         match self {
             UndoEntry::RestoreFile { path, .. } => format!("restore {}", path.display()),
             UndoEntry::RemoveFile { path } => format!("remove {}", path.display()),
+            UndoEntry::RestoreLink { path, target } => {
+                format!("point {} at {}", path.display(), target.display())
+            }
+            UndoEntry::HotSwapCert { path, .. } => {
+                format!("load {} into HAProxy again", path.display())
+            }
             UndoEntry::RestoreOwnership {
                 path,
                 mode,
@@ -119,6 +132,10 @@ impl UndoEntry {
                 path: path.to_owned(),
             }),
             Err(e) => Err(e),
+            Ok(meta) if meta.file_type().is_symlink() => Ok(UndoEntry::RestoreLink {
+                path: path.to_owned(),
+                target: std::fs::read_link(path)?,
+            }),
             Ok(meta) => {
                 use std::os::unix::fs::MetadataExt;
                 if !meta.is_file() {
@@ -155,9 +172,10 @@ impl UndoEntry {
     /// rollback can itself be rolled back). None when it cannot be reversed.
     pub(crate) fn inverse_now(&self, blobs: &BlobStore) -> std::io::Result<Option<UndoEntry>> {
         Ok(match self {
-            UndoEntry::RestoreFile { path, .. } | UndoEntry::RemoveFile { path } => {
-                Some(Self::snapshot_file(path, blobs)?)
-            }
+            UndoEntry::RestoreFile { path, .. }
+            | UndoEntry::RemoveFile { path }
+            | UndoEntry::RestoreLink { path, .. } => Some(Self::snapshot_file(path, blobs)?),
+            e @ UndoEntry::HotSwapCert { .. } => Some(e.clone()),
             UndoEntry::RestoreOwnership { path, .. } => match Self::snapshot_ownership(path) {
                 Ok(e) => Some(e),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -196,6 +214,12 @@ impl UndoEntry {
             } => {
                 crate::haproxy::runtime::set_server_state(&socket, &backend, &server, &state).await
             }
+            UndoEntry::HotSwapCert { socket, path } => {
+                let pem = tokio::fs::read_to_string(&path)
+                    .await
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                crate::haproxy::runtime::set_ssl_cert(&socket, &path, &pem).await
+            }
             UndoEntry::ReloadHaproxy {
                 master_socket,
                 save_state,
@@ -230,6 +254,9 @@ impl UndoEntry {
                 fsops::write_atomic(path, &bytes, *mode, Some((*uid, *gid))).map_err(at)
             }
             UndoEntry::RemoveFile { path } => fsops::remove_if_present(path).map_err(at),
+            UndoEntry::RestoreLink { path, target } => {
+                fsops::symlink_atomic(target, path).map_err(at)
+            }
             UndoEntry::RestoreOwnership {
                 path,
                 mode,
@@ -238,8 +265,9 @@ impl UndoEntry {
             } => fsops::set_ownership(path, *mode, *uid, *gid).map_err(at),
             UndoEntry::RunCommand { .. }
             | UndoEntry::ReloadHaproxy { .. }
+            | UndoEntry::HotSwapCert { .. }
             | UndoEntry::HaproxyServerState { .. } => {
-                unreachable!("commands and reloads are applied asynchronously")
+                Err("commands and reloads are applied asynchronously".into())
             }
         }
     }

@@ -97,6 +97,33 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
                 },
             }
         }
+        Some(pb::job_spec::Kind::CertificateIssue(c)) => {
+            let names: Vec<String> = c
+                .names
+                .iter()
+                .map(|n| n.trim().to_ascii_lowercase())
+                .collect();
+            JobSpec::CertificateIssue {
+                lineage: if c.lineage.is_empty() {
+                    names.first().cloned().unwrap_or_default()
+                } else {
+                    c.lineage
+                },
+                names,
+                webroot: Some(c.webroot)
+                    .filter(|w| !w.is_empty())
+                    .map(std::path::PathBuf::from),
+                key_type: if c.key_type.is_empty() {
+                    "ec256".into()
+                } else {
+                    c.key_type.to_ascii_lowercase()
+                },
+                reuse_key: c.reuse_key,
+                deploy: c.deploy,
+                acme: c.acme,
+                expand: c.expand,
+            }
+        }
         Some(pb::job_spec::Kind::Rollback(_)) => {
             return Err(Status::invalid_argument(
                 "rollback jobs are started with RollbackJob, not submitted",
@@ -392,6 +419,28 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
                 max_5xx: rules.max_5xx,
             })
         }
+        JobSpec::CertificateIssue {
+            lineage,
+            names,
+            webroot,
+            key_type,
+            reuse_key,
+            deploy,
+            acme,
+            expand,
+        } => pb::job_spec::Kind::CertificateIssue(pb::CertificateIssueJob {
+            names: names.clone(),
+            lineage: lineage.clone(),
+            webroot: webroot
+                .as_ref()
+                .map(|w| w.display().to_string())
+                .unwrap_or_default(),
+            key_type: key_type.clone(),
+            reuse_key: *reuse_key,
+            deploy: deploy.clone(),
+            acme: acme.clone(),
+            expand: *expand,
+        }),
         JobSpec::Rollback { target, force } => pb::job_spec::Kind::Rollback(pb::RollbackSpec {
             target_job_id: target.to_string(),
             force: *force,

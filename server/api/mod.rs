@@ -1,10 +1,12 @@
 //! The gRPC layer: one module per service, converting between `pb` messages and domain
 //! types and checking the caller's role; and here, the one mapping of errors to status codes.
 
+mod certs;
 mod haproxy;
 mod jobs;
 mod stats;
 
+pub(crate) use certs::CertsApi;
 pub(crate) use haproxy::HaproxyApi;
 pub(crate) use jobs::JobsApi;
 pub(crate) use stats::StatsApi;
@@ -18,6 +20,7 @@ impl From<engine::Error> for Status {
         match e {
             InvalidArgument(m) => Status::invalid_argument(m),
             NotFound(m) => Status::not_found(m),
+            PermissionDenied(m) => Status::permission_denied(m),
             FailedPrecondition(m) => Status::failed_precondition(m),
             AlreadyExists(m) => Status::already_exists(m),
             Unavailable(m) => Status::unavailable(m),

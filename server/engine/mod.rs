@@ -32,6 +32,9 @@ pub enum Error {
     /// What it names does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The request names something the daemon's configuration does not allow.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The request is valid but the job or the world is not in a state that allows it.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -101,6 +104,8 @@ pub(crate) struct Shared {
     pub(crate) http: reqwest::Client,
     /// The shared stats pollers (the Stats API and alert watches subscribe to them).
     pub(crate) stats: Arc<crate::stats::StatsHub>,
+    /// statelyd's HTTP-01 responder, when configured.
+    pub(crate) responder: Option<Arc<crate::certs::responder::Responder>>,
     /// Cancelled when the daemon begins to stop: watch jobs suspend themselves (they stay
     /// RUNNING and resume at the next start).
     pub(crate) stopping: CancellationToken,
@@ -163,7 +168,20 @@ impl Engine {
             .iter()
             .filter_map(|t| t.stats_socket.clone().map(|s| (t.name.clone(), s)))
             .collect();
+        let responder = match config.certificates.responder {
+            Some(addr) => Some(
+                crate::certs::responder::Responder::start(addr)
+                    .await
+                    .map_err(|e| {
+                        Error::Unavailable(format!(
+                            "the HTTP-01 responder cannot listen on {addr}: {e}"
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            responder,
             stats: Arc::new(crate::stats::StatsHub::new(sockets)),
             stopping: CancellationToken::new(),
             config,
@@ -180,6 +198,7 @@ impl Engine {
         let engine = Engine { shared };
         engine.recover().await?;
         engine.spawn_retention();
+        engine.spawn_renewals();
         Ok(engine)
     }
 
@@ -214,6 +233,53 @@ impl Engine {
             s.tasks.spawn(runner::run(s.clone(), record, live, None));
         }
         Ok(())
+    }
+
+    /// Checks lineages every `renew_check` and submits a renewal (an ordinary job, labelled
+    /// trigger=auto-renew) for each within `renew_before` of expiry. The request id names the
+    /// live certificate's serial, so one certificate is renewed once.
+    fn spawn_renewals(&self) {
+        let every = self.shared.config.certificates.renew_check;
+        if every.is_zero() {
+            return;
+        }
+        let weak = Arc::downgrade(&self.shared);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(shared) = weak.upgrade() else { return };
+                let engine = Engine { shared };
+                let config = engine.config_arc();
+                let due: Vec<crate::certs::Listed> = tokio::task::spawn_blocking(move || {
+                    let before = config.certificates.renew_before.as_secs() as i64;
+                    let now = now_ms() / 1000;
+                    crate::certs::list(&config)
+                        .into_iter()
+                        .filter(|l| l.meta.is_some() && l.info.not_after - now <= before)
+                        .collect()
+                })
+                .await
+                .unwrap_or_default();
+                for l in due {
+                    let Ok(spec) = crate::certs::renewal_spec(engine.config(), &l.name) else {
+                        continue;
+                    };
+                    let sub = Submission {
+                        spec,
+                        request_id: Some(format!("auto-renew:{}:{}", l.name, l.info.serial)),
+                        labels: [("trigger".to_owned(), "auto-renew".to_owned())].into(),
+                    };
+                    match engine.submit(sub).await {
+                        Ok(job) => {
+                            tracing::info!(job = %job.id, lineage = %l.name, "renewal submitted")
+                        }
+                        Err(e) => tracing::warn!(lineage = %l.name, "renewal not submitted: {e}"),
+                    }
+                }
+            }
+        });
     }
 
     fn spawn_retention(&self) {
@@ -257,6 +323,11 @@ impl Engine {
     /// The configuration the engine runs with.
     pub fn config(&self) -> &Config {
         &self.shared.config
+    }
+
+    /// The configuration, shared.
+    pub fn config_arc(&self) -> Arc<Config> {
+        self.shared.config.clone()
     }
 
     /// The shared stats pollers.

@@ -109,3 +109,48 @@ pub(crate) async fn save_server_state(socket: &Path, file: &Path) -> Result<(), 
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())
 }
+
+/// Whether HAProxy has this certificate file loaded (`show ssl cert` lists it).
+pub(crate) async fn ssl_cert_loaded(socket: &Path, path: &Path) -> Result<bool, String> {
+    let answer = command(socket, "show ssl cert").await?;
+    let want = path.to_string_lossy();
+    Ok(answer
+        .lines()
+        .any(|l| !l.starts_with('#') && l.trim_start_matches('*') == want))
+}
+
+/// Replaces a loaded certificate in the running HAProxy: `set ssl cert <path> <<` with the PEM
+/// as payload, then `commit ssl cert <path>` (an `abort` if the commit fails).
+pub(crate) async fn set_ssl_cert(socket: &Path, path: &Path, pem: &str) -> Result<(), String> {
+    let name = path.to_string_lossy();
+    if name
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == ';')
+    {
+        return Err(format!(
+            "'{name}' cannot be named on HAProxy's command line"
+        ));
+    }
+    // The payload ends at the first empty line: drop blank lines inside the PEM.
+    let body: String = pem
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let answer = command(socket, &format!("set ssl cert {name} <<\n{body}")).await?;
+    if !answer.contains("Transaction created") && !answer.contains("Transaction updated") {
+        return Err(format!(
+            "HAProxy refused the certificate: {}",
+            answer.trim()
+        ));
+    }
+    let answer = command(socket, &format!("commit ssl cert {name}")).await?;
+    if answer.contains("Success!") {
+        return Ok(());
+    }
+    let _ = command(socket, &format!("abort ssl cert {name}")).await;
+    Err(format!(
+        "HAProxy did not commit the certificate: {}",
+        answer.trim()
+    ))
+}

@@ -2,6 +2,7 @@
 //! refused before anything starts) and executes them, one at a time, on a `StepCtx`.
 
 pub(crate) mod alert_watch;
+pub(crate) mod certificate_issue;
 pub(crate) mod haproxy_apply;
 pub(crate) mod haproxy_server_state;
 pub(crate) mod rollback;
@@ -82,6 +83,14 @@ pub(crate) async fn plan(spec: &JobSpec, config: &Config) -> Result<Plan, Error>
             resources: alert_watch::plan(config, target, to, rules).await?,
             prepared: None,
         }),
+        spec @ JobSpec::CertificateIssue { deploy, .. } => {
+            let (_, resources) = certificate_issue::plan(config, spec)?;
+            Ok(Plan {
+                steps: certificate_issue::step_names(!deploy.is_empty()),
+                resources,
+                prepared: None,
+            })
+        }
         JobSpec::Rollback { .. } => Err(Error::InvalidArgument(
             "rollback jobs come from RollbackJob".into(),
         )),
@@ -96,6 +105,7 @@ pub(crate) enum Executor {
     HaproxyServerState(haproxy_server_state::SetState),
     Rollback(rollback::Rollback),
     AlertWatch(alert_watch::Watch),
+    CertificateIssue(Box<certificate_issue::Issue>),
 }
 
 impl Executor {
@@ -139,6 +149,9 @@ impl Executor {
             JobSpec::AlertWatch { target, to, rules } => Ok(Executor::AlertWatch(
                 alert_watch::Watch::new(&shared.config, target, to, rules)?,
             )),
+            spec @ JobSpec::CertificateIssue { .. } => Ok(Executor::CertificateIssue(Box::new(
+                certificate_issue::Issue::new(&shared.config, spec, shared.responder.clone())?,
+            ))),
             JobSpec::Rollback { target, force } => Ok(Executor::Rollback(
                 rollback::Rollback::load(shared, *target, *force)?,
             )),
@@ -152,6 +165,7 @@ impl Executor {
             Executor::HaproxyServerState(s) => s.step_names(),
             Executor::Rollback(_) => rollback::step_names(),
             Executor::AlertWatch(w) => w.step_names(),
+            Executor::CertificateIssue(i) => i.step_names(),
         }
     }
 
@@ -166,6 +180,7 @@ impl Executor {
             Executor::HaproxyServerState(s) => s.run_step(index, ctx).await,
             Executor::Rollback(r) => r.run_step(index, ctx).await,
             Executor::AlertWatch(w) => w.run_step(index, ctx).await,
+            Executor::CertificateIssue(i) => i.run_step(index, ctx).await,
         }
     }
 
@@ -175,7 +190,8 @@ impl Executor {
             Executor::Runbook(_)
             | Executor::HaproxyApply(_)
             | Executor::HaproxyServerState(_)
-            | Executor::AlertWatch(_) => Vec::new(),
+            | Executor::AlertWatch(_)
+            | Executor::CertificateIssue(_) => Vec::new(),
             Executor::Rollback(r) => r.on_success(job),
         }
     }

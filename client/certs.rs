@@ -1,0 +1,265 @@
+//! `stately cert`: issue a certificate (a job, attached: a line per step), list lineages with
+//! days left, show one, renew one.
+
+use crate::cli::{explain, follow};
+use crate::connect::{Authed, Client};
+use crate::render::{job_json, say};
+use anyhow::Result;
+use serde_json::json;
+use stately::pb;
+use std::io::IsTerminal;
+
+type Certs = pb::certificates_client::CertificatesClient<Authed>;
+
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum CertCommand {
+    /// Issue (or re-issue) a certificate for these names: order, challenge, validate, install
+    /// the lineage and the HAProxy bundle, deploy. Ctrl-C cancels and undoes it.
+    Issue {
+        /// DNS names: the apex, www and more.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// The lineage's name (default: the first name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Answer HTTP-01 by writing into this webroot (one the daemon allows).
+        #[arg(long, conflicts_with = "responder")]
+        webroot: Option<String>,
+        /// Answer HTTP-01 with statelyd's own responder (the default when no webroot is given).
+        #[arg(long)]
+        responder: bool,
+        /// Deploy to this HAProxy target (repeat for more).
+        #[arg(long)]
+        deploy: Vec<String>,
+        /// ec256 (default), ec384, rsa2048, rsa3072, rsa4096.
+        #[arg(long, default_value = "ec256")]
+        key_type: String,
+        /// On renewal, keep the lineage's private key.
+        #[arg(long)]
+        reuse_key: bool,
+        /// Allow changing the names of an existing lineage.
+        #[arg(long)]
+        expand: bool,
+        /// The ACME server (a name from the daemon's config; default: its default).
+        #[arg(long, default_value = "")]
+        acme: String,
+        /// Print the job id and return.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// The lineages, with days left.
+    List,
+    /// One lineage.
+    Show { name: String },
+    /// Renew a lineage now, as it was issued (a job, attached).
+    Renew {
+        name: String,
+        /// Print the job id and return.
+        #[arg(long)]
+        detach: bool,
+    },
+}
+
+fn cert_json(c: &pb::Certificate) -> serde_json::Value {
+    let t = |ts: &Option<prost_types::Timestamp>| {
+        ts.as_ref().map(|t| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.seconds.max(0) as u64),
+            )
+            .to_string()
+        })
+    };
+    json!({
+        "name": c.name, "names": c.names, "not_before": t(&c.not_before), "not_after": t(&c.not_after),
+        "days_left": c.days_left, "serial": c.serial, "issuer": c.issuer, "key_type": c.key_type,
+        "version": c.version, "versions": c.versions, "cert_path": c.cert_path, "chain_path": c.chain_path,
+        "fullchain_path": c.fullchain_path, "privkey_path": c.privkey_path, "bundle_path": c.bundle_path,
+        "auto_renew": c.auto_renew,
+    })
+}
+
+fn days(c: &pb::Certificate, colour: bool) -> String {
+    let d = format!("{}", c.days_left);
+    if !colour {
+        return d;
+    }
+    match c.days_left {
+        n if n < 7 => format!("\x1b[31;1m{d}\x1b[0m"),
+        n if n < 30 => format!("\x1b[33m{d}\x1b[0m"),
+        _ => format!("\x1b[32m{d}\x1b[0m"),
+    }
+}
+
+async fn submit_and_follow(
+    jobs: &mut Client,
+    req: pb::SubmitJobRequest,
+    detach: bool,
+    json: bool,
+) -> Result<u8> {
+    if detach {
+        let job = jobs.submit_job(req).await.map_err(explain)?.into_inner();
+        say(&if json {
+            job_json(&job).to_string()
+        } else {
+            job.id
+        });
+        return Ok(0);
+    }
+    let stream = jobs.run_job(req).await.map_err(explain)?.into_inner();
+    follow(jobs, stream, json, true).await
+}
+
+pub(crate) async fn run(
+    mut certs: Certs,
+    jobs: &mut Client,
+    cmd: CertCommand,
+    json: bool,
+) -> Result<u8> {
+    match cmd {
+        CertCommand::Issue {
+            names,
+            name,
+            webroot,
+            responder: _,
+            deploy,
+            key_type,
+            reuse_key,
+            expand,
+            acme,
+            detach,
+        } => {
+            let req = pb::SubmitJobRequest {
+                spec: Some(pb::JobSpec {
+                    kind: Some(pb::job_spec::Kind::CertificateIssue(
+                        pb::CertificateIssueJob {
+                            names,
+                            lineage: name.unwrap_or_default(),
+                            webroot: webroot.unwrap_or_default(),
+                            key_type,
+                            reuse_key,
+                            deploy,
+                            acme,
+                            expand,
+                        },
+                    )),
+                }),
+                ..Default::default()
+            };
+            submit_and_follow(jobs, req, detach, json).await
+        }
+        CertCommand::List => {
+            let all = certs
+                .list_certificates(pb::ListCertificatesRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .certificates;
+            if json {
+                all.iter().for_each(|c| say(&cert_json(c).to_string()));
+                return Ok(0);
+            }
+            if all.is_empty() {
+                eprintln!("no certificates yet (stately cert issue NAME ...)");
+                return Ok(0);
+            }
+            let colour = std::io::stdout().is_terminal();
+            let w = all.iter().map(|c| c.name.len()).max().unwrap_or(4).max(4);
+            say(&format!(
+                "{:<w$}  {:>9}  {:<10}  {:<3}  {:<7}  NAMES",
+                "NAME", "DAYS LEFT", "EXPIRES", "VER", "KEY"
+            ));
+            for c in &all {
+                let exp = cert_json(c)["not_after"]
+                    .as_str()
+                    .map(|s| s[..10].to_owned())
+                    .unwrap_or_default();
+                let d = days(c, colour);
+                let pad = 9 + d.len() - format!("{}", c.days_left).len();
+                say(&format!(
+                    "{:<w$}  {:>pad$}  {:<10}  {:<3}  {:<7}  {}",
+                    c.name,
+                    d,
+                    exp,
+                    c.version,
+                    c.key_type,
+                    c.names.join(", ")
+                ));
+            }
+            Ok(0)
+        }
+        CertCommand::Show { name } => {
+            let c = certs
+                .get_certificate(pb::GetCertificateRequest { name })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let v = cert_json(&c);
+            if json {
+                say(&v.to_string());
+                return Ok(0);
+            }
+            let colour = std::io::stdout().is_terminal();
+            say(&format!("lineage     {}", c.name));
+            say(&format!("names       {}", c.names.join(", ")));
+            say(&format!(
+                "valid       {} → {} ({} days left)",
+                v["not_before"].as_str().unwrap_or("?"),
+                v["not_after"].as_str().unwrap_or("?"),
+                days(&c, colour)
+            ));
+            say(&format!("serial      {}", c.serial));
+            say(&format!("issuer      {}", c.issuer));
+            say(&format!("key         {}", c.key_type));
+            say(&format!(
+                "version     {} (kept: {})",
+                c.version,
+                c.versions
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            say(&format!("fullchain   {}", c.fullchain_path));
+            say(&format!("privkey     {}", c.privkey_path));
+            if !c.bundle_path.is_empty() {
+                say(&format!("bundle      {}", c.bundle_path));
+            }
+            say(&format!(
+                "renewal     {}",
+                if c.auto_renew {
+                    "by statelyd, as issued"
+                } else {
+                    "not by statelyd (not issued by it): `stately cert renew` uses the daemon's defaults"
+                }
+            ));
+            Ok(0)
+        }
+        CertCommand::Renew { name, detach } => {
+            let job = certs
+                .renew_certificate(pb::RenewCertificateRequest {
+                    name,
+                    request_id: String::new(),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if detach {
+                say(&if json {
+                    job_json(&job).to_string()
+                } else {
+                    job.id
+                });
+                return Ok(0);
+            }
+            let stream = jobs
+                .watch_job(pb::WatchJobRequest {
+                    job_id: job.id,
+                    after_seq: 0,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            follow(jobs, stream, json, false).await
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! `stately.v1.Certificates`: lineages read from disk, and renewal as a job.
+
+use crate::auth::require;
+use crate::certs::{self, Listed};
+use crate::config::Role;
+use crate::engine::{Engine, Submission};
+use crate::pb;
+use tonic::{Request, Response, Status};
+
+/// The `stately.v1.Certificates` service.
+#[derive(Debug, Clone)]
+pub(crate) struct CertsApi {
+    pub(crate) engine: Engine,
+}
+
+fn to_pb(l: &Listed) -> pb::Certificate {
+    let now = crate::job::now_ms() / 1000;
+    let path = |f: &str| l.lineage.live_file(f).display().to_string();
+    pb::Certificate {
+        name: l.name.clone(),
+        names: l.info.names.clone(),
+        not_before: Some(prost_types::Timestamp {
+            seconds: l.info.not_before,
+            nanos: 0,
+        }),
+        not_after: Some(prost_types::Timestamp {
+            seconds: l.info.not_after,
+            nanos: 0,
+        }),
+        days_left: (l.info.not_after - now).div_euclid(86400),
+        serial: l.info.serial.clone(),
+        issuer: l.info.issuer.clone(),
+        key_type: l.info.key_type.clone(),
+        version: l.version,
+        versions: l.versions.clone(),
+        cert_path: path("cert"),
+        chain_path: path("chain"),
+        fullchain_path: path("fullchain"),
+        privkey_path: path("privkey"),
+        bundle_path: l
+            .bundle
+            .as_ref()
+            .map(|b| b.display().to_string())
+            .unwrap_or_default(),
+        auto_renew: l.meta.is_some(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::certificates_server::Certificates for CertsApi {
+    async fn list_certificates(
+        &self,
+        req: Request<pb::ListCertificatesRequest>,
+    ) -> Result<Response<pb::ListCertificatesResponse>, Status> {
+        require(&req, Role::Viewer, "ListCertificates")?;
+        let config = self.engine.config_arc();
+        let all = tokio::task::spawn_blocking(move || certs::list(&config))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ListCertificatesResponse {
+            certificates: all.iter().map(to_pb).collect(),
+        }))
+    }
+
+    async fn get_certificate(
+        &self,
+        req: Request<pb::GetCertificateRequest>,
+    ) -> Result<Response<pb::Certificate>, Status> {
+        require(&req, Role::Viewer, "GetCertificate")?;
+        let name = req.into_inner().name;
+        let config = self.engine.config_arc();
+        let n = name.clone();
+        let found = tokio::task::spawn_blocking(move || certs::get(&config, &n))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        match found {
+            Some(l) => Ok(Response::new(to_pb(&l))),
+            None => Err(Status::not_found(format!(
+                "no certificate lineage '{name}' (stately cert list shows them)"
+            ))),
+        }
+    }
+
+    async fn renew_certificate(
+        &self,
+        req: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        require(&req, Role::Operator, "RenewCertificate")?;
+        let r = req.into_inner();
+        let spec = certs::renewal_spec(self.engine.config(), &r.name)?;
+        let job = self
+            .engine
+            .submit(Submission {
+                spec,
+                request_id: Some(r.request_id).filter(|s| !s.is_empty()),
+                labels: [("trigger".to_owned(), "renew".to_owned())].into(),
+            })
+            .await?;
+        Ok(Response::new(super::jobs::job_to_pb(&job)))
+    }
+}

@@ -1,0 +1,787 @@
+//! `certificate_issue`: one job from ACME account to a certificate HAProxy serves. Steps:
+//! account, order, provision challenges (webroot files or statelyd's responder), validate,
+//! finalize (CSR), download the chain, install (certbot-compatible lineage + HAProxy bundle),
+//! deploy (hot-swap or reload). Every change records its undo first: a cancel or failure
+//! leaves no challenge file and the previous version live; a rollback puts it back.
+
+use crate::certs::acme;
+use crate::certs::lineage::{self, FILES, Lineage};
+use crate::certs::responder::{self, Responder};
+use crate::certs::{KEY_TYPES, Meta, check_names};
+use crate::config::{AcmeServer, Config};
+use crate::engine::{Error, StepCtx};
+use crate::job::{JobSpec, LogLevel};
+use crate::kinds::StepError;
+use crate::undo::UndoEntry;
+use instant_acme::{
+    Account, AuthorizationStatus, ChallengeType, Identifier, NewOrder, Order, OrderStatus,
+    RetryPolicy,
+};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The steps, in order; "deploy" only with deploy targets.
+pub(crate) fn step_names(deploy: bool) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "account",
+        "order",
+        "provision challenges",
+        "validate",
+        "finalize",
+        "download chain",
+        "install",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if deploy {
+        v.push("deploy".into());
+    }
+    v
+}
+
+/// Validation and the certificate are polled with this backoff: a short first wait (a local
+/// CA answers in milliseconds), growing to a few seconds, for at most two minutes.
+fn polling() -> RetryPolicy {
+    RetryPolicy::new()
+        .initial_delay(Duration::from_millis(20))
+        .backoff(1.6)
+        .timeout(Duration::from_secs(120))
+}
+
+/// What the job will issue, checked against the configuration and the lineage on disk.
+#[derive(Debug, Clone)]
+pub(crate) struct Request {
+    pub(crate) lineage: String,
+    pub(crate) names: Vec<String>,
+    pub(crate) webroot: Option<PathBuf>,
+    pub(crate) key_type: String,
+    pub(crate) reuse_key: bool,
+    pub(crate) deploy: Vec<String>,
+    pub(crate) server: AcmeServer,
+}
+
+/// Checks a spec; the resources it holds are the lineage and the deploy targets.
+pub(crate) fn plan(config: &Config, spec: &JobSpec) -> Result<(Request, Vec<String>), Error> {
+    let JobSpec::CertificateIssue {
+        lineage,
+        names,
+        webroot,
+        key_type,
+        reuse_key,
+        deploy,
+        acme,
+        expand,
+    } = spec
+    else {
+        return Err(Error::InvalidArgument(
+            "not a certificate_issue spec".into(),
+        ));
+    };
+    check_names(names).map_err(Error::InvalidArgument)?;
+    if !crate::config::is_safe_name(lineage) {
+        return Err(Error::InvalidArgument(format!(
+            "lineage name '{lineage}' is not a safe file name (letters, digits, '.', '_', '-'; not '.' or '..')"
+        )));
+    }
+    if !KEY_TYPES.contains(&key_type.as_str()) {
+        return Err(Error::InvalidArgument(format!(
+            "key type '{key_type}': one of {}",
+            KEY_TYPES.join(", ")
+        )));
+    }
+    let acme_name = if acme.is_empty() {
+        config.certificates.default_acme.as_str()
+    } else {
+        acme.as_str()
+    };
+    let server = config.acme_server(acme_name).ok_or_else(|| {
+        let mut known: Vec<&str> = config.acme.iter().map(|a| a.name.as_str()).collect();
+        known.extend(["letsencrypt", "letsencrypt-staging"]);
+        Error::NotFound(format!(
+            "no ACME server '{acme_name}' (known: {})",
+            known.join(", ")
+        ))
+    })?;
+    match webroot {
+        Some(w) => {
+            if !w.is_absolute() || !crate::config::is_normal(w) {
+                return Err(Error::InvalidArgument(format!(
+                    "webroot {} must be an absolute path without '..'",
+                    w.display()
+                )));
+            }
+            if !config
+                .certificates
+                .webroots
+                .iter()
+                .any(|r| w.starts_with(r))
+            {
+                return Err(Error::PermissionDenied(format!(
+                    "webroot {} is not one of the daemon's [certificates] webroots ({})",
+                    w.display(),
+                    config
+                        .certificates
+                        .webroots
+                        .iter()
+                        .map(|r| r.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        None if config.certificates.responder.is_none() => {
+            return Err(Error::FailedPrecondition(
+                "no webroot given and no [certificates] responder configured: nothing can answer the HTTP-01 challenge".into(),
+            ));
+        }
+        None => {}
+    }
+    let mut resources = vec![format!("cert:{lineage}")];
+    for t in deploy {
+        let target = config
+            .haproxy
+            .iter()
+            .find(|h| &h.name == t)
+            .ok_or_else(|| Error::NotFound(format!("no HAProxy target '{t}' to deploy to")))?;
+        if target.master_socket.is_none()
+            && target.reload_command.is_none()
+            && target.stats_socket.is_none()
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "HAProxy target '{t}' has no master_socket, reload_command or stats_socket: a certificate cannot be deployed to it"
+            )));
+        }
+        resources.push(format!("haproxy:{t}"));
+    }
+    // Changing an existing lineage's names is explicit.
+    let l = Lineage::new(&config.cert_root(), lineage);
+    if let Ok(pem) = std::fs::read(l.live_file("cert"))
+        && let Ok(info) = lineage::read_cert(&pem)
+    {
+        let mut have: Vec<String> = info.names.iter().map(|n| n.to_ascii_lowercase()).collect();
+        let mut want: Vec<String> = names.iter().map(|n| n.to_ascii_lowercase()).collect();
+        have.sort();
+        want.sort();
+        if have != want && !expand {
+            return Err(Error::FailedPrecondition(format!(
+                "lineage '{lineage}' is for {}; asking for {} changes its names: pass expand to do that",
+                have.join(", "),
+                want.join(", ")
+            )));
+        }
+    }
+    Ok((
+        Request {
+            lineage: lineage.clone(),
+            names: names.clone(),
+            webroot: webroot.clone(),
+            key_type: key_type.clone(),
+            reuse_key: *reuse_key,
+            deploy: deploy.clone(),
+            server,
+        },
+        resources,
+    ))
+}
+
+struct Challenge {
+    name: String,
+    token: String,
+    key_auth: String,
+}
+
+/// A certificate being issued.
+pub(crate) struct Issue {
+    req: Request,
+    data_dir: PathBuf,
+    lineage: Lineage,
+    bundle: PathBuf,
+    responder: Option<Arc<Responder>>,
+    account: Option<Account>,
+    order: Option<Order>,
+    challenges: Vec<Challenge>,
+    answering: Vec<responder::Entry>,
+    key_pem: Option<String>,
+    chain: Option<String>,
+    deploy: Vec<(String, UndoEntry)>,
+}
+
+impl std::fmt::Debug for Issue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issue")
+            .field("lineage", &self.req.lineage)
+            .field("names", &self.req.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Issue {
+    pub(crate) fn new(
+        config: &Config,
+        spec: &JobSpec,
+        responder: Option<Arc<Responder>>,
+    ) -> Result<Issue, StepError> {
+        let (req, _) = plan(config, spec).map_err(|e| StepError::Failed(e.to_string()))?;
+        let lineage = Lineage::new(&config.cert_root(), &req.lineage);
+        let bundle = config.bundle_dir().join(format!("{}.pem", req.lineage));
+        let bundle_path = bundle.clone();
+        Ok(Issue {
+            data_dir: config.data_dir.clone(),
+            lineage,
+            bundle,
+            responder,
+            account: None,
+            order: None,
+            challenges: Vec::new(),
+            answering: Vec::new(),
+            key_pem: None,
+            chain: None,
+            deploy: deploy_plan(config, &req.deploy, &bundle_path),
+            req,
+        })
+    }
+
+    pub(crate) fn step_names(&self) -> Vec<String> {
+        step_names(!self.req.deploy.is_empty())
+    }
+
+    pub(crate) async fn run_step(
+        &mut self,
+        index: usize,
+        ctx: &mut StepCtx<'_>,
+    ) -> Result<(), StepError> {
+        let cancel = ctx.cancel.clone();
+        let names = self.step_names();
+        match names.get(index).map(String::as_str) {
+            Some("account") => {
+                let (account, created) = until_cancel(
+                    &cancel,
+                    acme::account(&self.data_dir, &self.req.server, false),
+                )
+                .await?
+                .map_err(StepError::Failed)?;
+                ctx.log(
+                    LogLevel::Info,
+                    format!(
+                        "{} account at {}",
+                        if created {
+                            "registered a new"
+                        } else {
+                            "using the"
+                        },
+                        self.req.server.directory
+                    ),
+                );
+                self.account = Some(account);
+                Ok(())
+            }
+            Some("order") => self.order(ctx, &cancel).await,
+            Some("provision challenges") => self.provision(ctx).await,
+            Some("validate") => self.validate(ctx, &cancel).await,
+            Some("finalize") => self.finalize(ctx, &cancel).await,
+            Some("download chain") => {
+                let order = self.order.as_mut().ok_or_else(no_order)?;
+                let chain = until_cancel(&cancel, order.poll_certificate(&polling()))
+                    .await?
+                    .map_err(|e| StepError::Failed(acme::describe(&e)))?;
+                let info = lineage::read_cert(chain.as_bytes()).map_err(StepError::Failed)?;
+                ctx.log(
+                    LogLevel::Info,
+                    format!(
+                        "certificate {} for {}, valid until {}",
+                        info.serial,
+                        info.names.join(", "),
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH
+                                + Duration::from_secs(info.not_after.max(0) as u64)
+                        )
+                    ),
+                );
+                self.chain = Some(chain);
+                Ok(())
+            }
+            Some("install") => self.install(ctx, &cancel).await,
+            Some("deploy") => self.deploy(ctx).await,
+            _ => Err(StepError::Failed(format!("no step {index}"))),
+        }
+    }
+
+    async fn order(
+        &mut self,
+        ctx: &mut StepCtx<'_>,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), StepError> {
+        let ids: Vec<Identifier> = self
+            .req
+            .names
+            .iter()
+            .map(|n| Identifier::Dns(n.clone()))
+            .collect();
+        let account = self.account.as_ref().ok_or_else(no_order)?;
+        let order = match until_cancel(cancel, account.new_order(&NewOrder::new(&ids))).await? {
+            Ok(o) => o,
+            Err(e) if acme::account_unknown(&e) => {
+                ctx.log(
+                    LogLevel::Warn,
+                    "the CA does not know the stored account any more: registering again",
+                );
+                let (account, _) = until_cancel(
+                    cancel,
+                    acme::account(&self.data_dir, &self.req.server, true),
+                )
+                .await?
+                .map_err(StepError::Failed)?;
+                let o = until_cancel(cancel, account.new_order(&NewOrder::new(&ids)))
+                    .await?
+                    .map_err(|e| StepError::Failed(acme::describe(&e)))?;
+                self.account = Some(account);
+                o
+            }
+            Err(e) => return Err(StepError::Failed(acme::describe(&e))),
+        };
+        let mut order = order;
+        let mut challenges = Vec::new();
+        let mut authzs = order.authorizations();
+        while let Some(a) = until_cancel(cancel, authzs.next()).await? {
+            let mut a = a.map_err(|e| StepError::Failed(acme::describe(&e)))?;
+            let name = match a.identifier().identifier {
+                Identifier::Dns(d) => d.clone(),
+                other => format!("{other:?}"),
+            };
+            match a.status {
+                AuthorizationStatus::Valid => {
+                    ctx.log(LogLevel::Info, format!("{name}: already authorized"));
+                    continue;
+                }
+                AuthorizationStatus::Pending => {}
+                s => {
+                    return Err(StepError::Failed(format!(
+                        "{name}: the CA's authorization is {s:?}"
+                    )));
+                }
+            }
+            let ch = a.challenge(ChallengeType::Http01).ok_or_else(|| {
+                StepError::Failed(format!("{name}: the CA offers no HTTP-01 challenge"))
+            })?;
+            challenges.push(Challenge {
+                name,
+                token: ch.token.clone(),
+                key_auth: ch.key_authorization().as_str().to_owned(),
+            });
+        }
+        ctx.log(
+            LogLevel::Info,
+            format!(
+                "order {} for {} ({} challenge(s))",
+                order.url(),
+                self.req.names.join(", "),
+                challenges.len()
+            ),
+        );
+        self.challenges = challenges;
+        self.order = Some(order);
+        Ok(())
+    }
+
+    async fn provision(&mut self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        for c in &self.challenges {
+            if c.token.is_empty()
+                || !c
+                    .token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(StepError::Failed(format!(
+                    "{}: the CA's token '{}' is not a safe file name",
+                    c.name, c.token
+                )));
+            }
+            match &self.req.webroot {
+                Some(root) => {
+                    let path = root.join(".well-known/acme-challenge").join(&c.token);
+                    ctx.record_undo(UndoEntry::RemoveFile { path: path.clone() })
+                        .await?;
+                    let body = c.key_auth.clone();
+                    let p = path.clone();
+                    tokio::task::spawn_blocking(move || {
+                        crate::fsops::write_atomic(&p, body.as_bytes(), 0o644, None)
+                    })
+                    .await
+                    .map_err(|e| StepError::Failed(e.to_string()))?
+                    .map_err(|e| StepError::Failed(format!("{}: {e}", path.display())))?;
+                    ctx.log(
+                        LogLevel::Info,
+                        format!("{}: wrote {}", c.name, path.display()),
+                    );
+                }
+                None => {
+                    let r = self.responder.as_ref().ok_or_else(|| {
+                        StepError::Failed("the HTTP-01 responder is not running".into())
+                    })?;
+                    self.answering.push(r.add(&c.token, &c.key_auth));
+                    ctx.log(
+                        LogLevel::Info,
+                        format!(
+                            "{}: the responder on {} answers its challenge",
+                            c.name,
+                            r.addr.map(|a| a.to_string()).unwrap_or_default()
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn validate(
+        &mut self,
+        ctx: &mut StepCtx<'_>,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), StepError> {
+        let order = self.order.as_mut().ok_or_else(no_order)?;
+        let mut authzs = order.authorizations();
+        while let Some(a) = until_cancel(cancel, authzs.next()).await? {
+            let mut a = a.map_err(|e| StepError::Failed(acme::describe(&e)))?;
+            if a.status != AuthorizationStatus::Pending {
+                continue;
+            }
+            if let Some(mut ch) = a.challenge(ChallengeType::Http01) {
+                until_cancel(cancel, ch.set_ready())
+                    .await?
+                    .map_err(|e| StepError::Failed(acme::describe(&e)))?;
+            }
+        }
+        ctx.log(LogLevel::Info, "waiting for the CA to validate");
+        let status = until_cancel(cancel, order.poll_ready(&polling()))
+            .await?
+            .map_err(|e| StepError::Failed(acme::describe(&e)))?;
+        let outcome = if status == OrderStatus::Ready {
+            Ok(())
+        } else {
+            // Which name failed, and the CA's words for it.
+            let mut why = Vec::new();
+            let mut authzs = order.authorizations();
+            while let Some(Ok(a)) = authzs.next().await {
+                if a.status == AuthorizationStatus::Valid {
+                    continue;
+                }
+                let name = match a.identifier().identifier {
+                    Identifier::Dns(d) => d.clone(),
+                    other => format!("{other:?}"),
+                };
+                for c in &a.challenges {
+                    if let Some(p) = &c.error {
+                        why.push(format!("{name}: {}", acme::problem(p)));
+                    }
+                }
+                if why.is_empty() {
+                    why.push(format!("{name}: authorization {:?}", a.status));
+                }
+            }
+            Err(StepError::Failed(format!(
+                "validation failed (order {status:?}): {}",
+                why.join("; ")
+            )))
+        };
+        self.cleanup(ctx).await;
+        outcome
+    }
+
+    /// The challenges are answered: stop answering (files removed, responder entries gone).
+    async fn cleanup(&mut self, ctx: &mut StepCtx<'_>) {
+        self.answering.clear();
+        if let Some(root) = &self.req.webroot {
+            let paths: Vec<PathBuf> = self
+                .challenges
+                .iter()
+                .map(|c| root.join(".well-known/acme-challenge").join(&c.token))
+                .collect();
+            let r = tokio::task::spawn_blocking(move || {
+                paths
+                    .iter()
+                    .try_for_each(|p| crate::fsops::remove_if_present(p))
+            })
+            .await;
+            if let Ok(Err(e)) = r {
+                ctx.log(LogLevel::Warn, format!("removing a challenge file: {e}"));
+            }
+        }
+    }
+
+    async fn finalize(
+        &mut self,
+        ctx: &mut StepCtx<'_>,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), StepError> {
+        let reuse = if self.req.reuse_key {
+            std::fs::read_to_string(self.lineage.live_file("privkey")).ok()
+        } else {
+            None
+        };
+        let key_type = self.req.key_type.clone();
+        let (key, reused) = tokio::task::spawn_blocking(move || match reuse {
+            Some(pem) => acme::load_key(&pem).map(|k| (k, true)),
+            None => acme::new_key(&key_type).map(|k| (k, false)),
+        })
+        .await
+        .map_err(|e| StepError::Failed(e.to_string()))?
+        .map_err(StepError::Failed)?;
+        let csr = acme::csr(&self.req.names, &key).map_err(StepError::Failed)?;
+        let order = self.order.as_mut().ok_or_else(no_order)?;
+        until_cancel(cancel, order.finalize_csr(&csr))
+            .await?
+            .map_err(|e| StepError::Failed(acme::describe(&e)))?;
+        ctx.log(
+            LogLevel::Info,
+            if reused {
+                "finalized with the lineage's key (reused)".to_owned()
+            } else {
+                format!("finalized with a new {} key", self.req.key_type)
+            },
+        );
+        self.key_pem = Some(key.serialize_pem());
+        Ok(())
+    }
+
+    async fn install(
+        &mut self,
+        ctx: &mut StepCtx<'_>,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), StepError> {
+        let chain_pem = self.chain.clone().ok_or_else(no_order)?;
+        let key_pem = self.key_pem.clone().ok_or_else(no_order)?;
+        let (cert, chain) = lineage::split_chain(&chain_pem).map_err(StepError::Failed)?;
+        let fullchain = format!("{cert}{chain}");
+        // Redeploying runs last when unwinding: after the files are back.
+        for (target, undo) in &self.deploy {
+            let entry = match undo {
+                UndoEntry::HotSwapCert { socket, .. } => {
+                    match crate::haproxy::runtime::ssl_cert_loaded(socket, &self.bundle).await {
+                        Ok(true) => undo.clone(),
+                        _ => reload_entry(undo, target, ctx)?,
+                    }
+                }
+                other => other.clone(),
+            };
+            ctx.record_undo(entry).await?;
+        }
+        let n = self.lineage.versions().last().map_or(1, |v| v + 1);
+        let contents = [
+            ("cert", cert.as_str(), 0o644),
+            ("chain", chain.as_str(), 0o644),
+            ("fullchain", fullchain.as_str(), 0o644),
+            ("privkey", key_pem.as_str(), 0o600),
+        ];
+        for (file, text, mode) in contents {
+            let path = self.lineage.archive_file(file, n);
+            ctx.record_undo(UndoEntry::RemoveFile { path: path.clone() })
+                .await?;
+            write(&path, text.as_bytes(), mode).await?;
+        }
+        ctx.progress(
+            4,
+            9,
+            format!("archive/{}/*{n}.pem written", self.req.lineage),
+        );
+        let pause = test_pause();
+        for (i, file) in FILES.iter().enumerate() {
+            let link = self.lineage.live_file(file);
+            let undo = snapshot(&link, ctx).await?;
+            ctx.record_undo(undo).await?;
+            let target = self.lineage.link_target(file, n);
+            tokio::task::spawn_blocking(move || crate::fsops::symlink_atomic(&target, &link))
+                .await
+                .map_err(|e| StepError::Failed(e.to_string()))?
+                .map_err(|e| StepError::Failed(format!("switching live/{file}.pem: {e}")))?;
+            ctx.progress(
+                5 + i as u64,
+                9,
+                format!("live/{}/{file}.pem → version {n}", self.req.lineage),
+            );
+            if i == 1
+                && let Some(p) = pause
+            {
+                ctx.log(
+                    LogLevel::Info,
+                    "test hook: pausing in the middle of the install",
+                );
+                until_cancel(cancel, tokio::time::sleep(p)).await?;
+            }
+        }
+        let undo = snapshot(&self.bundle, ctx).await?;
+        ctx.record_undo(undo).await?;
+        write(
+            &self.bundle,
+            format!("{fullchain}{key_pem}").as_bytes(),
+            0o600,
+        )
+        .await?;
+        ctx.progress(9, 9, format!("HAProxy bundle {}", self.bundle.display()));
+        // How to renew it: kept beside the store (not part of what a rollback restores).
+        let meta = Meta {
+            names: self.req.names.clone(),
+            webroot: self.req.webroot.clone(),
+            key_type: self.req.key_type.clone(),
+            reuse_key: self.req.reuse_key,
+            deploy: self.req.deploy.clone(),
+            acme: self.req.server.name.clone(),
+        };
+        let path = meta_file(&self.data_dir, &self.req.lineage);
+        let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
+        if let Err(e) = write(&path, &json, 0o600).await {
+            ctx.log(LogLevel::Warn, format!("renewal settings not saved: {e:?}"));
+        }
+        ctx.log(
+            LogLevel::Info,
+            format!("installed version {n} of lineage '{}'", self.req.lineage),
+        );
+        Ok(())
+    }
+
+    async fn deploy(&mut self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        for (target, how) in self.deploy.clone() {
+            let how = match &how {
+                UndoEntry::HotSwapCert { socket, path } => {
+                    match crate::haproxy::runtime::ssl_cert_loaded(socket, path).await {
+                        Ok(true) => how.clone(),
+                        _ => reload_entry(&how, &target, ctx)?,
+                    }
+                }
+                other => other.clone(),
+            };
+            let mut lines = Vec::new();
+            let r = how.apply(&ctx.shared.blobs, |_, l| lines.push(l)).await;
+            for l in lines {
+                ctx.log(LogLevel::Info, l);
+            }
+            r.map_err(|e| StepError::Failed(format!("deploying to '{target}': {e}")))?;
+            ctx.log(
+                LogLevel::Info,
+                match how {
+                    UndoEntry::HotSwapCert { .. } => format!(
+                        "'{target}': the new certificate is live (set ssl cert + commit, no reload)"
+                    ),
+                    _ => format!("'{target}': reloaded with the new certificate"),
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+/// How each deploy target gets the certificate: hot-swap where a stats socket is known (the
+/// install step checks HAProxy has the bundle loaded, else reloads), else a reload.
+fn deploy_plan(config: &Config, targets: &[String], bundle: &Path) -> Vec<(String, UndoEntry)> {
+    targets
+        .iter()
+        .filter_map(|t| config.haproxy.iter().find(|h| &h.name == t))
+        .map(|h| {
+            let entry = match (&h.stats_socket, &h.master_socket, &h.reload_command) {
+                (Some(s), _, _) => UndoEntry::HotSwapCert {
+                    socket: s.clone(),
+                    path: bundle.to_owned(),
+                },
+                (None, Some(m), _) => reload_via_master(h, m),
+                (None, None, Some(argv)) => reload_via_command(argv),
+                // Refused at planning.
+                (None, None, None) => UndoEntry::HotSwapCert {
+                    socket: PathBuf::new(),
+                    path: bundle.to_owned(),
+                },
+            };
+            (h.name.clone(), entry)
+        })
+        .collect()
+}
+
+fn reload_via_master(h: &crate::config::HaproxyTarget, m: &Path) -> UndoEntry {
+    UndoEntry::ReloadHaproxy {
+        master_socket: m.to_owned(),
+        save_state: h.stats_socket.clone().zip(h.server_state_file.clone()),
+    }
+}
+
+fn reload_via_command(argv: &[String]) -> UndoEntry {
+    let inv = crate::command::Invocation {
+        argv: argv.to_vec(),
+        cwd: None,
+        env: Default::default(),
+        timeout_ms: 60_000,
+    };
+    UndoEntry::RunCommand {
+        run: inv.clone(),
+        redo: Some(inv),
+    }
+}
+
+/// The reload that replaces a hot-swap HAProxy cannot do (the bundle is not loaded there).
+fn reload_entry(
+    _hot: &UndoEntry,
+    target: &str,
+    ctx: &mut StepCtx<'_>,
+) -> Result<UndoEntry, StepError> {
+    let h = ctx
+        .shared
+        .config
+        .haproxy
+        .iter()
+        .find(|h| h.name == target)
+        .ok_or_else(|| StepError::Failed(format!("HAProxy target '{target}' is gone")))?;
+    match (&h.master_socket, &h.reload_command) {
+        (Some(m), _) => Ok(reload_via_master(h, m)),
+        (None, Some(argv)) => Ok(reload_via_command(argv)),
+        (None, None) => Err(StepError::Failed(format!(
+            "'{target}' does not have the bundle loaded, and has no master_socket or reload_command to reload it"
+        ))),
+    }
+}
+
+/// The file that keeps how a lineage was issued.
+pub(crate) fn meta_file(data_dir: &Path, lineage: &str) -> PathBuf {
+    data_dir.join("renewal").join(format!("{lineage}.json"))
+}
+
+/// The undo entry that puts a path back as it is now.
+async fn snapshot(path: &Path, ctx: &StepCtx<'_>) -> Result<UndoEntry, StepError> {
+    let (p, blobs) = (path.to_owned(), ctx.shared.blobs.clone());
+    tokio::task::spawn_blocking(move || UndoEntry::snapshot_file(&p, &blobs))
+        .await
+        .map_err(|e| StepError::Failed(e.to_string()))?
+        .map_err(|e| StepError::Failed(format!("{}: {e}", path.display())))
+}
+
+async fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StepError> {
+    let (p, b) = (path.to_owned(), bytes.to_vec());
+    tokio::task::spawn_blocking(move || crate::fsops::write_atomic(&p, &b, mode, None))
+        .await
+        .map_err(|e| StepError::Failed(e.to_string()))?
+        .map_err(|e| StepError::Failed(format!("{}: {e}", path.display())))
+}
+
+/// A test hook: `STATELY_TEST_INSTALL_PAUSE_MS` pauses the install halfway through the live
+/// links, so tests can cancel or kill the daemon there.
+fn test_pause() -> Option<Duration> {
+    std::env::var("STATELY_TEST_INSTALL_PAUSE_MS")
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_millis)
+}
+
+fn no_order() -> StepError {
+    StepError::Failed("an earlier step did not complete".into())
+}
+
+/// Awaits `f` unless the job is cancelled first.
+async fn until_cancel<T>(
+    cancel: &tokio_util::sync::CancellationToken,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, StepError> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(StepError::Cancelled),
+        v = f => Ok(v),
+    }
+}
