@@ -11,6 +11,7 @@ declare -A PACKAGES=(
   [passwd]=/usr/sbin/nologin
   [haproxy]=/usr/sbin/haproxy
   [python3-aiosmtpd]=/usr/lib/python3/dist-packages/aiosmtpd
+  [pebble]=/usr/bin/pebble-challtestsrv
 )
 missing=()
 for pkg in "${!PACKAGES[@]}"; do

@@ -5,6 +5,7 @@
 mod support;
 
 mod alerts;
+mod certs;
 mod cli;
 mod haproxy;
 mod jobs_api;

@@ -36,6 +36,8 @@ pub fn bearer(token: Option<&str>) -> Bearer {
 /// A statelyd process. Killed when dropped.
 pub struct Daemon {
     child: Option<Child>,
+    /// Extra environment for the process.
+    pub env: Vec<(String, String)>,
     pub addr: String,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
@@ -137,6 +139,11 @@ max_bytes = 1000
 impl Daemon {
     /// Starts statelyd with the standard tokens, the test runbooks and `extra` config.
     pub fn start(extra: &str) -> Daemon {
+        Self::start_env(extra, &[])
+    }
+
+    /// Like `start`, with environment variables for the process.
+    pub fn start_env(extra: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         std::fs::create_dir_all(&root).unwrap();
@@ -160,6 +167,10 @@ value = "{VIEWER}"
         );
         std::fs::write(&config, text).unwrap();
         let mut d = Daemon {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             addr: String::new(),
             dir,
@@ -187,6 +198,7 @@ value = "{VIEWER}"
         let mut child = Command::new(env!("CARGO_BIN_EXE_statelyd"))
             .arg("--config")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -207,6 +219,14 @@ value = "{VIEWER}"
             });
         self.addr = addr.to_owned();
         self.child = Some(child);
+    }
+
+    /// Sets (or, with "", clears) an environment variable for the next spawn.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        if !value.is_empty() {
+            self.env.push((key.into(), value.into()));
+        }
     }
 
     pub fn kill9(&mut self) {
@@ -580,6 +600,8 @@ pub fn show_stat(stats: &Path) -> Vec<stately::stats::parse::Row> {
     stately::stats::parse::parse(&b).unwrap()
 }
 
+pub mod pebble;
+
 pub const PYTHON: &str = "/usr/bin/python3";
 
 /// A real SMTP server (aiosmtpd) on a loopback port, saving each message it accepts into a
@@ -710,4 +732,106 @@ pub async fn until_log_with(
             return seen;
         }
     }
+}
+
+/// A static HTTP server for a webroot, on a loopback port: answers GET with the file under
+/// the root, 404 otherwise; `refuse` names hosts it answers 404 for; `delay` holds every
+/// answer that long (a validation that takes time).
+pub struct Webroot {
+    pub port: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Webroot {
+    pub async fn start(port: u16, root: &Path, refuse: &[&str], delay: Duration) -> Webroot {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let root = root.to_owned();
+        let refuse: Vec<String> = refuse.iter().map(|s| s.to_string()).collect();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let (root, refuse) = (root.clone(), refuse.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 2048];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf).into_owned();
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    let host = head
+                        .lines()
+                        .find_map(|l| {
+                            l.split_once(':')
+                                .filter(|(k, _)| k.eq_ignore_ascii_case("host"))
+                                .map(|(_, v)| v.trim().split(':').next().unwrap_or("").to_owned())
+                        })
+                        .unwrap_or_default();
+                    tokio::time::sleep(delay).await;
+                    let file = root.join(path.trim_start_matches('/'));
+                    let body = (!refuse.contains(&host) && !path.contains(".."))
+                        .then(|| std::fs::read(&file).ok())
+                        .flatten();
+                    let reply = match body {
+                        Some(b) => {
+                            let mut r = format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                b.len()
+                            )
+                            .into_bytes();
+                            r.extend(b);
+                            r
+                        }
+                        None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+                    };
+                    let _ = s.write_all(&reply).await;
+                });
+            }
+        });
+        Webroot {
+            port,
+            task: Some(task),
+        }
+    }
+
+    /// Stops listening (the port is free once this returns).
+    pub async fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Webroot {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// A finished job's log lines.
+pub async fn job_logs(client: &mut Client, id: &str) -> Vec<String> {
+    let mut s = client
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.into(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Ok(Ok(Some(e))) = tokio::time::timeout(Duration::from_secs(5), s.message()).await {
+        if let Some(pb::job_event::Event::Log(l)) = e.event {
+            out.push(l.message);
+        }
+    }
+    out
 }

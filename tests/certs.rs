@@ -1,0 +1,791 @@
+//! Certificates against a real ACME server (Debian's Pebble, with pebble-challtestsrv as its
+//! DNS) and, for deploys, a real haproxy: issue by webroot and by statelyd's responder, verify
+//! what was installed, re-issue into the same lineage, cancel during validation and during the
+//! install, roll back, kill -9 mid-install, hot-swap into HAProxy.
+
+use crate::support::pebble::{Pebble, served_cert, verify_chain};
+use crate::support::*;
+use stately::pb;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::Code;
+
+struct Acme {
+    p: Pebble,
+    d: Daemon,
+    dir: tempfile::TempDir,
+}
+
+impl Acme {
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("le")
+    }
+    fn webroot(&self) -> PathBuf {
+        self.dir.path().join("www")
+    }
+    fn bundles(&self) -> PathBuf {
+        self.dir.path().join("haproxy-certs")
+    }
+    fn live(&self, lineage: &str, file: &str) -> PathBuf {
+        self.root()
+            .join("live")
+            .join(lineage)
+            .join(format!("{file}.pem"))
+    }
+    fn read(&self, lineage: &str, file: &str) -> String {
+        std::fs::read_to_string(self.live(lineage, file)).unwrap()
+    }
+    fn link(&self, lineage: &str, file: &str) -> String {
+        std::fs::read_link(self.live(lineage, file))
+            .unwrap()
+            .display()
+            .to_string()
+    }
+    fn bundle(&self, lineage: &str) -> String {
+        std::fs::read_to_string(self.bundles().join(format!("{lineage}.pem"))).unwrap()
+    }
+}
+
+/// Pebble validating HTTP-01 on a fresh port, and statelyd whose responder listens there.
+fn with_responder(extra: &str, daemon_env: &[(&str, &str)]) -> Acme {
+    let port = free_port();
+    let p = Pebble::start(port);
+    setup(
+        p,
+        &format!("responder = \"127.0.0.1:{port}\"\n"),
+        extra,
+        daemon_env,
+    )
+}
+
+fn setup(p: Pebble, certificates: &str, extra: &str, daemon_env: &[(&str, &str)]) -> Acme {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("www")).unwrap();
+    let config = format!(
+        "{extra}[certificates]\nroot = \"{}\"\nhaproxy_dir = \"{}\"\ndefault_acme = \"pebble\"\nwebroots = [\"{}\"]\nrenew_check = \"0s\"\n{certificates}{}",
+        dir.path().join("le").display(),
+        dir.path().join("haproxy-certs").display(),
+        dir.path().join("www").display(),
+        p.config()
+    );
+    let d = if daemon_env.is_empty() {
+        Daemon::start(&config)
+    } else {
+        Daemon::start_env(&config, daemon_env)
+    };
+    Acme { p, d, dir }
+}
+
+fn issue(names: &[&str]) -> pb::SubmitJobRequest {
+    issue_with(names, |_| {})
+}
+
+fn issue_with(
+    names: &[&str],
+    f: impl FnOnce(&mut pb::CertificateIssueJob),
+) -> pb::SubmitJobRequest {
+    let mut c = pb::CertificateIssueJob {
+        names: names.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    f(&mut c);
+    pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::CertificateIssue(c)),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn run(c: &mut Client, req: pb::SubmitJobRequest) -> pb::Job {
+    let job = c.submit_job(req).await.unwrap().into_inner();
+    wait_end(c, &job.id).await
+}
+
+async fn run_ok(c: &mut Client, req: pb::SubmitJobRequest) -> pb::Job {
+    let job = run(c, req).await;
+    assert_eq!(state(&job), pb::JobState::Succeeded, "{job:#?}");
+    job
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn serial_of(pem: &str) -> String {
+    let der = rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+        .map(|c: rustls_pki_types::CertificateDer<'static>| c.to_vec())
+        .unwrap();
+    serial_of_der(&der)
+}
+
+fn serial_of_der(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    hex::encode(cert.raw_serial())
+}
+
+/// Checks a live lineage: chain to Pebble's root for every name, SANs, key matches, modes,
+/// relative links to version `n`, the bundle = fullchain + key (0600).
+async fn check_installed(a: &Acme, lineage: &str, names: &[&str], n: u32) {
+    let fullchain = a.read(lineage, "fullchain");
+    let root = a.p.root().await;
+    for name in names {
+        verify_chain(&fullchain, &root, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let cert = a.read(lineage, "cert");
+    let der: rustls_pki_types::CertificateDer<'static> =
+        rustls_pki_types::pem::PemObject::from_pem_slice(cert.as_bytes()).unwrap();
+    let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let mut sans: Vec<String> = x
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|g| {
+            g.to_string()
+                .trim_start_matches("DNSName(")
+                .trim_end_matches(')')
+                .to_owned()
+        })
+        .collect();
+    sans.sort();
+    let mut want: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(sans, want);
+    let key = rcgen::KeyPair::from_pem(&a.read(lineage, "privkey")).unwrap();
+    assert_eq!(
+        key.public_key_raw(),
+        x.public_key().subject_public_key.data.as_ref(),
+        "the private key matches the certificate"
+    );
+    assert_eq!(fullchain, format!("{cert}{}", a.read(lineage, "chain")));
+    for f in ["cert", "chain", "fullchain", "privkey"] {
+        assert_eq!(
+            a.link(lineage, f),
+            format!("../../archive/{lineage}/{f}{n}.pem"),
+            "live/{f}.pem is a relative link to version {n}"
+        );
+    }
+    assert_eq!(mode(&a.live(lineage, "privkey")), 0o600);
+    let bundle = a.bundles().join(format!("{lineage}.pem"));
+    assert_eq!(mode(&bundle), 0o600);
+    assert_eq!(
+        a.bundle(lineage),
+        format!("{fullchain}{}", a.read(lineage, "privkey"))
+    );
+}
+
+fn siblings(a: &Acme) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(a.root().join("live"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn the_cli_issues_a_two_name_certificate_through_the_responder() {
+    let a = with_responder("", &[]);
+    let out =
+        a.d.cli()
+            .args(["cert", "issue", "example.test", "www.example.test"])
+            .output()
+            .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    for step in [
+        "account",
+        "order",
+        "provision challenges",
+        "validate",
+        "finalize",
+        "download chain",
+        "install",
+    ] {
+        assert!(said.contains(step), "a line for {step}: {said}");
+    }
+    check_installed(&a, "example.test", &["example.test", "www.example.test"], 1).await;
+
+    // Listed, shown, and through the API.
+    let out = a.d.cli().args(["cert", "list"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains("example.test") && listed.contains("www.example.test"),
+        "{listed}"
+    );
+    let out =
+        a.d.cli()
+            .args(["-o", "json", "cert", "show", "example.test"])
+            .output()
+            .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["version"], 1);
+    assert_eq!(shown["key_type"], "ec256");
+    assert!(shown["days_left"].as_i64().unwrap() > 30, "{shown}");
+    assert_eq!(
+        shown["serial"].as_str().unwrap().to_lowercase(),
+        serial_of(&a.read("example.test", "cert")).trim_start_matches("00")
+    );
+    let out =
+        a.d.cli()
+            .args(["cert", "show", "nope.test"])
+            .output()
+            .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    // The account key was stored 0600 and is reused next time.
+    let acme_dir = a.d.data().join("acme");
+    let account = std::fs::read_dir(&acme_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("account.json");
+    assert_eq!(mode(&account), 0o600);
+}
+
+#[tokio::test]
+async fn a_webroot_issue_removes_its_token_files_and_a_reissue_updates_the_same_lineage() {
+    let port = free_port();
+    let p = Pebble::start(port);
+    let a = setup(p, "", "", &[]);
+    let _web = Webroot::start(port, &a.webroot(), &[], Duration::ZERO).await;
+    let mut c = a.d.client().await;
+    let wr = a.webroot().display().to_string();
+    let req = || {
+        issue_with(&["example.test", "www.example.test"], |j| {
+            j.webroot = wr.clone()
+        })
+    };
+    let first = run_ok(&mut c, req()).await;
+    check_installed(&a, "example.test", &["example.test", "www.example.test"], 1).await;
+    let tokens = a.webroot().join(".well-known/acme-challenge");
+    assert_eq!(
+        std::fs::read_dir(&tokens).unwrap().count(),
+        0,
+        "token files removed"
+    );
+    let serial1 = serial_of(&a.read("example.test", "cert"));
+
+    let second = run_ok(&mut c, req()).await;
+    check_installed(&a, "example.test", &["example.test", "www.example.test"], 2).await;
+    assert_ne!(serial_of(&a.read("example.test", "cert")), serial1);
+    assert_eq!(siblings(&a), ["example.test"], "no -0001 sibling");
+    let archive = a.root().join("archive/example.test");
+    for f in ["cert1.pem", "cert2.pem", "privkey1.pem", "privkey2.pem"] {
+        assert!(archive.join(f).exists(), "{f} kept");
+    }
+    assert_ne!(first.id, second.id);
+
+    // Changing the names is explicit.
+    let err = c
+        .submit_job(issue_with(
+            &["example.test", "www.example.test", "api.example.test"],
+            |j| j.webroot = wr.clone(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("expand"), "{}", err.message());
+    run_ok(
+        &mut c,
+        issue_with(
+            &["example.test", "www.example.test", "api.example.test"],
+            |j| {
+                j.webroot = wr.clone();
+                j.expand = true;
+            },
+        ),
+    )
+    .await;
+    check_installed(
+        &a,
+        "example.test",
+        &["example.test", "www.example.test", "api.example.test"],
+        3,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_cancel_during_validation_leaves_no_token_and_no_change() {
+    let port = free_port();
+    let p = Pebble::start(port);
+    let a = setup(p, "", "", &[]);
+    let mut c = a.d.client().await;
+    let wr = a.webroot().display().to_string();
+    let mut web = Webroot::start(port, &a.webroot(), &[], Duration::ZERO).await;
+    run_ok(
+        &mut c,
+        issue_with(&["example.test"], |j| j.webroot = wr.clone()),
+    )
+    .await;
+    web.stop().await;
+    let before = (a.link("example.test", "cert"), a.bundle("example.test"));
+    // Now the web server takes its time: validation hangs until we cancel.
+    let _slow = Webroot::start(port, &a.webroot(), &[], Duration::from_secs(30)).await;
+    let job = c
+        .submit_job(issue_with(&["example.test"], |j| j.webroot = wr.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until_log_with(&mut s, "waiting for the CA to validate").await;
+    let tokens = a.webroot().join(".well-known/acme-challenge");
+    assert_eq!(
+        std::fs::read_dir(&tokens).unwrap().count(),
+        1,
+        "the token is served meanwhile"
+    );
+    let t0 = std::time::Instant::now();
+    let done = c
+        .cancel_job(pb::CancelJobRequest {
+            job_id: job.id.clone(),
+            reason: "test".into(),
+            wait: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&done), pb::JobState::Cancelled);
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "the wait for validation is cancellable"
+    );
+    assert_eq!(
+        std::fs::read_dir(&tokens).unwrap().count(),
+        0,
+        "no token file left"
+    );
+    assert_eq!(
+        (a.link("example.test", "cert"), a.bundle("example.test")),
+        before
+    );
+    assert_eq!(
+        std::fs::read_dir(a.root().join("archive/example.test"))
+            .unwrap()
+            .count(),
+        4,
+        "nothing added to the archive"
+    );
+}
+
+#[tokio::test]
+async fn a_cancel_during_install_restores_the_previous_version() {
+    let mut a = with_responder("", &[]);
+    let mut c = a.d.client().await;
+    run_ok(&mut c, issue(&["example.test", "www.example.test"])).await;
+    let v1 = (a.read("example.test", "cert"), a.bundle("example.test"));
+    // Again, with the install pausing halfway through the live links.
+    a.d.terminate();
+    a.d.set_env("STATELY_TEST_INSTALL_PAUSE_MS", "20000");
+    a.d.spawn();
+    let mut c = a.d.client().await;
+    let job = c
+        .submit_job(issue(&["example.test", "www.example.test"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until_log_with(&mut s, "test hook").await;
+    assert_eq!(
+        a.link("example.test", "chain"),
+        "../../archive/example.test/chain2.pem",
+        "mid-switch"
+    );
+    let done = c
+        .cancel_job(pb::CancelJobRequest {
+            job_id: job.id.clone(),
+            reason: "test".into(),
+            wait: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&done), pb::JobState::Cancelled);
+    assert_eq!(
+        (a.read("example.test", "cert"), a.bundle("example.test")),
+        v1
+    );
+    check_installed(&a, "example.test", &["example.test", "www.example.test"], 1).await;
+    assert!(
+        !a.root().join("archive/example.test/cert2.pem").exists(),
+        "version 2 removed"
+    );
+}
+
+#[tokio::test]
+async fn rollback_after_a_renewal_restores_the_previous_certificate_and_refuses_over_a_later_one() {
+    let a = with_responder("", &[]);
+    let mut c = a.d.client().await;
+    run_ok(&mut c, issue(&["example.test"])).await;
+    let v1 = (a.read("example.test", "cert"), a.bundle("example.test"));
+    let renewal = run_ok(&mut c, issue(&["example.test"])).await;
+    assert_ne!(a.read("example.test", "cert"), v1.0);
+
+    let rb = rollback(&mut c, &renewal.id, false).await;
+    assert_eq!(state(&rb), pb::JobState::Succeeded, "{rb:#?}");
+    assert_eq!(
+        (a.read("example.test", "cert"), a.bundle("example.test")),
+        v1
+    );
+    assert_eq!(
+        a.link("example.test", "fullchain"),
+        "../../archive/example.test/fullchain1.pem"
+    );
+    check_installed(&a, "example.test", &["example.test"], 1).await;
+
+    // Two more renewals: rolling back the first of them would undo the second.
+    let r2 = run_ok(&mut c, issue(&["example.test"])).await;
+    run_ok(&mut c, issue(&["example.test"])).await;
+    let err = c
+        .rollback_job(pb::RollbackJobRequest {
+            job_id: r2.id.clone(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("live/example.test"),
+        "{}",
+        err.message()
+    );
+    let forced = rollback(&mut c, &r2.id, true).await;
+    assert_eq!(state(&forced), pb::JobState::Succeeded);
+    assert_eq!(
+        (a.read("example.test", "cert"), a.bundle("example.test")),
+        v1
+    );
+}
+
+#[tokio::test]
+async fn a_name_pebble_cannot_validate_fails_with_its_detail_and_changes_nothing() {
+    let port = free_port();
+    let p = Pebble::start(port);
+    let a = setup(p, "", "", &[]);
+    let _web = Webroot::start(port, &a.webroot(), &["bad.example.test"], Duration::ZERO).await;
+    let mut c = a.d.client().await;
+    let wr = a.webroot().display().to_string();
+    let job = run(
+        &mut c,
+        issue_with(&["good.example.test", "bad.example.test"], |j| {
+            j.webroot = wr.clone()
+        }),
+    )
+    .await;
+    assert_eq!(state(&job), pb::JobState::Failed);
+    assert_eq!(job.failed_step, "validate");
+    assert!(
+        job.error.contains("bad.example.test")
+            && job.error.contains("the CA said:")
+            && job.error.contains("404"),
+        "the CA's detail and the name: {}",
+        job.error
+    );
+    assert!(!job.error.contains("good.example.test:"), "{}", job.error);
+    assert!(!a.root().join("live/good.example.test").exists());
+    assert_eq!(
+        std::fs::read_dir(a.webroot().join(".well-known/acme-challenge"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn kill_9_during_install_leaves_the_lineage_all_old_after_the_restart() {
+    let a = with_responder("", &[]);
+    let mut c = a.d.client().await;
+    run_ok(&mut c, issue(&["example.test"])).await;
+    let v1 = (a.read("example.test", "cert"), a.bundle("example.test"));
+    // Restart with the install pausing halfway, and kill it there.
+    let mut a = a;
+    a.d.kill9();
+    a.d.set_env("STATELY_TEST_INSTALL_PAUSE_MS", "20000");
+    a.d.spawn();
+    let mut c = a.d.client().await;
+    let job = c
+        .submit_job(issue(&["example.test"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until_log_with(&mut s, "test hook").await;
+    assert_eq!(
+        a.link("example.test", "cert"),
+        "../../archive/example.test/cert2.pem",
+        "mid-switch"
+    );
+    assert_eq!(
+        a.link("example.test", "fullchain"),
+        "../../archive/example.test/fullchain1.pem"
+    );
+    a.d.kill9();
+    a.d.set_env("STATELY_TEST_INSTALL_PAUSE_MS", "");
+    a.d.spawn();
+    let mut c = a.d.client().await;
+    let ended = wait_end(&mut c, &job.id).await;
+    assert_eq!(state(&ended), pb::JobState::Failed);
+    assert!(
+        ended.error.contains("interrupted by restart"),
+        "{}",
+        ended.error
+    );
+    assert_eq!(
+        (a.read("example.test", "cert"), a.bundle("example.test")),
+        v1
+    );
+    check_installed(&a, "example.test", &["example.test"], 1).await;
+}
+
+#[tokio::test]
+async fn deploy_hot_swaps_the_certificate_haproxy_serves_and_rollback_puts_the_old_one_back() {
+    let port = free_port();
+    let p = Pebble::start(port);
+    let hdir = tempfile::tempdir().unwrap();
+    let tls_port = free_port();
+    let a = {
+        // The target is configured before haproxy runs: it is only used by the deploy.
+        let stats = hdir.path().join("admin.sock");
+        setup(
+            p,
+            &format!("responder = \"127.0.0.1:{port}\"\n"),
+            &format!(
+                "[[haproxy]]\nname = \"edge\"\nstats_socket = \"{}\"\nmaster_socket = \"{}\"\n",
+                stats.display(),
+                hdir.path().join("master.sock").display()
+            ),
+            &[],
+        )
+    };
+    let mut c = a.d.client().await;
+    run_ok(&mut c, issue(&["example.test", "www.example.test"])).await;
+    let bundle = a.bundles().join("example.test.pem");
+    let _h = Haproxy::from_config(
+        hdir.path(),
+        &format!(
+            "global\n  stats socket {{stats}} mode 600 level admin expose-fd listeners\ndefaults\n  mode http\n  \
+             timeout connect 1s\n  timeout client 5s\n  timeout server 5s\nfrontend tls\n  bind 127.0.0.1:{tls_port} ssl crt {}\n  \
+             http-request return status 200\n",
+            bundle.display()
+        ),
+    );
+    let v1 = serial_of(&a.read("example.test", "cert"));
+    assert_eq!(
+        serial_of_der(&served_cert(tls_port, "www.example.test").await),
+        v1
+    );
+
+    let job = run_ok(
+        &mut c,
+        issue_with(&["example.test", "www.example.test"], |j| {
+            j.deploy = vec!["edge".into()]
+        }),
+    )
+    .await;
+    assert_eq!(job.steps.last().unwrap().name, "deploy");
+    let v2 = serial_of(&a.read("example.test", "cert"));
+    assert_ne!(v1, v2);
+    assert_eq!(
+        serial_of_der(&served_cert(tls_port, "www.example.test").await),
+        v2,
+        "HAProxy serves the new certificate"
+    );
+    let log = crate::support::job_logs(&mut c, &job.id).await;
+    assert!(
+        log.iter().any(|l| l.contains("no reload")),
+        "hot-swapped: {log:#?}"
+    );
+
+    let rb = rollback(&mut c, &job.id, false).await;
+    assert_eq!(state(&rb), pb::JobState::Succeeded, "{rb:#?}");
+    assert_eq!(
+        serial_of_der(&served_cert(tls_port, "www.example.test").await),
+        v1,
+        "and the old one after the rollback"
+    );
+}
+
+#[tokio::test]
+async fn bad_names_and_settings_are_refused_before_anything_starts() {
+    let a = with_responder("", &[]);
+    let mut c = a.d.client().await;
+    let wr = a.webroot().display().to_string();
+    for (req, code, says) in [
+        (
+            issue(&["exa mple.test"]),
+            Code::InvalidArgument,
+            "'exa mple.test'",
+        ),
+        (issue(&["10.0.0.1"]), Code::InvalidArgument, "IP address"),
+        (
+            issue(&["*.example.test"]),
+            Code::InvalidArgument,
+            "wildcard",
+        ),
+        (
+            issue(&["a.example.test", "a.example.test"]),
+            Code::InvalidArgument,
+            "twice",
+        ),
+        (issue(&[]), Code::InvalidArgument, "at least one"),
+        (
+            issue_with(&["a.example.test"], |j| j.lineage = "../x".into()),
+            Code::InvalidArgument,
+            "'../x'",
+        ),
+        (
+            issue_with(&["a.example.test"], |j| j.lineage = "/".into()),
+            Code::InvalidArgument,
+            "not a safe file name",
+        ),
+        (
+            issue_with(&["a.example.test"], |j| j.key_type = "dsa".into()),
+            Code::InvalidArgument,
+            "dsa",
+        ),
+        (
+            issue_with(&["a.example.test"], |j| j.webroot = "/etc".into()),
+            Code::PermissionDenied,
+            "webroots",
+        ),
+        (
+            issue_with(&["a.example.test"], |j| j.webroot = format!("{wr}/../..")),
+            Code::InvalidArgument,
+            "..",
+        ),
+        (
+            issue_with(&["a.example.test"], |j| j.deploy = vec!["nope".into()]),
+            Code::NotFound,
+            "nope",
+        ),
+        (
+            issue_with(&["a.example.test"], |j| j.acme = "nope".into()),
+            Code::NotFound,
+            "nope",
+        ),
+    ] {
+        let err = c.submit_job(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(says), "{}", err.message());
+    }
+    let many: Vec<String> = (0..101).map(|i| format!("n{i}.example.test")).collect();
+    let names: Vec<&str> = many.iter().map(String::as_str).collect();
+    let err = c.submit_job(issue(&names)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("at most 100"));
+    assert!(
+        !a.root().exists()
+            || std::fs::read_dir(a.root().join("live"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+                == 0
+    );
+    let jobs = c
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert!(jobs.is_empty(), "nothing was started");
+}
+
+#[tokio::test]
+async fn bad_nonces_are_retried_and_the_daemon_renews_by_itself() {
+    // Pebble's defaults: 5% of nonces rejected, authorizations reused.
+    let port = free_port();
+    let p = Pebble::start_with(port, false);
+    let a = setup(p, &format!("responder = \"127.0.0.1:{port}\"\n"), "", &[]);
+    let mut c = a.d.client().await;
+    for _ in 0..3 {
+        run_ok(&mut c, issue(&["example.test", "www.example.test"])).await;
+    }
+    // `cert renew` repeats the issuance as it was.
+    let out =
+        a.d.cli()
+            .args(["cert", "renew", "example.test"])
+            .output()
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_installed(&a, "example.test", &["example.test", "www.example.test"], 4).await;
+}
+
+#[tokio::test]
+async fn the_daemon_submits_renewals_for_lineages_near_expiry() {
+    let port = free_port();
+    let p = Pebble::start(port);
+    // Pebble's certificates last about five years: a 20-year window makes them due at once.
+    let a = setup(
+        p,
+        &format!("responder = \"127.0.0.1:{port}\"\nrenew_before = \"7300d\"\n"),
+        "",
+        &[],
+    );
+    let mut c = a.d.client().await;
+    run_ok(&mut c, issue(&["example.test"])).await;
+    let mut a = a;
+    // renew_check is read at start: restart with a short one.
+    a.d.kill9();
+    let cfg = std::fs::read_to_string(&a.d.config)
+        .unwrap()
+        .replace("renew_check = \"0s\"", "renew_check = \"200ms\"");
+    std::fs::write(&a.d.config, cfg).unwrap();
+    a.d.spawn();
+    let mut c = a.d.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let auto = loop {
+        let jobs = c
+            .list_jobs(pb::ListJobsRequest {
+                labels: [("trigger".to_owned(), "auto-renew".to_owned())].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs;
+        if let Some(j) = jobs.last() {
+            break j.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no renewal was submitted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(auto.kind, "certificate_issue");
+    let done = wait_end(&mut c, &auto.id).await;
+    assert_eq!(state(&done), pb::JobState::Succeeded, "{done:#?}");
+    a.d.kill9();
+    assert!(a.root().join("archive/example.test/cert2.pem").exists());
+}
