@@ -153,6 +153,17 @@ pub(crate) async fn run(client: &mut Client, cmd: AlertsCommand, json: bool) -> 
         }
         AlertsCommand::Stop { id } => {
             let job = client
+                .get_job(pb::GetJobRequest { job_id: id.clone() })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if job.kind != "alert_watch" {
+                return Err(anyhow!(
+                    "job {id} is a {} job, not an alert watch (stately jobs cancel stops any job)",
+                    job.kind
+                ));
+            }
+            let job = client
                 .cancel_job(pb::CancelJobRequest {
                     job_id: id,
                     reason: "alerts stopped".into(),

@@ -774,6 +774,13 @@ impl Config {
                     smtp.from
                 )));
             }
+            if smtp.timeout < Duration::from_millis(100)
+                || smtp.retry_max < Duration::from_millis(100)
+            {
+                return Err(invalid(
+                    "smtp: timeout and retry_max are at least 100ms".into(),
+                ));
+            }
             if smtp.user.is_some() != smtp.password_file.is_some() {
                 return Err(invalid(
                     "smtp: user and password_file go together (give both or neither)".into(),

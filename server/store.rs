@@ -440,11 +440,11 @@ impl Store {
         })
     }
 
-    /// A job's outbox, oldest first.
+    /// A job's undelivered mails, oldest first.
     pub(crate) fn outbox(&self, job: JobId) -> Result<Vec<OutboxEntry>, Error> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT n, mail, attempts, state FROM outbox WHERE job_id = ?1 ORDER BY n",
+                "SELECT n, mail, attempts, state FROM outbox WHERE job_id = ?1 AND state = 'pending' ORDER BY n",
             )?;
             let rows = stmt.query_map([job.to_string()], |r| {
                 Ok((

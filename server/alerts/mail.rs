@@ -40,6 +40,8 @@ pub(crate) struct Mailer {
     /// "host:port (starttls)", for messages.
     pub(crate) relay: String,
     pub(crate) retry_max: Duration,
+    /// How long one attempt may take.
+    pub(crate) timeout: Duration,
 }
 
 impl std::fmt::Debug for Mailer {
@@ -102,6 +104,7 @@ impl Mailer {
             from,
             relay,
             retry_max: smtp.retry_max,
+            timeout: smtp.timeout,
         })
     }
 

@@ -52,6 +52,11 @@ impl Rules {
         if self.max_session_rate == Some(0) || self.max_5xx == Some(0) {
             return Err("a threshold of 0 would fire at once; leave it out instead".into());
         }
+        if self.max_session_rate.is_some_and(|n| n > 1_000_000_000)
+            || self.max_5xx.is_some_and(|n| n > 1_000_000_000)
+        {
+            return Err("thresholds are at most 1000000000".into());
+        }
         if self.proxies.len() > 100 || self.proxies.iter().any(|p| p.is_empty() || p.len() > 200) {
             return Err("proxies: at most 100 non-empty names or globs".into());
         }
@@ -131,12 +136,26 @@ pub struct Memory {
     unreachable_reported: bool,
     /// The next alert's number.
     pub next_alert: u64,
+    /// The watch was asked to stop (kept, so a crash before it ended does not resume it).
+    #[serde(default)]
+    pub stopped: bool,
     /// 5xx counters at the start of the current interval: (value, unix ms).
     #[serde(skip)]
     base_5xx: HashMap<String, (u64, i64)>,
 }
 
 impl Memory {
+    /// After a restart: transitional looks and an unreported outage are timed afresh (the
+    /// daemon was away for an unknown time; the hold counts from what it sees now).
+    pub fn restarted(&mut self) {
+        for m in self.servers.values_mut() {
+            m.unsettled_since = None;
+        }
+        if !self.unreachable_reported {
+            self.unreachable_since = None;
+        }
+    }
+
     /// Servers currently reported not UP, for the job's log.
     pub fn not_up(&self) -> Vec<String> {
         self.servers
@@ -341,7 +360,7 @@ fn thresholds(rules: &Rules, mem: &mut Memory, row: &Row, now: i64, out: &mut Ve
         // Fires above the limit, clears below 90% of it, so a rate hovering at the limit
         // does not mail every second.
         let over = rate > max;
-        let clear = rate * 10 < max * 9;
+        let clear = u128::from(rate) * 10 < u128::from(max) * 9;
         flip(mem, format!("rate:{what}"), over, clear, out, || {
             (
                 what.clone(),
@@ -354,9 +373,9 @@ fn thresholds(rules: &Rules, mem: &mut Memory, row: &Row, now: i64, out: &mut Ve
         row.current_sessions,
         row.session_limit.filter(|l| *l > 0),
     ) {
-        let share = cur * 100 / lim;
+        let share = (u128::from(cur) * 100 / u128::from(lim)) as u64;
         let over = share >= u64::from(pct);
-        let clear = share * 10 < u64::from(pct) * 9;
+        let clear = u128::from(share) * 10 < u128::from(pct) * 9;
         flip(mem, format!("sessions:{what}"), over, clear, out, || {
             (
                 what.clone(),
@@ -609,6 +628,32 @@ mod tests {
         assert_eq!(
             tags(&evaluate(&r, &mut m, &snap(fe(80)), 3000)),
             ["NORMAL frontend fe"]
+        );
+    }
+
+    #[test]
+    fn huge_thresholds_are_refused_and_a_restart_times_holds_afresh() {
+        let mut r = rules();
+        r.max_session_rate = Some(u64::MAX);
+        assert!(r.check().is_err());
+        let r = rules();
+        let mut m = Memory::default();
+        let down = vec![
+            row("app", "BACKEND", "UP", ""),
+            row("app", "s1", "DOWN", "L4CON"),
+        ];
+        evaluate(&r, &mut m, &snap(down), 0);
+        let ini = vec![
+            row("app", "BACKEND", "UP", ""),
+            row("app", "s1", "UP 1/3", "INI"),
+        ];
+        assert!(evaluate(&r, &mut m, &snap(ini.clone()), 1000).is_empty());
+        // The daemon was away an hour: the INI look is not believed at once.
+        m.restarted();
+        assert!(evaluate(&r, &mut m, &snap(ini.clone()), 3_600_000).is_empty());
+        assert_eq!(
+            tags(&evaluate(&r, &mut m, &snap(ini), 3_606_000)),
+            ["UP app/s1", "RESOLVED backend app"]
         );
     }
 

@@ -109,6 +109,11 @@ impl Watch {
                 .map_err(|e| StepError::Failed(format!("the watch's saved state: {e}")))?,
             None => Memory::default(),
         };
+        mem.restarted();
+        if mem.stopped {
+            // Stopped before a crash cut the end short: it stays stopped.
+            return Err(StepError::Cancelled);
+        }
         let mut saved = serde_json::to_string(&mem).unwrap_or_default();
         let mut outbox: VecDeque<OutboxEntry> = store
             .outbox(job)
@@ -153,11 +158,13 @@ impl Watch {
                 biased;
                 _ = ctx.cancel.cancelled() => break,
                 _ = stopping.cancelled() => {
-                    // Let a send under way finish, so a restart does not send it again.
-                    if let Some(h) = sending.take()
-                        && let Ok(r) = tokio::time::timeout(Duration::from_secs(2), h).await
-                    {
-                        self.delivered(ctx, &mut outbox, r, &mut retry_at).await;
+                    // Let a send under way finish (it is bounded by the SMTP timeout), so a
+                    // restart does not send it again; past that it is abandoned and resent.
+                    if let Some(mut h) = sending.take() {
+                        match tokio::time::timeout(self.mailer.timeout + Duration::from_millis(500), &mut h).await {
+                            Ok(r) => self.delivered(ctx, &mut outbox, r, &mut retry_at).await,
+                            Err(_) => h.abort(),
+                        }
                     }
                     return Err(StepError::Suspended);
                 }
@@ -189,10 +196,28 @@ impl Watch {
                 }
             }
         }
-        // Stopped: a send under way may finish; what is left is reported, not sent.
-        if let Some(h) = sending.take() {
-            let r = h.await;
-            self.delivered(ctx, &mut outbox, r, &mut retry_at).await;
+        // Stopped: recorded first, so a crash from here on does not bring the watch back.
+        mem.stopped = true;
+        let state = serde_json::to_string(&mem).unwrap_or_default();
+        let _ = ctx
+            .journal
+            .commit(
+                EventBody::Log {
+                    level: LogLevel::Info,
+                    message: "stopping the watch".into(),
+                    step: Some(ctx.index),
+                },
+                vec![Write::WatchState { job, state }],
+            )
+            .await;
+        // A send under way may finish; what is left is reported, not sent.
+        if let Some(mut h) = sending.take() {
+            match tokio::time::timeout(self.mailer.timeout + Duration::from_millis(500), &mut h)
+                .await
+            {
+                Ok(r) => self.delivered(ctx, &mut outbox, r, &mut retry_at).await,
+                Err(_) => h.abort(),
+            }
         }
         if !outbox.is_empty() {
             let mut writes = Vec::new();

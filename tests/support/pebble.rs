@@ -102,10 +102,10 @@ impl Pebble {
             let mut ready = Some(tx);
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
-                if line.contains("Listening on") || line.contains("ACME directory available") {
-                    if let Some(tx) = ready.take() {
-                        let _ = tx.send(());
-                    }
+                if (line.contains("Listening on") || line.contains("ACME directory available"))
+                    && let Some(tx) = ready.take()
+                {
+                    let _ = tx.send(());
                 }
             }
         });
