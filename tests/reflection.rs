@@ -343,3 +343,39 @@ async fn a_generic_client_starts_and_stops_an_alert_watch() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn a_generic_client_lists_certificates_and_issues_one() {
+    let port = free_port();
+    let p = crate::support::pebble::Pebble::start(port);
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&format!(
+        "[certificates]\nroot = \"{}\"\ndefault_acme = \"pebble\"\nresponder = \"127.0.0.1:{port}\"\nrenew_check = \"0s\"\n{}",
+        dir.path().join("le").display(),
+        p.config()
+    ));
+    let mut g = Generic::new(&d).await;
+    let job = g
+        .call(
+            "stately.v1.Jobs",
+            "SubmitJob",
+            r#"{"spec": {"certificateIssue": {"names": ["example.test", "www.example.test"]}}}"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(job["kind"], "certificate_issue", "{job}");
+    let mut c = d.client().await;
+    let done = wait_end(&mut c, job["id"].as_str().unwrap()).await;
+    assert_eq!(state(&done), stately::pb::JobState::Succeeded, "{done:#?}");
+    let list = g
+        .call("stately.v1.Certificates", "ListCertificates", "{}")
+        .await
+        .unwrap();
+    assert_eq!(list["certificates"][0]["name"], "example.test", "{list}");
+    assert_eq!(list["certificates"][0]["version"], 1);
+    let err = g
+        .call("stately.v1.Certificates", "GetCertificate", r#"{"name": "nope"}"#)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
