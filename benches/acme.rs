@@ -33,7 +33,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Runs a command to its end; wall seconds and peak RSS (KiB) from wait4.
 fn timed(cmd: &mut Command) -> (f64, i64, bool) {
     let t = Instant::now();
-    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut status = 0;
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: wait4 on our own child, with valid pointers to locals.
@@ -82,7 +86,11 @@ fn start_daemon(dir: &Path, p: &pebble::Pebble) -> Daemon {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
     Daemon { child, addr }
 }
 
@@ -94,8 +102,14 @@ fn main() {
     let port = free_port();
     let p = pebble::Pebble::start(port);
     let names = ["example.test", "www.example.test"];
-    let (mut ours, mut growth, mut cb, mut cb_rss, mut lg, mut lg_rss) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut growth, mut cb, mut cb_rss, mut lg, mut lg_rss) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for round in 0..ROUNDS {
         let dir = tempfile::tempdir().unwrap();
         // stately: a fresh data directory is a fresh account.
@@ -110,7 +124,11 @@ fn main() {
                 .args(["cert", "issue", names[0], names[1]]),
         );
         assert!(ok, "stately failed in round {round}");
-        assert!(dir.path().join("le/live/example.test/fullchain.pem").exists());
+        assert!(
+            dir.path()
+                .join("le/live/example.test/fullchain.pem")
+                .exists()
+        );
         ours.push(wall);
         growth.push(kib(pid, "VmHWM:") - before);
         let _ = d.child.kill();
@@ -118,9 +136,19 @@ fn main() {
 
         let (wall, rss, ok) = timed(
             Command::new("certbot")
-                .args(["certonly", "--standalone", "--non-interactive", "--agree-tos"])
+                .args([
+                    "certonly",
+                    "--standalone",
+                    "--non-interactive",
+                    "--agree-tos",
+                ])
                 .args(["--register-unsafely-without-email", "--no-verify-ssl"])
-                .args(["--http-01-address", "127.0.0.1", "--http-01-port", &port.to_string()])
+                .args([
+                    "--http-01-address",
+                    "127.0.0.1",
+                    "--http-01-port",
+                    &port.to_string(),
+                ])
                 .args(["--server", &p.directory()])
                 .arg("--config-dir")
                 .arg(dir.path().join("cb/config"))
@@ -137,7 +165,13 @@ fn main() {
 
         let (wall, rss, ok) = timed(
             Command::new("lego")
-                .args(["--server", &p.directory(), "--accept-tos", "--email", "ops@example.test"])
+                .args([
+                    "--server",
+                    &p.directory(),
+                    "--accept-tos",
+                    "--email",
+                    "ops@example.test",
+                ])
                 .args(["--http", "--http.port", &format!("127.0.0.1:{port}")])
                 .arg("--path")
                 .arg(dir.path().join("lego"))

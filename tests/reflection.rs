@@ -374,7 +374,11 @@ async fn a_generic_client_lists_certificates_and_issues_one() {
     assert_eq!(list["certificates"][0]["name"], "example.test", "{list}");
     assert_eq!(list["certificates"][0]["version"], 1);
     let err = g
-        .call("stately.v1.Certificates", "GetCertificate", r#"{"name": "nope"}"#)
+        .call(
+            "stately.v1.Certificates",
+            "GetCertificate",
+            r#"{"name": "nope"}"#,
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
