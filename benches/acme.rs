@@ -31,6 +31,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs a command to its end; wall seconds and peak RSS (KiB) from wait4.
+// wait4 reaps the child (Child::wait would not give its rusage).
+#[allow(clippy::zombie_processes)]
 fn timed(cmd: &mut Command) -> (f64, i64, bool) {
     let t = Instant::now();
     let child = cmd
