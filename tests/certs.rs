@@ -299,10 +299,19 @@ async fn a_webroot_issue_removes_its_token_files_and_a_reissue_updates_the_same_
             |j| {
                 j.webroot = wr.clone();
                 j.expand = true;
+                j.key_type = "rsa2048".into();
             },
         ),
     )
     .await;
+    let out =
+        a.d.cli()
+            .args(["-o", "json", "cert", "show", "example.test"])
+            .output()
+            .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["key_type"], "rsa2048", "{shown}");
+    assert_eq!(shown["versions"], serde_json::json!([1, 2, 3]));
     check_installed(
         &a,
         "example.test",
@@ -715,6 +724,29 @@ async fn bad_names_and_settings_are_refused_before_anything_starts() {
         .into_inner()
         .jobs;
     assert!(jobs.is_empty(), "nothing was started");
+}
+
+#[tokio::test]
+async fn an_unreachable_acme_server_ends_the_job_saying_so() {
+    let closed = free_port();
+    let a = with_responder(
+        &format!("[[acme]]\nname = \"down\"\ndirectory = \"https://127.0.0.1:{closed}/dir\"\n"),
+        &[],
+    );
+    let mut c = a.d.client().await;
+    let job = run(
+        &mut c,
+        issue_with(&["example.test"], |j| j.acme = "down".into()),
+    )
+    .await;
+    assert_eq!(state(&job), pb::JobState::Failed);
+    assert_eq!(job.failed_step, "account");
+    assert!(
+        job.error.contains("cannot reach the ACME server"),
+        "{}",
+        job.error
+    );
+    assert!(!a.root().join("live/example.test").exists());
 }
 
 #[tokio::test]
