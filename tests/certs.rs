@@ -587,8 +587,10 @@ async fn deploy_hot_swaps_the_certificate_haproxy_serves_and_rollback_puts_the_o
             p,
             &format!("responder = \"127.0.0.1:{port}\"\n"),
             &format!(
-                "[[haproxy]]\nname = \"edge\"\nstats_socket = \"{}\"\nmaster_socket = \"{}\"\n",
+                "[[haproxy]]\nname = \"edge\"\nstats_socket = \"{}\"\nmaster_socket = \"{}\"\n\
+                 [[haproxy]]\nname = \"edge-reload\"\nmaster_socket = \"{}\"\n",
                 stats.display(),
+                hdir.path().join("master.sock").display(),
                 hdir.path().join("master.sock").display()
             ),
             &[],
@@ -639,6 +641,28 @@ async fn deploy_hot_swaps_the_certificate_haproxy_serves_and_rollback_puts_the_o
         serial_of_der(&served_cert(tls_port, "www.example.test").await),
         v1,
         "and the old one after the rollback"
+    );
+
+    // A target known only by its master socket is reloaded instead.
+    let job = run_ok(
+        &mut c,
+        issue_with(&["example.test", "www.example.test"], |j| {
+            j.deploy = vec!["edge-reload".into()]
+        }),
+    )
+    .await;
+    let v3 = serial_of(&a.read("example.test", "cert"));
+    let log = crate::support::job_logs(&mut c, &job.id).await;
+    assert!(log.iter().any(|l| l.contains("reloaded")), "{log:#?}");
+    assert_eq!(
+        serial_of_der(&served_cert(tls_port, "example.test").await),
+        v3
+    );
+    let rb = rollback(&mut c, &job.id, false).await;
+    assert_eq!(state(&rb), pb::JobState::Succeeded, "{rb:#?}");
+    assert_eq!(
+        serial_of_der(&served_cert(tls_port, "example.test").await),
+        v1
     );
 }
 
