@@ -110,9 +110,12 @@ pub(crate) fn write_atomic(
     std::fs::create_dir_all(dir)?;
     let tmp = temp_beside(path);
     let result = (|| {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Created with its final mode: a private key is never readable by others, even briefly.
         let mut f = std::fs::File::options()
             .write(true)
             .create_new(true)
+            .mode(mode & 0o777)
             .open(&tmp)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         // A daemon that is not root may only "give" a file to itself: skip that no-op.

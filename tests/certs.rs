@@ -720,6 +720,13 @@ async fn bad_names_and_settings_are_refused_before_anything_starts() {
             "nope",
         ),
         (
+            issue_with(&["a.example.test"], |j| {
+                j.deploy = vec!["edge".into(), "edge".into()]
+            }),
+            Code::InvalidArgument,
+            "twice",
+        ),
+        (
             issue_with(&["a.example.test"], |j| j.acme = "nope".into()),
             Code::NotFound,
             "nope",
@@ -774,7 +781,7 @@ async fn an_unreachable_acme_server_ends_the_job_saying_so() {
 }
 
 #[tokio::test]
-async fn bad_nonces_are_retried_and_the_daemon_renews_by_itself() {
+async fn bad_nonces_are_retried_and_cert_renew_repeats_the_issuance() {
     // Pebble's defaults: 5% of nonces rejected, authorizations reused.
     let port = free_port();
     let p = Pebble::start_with(port, false);
@@ -797,20 +804,49 @@ async fn bad_nonces_are_retried_and_the_daemon_renews_by_itself() {
     check_installed(&a, "example.test", &["example.test", "www.example.test"], 4).await;
 }
 
+/// (year, month, day) of a unix day number (Howard Hinnant's civil_from_days).
+fn civil(days: i64) -> (i32, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let y = (yoe + era * 400 + i64::from(m <= 2)) as i32;
+    (y, m, d)
+}
+
 #[tokio::test]
-async fn the_daemon_submits_renewals_for_lineages_near_expiry() {
+async fn the_daemon_renews_a_lineage_near_expiry_once() {
     let port = free_port();
     let p = Pebble::start(port);
-    // Pebble's certificates last about five years: a 20-year window makes them due at once.
-    let a = setup(
-        p,
-        &format!("responder = \"127.0.0.1:{port}\"\nrenew_before = \"7300d\"\n"),
-        "",
-        &[],
-    );
+    let mut a = setup(p, &format!("responder = \"127.0.0.1:{port}\"\n"), "", &[]);
     let mut c = a.d.client().await;
     run_ok(&mut c, issue(&["example.test"])).await;
-    let mut a = a;
+    // Make the live certificate one issued 80 days ago that expires in 10.
+    let today = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        / 86_400;
+    let mut params = rcgen::CertificateParams::new(vec!["example.test".to_owned()]).unwrap();
+    let (y, m, d) = civil(today - 80);
+    params.not_before = rcgen::date_time_ymd(y, m, d);
+    let (y, m, d) = civil(today + 10);
+    params.not_after = rcgen::date_time_ymd(y, m, d);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let old = params.self_signed(&key).unwrap().pem();
+    std::fs::write(a.root().join("archive/example.test/cert1.pem"), &old).unwrap();
+    let out =
+        a.d.cli()
+            .args(["-o", "json", "cert", "show", "example.test"])
+            .output()
+            .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(shown["days_left"].as_i64().unwrap() <= 10, "{shown}");
+
     // renew_check is read at start: restart with a short one.
     a.d.kill9();
     let cfg = std::fs::read_to_string(&a.d.config)
@@ -842,6 +878,17 @@ async fn the_daemon_submits_renewals_for_lineages_near_expiry() {
     assert_eq!(auto.kind, "certificate_issue");
     let done = wait_end(&mut c, &auto.id).await;
     assert_eq!(state(&done), pb::JobState::Succeeded, "{done:#?}");
-    a.d.kill9();
-    assert!(a.root().join("archive/example.test/cert2.pem").exists());
+    assert_ne!(a.read("example.test", "cert"), old);
+    // The new certificate is not due: a few more checks submit nothing more.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let jobs = c
+        .list_jobs(pb::ListJobsRequest {
+            kind: "certificate_issue".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), 2, "one issuance, one renewal: {jobs:#?}");
 }

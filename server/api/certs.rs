@@ -13,7 +13,7 @@ pub(crate) struct CertsApi {
     pub(crate) engine: Engine,
 }
 
-fn to_pb(l: &Listed) -> pb::Certificate {
+fn to_pb(l: &Listed, renews: bool) -> pb::Certificate {
     let now = crate::job::now_ms() / 1000;
     let path = |f: &str| l.lineage.live_file(f).display().to_string();
     pb::Certificate {
@@ -42,7 +42,7 @@ fn to_pb(l: &Listed) -> pb::Certificate {
             .as_ref()
             .map(|b| b.display().to_string())
             .unwrap_or_default(),
-        auto_renew: l.meta.is_some(),
+        auto_renew: renews && l.meta.is_some(),
     }
 }
 
@@ -54,11 +54,12 @@ impl pb::certificates_server::Certificates for CertsApi {
     ) -> Result<Response<pb::ListCertificatesResponse>, Status> {
         require(&req, Role::Viewer, "ListCertificates")?;
         let config = self.engine.config_arc();
+        let renews = !config.certificates.renew_check.is_zero();
         let all = tokio::task::spawn_blocking(move || certs::list(&config))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ListCertificatesResponse {
-            certificates: all.iter().map(to_pb).collect(),
+            certificates: all.iter().map(|l| to_pb(l, renews)).collect(),
         }))
     }
 
@@ -68,13 +69,19 @@ impl pb::certificates_server::Certificates for CertsApi {
     ) -> Result<Response<pb::Certificate>, Status> {
         require(&req, Role::Viewer, "GetCertificate")?;
         let name = req.into_inner().name;
+        if !crate::config::is_safe_name(&name) {
+            return Err(Status::invalid_argument(format!(
+                "'{name}' is not a lineage name (letters, digits, '.', '_', '-')"
+            )));
+        }
         let config = self.engine.config_arc();
+        let renews = !config.certificates.renew_check.is_zero();
         let n = name.clone();
         let found = tokio::task::spawn_blocking(move || certs::get(&config, &n))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         match found {
-            Some(l) => Ok(Response::new(to_pb(&l))),
+            Some(l) => Ok(Response::new(to_pb(&l, renews))),
             None => Err(Status::not_found(format!(
                 "no certificate lineage '{name}' (stately cert list shows them)"
             ))),
@@ -87,6 +94,12 @@ impl pb::certificates_server::Certificates for CertsApi {
     ) -> Result<Response<pb::Job>, Status> {
         require(&req, Role::Operator, "RenewCertificate")?;
         let r = req.into_inner();
+        if !crate::config::is_safe_name(&r.name) {
+            return Err(Status::invalid_argument(format!(
+                "'{}' is not a lineage name (letters, digits, '.', '_', '-')",
+                r.name
+            )));
+        }
         let spec = certs::renewal_spec(self.engine.config(), &r.name)?;
         let job = self
             .engine

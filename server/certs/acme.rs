@@ -66,9 +66,17 @@ pub(crate) async fn account(
     server: &AcmeServer,
     fresh: bool,
 ) -> Result<(Account, bool), String> {
+    // One registration at a time, so two jobs do not both create an account.
+    static REGISTERING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = REGISTERING.lock().await;
     let file = account_file(data_dir, server);
     let http = || http_client(server.ca_file.as_deref());
-    if !fresh && let Ok(text) = tokio::fs::read_to_string(&file).await {
+    let stored = match tokio::fs::read_to_string(&file).await {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("the stored account {}: {e}", file.display())),
+    };
+    if !fresh && let Some(text) = stored {
         let creds: AccountCredentials = serde_json::from_str(&text)
             .map_err(|e| format!("the stored account {}: {e}", file.display()))?;
         let account = Account::builder_with_http(http()?)

@@ -125,6 +125,21 @@ pub(crate) fn read_cert(pem: &[u8]) -> Result<CertInfo, String> {
     })
 }
 
+/// Whether the first certificate of `cert_pem` is for the public key of `key_pem`.
+pub(crate) fn key_matches(cert_pem: &[u8], key_pem: &str) -> bool {
+    use x509_parser::prelude::*;
+    let Ok(key) = rcgen::KeyPair::from_pem(key_pem) else {
+        return false;
+    };
+    let Ok((_, pem)) = parse_x509_pem(cert_pem) else {
+        return false;
+    };
+    let Ok(cert) = pem.parse_x509() else {
+        return false;
+    };
+    cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw()
+}
+
 /// Splits a PEM chain (leaf first) into the leaf and the rest.
 pub(crate) fn split_chain(pem: &str) -> Result<(String, String), String> {
     const END: &str = "-----END CERTIFICATE-----";

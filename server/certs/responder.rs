@@ -30,6 +30,8 @@ impl Responder {
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
+                    // Out of descriptors, say: do not spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
@@ -40,6 +42,8 @@ impl Responder {
                         async move { Ok::<_, std::convert::Infallible>(r.answer(&req)) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(std::time::Duration::from_secs(10))
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                         .await;
                 });

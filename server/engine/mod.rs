@@ -237,7 +237,8 @@ impl Engine {
 
     /// Checks lineages every `renew_check` and submits a renewal (an ordinary job, labelled
     /// trigger=auto-renew) for each within `renew_before` of expiry. The request id names the
-    /// live certificate's serial, so one certificate is renewed once.
+    /// live certificate's serial and the day, so a certificate is renewed once (a failed
+    /// renewal is tried again the next day).
     fn spawn_renewals(&self) {
         let every = self.shared.config.certificates.renew_check;
         if every.is_zero() {
@@ -268,7 +269,14 @@ impl Engine {
                     };
                     let sub = Submission {
                         spec,
-                        request_id: Some(format!("auto-renew:{}:{}", l.name, l.info.serial)),
+                        // Once per certificate and day: a renewal that failed (or was rolled
+                        // back) is tried again the next day, not at every check.
+                        request_id: Some(format!(
+                            "auto-renew:{}:{}:{}",
+                            l.name,
+                            l.info.serial,
+                            now_ms() / 86_400_000
+                        )),
                         labels: [("trigger".to_owned(), "auto-renew".to_owned())].into(),
                     };
                     match engine.submit(sub).await {

@@ -139,6 +139,24 @@ pub(crate) fn plan(config: &Config, spec: &JobSpec) -> Result<(Request, Vec<Stri
         None => {}
     }
     let mut resources = vec![format!("cert:{lineage}")];
+    let mut seen = std::collections::HashSet::new();
+    if let Some(t) = deploy.iter().find(|t| !seen.insert(t.as_str())) {
+        return Err(Error::InvalidArgument(format!(
+            "deploy target '{t}' is given twice"
+        )));
+    }
+    let bundle = config.bundle_dir().join(format!("{lineage}.pem"));
+    if !deploy.is_empty()
+        && bundle
+            .to_string_lossy()
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == ';')
+    {
+        return Err(Error::FailedPrecondition(format!(
+            "the bundle path {} cannot be named on HAProxy's command line: choose a haproxy_dir without spaces",
+            bundle.display()
+        )));
+    }
     for t in deploy {
         let target = config
             .haproxy
@@ -199,6 +217,8 @@ pub(crate) struct Issue {
     lineage: Lineage,
     bundle: PathBuf,
     responder: Option<Arc<Responder>>,
+    /// The configured webroots.
+    allowed: Vec<PathBuf>,
     account: Option<Account>,
     order: Option<Order>,
     challenges: Vec<Challenge>,
@@ -232,6 +252,7 @@ impl Issue {
             lineage,
             bundle,
             responder,
+            allowed: config.certificates.webroots.clone(),
             account: None,
             order: None,
             challenges: Vec::new(),
@@ -287,6 +308,30 @@ impl Issue {
                     .await?
                     .map_err(|e| StepError::Failed(acme::describe(&e)))?;
                 let info = lineage::read_cert(chain.as_bytes()).map_err(StepError::Failed)?;
+                let mut got: Vec<String> =
+                    info.names.iter().map(|n| n.to_ascii_lowercase()).collect();
+                let mut want: Vec<String> = self
+                    .req
+                    .names
+                    .iter()
+                    .map(|n| n.to_ascii_lowercase())
+                    .collect();
+                got.sort();
+                want.sort();
+                if got != want {
+                    return Err(StepError::Failed(format!(
+                        "the CA's certificate is for {}, not {}",
+                        got.join(", "),
+                        want.join(", ")
+                    )));
+                }
+                if let Some(key) = &self.key_pem
+                    && !lineage::key_matches(chain.as_bytes(), key)
+                {
+                    return Err(StepError::Failed(
+                        "the CA's certificate does not match the private key".into(),
+                    ));
+                }
                 ctx.log(
                     LogLevel::Info,
                     format!(
@@ -400,7 +445,8 @@ impl Issue {
             }
             match &self.req.webroot {
                 Some(root) => {
-                    let path = root.join(".well-known/acme-challenge").join(&c.token);
+                    let dir = self.challenge_dir(root).await?;
+                    let path = dir.join(&c.token);
                     ctx.record_undo(UndoEntry::RemoveFile { path: path.clone() })
                         .await?;
                     let body = c.key_auth.clone();
@@ -433,6 +479,37 @@ impl Issue {
             }
         }
         Ok(())
+    }
+
+    /// The webroot's challenge directory, created if needed, resolved through any symlinks
+    /// and checked to lie under an allowed webroot (so a link cannot send writes elsewhere).
+    async fn challenge_dir(&self, root: &Path) -> Result<PathBuf, StepError> {
+        let dir = root.join(".well-known/acme-challenge");
+        let allowed = self.allowed.clone();
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+            let real = d
+                .canonicalize()
+                .map_err(|e| format!("{}: {e}", d.display()))?;
+            let ok = allowed.iter().any(|a| {
+                a.canonicalize()
+                    .map(|a| real.starts_with(a))
+                    .unwrap_or(false)
+            });
+            if ok {
+                Ok(real)
+            } else {
+                Err(format!(
+                    "{} resolves to {}, outside the allowed webroots",
+                    d.display(),
+                    real.display()
+                ))
+            }
+        })
+        .await
+        .map_err(|e| StepError::Failed(e.to_string()))?
+        .map_err(StepError::Failed)
     }
 
     async fn validate(
@@ -619,7 +696,7 @@ impl Issue {
         )
         .await?;
         ctx.progress(9, 9, format!("HAProxy bundle {}", self.bundle.display()));
-        // How to renew it: kept beside the store (not part of what a rollback restores).
+        // How to renew it, kept beside the store.
         let meta = Meta {
             names: self.req.names.clone(),
             webroot: self.req.webroot.clone(),
@@ -628,11 +705,12 @@ impl Issue {
             deploy: self.req.deploy.clone(),
             acme: self.req.server.name.clone(),
         };
+        // Undone with the rest, so renewals repeat what is live.
         let path = meta_file(&self.data_dir, &self.req.lineage);
+        let undo = snapshot(&path, ctx).await?;
+        ctx.record_undo(undo).await?;
         let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
-        if let Err(e) = write(&path, &json, 0o600).await {
-            ctx.log(LogLevel::Warn, format!("renewal settings not saved: {e:?}"));
-        }
+        write(&path, &json, 0o600).await?;
         ctx.log(
             LogLevel::Info,
             format!("installed version {n} of lineage '{}'", self.req.lineage),
@@ -753,8 +831,17 @@ async fn snapshot(path: &Path, ctx: &StepCtx<'_>) -> Result<UndoEntry, StepError
 }
 
 async fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StepError> {
+    write_owned(path, bytes, mode, None).await
+}
+
+async fn write_owned(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<(), StepError> {
     let (p, b) = (path.to_owned(), bytes.to_vec());
-    tokio::task::spawn_blocking(move || crate::fsops::write_atomic(&p, &b, mode, None))
+    tokio::task::spawn_blocking(move || crate::fsops::write_atomic(&p, &b, mode, owner))
         .await
         .map_err(|e| StepError::Failed(e.to_string()))?
         .map_err(|e| StepError::Failed(format!("{}: {e}", path.display())))

@@ -90,7 +90,8 @@ impl Rollback {
         // A reload must follow the files it reads. Its inverse is recorded first, so that
         // undoing this rollback puts the files back before reloading, as the original did.
         for je in &self.journal {
-            if let e @ UndoEntry::ReloadHaproxy { .. } = &je.entry {
+            if let e @ (UndoEntry::ReloadHaproxy { .. } | UndoEntry::HotSwapCert { .. }) = &je.entry
+            {
                 ctx.record_undo(e.clone()).await?;
             }
         }
@@ -99,7 +100,7 @@ impl Rollback {
                 return Err(StepError::Cancelled);
             }
             let inverse = match &je.entry {
-                UndoEntry::ReloadHaproxy { .. } => None,
+                UndoEntry::ReloadHaproxy { .. } | UndoEntry::HotSwapCert { .. } => None,
                 UndoEntry::HaproxyServerState {
                     socket,
                     backend,
