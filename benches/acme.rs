@@ -5,7 +5,9 @@
 //!
 //! `cargo bench --bench acme` (needs the Debian packages pebble, certbot and lego).
 
-use std::io::{BufRead, BufReader};
+mod common;
+use common::{free_port, median, spawn_statelyd};
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,19 +18,6 @@ mod pebble;
 
 const ROUNDS: usize = 7;
 const TOKEN: &str = "bench-operator-token-000000";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// Runs a command to its end; wall seconds and peak RSS (KiB) from wait4.
 // wait4 reaps the child (Child::wait would not give its rusage).
@@ -77,22 +66,7 @@ fn start_daemon(dir: &Path, p: &pebble::Pebble) -> Daemon {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_statelyd"))
-        .arg("--config")
-        .arg(&cfg)
-        .env("STATELY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
+    let (child, addr) = spawn_statelyd(&cfg);
     Daemon { child, addr }
 }
 

@@ -4,6 +4,9 @@
 //!
 //! `cargo bench --bench alerts` (needs the Debian packages haproxy and python3-aiosmtpd).
 
+mod common;
+use common::{Auth, free_port, median, spawn_statelyd};
+
 use stately::pb;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -12,14 +15,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const TOKEN: &str = "bench-operator-token-000000";
 const ROUNDS: usize = 11;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn now_ns() -> u128 {
     SystemTime::now()
@@ -115,21 +110,6 @@ fn seen(stats: &Path, want: &str) -> u128 {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-#[derive(Clone)]
-struct Auth;
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-        Ok(r)
-    }
-}
-
 struct Server {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -206,22 +186,7 @@ fn measure(interval_ms: u32) {
         ),
     )
     .unwrap();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_statelyd"))
-        .arg("--config")
-        .arg(&dcfg)
-        .env("STATELY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(daemon.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
+    let (mut daemon, addr) = spawn_statelyd(&dcfg);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
@@ -229,7 +194,7 @@ fn measure(interval_ms: u32) {
             .connect()
             .await
             .unwrap();
-        let mut c = pb::jobs_client::JobsClient::with_interceptor(ch, Auth);
+        let mut c = pb::jobs_client::JobsClient::with_interceptor(ch, Auth(TOKEN));
         c.submit_job(pb::SubmitJobRequest {
             spec: Some(pb::JobSpec {
                 kind: Some(pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {

@@ -4,6 +4,9 @@
 //!
 //! `cargo bench --bench apply` (needs the Debian packages haproxy and socat).
 
+mod common;
+use common::{Auth, free_port, median};
+
 use stately::pb;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -12,14 +15,6 @@ use std::time::{Duration, Instant};
 
 const TOKEN: &str = "bench-operator-token-000000";
 const ROUNDS: usize = 11;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn config(dir: &Path, backends: usize, servers: usize, extra_frontend: Option<u16>) -> String {
     let mut c = format!(
@@ -79,21 +74,6 @@ while :; do
 done
 "#;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-#[derive(Clone)]
-struct Auth;
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-        Ok(r)
-    }
-}
-
 fn measure(label: &str, backends: usize, servers: usize) {
     let root = tempfile::tempdir().unwrap();
     let (sd, hd) = (root.path().join("stately"), root.path().join("shell"));
@@ -140,7 +120,7 @@ fn measure(label: &str, backends: usize, servers: usize) {
             .connect()
             .await
             .unwrap();
-        let mut c = pb::jobs_client::JobsClient::with_interceptor(ch, Auth);
+        let mut c = pb::jobs_client::JobsClient::with_interceptor(ch, Auth(TOKEN));
         for round in 0..ROUNDS {
             // Alternate between the base config and one with an extra frontend.
             let extra = (round % 2 == 0).then(free_port);

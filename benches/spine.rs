@@ -7,6 +7,9 @@
 //!
 //! `cargo bench --bench spine` (set BENCH_CANCELS / BENCH_JOBS to change the counts).
 
+mod common;
+use common::Auth;
+
 use stately::pb;
 use stately::pb::jobs_client::JobsClient;
 use std::io::{BufRead, BufReader};
@@ -92,16 +95,6 @@ fn rss_kib(pid: u32) -> u64 {
 
 type Client = JobsClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
 
-#[derive(Clone)]
-struct Auth;
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-        Ok(r)
-    }
-}
-
 async fn client(addr: &str) -> Client {
     let ch = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -109,7 +102,7 @@ async fn client(addr: &str) -> Client {
         .connect()
         .await
         .unwrap();
-    JobsClient::with_interceptor(ch, Auth)
+    JobsClient::with_interceptor(ch, Auth(TOKEN))
 }
 
 fn job(runbook: &str, n: usize) -> pb::SubmitJobRequest {

@@ -9,6 +9,9 @@
 //! `cargo bench --bench stats` (needs the Debian packages haproxy and
 //! prometheus-haproxy-exporter; scripts/test.sh installs the first).
 
+mod common;
+use common::{Auth, free_port, median};
+
 use stately::pb;
 use stately::stats::{StatsHub, parse};
 use std::collections::HashMap;
@@ -18,14 +21,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "bench-viewer-token-0000000";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -136,16 +131,6 @@ type Client = pb::stats_client::StatsClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>,
 >;
 
-#[derive(Clone)]
-struct Auth;
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-        Ok(r)
-    }
-}
-
 async fn clients(addr: &str, n: usize) -> Vec<Client> {
     let mut out = Vec::new();
     for _ in 0..n {
@@ -154,7 +139,10 @@ async fn clients(addr: &str, n: usize) -> Vec<Client> {
             .connect()
             .await
             .unwrap();
-        out.push(pb::stats_client::StatsClient::with_interceptor(ch, Auth));
+        out.push(pb::stats_client::StatsClient::with_interceptor(
+            ch,
+            Auth(TOKEN),
+        ));
     }
     out
 }
@@ -172,11 +160,6 @@ fn watch_req(interval_ms: u64, servers: Vec<String>) -> pb::WatchStatsRequest {
         }),
         changes_only: true,
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {

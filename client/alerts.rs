@@ -1,7 +1,7 @@
 //! `stately alerts`: start a watch that mails a target's transitions, list the watches, stop
 //! one. A watch is an ordinary job (`stately jobs watch ID` shows its alerts as they fire).
 
-use crate::cli::{explain, follow};
+use crate::cli::explain;
 use crate::connect::Client;
 use crate::render::{job_json, say, state_name};
 use anyhow::{Result, anyhow};
@@ -92,15 +92,7 @@ pub(crate) async fn run(client: &mut Client, cmd: AlertsCommand, json: bool) -> 
             if !stay {
                 return Ok(0);
             }
-            let stream = client
-                .watch_job(pb::WatchJobRequest {
-                    job_id: job.id,
-                    after_seq: 0,
-                })
-                .await
-                .map_err(explain)?
-                .into_inner();
-            follow(client, stream, json, false).await
+            crate::cli::print_or_follow(client, job, false, json).await
         }
         AlertsCommand::List { all } => {
             let states = if all {

@@ -1,9 +1,9 @@
 //! `stately cert`: issue a certificate (a job, attached: a line per step), list lineages with
 //! days left, show one, renew one.
 
-use crate::cli::{explain, follow};
+use crate::cli::explain;
 use crate::connect::{Authed, Client};
-use crate::render::{job_json, say};
+use crate::render::say;
 use anyhow::Result;
 use serde_json::json;
 use stately::pb;
@@ -90,25 +90,6 @@ fn days(c: &pb::Certificate, colour: bool) -> String {
     }
 }
 
-async fn submit_and_follow(
-    jobs: &mut Client,
-    req: pb::SubmitJobRequest,
-    detach: bool,
-    json: bool,
-) -> Result<u8> {
-    if detach {
-        let job = jobs.submit_job(req).await.map_err(explain)?.into_inner();
-        say(&if json {
-            job_json(&job).to_string()
-        } else {
-            job.id
-        });
-        return Ok(0);
-    }
-    let stream = jobs.run_job(req).await.map_err(explain)?.into_inner();
-    follow(jobs, stream, json, true).await
-}
-
 pub(crate) async fn run(
     mut certs: Certs,
     jobs: &mut Client,
@@ -145,7 +126,7 @@ pub(crate) async fn run(
                 }),
                 ..Default::default()
             };
-            submit_and_follow(jobs, req, detach, json).await
+            crate::cli::submit(jobs, req, detach, json).await
         }
         CertCommand::List => {
             let all = certs
@@ -243,23 +224,7 @@ pub(crate) async fn run(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if detach {
-                say(&if json {
-                    job_json(&job).to_string()
-                } else {
-                    job.id
-                });
-                return Ok(0);
-            }
-            let stream = jobs
-                .watch_job(pb::WatchJobRequest {
-                    job_id: job.id,
-                    after_seq: 0,
-                })
-                .await
-                .map_err(explain)?
-                .into_inner();
-            follow(jobs, stream, json, false).await
+            crate::cli::print_or_follow(jobs, job, detach, json).await
         }
     }
 }

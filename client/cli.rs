@@ -195,17 +195,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
                 request_id: request_id.unwrap_or_default(),
                 labels: labels.into_iter().collect(),
             };
-            if detach {
-                let job = client.submit_job(req).await.map_err(explain)?.into_inner();
-                say(&if json {
-                    job_json(&job).to_string()
-                } else {
-                    job.id
-                });
-                return Ok(0);
-            }
-            let stream = client.run_job(req).await.map_err(explain)?.into_inner();
-            follow(&mut client, stream, json, true).await
+            submit(&mut client, req, detach, json).await
         }
         Command::Jobs(Jobs::List {
             state,
@@ -298,25 +288,51 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if detach {
-                say(&if json {
-                    job_json(&job).to_string()
-                } else {
-                    job.id
-                });
-                return Ok(0);
-            }
-            let stream = client
-                .watch_job(pb::WatchJobRequest {
-                    job_id: job.id,
-                    after_seq: 0,
-                })
-                .await
-                .map_err(explain)?
-                .into_inner();
-            follow(&mut client, stream, json, false).await
+            print_or_follow(&mut client, job, detach, json).await
         }
     }
+}
+
+/// Submits a job: with `detach`, prints its id (or JSON) and returns; otherwise runs it
+/// attached (`RunJob`) and follows it to its end.
+pub(crate) async fn submit(
+    client: &mut Client,
+    req: pb::SubmitJobRequest,
+    detach: bool,
+    json: bool,
+) -> Result<u8> {
+    if detach {
+        let job = client.submit_job(req).await.map_err(explain)?.into_inner();
+        return print_or_follow(client, job, true, json).await;
+    }
+    let stream = client.run_job(req).await.map_err(explain)?.into_inner();
+    follow(client, stream, json, true).await
+}
+
+/// With `detach`, prints a started job's id (or JSON); otherwise follows it to its end.
+pub(crate) async fn print_or_follow(
+    client: &mut Client,
+    job: pb::Job,
+    detach: bool,
+    json: bool,
+) -> Result<u8> {
+    if detach {
+        say(&if json {
+            job_json(&job).to_string()
+        } else {
+            job.id
+        });
+        return Ok(0);
+    }
+    let stream = client
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id,
+            after_seq: 0,
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    follow(client, stream, json, false).await
 }
 
 /// Shows a job's events until it ends. When `attached`, the first Ctrl-C cancels the job and

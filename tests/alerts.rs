@@ -123,26 +123,6 @@ async fn stop(client: &mut Client, id: &str) -> pb::Job {
     job
 }
 
-async fn logs(client: &mut Client, id: &str) -> Vec<String> {
-    let mut s = client
-        .watch_job(pb::WatchJobRequest {
-            job_id: id.into(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    // Replay what is stored; the watch has ended, so the stream ends.
-    while let Ok(Ok(Some(e))) = tokio::time::timeout(Duration::from_millis(500), s.message()).await
-    {
-        if let Some(pb::job_event::Event::Log(l)) = e.event {
-            out.push(l.message);
-        }
-    }
-    out
-}
-
 fn subject(mail: &str) -> String {
     header(mail, "Subject").unwrap_or_default().to_owned()
 }
@@ -211,14 +191,7 @@ async fn a_mail_waits_for_the_smtp_server_and_arrives_once() {
     let mut e = edge().await;
     let mut c = e.d.client().await;
     let id = start_watch(&mut c, &["ops@example.test"], 2000).await;
-    let mut events = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: id.clone(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = events(&mut c, &id).await;
 
     e.smtp.stop();
     e.servers[1].stop().await;
@@ -291,7 +264,7 @@ async fn a_daemon_restart_mid_outage_neither_repeats_nor_loses_an_alert() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop(&mut c, &id).await;
     assert_eq!(e.smtp.mails().len(), 3, "no alert repeated, none lost");
-    let log = logs(&mut c, &id).await;
+    let log = job_logs(&mut c, &id).await;
     assert_eq!(
         log.iter().filter(|l| l.contains("carries on")).count(),
         2,
@@ -421,14 +394,7 @@ async fn a_recipient_refused_for_good_is_reported_and_not_retried() {
     let mut e = edge().await;
     let mut c = e.d.client().await;
     let id = start_watch(&mut c, &["reject-me@example.test"], 2000).await;
-    let mut events = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: id.clone(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = events(&mut c, &id).await;
     e.servers[0].stop().await;
     let seen = until_log_with(&mut events, "refused for good").await;
     let line = seen
@@ -447,7 +413,7 @@ async fn a_recipient_refused_for_good_is_reported_and_not_retried() {
     );
     tokio::time::sleep(Duration::from_millis(800)).await;
     stop(&mut c, &id).await;
-    let log = logs(&mut c, &id).await;
+    let log = job_logs(&mut c, &id).await;
     assert!(
         !log.iter().any(|l| l.contains("delivery attempt")),
         "not retried: {log:#?}"

@@ -343,14 +343,7 @@ async fn a_cancel_during_validation_leaves_no_token_and_no_change() {
         .await
         .unwrap()
         .into_inner();
-    let mut s = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.clone(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut s = events(&mut c, &job.id).await;
     until_log_with(&mut s, "waiting for the CA to validate").await;
     let tokens = a.webroot().join(".well-known/acme-challenge");
     assert_eq!(
@@ -359,15 +352,7 @@ async fn a_cancel_during_validation_leaves_no_token_and_no_change() {
         "the token is served meanwhile"
     );
     let t0 = std::time::Instant::now();
-    let done = c
-        .cancel_job(pb::CancelJobRequest {
-            job_id: job.id.clone(),
-            reason: "test".into(),
-            wait: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let done = cancel_wait(&mut c, &job.id).await;
     assert_eq!(state(&done), pb::JobState::Cancelled);
     assert!(
         t0.elapsed() < Duration::from_secs(5),
@@ -407,29 +392,14 @@ async fn a_cancel_during_install_restores_the_previous_version() {
         .await
         .unwrap()
         .into_inner();
-    let mut s = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.clone(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut s = events(&mut c, &job.id).await;
     until_log_with(&mut s, "test hook").await;
     assert_eq!(
         a.link("example.test", "chain"),
         "../../archive/example.test/chain2.pem",
         "mid-switch"
     );
-    let done = c
-        .cancel_job(pb::CancelJobRequest {
-            job_id: job.id.clone(),
-            reason: "test".into(),
-            wait: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let done = cancel_wait(&mut c, &job.id).await;
     assert_eq!(state(&done), pb::JobState::Cancelled);
     assert_eq!(
         (a.read("example.test", "cert"), a.bundle("example.test")),
@@ -538,14 +508,7 @@ async fn kill_9_during_install_leaves_the_lineage_all_old_after_the_restart() {
         .await
         .unwrap()
         .into_inner();
-    let mut s = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.clone(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut s = events(&mut c, &job.id).await;
     until_log_with(&mut s, "test hook").await;
     assert_eq!(
         a.link("example.test", "cert"),

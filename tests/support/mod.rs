@@ -835,3 +835,28 @@ pub async fn job_logs(client: &mut Client, id: &str) -> Vec<String> {
     }
     out
 }
+
+/// A job's event stream from the start.
+pub async fn events(client: &mut Client, id: &str) -> tonic::Streaming<pb::JobEvent> {
+    client
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.into(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Cancels a job and waits until it has ended.
+pub async fn cancel_wait(client: &mut Client, id: &str) -> pb::Job {
+    client
+        .cancel_job(pb::CancelJobRequest {
+            job_id: id.into(),
+            reason: "test".into(),
+            wait: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
