@@ -299,15 +299,24 @@ impl EventView {
                 if let Some(bar) = self.bars.get(&p.step_index) {
                     if p.total > 0 && bar.length() != Some(p.total) {
                         bar.set_length(p.total);
+                        // Downloads count bytes; other steps count their items.
+                        let counts = if p.total >= 1024 {
+                            "{bytes}/{total_bytes}"
+                        } else {
+                            "{pos}/{len}"
+                        };
                         bar.set_style(
-                            ProgressStyle::with_template(
-                                "  {prefix} {msg} [{bar:30}] {bytes}/{total_bytes}",
-                            )
+                            ProgressStyle::with_template(&format!(
+                                "  {{prefix}} {{msg}} [{{bar:30}}] {counts}"
+                            ))
                             .expect("template")
                             .progress_chars("=> "),
                         );
                     }
                     bar.set_position(p.done);
+                    if !p.message.is_empty() {
+                        bar.set_message(p.message.clone());
+                    }
                 }
             }
             Some(E::Log(l)) => {

@@ -128,6 +128,11 @@ fn serial_of_der(der: &[u8]) -> String {
 /// Checks a live lineage: chain to Pebble's root for every name, SANs, key matches, modes,
 /// relative links to version `n`, the bundle = fullchain + key (0600).
 async fn check_installed(a: &Acme, lineage: &str, names: &[&str], n: u32) {
+    check_installed_mode(a, lineage, names, n, 0o600).await
+}
+
+/// As `check_installed`, with the private key's and the bundle's mode.
+async fn check_installed_mode(a: &Acme, lineage: &str, names: &[&str], n: u32, key_mode: u32) {
     let fullchain = a.read(lineage, "fullchain");
     let root = a.p.root().await;
     for name in names {
@@ -169,9 +174,9 @@ async fn check_installed(a: &Acme, lineage: &str, names: &[&str], n: u32) {
             "live/{f}.pem is a relative link to version {n}"
         );
     }
-    assert_eq!(mode(&a.live(lineage, "privkey")), 0o600);
+    assert_eq!(mode(&a.live(lineage, "privkey")), key_mode);
     let bundle = a.bundles().join(format!("{lineage}.pem"));
-    assert_eq!(mode(&bundle), 0o600);
+    assert_eq!(mode(&bundle), key_mode);
     assert_eq!(
         a.bundle(lineage),
         format!("{fullchain}{}", a.read(lineage, "privkey"))
@@ -292,6 +297,13 @@ async fn a_webroot_issue_removes_its_token_files_and_a_reissue_updates_the_same_
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("expand"), "{}", err.message());
+    // An operator let a group read the key and the bundle: renewals keep that.
+    for p in [
+        a.live("example.test", "privkey"),
+        a.bundles().join("example.test.pem"),
+    ] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+    }
     run_ok(
         &mut c,
         issue_with(
@@ -312,11 +324,12 @@ async fn a_webroot_issue_removes_its_token_files_and_a_reissue_updates_the_same_
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["key_type"], "rsa2048", "{shown}");
     assert_eq!(shown["versions"], serde_json::json!([1, 2, 3]));
-    check_installed(
+    check_installed_mode(
         &a,
         "example.test",
         &["example.test", "www.example.test", "api.example.test"],
         3,
+        0o640,
     )
     .await;
 }

@@ -263,7 +263,24 @@ impl Engine {
                 })
                 .await
                 .unwrap_or_default();
-                for l in due {
+                // A lineage with an issuance already queued or running is left to it.
+                let busy: Vec<String> = engine
+                    .list(
+                        vec![JobState::Pending, JobState::Running, JobState::Cancelling],
+                        Some("certificate_issue".into()),
+                        Vec::new(),
+                        MAX_PAGE_SIZE,
+                        "",
+                    )
+                    .map(|(jobs, _)| jobs)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|j| match j.spec {
+                        JobSpec::CertificateIssue { lineage, .. } => Some(lineage),
+                        _ => None,
+                    })
+                    .collect();
+                for l in due.into_iter().filter(|l| !busy.contains(&l.name)) {
                     let Ok(spec) = crate::certs::renewal_spec(engine.config(), &l.name) else {
                         continue;
                     };

@@ -645,17 +645,25 @@ impl Issue {
             ctx.record_undo(entry).await?;
         }
         let n = self.lineage.versions().last().map_or(1, |v| v + 1);
+        // The new key keeps the mode and owner of the live one (a group that reads it, say).
+        let key_access = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(self.lineage.live_file("privkey"))
+                .ok()
+                .map(|m| (m.mode() & 0o7777, Some((m.uid(), m.gid()))))
+                .unwrap_or((0o600, None))
+        };
         let contents = [
-            ("cert", cert.as_str(), 0o644),
-            ("chain", chain.as_str(), 0o644),
-            ("fullchain", fullchain.as_str(), 0o644),
-            ("privkey", key_pem.as_str(), 0o600),
+            ("cert", cert.as_str(), (0o644, None)),
+            ("chain", chain.as_str(), (0o644, None)),
+            ("fullchain", fullchain.as_str(), (0o644, None)),
+            ("privkey", key_pem.as_str(), key_access),
         ];
-        for (file, text, mode) in contents {
+        for (file, text, (mode, owner)) in contents {
             let path = self.lineage.archive_file(file, n);
             ctx.record_undo(UndoEntry::RemoveFile { path: path.clone() })
                 .await?;
-            write(&path, text.as_bytes(), mode).await?;
+            write_owned(&path, text.as_bytes(), mode, owner).await?;
         }
         ctx.progress(
             4,
@@ -688,11 +696,17 @@ impl Issue {
             }
         }
         let undo = snapshot(&self.bundle, ctx).await?;
+        // HAProxy may read the bundle through its group: keep the old one's mode and owner.
+        let (bmode, bowner) = match &undo {
+            UndoEntry::RestoreFile { mode, uid, gid, .. } => (*mode, Some((*uid, *gid))),
+            _ => (0o600, None),
+        };
         ctx.record_undo(undo).await?;
-        write(
+        write_owned(
             &self.bundle,
             format!("{fullchain}{key_pem}").as_bytes(),
-            0o600,
+            bmode,
+            bowner,
         )
         .await?;
         ctx.progress(9, 9, format!("HAProxy bundle {}", self.bundle.display()));
