@@ -297,8 +297,7 @@ impl Watch {
             message: format!("alert #{n}: {subject}\n{}", lines.join("\n")),
             step: Some(ctx.index),
         };
-        ctx.journal
-            .commit(event, writes)
+        commit_retrying(ctx, event, writes)
             .await
             .map_err(|e| StepError::Failed(format!("could not record alert #{n}: {e}")))?;
         Ok(OutboxEntry {
@@ -389,8 +388,30 @@ impl Watch {
             step: Some(ctx.index),
         };
         // Durable before the next message goes: a restart must not send this one again.
-        if let Err(e) = ctx.journal.commit(event, writes).await {
+        if let Err(e) = commit_retrying(ctx, event, writes).await {
             tracing::error!(%job, "could not record a delivery: {e}");
+        }
+    }
+}
+
+/// Commits an event with its writes, retrying with backoff while the store refuses (a full
+/// disk, a locked database): an alert or a delivery that is not recorded would be lost or sent
+/// twice. Gives up only when the store has closed (the daemon is stopping).
+async fn commit_retrying(
+    ctx: &mut StepCtx<'_>,
+    event: EventBody,
+    writes: Vec<Write>,
+) -> Result<(), crate::store::Error> {
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match ctx.journal.commit(event.clone(), writes.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e @ crate::store::Error::Closed) => return Err(e),
+            Err(e) => {
+                tracing::error!(job = %ctx.journal.job, "the store refused a write, retrying: {e}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
         }
     }
 }
