@@ -734,6 +734,25 @@ async fn bad_names_and_settings_are_refused_before_anything_starts() {
 }
 
 #[tokio::test]
+async fn a_name_the_ca_refuses_ends_the_job_with_its_problem() {
+    let port = free_port();
+    let p = Pebble::start_full(port, true, &["blocked.test"]);
+    let a = setup(p, &format!("responder = \"127.0.0.1:{port}\"\n"), "", &[]);
+    let mut c = a.d.client().await;
+    let job = run(&mut c, issue(&["ok.example.test", "www.blocked.test"])).await;
+    assert_eq!(state(&job), pb::JobState::Failed);
+    assert_eq!(job.failed_step, "order");
+    assert!(
+        job.error.contains("the CA said:")
+            && job.error.contains("rejectedIdentifier")
+            && job.error.contains("blocked.test"),
+        "{}",
+        job.error
+    );
+    assert!(!a.root().join("live/ok.example.test").exists());
+}
+
+#[tokio::test]
 async fn an_unreachable_acme_server_ends_the_job_saying_so() {
     let closed = free_port();
     let a = with_responder(

@@ -32,6 +32,11 @@ impl Pebble {
     /// With `quiet` false, Pebble's upstream defaults: 5% of nonces rejected, authorizations
     /// reused half the time.
     pub fn start_with(http_port: u16, quiet: bool) -> Pebble {
+        Self::start_full(http_port, quiet, &[])
+    }
+
+    /// With names Pebble refuses to issue for (its domain blocklist).
+    pub fn start_full(http_port: u16, quiet: bool, blocked: &[&str]) -> Pebble {
         for bin in [PEBBLE, CHALLTESTSRV] {
             assert!(
                 Path::new(bin).exists(),
@@ -72,6 +77,7 @@ impl Pebble {
             "tlsPort": tls,
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
+            "domainBlocklist": blocked,
         }});
         std::fs::write(dir.path().join("pebble.json"), cfg.to_string()).unwrap();
         let chall = Command::new(CHALLTESTSRV)
