@@ -5,8 +5,8 @@
 //!
 //! `cargo bench --bench acme` (needs the Debian packages pebble, certbot and lego).
 
-mod common;
-use common::{free_port, median, spawn_statelyd};
+mod support;
+use support::{free_port, median, spawn_statelyd};
 
 use std::path::Path;
 use std::process::{Command, Stdio};

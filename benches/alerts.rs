@@ -4,8 +4,8 @@
 //!
 //! `cargo bench --bench alerts` (needs the Debian packages haproxy and python3-aiosmtpd).
 
-mod common;
-use common::{Auth, free_port, median, spawn_statelyd};
+mod support;
+use support::{Auth, free_port, median, spawn_statelyd};
 
 use stately::pb;
 use std::io::{BufRead, BufReader, Read, Write};

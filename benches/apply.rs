@@ -4,8 +4,8 @@
 //!
 //! `cargo bench --bench apply` (needs the Debian packages haproxy and socat).
 
-mod common;
-use common::{Auth, free_port, median};
+mod support;
+use support::{Auth, free_port, median};
 
 use stately::pb;
 use std::io::{BufRead, BufReader};

@@ -7,8 +7,8 @@
 //!
 //! `cargo bench --bench spine` (set BENCH_CANCELS / BENCH_JOBS to change the counts).
 
-mod common;
-use common::Auth;
+mod support;
+use support::Auth;
 
 use stately::pb;
 use stately::pb::jobs_client::JobsClient;

@@ -9,8 +9,8 @@
 //! `cargo bench --bench stats` (needs the Debian packages haproxy and
 //! prometheus-haproxy-exporter; scripts/test.sh installs the first).
 
-mod common;
-use common::{Auth, free_port, median};
+mod support;
+use support::{Auth, free_port, median};
 
 use stately::pb;
 use stately::stats::{StatsHub, parse};
