@@ -44,6 +44,8 @@ pub(crate) enum UndoEntry {
         #[serde(default)]
         save_state: Option<(PathBuf, PathBuf)>,
     },
+    /// Remove a directory the job created, if it is empty by then.
+    RemoveEmptyDir { path: PathBuf },
     /// Make a symbolic link point where it pointed before.
     RestoreLink { path: PathBuf, target: PathBuf },
     /// Load a certificate file into a running HAProxy again (`set ssl cert` + `commit ssl
@@ -79,6 +81,7 @@ impl UndoEntry {
             UndoEntry::RunCommand { .. }
             | UndoEntry::ReloadHaproxy { .. }
             | UndoEntry::HotSwapCert { .. }
+            | UndoEntry::RemoveEmptyDir { .. }
             | UndoEntry::HaproxyServerState { .. } => None,
         }
     }
@@ -98,6 +101,9 @@ impl UndoEntry {
             UndoEntry::RemoveFile { path } => format!("remove {}", path.display()),
             UndoEntry::RestoreLink { path, target } => {
                 format!("point {} at {}", path.display(), target.display())
+            }
+            UndoEntry::RemoveEmptyDir { path } => {
+                format!("remove the directory {} if empty", path.display())
             }
             UndoEntry::HotSwapCert { path, .. } => {
                 format!("load {} into HAProxy again", path.display())
@@ -176,6 +182,8 @@ impl UndoEntry {
             | UndoEntry::RemoveFile { path }
             | UndoEntry::RestoreLink { path, .. } => Some(Self::snapshot_file(path, blobs)?),
             e @ UndoEntry::HotSwapCert { .. } => Some(e.clone()),
+            // Files written again create their directories.
+            UndoEntry::RemoveEmptyDir { .. } => None,
             UndoEntry::RestoreOwnership { path, .. } => match Self::snapshot_ownership(path) {
                 Ok(e) => Some(e),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -257,6 +265,15 @@ impl UndoEntry {
             UndoEntry::RestoreLink { path, target } => {
                 fsops::symlink_atomic(target, path).map_err(at)
             }
+            UndoEntry::RemoveEmptyDir { path } => match std::fs::remove_dir(path) {
+                Err(e)
+                    if e.kind() != std::io::ErrorKind::NotFound
+                        && e.kind() != std::io::ErrorKind::DirectoryNotEmpty =>
+                {
+                    Err(at(e))
+                }
+                _ => Ok(()),
+            },
             UndoEntry::RestoreOwnership {
                 path,
                 mode,

@@ -423,6 +423,21 @@ async fn a_cancel_during_install_restores_the_previous_version() {
         !a.root().join("archive/example.test/cert2.pem").exists(),
         "version 2 removed"
     );
+
+    // A first issuance cancelled there leaves no lineage at all, not even its directories.
+    let job = c
+        .submit_job(issue(&["new.example.test"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s = events(&mut c, &job.id).await;
+    until_log_with(&mut s, "test hook").await;
+    assert!(a.live("new.example.test", "cert").exists());
+    let done = cancel_wait(&mut c, &job.id).await;
+    assert_eq!(state(&done), pb::JobState::Cancelled);
+    assert!(!a.root().join("live/new.example.test").exists());
+    assert!(!a.root().join("archive/new.example.test").exists());
+    assert!(!a.bundles().join("new.example.test.pem").exists());
 }
 
 #[tokio::test]

@@ -659,6 +659,13 @@ impl Issue {
             ("fullchain", fullchain.as_str(), (0o644, None)),
             ("privkey", key_pem.as_str(), key_access),
         ];
+        // A first issuance creates the lineage's directories: a cancel takes them away too.
+        for dir in [self.lineage.archive_dir(), self.lineage.live_dir()] {
+            if !dir.exists() {
+                ctx.record_undo(UndoEntry::RemoveEmptyDir { path: dir })
+                    .await?;
+            }
+        }
         for (file, text, (mode, owner)) in contents {
             let path = self.lineage.archive_file(file, n);
             ctx.record_undo(UndoEntry::RemoveFile { path: path.clone() })

@@ -133,7 +133,12 @@ impl Rollback {
             };
             match inverse {
                 Some(inv) => ctx.record_undo(inv).await?,
-                None if matches!(je.entry, UndoEntry::ReloadHaproxy { .. }) => {}
+                None if matches!(
+                    je.entry,
+                    UndoEntry::ReloadHaproxy { .. }
+                        | UndoEntry::HotSwapCert { .. }
+                        | UndoEntry::RemoveEmptyDir { .. }
+                ) => {}
                 None => ctx.log(
                     LogLevel::Warn,
                     format!("'{}' cannot itself be undone later", je.entry.describe()),
