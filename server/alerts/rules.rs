@@ -139,6 +139,9 @@ pub struct Memory {
     /// The watch was asked to stop (kept, so a crash before it ended does not resume it).
     #[serde(default)]
     pub stopped: bool,
+    /// The first snapshot has been seen (later, a new server is "new", not "already so").
+    #[serde(default)]
+    started: bool,
     /// 5xx counters at the start of the current interval: (value, unix ms).
     #[serde(skip)]
     base_5xx: HashMap<String, (u64, i64)>,
@@ -234,10 +237,17 @@ pub fn evaluate(rules: &Rules, mem: &mut Memory, snap: &Snapshot, now: i64) -> V
         types: Vec::new(),
     };
     let mut seen = BTreeSet::new();
+    let mut present = BTreeSet::new();
     let mut backends: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
-    for row in snap.rows.iter().filter(|r| filter.accepts(r)) {
+    let started = mem.started;
+    // The backend filter chooses backends and their servers; frontends are always watched
+    // (they only matter to thresholds).
+    let watched =
+        |r: &&Row| matches!(r.kind, RowType::Frontend | RowType::Listener) || filter.accepts(r);
+    for row in snap.rows.iter().filter(watched) {
+        present.insert(row_name(row));
         match row.kind {
-            RowType::Server => server(rules, mem, row, now, &mut seen, &mut out),
+            RowType::Server => server(rules, mem, row, now, started, &mut seen, &mut out),
             RowType::Backend => {
                 backends.entry(row.proxy.as_str()).or_default();
             }
@@ -285,7 +295,25 @@ pub fn evaluate(rules: &Rules, mem: &mut Memory, snap: &Snapshot, now: i64) -> V
             .iter()
             .any(|r| r.kind == RowType::Backend && r.proxy == *b)
     });
+    // Thresholds of proxies and servers that are gone start afresh if they come back.
+    let known = |k: &String| {
+        k.split_once(':')
+            .is_some_and(|(_, what)| present.contains(what))
+    };
+    mem.over.retain(known);
+    mem.base_5xx.retain(|k, _| known(k));
+    mem.started = true;
     out
+}
+
+/// How a row is named in alerts: "frontend fe", "backend app", "app/s1".
+fn row_name(row: &Row) -> String {
+    match row.kind {
+        RowType::Frontend => format!("frontend {}", row.proxy),
+        RowType::Backend => format!("backend {}", row.proxy),
+        RowType::Server => format!("{}/{}", row.proxy, row.server),
+        RowType::Listener => format!("listener {}/{}", row.proxy, row.server),
+    }
 }
 
 fn server(
@@ -293,6 +321,7 @@ fn server(
     mem: &mut Memory,
     row: &Row,
     now: i64,
+    started: bool,
     seen: &mut BTreeSet<String>,
     out: &mut Vec<Transition>,
 ) {
@@ -324,7 +353,15 @@ fn server(
         (None, Health::Up) => return,
         (None, _) => (
             Severity::Warning,
-            format!("{} (already so when the watch started)", reason(row)),
+            format!(
+                "{} ({})",
+                reason(row),
+                if started {
+                    "new in the stats"
+                } else {
+                    "already so when the watch started"
+                }
+            ),
         ),
         (Some(_), Health::Up) => (
             Severity::Recovery,
@@ -349,12 +386,10 @@ fn server(
 }
 
 fn thresholds(rules: &Rules, mem: &mut Memory, row: &Row, now: i64, out: &mut Vec<Transition>) {
-    let what = match row.kind {
-        RowType::Frontend => format!("frontend {}", row.proxy),
-        RowType::Backend => format!("backend {}", row.proxy),
-        RowType::Server => format!("{}/{}", row.proxy, row.server),
-        RowType::Listener => return,
-    };
+    if row.kind == RowType::Listener {
+        return;
+    }
+    let what = row_name(row);
     let aggregate = matches!(row.kind, RowType::Frontend | RowType::Backend);
     if let (Some(max), Some(rate), true) = (rules.max_session_rate, row.session_rate, aggregate) {
         // Fires above the limit, clears below 90% of it, so a rate hovering at the limit
@@ -655,6 +690,42 @@ mod tests {
             tags(&evaluate(&r, &mut m, &snap(ini), 3_606_000)),
             ["UP app/s1", "RESOLVED backend app"]
         );
+    }
+
+    #[test]
+    fn frontends_stay_watched_under_a_backend_filter_and_vanished_rows_start_afresh() {
+        let mut r = rules();
+        r.proxies = vec!["app".into()];
+        r.max_session_rate = Some(100);
+        let mut m = Memory::default();
+        let fe = |rate, with: bool| {
+            let mut f = row("fe", "FRONTEND", "OPEN", "");
+            f.session_rate = Some(rate);
+            let mut v = vec![
+                row("app", "BACKEND", "UP", ""),
+                row("app", "s1", "UP", "L4OK"),
+            ];
+            if with {
+                v.push(f);
+            }
+            v
+        };
+        assert_eq!(
+            tags(&evaluate(&r, &mut m, &snap(fe(150, true)), 0)),
+            ["OVER frontend fe"]
+        );
+        // The frontend disappears (a new configuration) and comes back, still over.
+        assert!(evaluate(&r, &mut m, &snap(fe(0, false)), 1000).is_empty());
+        assert_eq!(
+            tags(&evaluate(&r, &mut m, &snap(fe(150, true)), 2000)),
+            ["OVER frontend fe"]
+        );
+        // A server that appears later DOWN is new, not "already so at the start".
+        let mut v = fe(150, true);
+        v.push(row("app", "s9", "DOWN", "L4CON"));
+        let t = evaluate(&r, &mut m, &snap(v), 3000);
+        assert_eq!(tags(&t), ["DOWN app/s9"]);
+        assert!(t[0].detail.contains("new in the stats"), "{t:?}");
     }
 
     #[test]
