@@ -729,6 +729,38 @@ mod tests {
     }
 
     #[test]
+    fn sessions_against_the_limit_and_5xx_per_interval_fire_once() {
+        let mut r = rules();
+        r.max_sessions_percent = Some(80);
+        r.max_5xx = Some(10);
+        let mut m = Memory::default();
+        let be = |cur, errors| {
+            let mut b = row("app", "BACKEND", "UP", "");
+            b.current_sessions = Some(cur);
+            b.session_limit = Some(100);
+            b.http_5xx = Some(errors);
+            vec![b]
+        };
+        assert!(evaluate(&r, &mut m, &snap(be(10, 0)), 0).is_empty());
+        assert_eq!(
+            tags(&evaluate(&r, &mut m, &snap(be(85, 5)), 1000)),
+            ["OVER backend app"]
+        );
+        // 5xx counted per interval: 30 more in one second is over 10.
+        let t = evaluate(&r, &mut m, &snap(be(85, 35)), 2000);
+        assert_eq!(tags(&t), ["OVER backend app"]);
+        assert!(t[0].detail.contains("30 responses 5xx"), "{t:?}");
+        assert!(
+            evaluate(&r, &mut m, &snap(be(85, 36)), 3000).len() == 1,
+            "5xx back to normal"
+        );
+        let t = evaluate(&r, &mut m, &snap(be(50, 36)), 4000);
+        assert_eq!(tags(&t), ["NORMAL backend app"]);
+        // A counter reset (a reload) is not a negative count nor an alert.
+        assert!(evaluate(&r, &mut m, &snap(be(50, 0)), 5000).is_empty());
+    }
+
+    #[test]
     fn unreachable_is_told_after_the_hold_and_once() {
         let r = rules();
         let mut m = Memory::default();
