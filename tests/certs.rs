@@ -768,6 +768,49 @@ async fn a_name_the_ca_refuses_ends_the_job_with_its_problem() {
 }
 
 #[tokio::test]
+async fn external_account_binding_comes_from_the_config() {
+    let port = free_port();
+    // The HMAC key as a CA hands it out: base64url text.
+    let key = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let p = Pebble::start_config(
+        port,
+        true,
+        serde_json::json!({
+            "externalAccountBindingRequired": true,
+            "externalAccountMACKeys": { "kid-1": key },
+        }),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let keyfile = dir.path().join("eab.key");
+    std::fs::write(&keyfile, format!("{key}\n")).unwrap();
+    let directory = p.directory();
+    let ca = p.ca_file.display().to_string();
+    let a = setup(
+        p,
+        &format!("responder = \"127.0.0.1:{port}\"\n"),
+        &format!(
+            "[[acme]]\nname = \"eab\"\ndirectory = \"{directory}\"\nca_file = \"{ca}\"\n\
+             eab_kid = \"kid-1\"\neab_hmac_file = \"{}\"\n",
+            keyfile.display()
+        ),
+        &[],
+    );
+    let mut c = a.d.client().await;
+    // Without the binding, this CA refuses to register an account.
+    let job = run(&mut c, issue(&["example.test"])).await;
+    assert_eq!(state(&job), pb::JobState::Failed);
+    assert_eq!(job.failed_step, "account");
+    assert!(job.error.contains("the CA said:"), "{}", job.error);
+    // With it, the certificate is issued.
+    run_ok(
+        &mut c,
+        issue_with(&["example.test"], |j| j.acme = "eab".into()),
+    )
+    .await;
+    check_installed(&a, "example.test", &["example.test"], 1).await;
+}
+
+#[tokio::test]
 async fn an_unreachable_acme_server_ends_the_job_saying_so() {
     let closed = free_port();
     let a = with_responder(

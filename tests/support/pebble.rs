@@ -37,6 +37,15 @@ impl Pebble {
 
     /// With names Pebble refuses to issue for (its domain blocklist).
     pub fn start_full(http_port: u16, quiet: bool, blocked: &[&str]) -> Pebble {
+        Self::start_config(
+            http_port,
+            quiet,
+            serde_json::json!({ "domainBlocklist": blocked }),
+        )
+    }
+
+    /// With more keys in Pebble's configuration.
+    pub fn start_config(http_port: u16, quiet: bool, more: serde_json::Value) -> Pebble {
         for bin in [PEBBLE, CHALLTESTSRV] {
             assert!(
                 Path::new(bin).exists(),
@@ -77,8 +86,11 @@ impl Pebble {
             "tlsPort": tls,
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
-            "domainBlocklist": blocked,
         }});
+        let mut cfg = cfg;
+        if let (Some(p), Some(more)) = (cfg["pebble"].as_object_mut(), more.as_object()) {
+            p.extend(more.clone());
+        }
         std::fs::write(dir.path().join("pebble.json"), cfg.to_string()).unwrap();
         let chall = Command::new(CHALLTESTSRV)
             .args(["-management", &format!("127.0.0.1:{chall_mgmt}")])
