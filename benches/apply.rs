@@ -5,10 +5,9 @@
 //! `cargo bench --bench apply` (needs the Debian packages haproxy and socat).
 
 mod support;
-use support::{Auth, free_port, median};
+use support::{Auth, free_port, median, spawn_statelyd};
 
 use stately::pb;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -95,22 +94,7 @@ fn measure(label: &str, backends: usize, servers: usize) {
         ),
     )
     .unwrap();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_statelyd"))
-        .arg("--config")
-        .arg(&cfg)
-        .env("STATELY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(daemon.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
+    let (mut daemon, addr) = spawn_statelyd(&cfg);
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (mut ours, mut script) = (Vec::new(), Vec::new());

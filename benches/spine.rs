@@ -8,12 +8,11 @@
 //! `cargo bench --bench spine` (set BENCH_CANCELS / BENCH_JOBS to change the counts).
 
 mod support;
-use support::Auth;
+use support::{Auth, spawn_statelyd};
 
 use stately::pb;
 use stately::pb::jobs_client::JobsClient;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
@@ -63,24 +62,7 @@ content = "hello\n"
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_statelyd"))
-        .arg("--config")
-        .arg(&config)
-        .env("STATELY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("statelyd starts")
-        .to_owned();
-    (child, addr)
+    spawn_statelyd(&config)
 }
 
 fn rss_kib(pid: u32) -> u64 {

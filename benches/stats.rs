@@ -10,12 +10,12 @@
 //! prometheus-haproxy-exporter; scripts/test.sh installs the first).
 
 mod support;
-use support::{Auth, free_port, median};
+use support::{Auth, free_port, median, spawn_statelyd};
 
 use stately::pb;
 use stately::stats::{StatsHub, parse};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -107,24 +107,7 @@ fn statelyd(dir: &Path, sock: &Path) -> (Child, String) {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_statelyd"))
-        .arg("--config")
-        .arg(&cfg)
-        .env("STATELY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (
-        child,
-        line.trim()
-            .strip_prefix("listening on ")
-            .unwrap()
-            .to_owned(),
-    )
+    spawn_statelyd(&cfg)
 }
 
 type Client = pb::stats_client::StatsClient<
