@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 const PREFIX: &str = "/.well-known/acme-challenge/";
 
 /// The challenges being answered, by token.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Responder {
     tokens: Mutex<HashMap<String, String>>,
-    pub(crate) addr: Option<SocketAddr>,
+    pub(crate) addr: SocketAddr,
 }
 
 impl Responder {
@@ -24,7 +24,7 @@ impl Responder {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let responder = Arc::new(Responder {
             tokens: Mutex::new(HashMap::new()),
-            addr: Some(listener.local_addr()?),
+            addr: listener.local_addr()?,
         });
         let weak = Arc::downgrade(&responder);
         tokio::spawn(async move {

@@ -263,6 +263,9 @@ impl Engine {
                 })
                 .await
                 .unwrap_or_default();
+                if due.is_empty() {
+                    continue;
+                }
                 // A lineage with an issuance already queued or running is left to it.
                 let busy: Vec<String> = engine
                     .list(
@@ -281,8 +284,12 @@ impl Engine {
                     })
                     .collect();
                 for l in due.into_iter().filter(|l| !busy.contains(&l.name)) {
-                    let Ok(spec) = crate::certs::renewal_spec(engine.config(), &l.name) else {
-                        continue;
+                    let spec = match crate::certs::renewal_spec(engine.config(), &l.name) {
+                        Ok(spec) => spec,
+                        Err(e) => {
+                            tracing::warn!(lineage = %l.name, "cannot renew: {e}");
+                            continue;
+                        }
                     };
                     let sub = Submission {
                         spec,

@@ -199,17 +199,16 @@ impl Watch {
         // Stopped: recorded first, so a crash from here on does not bring the watch back.
         mem.stopped = true;
         let state = serde_json::to_string(&mem).unwrap_or_default();
-        let _ = ctx
-            .journal
-            .commit(
-                EventBody::Log {
-                    level: LogLevel::Info,
-                    message: "stopping the watch".into(),
-                    step: Some(ctx.index),
-                },
-                vec![Write::WatchState { job, state }],
-            )
-            .await;
+        let stopping_event = EventBody::Log {
+            level: LogLevel::Info,
+            message: "stopping the watch".into(),
+            step: Some(ctx.index),
+        };
+        if let Err(e) =
+            commit_retrying(ctx, stopping_event, vec![Write::WatchState { job, state }]).await
+        {
+            tracing::warn!(%job, "the stop of the watch was not recorded: {e}");
+        }
         // A send under way may finish; what is left is reported, not sent.
         if let Some(mut h) = sending.take() {
             match tokio::time::timeout(self.mailer.timeout + Duration::from_millis(500), &mut h)

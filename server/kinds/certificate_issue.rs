@@ -225,6 +225,7 @@ pub(crate) struct Issue {
     answering: Vec<responder::Entry>,
     key_pem: Option<String>,
     chain: Option<String>,
+    /// Each deploy target and how it gets the certificate (decided by the install).
     deploy: Vec<(String, UndoEntry)>,
 }
 
@@ -246,7 +247,6 @@ impl Issue {
         let (req, _) = plan(config, spec).map_err(|e| StepError::Failed(e.to_string()))?;
         let lineage = Lineage::new(&config.cert_root(), &req.lineage);
         let bundle = config.bundle_dir().join(format!("{}.pem", req.lineage));
-        let bundle_path = bundle.clone();
         Ok(Issue {
             data_dir: config.data_dir.clone(),
             lineage,
@@ -259,7 +259,7 @@ impl Issue {
             answering: Vec::new(),
             key_pem: None,
             chain: None,
-            deploy: deploy_plan(config, &req.deploy, &bundle_path),
+            deploy: Vec::new(),
             req,
         })
     }
@@ -471,8 +471,7 @@ impl Issue {
                         LogLevel::Info,
                         format!(
                             "{}: the responder on {} answers its challenge",
-                            c.name,
-                            r.addr.map(|a| a.to_string()).unwrap_or_default()
+                            c.name, r.addr
                         ),
                     );
                 }
@@ -631,18 +630,22 @@ impl Issue {
         let key_pem = self.key_pem.clone().ok_or_else(no_order)?;
         let (cert, chain) = lineage::split_chain(&chain_pem).map_err(StepError::Failed)?;
         let fullchain = format!("{cert}{chain}");
-        // Redeploying runs last when unwinding: after the files are back.
-        for (target, undo) in &self.deploy {
-            let entry = match undo {
-                UndoEntry::HotSwapCert { socket, .. } => {
-                    match crate::haproxy::runtime::ssl_cert_loaded(socket, &self.bundle).await {
-                        Ok(true) => undo.clone(),
-                        _ => reload_entry(undo, target, ctx)?,
-                    }
-                }
-                other => other.clone(),
-            };
-            ctx.record_undo(entry).await?;
+        // How each target gets the certificate is decided here, once; its undo is recorded
+        // first, so that unwinding redeploys last, after the files are back.
+        self.deploy.clear();
+        for target in self.req.deploy.clone() {
+            let h = ctx
+                .shared
+                .config
+                .haproxy
+                .iter()
+                .find(|h| h.name == target)
+                .ok_or_else(|| StepError::Failed(format!("HAProxy target '{target}' is gone")))?;
+            let how = deploy_how(h, &self.bundle)
+                .await
+                .map_err(StepError::Failed)?;
+            ctx.record_undo(how.clone()).await?;
+            self.deploy.push((target, how));
         }
         let n = self.lineage.versions().last().map_or(1, |v| v + 1);
         // The new key keeps the mode and owner of the live one (a group that reads it, say).
@@ -741,15 +744,6 @@ impl Issue {
 
     async fn deploy(&mut self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
         for (target, how) in self.deploy.clone() {
-            let how = match &how {
-                UndoEntry::HotSwapCert { socket, path } => {
-                    match crate::haproxy::runtime::ssl_cert_loaded(socket, path).await {
-                        Ok(true) => how.clone(),
-                        _ => reload_entry(&how, &target, ctx)?,
-                    }
-                }
-                other => other.clone(),
-            };
             let mut lines = Vec::new();
             let r = how.apply(&ctx.shared.blobs, |_, l| lines.push(l)).await;
             for l in lines {
@@ -770,29 +764,25 @@ impl Issue {
     }
 }
 
-/// How each deploy target gets the certificate: hot-swap where a stats socket is known (the
-/// install step checks HAProxy has the bundle loaded, else reloads), else a reload.
-fn deploy_plan(config: &Config, targets: &[String], bundle: &Path) -> Vec<(String, UndoEntry)> {
-    targets
-        .iter()
-        .filter_map(|t| config.haproxy.iter().find(|h| &h.name == t))
-        .map(|h| {
-            let entry = match (&h.stats_socket, &h.master_socket, &h.reload_command) {
-                (Some(s), _, _) => UndoEntry::HotSwapCert {
-                    socket: s.clone(),
-                    path: bundle.to_owned(),
-                },
-                (None, Some(m), _) => reload_via_master(h, m),
-                (None, None, Some(argv)) => reload_via_command(argv),
-                // Refused at planning.
-                (None, None, None) => UndoEntry::HotSwapCert {
-                    socket: PathBuf::new(),
-                    path: bundle.to_owned(),
-                },
-            };
-            (h.name.clone(), entry)
-        })
-        .collect()
+/// How a target gets the certificate now: a hot-swap (`set ssl cert`) where HAProxy has the
+/// bundle loaded, else a reload through the master CLI or the reload command.
+async fn deploy_how(h: &crate::config::HaproxyTarget, bundle: &Path) -> Result<UndoEntry, String> {
+    if let Some(socket) = &h.stats_socket
+        && let Ok(true) = crate::haproxy::runtime::ssl_cert_loaded(socket, bundle).await
+    {
+        return Ok(UndoEntry::HotSwapCert {
+            socket: socket.clone(),
+            path: bundle.to_owned(),
+        });
+    }
+    match (&h.master_socket, &h.reload_command) {
+        (Some(m), _) => Ok(reload_via_master(h, m)),
+        (None, Some(argv)) => Ok(reload_via_command(argv)),
+        (None, None) => Err(format!(
+            "'{}' does not have the bundle loaded, and has no master_socket or reload_command to reload it",
+            h.name
+        )),
+    }
 }
 
 fn reload_via_master(h: &crate::config::HaproxyTarget, m: &Path) -> UndoEntry {
@@ -812,28 +802,6 @@ fn reload_via_command(argv: &[String]) -> UndoEntry {
     UndoEntry::RunCommand {
         run: inv.clone(),
         redo: Some(inv),
-    }
-}
-
-/// The reload that replaces a hot-swap HAProxy cannot do (the bundle is not loaded there).
-fn reload_entry(
-    _hot: &UndoEntry,
-    target: &str,
-    ctx: &mut StepCtx<'_>,
-) -> Result<UndoEntry, StepError> {
-    let h = ctx
-        .shared
-        .config
-        .haproxy
-        .iter()
-        .find(|h| h.name == target)
-        .ok_or_else(|| StepError::Failed(format!("HAProxy target '{target}' is gone")))?;
-    match (&h.master_socket, &h.reload_command) {
-        (Some(m), _) => Ok(reload_via_master(h, m)),
-        (None, Some(argv)) => Ok(reload_via_command(argv)),
-        (None, None) => Err(StepError::Failed(format!(
-            "'{target}' does not have the bundle loaded, and has no master_socket or reload_command to reload it"
-        ))),
     }
 }
 
