@@ -142,12 +142,21 @@ pub struct Memory {
     /// The first snapshot has been seen (later, a new server is "new", not "already so").
     #[serde(default)]
     started: bool,
+    /// Something worth saving changed since `take_changed` was last called (timers and
+    /// counters are not: a restart times them afresh).
+    #[serde(skip)]
+    changed: bool,
     /// 5xx counters at the start of the current interval: (value, unix ms).
     #[serde(skip)]
     base_5xx: HashMap<String, (u64, i64)>,
 }
 
 impl Memory {
+    /// Whether anything worth saving changed since the last call.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
     /// After a restart: transitional looks and an unreported outage are timed afresh (the
     /// daemon was away for an unknown time; the hold counts from what it sees now).
     pub fn restarted(&mut self) {
@@ -256,7 +265,9 @@ pub fn evaluate(rules: &Rules, mem: &mut Memory, snap: &Snapshot, now: i64) -> V
         thresholds(rules, mem, row, now, &mut out);
     }
     // Servers gone from the stats (a new configuration) are forgotten quietly.
+    let known = mem.servers.len();
     mem.servers.retain(|k, _| seen.contains(k));
+    mem.changed |= mem.servers.len() != known;
     for (key, m) in &mem.servers {
         let Some((backend, _)) = key.split_once('/') else {
             continue;
@@ -290,6 +301,7 @@ pub fn evaluate(rules: &Rules, mem: &mut Memory, snap: &Snapshot, now: i64) -> V
             });
         }
     }
+    let (critical, over) = (mem.critical.len(), mem.over.len());
     mem.critical.retain(|b| {
         snap.rows
             .iter()
@@ -302,6 +314,8 @@ pub fn evaluate(rules: &Rules, mem: &mut Memory, snap: &Snapshot, now: i64) -> V
     };
     mem.over.retain(known);
     mem.base_5xx.retain(|k, _| known(k));
+    mem.changed |=
+        !out.is_empty() || !mem.started || mem.critical.len() != critical || mem.over.len() != over;
     mem.started = true;
     out
 }
@@ -346,6 +360,7 @@ fn server(
     let before = m.health;
     let lasted = now - m.since;
     m.health = Some(new);
+    mem.changed = true;
     m.since = now;
     m.unsettled_since = None;
     let (severity, detail) = match (before, new) {
@@ -566,6 +581,9 @@ mod tests {
             ]
         };
         assert!(evaluate(&r, &mut m, &snap(up()), 0).is_empty());
+        assert!(m.take_changed(), "the first look is worth saving");
+        assert!(evaluate(&r, &mut m, &snap(up()), 500).is_empty());
+        assert!(!m.take_changed(), "a steady poll is not");
         let mut going = up();
         going[1] = row("app", "s1", "UP 2/3", "L4CON");
         assert!(evaluate(&r, &mut m, &snap(going.clone()), 1000).is_empty());

@@ -114,7 +114,6 @@ impl Watch {
             // Stopped before a crash cut the end short: it stays stopped.
             return Err(StepError::Cancelled);
         }
-        let mut saved = serde_json::to_string(&mem).unwrap_or_default();
         let mut outbox: VecDeque<OutboxEntry> = store
             .outbox(job)
             .map_err(failed)?
@@ -182,16 +181,15 @@ impl Watch {
                         Ok(snap) => rules::evaluate(&self.rules, &mut mem, snap, poll.at),
                         Err(e) => rules::unreachable(&self.rules, &mut mem, &e.to_string(), poll.at),
                     };
+                    // The memory is saved with each alert, and otherwise only when what it
+                    // knows changed (not on every poll).
+                    let changed = mem.take_changed();
                     if !transitions.is_empty() {
                         let entry = self.alert(ctx, &mut mem, &transitions, poll.at).await?;
                         outbox.push_back(entry);
-                        saved = serde_json::to_string(&mem).unwrap_or_default();
-                    } else {
-                        let now = serde_json::to_string(&mem).unwrap_or_default();
-                        if now != saved {
-                            ctx.journal.write(None, vec![Write::WatchState { job, state: now.clone() }]);
-                            saved = now;
-                        }
+                    } else if changed {
+                        let state = serde_json::to_string(&mem).unwrap_or_default();
+                        ctx.journal.write(None, vec![Write::WatchState { job, state }]);
                     }
                 }
             }
