@@ -19,7 +19,7 @@ pub(crate) enum AlertsCommand {
         #[arg(long, required = true)]
         to: Vec<String>,
         /// How often the stats are read.
-        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "1s", value_parser = poll_interval)]
         interval: Duration,
         /// How long a transitional state (INI after a reload) must last to be believed.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -48,6 +48,16 @@ pub(crate) enum AlertsCommand {
     },
     /// Stop a watch (a cancel of its job).
     Stop { id: String },
+}
+
+/// A poll interval as the daemon takes it: 100 ms to 1 hour (refused here rather than a 0
+/// that would silently mean the default).
+fn poll_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+        return Err(format!("{s} is not between 100ms and 1h"));
+    }
+    Ok(d)
 }
 
 fn millis(d: Duration, what: &str) -> Result<u32> {

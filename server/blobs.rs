@@ -22,7 +22,7 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 
 impl BlobStore {
     pub(crate) fn open(dir: PathBuf) -> io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
+        crate::fsops::create_private_dir(&dir)?;
         Ok(Self {
             dir,
             gc: Default::default(),

@@ -48,6 +48,11 @@ pub struct Config {
     pub listen_unix: Option<PathBuf>,
     /// Where the store, the blobs and the generated token live.
     pub data_dir: PathBuf,
+    /// Open connections per listener at most (lowered to fit the open-file limit).
+    pub max_connections: usize,
+    /// A connection that sends nothing for this long after it opened is closed.
+    #[serde(with = "humantime_serde_compat")]
+    pub first_bytes_timeout: Duration,
     /// How long running jobs get to finish on SIGTERM before they are left for recovery.
     #[serde(with = "humantime_serde_compat")]
     pub shutdown_grace: Duration,
@@ -555,6 +560,8 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             listen_unix: None,
             data_dir: default_data_dir(),
+            max_connections: 4096,
+            first_bytes_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             sync: SyncMode::Full,
             history: History::default(),
@@ -582,6 +589,12 @@ listen = "127.0.0.1:50051"
 # Store, backups and the generated token. Default: $STATELY_DATA_DIR, else /var/lib/stately
 # for root, else $XDG_STATE_HOME/stately or ~/.local/state/stately.
 # data_dir = "/var/lib/stately"
+
+# Open connections per listener at most (lowered to fit the open-file limit, which statelyd
+# raises to its hard limit at start). At the cap, the connection quiet the longest makes room.
+max_connections = 4096
+# A connection that sends nothing for this long after it opened is closed.
+first_bytes_timeout = "10s"
 
 # On SIGTERM/SIGINT: how long running jobs get to finish before the daemon exits and leaves
 # them to be unwound at the next start.

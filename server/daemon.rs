@@ -1,7 +1,7 @@
 //! Runs statelyd: the engine, the gRPC services (jobs, health, reflection) on TCP and an
 //! optional unix socket, and an orderly stop when `shutdown` resolves.
 
-use crate::api::{CertsApi, HaproxyApi, JobsApi, StatsApi};
+use crate::api::{CertsApi, HaproxyApi, InputErrorsLayer, JobsApi, StatsApi};
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::engine::Engine;
@@ -38,6 +38,17 @@ pub enum Error {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// The largest request a service that takes whole configurations decodes (16 MiB and room
+/// for the rest of the message).
+const MAX_CONFIG_REQUEST: usize = crate::haproxy::MAX_CONFIG_BYTES + (64 << 10);
+/// The largest request other services decode.
+const MAX_REQUEST: usize = 1 << 20;
+/// HTTP/2 pings on a quiet connection, and how long the peer has to answer before it is closed.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Concurrent calls on one connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// Serves until `shutdown` resolves, then stops accepting, ends open streams, gives running
 /// jobs the configured grace period and flushes the store. `on_listen` learns the bound TCP
 /// address (the port may have been 0).
@@ -47,10 +58,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::Bind {
+    crate::fsops::create_private_dir(&config.data_dir).map_err(|e| Error::Bind {
         addr: config.data_dir.display().to_string(),
         source: e,
     })?;
+    let nofile = crate::listen::raise_nofile();
+    let limits =
+        crate::listen::Limits::fitted(config.max_connections, config.first_bytes_timeout, nofile);
     let auth = Auth::load(&config).map_err(Error::Auth)?;
     let config = Arc::new(config);
     let engine = Engine::start(config.clone()).await?;
@@ -80,6 +94,9 @@ pub async fn run(
     health_reporter
         .set_serving::<pb::haproxy_server::HaproxyServer<HaproxyApi>>()
         .await;
+    health_reporter
+        .set_serving::<pb::certificates_server::CertificatesServer<CertsApi>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -91,32 +108,40 @@ pub async fn run(
         .build_v1alpha()
         .map_err(|e| Error::Reflection(e.to_string()))?;
 
+    // Every service decodes requests up to its documented size: a whole configuration (16 MiB)
+    // in SubmitJob/RunJob and ValidateConfig, 1 MiB elsewhere.
     let router = || {
         Server::builder()
+            .layer(InputErrorsLayer)
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .add_service(health.clone())
             .add_service(InterceptedService::new(reflection_v1.clone(), auth.clone()))
             .add_service(InterceptedService::new(
                 reflection_v1alpha.clone(),
                 auth.clone(),
             ))
-            .add_service(pb::jobs_server::JobsServer::with_interceptor(
-                jobs.clone(),
+            .add_service(InterceptedService::new(
+                pb::jobs_server::JobsServer::new(jobs.clone())
+                    .max_decoding_message_size(MAX_CONFIG_REQUEST),
                 auth.clone(),
             ))
-            .add_service(pb::stats_server::StatsServer::with_interceptor(
-                stats.clone(),
+            .add_service(InterceptedService::new(
+                pb::stats_server::StatsServer::new(stats.clone())
+                    .max_decoding_message_size(MAX_REQUEST),
                 auth.clone(),
             ))
-            .add_service(pb::haproxy_server::HaproxyServer::with_interceptor(
-                haproxy.clone(),
+            .add_service(InterceptedService::new(
+                pb::haproxy_server::HaproxyServer::new(haproxy.clone())
+                    .max_decoding_message_size(MAX_CONFIG_REQUEST),
                 auth.clone(),
             ))
-            .add_service(
-                pb::certificates_server::CertificatesServer::with_interceptor(
-                    certs.clone(),
-                    auth.clone(),
-                ),
-            )
+            .add_service(InterceptedService::new(
+                pb::certificates_server::CertificatesServer::new(certs.clone())
+                    .max_decoding_message_size(MAX_REQUEST),
+                auth.clone(),
+            ))
     };
 
     let tcp = tokio::net::TcpListener::bind(config.listen)
@@ -131,8 +156,7 @@ pub async fn run(
     })?;
     let mut servers = tokio::task::JoinSet::new();
     let stop = stopping.clone();
-    // Without TCP_NODELAY, streamed events meet delayed ACKs and a reply can wait 40 ms.
-    let incoming = tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true));
+    let incoming = crate::listen::incoming(tcp, limits, stopping.clone());
     let tcp_server =
         router().serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await });
     servers.spawn(tcp_server);
@@ -143,7 +167,7 @@ pub async fn run(
             source,
         })?;
         let stop = stopping.clone();
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(uds);
+        let incoming = crate::listen::incoming(uds, limits, stopping.clone());
         servers.spawn(
             router().serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         );

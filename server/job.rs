@@ -33,7 +33,10 @@ impl FromStr for JobId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         uuid::Uuid::try_parse(s).map(JobId).map_err(|_| {
-            format!("'{s}' is not a job id (ids look like 0190f6c2-7b1e-7c3a-9f00-2b8e4d1a5c77)")
+            format!(
+                "{} is not a job id (ids look like 0190f6c2-7b1e-7c3a-9f00-2b8e4d1a5c77)",
+                crate::quote::quote(s)
+            )
         })
     }
 }

@@ -17,8 +17,10 @@ mod fsops;
 pub mod haproxy;
 pub mod job;
 mod kinds;
+mod listen;
 pub mod stats;
 mod store;
+mod quote;
 mod undo;
 
 /// Generated protobuf and gRPC code for `stately.v1`.

@@ -201,6 +201,18 @@ const JOB_COLUMNS: &str = "id, spec, state, steps, request_id, labels, resources
 impl Store {
     /// Opens (creating if needed) the ledger at `path` and starts its writer.
     pub(crate) fn open(path: &Path, sync_full: bool) -> Result<Store, Error> {
+        // The ledger holds job history and configurations: owner only. SQLite gives its -wal
+        // and -shm files the database file's mode; older ones are corrected here too.
+        for p in [
+            path.to_owned(),
+            path.with_extension("db-wal"),
+            path.with_extension("db-shm"),
+        ] {
+            if p == path || p.exists() {
+                crate::fsops::make_private_file(&p)
+                    .map_err(|e| Error::Write(format!("{}: {e}", p.display())))?;
+            }
+        }
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(
@@ -386,7 +398,9 @@ impl Store {
             let mut stmt = c.prepare_cached(
                 "SELECT body FROM events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq",
             )?;
-            let rows = stmt.query_map(params![job.to_string(), after as i64], |r| {
+            // Sequence numbers past i64::MAX do not exist: nothing comes after them.
+            let after = i64::try_from(after).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(params![job.to_string(), after], |r| {
                 r.get::<_, String>(0)
             })?;
             rows.map(|r| {

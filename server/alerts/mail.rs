@@ -194,7 +194,12 @@ pub(crate) fn check_recipients(to: &[String]) -> Result<(), String> {
     }
     for r in to {
         r.parse::<Mailbox>()
-            .map_err(|e| format!("recipient '{r}' is not a mail address: {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "recipient {} is not a mail address: {e}",
+                    crate::quote::quote(r)
+                )
+            })?;
     }
     Ok(())
 }

@@ -71,7 +71,8 @@ impl pb::certificates_server::Certificates for CertsApi {
         let name = req.into_inner().name;
         if !crate::config::is_safe_name(&name) {
             return Err(Status::invalid_argument(format!(
-                "'{name}' is not a lineage name (letters, digits, '.', '_', '-')"
+                "{} is not a lineage name (letters, digits, '.', '_', '-')",
+                crate::quote::quote(&name)
             )));
         }
         let config = self.engine.config_arc();
@@ -96,8 +97,8 @@ impl pb::certificates_server::Certificates for CertsApi {
         let r = req.into_inner();
         if !crate::config::is_safe_name(&r.name) {
             return Err(Status::invalid_argument(format!(
-                "'{}' is not a lineage name (letters, digits, '.', '_', '-')",
-                r.name
+                "{} is not a lineage name (letters, digits, '.', '_', '-')",
+                crate::quote::quote(&r.name)
             )));
         }
         let spec = certs::renewal_spec(self.engine.config(), &r.name)?;

@@ -39,6 +39,7 @@ impl pb::haproxy_server::Haproxy for HaproxyApi {
     ) -> Result<Response<pb::HaproxyConfig>, Status> {
         require(&req, Role::Viewer, "GetConfig")?;
         let target = req.into_inner().target;
+        super::required_target(&target)?;
         let live = self.targets.live(&target).await?;
         Ok(Response::new(pb::HaproxyConfig {
             target,
@@ -53,6 +54,7 @@ impl pb::haproxy_server::Haproxy for HaproxyApi {
     ) -> Result<Response<pb::ValidationResult>, Status> {
         require(&req, Role::Operator, "ValidateConfig")?;
         let r = req.into_inner();
+        super::required_target(&r.target)?;
         if r.text.trim().is_empty() {
             return Err(Status::invalid_argument(
                 "text (the whole candidate configuration) is required",

@@ -58,7 +58,17 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
             JobSpec::HaproxyApply {
                 target: a.target,
                 config: a.config,
-                base_version: Some(a.base_version).filter(|v| !v.is_empty()),
+                base_version: match a.base_version.as_str() {
+                    "" => None,
+                    v if crate::haproxy::is_version(v) => Some(a.base_version),
+                    v => {
+                        return Err(Status::invalid_argument(format!(
+                            "spec.haproxy_apply.base_version {} is not a configuration version \
+                             (sha256: and 64 hex digits, as GetConfig returns)",
+                            crate::quote::quote(v)
+                        )));
+                    }
+                },
                 allow_servers_down: a.allow_servers_down,
             }
         }

@@ -3,8 +3,11 @@
 
 mod certs;
 mod haproxy;
+mod input_errors;
 mod jobs;
 mod stats;
+
+pub(crate) use input_errors::InputErrorsLayer;
 
 pub(crate) use certs::CertsApi;
 pub(crate) use haproxy::HaproxyApi;
@@ -12,18 +15,35 @@ pub(crate) use jobs::JobsApi;
 pub(crate) use stats::StatsApi;
 
 use crate::engine;
-use tonic::Status;
+use crate::quote::cap;
+use tonic::{Code, Status};
+
+/// A status whose message is capped (a backstop: client values are quoted short where named).
+fn status(code: Code, message: String) -> Status {
+    Status::new(code, cap(message))
+}
+
+/// A required target name, or INVALID_ARGUMENT (the same answer from every service).
+fn required_target(t: &str) -> Result<&str, Status> {
+    if t.is_empty() {
+        return Err(Status::invalid_argument(
+            "target is required (a configured HAProxy target's name)",
+        ));
+    }
+    Ok(t)
+}
 
 impl From<engine::Error> for Status {
     fn from(e: engine::Error) -> Status {
         use engine::Error::*;
         match e {
-            InvalidArgument(m) => Status::invalid_argument(m),
-            NotFound(m) => Status::not_found(m),
-            PermissionDenied(m) => Status::permission_denied(m),
-            FailedPrecondition(m) => Status::failed_precondition(m),
-            AlreadyExists(m) => Status::already_exists(m),
-            Unavailable(m) => Status::unavailable(m),
+            InvalidArgument(m) => status(Code::InvalidArgument, m),
+            NotFound(m) => status(Code::NotFound, m),
+            PermissionDenied(m) => status(Code::PermissionDenied, m),
+            FailedPrecondition(m) => status(Code::FailedPrecondition, m),
+            ResourceExhausted(m) => status(Code::ResourceExhausted, m),
+            AlreadyExists(m) => status(Code::AlreadyExists, m),
+            Unavailable(m) => status(Code::Unavailable, m),
             Store(crate::store::Error::Closed) => {
                 Status::unavailable("the daemon is shutting down")
             }
@@ -38,9 +58,9 @@ impl From<crate::stats::Error> for Status {
     fn from(e: crate::stats::Error) -> Status {
         use crate::stats::Error::*;
         match e {
-            UnknownTarget(m) => Status::not_found(m),
-            e @ Unreachable { .. } => Status::unavailable(e.to_string()),
-            e @ Parse { .. } => Status::internal(e.to_string()),
+            UnknownTarget(m) => status(Code::NotFound, m),
+            e @ Unreachable { .. } => status(Code::Unavailable, e.to_string()),
+            e @ Parse { .. } => status(Code::Internal, e.to_string()),
         }
     }
 }
@@ -49,10 +69,12 @@ impl From<crate::haproxy::Error> for Status {
     fn from(e: crate::haproxy::Error) -> Status {
         use crate::haproxy::Error::*;
         match e {
-            UnknownTarget(m) => Status::not_found(m),
-            e @ NoConfig(_) => Status::failed_precondition(e.to_string()),
-            BadCandidate(m) => Status::invalid_argument(m),
-            Io(m) => Status::unavailable(m),
+            UnknownTarget(m) => status(Code::NotFound, m),
+            e @ NoConfig(_) => status(Code::FailedPrecondition, e.to_string()),
+            BadCandidate(m) => status(Code::InvalidArgument, m),
+            Refused(m) => status(Code::PermissionDenied, m),
+            TooLarge(m) => status(Code::ResourceExhausted, m),
+            Io(m) => status(Code::Unavailable, m),
         }
     }
 }

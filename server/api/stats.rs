@@ -24,6 +24,10 @@ pub(crate) struct StatsApi {
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::StatsUpdate, Status>> + Send>>;
 
+/// Bounds on a filter: each pattern is matched against every row of every poll.
+const MAX_PATTERNS: usize = 64;
+const MAX_PATTERN_BYTES: usize = 256;
+
 fn filter(f: Option<pb::StatsFilter>) -> Result<Filter, Status> {
     let f = f.unwrap_or_default();
     let types = f
@@ -39,20 +43,28 @@ fn filter(f: Option<pb::StatsFilter>) -> Result<Filter, Status> {
             ))),
         })
         .collect::<Result<_, _>>()?;
+    for (what, patterns) in [("proxies", &f.proxies), ("servers", &f.servers)] {
+        if patterns.len() > MAX_PATTERNS {
+            return Err(Status::invalid_argument(format!(
+                "filter.{what}: at most {MAX_PATTERNS} patterns, not {}",
+                patterns.len()
+            )));
+        }
+        if let Some(p) = patterns.iter().find(|p| p.len() > MAX_PATTERN_BYTES) {
+            return Err(Status::invalid_argument(format!(
+                "filter.{what}: pattern {} is longer than {MAX_PATTERN_BYTES} bytes",
+                crate::quote::quote(p)
+            )));
+        }
+    }
+    if f.types.len() > 8 {
+        return Err(Status::invalid_argument("filter.types: at most 8 row types"));
+    }
     Ok(Filter {
         proxies: f.proxies,
         servers: f.servers,
         types,
     })
-}
-
-fn target(t: &str) -> Result<&str, Status> {
-    if t.is_empty() {
-        return Err(Status::invalid_argument(
-            "target is required (a configured HAProxy target's name)",
-        ));
-    }
-    Ok(t)
 }
 
 #[tonic::async_trait]
@@ -63,7 +75,7 @@ impl pb::stats_server::Stats for StatsApi {
     ) -> Result<Response<pb::StatsSnapshot>, Status> {
         require(&req, Role::Viewer, "GetStats")?;
         let r = req.into_inner();
-        let target = target(&r.target)?;
+        let target = super::required_target(&r.target)?;
         let filter = filter(r.filter)?;
         let snap = self.hub.snapshot(target).await?;
         Ok(Response::new(snapshot_to_pb(
@@ -83,7 +95,7 @@ impl pb::stats_server::Stats for StatsApi {
     ) -> Result<Response<UpdateStream>, Status> {
         require(&req, Role::Viewer, "WatchStats")?;
         let r = req.into_inner();
-        let target = target(&r.target)?.to_owned();
+        let target = super::required_target(&r.target)?.to_owned();
         let filter = filter(r.filter)?;
         let interval = match r.interval {
             None => DEFAULT_INTERVAL,

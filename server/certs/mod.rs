@@ -6,6 +6,7 @@ pub(crate) mod acme;
 pub(crate) mod lineage;
 pub(crate) mod responder;
 
+use crate::quote::quote;
 use serde::{Deserialize, Serialize};
 
 /// Key types a certificate may have.
@@ -45,17 +46,19 @@ pub(crate) fn check_names(names: &[String]) -> Result<(), String> {
                 .is_ok()
         {
             return Err(format!(
-                "'{n}' is an IP address: only DNS names can be certified here"
+                "{} is an IP address: only DNS names can be certified here",
+                quote(n)
             ));
         }
         if n.starts_with("*.") {
             return Err(format!(
-                "'{n}' is a wildcard: HTTP-01 cannot validate wildcards (they need DNS-01)"
+                "{} is a wildcard: HTTP-01 cannot validate wildcards (they need DNS-01)",
+                quote(n)
             ));
         }
-        check_dns_name(n).map_err(|why| format!("'{n}' is not a valid DNS name: {why}"))?;
+        check_dns_name(n).map_err(|why| format!("{} is not a valid DNS name: {why}", quote(n)))?;
         if !seen.insert(n.to_ascii_lowercase()) {
-            return Err(format!("'{n}' is given twice"));
+            return Err(format!("{} is given twice", quote(n)));
         }
     }
     Ok(())
@@ -73,7 +76,7 @@ fn check_dns_name(n: &str) -> Result<(), String> {
             return Err("an empty label".into());
         }
         if label.len() > 63 {
-            return Err(format!("label '{label}' is longer than 63 characters"));
+            return Err(format!("label {} is longer than 63 characters", quote(label)));
         }
         if !label
             .bytes()

@@ -7,6 +7,7 @@ mod scheduler;
 
 pub(crate) use runner::StepCtx;
 
+use crate::quote::quote;
 use crate::blobs::BlobStore;
 use crate::config::Config;
 use crate::fsops::FileState;
@@ -38,6 +39,9 @@ pub enum Error {
     /// The request is valid but the job or the world is not in a state that allows it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The request is larger than the daemon takes, or would exhaust it.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The idempotency key was used for a different request.
     #[error("{0}")]
     AlreadyExists(String),
@@ -139,6 +143,8 @@ impl std::fmt::Debug for Engine {
 
 /// Page sizes: 0 means the default; larger than the maximum is clamped.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// The most label filters ListJobs takes (a job has at most 64 labels).
+pub const MAX_LABEL_FILTERS: usize = 64;
 /// The largest page ListJobs returns.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
@@ -147,7 +153,7 @@ impl Engine {
     /// the retention task.
     pub async fn start(config: Arc<Config>) -> Result<Engine, Error> {
         let data = &config.data_dir;
-        std::fs::create_dir_all(data).map_err(|e| {
+        crate::fsops::create_private_dir(data).map_err(|e| {
             Error::Unavailable(format!(
                 "cannot create data directory {}: {e}",
                 data.display()
@@ -387,7 +393,8 @@ impl Engine {
                 if let Some(existing) = self.shared.store.job_by_request_id(rid)? {
                     if existing.spec != sub.spec {
                         return Err(Error::AlreadyExists(format!(
-                            "request_id '{rid}' was already used for job {} with a different spec",
+                            "request_id {} was already used for job {} with a different spec",
+                            quote(rid),
                             existing.id
                         )));
                     }
@@ -505,14 +512,32 @@ impl Engine {
             && !JobSpec::KINDS.contains(&k.as_str())
         {
             return Err(Error::InvalidArgument(format!(
-                "unknown kind '{k}' (kinds: {})",
+                "unknown kind {} (kinds: {})",
+                quote(k),
                 JobSpec::KINDS.join(", ")
             )));
+        }
+        if labels.len() > MAX_LABEL_FILTERS {
+            return Err(Error::InvalidArgument(format!(
+                "labels: at most {MAX_LABEL_FILTERS} label filters, not {}",
+                labels.len()
+            )));
+        }
+        if let Some((k, _)) = labels.iter().find(|(k, v)| k.len() > 63 || v.len() > 256) {
+            return Err(Error::InvalidArgument(format!(
+                "labels: filter {} is longer than a label can be (keys 63 bytes, values 256)",
+                quote(k)
+            )));
+        }
+        if states.len() > 16 {
+            return Err(Error::InvalidArgument(
+                "states: at most 16 states (there are 6)".into(),
+            ));
         }
         let before = match page_token {
             "" => None,
             t => Some(t.parse::<i64>().ok().filter(|p| *p > 0).ok_or_else(|| {
-                Error::InvalidArgument(format!("page_token '{t}' is not one this server returned"))
+                Error::InvalidArgument(format!("page_token {} is not one this server returned", quote(t)))
             })?),
         };
         let filter = JobFilter {
@@ -783,12 +808,14 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), Error> {
                 .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
         {
             return Err(Error::InvalidArgument(format!(
-                "label key '{k}': 1 to 63 of letters, digits, '.', '_', '-', '/'"
+                "label key {}: 1 to 63 of letters, digits, '.', '_', '-', '/'",
+                quote(k)
             )));
         }
         if v.len() > 256 {
             return Err(Error::InvalidArgument(format!(
-                "label '{k}': the value is longer than 256 bytes"
+                "label {}: the value is longer than 256 bytes",
+                quote(k)
             )));
         }
     }

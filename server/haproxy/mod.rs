@@ -58,6 +58,13 @@ pub enum Error {
     /// The candidate is unusable before HAProxy even sees it.
     #[error("{0}")]
     BadCandidate(String),
+    /// The candidate uses what the target's policy does not allow (code, files outside the
+    /// allowed directories).
+    #[error("{0}")]
+    Refused(String),
+    /// The candidate is larger than a configuration may be.
+    #[error("{0}")]
+    TooLarge(String),
     /// Reading, writing or running failed.
     #[error("{0}")]
     Io(String),
@@ -116,6 +123,13 @@ pub fn version(bytes: &[u8]) -> String {
     format!("sha256:{}", crate::blobs::sha256_hex(bytes))
 }
 
+/// Whether `v` has the form of a version ("sha256:" and 64 lower-case hex digits).
+pub fn is_version(v: &str) -> bool {
+    v.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 impl Targets {
     /// The targets of a configuration.
     pub fn new(config: &Config) -> Targets {
@@ -134,7 +148,8 @@ impl Targets {
         self.targets.iter().find(|t| t.name == name).ok_or_else(|| {
             let known: Vec<&str> = self.targets.iter().map(|t| t.name.as_str()).collect();
             Error::UnknownTarget(format!(
-                "no HAProxy target '{name}' is configured{}",
+                "no HAProxy target {} is configured{}",
+                crate::quote::quote(name),
                 if known.is_empty() {
                     " (none are)".to_owned()
                 } else {
@@ -169,7 +184,7 @@ impl Targets {
     pub async fn validate(&self, name: &str, text: &str) -> Result<Validation, Error> {
         let (target, live) = self.config_path(name)?;
         if text.len() > MAX_CONFIG_BYTES {
-            return Err(Error::BadCandidate(format!(
+            return Err(Error::TooLarge(format!(
                 "the candidate is larger than {} MiB",
                 MAX_CONFIG_BYTES >> 20
             )));

@@ -33,14 +33,16 @@ pub(crate) async fn server_state(
             .collect();
         names.dedup();
         return Err(Lookup::NotFound(format!(
-            "no backend '{backend}' (backends: {})",
+            "no backend {} (backends: {})",
+            crate::quote::quote(backend),
             names.join(", ")
         )));
     }
     let Some(row) = servers.iter().find(|r| r.server == server) else {
         let names: Vec<&str> = servers.iter().map(|r| r.server.as_str()).collect();
         return Err(Lookup::NotFound(format!(
-            "no server '{server}' in backend '{backend}' (servers: {})",
+            "no server {} in backend '{backend}' (servers: {})",
+            crate::quote::quote(server),
             names.join(", ")
         )));
     };

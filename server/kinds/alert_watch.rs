@@ -37,7 +37,8 @@ pub(crate) async fn plan(
         .ok_or_else(|| {
             let known: Vec<&str> = config.haproxy.iter().map(|t| t.name.as_str()).collect();
             Error::NotFound(format!(
-                "no HAProxy target '{target}' is configured (targets: {})",
+                "no HAProxy target {} is configured (targets: {})",
+                crate::quote::quote(target),
                 if known.is_empty() {
                     "none".to_owned()
                 } else {

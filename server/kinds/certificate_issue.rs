@@ -4,6 +4,7 @@
 //! deploy (hot-swap or reload). Every change records its undo first: a cancel or failure
 //! leaves no challenge file and the previous version live; a rollback puts it back.
 
+use crate::quote::quote;
 use crate::certs::acme;
 use crate::certs::lineage::{self, FILES, Lineage};
 use crate::certs::responder::{self, Responder};
@@ -82,12 +83,14 @@ pub(crate) fn plan(config: &Config, spec: &JobSpec) -> Result<(Request, Vec<Stri
     check_names(names).map_err(Error::InvalidArgument)?;
     if !crate::config::is_safe_name(lineage) {
         return Err(Error::InvalidArgument(format!(
-            "lineage name '{lineage}' is not a safe file name (letters, digits, '.', '_', '-'; not '.' or '..')"
+            "lineage name {} is not a safe file name (letters, digits, '.', '_', '-'; not '.' or '..')",
+            quote(lineage)
         )));
     }
     if !KEY_TYPES.contains(&key_type.as_str()) {
         return Err(Error::InvalidArgument(format!(
-            "key type '{key_type}': one of {}",
+            "key type {}: one of {}",
+            quote(key_type),
             KEY_TYPES.join(", ")
         )));
     }
@@ -100,7 +103,8 @@ pub(crate) fn plan(config: &Config, spec: &JobSpec) -> Result<(Request, Vec<Stri
         let mut known: Vec<&str> = config.acme.iter().map(|a| a.name.as_str()).collect();
         known.extend(["letsencrypt", "letsencrypt-staging"]);
         Error::NotFound(format!(
-            "no ACME server '{acme_name}' (known: {})",
+            "no ACME server {} (known: {})",
+            quote(acme_name),
             known.join(", ")
         ))
     })?;
@@ -109,7 +113,7 @@ pub(crate) fn plan(config: &Config, spec: &JobSpec) -> Result<(Request, Vec<Stri
             if !w.is_absolute() || !crate::config::is_normal(w) {
                 return Err(Error::InvalidArgument(format!(
                     "webroot {} must be an absolute path without '..'",
-                    w.display()
+                    quote(&w.to_string_lossy())
                 )));
             }
             if !config
@@ -120,7 +124,7 @@ pub(crate) fn plan(config: &Config, spec: &JobSpec) -> Result<(Request, Vec<Stri
             {
                 return Err(Error::PermissionDenied(format!(
                     "webroot {} is not one of the daemon's [certificates] webroots ({})",
-                    w.display(),
+                    quote(&w.to_string_lossy()),
                     config
                         .certificates
                         .webroots
@@ -142,7 +146,8 @@ pub(crate) fn plan(config: &Config, spec: &JobSpec) -> Result<(Request, Vec<Stri
     let mut seen = std::collections::HashSet::new();
     if let Some(t) = deploy.iter().find(|t| !seen.insert(t.as_str())) {
         return Err(Error::InvalidArgument(format!(
-            "deploy target '{t}' is given twice"
+            "deploy target {} is given twice",
+            quote(t)
         )));
     }
     let bundle = config.bundle_dir().join(format!("{lineage}.pem"));
@@ -162,7 +167,7 @@ pub(crate) fn plan(config: &Config, spec: &JobSpec) -> Result<(Request, Vec<Stri
             .haproxy
             .iter()
             .find(|h| &h.name == t)
-            .ok_or_else(|| Error::NotFound(format!("no HAProxy target '{t}' to deploy to")))?;
+            .ok_or_else(|| Error::NotFound(format!("no HAProxy target {} to deploy to", quote(t))))?;
         if target.master_socket.is_none()
             && target.reload_command.is_none()
             && target.stats_socket.is_none()

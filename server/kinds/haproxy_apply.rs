@@ -52,7 +52,7 @@ pub(crate) fn plan(config: &Config, target: &str, text: &str) -> Result<Vec<Stri
         ));
     }
     if text.len() > crate::haproxy::MAX_CONFIG_BYTES {
-        return Err(Error::InvalidArgument(
+        return Err(Error::ResourceExhausted(
             "the configuration is larger than 16 MiB".into(),
         ));
     }

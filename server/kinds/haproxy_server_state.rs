@@ -45,14 +45,15 @@ pub(crate) async fn check(
                 .any(|c| c.is_whitespace() || c.is_control() || c == '/')
         {
             return Err(Error::InvalidArgument(format!(
-                "{what} name '{}' is not a HAProxy name",
-                name.escape_debug()
+                "{what} name {} is not a HAProxy name",
+                crate::quote::quote(name)
             )));
         }
     }
     if !STATES.contains(&state) {
         return Err(Error::InvalidArgument(format!(
-            "state '{state}' is not one of ready, drain, maint"
+            "state {} is not one of ready, drain, maint",
+            crate::quote::quote(state)
         )));
     }
     let socket = socket(config, target)?;

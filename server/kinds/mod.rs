@@ -8,6 +8,7 @@ pub(crate) mod haproxy_server_state;
 pub(crate) mod rollback;
 pub(crate) mod runbook;
 
+use crate::quote::quote;
 use crate::config::Config;
 use crate::engine::{Error, Shared, StepCtx};
 use crate::job::{JobId, JobSpec};
@@ -54,7 +55,8 @@ pub(crate) async fn plan(spec: &JobSpec, config: &Config) -> Result<Plan, Error>
             let rb = config.runbook(runbook).ok_or_else(|| {
                 let known: Vec<&str> = config.runbooks.iter().map(|r| r.name.as_str()).collect();
                 Error::NotFound(format!(
-                    "no runbook '{runbook}' is configured{}",
+                    "no runbook {} is configured{}",
+                    quote(runbook),
                     if known.is_empty() {
                         " (none are)".to_owned()
                     } else {

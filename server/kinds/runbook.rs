@@ -2,6 +2,7 @@
 //! Clients pass declared parameters only; every path is checked against the runbook's roots
 //! at submission and again, with symlinks resolved, when the step runs.
 
+use crate::quote::quote;
 use super::StepError;
 use crate::command::{Invocation, Output};
 use crate::config::{Action, Runbook, is_normal, parse_mode, render};
@@ -78,8 +79,9 @@ pub(crate) fn resolve(rb: &Runbook, given: &BTreeMap<String, String>) -> Result<
     for name in given.keys() {
         if !rb.params.contains_key(name) {
             return Err(invalid(format!(
-                "runbook '{}' takes no parameter '{name}' (it takes: {})",
+                "runbook '{}' takes no parameter {} (it takes: {})",
                 rb.name,
+                quote(name),
                 if rb.params.is_empty() {
                     "none".into()
                 } else {
@@ -107,7 +109,8 @@ pub(crate) fn resolve(rb: &Runbook, given: &BTreeMap<String, String>) -> Result<
         };
         if value.len() > MAX_PARAM_BYTES || value.contains('\0') {
             return Err(invalid(format!(
-                "parameter '{name}' is longer than 1 MiB or holds a NUL byte"
+                "parameter {} is longer than 1 MiB or holds a NUL byte",
+                quote(name)
             )));
         }
         if let Some(p) = &spec.pattern {
@@ -115,8 +118,8 @@ pub(crate) fn resolve(rb: &Runbook, given: &BTreeMap<String, String>) -> Result<
                 regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| invalid(e.to_string()))?;
             if !re.is_match(&value) {
                 return Err(invalid(format!(
-                    "parameter '{name}' must match /{p}/; got '{}'",
-                    shorten(&value)
+                    "parameter '{name}' must match /{p}/; got {}",
+                    quote(&value)
                 )));
             }
         }
@@ -127,14 +130,14 @@ pub(crate) fn resolve(rb: &Runbook, given: &BTreeMap<String, String>) -> Result<
         let p = PathBuf::from(t(s)?);
         if !p.is_absolute() || !is_normal(&p) || p.file_name().is_none() {
             return Err(invalid(format!(
-                "path '{}' must be absolute, without '.' or '..'",
-                p.display()
+                "path {} must be absolute, without '.' or '..'",
+                quote(&p.to_string_lossy())
             )));
         }
         if !rb.roots.iter().any(|r| p.starts_with(r) && p != *r) {
             return Err(invalid(format!(
-                "path '{}' is outside runbook '{}''s roots ({})",
-                p.display(),
+                "path {} is outside runbook '{}''s roots ({})",
+                quote(&p.to_string_lossy()),
                 rb.name,
                 rb.roots
                     .iter()
@@ -243,7 +246,7 @@ pub(crate) fn resolve(rb: &Runbook, given: &BTreeMap<String, String>) -> Result<
             } => {
                 let raw = t(url)?;
                 let url = reqwest::Url::parse(&raw)
-                    .map_err(|e| invalid(format!("'{}' is not a URL: {e}", shorten(&raw))))?;
+                    .map_err(|e| invalid(format!("{} is not a URL: {e}", quote(&raw))))?;
                 if !matches!(url.scheme(), "http" | "https") {
                     return Err(invalid(format!(
                         "download URL '{url}' must be http or https"
@@ -290,14 +293,6 @@ pub(crate) fn resolve(rb: &Runbook, given: &BTreeMap<String, String>) -> Result<
         resources,
         roots: rb.roots.clone(),
     })
-}
-
-fn shorten(s: &str) -> String {
-    if s.chars().count() > 80 {
-        format!("{}…", s.chars().take(80).collect::<String>())
-    } else {
-        s.to_owned()
-    }
 }
 
 fn failed(e: impl std::fmt::Display) -> StepError {

@@ -278,7 +278,8 @@ impl StatsHub {
             let mut known: Vec<&str> = self.sockets.keys().map(String::as_str).collect();
             known.sort();
             Error::UnknownTarget(format!(
-                "no HAProxy target '{target}' with a stats socket is configured{}",
+                "no HAProxy target {} with a stats socket is configured{}",
+                crate::quote::quote(target),
                 if known.is_empty() {
                     " (none are)".to_owned()
                 } else {

@@ -1,0 +1,301 @@
+//! Listening sockets that an idle or hostile crowd cannot exhaust. tonic serves whatever its
+//! incoming stream yields and never closes an idle connection, so the accept loop is ours:
+//! - a cap on open connections; at the cap, the connection quiet the longest (at least a
+//!   second) makes room for the new one, else the new one is closed at once;
+//! - a deadline for a connection's first bytes (a TCP connection that never speaks is closed);
+//! - a pause, not a spin, when accept fails (out of file descriptors);
+//! - and, at start, the soft open-file limit raised to the hard one.
+//!
+//! HTTP/2 keepalive (set on the server) closes connections whose peer stopped answering.
+
+use futures_util::task::AtomicWaker;
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+/// How connections are bounded.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Open connections at most (per listener).
+    pub(crate) max_connections: usize,
+    /// A connection that sends nothing for this long after it opened is closed.
+    pub(crate) first_bytes_within: Duration,
+}
+
+/// File descriptors kept for everything but client connections (store, sockets to HAProxy,
+/// child processes, files).
+const RESERVED_FDS: u64 = 128;
+
+/// Raises the soft limit on open files to the hard limit (systemd's default soft limit is
+/// 1024), and returns the soft limit now in force.
+pub(crate) fn raise_nofile() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
+    }
+}
+
+impl Limits {
+    /// The configured cap, lowered to fit in the open-file limit with room to spare.
+    pub(crate) fn fitted(max_connections: usize, first_bytes_within: Duration, nofile: u64) -> Self {
+        let fits = nofile.saturating_sub(RESERVED_FDS).max(16) as usize;
+        if max_connections > fits {
+            tracing::info!(
+                "at most {fits} connections per listener (open-file limit {nofile}), not {max_connections}"
+            );
+        }
+        Limits {
+            max_connections: max_connections.min(fits),
+            first_bytes_within,
+        }
+    }
+}
+
+/// The open connections of one listener.
+#[derive(Debug)]
+struct Registry {
+    epoch: Instant,
+    next: AtomicU64,
+    slots: Mutex<HashMap<u64, Arc<Slot>>>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    /// Milliseconds since the registry's epoch of the last byte read or written.
+    last: AtomicU64,
+    spoke: AtomicBool,
+    closed: AtomicBool,
+    /// Woken when the connection is closed from outside, so its reader sees it.
+    waker: AtomicWaker,
+}
+
+impl Slot {
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+}
+
+impl Registry {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn len(&self) -> usize {
+        self.slots.lock().expect("registry lock").len()
+    }
+
+    /// Closes the connection quiet the longest, if quiet for at least `min_quiet`.
+    fn evict_quietest(&self, min_quiet: Duration) -> bool {
+        let now = self.now();
+        let slots = self.slots.lock().expect("registry lock");
+        let quietest = slots
+            .values()
+            .filter(|s| !s.closed.load(Ordering::SeqCst))
+            .min_by_key(|s| s.last.load(Ordering::Relaxed));
+        match quietest {
+            Some(s) if now.saturating_sub(s.last.load(Ordering::Relaxed)) >= min_quiet.as_millis() as u64 => {
+                s.close();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A connection that can be closed from outside and knows when it last spoke.
+#[derive(Debug)]
+pub(crate) struct Conn<IO> {
+    io: IO,
+    id: u64,
+    slot: Arc<Slot>,
+    registry: Arc<Registry>,
+}
+
+impl<IO> Conn<IO> {
+    fn touch(&self) {
+        self.slot.last.store(self.registry.now(), Ordering::Relaxed);
+    }
+}
+
+impl<IO> Drop for Conn<IO> {
+    fn drop(&mut self) {
+        self.registry
+            .slots
+            .lock()
+            .expect("registry lock")
+            .remove(&self.id);
+    }
+}
+
+fn aborted() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "closed by statelyd")
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.slot.waker.register(cx.waker());
+        if self.slot.closed.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(aborted()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.slot.spoke.store(true, Ordering::Relaxed);
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.slot.closed.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(aborted()));
+        }
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected for Conn<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+/// Something that accepts connections: a TCP or a unix listener.
+pub(crate) trait Accept: Send + 'static {
+    /// The connection.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Waits for the next connection.
+    fn accept(&self) -> impl std::future::Future<Output = io::Result<Self::Io>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self) -> io::Result<tokio::net::TcpStream> {
+        let (s, _) = tokio::net::TcpListener::accept(self).await?;
+        // Without TCP_NODELAY, streamed events meet delayed ACKs and a reply can wait 40 ms.
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept(&self) -> io::Result<tokio::net::UnixStream> {
+        tokio::net::UnixListener::accept(self).await.map(|(s, _)| s)
+    }
+}
+
+/// A connection at the cap gets room only from one quiet at least this long.
+const EVICT_QUIET: Duration = Duration::from_secs(1);
+/// How long to pause when accept fails (e.g. EMFILE), instead of spinning on it.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+
+/// Accepts connections until `stop`, bounded by `limits`, as a stream for tonic.
+pub(crate) fn incoming<L: Accept>(
+    listener: L,
+    limits: Limits,
+    stop: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn<L::Io>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let registry = Arc::new(Registry {
+        epoch: Instant::now(),
+        next: AtomicU64::new(0),
+        slots: Mutex::new(HashMap::new()),
+    });
+    tokio::spawn(async move {
+        let mut warned: Option<Instant> = None;
+        loop {
+            let io = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            let io = match io {
+                Ok(io) => io,
+                Err(e) => {
+                    if warned.is_none_or(|w| w.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!("accepting a connection failed: {e}; pausing");
+                        warned = Some(Instant::now());
+                    }
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                    continue;
+                }
+            };
+            if registry.len() >= limits.max_connections && !registry.evict_quietest(EVICT_QUIET)
+            {
+                // Every connection is busy: this one is refused (closed at once).
+                drop(io);
+                continue;
+            }
+            let id = registry.next.fetch_add(1, Ordering::Relaxed);
+            let slot = Arc::new(Slot {
+                last: AtomicU64::new(registry.now()),
+                spoke: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
+                waker: AtomicWaker::new(),
+            });
+            registry
+                .slots
+                .lock()
+                .expect("registry lock")
+                .insert(id, slot.clone());
+            let watched = Arc::downgrade(&slot);
+            let within = limits.first_bytes_within;
+            tokio::spawn(async move {
+                tokio::time::sleep(within).await;
+                if let Some(s) = watched.upgrade()
+                    && !s.spoke.load(Ordering::Relaxed)
+                {
+                    s.close();
+                }
+            });
+            let conn = Conn {
+                io,
+                id,
+                slot,
+                registry: registry.clone(),
+            };
+            if tx.send(Ok(conn)).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
