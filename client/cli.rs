@@ -84,7 +84,7 @@ enum Jobs {
         /// Only in this state (repeat for more): pending, running, cancelling, succeeded, failed, cancelled.
         #[arg(long)]
         state: Vec<String>,
-        /// Only of this kind: runbook, rollback, haproxy_apply, haproxy_server_state, alert_watch.
+        /// Only of this kind: runbook, rollback, haproxy_apply, haproxy_server_state, alert_watch, certificate_issue.
         #[arg(long)]
         kind: Option<String>,
         /// Only with this label, as key=value.
@@ -125,6 +125,15 @@ enum Jobs {
         /// Print the rollback job's id without waiting.
         #[arg(long)]
         detach: bool,
+    },
+    /// Retry now the unwind of a job whose unwind could not finish (shown as
+    /// "unwind incomplete"); the daemon also retries it by itself, with backoff.
+    Unwind {
+        id: String,
+        /// Give the rest of the unwind up (after putting things right by hand); frees the
+        /// job's resources for the jobs waiting on them.
+        #[arg(long)]
+        abandon: bool,
     },
 }
 
@@ -281,6 +290,34 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
                 Ok(pb::JobState::Cancelled | pb::JobState::Cancelling)
             );
             Ok(if ok { 0 } else { EXIT_JOB })
+        }
+        Command::Jobs(Jobs::Unwind { id, abandon }) => {
+            let job = client
+                .unwind_job(pb::UnwindJobRequest {
+                    job_id: id,
+                    abandon,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if json {
+                say(&job_json(&job).to_string());
+            } else if job.unwind_incomplete {
+                say(&format!(
+                    "job {} {}: its unwind is still incomplete: {}",
+                    job.id,
+                    state_name(job.state),
+                    job.error
+                ));
+            } else {
+                say(&format!(
+                    "job {} {}: its unwind is complete ({})",
+                    job.id,
+                    state_name(job.state),
+                    job.error
+                ));
+            }
+            Ok(if job.unwind_incomplete { EXIT_JOB } else { 0 })
         }
         Command::Jobs(Jobs::Rollback { id, force, detach }) => {
             let job = client

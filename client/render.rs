@@ -90,6 +90,7 @@ pub(crate) fn job_json(j: &pb::Job) -> Value {
         "created_at": time(&j.created_at), "started_at": time(&j.started_at), "finished_at": time(&j.finished_at),
         "error": j.error, "failed_step": j.failed_step, "undo_entries": j.undo_entries,
         "rolled_back_by": j.rolled_back_by, "rollback_of": j.rollback_of, "last_seq": j.last_seq,
+        "unwind_incomplete": j.unwind_incomplete,
     })
 }
 
@@ -143,6 +144,15 @@ fn what(j: &pb::Job) -> String {
     }
 }
 
+/// A job's state as a person reads it: an unwind that could not finish is said.
+fn job_state(j: &pb::Job) -> String {
+    if j.unwind_incomplete {
+        format!("{} (unwind incomplete)", state_name(j.state))
+    } else {
+        state_name(j.state).to_owned()
+    }
+}
+
 pub(crate) fn print_jobs_table(jobs: &[pb::Job]) {
     let rows: Vec<[String; 5]> = jobs
         .iter()
@@ -150,7 +160,7 @@ pub(crate) fn print_jobs_table(jobs: &[pb::Job]) {
             [
                 j.id.clone(),
                 j.kind.clone(),
-                state_name(j.state).to_owned(),
+                job_state(j),
                 short_time(&j.created_at),
                 what(j),
             ]
@@ -176,7 +186,7 @@ pub(crate) fn print_jobs_table(jobs: &[pb::Job]) {
 pub(crate) fn print_job(j: &pb::Job) {
     say(&format!("job        {}", j.id));
     say(&format!("kind       {} ({})", j.kind, what(j)));
-    say(&format!("state      {}", state_name(j.state)));
+    say(&format!("state      {}", job_state(j)));
     if !j.error.is_empty() {
         say(&format!("error      {}", j.error));
     }

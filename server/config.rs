@@ -255,6 +255,47 @@ pub struct HaproxyTarget {
     /// The haproxy binary that checks configurations.
     #[serde(default = "default_haproxy_binary")]
     pub binary: PathBuf,
+    /// Directories a client's configuration may name files in (certificates, error files, ACL
+    /// and map files, sockets, ...). Default: the directories of `config`, `stats_socket`,
+    /// `master_socket`, `server_state_file`, and the certificate bundle directory.
+    #[serde(default)]
+    pub allow_dirs: Option<Vec<PathBuf>>,
+    /// Let a client's configuration run code: `lua-load`, `external-check`, `program`
+    /// sections, `insecure-fork-wanted`, `setenv` and kin. Off by default: `haproxy -c` runs
+    /// Lua while it checks.
+    #[serde(default)]
+    pub allow_code: bool,
+    /// With `allow_code`, run `haproxy -c` as this user (it must be able to read the
+    /// certificates the configuration names) rather than as statelyd's.
+    #[serde(default)]
+    pub check_user: Option<String>,
+}
+
+impl HaproxyTarget {
+    /// What a client's configuration for this target may ask of the machine.
+    pub fn policy(&self, bundle_dir: &Path) -> crate::haproxy::policy::Policy {
+        let dirs: Vec<PathBuf> = match &self.allow_dirs {
+            Some(d) => d.clone(),
+            None => [
+                &self.config,
+                &self.stats_socket,
+                &self.master_socket,
+                &self.server_state_file,
+            ]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.parent().map(Path::to_owned))
+            .chain(std::iter::once(bundle_dir.to_owned()))
+            .collect(),
+        };
+        crate::haproxy::policy::Policy {
+            allow_dirs: dirs
+                .iter()
+                .map(|d| crate::haproxy::policy::canonical_prefix(d))
+                .collect(),
+            allow_code: self.allow_code,
+        }
+    }
 }
 
 fn default_haproxy_binary() -> PathBuf {

@@ -201,6 +201,49 @@ pub(crate) fn make_private_file(path: &Path) -> io::Result<()> {
     f.set_permissions(std::fs::Permissions::from_mode(0o600))
 }
 
+/// Whether `file_name` is a temp file [`temp_beside`] made (`.NAME.stately-<16 hex>.tmp`, or
+/// `.cfg` for a candidate `haproxy -c` checks), for a file named `of` (any file when None).
+fn is_temp_of(file_name: &str, of: Option<&str>) -> bool {
+    let Some(rest) = file_name.strip_prefix('.') else {
+        return false;
+    };
+    let Some((stem, ext)) = rest.rsplit_once('.') else {
+        return false;
+    };
+    let Some((name, id)) = stem.rsplit_once(".stately-") else {
+        return false;
+    };
+    (ext == "tmp" || ext == "cfg")
+        && id.len() == 16
+        && id.bytes().all(|b| b.is_ascii_hexdigit())
+        && of.is_none_or(|o| o == name)
+}
+
+/// Removes the temp files an interrupted write left in `dir` (those made for the file named
+/// `of`, or all when None), and returns them. A missing directory has none.
+pub(crate) fn sweep_temps(dir: &Path, of: Option<&str>) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if is_temp_of(name, of) && std::fs::remove_file(e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
+}
+
+/// Removes the temp files an interrupted write of `path` left beside it.
+pub(crate) fn sweep_temps_beside(path: &Path) -> Vec<std::path::PathBuf> {
+    match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        (Some(dir), Some(name)) => sweep_temps(dir, Some(name)),
+        _ => Vec::new(),
+    }
+}
+
 /// Removes a file; absent is fine (undo entries are idempotent).
 pub(crate) fn remove_if_present(path: &Path) -> io::Result<()> {
     match std::fs::remove_file(path) {
@@ -240,5 +283,32 @@ pub(crate) fn lookup_group(name: &str) -> Result<u32, String> {
     match nix::unistd::Group::from_name(name) {
         Ok(Some(g)) => Ok(g.gid.as_raw()),
         _ => Err(format!("no group named '{name}' on this machine")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_temp_files_of_atomic_writes_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("haproxy.cfg");
+        std::fs::write(&f, "live").unwrap();
+        let tmp = temp_beside(&f);
+        let cand = temp_beside(&f).with_extension("cfg");
+        let other = temp_beside(&dir.path().join("other"));
+        for p in [&tmp, &cand, &other] {
+            std::fs::write(p, "x").unwrap();
+        }
+        std::fs::write(dir.path().join(".haproxy.cfg.stately-zz.tmp"), "not ours").unwrap();
+        let mut swept = sweep_temps_beside(&f);
+        swept.sort();
+        let mut want = vec![tmp.clone(), cand.clone()];
+        want.sort();
+        assert_eq!(swept, want);
+        assert!(f.exists() && other.exists());
+        assert_eq!(sweep_temps(dir.path(), None), vec![other]);
+        assert!(dir.path().join(".haproxy.cfg.stately-zz.tmp").exists());
     }
 }

@@ -260,6 +260,8 @@ pub struct JobRecord {
     pub rolled_back_by: Option<JobId>,
     /// The latest event's sequence number.
     pub last_seq: u64,
+    /// Ended, but undo entries are left that could not be applied (retried with backoff).
+    pub unwind_incomplete: bool,
 }
 
 impl JobRecord {

@@ -18,9 +18,9 @@ pub mod haproxy;
 pub mod job;
 mod kinds;
 mod listen;
+mod quote;
 pub mod stats;
 mod store;
-mod quote;
 mod undo;
 
 /// Generated protobuf and gRPC code for `stately.v1`.

@@ -51,7 +51,11 @@ pub(crate) fn raise_nofile() -> u64 {
 
 impl Limits {
     /// The configured cap, lowered to fit in the open-file limit with room to spare.
-    pub(crate) fn fitted(max_connections: usize, first_bytes_within: Duration, nofile: u64) -> Self {
+    pub(crate) fn fitted(
+        max_connections: usize,
+        first_bytes_within: Duration,
+        nofile: u64,
+    ) -> Self {
         let fits = nofile.saturating_sub(RESERVED_FDS).max(16) as usize;
         if max_connections > fits {
             tracing::info!(
@@ -108,7 +112,10 @@ impl Registry {
             .filter(|s| !s.closed.load(Ordering::SeqCst))
             .min_by_key(|s| s.last.load(Ordering::Relaxed));
         match quietest {
-            Some(s) if now.saturating_sub(s.last.load(Ordering::Relaxed)) >= min_quiet.as_millis() as u64 => {
+            Some(s)
+                if now.saturating_sub(s.last.load(Ordering::Relaxed))
+                    >= min_quiet.as_millis() as u64 =>
+            {
                 s.close();
                 true
             }
@@ -258,8 +265,7 @@ pub(crate) fn incoming<L: Accept>(
                     continue;
                 }
             };
-            if registry.len() >= limits.max_connections && !registry.evict_quietest(EVICT_QUIET)
-            {
+            if registry.len() >= limits.max_connections && !registry.evict_quietest(EVICT_QUIET) {
                 // Every connection is busy: this one is refused (closed at once).
                 drop(io);
                 continue;

@@ -50,6 +50,8 @@ pub(crate) enum Write {
     },
     /// An entry has been applied.
     UndoApplied { job: JobId, idx: u32 },
+    /// An entry that could not be applied was given up by an operator (stored as applied = 2).
+    UndoAbandoned { job: JobId, idx: u32 },
     /// The state the job left an entry's file in.
     Seal {
         job: JobId,
@@ -161,7 +163,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     failed_step TEXT,
     rolled_back_by TEXT,
-    rollback_of TEXT
+    rollback_of TEXT,
+    unwind_incomplete INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_rollback_of ON jobs(rollback_of);
@@ -196,7 +199,7 @@ CREATE TABLE IF NOT EXISTS watch_state (
 const JOB_COLUMNS: &str = "id, spec, state, steps, request_id, labels, resources, waiting_for, created_at, \
      started_at, finished_at, error, failed_step, \
      (SELECT COUNT(*) FROM undo u WHERE u.job_id = jobs.id), rolled_back_by, \
-     (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.job_id = jobs.id), pos";
+     (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.job_id = jobs.id), pos, unwind_incomplete";
 
 impl Store {
     /// Opens (creating if needed) the ledger at `path` and starts its writer.
@@ -224,6 +227,7 @@ impl Store {
         // Small page caches: the working set is the newest jobs, and an idle daemon stays small.
         conn.pragma_update(None, "cache_size", -1024)?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         conn.set_prepared_statement_cache_capacity(64);
         let (tx, rx) = mpsc::channel::<Batch>();
         let writer = std::thread::Builder::new()
@@ -331,6 +335,21 @@ impl Store {
     }
 
     /// Jobs in these states, oldest first (for recovery at start-up).
+    /// Jobs that ended with undo entries left to apply.
+    pub(crate) fn jobs_unwind_incomplete(&self) -> Result<Vec<JobRecord>, Error> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE unwind_incomplete != 0 ORDER BY pos"
+            ))?;
+            let rows = stmt.query_map([], row_to_job)?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(r??.0);
+            }
+            Ok(out)
+        })
+    }
+
     pub(crate) fn jobs_in(&self, states: &[JobState]) -> Result<Vec<JobRecord>, Error> {
         let filter = JobFilter {
             states: states.to_vec(),
@@ -400,9 +419,8 @@ impl Store {
             )?;
             // Sequence numbers past i64::MAX do not exist: nothing comes after them.
             let after = i64::try_from(after).unwrap_or(i64::MAX);
-            let rows = stmt.query_map(params![job.to_string(), after], |r| {
-                r.get::<_, String>(0)
-            })?;
+            let rows =
+                stmt.query_map(params![job.to_string(), after], |r| r.get::<_, String>(0))?;
             rows.map(|r| {
                 let body = r?;
                 serde_json::from_str(&body).map_err(|e| Error::Corrupt(e.to_string()))
@@ -538,9 +556,30 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
                 .transpose()
                 .map_err(|e: String| corrupt("rolled_back_by", &e))?,
             last_seq: r.get::<_, i64>(15)? as u64,
+            unwind_incomplete: r.get(17)?,
         })
     };
     Ok(build().map(|j| (j, pos)))
+}
+
+/// Brings a ledger written by an earlier version up to this one's schema.
+fn migrate(conn: &Connection) -> Result<(), Error> {
+    let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
+        for n in names {
+            if n? == column {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    if !has("jobs", "unwind_incomplete")? {
+        conn.execute_batch(
+            "ALTER TABLE jobs ADD COLUMN unwind_incomplete INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    Ok(())
 }
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Batch>) {
@@ -643,7 +682,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
         Write::UpdateJob(j) => {
             tx.prepare_cached(
                 "UPDATE jobs SET state=?2, steps=?3, waiting_for=?4, started_at=?5, finished_at=?6, error=?7, \
-                 failed_step=?8 WHERE id=?1",
+                 failed_step=?8, unwind_incomplete=?9 WHERE id=?1",
             )?
             .execute(params![
                 j.id.to_string(),
@@ -654,6 +693,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 j.finished_at,
                 j.error,
                 j.failed_step,
+                j.unwind_incomplete,
             ])?;
         }
         Write::Event(e) => {
@@ -670,6 +710,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
         }
         Write::UndoApplied { job, idx } => {
             tx.prepare_cached("UPDATE undo SET applied = 1 WHERE job_id = ?1 AND idx = ?2")?
+                .execute(params![job.to_string(), idx])?;
+        }
+        Write::UndoAbandoned { job, idx } => {
+            tx.prepare_cached("UPDATE undo SET applied = 2 WHERE job_id = ?1 AND idx = ?2")?
                 .execute(params![job.to_string(), idx])?;
         }
         Write::Seal { job, idx, left } => {
@@ -755,7 +799,7 @@ fn prune(
     tx.execute(
         "INSERT INTO temp.doomed (id)
          SELECT id FROM jobs
-         WHERE state IN ('SUCCEEDED','FAILED','CANCELLED')
+         WHERE state IN ('SUCCEEDED','FAILED','CANCELLED') AND unwind_incomplete = 0
            AND (pos NOT IN (SELECT pos FROM jobs WHERE state IN ('SUCCEEDED','FAILED','CANCELLED')
                             ORDER BY pos DESC LIMIT ?2)
                 OR (EXISTS (SELECT 1 FROM job_resources r WHERE r.job_id = jobs.id)

@@ -9,6 +9,27 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
 
+/// How long an undo entry that talks to HAProxy waits for it to answer (a master re-execing
+/// after a reload refuses connections for a moment; a recovery may land in that moment).
+const SERVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Waits until a HAProxy CLI socket accepts a connection, within [`SERVICE_WAIT`].
+async fn wait_for_socket(socket: &Path) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + SERVICE_WAIT;
+    loop {
+        match tokio::net::UnixStream::connect(socket).await {
+            Ok(_) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!(
+                    "{} did not answer within {SERVICE_WAIT:?}: {e}",
+                    socket.display()
+                ));
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// One way to put something back.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
@@ -220,12 +241,14 @@ impl UndoEntry {
                 server,
                 state,
             } => {
+                wait_for_socket(&socket).await?;
                 crate::haproxy::runtime::set_server_state(&socket, &backend, &server, &state).await
             }
             UndoEntry::HotSwapCert { socket, path } => {
                 let pem = tokio::fs::read_to_string(&path)
                     .await
                     .map_err(|e| format!("{}: {e}", path.display()))?;
+                wait_for_socket(&socket).await?;
                 crate::haproxy::runtime::set_ssl_cert(&socket, &path, &pem).await
             }
             UndoEntry::ReloadHaproxy {
@@ -233,9 +256,15 @@ impl UndoEntry {
                 save_state,
             } => {
                 if let Some((stats, file)) = &save_state {
-                    crate::haproxy::runtime::save_server_state(stats, file).await?;
+                    // Best effort: a worker that does not answer has no state worth keeping.
+                    if wait_for_socket(stats).await.is_ok()
+                        && let Err(e) =
+                            crate::haproxy::runtime::save_server_state(stats, file).await
+                    {
+                        tracing::warn!("saving the server state before an undo's reload: {e}");
+                    }
                 }
-                crate::haproxy::master::reload(&master_socket, std::time::Duration::from_secs(15))
+                crate::haproxy::master::reload(&master_socket, SERVICE_WAIT)
                     .await
                     .map(|_| ())
             }

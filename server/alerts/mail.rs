@@ -193,13 +193,12 @@ pub(crate) fn check_recipients(to: &[String]) -> Result<(), String> {
         return Err(format!("at most 50 recipients, not {}", to.len()));
     }
     for r in to {
-        r.parse::<Mailbox>()
-            .map_err(|e| {
-                format!(
-                    "recipient {} is not a mail address: {e}",
-                    crate::quote::quote(r)
-                )
-            })?;
+        r.parse::<Mailbox>().map_err(|e| {
+            format!(
+                "recipient {} is not a mail address: {e}",
+                crate::quote::quote(r)
+            )
+        })?;
     }
     Ok(())
 }

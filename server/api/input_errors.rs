@@ -69,7 +69,10 @@ fn correct(headers: &mut http::HeaderMap) {
     if let Some((code, message)) = replacement {
         headers.insert("grpc-status", HeaderValue::from_static(code));
         // Header values cannot hold spaces unencoded in gRPC's percent-encoding: encode them.
-        let encoded = message.replace(' ', "%20").replace('(', "%28").replace(')', "%29");
+        let encoded = message
+            .replace(' ', "%20")
+            .replace('(', "%28")
+            .replace(')', "%29");
         if let Ok(v) = HeaderValue::from_str(&encoded) {
             headers.insert("grpc-message", v);
         }

@@ -276,6 +276,17 @@ impl pb::jobs_server::Jobs for JobsApi {
         let job = self.engine.rollback(id, r.force).await?;
         Ok(Response::new(job_to_pb(&job)))
     }
+
+    async fn unwind_job(
+        &self,
+        req: Request<pb::UnwindJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        require(&req, Role::Operator, "UnwindJob")?;
+        let r = req.into_inner();
+        let id = parse_id(&r.job_id)?;
+        let job = self.engine.unwind(id, r.abandon).await?;
+        Ok(Response::new(job_to_pb(&job)))
+    }
 }
 
 /// An event stream. For RunJob (`engine` set) it is attached: dropped before the job's
@@ -495,6 +506,7 @@ pub(crate) fn job_to_pb(j: &JobRecord) -> pb::Job {
         rolled_back_by: j.rolled_back_by.map(|r| r.to_string()).unwrap_or_default(),
         rollback_of: j.rollback_of().map(|r| r.to_string()).unwrap_or_default(),
         last_seq: j.last_seq,
+        unwind_incomplete: j.unwind_incomplete,
     }
 }
 

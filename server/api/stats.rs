@@ -58,7 +58,9 @@ fn filter(f: Option<pb::StatsFilter>) -> Result<Filter, Status> {
         }
     }
     if f.types.len() > 8 {
-        return Err(Status::invalid_argument("filter.types: at most 8 row types"));
+        return Err(Status::invalid_argument(
+            "filter.types: at most 8 row types",
+        ));
     }
     Ok(Filter {
         proxies: f.proxies,

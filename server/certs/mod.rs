@@ -76,7 +76,10 @@ fn check_dns_name(n: &str) -> Result<(), String> {
             return Err("an empty label".into());
         }
         if label.len() > 63 {
-            return Err(format!("label {} is longer than 63 characters", quote(label)));
+            return Err(format!(
+                "label {} is longer than 63 characters",
+                quote(label)
+            ));
         }
         if !label
             .bytes()

@@ -7,7 +7,6 @@ mod scheduler;
 
 pub(crate) use runner::StepCtx;
 
-use crate::quote::quote;
 use crate::blobs::BlobStore;
 use crate::config::Config;
 use crate::fsops::FileState;
@@ -15,6 +14,7 @@ use crate::job::{
     Event, EventBody, JobId, JobRecord, JobSpec, JobState, StepRecord, StepState, now_ms,
 };
 use crate::kinds;
+use crate::quote::quote;
 use crate::store::{self, JobFilter, Store, Write};
 use scheduler::Scheduler;
 use std::collections::{BTreeMap, HashMap};
@@ -71,6 +71,12 @@ pub(crate) struct LiveJob {
     /// The job's latest recorded state; a cancel waits on it (it cannot miss a change).
     pub(crate) state: tokio::sync::watch::Sender<JobState>,
     reason: Mutex<Option<String>>,
+    /// Wakes the retry of an incomplete unwind at once (UnwindJob).
+    pub(crate) unwind_now: tokio::sync::Notify,
+    /// Set by UnwindJob with abandon: the entries left are given up.
+    pub(crate) abandon: std::sync::atomic::AtomicBool,
+    /// Counts retries of an incomplete unwind, so UnwindJob can wait for the next one.
+    pub(crate) unwind_attempts: tokio::sync::watch::Sender<u64>,
 }
 
 impl LiveJob {
@@ -80,6 +86,9 @@ impl LiveJob {
             events: broadcast::channel(256).0,
             state: tokio::sync::watch::Sender::new(JobState::Pending),
             reason: Mutex::new(None),
+            unwind_now: tokio::sync::Notify::new(),
+            abandon: std::sync::atomic::AtomicBool::new(false),
+            unwind_attempts: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -165,6 +174,13 @@ impl Engine {
         )?;
         let blobs = BlobStore::open(data.join("blobs"))
             .map_err(|e| Error::Unavailable(format!("cannot create blob directory: {e}")))?;
+        let (c, d) = (config.clone(), data.join("blobs"));
+        let swept = tokio::task::spawn_blocking(move || sweep_known_temps(&c, &d))
+            .await
+            .unwrap_or_default();
+        for p in swept {
+            tracing::info!("removed {}, left by an interrupted write", p.display());
+        }
         let http = reqwest::Client::builder()
             .user_agent(concat!("stately/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -228,6 +244,19 @@ impl Engine {
             tracing::warn!(job = %record.id, "unwinding a job interrupted by restart");
             let live = LiveJob::new();
             runner::recover(s, record, &live).await?;
+        }
+        // Jobs whose unwind could not finish keep their resources (ahead of every pending
+        // job) while their retries go on.
+        for record in s.store.jobs_unwind_incomplete()? {
+            tracing::warn!(job = %record.id, "retrying an unwind that could not finish");
+            let live = LiveJob::new();
+            live.state.send_replace(record.state);
+            s.scheduler.enqueue(record.id, &record.resources);
+            s.live
+                .lock()
+                .expect("live lock")
+                .insert(record.id, live.clone());
+            s.tasks.spawn(runner::retry_unwind(s.clone(), record, live));
         }
         for record in s.store.jobs_in(&[JobState::Pending])? {
             let live = LiveJob::new();
@@ -444,6 +473,7 @@ impl Engine {
             undo_entries: 0,
             rolled_back_by: None,
             last_seq: 1,
+            unwind_incomplete: false,
         };
         let live = LiveJob::new();
         s.live.lock().expect("live lock").insert(id, live.clone());
@@ -537,7 +567,10 @@ impl Engine {
         let before = match page_token {
             "" => None,
             t => Some(t.parse::<i64>().ok().filter(|p| *p > 0).ok_or_else(|| {
-                Error::InvalidArgument(format!("page_token {} is not one this server returned", quote(t)))
+                Error::InvalidArgument(format!(
+                    "page_token {} is not one this server returned",
+                    quote(t)
+                ))
             })?),
         };
         let filter = JobFilter {
@@ -713,6 +746,41 @@ impl Engine {
         .await
     }
 
+    /// Retries at once the unwind of a job that ended with undo entries left, or (`abandon`)
+    /// gives those entries up; returns the job after that attempt.
+    pub async fn unwind(&self, id: JobId, abandon: bool) -> Result<JobRecord, Error> {
+        let record = self.get(id)?;
+        if !record.unwind_incomplete {
+            return Err(Error::FailedPrecondition(if record.state.is_terminal() {
+                format!(
+                    "job {id} ended {} with its unwind complete: there is nothing left to undo",
+                    record.state.as_str()
+                )
+            } else {
+                format!(
+                    "job {id} is {}; CancelJob stops it and undoes what it did",
+                    record.state.as_str()
+                )
+            }));
+        }
+        let Some(live) = self.live(id) else {
+            return Err(Error::Unavailable(
+                "the daemon is stopping; the unwind goes on after the restart".into(),
+            ));
+        };
+        let mut attempts = live.unwind_attempts.subscribe();
+        let seen = *attempts.borrow_and_update();
+        if abandon {
+            live.abandon
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        live.unwind_now.notify_one();
+        // One attempt is bounded by the undo entries' own timeouts (a reload waits 15 s).
+        let _ =
+            tokio::time::timeout(Duration::from_secs(120), attempts.wait_for(|n| *n > seen)).await;
+        self.get(id)
+    }
+
     /// Stops taking jobs, gives running ones `grace` to end, then flushes the store. Jobs still
     /// running are left RUNNING, to be unwound at the next start.
     pub async fn shutdown(&self, grace: Duration) {
@@ -788,6 +856,37 @@ pub(crate) async fn changed_since(journal: Vec<crate::undo::JournalEntry>) -> Ve
     })
     .await
     .unwrap_or_else(|e| vec![format!("the check failed: {e}")])
+}
+
+/// Removes the temp files interrupted writes left where statelyd writes on its own: beside
+/// each target's configuration (candidates of `haproxy -c` too) and server-state file, in the
+/// blob store, and in the certificate root. Temp files beside what a job changed are removed
+/// when that job is recovered.
+fn sweep_known_temps(config: &Config, blobs: &std::path::Path) -> Vec<std::path::PathBuf> {
+    use crate::fsops::{sweep_temps, sweep_temps_beside};
+    let mut swept = Vec::new();
+    for t in &config.haproxy {
+        for p in t.config.iter().chain(&t.server_state_file) {
+            swept.extend(sweep_temps_beside(p));
+        }
+    }
+    let root = config.cert_root();
+    let mut dirs = vec![config.bundle_dir()];
+    for parent in [
+        blobs.to_owned(),
+        root.join("live"),
+        root.join("archive"),
+        config.data_dir.join("acme"),
+    ] {
+        if let Ok(entries) = std::fs::read_dir(&parent) {
+            dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+        dirs.push(parent);
+    }
+    for d in dirs {
+        swept.extend(sweep_temps(&d, None));
+    }
+    swept
 }
 
 fn not_found(id: JobId) -> Error {

@@ -187,9 +187,11 @@ impl Journal {
         Ok(())
     }
 
-    /// Applies the journal's unapplied entries newest first, each once; a failing entry is
-    /// reported and the others still run. Returns the failures.
-    pub(crate) async fn unwind(&mut self) -> Vec<String> {
+    /// Applies the journal's unapplied entries newest first; a failing entry is reported, the
+    /// others still run, and it stays unapplied (to be retried). Returns the failures. With
+    /// `emit`, what it does goes to the job's events; a retry after the job's terminal event
+    /// logs to the daemon's log instead (a job's events end with its terminal state).
+    pub(crate) async fn unwind(&mut self, emit: bool) -> Vec<String> {
         let pending: Vec<JournalEntry> = self
             .entries
             .iter()
@@ -200,9 +202,19 @@ impl Journal {
         if pending.is_empty() {
             return Vec::new();
         }
-        self.log(
+        let job = self.job;
+        let say = |j: &mut Self, level: LogLevel, line: String| {
+            if emit {
+                j.log(level, None, line);
+            } else if level == LogLevel::Error {
+                tracing::warn!(%job, "retrying the unwind: {line}");
+            } else {
+                tracing::info!(%job, "retrying the unwind: {line}");
+            }
+        };
+        say(
+            self,
             LogLevel::Info,
-            None,
             format!("undoing {} change(s)", pending.len()),
         );
         let mut failures = Vec::new();
@@ -211,17 +223,17 @@ impl Journal {
             let mut lines = Vec::new();
             let result = je.entry.apply(&self.blobs, |_, l| lines.push(l)).await;
             for l in lines {
-                self.log(LogLevel::Info, None, l);
+                say(self, LogLevel::Info, l);
             }
             match result {
-                Ok(()) => self.log(LogLevel::Info, None, format!("undone: {what}")),
+                Ok(()) => say(self, LogLevel::Info, format!("undone: {what}")),
                 Err(e) => {
-                    self.log(LogLevel::Error, None, format!("undo failed: {e}"));
-                    failures.push(e);
+                    say(self, LogLevel::Error, format!("undo failed: {e}"));
+                    failures.push(format!("{what}: {e}"));
+                    // Left unapplied: the daemon retries it, and a restart finds it too.
+                    continue;
                 }
             }
-            // Marked applied even when it failed: it is reported, and replaying it after a
-            // restart would fail the same way.
             self.store.write(
                 vec![Write::UndoApplied {
                     job: self.job,
@@ -234,6 +246,50 @@ impl Journal {
             }
         }
         failures
+    }
+
+    /// Removes temp files that writes interrupted by a crash left beside the files this job
+    /// changed (or was about to: an entry is recorded before its change).
+    async fn sweep_temps(&mut self, emit: bool) {
+        let paths: Vec<std::path::PathBuf> = self
+            .entries
+            .iter()
+            .filter_map(|e| e.entry.path().map(|p| p.to_owned()))
+            .collect();
+        let swept = tokio::task::spawn_blocking(move || {
+            paths
+                .iter()
+                .flat_map(|p| crate::fsops::sweep_temps_beside(p))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for p in swept {
+            let line = format!(
+                "removed {}, left by a write the crash interrupted",
+                p.display()
+            );
+            if emit {
+                self.log(LogLevel::Info, None, line);
+            } else {
+                tracing::info!(job = %self.job, "{line}");
+            }
+        }
+    }
+
+    /// Gives up the entries not applied yet (an operator put the world right by hand).
+    fn abandon(&mut self) -> usize {
+        let mut writes = Vec::new();
+        for e in self.entries.iter_mut().filter(|e| !e.applied) {
+            e.applied = true;
+            writes.push(Write::UndoAbandoned {
+                job: self.job,
+                idx: e.idx,
+            });
+        }
+        let n = writes.len();
+        self.store.write(writes, None);
+        n
     }
 
     /// Records the state the job leaves each file in, for a later rollback to compare.
@@ -416,13 +472,15 @@ async fn complete(
                     Vec::new(),
                 )
                 .await;
-            let failures = journal.unwind().await;
+            let failures = journal.unwind(true).await;
             record.error = Some(with_failures(live.reason(), &failures));
+            record.unwind_incomplete = !failures.is_empty();
             (JobState::Cancelled, live.reason())
         }
         Err(StepError::Failed(msg) | StepError::Precondition(msg)) => {
-            let failures = journal.unwind().await;
+            let failures = journal.unwind(true).await;
             record.error = Some(with_failures(msg.clone(), &failures));
+            record.unwind_incomplete = !failures.is_empty();
             (JobState::Failed, msg)
         }
     };
@@ -430,6 +488,75 @@ async fn complete(
     journal
         .set_state(&mut record, end, reason, true, extra)
         .await;
+    if record.unwind_incomplete {
+        finish_unwind(shared, &mut record, &mut journal, live).await;
+    }
+}
+
+/// Carries on with the unwind of a job that ended with undo entries left (found at start-up).
+pub(crate) async fn retry_unwind(shared: Arc<Shared>, mut record: JobRecord, live: Arc<LiveJob>) {
+    let entries = shared.store.journal(record.id).unwrap_or_default();
+    let mut journal = Journal::new(&shared, &live, &record, entries);
+    let _release = Release {
+        shared: shared.clone(),
+        id: record.id,
+        resources: record.resources.clone(),
+    };
+    journal.sweep_temps(false).await;
+    finish_unwind(&shared, &mut record, &mut journal, &live).await;
+}
+
+/// The first retry of an incomplete unwind, and the longest wait between two.
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Retries the undo entries a job's unwind left, with backoff (or at once on `UnwindJob`),
+/// until they all apply or an operator abandons them. The job keeps its resources meanwhile,
+/// so no later job builds on a half-restored world. Returns when done, or when the daemon
+/// stops (the next start carries on).
+async fn finish_unwind(
+    shared: &Shared,
+    record: &mut JobRecord,
+    journal: &mut Journal,
+    live: &LiveJob,
+) {
+    let base = record
+        .error
+        .as_deref()
+        .map(|e| e.split(INCOMPLETE).next().unwrap_or(e).to_owned())
+        .unwrap_or_default();
+    let mut wait = RETRY_FIRST;
+    loop {
+        tokio::select! {
+            _ = shared.stopping.cancelled() => return,
+            _ = live.unwind_now.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if live.abandon.load(std::sync::atomic::Ordering::SeqCst) {
+            let n = journal.abandon();
+            tracing::warn!(job = %record.id, "{n} undo entr(ies) abandoned by request");
+            record.unwind_incomplete = false;
+            record.error = Some(format!(
+                "{base}; {n} undo step(s) that could not be applied were abandoned by request"
+            ));
+        } else {
+            let failures = journal.unwind(false).await;
+            record.unwind_incomplete = !failures.is_empty();
+            record.error = Some(if failures.is_empty() {
+                tracing::info!(job = %record.id, "the unwind is complete");
+                format!("{base}; its unwind completed on a retry")
+            } else {
+                with_failures(base.clone(), &failures)
+            });
+        }
+        let writes = vec![Write::UpdateJob(record.clone())];
+        let committed = shared.store.commit(writes, None).await;
+        live.unwind_attempts.send_modify(|n| *n += 1);
+        if committed.is_ok() && !record.unwind_incomplete {
+            return;
+        }
+        wait = (wait * 2).min(RETRY_MAX);
+    }
 }
 
 /// Releases a job's resources and live state when its task ends.
@@ -445,12 +572,16 @@ impl Drop for Release {
     }
 }
 
+/// Where a job's error says its unwind is incomplete (what comes before is why it ended).
+const INCOMPLETE: &str = "; its unwind is incomplete: ";
+
 fn with_failures(msg: String, failures: &[String]) -> String {
     if failures.is_empty() {
         msg
     } else {
         format!(
-            "{msg}; and {} undo step(s) failed: {}",
+            "{msg}{INCOMPLETE}{} undo step(s) could not be applied and are retried \
+             (stately jobs unwind ID retries now): {}",
             failures.len(),
             failures.join("; ")
         )
@@ -571,7 +702,8 @@ pub(crate) async fn recover(
         None,
         format!("the daemon restarted while the job was {}", was.as_str()),
     );
-    let failures = journal.unwind().await;
+    let failures = journal.unwind(true).await;
+    journal.sweep_temps(true).await;
     for step in record
         .steps
         .iter_mut()
@@ -590,6 +722,7 @@ pub(crate) async fn recover(
         (JobState::Failed, "interrupted by restart".to_owned())
     };
     record.error = Some(with_failures(reason.clone(), &failures));
+    record.unwind_incomplete = !failures.is_empty();
     record.finished_at = Some(now_ms());
     journal
         .set_state(&mut record, end, reason, true, Vec::new())

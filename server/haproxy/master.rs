@@ -60,11 +60,30 @@ fn parse_show_proc(text: &str) -> Option<Procs> {
     })
 }
 
+/// Reads `show proc`, waiting up to `within` for a master that does not answer yet: right
+/// after a reload the master re-execs and refuses connections for a moment (and a recovery
+/// after a crash can land in that moment).
+pub(crate) async fn show_proc_within(socket: &Path, within: Duration) -> Result<Procs, String> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match show_proc(socket).await {
+            Ok(p) => return Ok(p),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!(
+                    "the master CLI did not answer within {within:?}: {e}"
+                ));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// Reloads through the master and waits until `show proc` shows the outcome: Ok when the
 /// reload count grew with no new failure and a new worker is there; Err with what HAProxy
-/// shows otherwise (e.g. a port clash that `haproxy -c` could not see).
+/// shows otherwise (e.g. a port clash that `haproxy -c` could not see). A master that does not
+/// answer at first is waited for, within the same bound.
 pub(crate) async fn reload(socket: &Path, within: Duration) -> Result<Procs, String> {
-    let before = show_proc(socket).await?;
+    let before = show_proc_within(socket, within).await?;
     // The master re-execs and closes the connection; there is no answer to read. A socket
     // that cannot even be reached is a failure now, not a timeout later.
     if let Err(e) = tokio::net::UnixStream::connect(socket).await {

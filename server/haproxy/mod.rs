@@ -4,6 +4,7 @@
 //! mapped back to the candidate's own line numbers.
 
 pub(crate) mod master;
+pub mod policy;
 pub(crate) mod runtime;
 
 use crate::config::{Config, HaproxyTarget};
@@ -74,6 +75,8 @@ pub enum Error {
 #[derive(Debug, Clone)]
 pub struct Targets {
     targets: Vec<HaproxyTarget>,
+    /// Where certificate bundles are written (allowed to every target's configuration).
+    bundle_dir: PathBuf,
 }
 
 /// A live configuration.
@@ -126,7 +129,9 @@ pub fn version(bytes: &[u8]) -> String {
 /// Whether `v` has the form of a version ("sha256:" and 64 lower-case hex digits).
 pub fn is_version(v: &str) -> bool {
     v.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -135,6 +140,7 @@ impl Targets {
     pub fn new(config: &Config) -> Targets {
         Targets {
             targets: config.haproxy.clone(),
+            bundle_dir: config.bundle_dir(),
         }
     }
 
@@ -180,6 +186,17 @@ impl Targets {
         Ok(LiveConfig { text, version })
     }
 
+    /// Refuses a candidate that names files outside the target's allowed directories or runs
+    /// code the target does not allow (before `haproxy -c` reads a byte of it).
+    pub fn check_policy(&self, name: &str, text: &str) -> Result<(), Error> {
+        let (target, live) = self.config_path(name)?;
+        let dir = live.parent().unwrap_or(Path::new("/"));
+        target
+            .policy(&self.bundle_dir)
+            .check(text, dir)
+            .map_err(Error::Refused)
+    }
+
     /// Checks a candidate for a target with `haproxy -c`, changing nothing.
     pub async fn validate(&self, name: &str, text: &str) -> Result<Validation, Error> {
         let (target, live) = self.config_path(name)?;
@@ -192,20 +209,35 @@ impl Targets {
         if text.contains('\0') {
             return Err(Error::BadCandidate("the candidate holds a NUL byte".into()));
         }
+        self.check_policy(name, text)?;
         let candidate = Candidate::write(live, text).await?;
-        let out = tokio::time::timeout(
-            CHECK_TIMEOUT,
-            tokio::process::Command::new(&target.binary)
-                .arg("-c")
-                .arg("-f")
-                .arg(&candidate.0)
-                .stdin(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .map_err(|_| Error::Io(format!("`haproxy -c` took longer than {CHECK_TIMEOUT:?}")))?
-        .map_err(|e| Error::Io(format!("cannot run {}: {e}", target.binary.display())))?;
+        let dir = live.parent().unwrap_or(Path::new("/"));
+        let mut check = tokio::process::Command::new(&target.binary);
+        check
+            .arg("-c")
+            .arg("-f")
+            .arg(&candidate.0)
+            // Nothing of statelyd's environment for `.warning "${VAR}"` to print; relative
+            // paths read from the live file's directory, as the policy assumed.
+            .env_clear()
+            .current_dir(dir)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if target.allow_code
+            && let Some(user) = &target.check_user
+        {
+            let user = nix::unistd::User::from_name(user)
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    Error::Io(format!("check_user '{user}' is not a user on this machine"))
+                })?;
+            check.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+        }
+        let out = tokio::time::timeout(CHECK_TIMEOUT, check.output())
+            .await
+            .map_err(|_| Error::Io(format!("`haproxy -c` took longer than {CHECK_TIMEOUT:?}")))?
+            .map_err(|e| Error::Io(format!("cannot run {}: {e}", target.binary.display())))?;
         let valid = match out.status.code() {
             Some(0) => true,
             Some(1) => false,
@@ -227,6 +259,55 @@ impl Targets {
             version: version(text.as_bytes()),
         })
     }
+}
+
+/// Why a reload may have failed when `haproxy -c` could not tell: the `bind` addresses the new
+/// configuration adds that another process already holds (HAProxy reports that only on the
+/// master's stderr, which statelyd does not see). One line per address, naming its line.
+pub(crate) fn busy_binds(new: &str, old: &str) -> Vec<String> {
+    let binds = |text: &str| -> Vec<(usize, String)> {
+        text.lines()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some("bind")).then(|| w.next().map(|a| (i + 1, a.to_owned())))?
+            })
+            .collect()
+    };
+    let old: Vec<String> = binds(old).into_iter().map(|(_, a)| a).collect();
+    let mut out = Vec::new();
+    for (line, addr) in binds(new) {
+        if old.contains(&addr) {
+            continue;
+        }
+        let Some(sock) = tcp_address(&addr) else {
+            continue;
+        };
+        if let Err(e) = std::net::TcpListener::bind(sock)
+            && e.kind() == std::io::ErrorKind::AddrInUse
+        {
+            out.push(format!(
+                "line {line} binds {addr}, which another process holds ({e})"
+            ));
+        }
+    }
+    out
+}
+
+/// A `bind` address as a socket address, when it is a plain IP (or `*`) and one port.
+fn tcp_address(addr: &str) -> Option<std::net::SocketAddr> {
+    let addr = addr
+        .strip_prefix("ipv4@")
+        .or_else(|| addr.strip_prefix("ipv6@"))
+        .unwrap_or(addr);
+    let (host, port) = addr.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip: std::net::IpAddr = match host {
+        "" | "*" => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        h => h.parse().ok()?,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
 }
 
 /// A candidate file beside the live one, removed when dropped.

@@ -4,7 +4,6 @@
 //! deploy (hot-swap or reload). Every change records its undo first: a cancel or failure
 //! leaves no challenge file and the previous version live; a rollback puts it back.
 
-use crate::quote::quote;
 use crate::certs::acme;
 use crate::certs::lineage::{self, FILES, Lineage};
 use crate::certs::responder::{self, Responder};
@@ -13,6 +12,7 @@ use crate::config::{AcmeServer, Config};
 use crate::engine::{Error, StepCtx};
 use crate::job::{JobSpec, LogLevel};
 use crate::kinds::StepError;
+use crate::quote::quote;
 use crate::undo::UndoEntry;
 use instant_acme::{
     Account, AuthorizationStatus, ChallengeType, Identifier, NewOrder, Order, OrderStatus,
@@ -167,7 +167,9 @@ pub(crate) fn plan(config: &Config, spec: &JobSpec) -> Result<(Request, Vec<Stri
             .haproxy
             .iter()
             .find(|h| &h.name == t)
-            .ok_or_else(|| Error::NotFound(format!("no HAProxy target {} to deploy to", quote(t))))?;
+            .ok_or_else(|| {
+                Error::NotFound(format!("no HAProxy target {} to deploy to", quote(t)))
+            })?;
         if target.master_socket.is_none()
             && target.reload_command.is_none()
             && target.stats_socket.is_none()

@@ -56,6 +56,10 @@ pub(crate) fn plan(config: &Config, target: &str, text: &str) -> Result<Vec<Stri
             "the configuration is larger than 16 MiB".into(),
         ));
     }
+    targets.check_policy(target, text).map_err(|e| match e {
+        crate::haproxy::Error::Refused(m) => Error::PermissionDenied(m),
+        e => Error::FailedPrecondition(e.to_string()),
+    })?;
     Ok(vec![format!("haproxy:{target}")])
 }
 
@@ -68,6 +72,8 @@ pub(crate) struct Apply {
     /// Servers UP before the swap, to check none is DOWN after.
     up_before: HashSet<(String, String)>,
     allow_servers_down: bool,
+    /// The configuration the swap replaced (to tell a port clash from the worker's own binds).
+    old_text: String,
 }
 
 impl Apply {
@@ -96,6 +102,7 @@ impl Apply {
             base_version,
             up_before: HashSet::new(),
             allow_servers_down,
+            old_text: String::new(),
         })
     }
 
@@ -186,6 +193,14 @@ impl Apply {
                         "the live configuration changed to sha256:{blob} while this job ran; it was made from {base}"
                     )));
                 }
+                if let UndoEntry::RestoreFile { blob, .. } = &entry {
+                    self.old_text = ctx
+                        .journal
+                        .blobs
+                        .get(blob)
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default();
+                }
                 // Reverse order of undo: the old file goes back first, then HAProxy reloads.
                 ctx.record_undo(self.reload_undo()).await?;
                 ctx.record_undo(entry).await?;
@@ -214,9 +229,10 @@ impl Apply {
                 // A reload runs to its end (a critical section); a cancel is seen after it.
                 match (&self.target.master_socket, &self.target.reload_command) {
                     (Some(socket), _) => {
-                        let procs = master::reload(socket, RELOAD_WITHIN)
-                            .await
-                            .map_err(StepError::Failed)?;
+                        let procs = match master::reload(socket, RELOAD_WITHIN).await {
+                            Ok(p) => p,
+                            Err(e) => return Err(StepError::Failed(self.why_reload_failed(e))),
+                        };
                         ctx.log(
                             LogLevel::Info,
                             format!(
@@ -326,6 +342,18 @@ fn reload_invocation(argv: &[String]) -> crate::command::Invocation {
 }
 
 impl Apply {
+    /// A failed reload's message, with the likely cause when one can be found: an address
+    /// the new configuration binds that another process holds.
+    fn why_reload_failed(&self, failure: String) -> String {
+        // Addresses the old configuration bound are the running worker's, not a clash.
+        let busy = crate::haproxy::busy_binds(&self.text, &self.old_text);
+        if busy.is_empty() {
+            failure
+        } else {
+            format!("{failure}: {}", busy.join("; "))
+        }
+    }
+
     /// How to reload again when unwinding: through the master CLI, or the reload command.
     fn reload_undo(&self) -> UndoEntry {
         match (&self.target.master_socket, &self.target.reload_command) {

@@ -8,10 +8,10 @@ pub(crate) mod haproxy_server_state;
 pub(crate) mod rollback;
 pub(crate) mod runbook;
 
-use crate::quote::quote;
 use crate::config::Config;
 use crate::engine::{Error, Shared, StepCtx};
 use crate::job::{JobId, JobSpec};
+use crate::quote::quote;
 use crate::store::Write;
 
 /// What a job will do, known at submission.

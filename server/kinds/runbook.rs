@@ -2,13 +2,13 @@
 //! Clients pass declared parameters only; every path is checked against the runbook's roots
 //! at submission and again, with symlinks resolved, when the step runs.
 
-use crate::quote::quote;
 use super::StepError;
 use crate::command::{Invocation, Output};
 use crate::config::{Action, Runbook, is_normal, parse_mode, render};
 use crate::engine::{Error, StepCtx};
 use crate::fsops;
 use crate::job::LogLevel;
+use crate::quote::quote;
 use crate::undo::UndoEntry;
 use futures_util::StreamExt;
 use std::collections::BTreeMap;
@@ -411,10 +411,12 @@ impl Resolved {
                 },
                 Some(path),
             ) => {
-                let tmp = download(ctx, url, &path, *max_bytes, *timeout, *mode).await?;
-                let mut guard = TempFile(Some(tmp.clone()));
+                // Recorded before the download's temp file exists, so a crash mid-download
+                // leaves a journal that names the path its temp file sits beside.
                 let entry = snapshot(&path, ctx).await?;
                 ctx.record_undo(entry).await?;
+                let tmp = download(ctx, url, &path, *max_bytes, *timeout, *mode).await?;
+                let mut guard = TempFile(Some(tmp.clone()));
                 let err = at(&path);
                 blocking(move || fsops::rename_into_place(&tmp, &path).map_err(err)).await?;
                 guard.0 = None;

@@ -1,0 +1,357 @@
+//! What a client's HAProxy configuration may ask of the machine. `haproxy -c` is not inert:
+//! `lua-load` runs Lua as the checking user, a file named by `lua-load` or `-f` is quoted back
+//! in errors, `.warning "${VAR}"` prints the environment. So before HAProxy sees a candidate,
+//! every file it names (certificates, CA files, error files, ACL and map files, Lua, state and
+//! pid files, unix sockets) must lie in a directory the target allows, and what runs code
+//! (Lua, external checks, `program` sections, forking) is refused unless the daemon's
+//! configuration allows it. HAProxy's own parser is the reference; this is a conservative
+//! reading of its keywords, not a second parser: a line it cannot read is refused, not guessed.
+
+use std::path::{Component, Path, PathBuf};
+
+/// A target's policy, resolved at load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Directories files may be named in (canonical where they exist).
+    pub allow_dirs: Vec<PathBuf>,
+    /// Lua, external checks, `program` sections, `insecure-fork-wanted`, `setenv` and kin.
+    pub allow_code: bool,
+}
+
+/// Keywords that make HAProxy run code or change what code it runs sees.
+const CODE: &[&str] = &[
+    "lua-load",
+    "lua-load-per-thread",
+    "lua-prepend-path",
+    "external-check",
+    "insecure-fork-wanted",
+    "insecure-setuid-wanted",
+    "setenv",
+    "presetenv",
+    "resetenv",
+    "unsetenv",
+];
+
+/// Directives whose first argument is a file or directory.
+const FILE_DIRECTIVES: &[&str] = &[
+    "crt-base",
+    "ca-base",
+    "server-state-base",
+    "server-state-file",
+    "ssl-dh-param-file",
+    "issuers-chain-path",
+    "h1-case-adjust-file",
+    "51degrees-data-file",
+    "wurfl-data-file",
+    "deviceatlas-json-file",
+    "pidfile",
+    "lua-load",
+    "lua-load-per-thread",
+    "lua-prepend-path",
+];
+
+/// Options, anywhere on a line, whose next word is a file.
+const FILE_OPTIONS: &[&str] = &[
+    "crt",
+    "crt-list",
+    "ca-file",
+    "crl-file",
+    "ca-verify-file",
+    "ca-sign-file",
+    "ssl-dh-param-file",
+    "errorfile",
+    "file",
+    "lf-file",
+    "-f",
+    "config",
+];
+
+/// Converters and actions whose first argument is a file (`map_str(/etc/x.map)`, `set-map(..)`),
+/// wherever they sit in a word (`%[src,map_ip(/x)]`).
+static FILE_FUNCTION: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+    regex::Regex::new(
+        r"(?:^|[^A-Za-z0-9_-])(map(?:_[a-z0-9]+)?|set-map|del-map|add-acl|del-acl)\(([^,)]*)",
+    )
+    .expect("a valid pattern")
+});
+
+impl Policy {
+    /// Checks a candidate; the error names the line and what it may not do. `base` is the
+    /// directory relative paths are read from (the live file's: the check runs there).
+    pub fn check(&self, text: &str, base: &Path) -> Result<(), String> {
+        let mut crt_base: Option<PathBuf> = None;
+        let mut ca_base: Option<PathBuf> = None;
+        for (i, raw) in text.lines().enumerate() {
+            let n = i + 1;
+            let words = words(raw).map_err(|why| format!("line {n}: {why}"))?;
+            let Some(first) = words.first().map(String::as_str) else {
+                continue;
+            };
+            let refuse = |what: String| {
+                Err(format!(
+                    "line {n} ({}): {what}",
+                    crate::quote::quote(raw.trim())
+                ))
+            };
+            let code = CODE.contains(&first)
+                || first == "program"
+                || (first == "option"
+                    && words.get(1).map(String::as_str) == Some("external-check"));
+            if code && !self.allow_code {
+                return refuse(format!(
+                    "`{first}` runs code or shapes what code sees, and this target's policy does not allow it (allow_code)"
+                ));
+            }
+            let mut files: Vec<(&str, &str)> = Vec::new();
+            if FILE_DIRECTIVES.contains(&first)
+                && let Some(arg) = words.get(1)
+            {
+                files.push((first, arg));
+            }
+            // `stats socket <path>` and `bind <path>` / `bind unix@<path>` create sockets.
+            if first == "stats"
+                && words.get(1).map(String::as_str) == Some("socket")
+                && let Some(arg) = words.get(2)
+            {
+                files.push(("stats socket", arg.strip_prefix("unix@").unwrap_or(arg)));
+            }
+            if first == "bind"
+                && let Some(arg) = words.get(1)
+            {
+                if let Some(p) = arg.strip_prefix("unix@") {
+                    files.push(("bind", p));
+                } else if arg.starts_with('/') {
+                    files.push(("bind", arg));
+                }
+            }
+            for (j, w) in words.iter().enumerate().skip(1) {
+                if FILE_OPTIONS.contains(&w.as_str())
+                    && let Some(arg) = words.get(j + 1)
+                {
+                    // `errorfile <code> <file>` names the file second.
+                    let arg = if w == "errorfile" && arg.bytes().all(|b| b.is_ascii_digit()) {
+                        match words.get(j + 2) {
+                            Some(a) => a,
+                            None => continue,
+                        }
+                    } else {
+                        arg
+                    };
+                    files.push((w, arg));
+                }
+                for c in FILE_FUNCTION.captures_iter(w) {
+                    let (Some(name), Some(arg)) = (c.get(1), c.get(2)) else {
+                        continue;
+                    };
+                    if !arg.as_str().is_empty() {
+                        files.push((name.as_str(), arg.as_str()));
+                    }
+                }
+            }
+            if first == "errorfile"
+                && let Some(f) = words.get(2)
+            {
+                files.push(("errorfile", f));
+            }
+            for (what, arg) in files {
+                let relative_to = match what {
+                    "crt" | "crt-list" => crt_base.as_deref().unwrap_or(base),
+                    "ca-file" | "crl-file" | "ca-verify-file" | "ca-sign-file" => {
+                        ca_base.as_deref().unwrap_or(base)
+                    }
+                    _ => base,
+                };
+                if arg.contains('$') {
+                    return refuse(format!(
+                        "`{what}` names a file through an environment variable ({}); name it plainly",
+                        crate::quote::quote(arg)
+                    ));
+                }
+                let path = resolve(relative_to, arg);
+                if !self.allows(&path) {
+                    return refuse(format!(
+                        "`{what}` names {}, outside the directories this target allows ({})",
+                        crate::quote::quote(arg),
+                        self.allow_dirs
+                            .iter()
+                            .map(|d| d.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                match what {
+                    "crt-base" => crt_base = Some(path),
+                    "ca-base" => ca_base = Some(path),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a path (resolved) lies in an allowed directory, symbolic links followed as far
+    /// as the path exists.
+    fn allows(&self, path: &Path) -> bool {
+        let real = canonical_prefix(path);
+        self.allow_dirs.iter().any(|d| real.starts_with(d))
+    }
+}
+
+/// `arg` against `base` when relative, with `.` and `..` folded.
+fn resolve(base: &Path, arg: &str) -> PathBuf {
+    let joined = base.join(arg);
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The path with symbolic links resolved in its longest existing ancestor (the rest appended),
+/// so a link inside an allowed directory that points outside it is seen for what it is.
+pub(crate) fn canonical_prefix(path: &Path) -> PathBuf {
+    let mut existing = path.to_owned();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&existing) {
+            let mut out = real;
+            for part in rest.iter().rev() {
+                out.push(part);
+            }
+            return out;
+        }
+        match (
+            existing.file_name().map(|n| n.to_owned()),
+            existing.parent(),
+        ) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_owned();
+            }
+            _ => return path.to_owned(),
+        }
+    }
+}
+
+/// Splits a line into words as HAProxy does: blanks separate, `#` outside quotes starts a
+/// comment, double and single quotes group, a backslash escapes the next character.
+fn words(line: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut quote: Option<char> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (None, '#') => break,
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    out.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                in_word = true;
+            }
+            (Some(q), c) if c == q => quote = None,
+            (Some('\''), c) => cur.push(c),
+            (_, '\\') => {
+                in_word = true;
+                match chars.next() {
+                    Some(n) => cur.push(n),
+                    None => return Err("a line ends with a backslash".into()),
+                }
+            }
+            (_, c) => {
+                in_word = true;
+                cur.push(c);
+            }
+        }
+    }
+    if quote.is_some() {
+        return Err("a quote is not closed".into());
+    }
+    if in_word {
+        out.push(cur);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(dir: &Path) -> Policy {
+        Policy {
+            allow_dirs: vec![canonical_prefix(dir)],
+            allow_code: false,
+        }
+    }
+
+    #[test]
+    fn code_and_files_outside_the_allowed_directories_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy(dir.path());
+        let ok = format!(
+            "global\n  stats socket {0}/admin.sock mode 600 level admin\n\
+             frontend fe\n  bind :443 ssl crt {0}/certs alpn h2\n  errorfile 503 errors/503.http\n\
+             acl a src -f {0}/allow.lst # -f /etc/shadow in a comment\n",
+            dir.path().display()
+        );
+        p.check(&ok, dir.path()).unwrap();
+        for bad in [
+            "global\n  lua-load /tmp/x.lua\n",
+            "global\n  lua-load \"/tmp/x.lua\"\n",
+            "program p\n  command /bin/sh\n",
+            "backend b\n  option external-check\n",
+            "global\n  insecure-fork-wanted\n",
+            "global\n  setenv A b\n",
+            "frontend fe\n  bind :443 ssl crt /etc/ssl/private\n",
+            "frontend fe\n  http-request return status 200 file /etc/shadow\n",
+            "frontend fe\n  acl a src -f /etc/shadow\n",
+            "frontend fe\n  http-request set-header x %[src,map_ip(/etc/passwd)]\n",
+            "frontend fe\n  errorfile 503 ../../../etc/shadow\n",
+            "global\n  pidfile /etc/cron.d/x\n",
+            "global\n  pidfile \"${HOME}/x\"\n",
+            "global\n  crt-base /etc\nfrontend fe\n  bind :443 ssl crt ssl/private/x.pem\n",
+            "frontend fe\n  bind /etc/evil.sock\n",
+        ] {
+            let e = p.check(bad, dir.path()).unwrap_err();
+            assert!(e.starts_with("line "), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_symlink_out_of_an_allowed_directory_is_seen_through() {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/etc", dir.path().join("etc")).unwrap();
+        let p = policy(dir.path());
+        let e = p
+            .check("frontend fe\n  errorfile 503 etc/shadow\n", dir.path())
+            .unwrap_err();
+        assert!(e.contains("outside the directories"), "{e}");
+    }
+
+    #[test]
+    fn allowed_code_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = policy(dir.path());
+        p.allow_code = true;
+        p.check(
+            &format!("global\n  lua-load {}/x.lua\n", dir.path().display()),
+            dir.path(),
+        )
+        .unwrap();
+        assert!(
+            p.check("global\n  lua-load /tmp/x.lua\n", dir.path())
+                .is_err()
+        );
+    }
+}
