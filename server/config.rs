@@ -291,7 +291,7 @@ impl HaproxyTarget {
         crate::haproxy::policy::Policy {
             allow_dirs: dirs
                 .iter()
-                .map(|d| crate::haproxy::policy::canonical_prefix(d))
+                .map(|d| crate::fsops::canonical_prefix(d))
                 .collect(),
             allow_code: self.allow_code,
         }

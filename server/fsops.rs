@@ -5,7 +5,7 @@ use nix::unistd::{Gid, Uid};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A file's state, as a rollback compares it: absent, or its content hash and ownership.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,6 +241,32 @@ pub(crate) fn sweep_temps_beside(path: &Path) -> Vec<std::path::PathBuf> {
     match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
         (Some(dir), Some(name)) => sweep_temps(dir, Some(name)),
         _ => Vec::new(),
+    }
+}
+
+/// The path with symbolic links resolved in its longest existing ancestor (the rest appended),
+/// so a link inside an allowed directory that points outside it is seen for what it is.
+pub(crate) fn canonical_prefix(path: &Path) -> PathBuf {
+    let mut existing = path.to_owned();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&existing) {
+            let mut out = real;
+            for part in rest.iter().rev() {
+                out.push(part);
+            }
+            return out;
+        }
+        match (
+            existing.file_name().map(|n| n.to_owned()),
+            existing.parent(),
+        ) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_owned();
+            }
+            _ => return path.to_owned(),
+        }
     }
 }
 

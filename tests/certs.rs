@@ -511,12 +511,39 @@ async fn a_name_pebble_cannot_validate_fails_with_its_detail_and_changes_nothing
     );
     assert!(!job.error.contains("good.example.test:"), "{}", job.error);
     assert!(!a.root().join("live/good.example.test").exists());
-    assert_eq!(
-        std::fs::read_dir(a.webroot().join(".well-known/acme-challenge"))
-            .unwrap()
-            .count(),
-        0
+    assert!(
+        !a.webroot().join(".well-known").exists(),
+        "the challenge directories it created are removed"
     );
+}
+
+#[tokio::test]
+async fn a_webroot_that_links_outside_the_allowed_ones_creates_nothing_there() {
+    let port = free_port();
+    let p = Pebble::start(port);
+    let a = setup(p, "", "", &[]);
+    let outside = a.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, a.webroot().join("site")).unwrap();
+    let mut c = a.d.client().await;
+    let wr = a.webroot().join("site").display().to_string();
+    let job = run(
+        &mut c,
+        issue_with(&["example.test"], |j| j.webroot = wr.clone()),
+    )
+    .await;
+    assert_eq!(state(&job), pb::JobState::Failed, "{job:?}");
+    assert!(
+        job.error.contains("outside the allowed webroots"),
+        "{}",
+        job.error
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "no directory was created outside the webroots"
+    );
+    assert!(!a.root().join("live/example.test").exists());
 }
 
 #[tokio::test]

@@ -398,7 +398,118 @@ async fn a_port_clash_that_passes_the_check_fails_the_reload_and_is_unwound() {
         rows.iter().any(|r| r.proxy == "web") && !rows.iter().any(|r| r.proxy == "clash"),
         "the old config serves"
     );
+    assert!(
+        job.error.contains(&format!(
+            "binds 127.0.0.1:{port}, which another process holds"
+        )) && job.error.contains("Address already in use"),
+        "HAProxy's reason is surfaced: {}",
+        job.error
+    );
     drop(taken);
+}
+
+#[tokio::test]
+async fn an_unwind_that_cannot_reload_stays_incomplete_holds_the_target_and_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(0).await;
+    let h = Haproxy::start(dir.path(), &[("web", vec![("s1", backend.port)])]);
+    // The reload works only while the flag file exists: without it, the apply's reload and
+    // then its unwind's reload both fail.
+    let flag = dir.path().join("reload-works");
+    let mut d = Daemon::start(&format!(
+        "[[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nreload_command = [\"/bin/sh\", \"-c\", \"test -e {} && kill -USR2 {}\"]\nstats_socket = \"{}\"\n",
+        h.config.display(),
+        flag.display(),
+        h.pid(),
+        h.stats.display()
+    ));
+    let live = std::fs::read_to_string(&h.config).unwrap();
+    let mut c = d.client().await;
+    let first = c
+        .submit_job(apply(&with_frontend(&live, "one", free_port()), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = wait_end(&mut c, &first.id).await;
+    assert_eq!(state(&first), pb::JobState::Failed, "{first:?}");
+    assert!(first.unwind_incomplete, "{first:?}");
+    assert!(
+        first.error.contains("its unwind is incomplete") && first.error.contains("reload"),
+        "{}",
+        first.error
+    );
+    assert_eq!(
+        std::fs::read_to_string(&h.config).unwrap(),
+        live,
+        "the file is back"
+    );
+
+    // A later job on the target waits: it must not build on a half-restored HAProxy.
+    let port = free_port();
+    let second = c
+        .submit_job(apply(&with_frontend(&live, "two", port), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.waiting_for, ["haproxy:edge"], "{second:?}");
+
+    // The state survives a crash: still incomplete, still holding the target.
+    d.kill9();
+    d.spawn();
+    let mut c = d.client().await;
+    let shown = d.cli().args(["jobs", "show", &first.id]).output().unwrap();
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("FAILED (unwind incomplete)"), "{text}");
+    let waiting = c
+        .get_job(pb::GetJobRequest {
+            job_id: second.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&waiting), pb::JobState::Pending, "{waiting:?}");
+
+    // HAProxy can be reloaded again: an operator retries the unwind now.
+    std::fs::write(&flag, "").unwrap();
+    let out = d
+        .cli()
+        .args(["jobs", "unwind", &first.id])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("its unwind is complete"), "{said}");
+    let first = c
+        .get_job(pb::GetJobRequest {
+            job_id: first.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.unwind_incomplete, "{first:?}");
+    assert!(
+        first.error.contains("completed on a retry"),
+        "{}",
+        first.error
+    );
+    let second = wait_end(&mut c, &second.id).await;
+    assert_eq!(state(&second), pb::JobState::Succeeded, "{second:?}");
+    assert!(answers(port, "two"));
+
+    // Nothing left to retry now.
+    let err = c
+        .unwind_job(pb::UnwindJobRequest {
+            job_id: first.id.clone(),
+            abandon: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
 }
 
 #[tokio::test]

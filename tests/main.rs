@@ -8,6 +8,7 @@ mod alerts;
 mod certs;
 mod cli;
 mod haproxy;
+mod hostile;
 mod jobs_api;
 mod reflection;
 mod runbooks;

@@ -7,6 +7,7 @@
 //! configuration allows it. HAProxy's own parser is the reference; this is a conservative
 //! reading of its keywords, not a second parser: a line it cannot read is refused, not guessed.
 
+use crate::fsops::canonical_prefix;
 use std::path::{Component, Path, PathBuf};
 
 /// A target's policy, resolved at load.
@@ -211,32 +212,6 @@ fn resolve(base: &Path, arg: &str) -> PathBuf {
         }
     }
     out
-}
-
-/// The path with symbolic links resolved in its longest existing ancestor (the rest appended),
-/// so a link inside an allowed directory that points outside it is seen for what it is.
-pub(crate) fn canonical_prefix(path: &Path) -> PathBuf {
-    let mut existing = path.to_owned();
-    let mut rest = Vec::new();
-    loop {
-        if let Ok(real) = std::fs::canonicalize(&existing) {
-            let mut out = real;
-            for part in rest.iter().rev() {
-                out.push(part);
-            }
-            return out;
-        }
-        match (
-            existing.file_name().map(|n| n.to_owned()),
-            existing.parent(),
-        ) {
-            (Some(name), Some(parent)) => {
-                rest.push(name);
-                existing = parent.to_owned();
-            }
-            _ => return path.to_owned(),
-        }
-    }
 }
 
 /// Splits a line into words as HAProxy does: blanks separate, `#` outside quotes starts a

@@ -452,7 +452,7 @@ impl Issue {
             }
             match &self.req.webroot {
                 Some(root) => {
-                    let dir = self.challenge_dir(root).await?;
+                    let dir = self.challenge_dir(root, ctx).await?;
                     let path = dir.join(&c.token);
                     ctx.record_undo(UndoEntry::RemoveFile { path: path.clone() })
                         .await?;
@@ -489,33 +489,66 @@ impl Issue {
 
     /// The webroot's challenge directory, created if needed, resolved through any symlinks
     /// and checked to lie under an allowed webroot (so a link cannot send writes elsewhere).
-    async fn challenge_dir(&self, root: &Path) -> Result<PathBuf, StepError> {
+    /// The webroot's challenge directory, checked (symbolic links resolved) to lie in an
+    /// allowed webroot before anything is created, and each directory it creates recorded for
+    /// the unwind to remove.
+    async fn challenge_dir(
+        &self,
+        root: &Path,
+        ctx: &mut StepCtx<'_>,
+    ) -> Result<PathBuf, StepError> {
         let dir = root.join(".well-known/acme-challenge");
         let allowed = self.allowed.clone();
         let d = dir.clone();
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
-            let real = d
-                .canonicalize()
-                .map_err(|e| format!("{}: {e}", d.display()))?;
-            let ok = allowed.iter().any(|a| {
-                a.canonicalize()
-                    .map(|a| real.starts_with(a))
-                    .unwrap_or(false)
-            });
+        let inside = move |p: &Path| {
+            let real = crate::fsops::canonical_prefix(p);
+            let ok = allowed
+                .iter()
+                .any(|a| real.starts_with(crate::fsops::canonical_prefix(a)));
             if ok {
                 Ok(real)
             } else {
-                Err(format!(
+                Err(StepError::Failed(format!(
                     "{} resolves to {}, outside the allowed webroots",
-                    d.display(),
+                    p.display(),
                     real.display()
-                ))
+                )))
             }
+        };
+        let check = inside.clone();
+        let (real, missing) = tokio::task::spawn_blocking(move || {
+            let real = check(&d)?;
+            // The directories to create, outermost first.
+            let mut missing = Vec::new();
+            let mut p = real.clone();
+            while std::fs::symlink_metadata(&p).is_err() {
+                missing.push(p.clone());
+                if !p.pop() {
+                    break;
+                }
+            }
+            missing.reverse();
+            Ok::<_, StepError>((real, missing))
         })
         .await
-        .map_err(|e| StepError::Failed(e.to_string()))?
-        .map_err(StepError::Failed)
+        .map_err(|e| StepError::Failed(e.to_string()))??;
+        for m in missing {
+            ctx.record_undo(UndoEntry::RemoveEmptyDir { path: m.clone() })
+                .await?;
+            let check = inside.clone();
+            tokio::task::spawn_blocking(move || {
+                match std::fs::create_dir(&m) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                        return Err(StepError::Failed(format!("{}: {e}", m.display())));
+                    }
+                    _ => {}
+                }
+                check(&m).map(|_| ())
+            })
+            .await
+            .map_err(|e| StepError::Failed(e.to_string()))??;
+        }
+        inside(&real)
     }
 
     async fn validate(
