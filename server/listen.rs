@@ -1,7 +1,8 @@
 //! Listening sockets that an idle or hostile crowd cannot exhaust. tonic serves whatever its
 //! incoming stream yields and never closes an idle connection, so the accept loop is ours:
-//! - a cap on open connections; at the cap, the connection quiet the longest (at least a
-//!   second) makes room for the new one, else the new one is closed at once;
+//! - a cap on open connections; at the cap, a connection that never sent a byte, else the one
+//!   quiet the longest (at least a second), makes room for the new one; when every connection
+//!   is busy the new one is closed at once;
 //! - a deadline for a connection's first bytes (a TCP connection that never speaks is closed);
 //! - a pause, not a spin, when accept fails (out of file descriptors);
 //! - and, at start, the soft open-file limit raised to the hard one.
@@ -103,18 +104,20 @@ impl Registry {
         self.slots.lock().expect("registry lock").len()
     }
 
-    /// Closes the connection quiet the longest, if quiet for at least `min_quiet`.
+    /// Makes room for a new connection: closes one that never sent a byte, else the one quiet
+    /// the longest if quiet for at least `min_quiet`. False when every connection is busy.
     fn evict_quietest(&self, min_quiet: Duration) -> bool {
         let now = self.now();
         let slots = self.slots.lock().expect("registry lock");
         let quietest = slots
             .values()
             .filter(|s| !s.closed.load(Ordering::SeqCst))
-            .min_by_key(|s| s.last.load(Ordering::Relaxed));
+            .min_by_key(|s| (s.spoke.load(Ordering::Relaxed), s.last.load(Ordering::Relaxed)));
         match quietest {
             Some(s)
-                if now.saturating_sub(s.last.load(Ordering::Relaxed))
-                    >= min_quiet.as_millis() as u64 =>
+                if !s.spoke.load(Ordering::Relaxed)
+                    || now.saturating_sub(s.last.load(Ordering::Relaxed))
+                        >= min_quiet.as_millis() as u64 =>
             {
                 s.close();
                 true

@@ -6,6 +6,7 @@ mod support;
 
 mod alerts;
 mod certs;
+mod connections;
 mod cli;
 mod haproxy;
 mod hostile;

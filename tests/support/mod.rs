@@ -41,6 +41,8 @@ pub struct Daemon {
     pub addr: String,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// The open-file limit (soft and hard) the process starts with, when set.
+    pub nofile: Option<u64>,
 }
 
 /// The runbooks most tests use; `{root}` is the test's file root.
@@ -144,6 +146,13 @@ impl Daemon {
 
     /// Like `start`, with environment variables for the process.
     pub fn start_env(extra: &str, env: &[(&str, &str)]) -> Daemon {
+        let mut d = Self::configure(extra, env);
+        d.spawn();
+        d
+    }
+
+    /// Writes the config and data directory of a daemon without starting it.
+    pub fn configure(extra: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         std::fs::create_dir_all(&root).unwrap();
@@ -166,7 +175,7 @@ value = "{VIEWER}"
             runbooks = test_runbooks(&root),
         );
         std::fs::write(&config, text).unwrap();
-        let mut d = Daemon {
+        let d = Daemon {
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -175,8 +184,8 @@ value = "{VIEWER}"
             addr: String::new(),
             dir,
             config,
+            nofile: None,
         };
-        d.spawn();
         d
     }
 
@@ -195,14 +204,27 @@ value = "{VIEWER}"
             .append(true)
             .open(self.dir.path().join("statelyd.log"))
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_statelyd"))
-            .arg("--config")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_statelyd"));
+        cmd.arg("--config")
             .arg(&self.config)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("statelyd starts");
+            .stderr(log);
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        n,
+                        n,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("statelyd starts");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -227,6 +249,11 @@ value = "{VIEWER}"
         if !value.is_empty() {
             self.env.push((key.into(), value.into()));
         }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     pub fn kill9(&mut self) {

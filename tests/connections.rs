@@ -1,0 +1,101 @@
+//! Connections a crowd cannot use up: idle connections at a 1024 open-file limit, silent ones
+//! closed after the first-bytes deadline, and a new client still answered.
+
+use crate::support::*;
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+/// Lets this test process open more sockets than a 1024 default allows.
+fn raise_own_nofile(at_least: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        hard >= at_least,
+        "the test needs {at_least} open files, the hard limit is {hard}"
+    );
+    if soft < at_least {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    }
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+async fn health_within(d: &Daemon) -> Duration {
+    let t = Instant::now();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", d.addr))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("a new client connects");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        health.check(tonic_health::pb::HealthCheckRequest::default()),
+    )
+    .await
+    .expect("answered in time")
+    .expect("the health check answers");
+    t.elapsed()
+}
+
+#[tokio::test]
+async fn idle_connections_at_a_1024_file_limit_do_not_lock_out_a_new_client() {
+    raise_own_nofile(4096);
+    let mut d = Daemon::configure("first_bytes_timeout = \"2s\"\n", &[]);
+    d.nofile = Some(1024);
+    d.spawn();
+    let pid = d.pid().unwrap();
+    let idle: Vec<std::net::TcpStream> = (0..1100)
+        .filter_map(|_| std::net::TcpStream::connect(&d.addr).ok())
+        .collect();
+    assert!(idle.len() >= 1000, "connections opened: {}", idle.len());
+    let waited = health_within(&d).await;
+    eprintln!("new client answered in {waited:?} beside {} idle", idle.len());
+
+    // The accept loop does not spin on a full table.
+    let before = cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_seconds(pid) - before;
+    assert!(used < 0.5, "the daemon used {used} s of CPU in 1 s while idle");
+
+    // Connections that never said anything are closed after the first-bytes deadline.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut closed = 0;
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        // The server's HTTP/2 settings may come first; then the close (or nothing).
+        let mut b = [0u8; 256];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => {
+                    closed += 1;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(_) => {
+                    closed += 1;
+                    break;
+                }
+            }
+        }
+    }
+    assert!(closed >= 1000, "only {closed} silent connections were closed");
+    health_within(&d).await;
+}
