@@ -112,7 +112,12 @@ impl Registry {
         let quietest = slots
             .values()
             .filter(|s| !s.closed.load(Ordering::SeqCst))
-            .min_by_key(|s| (s.spoke.load(Ordering::Relaxed), s.last.load(Ordering::Relaxed)));
+            .min_by_key(|s| {
+                (
+                    s.spoke.load(Ordering::Relaxed),
+                    s.last.load(Ordering::Relaxed),
+                )
+            });
         match quietest {
             Some(s)
                 if !s.spoke.load(Ordering::Relaxed)

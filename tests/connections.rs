@@ -58,13 +58,19 @@ async fn idle_connections_at_a_1024_file_limit_do_not_lock_out_a_new_client() {
         .collect();
     assert!(idle.len() >= 1000, "connections opened: {}", idle.len());
     let waited = health_within(&d).await;
-    eprintln!("new client answered in {waited:?} beside {} idle", idle.len());
+    eprintln!(
+        "new client answered in {waited:?} beside {} idle",
+        idle.len()
+    );
 
     // The accept loop does not spin on a full table.
     let before = cpu_seconds(pid);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let used = cpu_seconds(pid) - before;
-    assert!(used < 0.5, "the daemon used {used} s of CPU in 1 s while idle");
+    assert!(
+        used < 0.5,
+        "the daemon used {used} s of CPU in 1 s while idle"
+    );
 
     // Connections that never said anything are closed after the first-bytes deadline.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -96,6 +102,9 @@ async fn idle_connections_at_a_1024_file_limit_do_not_lock_out_a_new_client() {
             }
         }
     }
-    assert!(closed >= 1000, "only {closed} silent connections were closed");
+    assert!(
+        closed >= 1000,
+        "only {closed} silent connections were closed"
+    );
     health_within(&d).await;
 }

@@ -6,8 +6,9 @@ mod support;
 
 mod alerts;
 mod certs;
-mod connections;
 mod cli;
+mod connections;
+mod crash;
 mod haproxy;
 mod hostile;
 mod jobs_api;

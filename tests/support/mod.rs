@@ -215,12 +215,8 @@ value = "{VIEWER}"
             // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
             unsafe {
                 cmd.pre_exec(move || {
-                    nix::sys::resource::setrlimit(
-                        nix::sys::resource::Resource::RLIMIT_NOFILE,
-                        n,
-                        n,
-                    )
-                    .map_err(std::io::Error::from)
+                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)
+                        .map_err(std::io::Error::from)
                 });
             }
         }
