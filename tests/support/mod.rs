@@ -175,7 +175,7 @@ value = "{VIEWER}"
             runbooks = test_runbooks(&root),
         );
         std::fs::write(&config, text).unwrap();
-        let d = Daemon {
+        Daemon {
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -185,8 +185,7 @@ value = "{VIEWER}"
             dir,
             config,
             nofile: None,
-        };
-        d
+        }
     }
 
     pub fn root(&self) -> PathBuf {
