@@ -414,10 +414,11 @@ async fn an_unwind_that_cannot_reload_stays_incomplete_holds_the_target_and_is_r
     let backend = Backend::start(0).await;
     let h = Haproxy::start(dir.path(), &[("web", vec![("s1", backend.port)])]);
     // The reload works only while the flag file exists: without it, the apply's reload and
-    // then its unwind's reload both fail.
+    // then its unwind's reload both fail. A signal is fire-and-forget, and a second USR2 that
+    // lands while the master re-execs is lost: the command gives the re-exec time.
     let flag = dir.path().join("reload-works");
     let mut d = Daemon::start(&format!(
-        "[[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nreload_command = [\"/bin/sh\", \"-c\", \"test -e {} && kill -USR2 {}\"]\nstats_socket = \"{}\"\n",
+        "[[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nreload_command = [\"/bin/sh\", \"-c\", \"test -e {} && kill -USR2 {} && sleep 0.5\"]\nstats_socket = \"{}\"\n",
         h.config.display(),
         flag.display(),
         h.pid(),
