@@ -667,6 +667,15 @@ prune_interval = "60s"
 # server_state_file = "/var/lib/haproxy/server-state"   # with `server-state-file` in global and
 #                                       # `load-server-state-from-file global` in defaults
 # stats_socket = "/run/haproxy/admin.sock"
+# Directories a client's configuration may name files in (crt, ca-file, errorfile, ACL and map
+# files, lua-load, sockets...). Default: those of config, the sockets, server_state_file, and
+# the certificate bundle directory.
+# allow_dirs = ["/etc/haproxy", "/run/haproxy", "/etc/ssl/stately"]
+# Let a client's configuration run code (lua-load, external-check, program sections,
+# insecure-fork-wanted, setenv and kin): `haproxy -c` runs Lua while it checks.
+# allow_code = false
+# With allow_code: run `haproxy -c` as this user (it must read the certificates).
+# check_user = "haproxy"
 
 [certificates]
 # The certbot-style root (archive/<name>/, live/<name>/). Default: <data_dir>/letsencrypt.
