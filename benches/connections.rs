@@ -32,8 +32,12 @@ fn start(dir: &std::path::Path, nofile: u64) -> (Child, String) {
     // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, nofile, nofile)
-                .map_err(std::io::Error::from)
+            nix::sys::resource::setrlimit(
+                nix::sys::resource::Resource::RLIMIT_NOFILE,
+                nofile,
+                nofile,
+            )
+            .map_err(std::io::Error::from)
         });
     }
     let mut child = cmd.spawn().expect("statelyd starts");
@@ -41,7 +45,11 @@ fn start(dir: &std::path::Path, nofile: u64) -> (Child, String) {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
     (child, addr)
 }
 
@@ -76,16 +84,29 @@ fn sockets(pid: u32) -> usize {
 fn quantiles(mut v: Vec<Duration>) -> String {
     v.sort();
     let q = |p: f64| v[((v.len() - 1) as f64 * p) as usize].as_secs_f64() * 1000.0;
-    format!("p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", q(0.5), q(0.99), q(1.0))
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        q(0.5),
+        q(0.99),
+        q(1.0)
+    )
 }
 
 #[tokio::main]
 async fn main() {
-    let idle_n: usize = std::env::var("BENCH_IDLE").ok().and_then(|s| s.parse().ok()).unwrap_or(1100);
-    let clients: usize = std::env::var("BENCH_CLIENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
-    let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let idle_n: usize = std::env::var("BENCH_IDLE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1100);
+    let clients: usize = std::env::var("BENCH_CLIENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let (soft, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
     if soft < 4096 {
-        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
+            .unwrap();
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -115,8 +136,14 @@ async fn main() {
         "open-file limit 1024; {} idle connections opened; the daemon held {held} sockets before the clients, {held_after} after",
         idle.len()
     );
-    println!("new client beside the idle crowd ({clients}): {}", quantiles(loaded));
-    println!("new client, unloaded daemon ({clients}):   {}", quantiles(base));
+    println!(
+        "new client beside the idle crowd ({clients}): {}",
+        quantiles(loaded)
+    );
+    println!(
+        "new client, unloaded daemon ({clients}):   {}",
+        quantiles(base)
+    );
     drop(idle);
     let _ = d.kill();
     let _ = d.wait();

@@ -63,8 +63,11 @@ pub async fn run(
         source: e,
     })?;
     let nofile = crate::listen::raise_nofile();
-    let limits =
-        crate::listen::Limits::fitted(config.max_connections, config.first_bytes_timeout, nofile);
+    let connections = crate::listen::Connections::new(crate::listen::Limits::fitted(
+        config.max_connections,
+        config.first_bytes_timeout,
+        nofile,
+    ));
     let auth = Auth::load(&config).map_err(Error::Auth)?;
     let config = Arc::new(config);
     let engine = Engine::start(config.clone()).await?;
@@ -112,6 +115,7 @@ pub async fn run(
     // in SubmitJob/RunJob and ValidateConfig, 1 MiB elsewhere.
     let router = || {
         Server::builder()
+            .layer(crate::listen::CallsLayer)
             .layer(InputErrorsLayer)
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
@@ -156,7 +160,7 @@ pub async fn run(
     })?;
     let mut servers = tokio::task::JoinSet::new();
     let stop = stopping.clone();
-    let incoming = crate::listen::incoming(tcp, limits, stopping.clone());
+    let incoming = crate::listen::incoming(tcp, &connections, stopping.clone());
     let tcp_server =
         router().serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await });
     servers.spawn(tcp_server);
@@ -167,7 +171,7 @@ pub async fn run(
             source,
         })?;
         let stop = stopping.clone();
-        let incoming = crate::listen::incoming(uds, limits, stopping.clone());
+        let incoming = crate::listen::incoming(uds, &connections, stopping.clone());
         servers.spawn(
             router().serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         );

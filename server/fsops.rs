@@ -203,7 +203,7 @@ pub(crate) fn make_private_file(path: &Path) -> io::Result<()> {
 
 /// Whether `file_name` is a temp file [`temp_beside`] made (`.NAME.stately-<16 hex>.tmp`, or
 /// `.cfg` for a candidate `haproxy -c` checks), for a file named `of` (any file when None).
-fn is_temp_of(file_name: &str, of: Option<&str>) -> bool {
+fn is_temp_of(file_name: &str, of: Option<&str>, candidates: bool) -> bool {
     let Some(rest) = file_name.strip_prefix('.') else {
         return false;
     };
@@ -213,15 +213,20 @@ fn is_temp_of(file_name: &str, of: Option<&str>) -> bool {
     let Some((name, id)) = stem.rsplit_once(".stately-") else {
         return false;
     };
-    (ext == "tmp" || ext == "cfg")
+    (ext == "tmp" || (candidates && ext == "cfg"))
         && id.len() == 16
         && id.bytes().all(|b| b.is_ascii_hexdigit())
         && of.is_none_or(|o| o == name)
 }
 
 /// Removes the temp files an interrupted write left in `dir` (those made for the file named
-/// `of`, or all when None), and returns them. A missing directory has none.
-pub(crate) fn sweep_temps(dir: &Path, of: Option<&str>) -> Vec<std::path::PathBuf> {
+/// `of`, or all when None; with `candidates`, `haproxy -c` candidates too — only while no
+/// check can be running, at start-up), and returns them. A missing directory has none.
+pub(crate) fn sweep_temps(
+    dir: &Path,
+    of: Option<&str>,
+    candidates: bool,
+) -> Vec<std::path::PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -229,7 +234,7 @@ pub(crate) fn sweep_temps(dir: &Path, of: Option<&str>) -> Vec<std::path::PathBu
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        if is_temp_of(name, of) && std::fs::remove_file(e.path()).is_ok() {
+        if is_temp_of(name, of, candidates) && std::fs::remove_file(e.path()).is_ok() {
             removed.push(e.path());
         }
     }
@@ -237,9 +242,9 @@ pub(crate) fn sweep_temps(dir: &Path, of: Option<&str>) -> Vec<std::path::PathBu
 }
 
 /// Removes the temp files an interrupted write of `path` left beside it.
-pub(crate) fn sweep_temps_beside(path: &Path) -> Vec<std::path::PathBuf> {
+pub(crate) fn sweep_temps_beside(path: &Path, candidates: bool) -> Vec<std::path::PathBuf> {
     match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
-        (Some(dir), Some(name)) => sweep_temps(dir, Some(name)),
+        (Some(dir), Some(name)) => sweep_temps(dir, Some(name), candidates),
         _ => Vec::new(),
     }
 }
@@ -328,13 +333,13 @@ mod tests {
             std::fs::write(p, "x").unwrap();
         }
         std::fs::write(dir.path().join(".haproxy.cfg.stately-zz.tmp"), "not ours").unwrap();
-        let mut swept = sweep_temps_beside(&f);
+        let mut swept = sweep_temps_beside(&f, true);
         swept.sort();
         let mut want = vec![tmp.clone(), cand.clone()];
         want.sort();
         assert_eq!(swept, want);
         assert!(f.exists() && other.exists());
-        assert_eq!(sweep_temps(dir.path(), None), vec![other]);
+        assert_eq!(sweep_temps(dir.path(), None, true), vec![other]);
         assert!(dir.path().join(".haproxy.cfg.stately-zz.tmp").exists());
     }
 }

@@ -1,9 +1,11 @@
 //! Listening sockets that an idle or hostile crowd cannot exhaust. tonic serves whatever its
 //! incoming stream yields and never closes an idle connection, so the accept loop is ours:
-//! - a cap on open connections; at the cap, a connection that never sent a byte, else the one
-//!   quiet the longest (at least a second), makes room for the new one; when every connection
-//!   is busy the new one is closed at once;
-//! - a deadline for a connection's first bytes (a TCP connection that never speaks is closed);
+//! - one cap on open connections across the listeners; at the cap, a connection with no call
+//!   in flight makes room for the new one — one that has not finished the HTTP/2 preface first,
+//!   else the one quiet the longest (at least a second); a connection with a call in flight
+//!   (a RunJob stream, a CancelJob waiting) is never closed; when none can go, the new one is
+//!   closed at once;
+//! - a deadline for a connection's HTTP/2 preface (one that never finishes it is closed);
 //! - a pause, not a spin, when accept fails (out of file descriptors);
 //! - and, at start, the soft open-file limit raised to the hard one.
 //!
@@ -79,19 +81,29 @@ struct Registry {
 }
 
 #[derive(Debug)]
-struct Slot {
+pub(crate) struct Slot {
     /// Milliseconds since the registry's epoch of the last byte read or written.
     last: AtomicU64,
-    spoke: AtomicBool,
+    /// Bytes read, counted up to the length of the HTTP/2 preface.
+    read: AtomicU64,
+    /// Calls in flight (requests whose response, body included, has not ended).
+    calls: AtomicU64,
     closed: AtomicBool,
     /// Woken when the connection is closed from outside, so its reader sees it.
     waker: AtomicWaker,
 }
 
+/// The length of a client's HTTP/2 connection preface (`PRI * HTTP/2.0` and the rest).
+const PREFACE_LEN: u64 = 24;
+
 impl Slot {
     fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.waker.wake();
+    }
+
+    fn greeted(&self) -> bool {
+        self.read.load(Ordering::Relaxed) >= PREFACE_LEN
     }
 }
 
@@ -104,23 +116,19 @@ impl Registry {
         self.slots.lock().expect("registry lock").len()
     }
 
-    /// Makes room for a new connection: closes one that never sent a byte, else the one quiet
-    /// the longest if quiet for at least `min_quiet`. False when every connection is busy.
+    /// Makes room for a new connection: closes one with no call in flight — one that has not
+    /// finished the HTTP/2 preface first, else the one quiet the longest if quiet for at least
+    /// `min_quiet`. False when none may go.
     fn evict_quietest(&self, min_quiet: Duration) -> bool {
         let now = self.now();
         let slots = self.slots.lock().expect("registry lock");
         let quietest = slots
             .values()
-            .filter(|s| !s.closed.load(Ordering::SeqCst))
-            .min_by_key(|s| {
-                (
-                    s.spoke.load(Ordering::Relaxed),
-                    s.last.load(Ordering::Relaxed),
-                )
-            });
+            .filter(|s| !s.closed.load(Ordering::SeqCst) && s.calls.load(Ordering::SeqCst) == 0)
+            .min_by_key(|s| (s.greeted(), s.last.load(Ordering::Relaxed)));
         match quietest {
             Some(s)
-                if !s.spoke.load(Ordering::Relaxed)
+                if !s.greeted()
                     || now.saturating_sub(s.last.load(Ordering::Relaxed))
                         >= min_quiet.as_millis() as u64 =>
             {
@@ -173,8 +181,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
         }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.slot.spoke.store(true, Ordering::Relaxed);
+        let n = buf.filled().len() - before;
+        if matches!(r, Poll::Ready(Ok(()))) && n > 0 {
+            if !self.slot.greeted() {
+                self.slot.read.fetch_add(n as u64, Ordering::Relaxed);
+            }
             self.touch();
         }
         r
@@ -206,10 +217,98 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
     }
 }
 
-impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected for Conn<IO> {
-    type ConnectInfo = IO::ConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+/// A connection's handle, in each request's extensions (tonic puts a connection's
+/// `ConnectInfo` there), so the [`CallsLayer`] can count its calls in flight.
+#[derive(Debug, Clone)]
+pub(crate) struct Activity(Arc<Slot>);
+
+impl<IO> tonic::transport::server::Connected for Conn<IO> {
+    type ConnectInfo = Activity;
+    fn connect_info(&self) -> Activity {
+        Activity(self.slot.clone())
+    }
+}
+
+/// Counts a connection's calls in flight from the request until its response body ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CallsLayer;
+
+impl<S> tower::Layer<S> for CallsLayer {
+    type Service = Calls<S>;
+    fn layer(&self, inner: S) -> Calls<S> {
+        Calls { inner }
+    }
+}
+
+/// The service [`CallsLayer`] wraps around the routes.
+#[derive(Debug, Clone)]
+pub(crate) struct Calls<S> {
+    inner: S,
+}
+
+/// One call in flight; dropped with the response body.
+#[derive(Debug)]
+struct Call(Arc<Slot>);
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.0.calls.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+type CallFuture<R, E> =
+    Pin<Box<dyn std::future::Future<Output = Result<http::Response<CallBody<R>>, E>> + Send>>;
+
+impl<S, B, R> tower::Service<http::Request<B>> for Calls<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<CallBody<R>>;
+    type Error = S::Error;
+    type Future = CallFuture<R, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let call = req.extensions().get::<Activity>().map(|a| {
+            a.0.calls.fetch_add(1, Ordering::SeqCst);
+            Call(a.0.clone())
+        });
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(resp.map(|body| CallBody { body, _call: call }))
+        })
+    }
+}
+
+/// A response body that keeps its call counted until it ends or is dropped.
+#[derive(Debug)]
+pub(crate) struct CallBody<B> {
+    body: B,
+    _call: Option<Call>,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for CallBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -243,18 +342,35 @@ const EVICT_QUIET: Duration = Duration::from_secs(1);
 /// How long to pause when accept fails (e.g. EMFILE), instead of spinning on it.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 
-/// Accepts connections until `stop`, bounded by `limits`, as a stream for tonic.
+/// The connections of every listener of the daemon, under one cap.
+#[derive(Debug, Clone)]
+pub(crate) struct Connections {
+    registry: Arc<Registry>,
+    limits: Limits,
+}
+
+impl Connections {
+    pub(crate) fn new(limits: Limits) -> Self {
+        Connections {
+            registry: Arc::new(Registry {
+                epoch: Instant::now(),
+                next: AtomicU64::new(0),
+                slots: Mutex::new(HashMap::new()),
+            }),
+            limits,
+        }
+    }
+}
+
+/// Accepts connections until `stop`, bounded by the shared cap, as a stream for tonic.
 pub(crate) fn incoming<L: Accept>(
     listener: L,
-    limits: Limits,
+    connections: &Connections,
     stop: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn<L::Io>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let registry = Arc::new(Registry {
-        epoch: Instant::now(),
-        next: AtomicU64::new(0),
-        slots: Mutex::new(HashMap::new()),
-    });
+    let registry = connections.registry.clone();
+    let limits = connections.limits;
     tokio::spawn(async move {
         let mut warned: Option<Instant> = None;
         loop {
@@ -281,7 +397,8 @@ pub(crate) fn incoming<L: Accept>(
             let id = registry.next.fetch_add(1, Ordering::Relaxed);
             let slot = Arc::new(Slot {
                 last: AtomicU64::new(registry.now()),
-                spoke: AtomicBool::new(false),
+                read: AtomicU64::new(0),
+                calls: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
                 waker: AtomicWaker::new(),
             });
@@ -295,7 +412,7 @@ pub(crate) fn incoming<L: Accept>(
             tokio::spawn(async move {
                 tokio::time::sleep(within).await;
                 if let Some(s) = watched.upgrade()
-                    && !s.spoke.load(Ordering::Relaxed)
+                    && !s.greeted()
                 {
                     s.close();
                 }

@@ -56,6 +56,10 @@ pub(crate) enum UndoEntry {
     RunCommand {
         run: Invocation,
         redo: Option<Invocation>,
+        /// Whether a failure is retried (a reload command: running it again is harmless); a
+        /// runbook's own undo command may not be safe to repeat, so its failure is final.
+        #[serde(default)]
+        retry: bool,
     },
     /// Reload HAProxy through its master CLI (after the files it reads were put back).
     ReloadHaproxy {
@@ -104,6 +108,15 @@ impl UndoEntry {
             | UndoEntry::HotSwapCert { .. }
             | UndoEntry::RemoveEmptyDir { .. }
             | UndoEntry::HaproxyServerState { .. } => None,
+        }
+    }
+
+    /// Whether a failure to apply it is retried until it applies (the job's unwind stays
+    /// incomplete meanwhile): every entry is idempotent but a runbook's undo command.
+    pub(crate) fn retryable(&self) -> bool {
+        match self {
+            UndoEntry::RunCommand { retry, .. } => *retry,
+            _ => true,
         }
     }
 
@@ -210,10 +223,11 @@ impl UndoEntry {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(e),
             },
-            UndoEntry::RunCommand { run, redo } => {
+            UndoEntry::RunCommand { run, redo, retry } => {
                 redo.as_ref().map(|redo| UndoEntry::RunCommand {
                     run: redo.clone(),
                     redo: Some(run.clone()),
+                    retry: *retry,
                 })
             }
             // Reloading again is its own inverse.

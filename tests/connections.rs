@@ -53,6 +53,16 @@ async fn idle_connections_at_a_1024_file_limit_do_not_lock_out_a_new_client() {
     d.nofile = Some(1024);
     d.spawn();
     let pid = d.pid().unwrap();
+    // A client with a call in flight: a watch on a job that blocks in a step.
+    let mut watcher = d.client().await;
+    let job = watcher
+        .submit_job(runbook("write-then-block", &[("name", "busy")]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = events(&mut watcher, &job.id).await;
+    until_log(&mut stream, "ready").await;
+
     let idle: Vec<std::net::TcpStream> = (0..1100)
         .filter_map(|_| std::net::TcpStream::connect(&d.addr).ok())
         .collect();
@@ -62,6 +72,37 @@ async fn idle_connections_at_a_1024_file_limit_do_not_lock_out_a_new_client() {
         "new client answered in {waited:?} beside {} idle",
         idle.len()
     );
+    // The watch has been quiet for over a second now; more newcomers make room, but never by
+    // closing a connection with a call in flight.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Newcomers that greet (the HTTP/2 preface) and then fall silent: they are not closed
+    // for silence, so room comes from the quietest connections — never the watch.
+    let greet = |mut s: std::net::TcpStream| {
+        use std::io::Write;
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .ok()
+            .map(|_| s)
+    };
+    let more: Vec<std::net::TcpStream> = (0..1100)
+        .filter_map(|_| std::net::TcpStream::connect(&d.addr).ok())
+        .filter_map(greet)
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let more2: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(&d.addr).ok())
+        .filter_map(greet)
+        .collect();
+    health_within(&d).await;
+    let mut c = d.client().await;
+    cancel_wait(&mut c, &job.id).await;
+    let rest = tokio::time::timeout(
+        Duration::from_secs(10),
+        until_log_with(&mut stream, "undone"),
+    )
+    .await
+    .expect("the watch still streams");
+    assert!(!rest.is_empty());
+    drop((more, more2));
 
     // The accept loop does not spin on a full table.
     let before = cpu_seconds(pid);

@@ -75,8 +75,10 @@ pub(crate) struct LiveJob {
     pub(crate) unwind_now: tokio::sync::Notify,
     /// Set by UnwindJob with abandon: the entries left are given up.
     pub(crate) abandon: std::sync::atomic::AtomicBool,
-    /// Counts retries of an incomplete unwind, so UnwindJob can wait for the next one.
-    pub(crate) unwind_attempts: tokio::sync::watch::Sender<u64>,
+    /// The latest UnwindJob request's number, and the number of the latest request an attempt
+    /// began after (so UnwindJob waits for an attempt that started after it asked).
+    pub(crate) unwind_requested: std::sync::atomic::AtomicU64,
+    pub(crate) unwind_served: tokio::sync::watch::Sender<u64>,
 }
 
 impl LiveJob {
@@ -88,7 +90,8 @@ impl LiveJob {
             reason: Mutex::new(None),
             unwind_now: tokio::sync::Notify::new(),
             abandon: std::sync::atomic::AtomicBool::new(false),
-            unwind_attempts: tokio::sync::watch::Sender::new(0),
+            unwind_requested: std::sync::atomic::AtomicU64::new(0),
+            unwind_served: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -764,20 +767,28 @@ impl Engine {
             }));
         }
         let Some(live) = self.live(id) else {
+            // It may have just completed.
+            let now = self.get(id)?;
+            if !now.unwind_incomplete {
+                return Ok(now);
+            }
             return Err(Error::Unavailable(
                 "the daemon is stopping; the unwind goes on after the restart".into(),
             ));
         };
-        let mut attempts = live.unwind_attempts.subscribe();
-        let seen = *attempts.borrow_and_update();
+        let mut served = live.unwind_served.subscribe();
         if abandon {
             live.abandon
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
+        let asked = live
+            .unwind_requested
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
         live.unwind_now.notify_one();
         // One attempt is bounded by the undo entries' own timeouts (a reload waits 15 s).
         let _ =
-            tokio::time::timeout(Duration::from_secs(120), attempts.wait_for(|n| *n > seen)).await;
+            tokio::time::timeout(Duration::from_secs(120), served.wait_for(|n| *n >= asked)).await;
         self.get(id)
     }
 
@@ -867,7 +878,7 @@ fn sweep_known_temps(config: &Config, blobs: &std::path::Path) -> Vec<std::path:
     let mut swept = Vec::new();
     for t in &config.haproxy {
         for p in t.config.iter().chain(&t.server_state_file) {
-            swept.extend(sweep_temps_beside(p));
+            swept.extend(sweep_temps_beside(p, true));
         }
     }
     let root = config.cert_root();
@@ -884,7 +895,7 @@ fn sweep_known_temps(config: &Config, blobs: &std::path::Path) -> Vec<std::path:
         dirs.push(parent);
     }
     for d in dirs {
-        swept.extend(sweep_temps(&d, None));
+        swept.extend(sweep_temps(&d, None, false));
     }
     swept
 }

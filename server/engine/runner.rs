@@ -191,7 +191,7 @@ impl Journal {
     /// others still run, and it stays unapplied (to be retried). Returns the failures. With
     /// `emit`, what it does goes to the job's events; a retry after the job's terminal event
     /// logs to the daemon's log instead (a job's events end with its terminal state).
-    pub(crate) async fn unwind(&mut self, emit: bool) -> Vec<String> {
+    pub(crate) async fn unwind(&mut self, emit: bool) -> Unwound {
         let pending: Vec<JournalEntry> = self
             .entries
             .iter()
@@ -199,8 +199,9 @@ impl Journal {
             .filter(|e| !e.applied)
             .cloned()
             .collect();
+        let mut out = Unwound::default();
         if pending.is_empty() {
-            return Vec::new();
+            return out;
         }
         let job = self.job;
         let say = |j: &mut Self, level: LogLevel, line: String| {
@@ -217,8 +218,8 @@ impl Journal {
             LogLevel::Info,
             format!("undoing {} change(s)", pending.len()),
         );
-        let mut failures = Vec::new();
-        for je in pending {
+        let total = pending.len();
+        for (n, je) in pending.into_iter().enumerate() {
             let what = je.entry.describe();
             let mut lines = Vec::new();
             let result = je.entry.apply(&self.blobs, |_, l| lines.push(l)).await;
@@ -227,11 +228,19 @@ impl Journal {
             }
             match result {
                 Ok(()) => say(self, LogLevel::Info, format!("undone: {what}")),
-                Err(e) => {
+                Err(e) if je.entry.retryable() => {
                     say(self, LogLevel::Error, format!("undo failed: {e}"));
-                    failures.push(format!("{what}: {e}"));
-                    // Left unapplied: the daemon retries it, and a restart finds it too.
-                    continue;
+                    // Left unapplied, and the older entries behind it (they may depend on it:
+                    // a reload must follow the file it reads). The daemon retries from here,
+                    // and a restart finds them too.
+                    out.left = Some(format!("{what}: {e}"));
+                    out.waiting = total - n - 1;
+                    return out;
+                }
+                Err(e) => {
+                    // Not safe to repeat (a runbook's undo command): reported, not retried.
+                    say(self, LogLevel::Error, format!("undo failed: {e}"));
+                    out.failed.push(format!("{what}: {e}"));
                 }
             }
             self.store.write(
@@ -245,7 +254,7 @@ impl Journal {
                 e.applied = true;
             }
         }
-        failures
+        out
     }
 
     /// Removes temp files that writes interrupted by a crash left beside the files this job
@@ -259,7 +268,9 @@ impl Journal {
         let swept = tokio::task::spawn_blocking(move || {
             paths
                 .iter()
-                .flat_map(|p| crate::fsops::sweep_temps_beside(p))
+                // Not `haproxy -c` candidates: a check may be running now (the start-up
+                // sweep, before the listeners open, removes those).
+                .flat_map(|p| crate::fsops::sweep_temps_beside(p, false))
                 .collect::<Vec<_>>()
         })
         .await
@@ -472,15 +483,15 @@ async fn complete(
                     Vec::new(),
                 )
                 .await;
-            let failures = journal.unwind(true).await;
-            record.error = Some(with_failures(live.reason(), &failures));
-            record.unwind_incomplete = !failures.is_empty();
+            let unwound = journal.unwind(true).await;
+            record.error = Some(with_failures(live.reason(), &unwound));
+            record.unwind_incomplete = unwound.incomplete();
             (JobState::Cancelled, live.reason())
         }
         Err(StepError::Failed(msg) | StepError::Precondition(msg)) => {
-            let failures = journal.unwind(true).await;
-            record.error = Some(with_failures(msg.clone(), &failures));
-            record.unwind_incomplete = !failures.is_empty();
+            let unwound = journal.unwind(true).await;
+            record.error = Some(with_failures(msg.clone(), &unwound));
+            record.unwind_incomplete = unwound.incomplete();
             (JobState::Failed, msg)
         }
     };
@@ -528,10 +539,18 @@ async fn finish_unwind(
     let mut wait = RETRY_FIRST;
     loop {
         tokio::select! {
-            _ = shared.stopping.cancelled() => return,
+            _ = shared.stopping.cancelled() => {
+                // No more attempts in this process: whoever waits has its answer.
+                live.unwind_served.send_replace(u64::MAX);
+                return;
+            }
             _ = live.unwind_now.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
+        // The latest request this attempt answers (it begins after that request was made).
+        let serving = live
+            .unwind_requested
+            .load(std::sync::atomic::Ordering::SeqCst);
         if live.abandon.load(std::sync::atomic::Ordering::SeqCst) {
             let n = journal.abandon();
             tracing::warn!(job = %record.id, "{n} undo entr(ies) abandoned by request");
@@ -540,21 +559,26 @@ async fn finish_unwind(
                 "{base}; {n} undo step(s) that could not be applied were abandoned by request"
             ));
         } else {
-            let failures = journal.unwind(false).await;
-            record.unwind_incomplete = !failures.is_empty();
-            record.error = Some(if failures.is_empty() {
-                tracing::info!(job = %record.id, "the unwind is complete");
-                format!("{base}; its unwind completed on a retry")
+            let unwound = journal.unwind(false).await;
+            record.unwind_incomplete = unwound.incomplete();
+            record.error = Some(if unwound.incomplete() {
+                with_failures(base.clone(), &unwound)
             } else {
-                with_failures(base.clone(), &failures)
+                tracing::info!(job = %record.id, "the unwind is complete");
+                format!(
+                    "{}; its unwind completed on a retry",
+                    with_failures(base.clone(), &unwound)
+                )
             });
         }
         let writes = vec![Write::UpdateJob(record.clone())];
         let committed = shared.store.commit(writes, None).await;
-        live.unwind_attempts.send_modify(|n| *n += 1);
         if committed.is_ok() && !record.unwind_incomplete {
+            // Done: every request, even one made during this attempt, has its answer.
+            live.unwind_served.send_replace(u64::MAX);
             return;
         }
+        live.unwind_served.send_replace(serving);
         wait = (wait * 2).min(RETRY_MAX);
     }
 }
@@ -572,20 +596,44 @@ impl Drop for Release {
     }
 }
 
+/// What an unwind left.
+#[derive(Debug, Default)]
+pub(crate) struct Unwound {
+    /// The entry that could not be applied and stopped the unwind (retried later).
+    left: Option<String>,
+    /// How many older entries wait behind it.
+    waiting: usize,
+    /// Entries that failed and are not retried (reported only).
+    failed: Vec<String>,
+}
+
+impl Unwound {
+    fn incomplete(&self) -> bool {
+        self.left.is_some()
+    }
+}
+
 /// Where a job's error says its unwind is incomplete (what comes before is why it ended).
 const INCOMPLETE: &str = "; its unwind is incomplete: ";
+/// Where a job's error reports undo steps that failed for good.
+const FAILED_UNDO: &str = "; and undo step(s) failed: ";
 
-fn with_failures(msg: String, failures: &[String]) -> String {
-    if failures.is_empty() {
-        msg
-    } else {
-        format!(
-            "{msg}{INCOMPLETE}{} undo step(s) could not be applied and are retried \
-             (stately jobs unwind ID retries now): {}",
-            failures.len(),
-            failures.join("; ")
-        )
+fn with_failures(msg: String, u: &Unwound) -> String {
+    let mut out = msg;
+    if !u.failed.is_empty() {
+        out.push_str(FAILED_UNDO);
+        out.push_str(&u.failed.join("; "));
     }
+    if let Some(left) = &u.left {
+        out.push_str(&format!(
+            "{INCOMPLETE}{left}{}; retried with backoff (stately jobs unwind ID retries now)",
+            match u.waiting {
+                0 => String::new(),
+                n => format!(", and {n} older change(s) wait behind it"),
+            }
+        ));
+    }
+    out
 }
 
 async fn execute(
@@ -702,7 +750,7 @@ pub(crate) async fn recover(
         None,
         format!("the daemon restarted while the job was {}", was.as_str()),
     );
-    let failures = journal.unwind(true).await;
+    let unwound = journal.unwind(true).await;
     journal.sweep_temps(true).await;
     for step in record
         .steps
@@ -721,8 +769,8 @@ pub(crate) async fn recover(
     } else {
         (JobState::Failed, "interrupted by restart".to_owned())
     };
-    record.error = Some(with_failures(reason.clone(), &failures));
-    record.unwind_incomplete = !failures.is_empty();
+    record.error = Some(with_failures(reason.clone(), &unwound));
+    record.unwind_incomplete = unwound.incomplete();
     record.finished_at = Some(now_ms());
     journal
         .set_state(&mut record, end, reason, true, Vec::new())

@@ -31,6 +31,9 @@ const CODE: &[&str] = &[
     "presetenv",
     "resetenv",
     "unsetenv",
+    "ssl-engine",
+    "ssl-provider",
+    "ssl-provider-path",
 ];
 
 /// Directives whose first argument is a file or directory.
@@ -46,6 +49,8 @@ const FILE_DIRECTIVES: &[&str] = &[
     "wurfl-data-file",
     "deviceatlas-json-file",
     "pidfile",
+    "httpclient.ssl.ca-file",
+    "server-state-file-name",
     "lua-load",
     "lua-load-per-thread",
     "lua-prepend-path",
@@ -82,6 +87,7 @@ impl Policy {
     pub fn check(&self, text: &str, base: &Path) -> Result<(), String> {
         let mut crt_base: Option<PathBuf> = None;
         let mut ca_base: Option<PathBuf> = None;
+        let mut origin: Option<PathBuf> = None;
         for (i, raw) in text.lines().enumerate() {
             let n = i + 1;
             let words = words(raw).map_err(|why| format!("line {n}: {why}"))?;
@@ -116,13 +122,41 @@ impl Policy {
             {
                 files.push(("stats socket", arg.strip_prefix("unix@").unwrap_or(arg)));
             }
-            if first == "bind"
+            // `bind` / `dgram-bind` addresses, comma-separated: unix sockets are files HAProxy
+            // renames over whatever is at that path.
+            if (first == "bind" || first == "dgram-bind")
                 && let Some(arg) = words.get(1)
             {
-                if let Some(p) = arg.strip_prefix("unix@") {
-                    files.push(("bind", p));
-                } else if arg.starts_with('/') {
-                    files.push(("bind", arg));
+                for a in arg.split(',') {
+                    let path = ["unix@", "uxst@", "uxdg@"]
+                        .iter()
+                        .find_map(|p| a.strip_prefix(p))
+                        .or_else(|| a.starts_with('/').then_some(a));
+                    if let Some(p) = path {
+                        files.push((first, p));
+                    }
+                }
+            }
+            // `unix-bind prefix <dir>`: where unix sockets are created.
+            if first == "unix-bind"
+                && let Some(i) = words.iter().position(|w| w == "prefix")
+                && let Some(dir) = words.get(i + 1)
+            {
+                files.push(("unix-bind prefix", dir));
+            }
+            // Where relative paths are read from: only the live file's directory is known.
+            if first == "default-path" {
+                match words.get(1).map(String::as_str) {
+                    Some("config") => {}
+                    Some("origin") => match words.get(2) {
+                        Some(dir) => files.push(("default-path origin", dir)),
+                        None => return refuse("`default-path origin` needs a directory".into()),
+                    },
+                    _ => {
+                        return refuse(
+                            "`default-path` may be `config` or `origin <dir>` here: relative paths must be read from a known directory".into(),
+                        );
+                    }
                 }
             }
             for (j, w) in words.iter().enumerate().skip(1) {
@@ -155,6 +189,7 @@ impl Policy {
                 files.push(("errorfile", f));
             }
             for (what, arg) in files {
+                let base = origin.as_deref().unwrap_or(base);
                 let relative_to = match what {
                     "crt" | "crt-list" => crt_base.as_deref().unwrap_or(base),
                     "ca-file" | "crl-file" | "ca-verify-file" | "ca-sign-file" => {
@@ -162,6 +197,21 @@ impl Policy {
                     }
                     _ => base,
                 };
+                if arg.contains(['"', '\'']) {
+                    return refuse(format!(
+                        "`{what}` names {} with quotes inside; name the file plainly",
+                        crate::quote::quote(arg)
+                    ));
+                }
+                if Path::new(arg)
+                    .components()
+                    .any(|c| c == Component::ParentDir)
+                {
+                    return refuse(format!(
+                        "`{what}` names {} through `..`; name the file plainly",
+                        crate::quote::quote(arg)
+                    ));
+                }
                 if arg.contains('$') {
                     return refuse(format!(
                         "`{what}` names a file through an environment variable ({}); name it plainly",
@@ -183,6 +233,7 @@ impl Policy {
                 match what {
                     "crt-base" => crt_base = Some(path),
                     "ca-base" => ca_base = Some(path),
+                    "default-path origin" => origin = Some(path),
                     _ => {}
                 }
             }
@@ -239,8 +290,26 @@ fn words(line: &str) -> Result<Vec<String>, String> {
             (Some('\''), c) => cur.push(c),
             (_, '\\') => {
                 in_word = true;
+                // HAProxy's escapes, decoded as it decodes them, so `lua-loa\x64` is seen as
+                // `lua-load`; any other escape is refused rather than guessed.
                 match chars.next() {
-                    Some(n) => cur.push(n),
+                    Some(n @ (' ' | '\\' | '#' | '\'' | '"' | '$')) => cur.push(n),
+                    Some('t') => cur.push('\t'),
+                    Some('n') => cur.push('\n'),
+                    Some('r') => cur.push('\r'),
+                    Some('x') => {
+                        let hex: String = chars.by_ref().take(2).collect();
+                        let byte = u8::from_str_radix(&hex, 16).map_err(|_| {
+                            format!("a \\x escape needs two hex digits, not {hex:?}")
+                        })?;
+                        if !byte.is_ascii() {
+                            return Err("a \\x escape outside ASCII".into());
+                        }
+                        cur.push(byte as char);
+                    }
+                    Some(n) => {
+                        return Err(format!("an escape `\\{n}` HAProxy would read its own way"));
+                    }
                     None => return Err("a line ends with a backslash".into()),
                 }
             }
@@ -297,8 +366,22 @@ mod tests {
             "global\n  pidfile \"${HOME}/x\"\n",
             "global\n  crt-base /etc\nfrontend fe\n  bind :443 ssl crt ssl/private/x.pem\n",
             "frontend fe\n  bind /etc/evil.sock\n",
+            "frontend fe\n  bind :80,uxst@/etc/evil.sock\n",
+            "global\n  unix-bind prefix /etc\n",
+            "global\n  lua-loa\\x64 /tmp/x.lua\n",
+            "frontend fe\n  errorfile 503 \\x2fetc/shadow\n",
+            "frontend fe\n  errorfile 503 \\q\n",
+            "global\n  default-path parent\n",
+            "global\n  default-path origin /etc\n",
+            "global\n  ssl-provider-path /tmp\n",
+            "global\n  ssl-engine rdrand\n",
+            "global\n  httpclient.ssl.ca-file /etc/shadow\n",
+            "frontend fe\n  errorfile 503 certs/../../../etc/shadow\n",
+            "frontend fe\n  http-request set-header x %[src,map_ip(\\\"/etc/passwd\\\")]\n",
         ] {
-            let e = p.check(bad, dir.path()).unwrap_err();
+            let e = p
+                .check(bad, dir.path())
+                .expect_err(&format!("refused: {bad}"));
             assert!(e.starts_with("line "), "{bad}: {e}");
         }
     }

@@ -842,6 +842,7 @@ fn reload_via_command(argv: &[String]) -> UndoEntry {
     UndoEntry::RunCommand {
         run: inv.clone(),
         redo: Some(inv),
+        retry: true,
     }
 }
 

@@ -368,6 +368,7 @@ impl Apply {
             (None, Some(argv)) => UndoEntry::RunCommand {
                 run: reload_invocation(argv),
                 redo: Some(reload_invocation(argv)),
+                retry: true,
             },
             (None, None) => unreachable!("planned with a reload path"),
         }

@@ -369,6 +369,7 @@ impl Resolved {
                     ctx.record_undo(UndoEntry::RunCommand {
                         run: undo.clone(),
                         redo: Some(run.clone()),
+                        retry: false,
                     })
                     .await?;
                 }
