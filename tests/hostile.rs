@@ -573,3 +573,65 @@ fn alerts_refuse_an_interval_that_would_silently_become_the_default() {
         assert!(err.contains("100ms and 1h"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn where_code_is_allowed_haproxy_c_runs_as_the_check_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    // The check user must reach the candidate and the Lua file, as it would under /etc/haproxy.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    std::fs::set_permissions(&out_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let backend = Backend::start(0).await;
+    let h = Haproxy::start(dir.path(), &[("web", vec![("s1", backend.port)])]);
+    let probe = dir.path().join("probe.lua");
+    let out = out_dir.join("ran");
+    std::fs::write(
+        &probe,
+        format!(
+            "local f = io.open('{}', 'w'); f:write('x'); f:close()\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&format!(
+        "[[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nstats_socket = \"{}\"\nallow_code = true\ncheck_user = \"nobody\"\n",
+        h.config.display(),
+        h.stats.display()
+    ));
+    let live = std::fs::read_to_string(&h.config).unwrap();
+    let text = live.replacen(
+        "global\n",
+        &format!("global\n  lua-load {}\n", probe.display()),
+        1,
+    );
+    let mut c = pb::haproxy_client::HaproxyClient::with_interceptor(
+        d.channel().await,
+        bearer(Some(OPERATOR)),
+    );
+    let v = c
+        .validate_config(pb::ValidateConfigRequest {
+            target: "edge".into(),
+            text,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.valid, "{:?}", v.diagnostics);
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().uid(),
+        nobody.uid.as_raw(),
+        "the Lua ran as nobody, not as statelyd's user"
+    );
+    // A Lua file outside the allowed directories is still refused.
+    let err = c
+        .validate_config(pb::ValidateConfigRequest {
+            target: "edge".into(),
+            text: live.replacen("global\n", "global\n  lua-load /tmp/x.lua\n", 1),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
