@@ -71,6 +71,7 @@ pub async fn run(
     let auth = Auth::load(&config).map_err(Error::Auth)?;
     let config = Arc::new(config);
     let engine = Engine::start(config.clone()).await?;
+    crate::renewals::spawn(&engine);
 
     let stopping = CancellationToken::new();
     let jobs = JobsApi {

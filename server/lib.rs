@@ -19,6 +19,7 @@ pub mod job;
 mod kinds;
 mod listen;
 mod quote;
+mod renewals;
 pub mod stats;
 mod store;
 mod undo;

@@ -165,6 +165,35 @@ impl UndoEntry {
         }
     }
 
+    /// How to reload a HAProxy target when unwinding, for every kind that reloads: through its
+    /// master CLI (confirmed with `show proc`, server state kept across it when configured),
+    /// else its reload command (retried until it succeeds). None when it has neither.
+    pub(crate) fn reload_haproxy(target: &crate::config::HaproxyTarget) -> Option<UndoEntry> {
+        match (&target.master_socket, &target.reload_command) {
+            (Some(socket), _) => Some(UndoEntry::ReloadHaproxy {
+                master_socket: socket.clone(),
+                save_state: target
+                    .stats_socket
+                    .clone()
+                    .zip(target.server_state_file.clone()),
+            }),
+            (None, Some(argv)) => {
+                let run = Invocation {
+                    argv: argv.clone(),
+                    cwd: None,
+                    env: Default::default(),
+                    timeout_ms: 60_000,
+                };
+                Some(UndoEntry::RunCommand {
+                    run: run.clone(),
+                    redo: Some(run),
+                    retry: true,
+                })
+            }
+            (None, None) => None,
+        }
+    }
+
     /// The entry that puts a file back as it is now: its content in a blob, or its absence.
     pub(crate) fn snapshot_file(path: &Path, blobs: &BlobStore) -> std::io::Result<UndoEntry> {
         match std::fs::symlink_metadata(path) {

@@ -153,6 +153,10 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// A weak handle on the engine.
+#[derive(Debug, Clone)]
+pub(crate) struct WeakEngine(std::sync::Weak<Shared>);
+
 /// Page sizes: 0 means the default; larger than the maximum is clamped.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// The most label filters ListJobs takes (a job has at most 64 labels).
@@ -223,7 +227,6 @@ impl Engine {
         let engine = Engine { shared };
         engine.recover().await?;
         engine.spawn_retention();
-        engine.spawn_renewals();
         Ok(engine)
     }
 
@@ -273,85 +276,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Checks lineages every `renew_check` and submits a renewal (an ordinary job, labelled
-    /// trigger=auto-renew) for each within `renew_before` of expiry. The request id names the
-    /// live certificate's serial and the day, so a certificate is renewed once (a failed
-    /// renewal is tried again the next day).
-    fn spawn_renewals(&self) {
-        let every = self.shared.config.certificates.renew_check;
-        if every.is_zero() {
-            return;
-        }
-        let weak = Arc::downgrade(&self.shared);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(shared) = weak.upgrade() else { return };
-                let engine = Engine { shared };
-                let config = engine.config_arc();
-                let due: Vec<crate::certs::Listed> = tokio::task::spawn_blocking(move || {
-                    let before = config.certificates.renew_before.as_secs() as i64;
-                    let now = now_ms() / 1000;
-                    crate::certs::list(&config)
-                        .into_iter()
-                        .filter(|l| l.meta.is_some() && l.info.not_after - now <= before)
-                        .collect()
-                })
-                .await
-                .unwrap_or_default();
-                if due.is_empty() {
-                    continue;
-                }
-                // A lineage with an issuance already queued or running is left to it.
-                let busy: Vec<String> = engine
-                    .list(
-                        vec![JobState::Pending, JobState::Running, JobState::Cancelling],
-                        Some("certificate_issue".into()),
-                        Vec::new(),
-                        MAX_PAGE_SIZE,
-                        "",
-                    )
-                    .map(|(jobs, _)| jobs)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|j| match j.spec {
-                        JobSpec::CertificateIssue { lineage, .. } => Some(lineage),
-                        _ => None,
-                    })
-                    .collect();
-                for l in due.into_iter().filter(|l| !busy.contains(&l.name)) {
-                    let spec = match crate::certs::renewal_spec(engine.config(), &l.name) {
-                        Ok(spec) => spec,
-                        Err(e) => {
-                            tracing::warn!(lineage = %l.name, "cannot renew: {e}");
-                            continue;
-                        }
-                    };
-                    let sub = Submission {
-                        spec,
-                        // Once per certificate and day: a renewal that failed (or was rolled
-                        // back) is tried again the next day, not at every check.
-                        request_id: Some(format!(
-                            "auto-renew:{}:{}:{}",
-                            l.name,
-                            l.info.serial,
-                            now_ms() / 86_400_000
-                        )),
-                        labels: [("trigger".to_owned(), "auto-renew".to_owned())].into(),
-                    };
-                    match engine.submit(sub).await {
-                        Ok(job) => {
-                            tracing::info!(job = %job.id, lineage = %l.name, "renewal submitted")
-                        }
-                        Err(e) => tracing::warn!(lineage = %l.name, "renewal not submitted: {e}"),
-                    }
-                }
-            }
-        });
-    }
-
     fn spawn_retention(&self) {
         let weak = Arc::downgrade(&self.shared);
         let interval = self.shared.config.history.prune_interval;
@@ -388,6 +312,16 @@ impl Engine {
                 }
             }
         });
+    }
+
+    /// A handle that does not keep the engine alive (for background clients of it).
+    pub(crate) fn downgrade(&self) -> WeakEngine {
+        WeakEngine(Arc::downgrade(&self.shared))
+    }
+
+    /// The engine, if it still runs.
+    pub(crate) fn upgrade(weak: &WeakEngine) -> Option<Engine> {
+        weak.0.upgrade().map(|shared| Engine { shared })
     }
 
     /// The configuration the engine runs with.

@@ -815,35 +815,12 @@ async fn deploy_how(h: &crate::config::HaproxyTarget, bundle: &Path) -> Result<U
             path: bundle.to_owned(),
         });
     }
-    match (&h.master_socket, &h.reload_command) {
-        (Some(m), _) => Ok(reload_via_master(h, m)),
-        (None, Some(argv)) => Ok(reload_via_command(argv)),
-        (None, None) => Err(format!(
+    UndoEntry::reload_haproxy(h).ok_or_else(|| {
+        format!(
             "'{}' does not have the bundle loaded, and has no master_socket or reload_command to reload it",
             h.name
-        )),
-    }
-}
-
-fn reload_via_master(h: &crate::config::HaproxyTarget, m: &Path) -> UndoEntry {
-    UndoEntry::ReloadHaproxy {
-        master_socket: m.to_owned(),
-        save_state: h.stats_socket.clone().zip(h.server_state_file.clone()),
-    }
-}
-
-fn reload_via_command(argv: &[String]) -> UndoEntry {
-    let inv = crate::command::Invocation {
-        argv: argv.to_vec(),
-        cwd: None,
-        env: Default::default(),
-        timeout_ms: 60_000,
-    };
-    UndoEntry::RunCommand {
-        run: inv.clone(),
-        redo: Some(inv),
-        retry: true,
-    }
+        )
+    })
 }
 
 /// The file that keeps how a lineage was issued.

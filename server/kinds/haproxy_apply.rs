@@ -354,24 +354,9 @@ impl Apply {
         }
     }
 
-    /// How to reload again when unwinding: through the master CLI, or the reload command.
+    /// How to reload again when unwinding.
     fn reload_undo(&self) -> UndoEntry {
-        match (&self.target.master_socket, &self.target.reload_command) {
-            (Some(socket), _) => UndoEntry::ReloadHaproxy {
-                master_socket: socket.clone(),
-                save_state: self
-                    .target
-                    .stats_socket
-                    .clone()
-                    .zip(self.target.server_state_file.clone()),
-            },
-            (None, Some(argv)) => UndoEntry::RunCommand {
-                run: reload_invocation(argv),
-                redo: Some(reload_invocation(argv)),
-                retry: true,
-            },
-            (None, None) => unreachable!("planned with a reload path"),
-        }
+        UndoEntry::reload_haproxy(&self.target).expect("planned with a reload path")
     }
 }
 
