@@ -70,10 +70,12 @@ pub async fn run(
     ));
     let auth = Auth::load(&config).map_err(Error::Auth)?;
     let config = Arc::new(config);
-    let engine = Engine::start(config.clone()).await?;
+    // One tree of stop signals: cancelling it ends open streams, stops the listeners, and
+    // (through the engine's child token) tells watch jobs and unwind retries to stand down.
+    let stopping = CancellationToken::new();
+    let engine = Engine::start(config.clone(), &stopping).await?;
     crate::renewals::spawn(&engine);
 
-    let stopping = CancellationToken::new();
     let jobs = JobsApi {
         engine: engine.clone(),
         stopping: stopping.clone(),

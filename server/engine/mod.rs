@@ -130,10 +130,14 @@ pub(crate) struct Shared {
     request_ids: tokio::sync::Mutex<()>,
     rollbacks: tokio::sync::Mutex<()>,
     tasks: TaskTracker,
-    accepting: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
+    /// Whether new jobs may start (not once the daemon begins to stop).
+    fn accepting(&self) -> bool {
+        !self.stopping.is_cancelled()
+    }
+
     /// A job has ended: free its resources and forget its live state.
     fn finish(&self, id: JobId, resources: &[String]) {
         self.live.lock().expect("live lock").remove(&id);
@@ -167,7 +171,9 @@ pub const MAX_PAGE_SIZE: u32 = 1000;
 impl Engine {
     /// Opens the store, unwinds jobs a crash interrupted, requeues pending jobs and starts
     /// the retention task.
-    pub async fn start(config: Arc<Config>) -> Result<Engine, Error> {
+    /// The engine stops taking jobs when `stop` (the daemon's stop signal) is cancelled, or at
+    /// [`Engine::shutdown`].
+    pub async fn start(config: Arc<Config>, stop: &CancellationToken) -> Result<Engine, Error> {
         let data = &config.data_dir;
         crate::fsops::create_private_dir(data).map_err(|e| {
             Error::Unavailable(format!(
@@ -212,7 +218,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             responder,
             stats: Arc::new(crate::stats::StatsHub::new(sockets)),
-            stopping: CancellationToken::new(),
+            stopping: stop.child_token(),
             config,
             store,
             blobs,
@@ -222,7 +228,6 @@ impl Engine {
             request_ids: tokio::sync::Mutex::new(()),
             rollbacks: tokio::sync::Mutex::new(()),
             tasks: TaskTracker::new(),
-            accepting: std::sync::atomic::AtomicBool::new(true),
         });
         let engine = Engine { shared };
         engine.recover().await?;
@@ -379,7 +384,7 @@ impl Engine {
 
     async fn enqueue(&self, sub: Submission, mut plan: kinds::Plan) -> Result<JobRecord, Error> {
         let s = &self.shared;
-        if !s.accepting.load(std::sync::atomic::Ordering::SeqCst) {
+        if !s.accepting() {
             return Err(Error::Unavailable("the daemon is shutting down".into()));
         }
         let id = JobId::new();
@@ -730,8 +735,6 @@ impl Engine {
     /// running are left RUNNING, to be unwound at the next start.
     pub async fn shutdown(&self, grace: Duration) {
         let s = &self.shared;
-        s.accepting
-            .store(false, std::sync::atomic::Ordering::SeqCst);
         s.stopping.cancel();
         s.tasks.close();
         let running: usize = s.live.lock().expect("live lock").len();

@@ -418,7 +418,7 @@ pub(crate) async fn run(
             .await;
         return;
     }
-    if !shared.accepting.load(std::sync::atomic::Ordering::SeqCst) {
+    if !shared.accepting() {
         // Shutting down: the job stays PENDING and runs after the restart.
         return;
     }
