@@ -386,7 +386,15 @@ pub(crate) async fn follow(
     loop {
         tokio::select! {
             msg = stream.message() => match msg {
-                Ok(Some(e)) => view.show(&e),
+                Ok(Some(e)) => {
+                    view.show(&e);
+                    // Nobody reads any more: a watcher leaves (the job goes on); an attached
+                    // run keeps following quietly, so the job is not cancelled by the closed
+                    // pipe and the exit status is still the job's.
+                    if !attached && crate::render::stdout_closed() {
+                        return Ok(0);
+                    }
+                }
                 Ok(None) => break,
                 Err(s) => return Err(explain(s)),
             },

@@ -84,7 +84,9 @@ pub(crate) async fn run(
                 );
             } else {
                 eprintln!("# version {}", cfg.version);
-                print!("{}", cfg.text);
+                // A closed pipe (`| head`) is not an error.
+                let _ =
+                    std::io::Write::write_all(&mut std::io::stdout().lock(), cfg.text.as_bytes());
             }
             Ok(0)
         }

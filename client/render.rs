@@ -8,13 +8,27 @@ use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 
 /// Prints a line to stdout; a closed pipe (`stately jobs list | head`) ends the program quietly.
+/// Set once stdout's reader has gone (`stately run x | head -2`).
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Prints a line. A closed pipe is not an error, and does not end the command: an attached
+/// job must neither be cancelled by it nor have its outcome hidden, so the command goes on
+/// quietly and exits with the job's status (watchers check [`stdout_closed`] and leave).
 pub(crate) fn say(line: &str) {
+    if stdout_closed() {
+        return;
+    }
     let mut out = std::io::stdout().lock();
     if let Err(e) = writeln!(out, "{line}")
         && e.kind() == std::io::ErrorKind::BrokenPipe
     {
-        std::process::exit(0);
+        STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Whether stdout's reader has gone.
+pub(crate) fn stdout_closed() -> bool {
+    STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 pub(crate) fn state_name(s: i32) -> &'static str {

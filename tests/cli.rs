@@ -295,3 +295,44 @@ fn print_config_prints_a_config_statelyd_accepts() {
     daemon.wait().unwrap();
     assert!(line.starts_with("listening on 127.0.0.1:"), "{line}");
 }
+
+#[test]
+fn a_closed_pipe_neither_cancels_an_attached_job_nor_hides_its_outcome() {
+    use std::io::{BufRead, BufReader};
+    let d = Daemon::start("");
+    // `stately run chatty | head -1`: the reader goes after one line while the job still runs.
+    let mut cli = d
+        .cli()
+        .args(["run", "chatty", "-p", "lines=40"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(cli.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    drop(out);
+    let status = cli.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "the job's status, not a cancel");
+    let list = d
+        .cli()
+        .args(["-o", "json", "jobs", "list", "--kind", "runbook"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        text.contains("\"state\":\"SUCCEEDED\"") && !text.contains("CANCELLED"),
+        "the job ran to its end: {text}"
+    );
+
+    // A failing job still exits 1 through a closed pipe.
+    let mut cli = d
+        .cli()
+        .args(["run", "write-then-fail", "-p", "name=piped"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(cli.stdout.take());
+    assert_eq!(cli.wait().unwrap().code(), Some(1));
+}
