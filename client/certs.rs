@@ -31,8 +31,9 @@ pub(crate) enum CertCommand {
         /// Deploy to this HAProxy target (repeat for more).
         #[arg(long)]
         deploy: Vec<String>,
-        /// ec256 (default), ec384, rsa2048, rsa3072, rsa4096.
-        #[arg(long, default_value = "ec256")]
+        /// The new key's type.
+        #[arg(long, default_value = "ec256", ignore_case = true, value_parser = clap::builder::PossibleValuesParser::new(
+            ["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]))]
         key_type: String,
         /// On renewal, keep the lineage's private key.
         #[arg(long)]

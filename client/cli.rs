@@ -81,11 +81,12 @@ enum Command {
 enum Jobs {
     /// List jobs, newest first.
     List {
-        /// Only in this state (repeat for more): pending, running, cancelling, succeeded, failed, cancelled.
-        #[arg(long)]
+        /// Only in this state (repeat for more).
+        #[arg(long, ignore_case = true, value_parser = clap::builder::PossibleValuesParser::new(
+            ["pending", "running", "cancelling", "succeeded", "failed", "cancelled"]))]
         state: Vec<String>,
-        /// Only of this kind: runbook, rollback, haproxy_apply, haproxy_server_state, alert_watch, certificate_issue.
-        #[arg(long)]
+        /// Only of this kind (the library's list of kinds).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(stately::job::JobSpec::KINDS))]
         kind: Option<String>,
         /// Only with this label, as key=value.
         #[arg(long = "label", value_parser = key_value)]

@@ -21,8 +21,9 @@ pub(crate) struct StatsArgs {
     /// Only these servers (exact or glob; FRONTEND and BACKEND are names too).
     #[arg(long = "server")]
     servers: Vec<String>,
-    /// Only rows of this type: frontend, backend, server, listener.
-    #[arg(long = "type")]
+    /// Only rows of this type.
+    #[arg(long = "type", ignore_case = true, value_parser = clap::builder::PossibleValuesParser::new(
+        ["frontend", "backend", "server", "listener"]))]
     types: Vec<String>,
     /// Keep a live view (or, with --output json, stream every change).
     #[arg(long)]

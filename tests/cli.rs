@@ -336,3 +336,37 @@ fn a_closed_pipe_neither_cancels_an_attached_job_nor_hides_its_outcome() {
     drop(cli.stdout.take());
     assert_eq!(cli.wait().unwrap().code(), Some(1));
 }
+
+#[test]
+fn values_the_cli_can_check_itself_are_usage_errors_exit_2() {
+    let d = Daemon::start("");
+    for (args, names) in [
+        (vec!["jobs", "list", "--state", "bogus"], "pending, running"),
+        (vec!["jobs", "list", "--kind", "bogus"], "certificate_issue"),
+        (
+            vec!["stats", "edge", "--type", "bogus"],
+            "frontend, backend",
+        ),
+        (
+            vec!["cert", "issue", "a.example.test", "--key-type", "ed25519"],
+            "ec256",
+        ),
+    ] {
+        let out = d.cli().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(names), "{args:?} lists what it takes: {err}");
+    }
+    // Case does not matter where the server does not mind it.
+    let out = d
+        .cli()
+        .args(["jobs", "list", "--state", "SUCCEEDED"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
