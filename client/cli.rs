@@ -400,7 +400,21 @@ pub(crate) async fn follow(
                 Err(s) => return Err(explain(s)),
             },
             _ = tokio::signal::ctrl_c() => {
-                if !attached || interrupted || view.job_id.is_empty() {
+                if view.job_id.is_empty() {
+                    return Ok(130);
+                }
+                if !attached {
+                    eprintln!(
+                        "stopped watching; job {0} goes on (follow it again: stately jobs watch {0} --after {1})",
+                        view.job_id, view.last_seq
+                    );
+                    return Ok(130);
+                }
+                if interrupted {
+                    eprintln!(
+                        "leaving; job {0} is still being cancelled and unwound (follow it: stately jobs watch {0} --after {1})",
+                        view.job_id, view.last_seq
+                    );
                     return Ok(130);
                 }
                 interrupted = true;

@@ -30,12 +30,27 @@ pub(crate) fn token(flag: Option<String>, file: Option<PathBuf>) -> Result<Strin
     if let Some(t) = flag.filter(|t| !t.is_empty()) {
         return Ok(t);
     }
-    let path = file.unwrap_or_else(|| stately::config::default_data_dir().join("operator.token"));
+    if let Some(path) = file {
+        // A file named on purpose: say why it cannot be used.
+        return match std::fs::read_to_string(&path) {
+            Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
+            Ok(_) => Err(anyhow::anyhow!(
+                "the token file {} (--token-file / STATELY_TOKEN_FILE) is empty",
+                path.display()
+            )),
+            Err(e) => Err(anyhow::anyhow!(
+                "the token file {} (--token-file / STATELY_TOKEN_FILE) cannot be read: {e}",
+                path.display()
+            )),
+        };
+    }
+    let path = stately::config::default_data_dir().join("operator.token");
     std::fs::read_to_string(&path)
         .map(|s| s.trim().to_owned())
         .with_context(|| {
             format!(
-                "no token: pass --token or STATELY_TOKEN, or let me read {}",
+                "no token: pass --token or STATELY_TOKEN, or --token-file; the token statelyd \
+                 generates (when no [[token]] is configured) is not readable at {}",
                 path.display()
             )
         })

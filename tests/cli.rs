@@ -370,3 +370,56 @@ fn values_the_cli_can_check_itself_are_usage_errors_exit_2() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn ctrl_c_while_watching_says_the_job_goes_on_and_how_to_follow_it() {
+    let d = Daemon::start("");
+    let mut c = d.client().await;
+    let job = c
+        .submit_job(runbook("write-then-block", &[("name", "watched")]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s = events(&mut c, &job.id).await;
+    until_log(&mut s, "ready").await;
+    let mut cli = d
+        .cli()
+        .args(["jobs", "watch", &job.id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once it has shown the events so far (its Ctrl-C handler is set by then), interrupt it.
+    let mut out = BufReader::new(cli.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("ready") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the watch shows the log"
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(cli.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = cli.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("job {} goes on", job.id))
+            && err.contains(&format!("stately jobs watch {} --after", job.id)),
+        "{err}"
+    );
+    let still = c
+        .get_job(pb::GetJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&still), pb::JobState::Running, "the job goes on");
+    cancel_wait(&mut c, &job.id).await;
+}

@@ -666,7 +666,7 @@ impl Engine {
             if !changed.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "the world changed since job {id} ran, so rolling it back would overwrite later changes: {} \
-                     (force overrides)",
+                     (force overrides: --force in the CLI)",
                     changed.join("; ")
                 )));
             }

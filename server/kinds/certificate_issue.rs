@@ -191,7 +191,7 @@ pub(crate) fn plan(config: &Config, spec: &JobSpec) -> Result<(Request, Vec<Stri
         want.sort();
         if have != want && !expand {
             return Err(Error::FailedPrecondition(format!(
-                "lineage '{lineage}' is for {}; asking for {} changes its names: pass expand to do that",
+                "lineage '{lineage}' is for {}; asking for {} changes its names: pass expand (--expand in the CLI) to do that",
                 have.join(", "),
                 want.join(", ")
             )));

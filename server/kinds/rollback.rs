@@ -74,7 +74,7 @@ impl Rollback {
         }
         if !self.force {
             return Err(StepError::Precondition(format!(
-                "the world changed since job {} ran: {} (force overrides)",
+                "the world changed since job {} ran: {} (force overrides: --force in the CLI)",
                 self.target,
                 changed.join("; ")
             )));
