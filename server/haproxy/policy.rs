@@ -224,7 +224,11 @@ impl Policy {
                     ));
                 }
                 let path = resolve(relative_to, arg);
-                if !self.allows(&path) {
+                // `crt-base` and `ca-base` only say where names are looked up (Debian's stock
+                // haproxy.cfg sets them to /etc/ssl/...): the files read through them are
+                // checked, not the directories themselves.
+                let looked_up_in = matches!(what, "crt-base" | "ca-base");
+                if !looked_up_in && !self.allows(&path) {
                     return refuse(format!(
                         "`{what}` names {}, outside the directories this target allows ({})",
                         crate::quote::quote(arg),
@@ -355,6 +359,12 @@ mod tests {
             dir.path().display()
         );
         p.check(&ok, dir.path()).unwrap();
+        // Debian's stock global section names where SSL files are looked up; that alone is fine.
+        p.check(
+            "global\n  ca-base /etc/ssl/certs\n  crt-base /etc/ssl/private\n",
+            dir.path(),
+        )
+        .unwrap();
         for bad in [
             "global\n  lua-load /tmp/x.lua\n",
             "global\n  lua-load \"/tmp/x.lua\"\n",
@@ -370,6 +380,7 @@ mod tests {
             "global\n  pidfile /etc/cron.d/x\n",
             "global\n  pidfile \"${HOME}/x\"\n",
             "global\n  crt-base /etc\nfrontend fe\n  bind :443 ssl crt ssl/private/x.pem\n",
+            "global\n  ca-base /etc/ssl/certs\nbackend b\n  server s 1.2.3.4:443 ssl ca-file ca.pem\n",
             "frontend fe\n  bind /etc/evil.sock\n",
             "frontend fe\n  bind :80,uxst@/etc/evil.sock\n",
             "global\n  unix-bind prefix /etc\n",
@@ -400,6 +411,21 @@ mod tests {
             .check("frontend fe\n  errorfile 503 etc/shadow\n", dir.path())
             .unwrap_err();
         assert!(e.contains("outside the directories"), "{e}");
+    }
+
+    #[test]
+    fn debians_stock_configuration_passes_with_the_default_directories() {
+        // The haproxy package's own file (the test script installs the package).
+        let stock = std::fs::read_to_string("/etc/haproxy/haproxy.cfg")
+            .expect("Debian's haproxy package is installed");
+        let p = Policy {
+            allow_dirs: ["/etc/haproxy", "/run/haproxy"]
+                .iter()
+                .map(|d| canonical_prefix(Path::new(d)))
+                .collect(),
+            allow_code: false,
+        };
+        p.check(&stock, Path::new("/etc/haproxy")).unwrap();
     }
 
     #[test]
