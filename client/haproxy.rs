@@ -57,17 +57,32 @@ pub(crate) async fn run(
                 .await
                 .map_err(status)?
                 .into_inner();
-            for t in r.targets {
-                if json {
+            if json {
+                for t in &r.targets {
                     say(&json!({"name": t.name, "has_config": t.has_config, "has_stats": t.has_stats}).to_string());
-                } else {
-                    let what: Vec<&str> = [(t.has_config, "config"), (t.has_stats, "stats")]
-                        .iter()
-                        .filter(|(b, _)| *b)
-                        .map(|(_, w)| *w)
-                        .collect();
-                    say(&format!("{}  {}", t.name, what.join(", ")));
                 }
+                return Ok(0);
+            }
+            if r.targets.is_empty() {
+                eprintln!("no HAProxy targets are configured ([[haproxy]] in statelyd's config)");
+                return Ok(0);
+            }
+            let width = r
+                .targets
+                .iter()
+                .map(|t| t.name.len())
+                .max()
+                .unwrap_or(0)
+                .max(6);
+            say(&format!("{:<width$}  CONFIG  STATS", "TARGET"));
+            for t in &r.targets {
+                let yes = |b: bool| if b { "yes" } else { "-" };
+                say(&format!(
+                    "{:<width$}  {:<6}  {}",
+                    t.name,
+                    yes(t.has_config),
+                    yes(t.has_stats)
+                ));
             }
             Ok(0)
         }

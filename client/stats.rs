@@ -28,9 +28,19 @@ pub(crate) struct StatsArgs {
     /// Keep a live view (or, with --output json, stream every change).
     #[arg(long)]
     watch: bool,
-    /// How often to poll while watching (e.g. 500ms, 2s).
-    #[arg(long, default_value = "1s")]
-    interval: humantime::Duration,
+    /// How often to poll while watching (e.g. 500ms, 2s; 100ms to 1h).
+    #[arg(long, default_value = "1s", requires = "watch", value_parser = watch_interval)]
+    interval: std::time::Duration,
+}
+
+/// A watch's poll interval as the daemon takes it (100 ms to 1 h): refused here rather than
+/// raised to the floor without a word.
+fn watch_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(3600) {
+        return Err(format!("{s} is not between 100ms and 1h"));
+    }
+    Ok(d)
 }
 
 fn filter(a: &StatsArgs) -> Result<pb::StatsFilter> {
@@ -175,6 +185,8 @@ pub(crate) async fn run(mut c: Client, a: StatsArgs, json: bool) -> Result<u8> {
             .into_inner();
         if json {
             snap.rows.iter().for_each(|r| say(&row_json(r).to_string()));
+        } else if snap.rows.is_empty() {
+            eprintln!("no rows of {} match the filter", a.target);
         } else {
             let tty = std::io::stdout().is_terminal();
             table(&snap.rows.iter().collect::<Vec<_>>(), &[], tty)
@@ -183,7 +195,7 @@ pub(crate) async fn run(mut c: Client, a: StatsArgs, json: bool) -> Result<u8> {
         }
         return Ok(0);
     }
-    let interval: std::time::Duration = a.interval.into();
+    let interval = a.interval;
     let req = pb::WatchStatsRequest {
         target: a.target.clone(),
         filter: Some(f),

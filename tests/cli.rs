@@ -357,6 +357,14 @@ fn values_the_cli_can_check_itself_are_usage_errors_exit_2() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(names), "{args:?} lists what it takes: {err}");
     }
+    // An interval without --watch, or below the daemon's floor, is said, not ignored.
+    for args in [
+        vec!["stats", "edge", "--interval", "2s"],
+        vec!["stats", "edge", "--watch", "--interval", "10ms"],
+    ] {
+        let out = d.cli().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
     // Case does not matter where the server does not mind it.
     let out = d
         .cli()

@@ -815,3 +815,28 @@ async fn rolling_back_the_rollback_of_an_apply_brings_the_change_back_live() {
         "the file came back before the reload, so the change is live"
     );
 }
+
+#[tokio::test]
+async fn the_cli_lists_targets_under_a_header() {
+    let e = edge().await;
+    let out = e.d.cli().args(["haproxy", "targets"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("TARGET") && lines[0].contains("CONFIG"),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["edge", "yes", "yes"]),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["statsonly", "-", "yes"]),
+        "{text}"
+    );
+}
