@@ -154,6 +154,7 @@ pub(crate) async fn run(client: &mut Client, cmd: AlertsCommand, json: bool) -> 
             Ok(0)
         }
         AlertsCommand::Stop { id } => {
+            let id = crate::cli::resolve_id(client, &id).await?;
             let job = client
                 .get_job(pb::GetJobRequest { job_id: id.clone() })
                 .await

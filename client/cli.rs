@@ -144,6 +144,66 @@ fn key_value(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("'{s}' is not key=value"))
 }
 
+/// A job id as a person types it: the whole id, an unambiguous prefix of one (as git takes
+/// commit ids), or `@last` for the newest job.
+pub(crate) async fn resolve_id(client: &mut Client, given: &str) -> Result<String> {
+    if given.parse::<stately::job::JobId>().is_ok() {
+        return Ok(given.to_owned());
+    }
+    if given == "@last" {
+        let page = client
+            .list_jobs(pb::ListJobsRequest {
+                page_size: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(explain)?
+            .into_inner();
+        return page
+            .jobs
+            .first()
+            .map(|j| j.id.clone())
+            .ok_or_else(|| anyhow!("not found: there are no jobs yet, so no @last"));
+    }
+    let prefix = given.to_ascii_lowercase();
+    if prefix.len() < 4 || !prefix.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return Err(anyhow!(
+            "invalid request: '{given}' is not a job id, a prefix of one (at least 4 hex digits) or @last"
+        ));
+    }
+    let mut matches = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_jobs(pb::ListJobsRequest {
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .map_err(explain)?
+            .into_inner();
+        matches.extend(
+            page.jobs
+                .into_iter()
+                .map(|j| j.id)
+                .filter(|id| id.starts_with(&prefix)),
+        );
+        if matches.len() > 1 || page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    match matches.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(anyhow!("not found: no job id starts with '{given}'")),
+        many => Err(anyhow!(
+            "invalid request: '{given}' is ambiguous: it begins {} and possibly more job ids (give more of it)",
+            many[..2].join(" and ")
+        )),
+    }
+}
+
 /// A gRPC error as one line a person can act on.
 pub(crate) fn explain(s: tonic::Status) -> anyhow::Error {
     let code = match s.code() {
@@ -244,6 +304,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             Ok(0)
         }
         Command::Jobs(Jobs::Show { id }) => {
+            let id = resolve_id(&mut client, &id).await?;
             let job = client
                 .get_job(pb::GetJobRequest { job_id: id })
                 .await
@@ -257,6 +318,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             Ok(0)
         }
         Command::Jobs(Jobs::Watch { id, after }) => {
+            let id = resolve_id(&mut client, &id).await?;
             let stream = client
                 .watch_job(pb::WatchJobRequest {
                     job_id: id,
@@ -272,6 +334,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             reason,
             no_wait,
         }) => {
+            let id = resolve_id(&mut client, &id).await?;
             let job = client
                 .cancel_job(pb::CancelJobRequest {
                     job_id: id,
@@ -293,6 +356,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             Ok(if ok { 0 } else { EXIT_JOB })
         }
         Command::Jobs(Jobs::Unwind { id, abandon }) => {
+            let id = resolve_id(&mut client, &id).await?;
             let job = client
                 .unwind_job(pb::UnwindJobRequest {
                     job_id: id,
@@ -321,6 +385,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             Ok(if job.unwind_incomplete { EXIT_JOB } else { 0 })
         }
         Command::Jobs(Jobs::Rollback { id, force, detach }) => {
+            let id = resolve_id(&mut client, &id).await?;
             let job = client
                 .rollback_job(pb::RollbackJobRequest { job_id: id, force })
                 .await

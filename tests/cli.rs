@@ -431,3 +431,53 @@ async fn ctrl_c_while_watching_says_the_job_goes_on_and_how_to_follow_it() {
     assert_eq!(state(&still), pb::JobState::Running, "the job goes on");
     cancel_wait(&mut c, &job.id).await;
 }
+
+#[tokio::test]
+async fn job_ids_may_be_given_by_an_unambiguous_prefix_or_at_last() {
+    let d = Daemon::start("");
+    let mut c = d.client().await;
+    let first = c
+        .submit_job(runbook("noop", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_end(&mut c, &first.id).await;
+    let second = c
+        .submit_job(runbook("noop", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_end(&mut c, &second.id).await;
+    let show = |arg: &str| {
+        d.cli()
+            .args(["-o", "json", "jobs", "show", arg])
+            .output()
+            .unwrap()
+    };
+    let out = show("@last");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&second.id));
+    let prefix = &first.id[..first.id.len() - 1];
+    let out = show(prefix);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&first.id));
+    // Both ids begin alike (UUIDv7 ids start with the time): a short prefix is ambiguous.
+    let common: usize = first
+        .id
+        .chars()
+        .zip(second.id.chars())
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(common >= 4, "{} / {}", first.id, second.id);
+    let out = show(&first.id[..common]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ambiguous"));
+    let out = show("ffffffff");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no job id starts with"));
+}
