@@ -167,6 +167,21 @@ fn job_state(j: &pb::Job) -> String {
     }
 }
 
+/// A job state coloured for a terminal: green succeeded, red failed (bold when its unwind is
+/// incomplete), yellow cancelled or on its way, cyan running.
+fn coloured_state(j: &pb::Job, width: usize) -> String {
+    let text = format!("{:<width$}", job_state(j));
+    let code = match pb::JobState::try_from(j.state) {
+        _ if j.unwind_incomplete => "31;1",
+        Ok(pb::JobState::Succeeded) => "32",
+        Ok(pb::JobState::Failed) => "31",
+        Ok(pb::JobState::Cancelled | pb::JobState::Cancelling | pb::JobState::Pending) => "33",
+        Ok(pb::JobState::Running) => "36",
+        _ => return text,
+    };
+    format!("\x1b[{code}m{text}\x1b[0m")
+}
+
 pub(crate) fn print_jobs_table(jobs: &[pb::Job]) {
     let rows: Vec<[String; 5]> = jobs
         .iter()
@@ -187,13 +202,22 @@ pub(crate) fn print_jobs_table(jobs: &[pb::Job]) {
             *w = (*w).max(c.chars().count());
         }
     }
-    for r in std::iter::once(&header).chain(&rows) {
-        let line: Vec<String> = r
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let line = |r: &[String; 5], job: Option<&pb::Job>| {
+        let cells: Vec<String> = r
             .iter()
             .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
+            .enumerate()
+            .map(|(i, (c, w))| match job {
+                Some(j) if i == 2 && tty => coloured_state(j, w),
+                _ => format!("{c:<w$}"),
+            })
             .collect();
-        say(line.join("  ").trim_end());
+        cells.join("  ").trim_end().to_owned()
+    };
+    say(&line(&header, None));
+    for (r, j) in rows.iter().zip(jobs) {
+        say(&line(r, Some(j)));
     }
 }
 

@@ -95,10 +95,12 @@ fn colour(status: &str, on: bool) -> String {
     if !on {
         return status.to_owned();
     }
+    // A transitional state (`UP 2/3`: a check failing; `DOWN 1/2`: recovering) is not green.
+    let transitional = status.contains('/');
     let code = match status.split(' ').next().unwrap_or("") {
-        "UP" | "OPEN" => "32",
-        "DOWN" => "31;1",
-        "MAINT" | "DRAIN" | "NOLB" => "33",
+        "UP" | "OPEN" if !transitional => "32",
+        "DOWN" if !transitional => "31;1",
+        "UP" | "DOWN" | "MAINT" | "DRAIN" | "NOLB" => "33",
         _ => "0",
     };
     format!("\x1b[{code}m{status}\x1b[0m")
@@ -284,4 +286,18 @@ fn update_json(u: &pb::StatsUpdate) -> serde_json::Value {
         m.extend(b);
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::colour;
+
+    #[test]
+    fn a_transitional_state_is_not_green() {
+        assert!(colour("UP", true).contains("\x1b[32m"));
+        assert!(colour("UP 2/3", true).contains("\x1b[33m"));
+        assert!(colour("DOWN 1/2", true).contains("\x1b[33m"));
+        assert!(colour("DOWN", true).contains("\x1b[31;1m"));
+        assert_eq!(colour("UP 2/3", false), "UP 2/3");
+    }
 }
