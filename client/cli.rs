@@ -75,6 +75,17 @@ enum Command {
     /// Mail alerts on a target's servers going down and coming back.
     #[command(subcommand)]
     Alerts(crate::alerts::AlertsCommand),
+    /// The runbooks statelyd's configuration defines: what `stately run` takes.
+    #[command(subcommand)]
+    Runbooks(Runbooks),
+}
+
+#[derive(Subcommand, Debug)]
+enum Runbooks {
+    /// Names and descriptions.
+    List,
+    /// One runbook: its parameters (pattern, default, whether required) and its steps.
+    Show { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -142,6 +153,13 @@ fn key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("'{s}' is not key=value"))
+}
+
+fn cmd_name(cmd: &Runbooks) -> Option<&str> {
+    match cmd {
+        Runbooks::List => None,
+        Runbooks::Show { name } => Some(name),
+    }
 }
 
 /// A job id as a person types it: the whole id, an unambiguous prefix of one (as git takes
@@ -302,6 +320,15 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
                 }
             }
             Ok(0)
+        }
+        Command::Runbooks(cmd) => {
+            let all = client
+                .list_runbooks(pb::ListRunbooksRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .runbooks;
+            crate::render::print_runbooks(all, cmd_name(&cmd), json)
         }
         Command::Jobs(Jobs::Show { id }) => {
             let id = resolve_id(&mut client, &id).await?;

@@ -394,3 +394,90 @@ impl EventView {
         }
     }
 }
+
+/// `stately runbooks list` (all, `one` None) or `show NAME`.
+pub(crate) fn print_runbooks(
+    all: Vec<pb::Runbook>,
+    one: Option<&str>,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let as_json = |r: &pb::Runbook| {
+        json!({
+            "name": r.name, "description": r.description,
+            "params": r.params.iter().map(|p| json!({
+                "name": p.name, "description": p.description, "default": p.default,
+                "pattern": p.pattern, "required": p.default.is_none(),
+            })).collect::<Vec<_>>(),
+            "steps": r.steps.iter().map(|s| json!({"name": s.name, "type": s.r#type})).collect::<Vec<_>>(),
+        })
+    };
+    let Some(name) = one else {
+        if json {
+            all.iter().for_each(|r| say(&as_json(r).to_string()));
+        } else if all.is_empty() {
+            eprintln!("no runbooks are configured ([[runbook]] in statelyd's config)");
+        } else {
+            let width = all.iter().map(|r| r.name.len()).max().unwrap_or(0).max(7);
+            say(&format!("{:<width$}  PARAMS  DESCRIPTION", "RUNBOOK"));
+            for r in &all {
+                say(format!(
+                    "{:<width$}  {:<6}  {}",
+                    r.name,
+                    r.params.len(),
+                    r.description
+                )
+                .trim_end());
+            }
+        }
+        return Ok(0);
+    };
+    let Some(r) = all.iter().find(|r| r.name == name) else {
+        let names: Vec<&str> = all.iter().map(|r| r.name.as_str()).collect();
+        anyhow::bail!(
+            "not found: no runbook '{name}' is configured (runbooks: {})",
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        );
+    };
+    if json {
+        say(&as_json(r).to_string());
+        return Ok(0);
+    }
+    say(&format!("runbook    {}", r.name));
+    if !r.description.is_empty() {
+        say(&format!("about      {}", r.description));
+    }
+    if r.params.is_empty() {
+        say("params     none");
+    }
+    for p in &r.params {
+        let mut line = format!("param      {}", p.name);
+        match &p.default {
+            Some(d) => line.push_str(&format!(" (default {d:?})")),
+            None => line.push_str(" (required)"),
+        }
+        if !p.pattern.is_empty() {
+            line.push_str(&format!(" must match /{}/", p.pattern));
+        }
+        if !p.description.is_empty() {
+            line.push_str(&format!(": {}", p.description));
+        }
+        say(&line);
+    }
+    for (i, s) in r.steps.iter().enumerate() {
+        say(&format!(
+            "step {:<5} {}{}",
+            i + 1,
+            s.r#type,
+            if s.name.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", s.name)
+            }
+        ));
+    }
+    Ok(0)
+}

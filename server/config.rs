@@ -439,6 +439,21 @@ pub struct StepSpec {
     pub action: Action,
 }
 
+impl Action {
+    /// The step type's name, as the configuration writes it.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Action::Command { .. } => "command",
+            Action::Check { .. } => "check",
+            Action::BackupFile { .. } => "backup_file",
+            Action::WriteFile { .. } => "write_file",
+            Action::Download { .. } => "download",
+            Action::Chown { .. } => "chown",
+            Action::Chmod { .. } => "chmod",
+        }
+    }
+}
+
 /// The built-in step actions.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]

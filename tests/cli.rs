@@ -481,3 +481,35 @@ async fn job_ids_may_be_given_by_an_unambiguous_prefix_or_at_last() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no job id starts with"));
 }
+
+#[test]
+fn runbooks_list_and_show_their_parameters_and_steps() {
+    let d = Daemon::start("");
+    let out = d.cli().args(["runbooks", "list"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().next().unwrap().starts_with("RUNBOOK"),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.starts_with("write ")), "{text}");
+    let out = d
+        .cli()
+        .args(["runbooks", "show", "write"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("param      name (required) must match /[a-z0-9-]+/"),
+        "{text}"
+    );
+    assert!(
+        text.contains("param      content (default \"new\\n\")"),
+        "{text}"
+    );
+    assert!(text.contains("step 1     write_file"), "{text}");
+    let out = d.cli().args(["runbooks", "show", "nope"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("runbooks: "));
+}

@@ -383,3 +383,48 @@ async fn a_generic_client_lists_certificates_and_issues_one() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn a_generic_client_lists_runbooks_and_retries_an_unwind() {
+    let d = Daemon::start("");
+    let mut g = Generic::new(&d).await;
+    let list = g
+        .call("stately.v1.Jobs", "ListRunbooks", "{}")
+        .await
+        .unwrap();
+    let write = list["runbooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "write")
+        .unwrap_or_else(|| panic!("{list}"));
+    let params = write["params"].as_array().unwrap();
+    let name = params.iter().find(|p| p["name"] == "name").unwrap();
+    assert_eq!(name["pattern"], "[a-z0-9-]+");
+    assert!(name.get("default").is_none(), "required: {name}");
+    let content = params.iter().find(|p| p["name"] == "content").unwrap();
+    assert_eq!(content["default"], "new\n");
+    assert_eq!(write["steps"][0]["type"], "write_file");
+
+    // UnwindJob is described and answers for a job whose unwind is complete.
+    let job = g
+        .call(
+            "stately.v1.Jobs",
+            "SubmitJob",
+            r#"{"spec": {"runbook": {"runbook": "noop"}}}"#,
+        )
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let mut c = d.client().await;
+    wait_end(&mut c, &id).await;
+    let err = g
+        .call(
+            "stately.v1.Jobs",
+            "UnwindJob",
+            &format!(r#"{{"jobId": "{id}"}}"#),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+}

@@ -277,6 +277,42 @@ impl pb::jobs_server::Jobs for JobsApi {
         Ok(Response::new(job_to_pb(&job)))
     }
 
+    async fn list_runbooks(
+        &self,
+        req: Request<pb::ListRunbooksRequest>,
+    ) -> Result<Response<pb::ListRunbooksResponse>, Status> {
+        require(&req, Role::Viewer, "ListRunbooks")?;
+        let runbooks = self
+            .engine
+            .config()
+            .runbooks
+            .iter()
+            .map(|r| pb::Runbook {
+                name: r.name.clone(),
+                description: r.description.clone(),
+                params: r
+                    .params
+                    .iter()
+                    .map(|(name, p)| pb::RunbookParam {
+                        name: name.clone(),
+                        description: p.description.clone(),
+                        default: p.default.clone(),
+                        pattern: p.pattern.clone().unwrap_or_default(),
+                    })
+                    .collect(),
+                steps: r
+                    .steps
+                    .iter()
+                    .map(|s| pb::RunbookStep {
+                        name: s.name.clone().unwrap_or_default(),
+                        r#type: s.action.type_name().to_owned(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListRunbooksResponse { runbooks }))
+    }
+
     async fn unwind_job(
         &self,
         req: Request<pb::UnwindJobRequest>,
