@@ -162,6 +162,47 @@ fn cmd_name(cmd: &Runbooks) -> Option<&str> {
     }
 }
 
+/// How long the CLI waits for a restarting daemon before it gives up following a job.
+const RECONNECT_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits for statelyd to answer again and follows the job from the last event seen.
+async fn reconnect(
+    client: &mut Client,
+    view: &EventView,
+) -> Result<tonic::Streaming<pb::JobEvent>> {
+    eprintln!(
+        "statelyd stopped while job {} ran; reconnecting to follow it (Ctrl-C leaves; the job goes on)…",
+        view.job_id
+    );
+    let deadline = tokio::time::Instant::now() + RECONNECT_WITHIN;
+    loop {
+        let req = pb::WatchJobRequest {
+            job_id: view.job_id.clone(),
+            after_seq: view.last_seq,
+        };
+        tokio::select! {
+            r = client.watch_job(req) => match r {
+                Ok(s) => return Ok(s.into_inner()),
+                Err(s) if s.code() != Code::Unavailable => return Err(explain(s)),
+                Err(_) => {}
+            },
+            _ = tokio::signal::ctrl_c() => bail!(
+                "left; job {0} goes on (follow it: stately jobs watch {0} --after {1})",
+                view.job_id,
+                view.last_seq
+            ),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "statelyd did not come back within {RECONNECT_WITHIN:?}; job {0} was at event {1} (follow it: stately jobs watch {0} --after {1})",
+                view.job_id,
+                view.last_seq
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// A job id as a person types it: the whole id, an unambiguous prefix of one (as git takes
 /// commit ids), or `@last` for the newest job.
 pub(crate) async fn resolve_id(client: &mut Client, given: &str) -> Result<String> {
@@ -488,7 +529,14 @@ pub(crate) async fn follow(
                         return Ok(0);
                     }
                 }
-                Ok(None) => break,
+                Ok(None) if view.ended.is_some() || view.job_id.is_empty() => break,
+                // The stream ended before the job: the daemon is stopping (a restart leaves
+                // the job to its grace period and recovery). Follow it again from the last
+                // event seen, once the daemon is back.
+                Ok(None) => stream = reconnect(client, &view).await?,
+                Err(s) if s.code() == Code::Unavailable && !view.job_id.is_empty() => {
+                    stream = reconnect(client, &view).await?
+                }
                 Err(s) => return Err(explain(s)),
             },
             _ = tokio::signal::ctrl_c() => {

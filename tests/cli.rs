@@ -513,3 +513,39 @@ fn runbooks_list_and_show_their_parameters_and_steps() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("runbooks: "));
 }
+
+#[test]
+fn an_attached_run_follows_its_job_across_a_daemon_restart() {
+    use std::io::{BufRead, BufReader, Read};
+    let mut d = Daemon::configure("", &[]);
+    d.args = vec!["--listen".into(), format!("127.0.0.1:{}", free_port())];
+    d.spawn();
+    let mut cli = d
+        .cli()
+        .args(["run", "chatty", "-p", "lines=120"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(cli.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("line 5") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0);
+    }
+    // SIGTERM: the job finishes within the grace period; the stream ends before its end.
+    d.terminate();
+    d.spawn();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = cli.wait().unwrap();
+    let mut err = String::new();
+    cli.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(err.contains("reconnecting to follow it"), "{err}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the job's own status: {err}\n{rest}"
+    );
+    assert!(rest.contains("SUCCEEDED"), "{rest}");
+}

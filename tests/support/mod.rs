@@ -43,6 +43,8 @@ pub struct Daemon {
     pub config: PathBuf,
     /// The open-file limit (soft and hard) the process starts with, when set.
     pub nofile: Option<u64>,
+    /// More flags for statelyd (e.g. `--listen` on a fixed port, kept across restarts).
+    pub args: Vec<String>,
 }
 
 /// The runbooks most tests use; `{root}` is the test's file root.
@@ -185,6 +187,7 @@ value = "{VIEWER}"
             dir,
             config,
             nofile: None,
+            args: Vec::new(),
         }
     }
 
@@ -206,6 +209,7 @@ value = "{VIEWER}"
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_statelyd"));
         cmd.arg("--config")
             .arg(&self.config)
+            .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log);
