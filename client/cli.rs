@@ -78,6 +78,13 @@ enum Command {
     /// The runbooks statelyd's configuration defines: what `stately run` takes.
     #[command(subcommand)]
     Runbooks(Runbooks),
+    /// Print a shell completion script (e.g. `stately completions bash > /etc/bash_completion.d/stately`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; `stately man | man -l -`).
+    Man,
 }
 
 #[derive(Subcommand, Debug)]
@@ -280,6 +287,23 @@ pub(crate) fn explain(s: tonic::Status) -> anyhow::Error {
 }
 
 pub(crate) async fn run(args: Args) -> Result<u8> {
+    // Generated from the flags themselves, so they cannot drift; no daemon needed.
+    match &args.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Args as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "stately", &mut out);
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), &out);
+            return Ok(0);
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(<Args as clap::CommandFactory>::command()).render(&mut out)?;
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), &out);
+            return Ok(0);
+        }
+        _ => {}
+    }
     let token = token(args.token.clone(), args.token_file.clone())?;
     let channel = connect(&args.server, &token).await?;
     let json = args.output == Output::Json;
@@ -362,6 +386,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             }
             Ok(0)
         }
+        Command::Completions { .. } | Command::Man => unreachable!("answered before connecting"),
         Command::Runbooks(cmd) => {
             let all = client
                 .list_runbooks(pb::ListRunbooksRequest {})

@@ -549,3 +549,40 @@ fn an_attached_run_follows_its_job_across_a_daemon_restart() {
     );
     assert!(rest.contains("SUCCEEDED"), "{rest}");
 }
+
+#[test]
+fn completions_and_the_manual_come_from_the_flags_without_a_daemon() {
+    let stately = env!("CARGO_BIN_EXE_stately");
+    let out = Command::new("/bin/bash")
+        .args([
+            "-c",
+            &format!("source <({stately} completions bash) && complete -p stately"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("_stately"));
+    for shell in ["zsh", "fish"] {
+        let out = Command::new(stately)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("runbooks"),
+            "{shell}"
+        );
+    }
+    let out = Command::new(stately).arg("man").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let man = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        man.contains(".TH stately 1") && man.contains("runbooks"),
+        "{man}"
+    );
+}
