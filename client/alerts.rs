@@ -24,7 +24,8 @@ pub(crate) enum AlertsCommand {
         /// How long a transitional state (INI after a reload) must last to be believed.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         hold: Duration,
-        /// Only these backends (names or globs; repeat for more).
+        /// Only these backends and their servers (names or globs; repeat for more). Frontends
+        /// are still watched: their session-rate and session-limit thresholds apply.
         #[arg(long = "backend")]
         backends: Vec<String>,
         /// Alert when a frontend's or backend's session rate (per second) exceeds this.

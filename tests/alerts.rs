@@ -124,7 +124,7 @@ async fn stop(client: &mut Client, id: &str) -> pb::Job {
 }
 
 fn subject(mail: &str) -> String {
-    header(mail, "Subject").unwrap_or_default().to_owned()
+    header(mail, "Subject").unwrap_or_default()
 }
 
 #[tokio::test]
@@ -233,7 +233,7 @@ async fn a_daemon_restart_mid_outage_neither_repeats_nor_loses_an_alert() {
     let second = &mails[1];
     assert_eq!(
         subject(second),
-        "[stately] edge: 1 DOWN, 1 CRITICAL",
+        "[stately] edge: backend app CRITICAL, app/s2 DOWN",
         "{second}"
     );
     assert!(
@@ -258,7 +258,7 @@ async fn a_daemon_restart_mid_outage_neither_repeats_nor_loses_an_alert() {
     let third = &mails[2];
     assert_eq!(
         subject(third),
-        "[stately] edge: 2 UP, 1 RESOLVED",
+        "[stately] edge: app/s1 UP, app/s2 UP, backend app RESOLVED",
         "{third}"
     );
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -379,7 +379,11 @@ async fn a_backend_going_down_is_one_grouped_mail() {
     let mails_now = smtp.mails();
     assert_eq!(mails_now.len(), 1, "one grouped mail: {mails_now:#?}");
     let m = &mails[0];
-    assert_eq!(subject(m), "[stately] edge: 21 DOWN, 1 CRITICAL", "{m}");
+    assert_eq!(
+        subject(m),
+        "[stately] edge: backend many CRITICAL, many/lead DOWN, many/m0 DOWN and 19 more (1 CRITICAL, 21 DOWN in all)",
+        "{m}"
+    );
     for i in 0..20 {
         assert!(m.contains(&format!("many/m{i} ")), "m{i} listed: {m}");
     }

@@ -500,20 +500,38 @@ pub fn unreachable(rules: &Rules, mem: &mut Memory, error: &str, now: i64) -> Ve
     }]
 }
 
-/// The subject of the mail for one tick's transitions.
+/// How many transitions a subject names before it counts the rest.
+const NAMED_IN_SUBJECT: usize = 3;
+
+/// The subject of the mail for one tick's transitions: what and where, the worst first
+/// (`[stately] edge: backend app CRITICAL, app/s1 DOWN, app/s2 DOWN`); beyond a few, the rest
+/// are counted (`and 48 more: 50 DOWN, 1 CRITICAL in all`).
 pub fn subject(target: &str, ts: &[Transition]) -> String {
-    if let [t] = ts {
-        return format!("[stately] {target}: {} {}", t.what, t.tag);
-    }
-    let mut counts: Vec<(&str, usize)> = Vec::new();
-    for t in ts {
-        match counts.iter_mut().find(|(tag, _)| *tag == t.tag) {
-            Some((_, n)) => *n += 1,
-            None => counts.push((t.tag, 1)),
+    let mut sorted: Vec<&Transition> = ts.iter().collect();
+    // Stable: within a severity, the order the rules found them in.
+    sorted.sort_by_key(|t| std::cmp::Reverse(t.severity));
+    let named: Vec<String> = sorted
+        .iter()
+        .take(NAMED_IN_SUBJECT)
+        .map(|t| format!("{} {}", t.what, t.tag))
+        .collect();
+    let mut s = format!("[stately] {target}: {}", named.join(", "));
+    if ts.len() > NAMED_IN_SUBJECT {
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        for t in &sorted {
+            match counts.iter_mut().find(|(tag, _)| *tag == t.tag) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((t.tag, 1)),
+            }
         }
+        let parts: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
+        s.push_str(&format!(
+            " and {} more ({} in all)",
+            ts.len() - NAMED_IN_SUBJECT,
+            parts.join(", ")
+        ));
     }
-    let parts: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
-    format!("[stately] {target}: {}", parts.join(", "))
+    s
 }
 
 #[cfg(test)]
@@ -643,7 +661,10 @@ mod tests {
         let t = evaluate(&r, &mut m, &snap(mk("DOWN", "L4CON")), 1000);
         assert_eq!(t.len(), 51);
         assert_eq!(t.last().unwrap().tag, "CRITICAL");
-        assert_eq!(subject("edge", &t), "[stately] edge: 50 DOWN, 1 CRITICAL");
+        assert_eq!(
+            subject("edge", &t),
+            "[stately] edge: backend app CRITICAL, app/s0 DOWN, app/s1 DOWN and 48 more (1 CRITICAL, 50 DOWN in all)"
+        );
         let t = evaluate(&r, &mut m, &snap(mk("UP", "L4OK")), 2000);
         assert_eq!(t.len(), 51);
         assert_eq!(t.last().unwrap().tag, "RESOLVED");

@@ -733,10 +733,20 @@ impl Drop for SmtpSink {
 }
 
 /// A header's value in a raw mail.
-pub fn header<'a>(mail: &'a str, name: &str) -> Option<&'a str> {
-    mail.lines()
-        .take_while(|l| !l.is_empty())
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(": ")))
+/// A header of a mail, unfolded (a long one continues on lines that start with a blank).
+pub fn header(mail: &str, name: &str) -> Option<String> {
+    let lines: Vec<&str> = mail.lines().take_while(|l| !l.is_empty()).collect();
+    let at = lines
+        .iter()
+        .position(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(": ")))?;
+    let mut value = lines[at][name.len() + 2..].to_owned();
+    for more in lines[at + 1..]
+        .iter()
+        .take_while(|l| l.starts_with([' ', '\t']))
+    {
+        value.push_str(more);
+    }
+    Some(value)
 }
 
 /// Reads events until a log line contains `text`.
