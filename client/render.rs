@@ -105,6 +105,7 @@ pub(crate) fn job_json(j: &pb::Job) -> Value {
         "error": j.error, "failed_step": j.failed_step, "undo_entries": j.undo_entries,
         "rolled_back_by": j.rolled_back_by, "rollback_of": j.rollback_of, "last_seq": j.last_seq,
         "unwind_incomplete": j.unwind_incomplete,
+        "undo": j.undo.iter().map(|u| json!({"what": u.what, "applied": u.applied})).collect::<Vec<_>>(),
     })
 }
 
@@ -245,11 +246,37 @@ pub(crate) fn print_job(j: &pb::Job) {
         let labels: Vec<String> = j.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         say(&format!("labels     {}", labels.join(", ")));
     }
+    if !j.request_id.is_empty() {
+        say(&format!("request id {}", j.request_id));
+    }
+    if let Some(pb::JobSpec {
+        kind: Some(pb::job_spec::Kind::Runbook(r)),
+    }) = &j.spec
+    {
+        let mut params: Vec<String> = r.params.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+        params.sort();
+        if !params.is_empty() {
+            say(&format!("params     {}", params.join(", ")));
+        }
+    }
     say(&format!(
-        "undo       {} entr{}",
+        "undo       {} entr{}{}",
         j.undo_entries,
-        if j.undo_entries == 1 { "y" } else { "ies" }
+        if j.undo_entries == 1 { "y" } else { "ies" },
+        if j.undo.is_empty() {
+            ""
+        } else {
+            " (an unwind or a rollback applies them newest first):"
+        }
     ));
+    for (i, u) in j.undo.iter().enumerate() {
+        say(&format!(
+            "  {}. {}{}",
+            i + 1,
+            u.what,
+            if u.applied { " (applied)" } else { "" }
+        ));
+    }
     if !j.rolled_back_by.is_empty() {
         say(&format!("rolled back by {}", j.rolled_back_by));
     }

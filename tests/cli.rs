@@ -586,3 +586,32 @@ fn completions_and_the_manual_come_from_the_flags_without_a_daemon() {
         "{man}"
     );
 }
+
+#[tokio::test]
+async fn jobs_show_lists_the_undo_entries_params_and_request_id() {
+    let d = Daemon::start("");
+    let mut c = d.client().await;
+    let mut req = runbook("write", &[("name", "shown"), ("content", "x\n")]);
+    req.request_id = "show-1".into();
+    let job = c.submit_job(req).await.unwrap().into_inner();
+    wait_end(&mut c, &job.id).await;
+    let out = d.cli().args(["jobs", "show", &job.id]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("request id show-1"), "{text}");
+    assert!(
+        text.contains("params     content=\"x\\n\", name=\"shown\""),
+        "{text}"
+    );
+    let file = d.root().join("shown.txt");
+    assert!(
+        text.contains(&format!("  1. remove {}", file.display())),
+        "{text}"
+    );
+    let out = d
+        .cli()
+        .args(["-o", "json", "jobs", "show", &job.id])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["undo"][0]["applied"], false, "{v}");
+}

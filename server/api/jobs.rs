@@ -188,7 +188,14 @@ impl pb::jobs_server::Jobs for JobsApi {
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         require(&req, Role::Viewer, "GetJob")?;
         let id = parse_id(&req.get_ref().job_id)?;
-        Ok(Response::new(job_to_pb(&self.engine.get(id)?)))
+        let mut job = job_to_pb(&self.engine.get(id)?);
+        job.undo = self
+            .engine
+            .undo_entries(id)?
+            .into_iter()
+            .map(|(what, applied)| pb::UndoItem { what, applied })
+            .collect();
+        Ok(Response::new(job))
     }
 
     async fn list_jobs(
@@ -543,6 +550,7 @@ pub(crate) fn job_to_pb(j: &JobRecord) -> pb::Job {
         rollback_of: j.rollback_of().map(|r| r.to_string()).unwrap_or_default(),
         last_seq: j.last_seq,
         unwind_incomplete: j.unwind_incomplete,
+        undo: Vec::new(),
     }
 }
 

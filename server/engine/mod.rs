@@ -462,6 +462,17 @@ impl Engine {
             .cloned()
     }
 
+    /// A job's undo entries, oldest first: what each does, and whether it was applied.
+    pub fn undo_entries(&self, id: JobId) -> Result<Vec<(String, bool)>, Error> {
+        Ok(self
+            .shared
+            .store
+            .journal(id)?
+            .into_iter()
+            .map(|e| (e.entry.describe(), e.applied))
+            .collect())
+    }
+
     /// One job.
     pub fn get(&self, id: JobId) -> Result<JobRecord, Error> {
         self.shared.store.job(id)?.ok_or_else(|| not_found(id))

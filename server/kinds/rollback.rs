@@ -66,9 +66,21 @@ impl Rollback {
     async fn check(&self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
         let changed = changed_since(self.journal.clone()).await;
         if changed.is_empty() {
+            let files = self
+                .journal
+                .iter()
+                .filter(|e| e.entry.path().is_some())
+                .count();
             ctx.log(
                 LogLevel::Info,
-                format!("every file job {} changed is as it left it", self.target),
+                if files == 0 {
+                    format!(
+                        "job {} changed no files; what it did elsewhere is put back",
+                        self.target
+                    )
+                } else {
+                    format!("every file job {} changed is as it left it", self.target)
+                },
             );
             return Ok(());
         }
