@@ -134,10 +134,18 @@ pub(crate) fn event_json(e: &pb::JobEvent) -> Value {
     v
 }
 
+/// A time for a table: local (TZ, else the system's zone), to the second, with its offset
+/// (`2026-12-01 22:14:03 +01:00`). JSON keeps RFC 3339 in UTC.
 fn short_time(t: &Option<prost_types::Timestamp>) -> String {
-    match time(t) {
-        Value::String(s) => s.get(..19).unwrap_or(&s).replace('T', " "),
-        _ => "-".into(),
+    let Some(t) = t else {
+        return "-".into();
+    };
+    match jiff::Timestamp::new(t.seconds, t.nanos.clamp(0, 999_999_999)) {
+        Ok(at) => at
+            .to_zoned(jiff::tz::TimeZone::system())
+            .strftime("%Y-%m-%d %H:%M:%S %:z")
+            .to_string(),
+        Err(_) => "-".into(),
     }
 }
 

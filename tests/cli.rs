@@ -615,3 +615,31 @@ async fn jobs_show_lists_the_undo_entries_params_and_request_id() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["undo"][0]["applied"], false, "{v}");
 }
+
+#[tokio::test]
+async fn tables_show_local_time_with_its_offset_and_json_keeps_utc() {
+    let d = Daemon::start("");
+    let mut c = d.client().await;
+    let job = c
+        .submit_job(runbook("noop", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_end(&mut c, &job.id).await;
+    let out = d
+        .cli()
+        .env("TZ", "Asia/Tokyo")
+        .args(["jobs", "list"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" +09:00"), "{text}");
+    let out = d
+        .cli()
+        .env("TZ", "Asia/Tokyo")
+        .args(["-o", "json", "jobs", "show", &job.id])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["created_at"].as_str().unwrap().ends_with('Z'), "{v}");
+}
