@@ -43,6 +43,23 @@ pub(crate) fn state_name(s: i32) -> &'static str {
     }
 }
 
+/// JSON's one convention for enum values: upper case, as the job states, without the proto's
+/// prefix (`SUCCEEDED`, `INFO`); an absent value is null.
+fn json_enum(name: &str, prefix: &str) -> Value {
+    match name.strip_prefix(prefix) {
+        Some("UNSPECIFIED") | None => Value::Null,
+        Some(v) => Value::String(v.to_owned()),
+    }
+}
+
+fn step_state_json(s: i32) -> Value {
+    pb::StepState::try_from(s).map_or(Value::Null, |s| json_enum(s.as_str_name(), "STEP_STATE_"))
+}
+
+fn job_state_json(s: i32) -> Value {
+    pb::JobState::try_from(s).map_or(Value::Null, |s| json_enum(s.as_str_name(), "JOB_STATE_"))
+}
+
 fn step_state_name(s: i32) -> &'static str {
     match pb::StepState::try_from(s) {
         Ok(pb::StepState::Pending) => "pending",
@@ -97,7 +114,7 @@ pub(crate) fn job_json(j: &pb::Job) -> Value {
     json!({
         "id": j.id, "kind": j.kind, "spec": spec_json(&j.spec), "state": state_name(j.state),
         "steps": j.steps.iter().map(|s| json!({
-            "index": s.index, "name": s.name, "state": step_state_name(s.state),
+            "index": s.index, "name": s.name, "state": step_state_json(s.state),
             "started_at": time(&s.started_at), "finished_at": time(&s.finished_at), "error": s.error,
         })).collect::<Vec<_>>(),
         "request_id": j.request_id, "labels": j.labels, "resources": j.resources, "waiting_for": j.waiting_for,
@@ -113,17 +130,19 @@ pub(crate) fn event_json(e: &pb::JobEvent) -> Value {
     use pb::job_event::Event as E;
     let body = match &e.event {
         Some(E::StateChanged(s)) => {
-            json!({"state_changed": {"from": state_name(s.from), "to": state_name(s.to), "reason": s.reason}})
+            json!({"state_changed": {"from": job_state_json(s.from), "to": job_state_json(s.to), "reason": s.reason}})
         }
         Some(E::StepStarted(s)) => json!({"step_started": {"index": s.index, "name": s.name}}),
         Some(E::StepFinished(s)) => {
-            json!({"step_finished": {"index": s.index, "name": s.name, "state": step_state_name(s.state), "error": s.error}})
+            json!({"step_finished": {"index": s.index, "name": s.name, "state": step_state_json(s.state), "error": s.error}})
         }
         Some(E::Progress(p)) => {
             json!({"progress": {"step_index": p.step_index, "done": p.done, "total": p.total, "message": p.message}})
         }
         Some(E::Log(l)) => {
-            json!({"log": {"level": pb::LogLevel::try_from(l.level).map(|l| l.as_str_name()).unwrap_or("?"), "message": l.message, "step_index": l.step_index}})
+            let level = pb::LogLevel::try_from(l.level)
+                .map_or(Value::Null, |l| json_enum(l.as_str_name(), "LOG_LEVEL_"));
+            json!({"log": {"level": level, "message": l.message, "step_index": l.step_index}})
         }
         None => Value::Null,
     };

@@ -78,13 +78,23 @@ fn type_name(t: i32) -> &'static str {
 
 fn row_json(r: &pb::StatsRow) -> serde_json::Value {
     json!({
-        "proxy": r.proxy, "server": r.server, "type": type_name(r.r#type), "status": state_name(&r.status),
+        "proxy": r.proxy, "server": r.server, "type": type_name(r.r#type).to_uppercase(), "status": state_name(&r.status),
         "current_sessions": r.current_sessions, "session_limit": r.session_limit, "total_sessions": r.total_sessions,
         "session_rate": r.session_rate, "request_rate": r.request_rate, "check_status": r.check_status,
         "check_code": r.check_code, "check_description": r.check_description,
         "last_change_seconds": r.last_change_seconds, "downtime_seconds": r.downtime_seconds,
-        "http_5xx": r.http_5xx, "weight": r.weight, "address": r.address, "cookie": r.cookie,
+        "http_5xx": r.http_5xx, "weight": r.weight, "address": absent_if_empty(&r.address),
+        "cookie": absent_if_empty(&r.cookie),
     })
+}
+
+/// A text HAProxy did not report is null in JSON, not "".
+fn absent_if_empty(s: &str) -> serde_json::Value {
+    if s.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::Value::String(s.to_owned())
+    }
 }
 
 fn opt(v: Option<u64>) -> String {

@@ -643,3 +643,45 @@ async fn tables_show_local_time_with_its_offset_and_json_keeps_utc() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["created_at"].as_str().unwrap().ends_with('Z'), "{v}");
 }
+
+#[tokio::test]
+async fn json_has_one_convention_for_enums_and_absent_values() {
+    let d = Daemon::start("");
+    let mut c = d.client().await;
+    let job = c
+        .submit_job(runbook("chatty", &[("lines", "1")]))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_end(&mut c, &job.id).await;
+    let out = d
+        .cli()
+        .args(["-o", "json", "jobs", "watch", &job.id])
+        .output()
+        .unwrap();
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first = &events[0]["state_changed"];
+    assert!(
+        first["from"].is_null(),
+        "no state before the first: {first}"
+    );
+    assert_eq!(first["to"], "PENDING");
+    let log = events.iter().find(|e| e.get("log").is_some()).unwrap();
+    assert_eq!(log["log"]["level"], "INFO", "{log}");
+    let step = events
+        .iter()
+        .find(|e| e.get("step_finished").is_some())
+        .unwrap();
+    assert_eq!(step["step_finished"]["state"], "SUCCEEDED", "{step}");
+    let out = d
+        .cli()
+        .args(["-o", "json", "jobs", "show", &job.id])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "SUCCEEDED");
+    assert_eq!(v["steps"][0]["state"], "SUCCEEDED");
+}
