@@ -564,6 +564,8 @@ pub(crate) async fn follow(
                 }
                 Err(s) => return Err(explain(s)),
             },
+            // A watcher whose reader left goes at once (an attached run keeps following).
+            _ = crate::render::stdout_gone(), if !attached => return Ok(0),
             _ = tokio::signal::ctrl_c() => {
                 if view.job_id.is_empty() {
                     return Ok(130);

@@ -31,6 +31,32 @@ pub(crate) fn stdout_closed() -> bool {
     STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Resolves when stdout is a pipe whose reader has gone (`stately stats --watch | head -1`),
+/// without waiting for the next write to find out; pends forever on a terminal or a file.
+pub(crate) async fn stdout_gone() {
+    use std::os::fd::AsFd;
+    let watched = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .and_then(|fd| {
+            // SAFETY: `fd` is our own duplicate of stdout, owned by the AsyncFd, which
+            // deregisters it before it is closed.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::ERROR)
+            }
+            .ok()
+        });
+    match watched {
+        // A pipe's write end reports an error once its read end is closed.
+        Some(fd) => {
+            let _ = fd.ready(tokio::io::Interest::ERROR).await;
+            STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        None => std::future::pending().await,
+    }
+}
+
 pub(crate) fn state_name(s: i32) -> &'static str {
     match pb::JobState::try_from(s) {
         Ok(pb::JobState::Pending) => "PENDING",

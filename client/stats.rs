@@ -225,6 +225,7 @@ pub(crate) async fn run(mut c: Client, a: StatsArgs, json: bool) -> Result<u8> {
         let update = tokio::select! {
             m = stream.message() => match m.map_err(status)? { Some(u) => u, None => return Ok(0) },
             _ = tokio::signal::ctrl_c() => return Ok(0),
+            _ = crate::render::stdout_gone() => return Ok(0),
         };
         if crate::render::stdout_closed() {
             return Ok(0);

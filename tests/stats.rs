@@ -620,3 +620,37 @@ async fn a_slow_watcher_skips_to_the_latest_poll_without_slowing_the_others() {
         "the slow watcher was told it skipped polls (told {skipped}): {polls:?}"
     );
 }
+
+#[tokio::test]
+async fn a_json_watch_leaves_as_soon_as_its_reader_does() {
+    use std::io::{BufRead, BufReader};
+    let e = edge().await;
+    // `stately -o json stats edge --watch | head -1`, polling only every 30 s.
+    let mut cli =
+        e.d.cli()
+            .args([
+                "-o",
+                "json",
+                "stats",
+                "edge",
+                "--watch",
+                "--interval",
+                "30s",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut out = BufReader::new(cli.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.contains("snapshot"), "{first}");
+    let left = std::time::Instant::now();
+    drop(out);
+    let status = cli.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        left.elapsed() < std::time::Duration::from_secs(10),
+        "left after {:?}, not at the next poll",
+        left.elapsed()
+    );
+}
