@@ -274,7 +274,16 @@ pub(crate) async fn resolve_id(client: &mut Client, given: &str) -> Result<Strin
 pub(crate) fn explain(s: tonic::Status) -> anyhow::Error {
     let code = match s.code() {
         Code::Unavailable => return anyhow!("statelyd is unavailable: {}", s.message()),
-        Code::Unauthenticated => "not authenticated",
+        Code::Unauthenticated => {
+            return match crate::connect::GENERATED_TOKEN.get() {
+                Some(path) => anyhow!(
+                    "not authenticated: {} (the token was read from {}, which statelyd generates when no [[token]] is configured; a daemon with [[token]]s does not take it: pass --token or --token-file)",
+                    s.message(),
+                    path.display()
+                ),
+                None => anyhow!("not authenticated: {}", s.message()),
+            };
+        }
         Code::PermissionDenied => "permission denied",
         Code::NotFound => "not found",
         Code::InvalidArgument => "invalid request",

@@ -25,6 +25,10 @@ pub(crate) type Authed = tonic::service::interceptor::InterceptedService<Channel
 
 pub(crate) type Client = JobsClient<Authed>;
 
+/// Where the token came from when it was the one statelyd generates (so a refusal can say
+/// that it may be stale: a daemon with `[[token]]`s configured no longer takes it).
+pub(crate) static GENERATED_TOKEN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 /// Finds the token: the flag or STATELY_TOKEN, then --token-file, then the generated token.
 pub(crate) fn token(flag: Option<String>, file: Option<PathBuf>) -> Result<String> {
     if let Some(t) = flag.filter(|t| !t.is_empty()) {
@@ -45,6 +49,7 @@ pub(crate) fn token(flag: Option<String>, file: Option<PathBuf>) -> Result<Strin
         };
     }
     let path = stately::config::default_data_dir().join("operator.token");
+    let _ = GENERATED_TOKEN.set(path.clone());
     std::fs::read_to_string(&path)
         .map(|s| s.trim().to_owned())
         .with_context(|| {

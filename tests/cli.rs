@@ -685,3 +685,42 @@ async fn json_has_one_convention_for_enums_and_absent_values() {
     assert_eq!(v["state"], "SUCCEEDED");
     assert_eq!(v["steps"][0]["state"], "SUCCEEDED");
 }
+
+#[test]
+fn a_stale_generated_token_is_named_with_where_it_came_from() {
+    let d = Daemon::start("");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("operator.token"),
+        "stale-generated-token-0000\n",
+    )
+    .unwrap();
+    let out = d
+        .cli()
+        .env_remove("STATELY_TOKEN")
+        .env("STATELY_DATA_DIR", dir.path())
+        .args(["jobs", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not authenticated")
+            && err.contains(&dir.path().join("operator.token").display().to_string())
+            && err.contains("--token"),
+        "{err}"
+    );
+    // A token file named on purpose that cannot be read says so.
+    let out = d
+        .cli()
+        .env_remove("STATELY_TOKEN")
+        .args(["--token-file", "/nonexistent/token", "jobs", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the token file /nonexistent/token") && err.contains("cannot be read"),
+        "{err}"
+    );
+}
