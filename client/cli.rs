@@ -387,6 +387,8 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
                 .into_inner();
             if json {
                 resp.jobs.iter().for_each(|j| say(&job_json(j).to_string()));
+            } else if resp.jobs.is_empty() {
+                eprintln!("no jobs match");
             } else {
                 print_jobs_table(&resp.jobs);
                 if !resp.next_page_token.is_empty() {

@@ -377,6 +377,9 @@ fn values_the_cli_can_check_itself_are_usage_errors_exit_2() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Nothing matches on a fresh daemon: said, not a bare header.
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no jobs match"));
 }
 
 #[tokio::test]
