@@ -85,6 +85,10 @@ enum Command {
     },
     /// Print the manual page (roff; `stately man | man -l -`).
     Man,
+    /// The daemon, its targets, certificates and jobs at a glance; exits 1 when something
+    /// needs attention (a target unreachable, a certificate within 7 days of expiry, an unwind
+    /// that could not finish, alert mails not delivered).
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -340,6 +344,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
         Command::Stats(a) => {
             crate::stats::run(pb::stats_client::StatsClient::new(channel), a, json).await
         }
+        Command::Status => crate::status::run(channel, json).await,
         Command::Run {
             runbook,
             params,

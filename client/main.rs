@@ -7,6 +7,7 @@ mod connect;
 mod haproxy;
 mod render;
 mod stats;
+mod status;
 
 use clap::Parser;
 use std::process::ExitCode;

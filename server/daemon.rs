@@ -76,9 +76,25 @@ pub async fn run(
     let engine = Engine::start(config.clone(), &stopping).await?;
     crate::renewals::spawn(&engine);
 
+    let tcp = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let addr = tcp.local_addr().map_err(|source| Error::Bind {
+        addr: config.listen.to_string(),
+        source,
+    })?;
+    let mut listeners = vec![format!("tcp:{addr}")];
+    if let Some(path) = &config.listen_unix {
+        listeners.push(format!("unix:{}", path.display()));
+    }
     let jobs = JobsApi {
         engine: engine.clone(),
         stopping: stopping.clone(),
+        started_at: crate::job::now_ms(),
+        listeners,
     };
     let haproxy = HaproxyApi {
         targets: crate::haproxy::Targets::new(&config),
@@ -151,16 +167,6 @@ pub async fn run(
             ))
     };
 
-    let tcp = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: config.listen.to_string(),
-            source,
-        })?;
-    let addr = tcp.local_addr().map_err(|source| Error::Bind {
-        addr: config.listen.to_string(),
-        source,
-    })?;
     let mut servers = tokio::task::JoinSet::new();
     let stop = stopping.clone();
     let incoming = crate::listen::incoming(tcp, &connections, stopping.clone());

@@ -429,6 +429,16 @@ impl Store {
         })
     }
 
+    /// Alert mails queued and not yet delivered, over every watch.
+    pub(crate) fn outbox_pending(&self) -> Result<u64, Error> {
+        self.read(|c| {
+            Ok(
+                c.prepare_cached("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")?
+                    .query_row([], |r| r.get::<_, i64>(0))? as u64,
+            )
+        })
+    }
+
     /// A job's undo journal, in the order it was recorded.
     pub(crate) fn journal(&self, job: JobId) -> Result<Vec<JournalEntry>, Error> {
         self.read(|c| {

@@ -727,3 +727,49 @@ fn a_stale_generated_token_is_named_with_where_it_came_from() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn status_shows_the_daemon_and_exits_1_when_something_needs_attention() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backend::start(0).await;
+    let h = Haproxy::start(dir.path(), &[("web", vec![("s1", b.port)])]);
+    let gone = dir.path().join("gone.sock");
+    let d = Daemon::start(&format!(
+        "[[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nstats_socket = \"{}\"\n",
+        h.config.display(),
+        h.stats.display()
+    ));
+    let out = d.cli().args(["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("statelyd   0.1.0") && text.contains("listening tcp:"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("data       {}", d.data().display())),
+        "{text}"
+    );
+    assert!(
+        text.contains("target     edge: config ok, stats ok"),
+        "{text}"
+    );
+    assert!(text.contains("all well"), "{text}");
+
+    // A target whose stats socket does not answer needs attention.
+    let d2 = Daemon::start(&format!(
+        "[[haproxy]]\nname = \"dark\"\nstats_socket = \"{}\"\n",
+        gone.display()
+    ));
+    let out = d2.cli().args(["-o", "json", "status"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["targets"][0]["stats"]
+            .as_str()
+            .unwrap()
+            .starts_with("UNREACHABLE"),
+        "{v}"
+    );
+    assert!(!v["attention"].as_array().unwrap().is_empty(), "{v}");
+}

@@ -23,6 +23,9 @@ pub(crate) struct JobsApi {
     /// Cancelled when the daemon stops: open streams end (attached jobs are not cancelled by
     /// that; they are left to the shutdown grace period and recovery).
     pub(crate) stopping: CancellationToken,
+    /// When the daemon started (unix ms) and where it listens, for GetStatus.
+    pub(crate) started_at: i64,
+    pub(crate) listeners: Vec<String>,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
@@ -282,6 +285,22 @@ impl pb::jobs_server::Jobs for JobsApi {
         let id = parse_id(&r.job_id)?;
         let job = self.engine.rollback(id, r.force).await?;
         Ok(Response::new(job_to_pb(&job)))
+    }
+
+    async fn get_status(
+        &self,
+        req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::ServerStatus>, Status> {
+        require(&req, Role::Viewer, "GetStatus")?;
+        let config = self.engine.config();
+        Ok(Response::new(pb::ServerStatus {
+            version: env!("CARGO_PKG_VERSION").into(),
+            started_at: Some(ts(self.started_at)),
+            data_dir: config.data_dir.display().to_string(),
+            store: config.data_dir.join("stately.db").display().to_string(),
+            listeners: self.listeners.clone(),
+            outbox_pending: self.engine.outbox_pending()?,
+        }))
     }
 
     async fn list_runbooks(

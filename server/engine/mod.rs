@@ -473,6 +473,11 @@ impl Engine {
             .collect())
     }
 
+    /// Alert mails queued and not yet delivered.
+    pub fn outbox_pending(&self) -> Result<u64, Error> {
+        Ok(self.shared.store.outbox_pending()?)
+    }
+
     /// One job.
     pub fn get(&self, id: JobId) -> Result<JobRecord, Error> {
         self.shared.store.job(id)?.ok_or_else(|| not_found(id))
