@@ -8,8 +8,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 fn start(dir: &std::path::Path, nofile: u64) -> (Child, String) {
@@ -22,35 +21,7 @@ fn start(dir: &std::path::Path, nofile: u64) -> (Child, String) {
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_statelyd"));
-    cmd.arg("--config")
-        .arg(&config)
-        .env("STATELY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::resource::setrlimit(
-                nix::sys::resource::Resource::RLIMIT_NOFILE,
-                nofile,
-                nofile,
-            )
-            .map_err(std::io::Error::from)
-        });
-    }
-    let mut child = cmd.spawn().expect("statelyd starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
-    (child, addr)
+    support::spawn_statelyd_limited(&config, Some(nofile))
 }
 
 async fn new_client(addr: &str) -> Duration {

@@ -37,14 +37,28 @@ impl tonic::service::Interceptor for Auth {
 /// Starts the real statelyd on `config` (logging warnings only) and returns it with the
 /// address it listens on.
 pub fn spawn_statelyd(config: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_statelyd"))
-        .arg("--config")
+    spawn_statelyd_limited(config, None)
+}
+
+/// Like `spawn_statelyd`, with the open-file limit (soft and hard) set to `nofile` when given.
+pub fn spawn_statelyd_limited(config: &Path, nofile: Option<u64>) -> (Child, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_statelyd"));
+    cmd.arg("--config")
         .arg(config)
         .env("STATELY_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("statelyd starts");
+        .stderr(Stdio::inherit());
+    if let Some(n) = nofile {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)
+                    .map_err(std::io::Error::from)
+            });
+        }
+    }
+    let mut child = cmd.spawn().expect("statelyd starts");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
