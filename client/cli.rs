@@ -371,6 +371,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             limit,
             page_token,
         }) => {
+            let filtered = !state.is_empty() || kind.is_some() || !labels.is_empty();
             let states = state
                 .iter()
                 .map(|s| {
@@ -393,7 +394,14 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             if json {
                 resp.jobs.iter().for_each(|j| say(&job_json(j).to_string()));
             } else if resp.jobs.is_empty() {
-                eprintln!("no jobs match");
+                eprintln!(
+                    "{}",
+                    if filtered {
+                        "no jobs match"
+                    } else {
+                        "no jobs yet"
+                    }
+                );
             } else {
                 print_jobs_table(&resp.jobs);
                 if !resp.next_page_token.is_empty() {
