@@ -300,7 +300,7 @@ fn words(line: &str) -> Result<Vec<String>, String> {
             (_, '\\') => {
                 in_word = true;
                 // HAProxy's escapes, decoded as it decodes them, so `lua-loa\x64` is seen as
-                // `lua-load`; any other escape is refused rather than guessed.
+                // `lua-load`; any other pair is kept as written, as HAProxy keeps it.
                 match chars.next() {
                     Some(n @ (' ' | '\\' | '#' | '\'' | '"' | '$')) => cur.push(n),
                     Some('t') => cur.push('\t'),
@@ -317,7 +317,9 @@ fn words(line: &str) -> Result<Vec<String>, String> {
                         cur.push(byte as char);
                     }
                     Some(n) => {
-                        return Err(format!("an escape `\\{n}` HAProxy would read its own way"));
+                        // HAProxy keeps any other pair as written (`\.` in a regex, `\1`).
+                        cur.push('\\');
+                        cur.push(n);
                     }
                     None => return Err("a line ends with a backslash".into()),
                 }
@@ -359,6 +361,12 @@ mod tests {
             dir.path().display()
         );
         p.check(&ok, dir.path()).unwrap();
+        // Regex escapes HAProxy leaves alone are fine.
+        p.check(
+            "frontend fe\n  acl st path_reg \\.(css|js)$\n  http-request replace-path /a/(.*) /b/\\1\n",
+            dir.path(),
+        )
+        .unwrap();
         // Debian's stock global section names where SSL files are looked up; that alone is fine.
         p.check(
             "global\n  ca-base /etc/ssl/certs\n  crt-base /etc/ssl/private\n",
@@ -386,7 +394,6 @@ mod tests {
             "global\n  unix-bind prefix /etc\n",
             "global\n  lua-loa\\x64 /tmp/x.lua\n",
             "frontend fe\n  errorfile 503 \\x2fetc/shadow\n",
-            "frontend fe\n  errorfile 503 \\q\n",
             "global\n  default-path parent\n",
             "global\n  default-path origin /etc\n",
             "global\n  ssl-provider-path /tmp\n",
