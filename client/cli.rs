@@ -180,12 +180,21 @@ const RECONNECT_WITHIN: std::time::Duration = std::time::Duration::from_secs(60)
 async fn reconnect(
     client: &mut Client,
     view: &EventView,
-) -> Result<tonic::Streaming<pb::JobEvent>> {
+) -> Result<Option<tonic::Streaming<pb::JobEvent>>> {
     eprintln!(
         "statelyd stopped while job {} ran; reconnecting to follow it (Ctrl-C leaves; the job goes on)…",
         view.job_id
     );
     let deadline = tokio::time::Instant::now() + RECONNECT_WITHIN;
+    // One Ctrl-C listener for the whole wait, so a press between attempts is not lost.
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    let left = |view: &EventView| {
+        eprintln!(
+            "left; job {0} goes on (follow it: stately jobs watch {0} --after {1})",
+            view.job_id, view.last_seq
+        );
+    };
     loop {
         let req = pb::WatchJobRequest {
             job_id: view.job_id.clone(),
@@ -193,15 +202,14 @@ async fn reconnect(
         };
         tokio::select! {
             r = client.watch_job(req) => match r {
-                Ok(s) => return Ok(s.into_inner()),
+                Ok(s) => return Ok(Some(s.into_inner())),
                 Err(s) if s.code() != Code::Unavailable => return Err(explain(s)),
                 Err(_) => {}
             },
-            _ = tokio::signal::ctrl_c() => bail!(
-                "left; job {0} goes on (follow it: stately jobs watch {0} --after {1})",
-                view.job_id,
-                view.last_seq
-            ),
+            _ = &mut interrupted => {
+                left(view);
+                return Ok(None);
+            }
         }
         if tokio::time::Instant::now() >= deadline {
             bail!(
@@ -210,7 +218,13 @@ async fn reconnect(
                 view.last_seq
             );
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            _ = &mut interrupted => {
+                left(view);
+                return Ok(None);
+            }
+        }
     }
 }
 
@@ -582,9 +596,15 @@ pub(crate) async fn follow(
                 // The stream ended before the job: the daemon is stopping (a restart leaves
                 // the job to its grace period and recovery). Follow it again from the last
                 // event seen, once the daemon is back.
-                Ok(None) => stream = reconnect(client, &view).await?,
+                Ok(None) => match reconnect(client, &view).await? {
+                    Some(s) => stream = s,
+                    None => return Ok(130),
+                },
                 Err(s) if s.code() == Code::Unavailable && !view.job_id.is_empty() => {
-                    stream = reconnect(client, &view).await?
+                    match reconnect(client, &view).await? {
+                        Some(s) => stream = s,
+                        None => return Ok(130),
+                    }
                 }
                 Err(s) => return Err(explain(s)),
             },
