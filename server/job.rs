@@ -370,3 +370,40 @@ pub(crate) fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Specs exactly as the store holds them (written by stately before the kinds owned their
+    /// specs): each must load, and write back byte for byte.
+    const STORED: &[&str] = &[
+        r#"{"runbook":{"runbook":"motd","params":{"greeting":"hi"}}}"#,
+        r#"{"rollback":{"target":"0190f6c2-7b1e-7c3a-9f00-2b8e4d1a5c77","force":false}}"#,
+        r#"{"haproxy_apply":{"target":"edge","config":"global\n","base_version":"sha256:ab","allow_servers_down":true}}"#,
+        r#"{"haproxy_server_state":{"target":"edge","backend":"app","server":"s1","state":"drain"}}"#,
+        r#"{"alert_watch":{"target":"edge","to":["ops@example.com"],"rules":{"interval_ms":1000,"hold_ms":10000,"proxies":["app*"],"max_session_rate":5,"max_sessions_percent":null,"max_5xx":3}}}"#,
+        r#"{"certificate_issue":{"lineage":"example.com","names":["example.com","www.example.com"],"webroot":"/var/www/html","key_type":"ec256","reuse_key":false,"deploy":["edge"],"acme":"","expand":true}}"#,
+    ];
+
+    #[test]
+    fn stored_specs_load_and_write_back_unchanged() {
+        let mut kinds = Vec::new();
+        for text in STORED {
+            let spec: JobSpec = serde_json::from_str(text).expect(text);
+            assert_eq!(serde_json::to_string(&spec).unwrap(), *text);
+            kinds.push(spec.kind());
+        }
+        assert_eq!(kinds, JobSpec::KINDS, "one stored spec per kind, in KINDS order");
+    }
+
+    /// A spec stored before `allow_servers_down` existed still loads.
+    #[test]
+    fn older_apply_spec_loads() {
+        let spec: JobSpec = serde_json::from_str(
+            r#"{"haproxy_apply":{"target":"edge","config":"x","base_version":null}}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.kind(), "haproxy_apply");
+    }
+}

@@ -832,3 +832,50 @@ fn prune(
          DROP TABLE temp.doomed;",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobSpec;
+
+    /// The specs the fixture holds, one per kind, as job.rs' tests pin them.
+    fn fixture_specs() -> Vec<JobSpec> {
+        [
+            r#"{"runbook":{"runbook":"motd","params":{"greeting":"hi"}}}"#,
+            r#"{"rollback":{"target":"0190f6c2-7b1e-7c3a-9f00-2b8e4d1a5c77","force":false}}"#,
+            r#"{"haproxy_apply":{"target":"edge","config":"global\n","base_version":"sha256:ab","allow_servers_down":true}}"#,
+            r#"{"haproxy_server_state":{"target":"edge","backend":"app","server":"s1","state":"drain"}}"#,
+            r#"{"alert_watch":{"target":"edge","to":["ops@example.com"],"rules":{"interval_ms":1000,"hold_ms":10000,"proxies":["app*"],"max_session_rate":5,"max_sessions_percent":null,"max_5xx":3}}}"#,
+            r#"{"certificate_issue":{"lineage":"example.com","names":["example.com","www.example.com"],"webroot":"/var/www/html","key_type":"ec256","reuse_key":false,"deploy":["edge"],"acme":"","expand":true}}"#,
+        ]
+        .iter()
+        .map(|t| serde_json::from_str(t).unwrap())
+        .collect()
+    }
+
+    /// A ledger written before each kind owned its spec loads, every job with its spec.
+    #[tokio::test]
+    async fn ledger_from_before_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stately.db");
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ledger-before-kinds.db"),
+            &path,
+        )
+        .unwrap();
+        let store = Store::open(&path, true).unwrap();
+        let jobs = store
+            .list(&JobFilter {
+                states: vec![],
+                kind: None,
+                labels: vec![],
+                before: None,
+                limit: 100,
+            })
+            .unwrap();
+        let mut specs: Vec<JobSpec> = jobs.into_iter().map(|(j, _)| j.spec).collect();
+        specs.reverse(); // newest first
+        assert_eq!(specs, fixture_specs());
+        store.close().await;
+    }
+}
