@@ -1,6 +1,7 @@
 //! The job model's domain types: ids, states, specs, steps, events — what the store keeps and
 //! the engine works on, independent of the wire format.
 
+use crate::kinds;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -109,87 +110,36 @@ pub enum StepState {
     Cancelled,
 }
 
-/// What a job does.
+/// What a job does: one variant per kind, each wrapping the spec its kind's module owns.
+/// Stored as JSON (`{"runbook": {...}}`): a variant's name and its spec's fields are the stored
+/// format, kept as they are.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobSpec {
     /// Run a configured runbook.
-    Runbook {
-        /// Its name.
-        runbook: String,
-        /// Declared parameters.
-        params: BTreeMap<String, String>,
-    },
-    /// Replace a HAProxy target's configuration.
-    HaproxyApply {
-        /// The target.
-        target: String,
-        /// The whole new configuration.
-        config: String,
-        /// The version the caller edited, if given.
-        base_version: Option<String>,
-        /// Whether servers UP before may be DOWN after.
-        #[serde(default)]
-        allow_servers_down: bool,
-    },
-    /// Set a server's administrative state.
-    HaproxyServerState {
-        /// The target.
-        target: String,
-        /// The backend.
-        backend: String,
-        /// The server.
-        server: String,
-        /// ready, drain or maint.
-        state: String,
-    },
-    /// Watch a target's stats and mail its transitions, until cancelled.
-    AlertWatch {
-        /// The HAProxy target.
-        target: String,
-        /// Recipients.
-        to: Vec<String>,
-        /// What to alert on.
-        rules: crate::alerts::rules::Rules,
-    },
-    /// Issue or renew a certificate over ACME, install it, optionally deploy it.
-    CertificateIssue {
-        /// The lineage's name.
-        lineage: String,
-        /// DNS names.
-        names: Vec<String>,
-        /// HTTP-01 by this webroot; None: statelyd's responder.
-        webroot: Option<std::path::PathBuf>,
-        /// ec256, ec384, rsa2048, rsa3072, rsa4096.
-        key_type: String,
-        /// Keep the lineage's key on renewal.
-        reuse_key: bool,
-        /// HAProxy targets to deploy to.
-        deploy: Vec<String>,
-        /// The ACME server's name ("" = the configured default).
-        acme: String,
-        /// Allow changing an existing lineage's names.
-        expand: bool,
-    },
+    Runbook(kinds::runbook::Spec),
     /// Undo a finished job.
-    Rollback {
-        /// The job undone.
-        target: JobId,
-        /// Undo even over later changes.
-        force: bool,
-    },
+    Rollback(kinds::rollback::Spec),
+    /// Replace a HAProxy target's configuration.
+    HaproxyApply(kinds::haproxy_apply::Spec),
+    /// Set a server's administrative state.
+    HaproxyServerState(kinds::haproxy_server_state::Spec),
+    /// Watch a target's stats and mail its transitions, until cancelled.
+    AlertWatch(kinds::alert_watch::Spec),
+    /// Issue or renew a certificate over ACME, install it, optionally deploy it.
+    CertificateIssue(kinds::certificate_issue::Spec),
 }
 
 impl JobSpec {
     /// The kind's name: "runbook", "rollback".
     pub fn kind(&self) -> &'static str {
         match self {
-            JobSpec::Runbook { .. } => "runbook",
-            JobSpec::Rollback { .. } => "rollback",
-            JobSpec::HaproxyApply { .. } => "haproxy_apply",
-            JobSpec::HaproxyServerState { .. } => "haproxy_server_state",
-            JobSpec::AlertWatch { .. } => "alert_watch",
-            JobSpec::CertificateIssue { .. } => "certificate_issue",
+            JobSpec::Runbook(_) => "runbook",
+            JobSpec::Rollback(_) => "rollback",
+            JobSpec::HaproxyApply(_) => "haproxy_apply",
+            JobSpec::HaproxyServerState(_) => "haproxy_server_state",
+            JobSpec::AlertWatch(_) => "alert_watch",
+            JobSpec::CertificateIssue(_) => "certificate_issue",
         }
     }
 
@@ -206,7 +156,15 @@ impl JobSpec {
     /// Whether a job of this kind, found running after a restart, carries on instead of
     /// being unwound (long-lived watches).
     pub fn resumes(&self) -> bool {
-        matches!(self, JobSpec::AlertWatch { .. })
+        matches!(self, JobSpec::AlertWatch(_))
+    }
+
+    /// For a rollback, the job it undoes.
+    pub fn rollback_of(&self) -> Option<JobId> {
+        match self {
+            JobSpec::Rollback(r) => Some(r.target),
+            _ => None,
+        }
     }
 }
 
@@ -267,14 +225,7 @@ pub struct JobRecord {
 impl JobRecord {
     /// For a rollback job, the job it undoes.
     pub fn rollback_of(&self) -> Option<JobId> {
-        match self.spec {
-            JobSpec::Rollback { target, .. } => Some(target),
-            JobSpec::Runbook { .. }
-            | JobSpec::HaproxyApply { .. }
-            | JobSpec::HaproxyServerState { .. }
-            | JobSpec::AlertWatch { .. }
-            | JobSpec::CertificateIssue { .. } => None,
-        }
+        self.spec.rollback_of()
     }
 }
 
@@ -394,7 +345,11 @@ mod tests {
             assert_eq!(serde_json::to_string(&spec).unwrap(), *text);
             kinds.push(spec.kind());
         }
-        assert_eq!(kinds, JobSpec::KINDS, "one stored spec per kind, in KINDS order");
+        assert_eq!(
+            kinds,
+            JobSpec::KINDS,
+            "one stored spec per kind, in KINDS order"
+        );
     }
 
     /// A spec stored before `allow_servers_down` existed still loads.

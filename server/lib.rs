@@ -16,11 +16,13 @@ pub mod engine;
 mod fsops;
 pub mod haproxy;
 pub mod job;
-mod kinds;
+mod journal;
+pub mod kinds;
 mod listen;
 mod quote;
 mod renewals;
 pub mod stats;
+mod step;
 mod store;
 mod undo;
 

@@ -50,7 +50,7 @@ pub(crate) fn spawn(engine: &Engine) {
                 .unwrap_or_default()
                 .into_iter()
                 .filter_map(|j| match j.spec {
-                    JobSpec::CertificateIssue { lineage, .. } => Some(lineage),
+                    JobSpec::CertificateIssue(c) => Some(c.lineage),
                     _ => None,
                 })
                 .collect();

@@ -859,7 +859,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stately.db");
         std::fs::copy(
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ledger-before-kinds.db"),
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/ledger-before-kinds.db"
+            ),
             &path,
         )
         .unwrap();

@@ -8,6 +8,7 @@ use crate::engine::{self, Engine, Submission};
 use crate::job::{
     Event, EventBody, JobId, JobRecord, JobSpec, JobState, LogLevel, StepRecord, StepState,
 };
+use crate::kinds;
 use crate::pb;
 use futures_util::{Stream, StreamExt};
 use std::pin::Pin;
@@ -47,10 +48,10 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
                     "spec.runbook.runbook (the runbook's name) is required",
                 ));
             }
-            JobSpec::Runbook {
+            JobSpec::Runbook(kinds::runbook::Spec {
                 runbook: r.runbook,
                 params: r.params.into_iter().collect(),
-            }
+            })
         }
         Some(pb::job_spec::Kind::HaproxyApply(a)) => {
             if a.target.is_empty() {
@@ -58,7 +59,7 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
                     "spec.haproxy_apply.target is required",
                 ));
             }
-            JobSpec::HaproxyApply {
+            JobSpec::HaproxyApply(kinds::haproxy_apply::Spec {
                 target: a.target,
                 config: a.config,
                 base_version: match a.base_version.as_str() {
@@ -73,7 +74,7 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
                     }
                 },
                 allow_servers_down: a.allow_servers_down,
-            }
+            })
         }
         Some(pb::job_spec::Kind::HaproxyServerState(h)) => {
             if h.target.is_empty() || h.backend.is_empty() || h.server.is_empty() {
@@ -81,12 +82,12 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
                     "spec.haproxy_server_state needs target, backend and server",
                 ));
             }
-            JobSpec::HaproxyServerState {
+            JobSpec::HaproxyServerState(kinds::haproxy_server_state::Spec {
                 target: h.target,
                 backend: h.backend,
                 server: h.server,
                 state: h.state,
-            }
+            })
         }
         Some(pb::job_spec::Kind::AlertWatch(a)) => {
             if a.target.is_empty() {
@@ -94,7 +95,7 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
                     "spec.alert_watch.target is required",
                 ));
             }
-            JobSpec::AlertWatch {
+            JobSpec::AlertWatch(kinds::alert_watch::Spec {
                 target: a.target,
                 to: a.to,
                 rules: Rules {
@@ -108,35 +109,23 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
                     max_sessions_percent: a.max_sessions_percent,
                     max_5xx: a.max_5xx,
                 },
-            }
+            })
         }
-        Some(pb::job_spec::Kind::CertificateIssue(c)) => {
-            let names: Vec<String> = c
-                .names
-                .iter()
-                .map(|n| n.trim().to_ascii_lowercase())
-                .collect();
-            JobSpec::CertificateIssue {
-                lineage: if c.lineage.is_empty() {
-                    names.first().cloned().unwrap_or_default()
-                } else {
-                    c.lineage
-                },
-                names,
+        Some(pb::job_spec::Kind::CertificateIssue(c)) => JobSpec::CertificateIssue(
+            kinds::certificate_issue::Spec {
+                lineage: c.lineage,
+                names: c.names,
                 webroot: Some(c.webroot)
                     .filter(|w| !w.is_empty())
                     .map(std::path::PathBuf::from),
-                key_type: if c.key_type.is_empty() {
-                    "ec256".into()
-                } else {
-                    c.key_type.to_ascii_lowercase()
-                },
+                key_type: c.key_type,
                 reuse_key: c.reuse_key,
                 deploy: c.deploy,
                 acme: c.acme,
                 expand: c.expand,
             }
-        }
+            .with_defaults(),
+        ),
         Some(pb::job_spec::Kind::Rollback(_)) => {
             return Err(Status::invalid_argument(
                 "rollback jobs are started with RollbackJob, not submitted",
@@ -464,33 +453,35 @@ fn step_state_to_pb(s: StepState) -> pb::StepState {
 
 fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
     let kind = match spec {
-        JobSpec::Runbook { runbook, params } => pb::job_spec::Kind::Runbook(pb::RunbookJob {
-            runbook: runbook.clone(),
-            params: params.clone().into_iter().collect(),
-        }),
-        JobSpec::HaproxyApply {
+        JobSpec::Runbook(kinds::runbook::Spec { runbook, params }) => {
+            pb::job_spec::Kind::Runbook(pb::RunbookJob {
+                runbook: runbook.clone(),
+                params: params.clone().into_iter().collect(),
+            })
+        }
+        JobSpec::HaproxyApply(kinds::haproxy_apply::Spec {
             target,
             config,
             base_version,
             allow_servers_down,
-        } => pb::job_spec::Kind::HaproxyApply(pb::HaproxyApplyJob {
+        }) => pb::job_spec::Kind::HaproxyApply(pb::HaproxyApplyJob {
             target: target.clone(),
             config: config.clone(),
             base_version: base_version.clone().unwrap_or_default(),
             allow_servers_down: *allow_servers_down,
         }),
-        JobSpec::HaproxyServerState {
+        JobSpec::HaproxyServerState(kinds::haproxy_server_state::Spec {
             target,
             backend,
             server,
             state,
-        } => pb::job_spec::Kind::HaproxyServerState(pb::HaproxyServerStateJob {
+        }) => pb::job_spec::Kind::HaproxyServerState(pb::HaproxyServerStateJob {
             target: target.clone(),
             backend: backend.clone(),
             server: server.clone(),
             state: state.clone(),
         }),
-        JobSpec::AlertWatch { target, to, rules } => {
+        JobSpec::AlertWatch(kinds::alert_watch::Spec { target, to, rules }) => {
             pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {
                 target: target.clone(),
                 to: to.clone(),
@@ -502,7 +493,7 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
                 max_5xx: rules.max_5xx,
             })
         }
-        JobSpec::CertificateIssue {
+        JobSpec::CertificateIssue(kinds::certificate_issue::Spec {
             lineage,
             names,
             webroot,
@@ -511,7 +502,7 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             deploy,
             acme,
             expand,
-        } => pb::job_spec::Kind::CertificateIssue(pb::CertificateIssueJob {
+        }) => pb::job_spec::Kind::CertificateIssue(pb::CertificateIssueJob {
             names: names.clone(),
             lineage: lineage.clone(),
             webroot: webroot
@@ -524,10 +515,12 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             acme: acme.clone(),
             expand: *expand,
         }),
-        JobSpec::Rollback { target, force } => pb::job_spec::Kind::Rollback(pb::RollbackSpec {
-            target_job_id: target.to_string(),
-            force: *force,
-        }),
+        JobSpec::Rollback(kinds::rollback::Spec { target, force }) => {
+            pb::job_spec::Kind::Rollback(pb::RollbackSpec {
+                target_job_id: target.to_string(),
+                force: *force,
+            })
+        }
     };
     pb::JobSpec { kind: Some(kind) }
 }

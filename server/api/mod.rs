@@ -51,6 +51,7 @@ impl From<engine::Error> for Status {
                 tracing::error!("{e}");
                 Status::internal(e.to_string())
             }
+            Haproxy(e) => e.into(),
         }
     }
 }

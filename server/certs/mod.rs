@@ -188,6 +188,8 @@ pub(crate) fn get(config: &crate::config::Config, name: &str) -> Option<Listed> 
     })
 }
 
+use crate::kinds::certificate_issue::{DEFAULT_KEY_TYPE, Spec};
+
 /// The job that renews a lineage: as it was issued when statelyd issued it, else (a lineage
 /// made by certbot) for the live certificate's names with the daemon's defaults.
 pub(crate) fn renewal_spec(
@@ -208,18 +210,18 @@ pub(crate) fn renewal_spec(
         deploy: Vec::new(),
         acme: String::new(),
     });
-    Ok(crate::job::JobSpec::CertificateIssue {
+    Ok(crate::job::JobSpec::CertificateIssue(Spec {
         lineage: name.to_owned(),
         names: meta.names,
         webroot: meta.webroot,
         key_type: if KEY_TYPES.contains(&meta.key_type.as_str()) {
             meta.key_type
         } else {
-            "ec256".into()
+            DEFAULT_KEY_TYPE.into()
         },
         reuse_key: meta.reuse_key,
         deploy: meta.deploy,
         acme: meta.acme,
         expand: false,
-    })
+    }))
 }

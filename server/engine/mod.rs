@@ -5,17 +5,15 @@
 mod runner;
 mod scheduler;
 
-pub(crate) use runner::StepCtx;
-
 use crate::blobs::BlobStore;
 use crate::config::Config;
-use crate::fsops::FileState;
 use crate::job::{
     Event, EventBody, JobId, JobRecord, JobSpec, JobState, StepRecord, StepState, now_ms,
 };
-use crate::kinds;
+use crate::kinds::{self, Moment, Planned};
 use crate::quote::quote;
-use crate::store::{self, JobFilter, Store, Write};
+use crate::step::Env;
+use crate::store::{JobFilter, Store, Write};
 use scheduler::Scheduler;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -24,34 +22,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Why a request to the engine was refused or failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The request is malformed.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// What it names does not exist.
-    #[error("{0}")]
-    NotFound(String),
-    /// The request names something the daemon's configuration does not allow.
-    #[error("{0}")]
-    PermissionDenied(String),
-    /// The request is valid but the job or the world is not in a state that allows it.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// The request is larger than the daemon takes, or would exhaust it.
-    #[error("{0}")]
-    ResourceExhausted(String),
-    /// The idempotency key was used for a different request.
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// The daemon is shutting down.
-    #[error("{0}")]
-    Unavailable(String),
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] store::Error),
-}
+pub use crate::step::Error;
 
 /// A job submission.
 #[derive(Debug, Clone)]
@@ -114,17 +85,8 @@ impl LiveJob {
 
 /// Everything the engine's tasks share.
 pub(crate) struct Shared {
-    pub(crate) config: Arc<Config>,
-    pub(crate) store: Store,
-    pub(crate) blobs: BlobStore,
-    pub(crate) http: reqwest::Client,
-    /// The shared stats pollers (the Stats API and alert watches subscribe to them).
-    pub(crate) stats: Arc<crate::stats::StatsHub>,
-    /// statelyd's HTTP-01 responder, when configured.
-    pub(crate) responder: Option<Arc<crate::certs::responder::Responder>>,
-    /// Cancelled when the daemon begins to stop: watch jobs suspend themselves (they stay
-    /// RUNNING and resume at the next start).
-    pub(crate) stopping: CancellationToken,
+    /// What every job's steps get (config, store, blobs, HTTP, stats, responder, stop signal).
+    pub(crate) env: Env,
     scheduler: Scheduler,
     live: Mutex<HashMap<JobId, Arc<LiveJob>>>,
     request_ids: tokio::sync::Mutex<()>,
@@ -135,7 +97,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// Whether new jobs may start (not once the daemon begins to stop).
     fn accepting(&self) -> bool {
-        !self.stopping.is_cancelled()
+        !self.env.stopping.is_cancelled()
     }
 
     /// A job has ended: free its resources and forget its live state.
@@ -216,13 +178,15 @@ impl Engine {
             None => None,
         };
         let shared = Arc::new(Shared {
-            responder,
-            stats: Arc::new(crate::stats::StatsHub::new(sockets)),
-            stopping: stop.child_token(),
-            config,
-            store,
-            blobs,
-            http,
+            env: Env {
+                responder,
+                stats: Arc::new(crate::stats::StatsHub::new(sockets)),
+                stopping: stop.child_token(),
+                config,
+                store,
+                blobs,
+                http,
+            },
             scheduler: Scheduler::default(),
             live: Mutex::new(HashMap::new()),
             request_ids: tokio::sync::Mutex::new(()),
@@ -238,6 +202,7 @@ impl Engine {
     async fn recover(&self) -> Result<(), Error> {
         let s = &self.shared;
         for record in s
+            .env
             .store
             .jobs_in(&[JobState::Running, JobState::Cancelling])?
         {
@@ -258,7 +223,7 @@ impl Engine {
         }
         // Jobs whose unwind could not finish keep their resources (ahead of every pending
         // job) while their retries go on.
-        for record in s.store.jobs_unwind_incomplete()? {
+        for record in s.env.store.jobs_unwind_incomplete()? {
             tracing::warn!(job = %record.id, "retrying an unwind that could not finish");
             let live = LiveJob::new();
             live.state.send_replace(record.state);
@@ -269,7 +234,7 @@ impl Engine {
                 .insert(record.id, live.clone());
             s.tasks.spawn(runner::retry_unwind(s.clone(), record, live));
         }
-        for record in s.store.jobs_in(&[JobState::Pending])? {
+        for record in s.env.store.jobs_in(&[JobState::Pending])? {
             let live = LiveJob::new();
             s.scheduler.enqueue(record.id, &record.resources);
             s.live
@@ -283,7 +248,7 @@ impl Engine {
 
     fn spawn_retention(&self) {
         let weak = Arc::downgrade(&self.shared);
-        let interval = self.shared.config.history.prune_interval;
+        let interval = self.shared.env.config.history.prune_interval;
         let grace = (interval * 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
@@ -292,16 +257,16 @@ impl Engine {
             loop {
                 tick.tick().await;
                 let Some(s) = weak.upgrade() else { return };
-                let h = &s.config.history;
+                let h = &s.env.config.history;
                 let prune = Write::Prune {
                     keep_per_resource: h.keep_per_resource,
                     keep_total: h.keep_total,
                 };
-                if let Err(e) = s.store.commit(vec![prune], None).await {
+                if let Err(e) = s.env.store.commit(vec![prune], None).await {
                     tracing::warn!("pruning the history failed: {e}");
                     continue;
                 }
-                let (store, blobs) = (s.store.clone(), s.blobs.clone());
+                let (store, blobs) = (s.env.store.clone(), s.env.blobs.clone());
                 drop(s);
                 let collected = tokio::task::spawn_blocking(move || {
                     let referenced = store.referenced_blobs().map_err(|e| e.to_string())?;
@@ -331,22 +296,22 @@ impl Engine {
 
     /// The configuration the engine runs with.
     pub fn config(&self) -> &Config {
-        &self.shared.config
+        &self.shared.env.config
     }
 
     /// The configuration, shared.
     pub fn config_arc(&self) -> Arc<Config> {
-        self.shared.config.clone()
+        self.shared.env.config.clone()
     }
 
     /// The shared stats pollers.
     pub fn stats(&self) -> Arc<crate::stats::StatsHub> {
-        self.shared.stats.clone()
+        self.shared.env.stats.clone()
     }
 
     /// Submits a job. With a request id already used for the same spec, returns that job.
     pub async fn submit(&self, sub: Submission) -> Result<JobRecord, Error> {
-        if let JobSpec::Rollback { .. } = sub.spec {
+        if let JobSpec::Rollback(_) = sub.spec {
             return Err(Error::InvalidArgument(
                 "rollback jobs are started with RollbackJob, not submitted".into(),
             ));
@@ -361,7 +326,7 @@ impl Engine {
                     ));
                 }
                 let _one_at_a_time = self.shared.request_ids.lock().await;
-                if let Some(existing) = self.shared.store.job_by_request_id(rid)? {
+                if let Some(existing) = self.shared.env.store.job_by_request_id(rid)? {
                     if existing.spec != sub.spec {
                         return Err(Error::AlreadyExists(format!(
                             "request_id {} was already used for job {} with a different spec",
@@ -372,17 +337,17 @@ impl Engine {
                     // A repeat gets its job back even if the config changed since.
                     return Ok(existing);
                 }
-                let plan = kinds::plan(&sub.spec, &self.shared.config).await?;
+                let plan = kinds::plan(&sub.spec, &self.shared.env, Moment::Submission).await?;
                 self.enqueue(sub, plan).await
             }
             None => {
-                let plan = kinds::plan(&sub.spec, &self.shared.config).await?;
+                let plan = kinds::plan(&sub.spec, &self.shared.env, Moment::Submission).await?;
                 self.enqueue(sub, plan).await
             }
         }
     }
 
-    async fn enqueue(&self, sub: Submission, mut plan: kinds::Plan) -> Result<JobRecord, Error> {
+    async fn enqueue(&self, sub: Submission, plan: Planned) -> Result<JobRecord, Error> {
         let s = &self.shared;
         if !s.accepting() {
             return Err(Error::Unavailable("the daemon is shutting down".into()));
@@ -393,7 +358,8 @@ impl Engine {
             id,
             spec: sub.spec,
             state: JobState::Pending,
-            steps: std::mem::take(&mut plan.steps)
+            steps: plan
+                .steps
                 .into_iter()
                 .map(|name| StepRecord {
                     name,
@@ -405,7 +371,7 @@ impl Engine {
                 .collect(),
             request_id: sub.request_id,
             labels: sub.labels,
-            resources: std::mem::take(&mut plan.resources),
+            resources: plan.resources,
             waiting_for: Vec::new(),
             created_at: now,
             started_at: None,
@@ -431,6 +397,7 @@ impl Engine {
             },
         };
         if let Err(e) = s
+            .env
             .store
             .commit(
                 vec![Write::InsertJob(record.clone()), Write::Event(first)],
@@ -447,8 +414,12 @@ impl Engine {
             .into_iter()
             .map(|(r, _)| r)
             .collect();
-        s.tasks
-            .spawn(runner::run(s.clone(), record.clone(), live, plan.prepared));
+        s.tasks.spawn(runner::run(
+            s.clone(),
+            record.clone(),
+            live,
+            Some(plan.executor),
+        ));
         Ok(record)
     }
 
@@ -466,6 +437,7 @@ impl Engine {
     pub fn undo_entries(&self, id: JobId) -> Result<Vec<(String, bool)>, Error> {
         Ok(self
             .shared
+            .env
             .store
             .journal(id)?
             .into_iter()
@@ -475,12 +447,12 @@ impl Engine {
 
     /// Alert mails queued and not yet delivered.
     pub fn outbox_pending(&self) -> Result<u64, Error> {
-        Ok(self.shared.store.outbox_pending()?)
+        Ok(self.shared.env.store.outbox_pending()?)
     }
 
     /// One job.
     pub fn get(&self, id: JobId) -> Result<JobRecord, Error> {
-        self.shared.store.job(id)?.ok_or_else(|| not_found(id))
+        self.shared.env.store.job(id)?.ok_or_else(|| not_found(id))
     }
 
     /// A page of jobs, newest first, and the token of the next page (None on the last).
@@ -538,7 +510,7 @@ impl Engine {
             before,
             limit: limit + 1,
         };
-        let mut rows = self.shared.store.list(&filter)?;
+        let mut rows = self.shared.env.store.list(&filter)?;
         let next = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
             rows.last().map(|(_, pos)| pos.to_string())
@@ -558,7 +530,7 @@ impl Engine {
         let live = self.live(id).map(|l| l.events.subscribe());
         let record = self.get(id)?;
         let (tx, rx) = mpsc::channel(64);
-        let store = self.shared.store.clone();
+        let store = self.shared.env.store.clone();
         let ended = record.state.is_terminal();
         tokio::spawn(async move {
             let mut last = after_seq;
@@ -666,19 +638,19 @@ impl Engine {
                 "job {id} was already rolled back by job {by}"
             )));
         }
-        if let Some(active) = self.shared.store.active_rollbacks_of(id)?.first() {
+        if let Some(active) = self.shared.env.store.active_rollbacks_of(id)?.first() {
             return Err(Error::FailedPrecondition(format!(
                 "job {active} is already rolling back job {id}"
             )));
         }
-        let journal = self.shared.store.journal(id)?;
+        let journal = self.shared.env.store.journal(id)?;
         if journal.is_empty() {
             return Err(Error::FailedPrecondition(format!(
                 "job {id} recorded no changes, so there is nothing to roll back"
             )));
         }
         if !force {
-            let changed = changed_since(journal).await;
+            let changed = kinds::rollback::changed_since(journal).await;
             if !changed.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "the world changed since job {id} ran, so rolling it back would overwrite later changes: {} \
@@ -687,12 +659,8 @@ impl Engine {
                 )));
             }
         }
-        let spec = JobSpec::Rollback { target: id, force };
-        let plan = kinds::Plan {
-            steps: kinds::rollback::step_names(),
-            resources: target.resources.clone(),
-            prepared: None,
-        };
+        let spec = JobSpec::Rollback(kinds::rollback::Spec { target: id, force });
+        let plan = kinds::plan(&spec, &self.shared.env, Moment::Submission).await?;
         self.enqueue(
             Submission {
                 spec,
@@ -751,7 +719,7 @@ impl Engine {
     /// running are left RUNNING, to be unwound at the next start.
     pub async fn shutdown(&self, grace: Duration) {
         let s = &self.shared;
-        s.stopping.cancel();
+        s.env.stopping.cancel();
         s.tasks.close();
         let running: usize = s.live.lock().expect("live lock").len();
         if running > 0 {
@@ -761,7 +729,7 @@ impl Engine {
         if tokio::time::timeout(grace, s.tasks.wait()).await.is_err() {
             tracing::warn!("grace period over; unfinished jobs will be unwound at the next start");
         }
-        s.store.close().await;
+        s.env.store.close().await;
     }
 }
 
@@ -789,37 +757,6 @@ async fn replay(
             false
         }
     }
-}
-
-/// What changed in the files a journal's job left, in words; empty when nothing did.
-pub(crate) async fn changed_since(journal: Vec<crate::undo::JournalEntry>) -> Vec<String> {
-    tokio::task::spawn_blocking(move || {
-        let mut seen = std::collections::HashSet::new();
-        let mut changed = Vec::new();
-        for e in journal.iter().rev() {
-            let Some(path) = e.entry.path() else { continue };
-            let Some(left) = &e.left else {
-                if seen.insert(path.to_owned()) {
-                    changed.push(format!("{}: its state when the job ended was not recorded, so it cannot be checked", path.display()));
-                }
-                continue;
-            };
-            if !seen.insert(path.to_owned()) {
-                continue;
-            }
-            let now = FileState::of(path);
-            let diff = match &now {
-                Ok(now) => left.difference(now),
-                Err(err) => Some(format!("it cannot be read: {err}")),
-            };
-            if let Some(d) = diff {
-                changed.push(format!("{}: {d}", path.display()));
-            }
-        }
-        changed
-    })
-    .await
-    .unwrap_or_else(|e| vec![format!("the check failed: {e}")])
 }
 
 /// Removes the temp files interrupted writes left where statelyd writes on its own: beside

@@ -6,34 +6,39 @@
 use crate::alerts::mail::{Mail, Mailer, SendError, check_recipients};
 use crate::alerts::rules::{self, Memory, Rules, Severity, Transition};
 use crate::config::Config;
-use crate::engine::{Error, StepCtx};
 use crate::job::{EventBody, LogLevel, now_ms};
-use crate::kinds::StepError;
+use crate::step::{Env, Error, StepCtx, StepError};
 use crate::store::{OutboxEntry, Write};
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// The job's one step.
-pub(crate) fn step_names(target: &str) -> Vec<String> {
-    vec![format!("watch {target}")]
+use super::{Executor, Moment, Planned, StepFuture};
+
+/// Watch a target's stats and mail its transitions, until cancelled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Spec {
+    /// The HAProxy target.
+    pub target: String,
+    /// Recipients.
+    pub to: Vec<String>,
+    /// What to alert on.
+    pub rules: Rules,
 }
 
-/// Refuses a watch that could not work: unknown target, bad recipients or rules, and SMTP
-/// settings that do not let a mail out (checked by connecting). A watch touches nothing, so
-/// it holds no resource.
-pub(crate) async fn plan(
-    config: &Config,
-    target: &str,
-    to: &[String],
-    rules: &Rules,
-) -> Result<Vec<String>, Error> {
+/// Refuses a watch that could not work: unknown target, bad recipients or rules, and (at
+/// submission) SMTP settings that do not let a mail out, checked by connecting. A watch
+/// touches nothing, so it holds no resource. Its one step watches.
+pub(crate) async fn plan(spec: &Spec, env: &Env, at: Moment) -> Result<Planned, Error> {
+    let Spec { target, to, rules } = spec;
+    let config = &env.config;
     let t = config
         .haproxy
         .iter()
-        .find(|t| t.name == target)
+        .find(|t| &t.name == target)
         .ok_or_else(|| {
             let known: Vec<&str> = config.haproxy.iter().map(|t| t.name.as_str()).collect();
             Error::NotFound(format!(
@@ -54,12 +59,24 @@ pub(crate) async fn plan(
     check_recipients(to).map_err(Error::InvalidArgument)?;
     rules.check().map_err(Error::InvalidArgument)?;
     let mailer = mailer(config).map_err(Error::FailedPrecondition)?;
-    mailer.check().await.map_err(|e| {
-        Error::FailedPrecondition(format!(
-            "alerts could not be mailed, so the watch was not started: {e}"
-        ))
-    })?;
-    Ok(Vec::new())
+    if at == Moment::Submission {
+        mailer.check().await.map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "alerts could not be mailed, so the watch was not started: {e}"
+            ))
+        })?;
+    }
+    let watch = Watch {
+        target: target.clone(),
+        to: to.clone(),
+        rules: rules.clone(),
+        mailer: Arc::new(mailer),
+    };
+    Ok(Planned::new(
+        &[format!("watch {target}")],
+        Vec::new(),
+        watch,
+    ))
 }
 
 fn mailer(config: &Config) -> Result<Mailer, String> {
@@ -78,32 +95,16 @@ pub(crate) struct Watch {
     mailer: Arc<Mailer>,
 }
 
+impl Executor for Watch {
+    fn run_step<'a>(&'a mut self, _index: usize, ctx: &'a mut StepCtx<'_>) -> StepFuture<'a> {
+        Box::pin(self.watch(ctx))
+    }
+}
+
 impl Watch {
-    pub(crate) fn new(
-        config: &Config,
-        target: &str,
-        to: &[String],
-        rules: &Rules,
-    ) -> Result<Watch, StepError> {
-        Ok(Watch {
-            target: target.to_owned(),
-            to: to.to_vec(),
-            rules: rules.clone(),
-            mailer: Arc::new(mailer(config).map_err(StepError::Failed)?),
-        })
-    }
-
-    pub(crate) fn step_names(&self) -> Vec<String> {
-        step_names(&self.target)
-    }
-
-    pub(crate) async fn run_step(
-        &mut self,
-        _index: usize,
-        ctx: &mut StepCtx<'_>,
-    ) -> Result<(), StepError> {
-        let job = ctx.journal.job;
-        let store = ctx.shared.store.clone();
+    async fn watch(&mut self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        let job = ctx.job();
+        let store = ctx.store().clone();
         let failed = |e: crate::store::Error| StepError::Failed(e.to_string());
         let mut mem: Memory = match store.watch_state(job).map_err(failed)? {
             Some(s) => serde_json::from_str(&s)
@@ -128,8 +129,7 @@ impl Watch {
             );
         }
         let mut sub = ctx
-            .shared
-            .stats
+            .stats()
             .subscribe(&self.target, Duration::from_millis(self.rules.interval_ms))
             .map_err(|e| StepError::Failed(e.to_string()))?;
         ctx.log(
@@ -142,7 +142,7 @@ impl Watch {
                 self.mailer.relay
             ),
         );
-        let stopping = ctx.shared.stopping.clone();
+        let stopping = ctx.stopping().clone();
         let mut sending: Option<JoinHandle<Result<String, SendError>>> = None;
         let mut retry_at: Option<Instant> = None;
         loop {
@@ -156,7 +156,7 @@ impl Watch {
             }
             tokio::select! {
                 biased;
-                _ = ctx.cancel.cancelled() => break,
+                _ = ctx.cancelled() => break,
                 _ = stopping.cancelled() => {
                     // Let a send under way finish (it is bounded by the SMTP timeout), so a
                     // restart does not send it again; past that it is abandoned and resent.
@@ -190,7 +190,7 @@ impl Watch {
                         outbox.push_back(entry);
                     } else if changed {
                         let state = serde_json::to_string(&mem).unwrap_or_default();
-                        ctx.journal.write(None, vec![Write::WatchState { job, state }]);
+                        ctx.write(None, vec![Write::WatchState { job, state }]);
                     }
                 }
             }
@@ -201,7 +201,7 @@ impl Watch {
         let stopping_event = EventBody::Log {
             level: LogLevel::Info,
             message: "stopping the watch".into(),
-            step: Some(ctx.index),
+            step: Some(ctx.index()),
         };
         if let Err(e) =
             commit_retrying(ctx, stopping_event, vec![Write::WatchState { job, state }]).await
@@ -229,14 +229,14 @@ impl Watch {
                 });
             }
             let numbers: Vec<String> = outbox.iter().map(|e| format!("#{}", e.n)).collect();
-            ctx.journal.write(
+            ctx.write(
                 Some(EventBody::Log {
                     level: LogLevel::Warn,
                     message: format!(
                         "alert(s) {} not delivered: the watch was stopped",
                         numbers.join(", ")
                     ),
-                    step: Some(ctx.index),
+                    step: Some(ctx.index()),
                 }),
                 writes,
             );
@@ -252,7 +252,7 @@ impl Watch {
         transitions: &[Transition],
         at: i64,
     ) -> Result<OutboxEntry, StepError> {
-        let job = ctx.journal.job;
+        let job = ctx.job();
         let n = mem.next_alert.max(1);
         mem.next_alert = n + 1;
         let subject = rules::subject(&self.target, transitions);
@@ -293,7 +293,7 @@ impl Watch {
         let event = EventBody::Log {
             level,
             message: format!("alert #{n}: {subject}\n{}", lines.join("\n")),
-            step: Some(ctx.index),
+            step: Some(ctx.index()),
         };
         commit_retrying(ctx, event, writes)
             .await
@@ -314,7 +314,7 @@ impl Watch {
         result: Result<Result<String, SendError>, tokio::task::JoinError>,
         retry_at: &mut Option<Instant>,
     ) {
-        let job = ctx.journal.job;
+        let job = ctx.job();
         let Some(front) = outbox.front_mut() else {
             return;
         };
@@ -383,7 +383,7 @@ impl Watch {
         let event = EventBody::Log {
             level,
             message,
-            step: Some(ctx.index),
+            step: Some(ctx.index()),
         };
         // Durable before the next message goes: a restart must not send this one again.
         if let Err(e) = commit_retrying(ctx, event, writes).await {
@@ -402,11 +402,11 @@ async fn commit_retrying(
 ) -> Result<(), crate::store::Error> {
     let mut wait = Duration::from_millis(50);
     loop {
-        match ctx.journal.commit(event.clone(), writes.clone()).await {
+        match ctx.commit(event.clone(), writes.clone()).await {
             Ok(()) => return Ok(()),
             Err(e @ crate::store::Error::Closed) => return Err(e),
             Err(e) => {
-                tracing::error!(job = %ctx.journal.job, "the store refused a write, retrying: {e}");
+                tracing::error!(job = %ctx.job(), "the store refused a write, retrying: {e}");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
             }

@@ -9,35 +9,107 @@ use crate::certs::lineage::{self, FILES, Lineage};
 use crate::certs::responder::{self, Responder};
 use crate::certs::{KEY_TYPES, Meta, check_names};
 use crate::config::{AcmeServer, Config};
-use crate::engine::{Error, StepCtx};
-use crate::job::{JobSpec, LogLevel};
-use crate::kinds::StepError;
+use crate::job::LogLevel;
 use crate::quote::quote;
+use crate::step::{Env, Error, StepCtx, StepError};
 use crate::undo::UndoEntry;
 use instant_acme::{
     Account, AuthorizationStatus, ChallengeType, Identifier, NewOrder, Order, OrderStatus,
     RetryPolicy,
 };
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The steps, in order; "deploy" only with deploy targets.
-pub(crate) fn step_names(deploy: bool) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "account",
-        "order",
-        "provision challenges",
-        "validate",
-        "finalize",
-        "download chain",
-        "install",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+use super::{Executor, Planned, StepFuture};
+
+/// Issue or renew a certificate over ACME, install it, optionally deploy it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Spec {
+    /// The lineage's name.
+    pub lineage: String,
+    /// DNS names.
+    pub names: Vec<String>,
+    /// HTTP-01 by this webroot; None: statelyd's responder.
+    pub webroot: Option<PathBuf>,
+    /// ec256, ec384, rsa2048, rsa3072, rsa4096.
+    pub key_type: String,
+    /// Keep the lineage's key on renewal.
+    pub reuse_key: bool,
+    /// HAProxy targets to deploy to.
+    pub deploy: Vec<String>,
+    /// The ACME server's name ("" = the configured default).
+    pub acme: String,
+    /// Allow changing an existing lineage's names.
+    pub expand: bool,
+}
+
+/// The key type of a lineage when none is asked for.
+pub(crate) const DEFAULT_KEY_TYPE: &str = "ec256";
+
+impl Spec {
+    /// A spec for `names` with the kind's defaults where a caller left a field empty: the
+    /// lineage is named for the first name, the key type is ec256; names are compared in
+    /// lower case, as DNS does.
+    pub(crate) fn with_defaults(mut self) -> Spec {
+        self.names = self
+            .names
+            .iter()
+            .map(|n| n.trim().to_ascii_lowercase())
+            .collect();
+        if self.lineage.is_empty() {
+            self.lineage = self.names.first().cloned().unwrap_or_default();
+        }
+        self.key_type = if self.key_type.is_empty() {
+            DEFAULT_KEY_TYPE.into()
+        } else {
+            self.key_type.to_ascii_lowercase()
+        };
+        self
+    }
+}
+
+/// The steps, in order; `Deploy` only with deploy targets.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Account,
+    Order,
+    Provision,
+    Validate,
+    Finalize,
+    Download,
+    Install,
+    Deploy,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Account => "account",
+            Step::Order => "order",
+            Step::Provision => "provision challenges",
+            Step::Validate => "validate",
+            Step::Finalize => "finalize",
+            Step::Download => "download chain",
+            Step::Install => "install",
+            Step::Deploy => "deploy",
+        })
+    }
+}
+
+fn steps(deploy: bool) -> Vec<Step> {
+    let mut v = vec![
+        Step::Account,
+        Step::Order,
+        Step::Provision,
+        Step::Validate,
+        Step::Finalize,
+        Step::Download,
+        Step::Install,
+    ];
     if deploy {
-        v.push("deploy".into());
+        v.push(Step::Deploy);
     }
     v
 }
@@ -64,8 +136,20 @@ pub(crate) struct Request {
 }
 
 /// Checks a spec; the resources it holds are the lineage and the deploy targets.
-pub(crate) fn plan(config: &Config, spec: &JobSpec) -> Result<(Request, Vec<String>), Error> {
-    let JobSpec::CertificateIssue {
+pub(crate) fn plan(spec: &Spec, env: &Env) -> Result<Planned, Error> {
+    let (req, resources) = request(&env.config, spec)?;
+    let issue = Issue::new(&env.config, req, env.responder.clone());
+    Ok(Planned {
+        steps: issue.steps.iter().map(|s| s.to_string()).collect(),
+        resources,
+        executor: Box::new(issue),
+    })
+}
+
+/// What `spec` asks for, checked against the configuration and the lineage on disk, and the
+/// resources the job holds.
+fn request(config: &Config, spec: &Spec) -> Result<(Request, Vec<String>), Error> {
+    let Spec {
         lineage,
         names,
         webroot,
@@ -74,12 +158,7 @@ pub(crate) fn plan(config: &Config, spec: &JobSpec) -> Result<(Request, Vec<Stri
         deploy,
         acme,
         expand,
-    } = spec
-    else {
-        return Err(Error::InvalidArgument(
-            "not a certificate_issue spec".into(),
-        ));
-    };
+    } = spec;
     check_names(names).map_err(Error::InvalidArgument)?;
     if !crate::config::is_safe_name(lineage) {
         return Err(Error::InvalidArgument(format!(
@@ -220,6 +299,7 @@ struct Challenge {
 /// A certificate being issued.
 pub(crate) struct Issue {
     req: Request,
+    steps: Vec<Step>,
     data_dir: PathBuf,
     lineage: Lineage,
     bundle: PathBuf,
@@ -236,6 +316,13 @@ pub(crate) struct Issue {
     deploy: Vec<(String, UndoEntry)>,
 }
 
+impl Executor for Issue {
+    fn run_step<'a>(&'a mut self, index: usize, ctx: &'a mut StepCtx<'_>) -> StepFuture<'a> {
+        let step = self.steps[index];
+        Box::pin(self.run(step, ctx))
+    }
+}
+
 impl std::fmt::Debug for Issue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Issue")
@@ -246,15 +333,10 @@ impl std::fmt::Debug for Issue {
 }
 
 impl Issue {
-    pub(crate) fn new(
-        config: &Config,
-        spec: &JobSpec,
-        responder: Option<Arc<Responder>>,
-    ) -> Result<Issue, StepError> {
-        let (req, _) = plan(config, spec).map_err(|e| StepError::Failed(e.to_string()))?;
+    fn new(config: &Config, req: Request, responder: Option<Arc<Responder>>) -> Issue {
         let lineage = Lineage::new(&config.cert_root(), &req.lineage);
         let bundle = config.bundle_dir().join(format!("{}.pem", req.lineage));
-        Ok(Issue {
+        Issue {
             data_dir: config.data_dir.clone(),
             lineage,
             bundle,
@@ -267,23 +349,15 @@ impl Issue {
             key_pem: None,
             chain: None,
             deploy: Vec::new(),
+            steps: steps(!req.deploy.is_empty()),
             req,
-        })
+        }
     }
 
-    pub(crate) fn step_names(&self) -> Vec<String> {
-        step_names(!self.req.deploy.is_empty())
-    }
-
-    pub(crate) async fn run_step(
-        &mut self,
-        index: usize,
-        ctx: &mut StepCtx<'_>,
-    ) -> Result<(), StepError> {
-        let cancel = ctx.cancel.clone();
-        let names = self.step_names();
-        match names.get(index).map(String::as_str) {
-            Some("account") => {
+    async fn run(&mut self, step: Step, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        let cancel = ctx.cancel_token().clone();
+        match step {
+            Step::Account => {
                 let (account, created) = until_cancel(
                     &cancel,
                     acme::account(&self.data_dir, &self.req.server, false),
@@ -305,11 +379,11 @@ impl Issue {
                 self.account = Some(account);
                 Ok(())
             }
-            Some("order") => self.order(ctx, &cancel).await,
-            Some("provision challenges") => self.provision(ctx).await,
-            Some("validate") => self.validate(ctx, &cancel).await,
-            Some("finalize") => self.finalize(ctx, &cancel).await,
-            Some("download chain") => {
+            Step::Order => self.order(ctx, &cancel).await,
+            Step::Provision => self.provision(ctx).await,
+            Step::Validate => self.validate(ctx, &cancel).await,
+            Step::Finalize => self.finalize(ctx, &cancel).await,
+            Step::Download => {
                 let order = self.order.as_mut().ok_or_else(no_order)?;
                 let chain = until_cancel(&cancel, order.poll_certificate(&polling()))
                     .await?
@@ -354,9 +428,8 @@ impl Issue {
                 self.chain = Some(chain);
                 Ok(())
             }
-            Some("install") => self.install(ctx, &cancel).await,
-            Some("deploy") => self.deploy(ctx).await,
-            _ => Err(StepError::Failed(format!("no step {index}"))),
+            Step::Install => self.install(ctx, &cancel).await,
+            Step::Deploy => self.deploy(ctx).await,
         }
     }
 
@@ -675,8 +748,7 @@ impl Issue {
         self.deploy.clear();
         for target in self.req.deploy.clone() {
             let h = ctx
-                .shared
-                .config
+                .config()
                 .haproxy
                 .iter()
                 .find(|h| h.name == target)
@@ -785,7 +857,7 @@ impl Issue {
     async fn deploy(&mut self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
         for (target, how) in self.deploy.clone() {
             let mut lines = Vec::new();
-            let r = how.apply(&ctx.shared.blobs, |_, l| lines.push(l)).await;
+            let r = how.apply(ctx.blobs(), |_, l| lines.push(l)).await;
             for l in lines {
                 ctx.log(LogLevel::Info, l);
             }
@@ -830,11 +902,7 @@ pub(crate) fn meta_file(data_dir: &Path, lineage: &str) -> PathBuf {
 
 /// The undo entry that puts a path back as it is now.
 async fn snapshot(path: &Path, ctx: &StepCtx<'_>) -> Result<UndoEntry, StepError> {
-    let (p, blobs) = (path.to_owned(), ctx.shared.blobs.clone());
-    tokio::task::spawn_blocking(move || UndoEntry::snapshot_file(&p, &blobs))
-        .await
-        .map_err(|e| StepError::Failed(e.to_string()))?
-        .map_err(|e| StepError::Failed(format!("{}: {e}", path.display())))
+    ctx.snapshot(path).await
 }
 
 async fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StepError> {

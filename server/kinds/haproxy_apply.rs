@@ -3,39 +3,71 @@
 //! its undo first — reload again, then put the old file back — so a failed reload or verify,
 //! a cancel, or a rollback leaves HAProxy on the configuration it had, reloaded.
 
-use super::StepError;
-use crate::config::{Config, HaproxyTarget};
-use crate::engine::{Error, StepCtx};
+use super::{Executor, Planned, StepFuture};
+use crate::config::HaproxyTarget;
 use crate::haproxy::{Level, Targets, master};
 use crate::job::LogLevel;
 use crate::stats::parse::State;
+use crate::step::{Env, Error, StepCtx, StepError};
 use crate::undo::UndoEntry;
+use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::time::Duration;
+
+/// Replace a HAProxy target's configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Spec {
+    /// The target.
+    pub target: String,
+    /// The whole new configuration.
+    pub config: String,
+    /// The version the caller edited, if given.
+    pub base_version: Option<String>,
+    /// Whether servers UP before may be DOWN after.
+    #[serde(default)]
+    pub allow_servers_down: bool,
+}
 
 /// How long the new worker gets to show the new configuration's proxies.
 const VERIFY_WITHIN: Duration = Duration::from_secs(5);
 /// How long a reload may take before it counts as failed (a port clash fails after ~2 s).
 const RELOAD_WITHIN: Duration = Duration::from_secs(10);
 
-pub(crate) fn step_names() -> Vec<String> {
-    [
-        "check the base version",
-        "validate with haproxy -c",
-        "swap the configuration",
-        "reload",
-        "verify",
-    ]
-    .map(String::from)
-    .to_vec()
+/// The steps, in order.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    CheckBase,
+    Validate,
+    Swap,
+    Reload,
+    Verify,
+}
+
+const STEPS: [Step; 5] = [
+    Step::CheckBase,
+    Step::Validate,
+    Step::Swap,
+    Step::Reload,
+    Step::Verify,
+];
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::CheckBase => "check the base version",
+            Step::Validate => "validate with haproxy -c",
+            Step::Swap => "swap the configuration",
+            Step::Reload => "reload",
+            Step::Verify => "verify",
+        })
+    }
 }
 
 /// Checks a submission: the target exists with a config file and a master socket.
-pub(crate) fn plan(config: &Config, target: &str, text: &str) -> Result<Vec<String>, Error> {
-    let targets = Targets::new(config);
-    let t = targets
-        .get(target)
-        .map_err(|e| Error::NotFound(e.to_string()))?;
+pub(crate) fn plan(spec: &Spec, env: &Env) -> Result<Planned, Error> {
+    let (target, text) = (&spec.target, &spec.config);
+    let targets = Targets::new(&env.config);
+    let t = targets.get(target)?.clone();
     if t.config.is_none() || (t.master_socket.is_none() && t.reload_command.is_none()) {
         return Err(Error::FailedPrecondition(format!(
             "HAProxy target '{target}' needs `config`, and `master_socket` or `reload_command`, in statelyd's configuration to be applied to"
@@ -56,11 +88,22 @@ pub(crate) fn plan(config: &Config, target: &str, text: &str) -> Result<Vec<Stri
             "the configuration is larger than 16 MiB".into(),
         ));
     }
-    targets.check_policy(target, text).map_err(|e| match e {
-        crate::haproxy::Error::Refused(m) => Error::PermissionDenied(m),
-        e => Error::FailedPrecondition(e.to_string()),
-    })?;
-    Ok(vec![format!("haproxy:{target}")])
+    // Refused (PERMISSION_DENIED) when the text uses what the target's policy forbids.
+    targets.check_policy(target, text)?;
+    let apply = Apply {
+        targets,
+        target: t,
+        text: text.clone(),
+        base_version: spec.base_version.clone(),
+        up_before: HashSet::new(),
+        allow_servers_down: spec.allow_servers_down,
+        old_text: String::new(),
+    };
+    Ok(Planned::new(
+        &STEPS,
+        vec![format!("haproxy:{target}")],
+        apply,
+    ))
 }
 
 #[derive(Debug)]
@@ -76,45 +119,18 @@ pub(crate) struct Apply {
     old_text: String,
 }
 
-impl Apply {
-    pub(crate) fn new(
-        config: &Config,
-        target: &str,
-        text: &str,
-        base_version: Option<String>,
-        allow_servers_down: bool,
-    ) -> Result<Apply, StepError> {
-        let targets = Targets::new(config);
-        let t = targets
-            .get(target)
-            .map_err(|e| StepError::Failed(e.to_string()))?
-            .clone();
-        // The configuration may have changed since the job was planned.
-        if t.config.is_none() || (t.master_socket.is_none() && t.reload_command.is_none()) {
-            return Err(StepError::Precondition(format!(
-                "HAProxy target '{target}' no longer has `config` and a reload path in statelyd's configuration"
-            )));
-        }
-        Ok(Apply {
-            targets,
-            target: t,
-            text: text.to_owned(),
-            base_version,
-            up_before: HashSet::new(),
-            allow_servers_down,
-            old_text: String::new(),
-        })
+impl Executor for Apply {
+    fn run_step<'a>(&'a mut self, index: usize, ctx: &'a mut StepCtx<'_>) -> StepFuture<'a> {
+        Box::pin(self.run(STEPS[index], ctx))
     }
+}
 
-    pub(crate) async fn run_step(
-        &mut self,
-        index: usize,
-        ctx: &mut StepCtx<'_>,
-    ) -> Result<(), StepError> {
+impl Apply {
+    async fn run(&mut self, step: Step, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
         let failed = |e: crate::haproxy::Error| StepError::Failed(e.to_string());
         let name = self.target.name.clone();
-        match index {
-            0 => {
+        match step {
+            Step::CheckBase => {
                 let Some(base) = &self.base_version else {
                     ctx.log(
                         LogLevel::Info,
@@ -132,7 +148,7 @@ impl Apply {
                 }
                 Ok(())
             }
-            1 => {
+            Step::Validate => {
                 // Which servers are UP now, read while `haproxy -c` runs (both take tens of
                 // milliseconds on a large config), to check none is DOWN after the reload.
                 let before = async {
@@ -172,14 +188,9 @@ impl Apply {
                 }
                 Ok(())
             }
-            2 => {
+            Step::Swap => {
                 let live = self.target.config.clone().expect("planned with a config");
-                let (path, blobs) = (live.clone(), ctx.journal.blobs.clone());
-                let entry =
-                    tokio::task::spawn_blocking(move || UndoEntry::snapshot_file(&path, &blobs))
-                        .await
-                        .map_err(|e| StepError::Failed(e.to_string()))?
-                        .map_err(|e| StepError::Failed(format!("{}: {e}", live.display())))?;
+                let entry = ctx.snapshot(&live).await?;
                 let (mode, owner) = match &entry {
                     UndoEntry::RestoreFile { mode, uid, gid, .. } => (*mode, Some((*uid, *gid))),
                     _ => (0o644, None),
@@ -195,8 +206,7 @@ impl Apply {
                 }
                 if let UndoEntry::RestoreFile { blob, .. } = &entry {
                     self.old_text = ctx
-                        .journal
-                        .blobs
+                        .blobs()
                         .get(blob)
                         .map(|b| String::from_utf8_lossy(&b).into_owned())
                         .unwrap_or_default();
@@ -212,7 +222,7 @@ impl Apply {
                 .map_err(|e| StepError::Failed(e.to_string()))?
                 .map_err(|e| StepError::Failed(format!("swapping the configuration: {e}")))
             }
-            3 => {
+            Step::Reload => {
                 // Servers keep their state across the reload when HAProxy loads it from a file.
                 if let (Some(file), Some(stats)) =
                     (&self.target.server_state_file, &self.target.stats_socket)
@@ -259,7 +269,7 @@ impl Apply {
                 }
                 Ok(())
             }
-            _ => self.verify(ctx).await,
+            Step::Verify => self.verify(ctx).await,
         }
     }
 
@@ -284,11 +294,7 @@ impl Apply {
                     .all(|p| have.contains(p.as_str()))
                     .then_some(rows)
             };
-            let rows = tokio::select! {
-                biased;
-                _ = ctx.cancel.cancelled() => return Err(StepError::Cancelled),
-                r = check => r,
-            };
+            let rows = ctx.until_cancel(check).await?;
             if let Some(rows) = rows {
                 let down: Vec<String> = rows
                     .iter()
@@ -324,10 +330,8 @@ impl Apply {
                     "the new configuration's proxies did not all appear on the stats socket within {VERIFY_WITHIN:?}"
                 )));
             }
-            tokio::select! {
-                _ = ctx.cancel.cancelled() => return Err(StepError::Cancelled),
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
+            ctx.until_cancel(tokio::time::sleep(Duration::from_millis(50)))
+                .await?;
         }
     }
 }

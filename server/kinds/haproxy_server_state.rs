@@ -1,21 +1,49 @@
 //! The `haproxy_server_state` kind: set a server ready, drain or maint through the runtime
 //! API (say, before a deploy); its undo entry, recorded first, puts back the state it had.
 
-use super::StepError;
+use super::{Executor, Moment, Planned, StepFuture};
 use crate::config::Config;
-use crate::engine::{Error, StepCtx};
 use crate::haproxy::Targets;
 use crate::haproxy::runtime::{self, Lookup, STATES};
 use crate::job::LogLevel;
+use crate::step::{Env, Error, StepCtx, StepError};
 use crate::undo::UndoEntry;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-pub(crate) fn step_names(backend: &str, server: &str, state: &str) -> Vec<String> {
-    vec![
-        format!("read {backend}/{server}"),
-        format!("set {backend}/{server} {state}"),
-    ]
+/// Set a server's administrative state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Spec {
+    /// The HAProxy target.
+    pub target: String,
+    /// The backend.
+    pub backend: String,
+    /// The server.
+    pub server: String,
+    /// ready, drain or maint.
+    pub state: String,
 }
+
+/// The steps, in order.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Read the state it has, to put back.
+    Read,
+    /// Set the new one.
+    Set,
+}
+
+impl Step {
+    fn name(self, spec: &Spec) -> String {
+        let (b, s) = (&spec.backend, &spec.server);
+        match self {
+            Step::Read => format!("read {b}/{s}"),
+            Step::Set => format!("set {b}/{s} {}", spec.state),
+        }
+    }
+}
+
+const STEPS: [Step; 2] = [Step::Read, Step::Set];
 
 fn socket(config: &Config, target: &str) -> Result<PathBuf, Error> {
     let targets = Targets::new(config);
@@ -29,14 +57,14 @@ fn socket(config: &Config, target: &str) -> Result<PathBuf, Error> {
     })
 }
 
-/// Checks a submission, asking HAProxy whether the backend and server exist.
-pub(crate) async fn check(
-    config: &Config,
-    target: &str,
-    backend: &str,
-    server: &str,
-    state: &str,
-) -> Result<Vec<String>, Error> {
+/// Checks a spec; at submission, asks HAProxy whether the backend and server exist.
+pub(crate) async fn plan(spec: &Spec, env: &Env, at: Moment) -> Result<Planned, Error> {
+    let Spec {
+        target,
+        backend,
+        server,
+        state,
+    } = spec;
     for (what, name) in [("backend", backend), ("server", server)] {
         if name.is_empty()
             || name.len() > 256
@@ -50,79 +78,73 @@ pub(crate) async fn check(
             )));
         }
     }
-    if !STATES.contains(&state) {
+    if !STATES.contains(&state.as_str()) {
         return Err(Error::InvalidArgument(format!(
             "state {} is not one of ready, drain, maint",
             crate::quote::quote(state)
         )));
     }
-    let socket = socket(config, target)?;
-    match runtime::server_state(&socket, backend, server).await {
-        Ok(_) => Ok(vec![format!("haproxy:{target}")]),
-        Err(Lookup::NotFound(m)) => Err(Error::NotFound(m)),
-        Err(Lookup::Failed(m)) => Err(Error::Unavailable(m)),
+    let socket = socket(&env.config, target)?;
+    if at == Moment::Submission {
+        match runtime::server_state(&socket, backend, server).await {
+            Ok(_) => {}
+            Err(Lookup::NotFound(m)) => return Err(Error::NotFound(m)),
+            Err(Lookup::Failed(m)) => return Err(Error::Unavailable(m)),
+        }
     }
+    let steps: Vec<String> = STEPS.iter().map(|s| s.name(spec)).collect();
+    Ok(Planned {
+        steps,
+        resources: vec![format!("haproxy:{target}")],
+        executor: Box::new(SetState {
+            socket,
+            spec: spec.clone(),
+            before: None,
+        }),
+    })
 }
 
 #[derive(Debug)]
-pub(crate) struct SetState {
+struct SetState {
     socket: PathBuf,
-    backend: String,
-    server: String,
-    state: String,
+    spec: Spec,
     before: Option<String>,
 }
 
+impl Executor for SetState {
+    fn run_step<'a>(&'a mut self, index: usize, ctx: &'a mut StepCtx<'_>) -> StepFuture<'a> {
+        Box::pin(self.run(STEPS[index], ctx))
+    }
+}
+
 impl SetState {
-    pub(crate) fn new(
-        config: &Config,
-        target: &str,
-        backend: &str,
-        server: &str,
-        state: &str,
-    ) -> Result<SetState, StepError> {
-        let socket = socket(config, target).map_err(|e| StepError::Failed(e.to_string()))?;
-        Ok(SetState {
-            socket,
-            backend: backend.into(),
-            server: server.into(),
-            state: state.into(),
-            before: None,
-        })
-    }
-
-    pub(crate) fn step_names(&self) -> Vec<String> {
-        step_names(&self.backend, &self.server, &self.state)
-    }
-
-    pub(crate) async fn run_step(
-        &mut self,
-        index: usize,
-        ctx: &mut StepCtx<'_>,
-    ) -> Result<(), StepError> {
-        if index == 0 {
-            let now = runtime::server_state(&self.socket, &self.backend, &self.server)
+    async fn run(&mut self, step: Step, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        let Spec {
+            backend,
+            server,
+            state,
+            ..
+        } = &self.spec;
+        if let Step::Read = step {
+            let now = runtime::server_state(&self.socket, backend, server)
                 .await
                 .map_err(|e| match e {
                     Lookup::NotFound(m) => StepError::Precondition(m),
                     Lookup::Failed(m) => StepError::Failed(m),
                 })?;
-            ctx.log(
-                LogLevel::Info,
-                format!("{}/{} is {now}", self.backend, self.server),
-            );
+            ctx.log(LogLevel::Info, format!("{}/{} is {now}", backend, server));
             self.before = Some(now);
             return Ok(());
         }
         let before = self.before.clone().unwrap_or_else(|| "ready".into());
         ctx.record_undo(UndoEntry::HaproxyServerState {
             socket: self.socket.clone(),
-            backend: self.backend.clone(),
-            server: self.server.clone(),
+            backend: backend.clone(),
+            server: server.clone(),
             state: before,
         })
         .await?;
-        runtime::set_server_state(&self.socket, &self.backend, &self.server, &self.state)
+        runtime::set_server_state(&self.socket, backend, server, state)
             .await
             .map_err(StepError::Failed)
     }

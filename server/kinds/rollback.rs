@@ -2,17 +2,82 @@
 //! files it changed are still as it left them. Before each entry it records the entry's own
 //! inverse, so a rollback can be rolled back too.
 
-use super::StepError;
-use crate::engine::{Shared, StepCtx, changed_since};
+use super::{Executor, Planned, StepFuture};
+use crate::fsops::FileState;
 use crate::job::{JobId, JobState, LogLevel};
+use crate::step::{Env, Error, StepCtx, StepError};
 use crate::store::Write;
 use crate::undo::{JournalEntry, UndoEntry};
+use serde::{Deserialize, Serialize};
 
-pub(crate) fn step_names() -> Vec<String> {
-    vec![
-        "check nothing changed since".into(),
-        "undo the job's changes".into(),
-    ]
+/// Undo a finished job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Spec {
+    /// The job undone.
+    pub target: JobId,
+    /// Undo even over later changes.
+    pub force: bool,
+}
+
+const STEPS: [&str; 2] = ["check nothing changed since", "undo the job's changes"];
+
+/// Loads the journal of the job to undo, which must have succeeded and not been rolled back
+/// already; the rollback holds what that job held.
+pub(crate) fn plan(spec: &Spec, env: &Env) -> Result<Planned, Error> {
+    let target = spec.target;
+    let record = env
+        .store
+        .job(target)?
+        .ok_or_else(|| Error::NotFound(format!("job {target} no longer exists")))?;
+    if record.state != JobState::Succeeded {
+        return Err(Error::FailedPrecondition(format!(
+            "job {target} ended {}",
+            record.state.as_str()
+        )));
+    }
+    if let Some(by) = record.rolled_back_by {
+        return Err(Error::FailedPrecondition(format!(
+            "job {target} was already rolled back by job {by}"
+        )));
+    }
+    let rollback = Rollback {
+        target,
+        force: spec.force,
+        journal: env.store.journal(target)?,
+        target_undid: record.rollback_of(),
+    };
+    Ok(Planned::new(&STEPS, record.resources, rollback))
+}
+
+/// What changed in the files a journal's job left, in words; empty when nothing did.
+pub(crate) async fn changed_since(journal: Vec<JournalEntry>) -> Vec<String> {
+    tokio::task::spawn_blocking(move || {
+        let mut seen = std::collections::HashSet::new();
+        let mut changed = Vec::new();
+        for e in journal.iter().rev() {
+            let Some(path) = e.entry.path() else { continue };
+            let Some(left) = &e.left else {
+                if seen.insert(path.to_owned()) {
+                    changed.push(format!("{}: its state when the job ended was not recorded, so it cannot be checked", path.display()));
+                }
+                continue;
+            };
+            if !seen.insert(path.to_owned()) {
+                continue;
+            }
+            let now = FileState::of(path);
+            let diff = match &now {
+                Ok(now) => left.difference(now),
+                Err(err) => Some(format!("it cannot be read: {err}")),
+            };
+            if let Some(d) = diff {
+                changed.push(format!("{}: {d}", path.display()));
+            }
+        }
+        changed
+    })
+    .await
+    .unwrap_or_else(|e| vec![format!("the check failed: {e}")])
 }
 
 #[derive(Debug)]
@@ -24,45 +89,32 @@ pub(crate) struct Rollback {
     target_undid: Option<JobId>,
 }
 
-impl Rollback {
-    pub(crate) fn load(shared: &Shared, target: JobId, force: bool) -> Result<Self, StepError> {
-        let store_err = |e: crate::store::Error| StepError::Failed(e.to_string());
-        let record = shared
-            .store
-            .job(target)
-            .map_err(store_err)?
-            .ok_or_else(|| StepError::Failed(format!("job {target} no longer exists")))?;
-        if record.state != JobState::Succeeded {
-            return Err(StepError::Precondition(format!(
-                "job {target} ended {}",
-                record.state.as_str()
-            )));
-        }
-        if let Some(by) = record.rolled_back_by {
-            return Err(StepError::Precondition(format!(
-                "job {target} was already rolled back by job {by}"
-            )));
-        }
-        let journal = shared.store.journal(target).map_err(store_err)?;
-        Ok(Rollback {
-            target,
-            force,
-            journal,
-            target_undid: record.rollback_of(),
+impl Executor for Rollback {
+    fn run_step<'a>(&'a mut self, index: usize, ctx: &'a mut StepCtx<'_>) -> StepFuture<'a> {
+        Box::pin(async move {
+            match index {
+                0 => self.check(ctx).await,
+                _ => self.undo(ctx).await,
+            }
         })
     }
 
-    pub(crate) async fn run_step(
-        &mut self,
-        index: usize,
-        ctx: &mut StepCtx<'_>,
-    ) -> Result<(), StepError> {
-        match index {
-            0 => self.check(ctx).await,
-            _ => self.undo(ctx).await,
+    fn on_success(&self, me: JobId) -> Vec<Write> {
+        let mut writes = vec![Write::RolledBackBy {
+            job: self.target,
+            by: Some(me),
+        }];
+        if let Some(original) = self.target_undid {
+            writes.push(Write::RolledBackBy {
+                job: original,
+                by: None,
+            });
         }
+        writes
     }
+}
 
+impl Rollback {
     async fn check(&self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
         let changed = changed_since(self.journal.clone()).await;
         if changed.is_empty() {
@@ -108,7 +160,7 @@ impl Rollback {
             }
         }
         for (n, je) in self.journal.iter().rev().enumerate() {
-            if ctx.cancel.is_cancelled() {
+            if ctx.is_cancelled() {
                 return Err(StepError::Cancelled);
             }
             let inverse = match &je.entry {
@@ -134,7 +186,7 @@ impl Rollback {
                     })
                 }
                 entry => {
-                    let (entry, blobs) = (entry.clone(), ctx.journal.blobs.clone());
+                    let (entry, blobs) = (entry.clone(), ctx.blobs().clone());
                     tokio::task::spawn_blocking(move || entry.inverse_now(&blobs))
                         .await
                         .map_err(|e| StepError::Failed(e.to_string()))?
@@ -157,10 +209,7 @@ impl Rollback {
                 ),
             }
             let mut lines = Vec::new();
-            let result = je
-                .entry
-                .apply(&ctx.journal.blobs, |_, l| lines.push(l))
-                .await;
+            let result = je.entry.apply(ctx.blobs(), |_, l| lines.push(l)).await;
             for l in lines {
                 ctx.log(LogLevel::Info, l);
             }
@@ -172,19 +221,5 @@ impl Rollback {
             );
         }
         Ok(())
-    }
-
-    pub(crate) fn on_success(&self, me: JobId) -> Vec<Write> {
-        let mut writes = vec![Write::RolledBackBy {
-            job: self.target,
-            by: Some(me),
-        }];
-        if let Some(original) = self.target_undid {
-            writes.push(Write::RolledBackBy {
-                job: original,
-                by: None,
-            });
-        }
-        writes
     }
 }

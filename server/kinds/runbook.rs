@@ -2,15 +2,16 @@
 //! Clients pass declared parameters only; every path is checked against the runbook's roots
 //! at submission and again, with symlinks resolved, when the step runs.
 
-use super::StepError;
+use super::{Executor, Planned, StepFuture};
 use crate::command::{Invocation, Output};
 use crate::config::{Action, Runbook, is_normal, parse_mode, render};
-use crate::engine::{Error, StepCtx};
 use crate::fsops;
 use crate::job::LogLevel;
 use crate::quote::quote;
+use crate::step::{Env, Error, StepCtx, StepError};
 use crate::undo::UndoEntry;
 use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,38 @@ use std::time::Duration;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_MAX_DOWNLOAD: u64 = 10 << 20;
 const MAX_PARAM_BYTES: usize = 1 << 20;
+
+/// Run a configured runbook.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Spec {
+    /// Its name.
+    pub runbook: String,
+    /// Declared parameters.
+    pub params: BTreeMap<String, String>,
+}
+
+/// Finds the runbook and applies the parameters.
+pub(crate) fn plan(spec: &Spec, env: &Env) -> Result<Planned, Error> {
+    let config = &env.config;
+    let rb = config.runbook(&spec.runbook).ok_or_else(|| {
+        let known: Vec<&str> = config.runbooks.iter().map(|r| r.name.as_str()).collect();
+        Error::NotFound(format!(
+            "no runbook {} is configured{}",
+            quote(&spec.runbook),
+            if known.is_empty() {
+                " (none are)".to_owned()
+            } else {
+                format!(" (runbooks: {})", known.join(", "))
+            }
+        ))
+    })?;
+    let resolved = resolve(rb, &spec.params)?;
+    Ok(Planned {
+        steps: resolved.steps.iter().map(|(n, _)| n.clone()).collect(),
+        resources: resolved.resources.clone(),
+        executor: Box::new(resolved),
+    })
+}
 
 /// A runbook with its parameters applied.
 #[derive(Debug)]
@@ -63,12 +96,6 @@ pub(crate) enum Step {
         path: PathBuf,
         mode: u32,
     },
-}
-
-impl Resolved {
-    pub(crate) fn step_names(&self) -> Vec<String> {
-        self.steps.iter().map(|(n, _)| n.clone()).collect()
-    }
 }
 
 /// Applies parameters to a runbook, refusing unknown, missing or malformed ones and paths
@@ -341,12 +368,14 @@ fn real_path(path: &Path, roots: &[PathBuf]) -> Result<PathBuf, String> {
     Ok(real)
 }
 
+impl Executor for Resolved {
+    fn run_step<'a>(&'a mut self, index: usize, ctx: &'a mut StepCtx<'_>) -> StepFuture<'a> {
+        Box::pin(self.run(index, ctx))
+    }
+}
+
 impl Resolved {
-    pub(crate) async fn run_step(
-        &mut self,
-        index: usize,
-        ctx: &mut StepCtx<'_>,
-    ) -> Result<(), StepError> {
+    async fn run(&mut self, index: usize, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
         let step = &self.steps[index].1;
         let path = match step {
             Step::Command { .. } | Step::Check { .. } => None,
@@ -452,16 +481,13 @@ impl Resolved {
     }
 }
 
-/// The undo entry that puts a file back as it is now (its content, or its absence).
+/// The undo entry that puts a file back as it is now (its content, or its absence), unless
+/// the job was cancelled before this step changed anything.
 async fn snapshot(path: &Path, ctx: &StepCtx<'_>) -> Result<UndoEntry, StepError> {
-    if ctx.cancel.is_cancelled() {
+    if ctx.is_cancelled() {
         return Err(StepError::Cancelled);
     }
-    let (path, blobs) = (path.to_owned(), ctx.journal.blobs.clone());
-    blocking(move || {
-        UndoEntry::snapshot_file(&path, &blobs).map_err(|e| format!("{}: {e}", path.display()))
-    })
-    .await
+    ctx.snapshot(path).await
 }
 
 /// The undo entry that puts a file's mode and owner back as they are now.
@@ -474,19 +500,19 @@ async fn snapshot_ownership(path: &Path) -> Result<UndoEntry, StepError> {
 }
 
 async fn run_program(run: &Invocation, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
-    let cancel = ctx.cancel.clone();
+    let cancel = ctx.cancel_token().clone();
     let mut group = None;
     let result = run
         .run_tracked(&cancel, |event| match event {
             Output::Spawned(pgid) => {
                 group = Some(pgid);
-                ctx.journal.process_started(pgid);
+                ctx.process_started(pgid);
             }
             Output::Line(stream, line) => ctx.output(stream, line),
         })
         .await;
     if let Some(pgid) = group {
-        ctx.journal.process_ended(pgid);
+        ctx.process_ended(pgid);
     }
     match result {
         Ok(()) => Ok(()),
@@ -515,11 +541,10 @@ async fn download(
     timeout: Duration,
     mode: u32,
 ) -> Result<PathBuf, StepError> {
-    let cancel = ctx.cancel.clone();
+    let cancel = ctx.cancel_token().clone();
     let fetch = async {
         let resp = ctx
-            .shared
-            .http
+            .http()
             .get(url.clone())
             .send()
             .await
