@@ -108,7 +108,7 @@ enum Jobs {
             ["pending", "running", "cancelling", "succeeded", "failed", "cancelled"]))]
         state: Vec<String>,
         /// Only of this kind (the library's list of kinds).
-        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(stately::job::JobSpec::KINDS))]
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(stately::kinds::JobSpec::KINDS))]
         kind: Option<String>,
         /// Only with this label, as key=value.
         #[arg(long = "label", value_parser = key_value)]

@@ -1,7 +1,6 @@
 //! Content-addressed storage for the file contents that undo entries restore: one file per
 //! SHA-256 under `<data dir>/blobs`, written atomically, verified when read back.
 
-use sha2::{Digest, Sha256};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -13,11 +12,6 @@ pub(crate) struct BlobStore {
     /// Taken by `put` and by the collector's look-and-remove, so a blob being reused is
     /// never removed between the two.
     gc: std::sync::Arc<std::sync::Mutex<()>>,
-}
-
-/// The hex SHA-256 of some bytes.
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 impl BlobStore {
@@ -36,7 +30,7 @@ impl BlobStore {
     /// Stores bytes (durably) and returns their hash. An existing blob is only touched, so the
     /// collector does not take it while a new undo entry is about to reference it.
     pub(crate) fn put(&self, bytes: &[u8]) -> io::Result<String> {
-        let hash = sha256_hex(bytes);
+        let hash = crate::fsops::sha256_hex(bytes);
         let path = self.path(&hash);
         let _gc = self.gc.lock().expect("blob lock");
         if path.exists() {
@@ -57,7 +51,7 @@ impl BlobStore {
             ));
         }
         let bytes = std::fs::read(self.path(hash))?;
-        if sha256_hex(&bytes) != hash {
+        if crate::fsops::sha256_hex(&bytes) != hash {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("blob {hash} is corrupt"),

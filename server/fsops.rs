@@ -7,6 +7,12 @@ use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+/// The hex SHA-256 of some bytes.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// A file's state, as a rollback compares it: absent, or its content hash and ownership.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
@@ -49,7 +55,7 @@ impl FileState {
                 }
                 let bytes = std::fs::read(path)?;
                 Ok(FileState::Present {
-                    sha256: crate::blobs::sha256_hex(&bytes),
+                    sha256: sha256_hex(&bytes),
                     mode: meta.mode() & 0o7777,
                     uid: meta.uid(),
                     gid: meta.gid(),

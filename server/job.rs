@@ -1,7 +1,6 @@
 //! The job model's domain types: ids, states, specs, steps, events — what the store keeps and
 //! the engine works on, independent of the wire format.
 
-use crate::kinds;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -110,64 +109,6 @@ pub enum StepState {
     Cancelled,
 }
 
-/// What a job does: one variant per kind, each wrapping the spec its kind's module owns.
-/// Stored as JSON (`{"runbook": {...}}`): a variant's name and its spec's fields are the stored
-/// format, kept as they are.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobSpec {
-    /// Run a configured runbook.
-    Runbook(kinds::runbook::Spec),
-    /// Undo a finished job.
-    Rollback(kinds::rollback::Spec),
-    /// Replace a HAProxy target's configuration.
-    HaproxyApply(kinds::haproxy_apply::Spec),
-    /// Set a server's administrative state.
-    HaproxyServerState(kinds::haproxy_server_state::Spec),
-    /// Watch a target's stats and mail its transitions, until cancelled.
-    AlertWatch(kinds::alert_watch::Spec),
-    /// Issue or renew a certificate over ACME, install it, optionally deploy it.
-    CertificateIssue(kinds::certificate_issue::Spec),
-}
-
-impl JobSpec {
-    /// The kind's name: "runbook", "rollback".
-    pub fn kind(&self) -> &'static str {
-        match self {
-            JobSpec::Runbook(_) => "runbook",
-            JobSpec::Rollback(_) => "rollback",
-            JobSpec::HaproxyApply(_) => "haproxy_apply",
-            JobSpec::HaproxyServerState(_) => "haproxy_server_state",
-            JobSpec::AlertWatch(_) => "alert_watch",
-            JobSpec::CertificateIssue(_) => "certificate_issue",
-        }
-    }
-
-    /// Every kind's name.
-    pub const KINDS: &'static [&'static str] = &[
-        "runbook",
-        "rollback",
-        "haproxy_apply",
-        "haproxy_server_state",
-        "alert_watch",
-        "certificate_issue",
-    ];
-
-    /// Whether a job of this kind, found running after a restart, carries on instead of
-    /// being unwound (long-lived watches).
-    pub fn resumes(&self) -> bool {
-        matches!(self, JobSpec::AlertWatch(_))
-    }
-
-    /// For a rollback, the job it undoes.
-    pub fn rollback_of(&self) -> Option<JobId> {
-        match self {
-            JobSpec::Rollback(r) => Some(r.target),
-            _ => None,
-        }
-    }
-}
-
 /// A step as the job record shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
@@ -183,13 +124,14 @@ pub struct StepRecord {
     pub error: Option<String>,
 }
 
-/// A job as stored.
+/// A job: what it does (`S`, its spec — the kinds' `JobSpec`, or the store's JSON of it), and
+/// where it is.
 #[derive(Clone, Debug, PartialEq)]
-pub struct JobRecord {
+pub struct JobRecord<S> {
     /// Its id.
     pub id: JobId,
     /// What it does.
-    pub spec: JobSpec,
+    pub spec: S,
     /// Where it is.
     pub state: JobState,
     /// Its steps, planned at submission.
@@ -222,11 +164,58 @@ pub struct JobRecord {
     pub unwind_incomplete: bool,
 }
 
-impl JobRecord {
-    /// For a rollback job, the job it undoes.
-    pub fn rollback_of(&self) -> Option<JobId> {
-        self.spec.rollback_of()
+impl<S> JobRecord<S> {
+    /// The same job with its spec turned by `f` (to or from its stored form).
+    pub fn map_spec<T, E>(self, f: impl FnOnce(S) -> Result<T, E>) -> Result<JobRecord<T>, E> {
+        Ok(JobRecord {
+            spec: f(self.spec)?,
+            id: self.id,
+            state: self.state,
+            steps: self.steps,
+            request_id: self.request_id,
+            labels: self.labels,
+            resources: self.resources,
+            waiting_for: self.waiting_for,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            error: self.error,
+            failed_step: self.failed_step,
+            undo_entries: self.undo_entries,
+            rolled_back_by: self.rolled_back_by,
+            last_seq: self.last_seq,
+            unwind_incomplete: self.unwind_incomplete,
+        })
     }
+
+    /// What changes as the job runs (everything but its spec and who rolled it back).
+    pub(crate) fn progress(&self) -> JobProgress {
+        JobProgress {
+            id: self.id,
+            state: self.state,
+            steps: self.steps.clone(),
+            waiting_for: self.waiting_for.clone(),
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            error: self.error.clone(),
+            failed_step: self.failed_step.clone(),
+            unwind_incomplete: self.unwind_incomplete,
+        }
+    }
+}
+
+/// What a job's update writes: the part of its record that changes as it runs.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct JobProgress {
+    pub(crate) id: JobId,
+    pub(crate) state: JobState,
+    pub(crate) steps: Vec<StepRecord>,
+    pub(crate) waiting_for: Vec<String>,
+    pub(crate) started_at: Option<i64>,
+    pub(crate) finished_at: Option<i64>,
+    pub(crate) error: Option<String>,
+    pub(crate) failed_step: Option<String>,
+    pub(crate) unwind_incomplete: bool,
 }
 
 /// One entry of a job's event log.
@@ -320,45 +309,4 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Specs exactly as the store holds them (written by stately before the kinds owned their
-    /// specs): each must load, and write back byte for byte.
-    const STORED: &[&str] = &[
-        r#"{"runbook":{"runbook":"motd","params":{"greeting":"hi"}}}"#,
-        r#"{"rollback":{"target":"0190f6c2-7b1e-7c3a-9f00-2b8e4d1a5c77","force":false}}"#,
-        r#"{"haproxy_apply":{"target":"edge","config":"global\n","base_version":"sha256:ab","allow_servers_down":true}}"#,
-        r#"{"haproxy_server_state":{"target":"edge","backend":"app","server":"s1","state":"drain"}}"#,
-        r#"{"alert_watch":{"target":"edge","to":["ops@example.com"],"rules":{"interval_ms":1000,"hold_ms":10000,"proxies":["app*"],"max_session_rate":5,"max_sessions_percent":null,"max_5xx":3}}}"#,
-        r#"{"certificate_issue":{"lineage":"example.com","names":["example.com","www.example.com"],"webroot":"/var/www/html","key_type":"ec256","reuse_key":false,"deploy":["edge"],"acme":"","expand":true}}"#,
-    ];
-
-    #[test]
-    fn stored_specs_load_and_write_back_unchanged() {
-        let mut kinds = Vec::new();
-        for text in STORED {
-            let spec: JobSpec = serde_json::from_str(text).expect(text);
-            assert_eq!(serde_json::to_string(&spec).unwrap(), *text);
-            kinds.push(spec.kind());
-        }
-        assert_eq!(
-            kinds,
-            JobSpec::KINDS,
-            "one stored spec per kind, in KINDS order"
-        );
-    }
-
-    /// A spec stored before `allow_servers_down` existed still loads.
-    #[test]
-    fn older_apply_spec_loads() {
-        let spec: JobSpec = serde_json::from_str(
-            r#"{"haproxy_apply":{"target":"edge","config":"x","base_version":null}}"#,
-        )
-        .unwrap();
-        assert_eq!(spec.kind(), "haproxy_apply");
-    }
 }

@@ -24,12 +24,12 @@ pub(crate) struct Journal {
 impl Journal {
     /// The journal of `record`, publishing its events to `publish` and its state to `state`,
     /// holding the `entries` recorded so far.
-    pub(crate) fn new(
+    pub(crate) fn new<S>(
         store: &Store,
         blobs: &BlobStore,
         publish: &broadcast::Sender<Event>,
         state: &watch::Sender<JobState>,
-        record: &JobRecord,
+        record: &JobRecord<S>,
         entries: Vec<JournalEntry>,
     ) -> Self {
         Journal {
@@ -71,9 +71,9 @@ impl Journal {
     /// Records the job's new state with an event, durably when `durable`; then tells those
     /// waiting on the job's state. A durable write is retried until the store takes it: a job
     /// whose end is not recorded must not hand its resources to the next job.
-    pub(crate) async fn set_state(
+    pub(crate) async fn set_state<S>(
         &mut self,
-        record: &mut JobRecord,
+        record: &mut JobRecord<S>,
         to: JobState,
         reason: String,
         durable: bool,
@@ -87,7 +87,7 @@ impl Journal {
             reason,
         });
         record.last_seq = self.seq;
-        let mut writes = vec![Write::UpdateJob(record.clone()), ev];
+        let mut writes = vec![Write::UpdateJob(record.progress()), ev];
         writes.extend(extra);
         if !durable {
             self.store.write(writes, Some(&self.publish));
@@ -110,13 +110,13 @@ impl Journal {
         self.state.send_replace(to);
     }
 
-    pub(crate) fn update(&mut self, record: &mut JobRecord, extra: Option<EventBody>) {
+    pub(crate) fn update<S>(&mut self, record: &mut JobRecord<S>, extra: Option<EventBody>) {
         let mut writes = Vec::with_capacity(2);
         if let Some(body) = extra {
             writes.push(self.event(body));
         }
         record.last_seq = self.seq;
-        writes.insert(0, Write::UpdateJob(record.clone()));
+        writes.insert(0, Write::UpdateJob(record.progress()));
         self.store.write(writes, Some(&self.publish));
     }
 

@@ -3,7 +3,8 @@
 //! weak handle, so it ends with the engine).
 
 use crate::engine::{Engine, MAX_PAGE_SIZE, Submission};
-use crate::job::{JobSpec, JobState, now_ms};
+use crate::job::{JobState, now_ms};
+use crate::kinds::JobSpec;
 
 /// Checks lineages every `renew_check` and submits a renewal (an ordinary job, labelled
 /// trigger=auto-renew) for each within `renew_before` of expiry. The request id names the

@@ -7,7 +7,7 @@
 //! The interface is narrow on purpose, so the ledger can move to a shared database later.
 
 use crate::fsops::FileState;
-use crate::job::{Event, JobId, JobRecord, JobSpec, JobState};
+use crate::job::{Event, JobId, JobProgress, JobRecord, JobState};
 use crate::undo::{JournalEntry, UndoEntry};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -33,13 +33,25 @@ pub enum Error {
     Corrupt(String),
 }
 
+/// A job as the ledger keeps it.
+pub(crate) type StoredJob = JobRecord<StoredSpec>;
+
+/// A job's spec as the ledger keeps it: JSON the store does not read, with the two things it
+/// indexes (the kind's name, and the job a rollback undoes).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct StoredSpec {
+    pub(crate) kind: String,
+    pub(crate) json: String,
+    pub(crate) rollback_of: Option<JobId>,
+}
+
 /// One change to the ledger.
 #[derive(Debug, Clone)]
 pub(crate) enum Write {
     /// A new job.
-    InsertJob(JobRecord),
+    InsertJob(StoredJob),
     /// A job's new state (everything but who rolled it back).
-    UpdateJob(JobRecord),
+    UpdateJob(JobProgress),
     /// An event, appended to its job's log.
     Event(Event),
     /// An undo entry, at its index in the job's journal.
@@ -199,7 +211,8 @@ CREATE TABLE IF NOT EXISTS watch_state (
 const JOB_COLUMNS: &str = "id, spec, state, steps, request_id, labels, resources, waiting_for, created_at, \
      started_at, finished_at, error, failed_step, \
      (SELECT COUNT(*) FROM undo u WHERE u.job_id = jobs.id), rolled_back_by, \
-     (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.job_id = jobs.id), pos, unwind_incomplete";
+     (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.job_id = jobs.id), pos, unwind_incomplete, \
+     kind, rollback_of";
 
 impl Store {
     /// Opens (creating if needed) the ledger at `path` and starts its writer.
@@ -311,7 +324,7 @@ impl Store {
     }
 
     /// One job.
-    pub(crate) fn job(&self, id: JobId) -> Result<Option<JobRecord>, Error> {
+    pub(crate) fn job(&self, id: JobId) -> Result<Option<StoredJob>, Error> {
         self.read(|c| {
             c.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
                 .query_row([id.to_string()], row_to_job)
@@ -322,7 +335,7 @@ impl Store {
     }
 
     /// The job created with this idempotency key.
-    pub(crate) fn job_by_request_id(&self, request_id: &str) -> Result<Option<JobRecord>, Error> {
+    pub(crate) fn job_by_request_id(&self, request_id: &str) -> Result<Option<StoredJob>, Error> {
         self.read(|c| {
             c.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ?1"
@@ -336,7 +349,7 @@ impl Store {
 
     /// Jobs in these states, oldest first (for recovery at start-up).
     /// Jobs that ended with undo entries left to apply.
-    pub(crate) fn jobs_unwind_incomplete(&self) -> Result<Vec<JobRecord>, Error> {
+    pub(crate) fn jobs_unwind_incomplete(&self) -> Result<Vec<StoredJob>, Error> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS} FROM jobs WHERE unwind_incomplete != 0 ORDER BY pos"
@@ -350,13 +363,13 @@ impl Store {
         })
     }
 
-    pub(crate) fn jobs_in(&self, states: &[JobState]) -> Result<Vec<JobRecord>, Error> {
+    pub(crate) fn jobs_in(&self, states: &[JobState]) -> Result<Vec<StoredJob>, Error> {
         let filter = JobFilter {
             states: states.to_vec(),
             limit: u32::MAX,
             ..Default::default()
         };
-        let mut jobs: Vec<JobRecord> = self.list(&filter)?.into_iter().map(|(j, _)| j).collect();
+        let mut jobs: Vec<StoredJob> = self.list(&filter)?.into_iter().map(|(j, _)| j).collect();
         jobs.reverse();
         Ok(jobs)
     }
@@ -375,7 +388,7 @@ impl Store {
     }
 
     /// Jobs matching the filter, newest first, each with its position (for page tokens).
-    pub(crate) fn list(&self, f: &JobFilter) -> Result<Vec<(JobRecord, i64)>, Error> {
+    pub(crate) fn list(&self, f: &JobFilter) -> Result<Vec<(StoredJob, i64)>, Error> {
         let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1=1");
         let mut args: Vec<Value> = Vec::new();
         if !f.states.is_empty() {
@@ -531,7 +544,7 @@ impl Store {
     }
 }
 
-type JobRow = Result<(JobRecord, i64), Error>;
+type JobRow = Result<(StoredJob, i64), Error>;
 
 fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     let corrupt = |what: &str, e: &dyn std::fmt::Display| Error::Corrupt(format!("{what}: {e}"));
@@ -545,10 +558,19 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     let waiting: String = text(7)?;
     let rolled: Option<String> = r.get(14)?;
     let pos: i64 = r.get(16)?;
-    let build = || -> Result<JobRecord, Error> {
+    let kind: String = text(18)?;
+    let rollback_of: Option<String> = r.get(19)?;
+    let build = move || -> Result<StoredJob, Error> {
         Ok(JobRecord {
             id: id.parse().map_err(|e: String| corrupt("id", &e))?,
-            spec: serde_json::from_str::<JobSpec>(&spec).map_err(|e| corrupt("spec", &e))?,
+            spec: StoredSpec {
+                kind,
+                json: spec,
+                rollback_of: rollback_of
+                    .map(|s| s.parse())
+                    .transpose()
+                    .map_err(|e: String| corrupt("rollback_of", &e))?,
+            },
             state: JobState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
             steps: serde_json::from_str(&steps).map_err(|e| corrupt("steps", &e))?,
             request_id: r.get(4)?,
@@ -666,8 +688,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
             )?
             .execute(params![
                 j.id.to_string(),
-                j.spec.kind(),
-                json(&j.spec),
+                j.spec.kind,
+                j.spec.json,
                 j.state.as_str(),
                 json(&j.steps),
                 j.request_id,
@@ -680,7 +702,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 j.error,
                 j.failed_step,
                 j.rolled_back_by.map(|r| r.to_string()),
-                j.rollback_of().map(|r| r.to_string()),
+                j.spec.rollback_of.map(|r| r.to_string()),
             ])?;
             let mut stmt = tx.prepare_cached(
                 "INSERT OR IGNORE INTO job_resources (resource, job_id) VALUES (?1, ?2)",
@@ -836,7 +858,7 @@ fn prune(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::JobSpec;
+    use crate::kinds::JobSpec;
 
     /// The specs the fixture holds, one per kind, as job.rs' tests pin them.
     fn fixture_specs() -> Vec<JobSpec> {
@@ -876,7 +898,10 @@ mod tests {
                 limit: 100,
             })
             .unwrap();
-        let mut specs: Vec<JobSpec> = jobs.into_iter().map(|(j, _)| j.spec).collect();
+        let mut specs: Vec<JobSpec> = jobs
+            .into_iter()
+            .map(|(j, _)| JobSpec::from_stored(j.spec).unwrap())
+            .collect();
         specs.reverse(); // newest first
         assert_eq!(specs, fixture_specs());
         store.close().await;

@@ -5,10 +5,8 @@ use super::ts;
 use crate::auth::require;
 use crate::config::Role;
 use crate::engine::{self, Engine, Submission};
-use crate::job::{
-    Event, EventBody, JobId, JobRecord, JobSpec, JobState, LogLevel, StepRecord, StepState,
-};
-use crate::kinds;
+use crate::job::{Event, EventBody, JobId, JobState, LogLevel, StepRecord, StepState};
+use crate::kinds::{self, Job, JobSpec};
 use crate::pb;
 use futures_util::{Stream, StreamExt};
 use std::pin::Pin;
@@ -536,7 +534,7 @@ fn step_to_pb(i: usize, s: &StepRecord) -> pb::Step {
     }
 }
 
-pub(crate) fn job_to_pb(j: &JobRecord) -> pb::Job {
+pub(crate) fn job_to_pb(j: &Job) -> pb::Job {
     pb::Job {
         id: j.id.to_string(),
         kind: j.spec.kind().to_owned(),
@@ -559,7 +557,11 @@ pub(crate) fn job_to_pb(j: &JobRecord) -> pb::Job {
         failed_step: j.failed_step.clone().unwrap_or_default(),
         undo_entries: j.undo_entries,
         rolled_back_by: j.rolled_back_by.map(|r| r.to_string()).unwrap_or_default(),
-        rollback_of: j.rollback_of().map(|r| r.to_string()).unwrap_or_default(),
+        rollback_of: j
+            .spec
+            .rollback_of()
+            .map(|r| r.to_string())
+            .unwrap_or_default(),
         last_seq: j.last_seq,
         unwind_incomplete: j.unwind_incomplete,
         undo: Vec::new(),

@@ -52,7 +52,7 @@ pub(crate) fn http_client(ca_file: Option<&Path>) -> Result<Box<dyn HttpClient>,
 
 /// Where an ACME directory's account lives.
 fn account_file(data_dir: &Path, server: &AcmeServer) -> PathBuf {
-    let digest = crate::blobs::sha256_hex(server.directory.as_bytes());
+    let digest = crate::fsops::sha256_hex(server.directory.as_bytes());
     data_dir
         .join("acme")
         .join(format!("{}-{}", server.name, &digest[..16]))

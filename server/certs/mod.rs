@@ -195,7 +195,7 @@ use crate::kinds::certificate_issue::{DEFAULT_KEY_TYPE, Spec};
 pub(crate) fn renewal_spec(
     config: &crate::config::Config,
     name: &str,
-) -> Result<crate::job::JobSpec, crate::engine::Error> {
+) -> Result<crate::kinds::JobSpec, crate::engine::Error> {
     let l = get(config, name).ok_or_else(|| {
         crate::engine::Error::NotFound(format!(
             "no certificate lineage '{name}' under {}",
@@ -210,7 +210,7 @@ pub(crate) fn renewal_spec(
         deploy: Vec::new(),
         acme: String::new(),
     });
-    Ok(crate::job::JobSpec::CertificateIssue(Spec {
+    Ok(crate::kinds::JobSpec::CertificateIssue(Spec {
         lineage: name.to_owned(),
         names: meta.names,
         webroot: meta.webroot,

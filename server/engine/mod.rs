@@ -7,10 +7,8 @@ mod scheduler;
 
 use crate::blobs::BlobStore;
 use crate::config::Config;
-use crate::job::{
-    Event, EventBody, JobId, JobRecord, JobSpec, JobState, StepRecord, StepState, now_ms,
-};
-use crate::kinds::{self, Moment, Planned};
+use crate::job::{Event, EventBody, JobId, JobRecord, JobState, StepRecord, StepState, now_ms};
+use crate::kinds::{self, Job, JobSpec, Moment, Planned};
 use crate::quote::quote;
 use crate::step::Env;
 use crate::store::{JobFilter, Store, Write};
@@ -206,6 +204,7 @@ impl Engine {
             .store
             .jobs_in(&[JobState::Running, JobState::Cancelling])?
         {
+            let record = kinds::typed(record)?;
             if record.state == JobState::Running && record.spec.resumes() {
                 tracing::info!(job = %record.id, "resuming a watch job");
                 let live = LiveJob::new();
@@ -224,6 +223,7 @@ impl Engine {
         // Jobs whose unwind could not finish keep their resources (ahead of every pending
         // job) while their retries go on.
         for record in s.env.store.jobs_unwind_incomplete()? {
+            let record = kinds::typed(record)?;
             tracing::warn!(job = %record.id, "retrying an unwind that could not finish");
             let live = LiveJob::new();
             live.state.send_replace(record.state);
@@ -235,6 +235,7 @@ impl Engine {
             s.tasks.spawn(runner::retry_unwind(s.clone(), record, live));
         }
         for record in s.env.store.jobs_in(&[JobState::Pending])? {
+            let record = kinds::typed(record)?;
             let live = LiveJob::new();
             s.scheduler.enqueue(record.id, &record.resources);
             s.live
@@ -310,7 +311,7 @@ impl Engine {
     }
 
     /// Submits a job. With a request id already used for the same spec, returns that job.
-    pub async fn submit(&self, sub: Submission) -> Result<JobRecord, Error> {
+    pub async fn submit(&self, sub: Submission) -> Result<Job, Error> {
         if let JobSpec::Rollback(_) = sub.spec {
             return Err(Error::InvalidArgument(
                 "rollback jobs are started with RollbackJob, not submitted".into(),
@@ -327,6 +328,7 @@ impl Engine {
                 }
                 let _one_at_a_time = self.shared.request_ids.lock().await;
                 if let Some(existing) = self.shared.env.store.job_by_request_id(rid)? {
+                    let existing = kinds::typed(existing)?;
                     if existing.spec != sub.spec {
                         return Err(Error::AlreadyExists(format!(
                             "request_id {} was already used for job {} with a different spec",
@@ -347,7 +349,7 @@ impl Engine {
         }
     }
 
-    async fn enqueue(&self, sub: Submission, plan: Planned) -> Result<JobRecord, Error> {
+    async fn enqueue(&self, sub: Submission, plan: Planned) -> Result<Job, Error> {
         let s = &self.shared;
         if !s.accepting() {
             return Err(Error::Unavailable("the daemon is shutting down".into()));
@@ -400,7 +402,10 @@ impl Engine {
             .env
             .store
             .commit(
-                vec![Write::InsertJob(record.clone()), Write::Event(first)],
+                vec![
+                    Write::InsertJob(record.clone().map_spec(|s| Ok::<_, Error>(s.stored()))?),
+                    Write::Event(first),
+                ],
                 Some(&live.events),
             )
             .await
@@ -451,8 +456,14 @@ impl Engine {
     }
 
     /// One job.
-    pub fn get(&self, id: JobId) -> Result<JobRecord, Error> {
-        self.shared.env.store.job(id)?.ok_or_else(|| not_found(id))
+    pub fn get(&self, id: JobId) -> Result<Job, Error> {
+        let stored = self
+            .shared
+            .env
+            .store
+            .job(id)?
+            .ok_or_else(|| not_found(id))?;
+        Ok(kinds::typed(stored)?)
     }
 
     /// A page of jobs, newest first, and the token of the next page (None on the last).
@@ -463,7 +474,7 @@ impl Engine {
         labels: Vec<(String, String)>,
         page_size: u32,
         page_token: &str,
-    ) -> Result<(Vec<JobRecord>, Option<String>), Error> {
+    ) -> Result<(Vec<Job>, Option<String>), Error> {
         let limit = match page_size {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
@@ -517,7 +528,11 @@ impl Engine {
         } else {
             None
         };
-        Ok((rows.into_iter().map(|(j, _)| j).collect(), next))
+        let jobs = rows
+            .into_iter()
+            .map(|(j, _)| kinds::typed(j))
+            .collect::<Result<_, _>>()?;
+        Ok((jobs, next))
     }
 
     /// Streams a job's events after `after_seq`: the recorded ones, then live ones, ending
@@ -571,7 +586,7 @@ impl Engine {
 
     /// Cancels a job. With `wait`, returns once it has ended; otherwise once it has seen the
     /// cancel (CANCELLING, or already ended).
-    pub async fn cancel(&self, id: JobId, reason: &str, wait: bool) -> Result<JobRecord, Error> {
+    pub async fn cancel(&self, id: JobId, reason: &str, wait: bool) -> Result<Job, Error> {
         let Some(live) = self.live(id) else {
             let record = self.get(id)?;
             return Err(Error::FailedPrecondition(format!(
@@ -615,7 +630,7 @@ impl Engine {
 
     /// Starts a rollback of a finished job, after checking it can be undone and (unless
     /// `force`) that nothing changed what it left.
-    pub async fn rollback(&self, id: JobId, force: bool) -> Result<JobRecord, Error> {
+    pub async fn rollback(&self, id: JobId, force: bool) -> Result<Job, Error> {
         let _one_at_a_time = self.shared.rollbacks.lock().await;
         let target = self.get(id)?;
         match target.state {
@@ -674,7 +689,7 @@ impl Engine {
 
     /// Retries at once the unwind of a job that ended with undo entries left, or (`abandon`)
     /// gives those entries up; returns the job after that attempt.
-    pub async fn unwind(&self, id: JobId, abandon: bool) -> Result<JobRecord, Error> {
+    pub async fn unwind(&self, id: JobId, abandon: bool) -> Result<Job, Error> {
         let record = self.get(id)?;
         if !record.unwind_incomplete {
             return Err(Error::FailedPrecondition(if record.state.is_terminal() {

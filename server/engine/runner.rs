@@ -2,9 +2,9 @@
 //! and on a cancel or a failure unwind the journal in reverse before ending.
 
 use super::{LiveJob, Shared};
-use crate::job::{EventBody, JobId, JobRecord, JobState, LogLevel, StepState, now_ms};
+use crate::job::{EventBody, JobId, JobState, LogLevel, StepState, now_ms};
 use crate::journal::{Journal, Unwound};
-use crate::kinds::{self, Executor, Moment};
+use crate::kinds::{self, Executor, Job, Moment};
 use crate::step::{StepCtx, StepError};
 use crate::store::Write;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 /// Runs a submitted job to its end.
 pub(crate) async fn run(
     shared: Arc<Shared>,
-    mut record: JobRecord,
+    mut record: Job,
     live: Arc<LiveJob>,
     prepared: Option<Box<dyn Executor>>,
 ) {
@@ -83,7 +83,7 @@ pub(crate) async fn run(
 }
 
 /// Carries on with a watch job found RUNNING at start-up, from the step it was in.
-pub(crate) async fn resume(shared: Arc<Shared>, record: JobRecord, live: Arc<LiveJob>) {
+pub(crate) async fn resume(shared: Arc<Shared>, record: Job, live: Arc<LiveJob>) {
     let entries = shared.env.store.journal(record.id).unwrap_or_default();
     let mut journal = Journal::new(
         &shared.env.store,
@@ -109,7 +109,7 @@ pub(crate) async fn resume(shared: Arc<Shared>, record: JobRecord, live: Arc<Liv
 /// Runs the steps not done yet, then ends the job (unwinding on a failure or a cancel).
 async fn complete(
     shared: &Arc<Shared>,
-    mut record: JobRecord,
+    mut record: Job,
     mut journal: Journal,
     live: &Arc<LiveJob>,
     prepared: Option<Box<dyn Executor>>,
@@ -158,7 +158,7 @@ async fn complete(
 }
 
 /// Carries on with the unwind of a job that ended with undo entries left (found at start-up).
-pub(crate) async fn retry_unwind(shared: Arc<Shared>, mut record: JobRecord, live: Arc<LiveJob>) {
+pub(crate) async fn retry_unwind(shared: Arc<Shared>, mut record: Job, live: Arc<LiveJob>) {
     let entries = shared.env.store.journal(record.id).unwrap_or_default();
     let mut journal = Journal::new(
         &shared.env.store,
@@ -185,12 +185,7 @@ const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(300);
 /// until they all apply or an operator abandons them. The job keeps its resources meanwhile,
 /// so no later job builds on a half-restored world. Returns when done, or when the daemon
 /// stops (the next start carries on).
-async fn finish_unwind(
-    shared: &Shared,
-    record: &mut JobRecord,
-    journal: &mut Journal,
-    live: &LiveJob,
-) {
+async fn finish_unwind(shared: &Shared, record: &mut Job, journal: &mut Journal, live: &LiveJob) {
     let base = record
         .error
         .as_deref()
@@ -231,7 +226,7 @@ async fn finish_unwind(
                 )
             });
         }
-        let writes = vec![Write::UpdateJob(record.clone())];
+        let writes = vec![Write::UpdateJob(record.progress())];
         let committed = shared.env.store.commit(writes, None).await;
         if committed.is_ok() && !record.unwind_incomplete {
             // Done: every request, even one made during this attempt, has its answer.
@@ -281,7 +276,7 @@ fn with_failures(msg: String, u: &Unwound) -> String {
 
 async fn execute(
     shared: &Shared,
-    record: &mut JobRecord,
+    record: &mut Job,
     journal: &mut Journal,
     live: &LiveJob,
     prepared: Option<Box<dyn Executor>>,
@@ -372,7 +367,7 @@ async fn execute(
 /// Unwinds a job found RUNNING or CANCELLING at start-up, and ends it.
 pub(crate) async fn recover(
     shared: &Shared,
-    mut record: JobRecord,
+    mut record: Job,
     live: &Arc<LiveJob>,
 ) -> Result<(), crate::store::Error> {
     let entries = shared.env.store.journal(record.id)?;

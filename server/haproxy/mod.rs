@@ -123,7 +123,7 @@ pub struct Validation {
 
 /// The version of a configuration: "sha256:" and the hex digest of its bytes.
 pub fn version(bytes: &[u8]) -> String {
-    format!("sha256:{}", crate::blobs::sha256_hex(bytes))
+    format!("sha256:{}", crate::fsops::sha256_hex(bytes))
 }
 
 /// Whether `v` has the form of a version ("sha256:" and 64 lower-case hex digits).

@@ -44,7 +44,7 @@ pub(crate) fn plan(spec: &Spec, env: &Env) -> Result<Planned, Error> {
         target,
         force: spec.force,
         journal: env.store.journal(target)?,
-        target_undid: record.rollback_of(),
+        target_undid: record.spec.rollback_of,
     };
     Ok(Planned::new(&STEPS, record.resources, rollback))
 }
