@@ -2,10 +2,9 @@
 //! into raw structs and validated into the form the runtime uses (runbooks, tokens, limits).
 
 use serde::Deserialize;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A configuration that could not be read or does not make sense.
@@ -51,10 +50,10 @@ pub struct Config {
     /// Open connections per listener at most (lowered to fit the open-file limit).
     pub max_connections: usize,
     /// A connection that sends nothing for this long after it opened is closed.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "humantime_serde")]
     pub first_bytes_timeout: Duration,
     /// How long running jobs get to finish on SIGTERM before they are left for recovery.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// The journal's durability: `full` syncs every commit to disk (survives power loss),
     /// `normal` syncs at checkpoints (survives a crash of the daemon, not of the machine).
@@ -66,76 +65,22 @@ pub struct Config {
     pub tokens: Vec<TokenConfig>,
     /// Operator-defined runbooks.
     #[serde(rename = "runbook")]
-    pub runbooks: Vec<Runbook>,
+    pub runbooks: Vec<crate::runbooks::Runbook>,
     /// Files of more `[[runbook]]` tables (relative to this file's directory).
     pub include: Vec<PathBuf>,
     /// HAProxy targets clients may name.
     #[serde(rename = "haproxy")]
-    pub haproxy: Vec<HaproxyTarget>,
+    pub haproxy: Vec<crate::haproxy::HaproxyTarget>,
     /// Where alert mails go out.
-    pub smtp: Option<Smtp>,
+    pub smtp: Option<crate::alerts::mail::Smtp>,
     /// Certificates: where lineages live, how challenges are answered, renewal.
-    pub certificates: Certificates,
+    pub certificates: crate::certs::config::Certificates,
     /// ACME servers beyond the built-in `letsencrypt` and `letsencrypt-staging`.
     #[serde(rename = "acme")]
-    pub acme: Vec<AcmeServer>,
+    pub acme: Vec<crate::certs::config::AcmeServer>,
 }
 
-/// Where certificates live and how they are obtained.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Certificates {
-    /// The certbot-style root (archive/, live/); default `<data_dir>/letsencrypt`.
-    pub root: Option<PathBuf>,
-    /// Where HAProxy bundles (`<name>.pem`: fullchain + key) are written; default
-    /// `<root>/haproxy`.
-    pub haproxy_dir: Option<PathBuf>,
-    /// The ACME server used when a job names none.
-    pub default_acme: String,
-    /// statelyd answers HTTP-01 challenges here (route `/.well-known/acme-challenge/` to it).
-    pub responder: Option<SocketAddr>,
-    /// Directories a job may name as its webroot (the directory itself or beneath it).
-    pub webroots: Vec<PathBuf>,
-    /// Renew a lineage this long before it expires.
-    #[serde(with = "humantime_serde_compat")]
-    pub renew_before: Duration,
-    /// How often lineages are checked for renewal; "0s" turns automatic renewal off.
-    #[serde(with = "humantime_serde_compat")]
-    pub renew_check: Duration,
-}
-
-impl Default for Certificates {
-    fn default() -> Self {
-        Certificates {
-            root: None,
-            haproxy_dir: None,
-            default_acme: "letsencrypt".into(),
-            responder: None,
-            webroots: Vec::new(),
-            renew_before: Duration::from_secs(30 * 86400),
-            renew_check: Duration::from_secs(12 * 3600),
-        }
-    }
-}
-
-/// An ACME server (directory) certificates can be ordered from.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AcmeServer {
-    /// What jobs call it.
-    pub name: String,
-    /// The directory URL.
-    pub directory: String,
-    /// Contact addresses for the account (`mailto:...`).
-    #[serde(default)]
-    pub contact: Vec<String>,
-    /// Extra CA certificates (PEM) for the directory's TLS (a private ACME server).
-    pub ca_file: Option<PathBuf>,
-    /// External Account Binding: the key id.
-    pub eab_kid: Option<String>,
-    /// External Account Binding: a file holding the base64url HMAC key.
-    pub eab_hmac_file: Option<PathBuf>,
-}
+pub use crate::certs::config::AcmeServer;
 
 impl Config {
     /// The certificate root.
@@ -156,158 +101,8 @@ impl Config {
 
     /// An ACME server by name: configured ones first, then the built-in Let's Encrypt ones.
     pub fn acme_server(&self, name: &str) -> Option<AcmeServer> {
-        if let Some(a) = self.acme.iter().find(|a| a.name == name) {
-            return Some(a.clone());
-        }
-        let directory = match name {
-            "letsencrypt" => "https://acme-v02.api.letsencrypt.org/directory",
-            "letsencrypt-staging" => "https://acme-staging-v02.api.letsencrypt.org/directory",
-            _ => return None,
-        };
-        Some(AcmeServer {
-            name: name.into(),
-            directory: directory.into(),
-            contact: Vec::new(),
-            ca_file: None,
-            eab_kid: None,
-            eab_hmac_file: None,
-        })
+        crate::certs::config::acme_server(&self.acme, name)
     }
-}
-
-/// The SMTP relay alerts are sent through.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Smtp {
-    /// The relay's host name or address.
-    pub host: String,
-    /// Its port; by default 25 without TLS, 587 with STARTTLS, 465 with implicit TLS.
-    pub port: Option<u16>,
-    /// none, starttls or tls.
-    #[serde(default)]
-    pub tls: SmtpTls,
-    /// The user to authenticate as, if any.
-    pub user: Option<String>,
-    /// A file holding the password (first line), readable by the daemon only.
-    pub password_file: Option<PathBuf>,
-    /// The From address, e.g. `stately <stately@example.com>`.
-    pub from: String,
-    /// Extra CA certificates (PEM) to trust for the relay's TLS.
-    pub ca_file: Option<PathBuf>,
-    /// How long one connection attempt or command may take.
-    #[serde(default = "default_smtp_timeout", with = "humantime_serde_compat")]
-    pub timeout: Duration,
-    /// The longest wait between two delivery attempts of a message.
-    #[serde(default = "default_smtp_retry_max", with = "humantime_serde_compat")]
-    pub retry_max: Duration,
-}
-
-impl fmt::Debug for Smtp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Smtp")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("tls", &self.tls)
-            .field("user", &self.user)
-            .finish_non_exhaustive()
-    }
-}
-
-/// How the SMTP connection is secured.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SmtpTls {
-    /// Plain SMTP (loopback relays only, really).
-    None,
-    /// STARTTLS, required.
-    #[default]
-    Starttls,
-    /// TLS from the first byte (SMTPS).
-    Tls,
-}
-
-fn default_smtp_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-
-fn default_smtp_retry_max() -> Duration {
-    Duration::from_secs(300)
-}
-
-/// A HAProxy instance stately manages; clients name it, never its paths.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HaproxyTarget {
-    /// What clients call it.
-    pub name: String,
-    /// Its stats/admin socket (`stats socket <path> level admin`).
-    pub stats_socket: Option<PathBuf>,
-    /// Its configuration file.
-    pub config: Option<PathBuf>,
-    /// The master CLI socket (`haproxy -W -S <path>`), through which it is reloaded.
-    pub master_socket: Option<PathBuf>,
-    /// A command that reloads HAProxy (e.g. `["systemctl", "reload", "haproxy"]`), used when
-    /// there is no master socket; the verify step then confirms the new worker.
-    pub reload_command: Option<Vec<String>>,
-    /// The `server-state-file` of haproxy.cfg: before a reload, `show servers state` is
-    /// dumped there so servers keep their state (a DOWN server stays DOWN) across it.
-    pub server_state_file: Option<PathBuf>,
-    /// The haproxy binary that checks configurations.
-    #[serde(default = "default_haproxy_binary")]
-    pub binary: PathBuf,
-    /// Directories a client's configuration may name files in (certificates, error files, ACL
-    /// and map files, sockets, ...). Default: the directories of `config`, `stats_socket`,
-    /// `master_socket`, `server_state_file`, and the certificate bundle directory.
-    #[serde(default)]
-    pub allow_dirs: Option<Vec<PathBuf>>,
-    /// Let a client's configuration run code: `lua-load`, `external-check`, `program`
-    /// sections, `insecure-fork-wanted`, `setenv` and kin. Off by default: `haproxy -c` runs
-    /// Lua while it checks.
-    #[serde(default)]
-    pub allow_code: bool,
-    /// With `allow_code`, run `haproxy -c` as this user (it must be able to read the
-    /// certificates the configuration names) rather than as statelyd's.
-    #[serde(default)]
-    pub check_user: Option<String>,
-}
-
-impl HaproxyTarget {
-    /// What a client's configuration for this target may ask of the machine.
-    pub fn policy(&self, bundle_dir: &Path) -> crate::haproxy::policy::Policy {
-        let dirs: Vec<PathBuf> = match &self.allow_dirs {
-            Some(d) => d.clone(),
-            None => [
-                &self.config,
-                &self.stats_socket,
-                &self.master_socket,
-                &self.server_state_file,
-            ]
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.parent().map(Path::to_owned))
-            .chain(std::iter::once(bundle_dir.to_owned()))
-            .collect(),
-        };
-        crate::haproxy::policy::Policy {
-            allow_dirs: dirs
-                .iter()
-                .map(|d| crate::fsops::canonical_prefix(d))
-                .collect(),
-            allow_code: self.allow_code,
-        }
-    }
-}
-
-fn default_haproxy_binary() -> PathBuf {
-    PathBuf::from("/usr/sbin/haproxy")
-}
-
-/// A file named by `include`: runbooks only.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RunbookFile {
-    #[serde(rename = "runbook", default)]
-    runbooks: Vec<Runbook>,
 }
 
 impl fmt::Debug for Config {
@@ -341,7 +136,7 @@ pub struct History {
     /// Finished jobs kept in all, whatever their resources.
     pub keep_total: u32,
     /// How often old jobs and unreferenced backups are pruned.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "humantime_serde")]
     pub prune_interval: Duration,
 }
 
@@ -390,207 +185,6 @@ pub enum Role {
     Operator,
 }
 
-/// A named, operator-defined sequence of steps.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Runbook {
-    /// What clients call it by.
-    pub name: String,
-    /// One line for listings.
-    #[serde(default)]
-    pub description: String,
-    /// Every path a file step touches must lie under one of these.
-    #[serde(default)]
-    pub roots: Vec<PathBuf>,
-    /// Resources the job holds (templates allowed); default `runbook:<name>`.
-    pub resources: Option<Vec<String>>,
-    /// Declared parameters: nothing else may be passed.
-    #[serde(default)]
-    pub params: BTreeMap<String, ParamSpec>,
-    /// The steps, in order.
-    #[serde(rename = "step", default)]
-    pub steps: Vec<StepSpec>,
-}
-
-/// A declared runbook parameter.
-#[derive(Clone, Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct ParamSpec {
-    /// For people.
-    #[serde(default)]
-    pub description: String,
-    /// The value when the client passes none; without one, the parameter is required.
-    pub default: Option<String>,
-    /// A regular expression the whole value must match.
-    pub pattern: Option<String>,
-    /// `pattern`, anchored and compiled once when the config is loaded.
-    #[serde(skip)]
-    pub(crate) compiled: Option<regex::Regex>,
-}
-
-/// One step of a runbook, as written in the config. Strings may hold `{param}` templates.
-/// (Unknown keys are refused by `Action`, which sees every key but `name`.)
-#[derive(Clone, Debug, Deserialize)]
-pub struct StepSpec {
-    /// Shown in progress and in the job's steps.
-    pub name: Option<String>,
-    /// What the step does, with its own settings.
-    #[serde(flatten)]
-    pub action: Action,
-}
-
-impl Action {
-    /// The step type's name, as the configuration writes it.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            Action::Command { .. } => "command",
-            Action::Check { .. } => "check",
-            Action::BackupFile { .. } => "backup_file",
-            Action::WriteFile { .. } => "write_file",
-            Action::Download { .. } => "download",
-            Action::Chown { .. } => "chown",
-            Action::Chmod { .. } => "chmod",
-        }
-    }
-}
-
-/// The built-in step actions.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Action {
-    /// Run a program; `undo` is run when the step is unwound.
-    Command {
-        /// Program and arguments (no shell).
-        argv: Vec<String>,
-        /// Program and arguments that reverse it.
-        undo: Option<Vec<String>>,
-        /// Working directory.
-        cwd: Option<String>,
-        /// Environment, on top of a clean one with only PATH and LANG.
-        #[serde(default)]
-        env: BTreeMap<String, String>,
-        /// Killed (and the step failed) after this long; default 5 minutes.
-        timeout: Option<String>,
-    },
-    /// Run a program whose failure fails the job; it changes nothing, so it has no undo.
-    Check {
-        /// Program and arguments (no shell).
-        argv: Vec<String>,
-        /// Working directory.
-        cwd: Option<String>,
-        /// Environment, on top of a clean one.
-        #[serde(default)]
-        env: BTreeMap<String, String>,
-        /// Killed (and the step failed) after this long; default 5 minutes.
-        timeout: Option<String>,
-    },
-    /// Keep a copy of a file so that unwinding puts it back as it is now.
-    BackupFile {
-        /// The file.
-        path: String,
-    },
-    /// Write a file atomically from a template.
-    WriteFile {
-        /// The file.
-        path: String,
-        /// Its content; usually `{some_param}`.
-        content: String,
-        /// Octal mode, e.g. "0640"; default 0644.
-        mode: Option<String>,
-        /// Owner user name.
-        owner: Option<String>,
-        /// Owner group name.
-        group: Option<String>,
-    },
-    /// Fetch a URL into a file atomically, with a size limit.
-    Download {
-        /// HTTP(S) URL.
-        url: String,
-        /// The file.
-        path: String,
-        /// Bytes at most; default 10 MiB.
-        max_bytes: Option<u64>,
-        /// Default 5 minutes.
-        timeout: Option<String>,
-        /// Octal mode; default 0644.
-        mode: Option<String>,
-    },
-    /// Change a file's owner and/or group.
-    Chown {
-        /// The file.
-        path: String,
-        /// User name.
-        owner: Option<String>,
-        /// Group name.
-        group: Option<String>,
-    },
-    /// Change a file's mode.
-    Chmod {
-        /// The file.
-        path: String,
-        /// Octal mode, e.g. "0600".
-        mode: String,
-    },
-}
-
-impl Action {
-    /// The step name used when the config gives none.
-    pub fn default_name(&self) -> String {
-        match self {
-            Action::Command { argv, .. } => format!("run {}", argv.join(" ")),
-            Action::Check { argv, .. } => format!("check {}", argv.join(" ")),
-            Action::BackupFile { path } => format!("back up {path}"),
-            Action::WriteFile { path, .. } => format!("write {path}"),
-            Action::Download { path, .. } => format!("download {path}"),
-            Action::Chown { path, .. } => format!("chown {path}"),
-            Action::Chmod { path, .. } => format!("chmod {path}"),
-        }
-    }
-
-    /// Every template string in the action, for validation.
-    pub(crate) fn templates(&self) -> Vec<&str> {
-        let mut out: Vec<&str> = Vec::new();
-        match self {
-            Action::Command {
-                argv,
-                undo,
-                cwd,
-                env,
-                ..
-            } => {
-                out.extend(argv.iter().map(String::as_str));
-                out.extend(undo.iter().flatten().map(String::as_str));
-                out.extend(cwd.as_deref());
-                out.extend(env.values().map(String::as_str));
-            }
-            Action::Check { argv, cwd, env, .. } => {
-                out.extend(argv.iter().map(String::as_str));
-                out.extend(cwd.as_deref());
-                out.extend(env.values().map(String::as_str));
-            }
-            Action::BackupFile { path } | Action::Chmod { path, .. } => out.push(path),
-            Action::WriteFile {
-                path,
-                content,
-                owner,
-                group,
-                ..
-            } => {
-                out.extend([path.as_str(), content.as_str()]);
-                out.extend(owner.as_deref());
-                out.extend(group.as_deref());
-            }
-            Action::Download { url, path, .. } => out.extend([url.as_str(), path.as_str()]),
-            Action::Chown { path, owner, group } => {
-                out.push(path);
-                out.extend(owner.as_deref());
-                out.extend(group.as_deref());
-            }
-        }
-        out
-    }
-}
-
 /// The default data directory: `$STATELY_DATA_DIR`, else `/var/lib/stately` for root, else
 /// `$XDG_STATE_HOME/stately` or `~/.local/state/stately`. The CLI looks for the generated
 /// token in the same place.
@@ -626,7 +220,7 @@ impl Default for Config {
             include: Vec::new(),
             haproxy: Vec::new(),
             smtp: None,
-            certificates: Certificates::default(),
+            certificates: Default::default(),
             acme: Vec::new(),
         }
     }
@@ -785,20 +379,12 @@ impl Config {
                 path: file.clone(),
                 source,
             })?;
-            let more: RunbookFile = toml::from_str(&text).map_err(|e| parse_error(&file, e))?;
+            let more: crate::runbooks::RunbookFile =
+                toml::from_str(&text).map_err(|e| parse_error(&file, e))?;
             config.runbooks.extend(more.runbooks);
         }
         config.validate(&path.display().to_string())?;
-        for spec in config
-            .runbooks
-            .iter_mut()
-            .flat_map(|r| r.params.values_mut())
-        {
-            spec.compiled = spec
-                .pattern
-                .as_deref()
-                .and_then(|p| regex::Regex::new(&format!("^(?:{p})$")).ok());
-        }
+        crate::runbooks::compile(&mut config.runbooks);
         Ok(config)
     }
 
@@ -808,89 +394,11 @@ impl Config {
             origin: origin.to_owned(),
             message,
         };
-        for a in &self.acme {
-            if !is_safe_name(&a.name) {
-                return Err(invalid(format!(
-                    "acme '{}': a name of letters, digits, '-', '_', '.'",
-                    a.name
-                )));
-            }
-            if !a.directory.starts_with("https://") {
-                return Err(invalid(format!(
-                    "acme '{}': directory must be an https:// URL",
-                    a.name
-                )));
-            }
-            if a.eab_kid.is_some() != a.eab_hmac_file.is_some() {
-                return Err(invalid(format!(
-                    "acme '{}': eab_kid and eab_hmac_file go together",
-                    a.name
-                )));
-            }
-        }
-        if self.acme_server(&self.certificates.default_acme).is_none() {
-            return Err(invalid(format!(
-                "certificates: default_acme '{}' is not an [[acme]] name nor letsencrypt / letsencrypt-staging",
-                self.certificates.default_acme
-            )));
-        }
-        for w in &self.certificates.webroots {
-            if !w.is_absolute() {
-                return Err(invalid(format!(
-                    "certificates: webroot {} must be an absolute path",
-                    w.display()
-                )));
-            }
-        }
+        crate::certs::config::check(&self.acme, &self.certificates).map_err(invalid)?;
         if let Some(smtp) = &self.smtp {
-            if smtp.host.trim().is_empty() {
-                return Err(invalid("smtp: host is empty".into()));
-            }
-            if let Err(e) = smtp.from.parse::<lettre::message::Mailbox>() {
-                return Err(invalid(format!(
-                    "smtp: from '{}' is not a mail address: {e}",
-                    smtp.from
-                )));
-            }
-            if smtp.timeout < Duration::from_millis(100)
-                || smtp.retry_max < Duration::from_millis(100)
-            {
-                return Err(invalid(
-                    "smtp: timeout and retry_max are at least 100ms".into(),
-                ));
-            }
-            if smtp.user.is_some() != smtp.password_file.is_some() {
-                return Err(invalid(
-                    "smtp: user and password_file go together (give both or neither)".into(),
-                ));
-            }
+            smtp.check().map_err(invalid)?;
         }
-        let mut targets = std::collections::HashSet::new();
-        for t in &self.haproxy {
-            if !is_safe_name(&t.name) || !targets.insert(t.name.as_str()) {
-                return Err(invalid(format!(
-                    "haproxy target '{}': a unique name of letters, digits, '-', '_', '.'",
-                    t.name
-                )));
-            }
-            if let Some(c) = &t.config
-                && !c.is_absolute()
-            {
-                return Err(invalid(format!(
-                    "haproxy target '{}': config must be an absolute path",
-                    t.name
-                )));
-            }
-            if let Some(s) = &t.stats_socket
-                && !s.is_absolute()
-            {
-                return Err(invalid(format!(
-                    "haproxy target '{}': stats_socket must be an absolute path",
-                    t.name
-                )));
-            }
-        }
-        let mut names = std::collections::HashSet::new();
+        crate::haproxy::target::check(&self.haproxy).map_err(invalid)?;
         for token in &self.tokens {
             match (&token.value, &token.file) {
                 (Some(_), None) | (None, Some(_)) => {}
@@ -902,179 +410,13 @@ impl Config {
                 }
             }
         }
-        for rb in &self.runbooks {
-            let at = format!("runbook '{}'", rb.name);
-            if !is_safe_name(&rb.name) {
-                return Err(invalid(format!(
-                    "{at}: a name is letters, digits, '-', '_' and '.'"
-                )));
-            }
-            if !names.insert(rb.name.as_str()) {
-                return Err(invalid(format!("{at} is defined twice")));
-            }
-            if rb.steps.is_empty() {
-                return Err(invalid(format!("{at} has no steps")));
-            }
-            for root in &rb.roots {
-                if !root.is_absolute() || !is_normal(root) {
-                    return Err(invalid(format!(
-                        "{at}: root {} must be an absolute path without '..'",
-                        root.display()
-                    )));
-                }
-            }
-            for (name, spec) in &rb.params {
-                if !is_safe_name(name) {
-                    return Err(invalid(format!(
-                        "{at}: parameter name '{name}' is not a plain name"
-                    )));
-                }
-                if let Some(p) = &spec.pattern {
-                    regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| {
-                        invalid(format!("{at}: parameter '{name}': bad pattern: {e}"))
-                    })?;
-                }
-            }
-            let check_template = |s: &str, what: &str| -> Result<(), Error> {
-                for used in template_names(s).map_err(|e| invalid(format!("{at}, {what}: {e}")))? {
-                    if !rb.params.contains_key(&used) {
-                        return Err(invalid(format!(
-                            "{at}, {what}: {{{used}}} is not a declared parameter"
-                        )));
-                    }
-                }
-                Ok(())
-            };
-            for r in rb.resources.iter().flatten() {
-                check_template(r, "resources")?;
-            }
-            for (i, step) in rb.steps.iter().enumerate() {
-                let what = format!("step {}", i + 1);
-                for t in step.action.templates() {
-                    check_template(t, &what)?;
-                }
-                let needs_roots =
-                    !matches!(step.action, Action::Command { .. } | Action::Check { .. });
-                if needs_roots && rb.roots.is_empty() {
-                    return Err(invalid(format!("{at}, {what}: file steps need `roots`")));
-                }
-                match &step.action {
-                    Action::Command { argv, timeout, .. } | Action::Check { argv, timeout, .. } => {
-                        if argv.is_empty() {
-                            return Err(invalid(format!("{at}, {what}: argv is empty")));
-                        }
-                        if let Some(t) = timeout {
-                            humantime::parse_duration(t).map_err(|e| {
-                                invalid(format!("{at}, {what}: timeout '{t}': {e}"))
-                            })?;
-                        }
-                    }
-                    Action::WriteFile { mode: Some(m), .. }
-                    | Action::Download { mode: Some(m), .. }
-                    | Action::Chmod { mode: m, .. } => {
-                        parse_mode(m).map_err(|e| invalid(format!("{at}, {what}: {e}")))?;
-                    }
-                    _ => {}
-                }
-                if let Action::Download {
-                    timeout: Some(t), ..
-                } = &step.action
-                {
-                    humantime::parse_duration(t)
-                        .map_err(|e| invalid(format!("{at}, {what}: timeout '{t}': {e}")))?;
-                }
-            }
-        }
+        crate::runbooks::check(&self.runbooks).map_err(invalid)?;
         Ok(())
     }
 
     /// The runbook of that name.
-    pub fn runbook(&self, name: &str) -> Option<&Runbook> {
+    pub fn runbook(&self, name: &str) -> Option<&crate::runbooks::Runbook> {
         self.runbooks.iter().find(|r| r.name == name)
-    }
-}
-
-/// A name that is safe as a file name and in a resource: `[A-Za-z0-9._-]+`, not `.`/`..`.
-pub(crate) fn is_safe_name(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
-/// Whether a path has no `.`/`..` components (so a prefix check on it means something).
-pub(crate) fn is_normal(p: &Path) -> bool {
-    p.components()
-        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
-}
-
-/// Parses an octal file mode such as "0644".
-pub(crate) fn parse_mode(s: &str) -> Result<u32, String> {
-    let digits = s.strip_prefix("0o").unwrap_or(s);
-    match u32::from_str_radix(digits, 8) {
-        Ok(m) if m <= 0o7777 => Ok(m),
-        _ => Err(format!("mode '{s}' is not an octal mode like \"0644\"")),
-    }
-}
-
-/// The parameter names a template uses: `{name}`; `{{` and `}}` are literal braces.
-pub(crate) fn template_names(s: &str) -> Result<Vec<String>, String> {
-    let mut out = Vec::new();
-    render(s, |name| {
-        out.push(name.to_owned());
-        Some(String::new())
-    })?;
-    Ok(out)
-}
-
-/// Expands `{name}` with `lookup`; `{{`/`}}` are literal braces.
-pub(crate) fn render(
-    s: &str,
-    mut lookup: impl FnMut(&str) -> Option<String>,
-) -> Result<String, String> {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '{' if chars.peek() == Some(&'{') => {
-                chars.next();
-                out.push('{');
-            }
-            '}' if chars.peek() == Some(&'}') => {
-                chars.next();
-                out.push('}');
-            }
-            '{' => {
-                let mut name = String::new();
-                loop {
-                    match chars.next() {
-                        Some('}') => break,
-                        Some(c) => name.push(c),
-                        None => return Err(format!("unclosed '{{' in \"{s}\"")),
-                    }
-                }
-                match lookup(&name) {
-                    Some(v) => out.push_str(&v),
-                    None => return Err(format!("{{{name}}} is not a declared parameter")),
-                }
-            }
-            '}' => return Err(format!("lone '}}' in \"{s}\" (write '}}}}')")),
-            c => out.push(c),
-        }
-    }
-    Ok(out)
-}
-
-/// Reads durations like "10s" written as strings in the config.
-mod humantime_serde_compat {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -1137,13 +479,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("argvv"), "{err}");
-    }
-
-    #[test]
-    fn templates_expand_and_escape() {
-        let out = render("a{x}b{{c}}", |n| (n == "x").then(|| "X".to_owned())).unwrap();
-        assert_eq!(out, "aXb{c}");
-        assert!(render("{y}", |_| None).is_err());
-        assert!(render("{open", |_| Some(String::new())).is_err());
     }
 }

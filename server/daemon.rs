@@ -97,7 +97,7 @@ pub async fn run(
         listeners,
     };
     let haproxy = HaproxyApi {
-        targets: crate::haproxy::Targets::new(&config),
+        targets: crate::haproxy::Targets::new(&config.haproxy, config.bundle_dir()),
     };
     let stats = StatsApi {
         hub: engine.stats(),

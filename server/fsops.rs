@@ -323,6 +323,26 @@ pub(crate) fn lookup_group(name: &str) -> Result<u32, String> {
     }
 }
 
+/// A name that is safe as a file name and in a resource: `[A-Za-z0-9._-]+`, not `.`/`..`.
+pub(crate) fn is_safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Whether a path has no `.`/`..` components (so a prefix check on it means something).
+pub(crate) fn is_normal(p: &Path) -> bool {
+    p.components().all(|c| {
+        matches!(
+            c,
+            std::path::Component::RootDir | std::path::Component::Normal(_)
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

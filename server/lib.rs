@@ -21,6 +21,7 @@ pub mod kinds;
 mod listen;
 mod quote;
 mod renewals;
+mod runbooks;
 pub mod stats;
 mod step;
 mod store;

@@ -168,7 +168,7 @@ impl UndoEntry {
     /// How to reload a HAProxy target when unwinding, for every kind that reloads: through its
     /// master CLI (confirmed with `show proc`, server state kept across it when configured),
     /// else its reload command (retried until it succeeds). None when it has neither.
-    pub(crate) fn reload_haproxy(target: &crate::config::HaproxyTarget) -> Option<UndoEntry> {
+    pub(crate) fn reload_haproxy(target: &crate::haproxy::HaproxyTarget) -> Option<UndoEntry> {
         match (&target.master_socket, &target.reload_command) {
             (Some(socket), _) => Some(UndoEntry::ReloadHaproxy {
                 master_socket: socket.clone(),

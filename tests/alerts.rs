@@ -246,6 +246,11 @@ async fn a_daemon_restart_mid_outage_neither_repeats_nor_loses_an_alert() {
         .unwrap()
         .into_inner();
     assert_eq!(state(&job), pb::JobState::Running);
+    // The relay has the mail; the kill waits until the watch has recorded that (a kill in
+    // between would rightly send it again: delivery is at least once, with a stable
+    // Message-ID for the receiver to drop the copy).
+    let mut events = events(&mut c, &id).await;
+    until_log_with(&mut events, "alert #2 delivered").await;
 
     // A crash this time: the watch still resumes, and the recovery is told once.
     e.d.kill9();

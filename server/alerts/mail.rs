@@ -1,6 +1,5 @@
 //! Alert mail: the message as the outbox keeps it, and delivery through the configured relay.
 
-use crate::config::{Smtp, SmtpTls};
 use lettre::message::Body;
 use lettre::message::Mailbox;
 use lettre::message::header::{ContentTransferEncoding, ContentType};
@@ -8,7 +7,92 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
+
+/// The SMTP relay alerts are sent through.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Smtp {
+    /// The relay's host name or address.
+    pub host: String,
+    /// Its port; by default 25 without TLS, 587 with STARTTLS, 465 with implicit TLS.
+    pub port: Option<u16>,
+    /// none, starttls or tls.
+    #[serde(default)]
+    pub tls: SmtpTls,
+    /// The user to authenticate as, if any.
+    pub user: Option<String>,
+    /// A file holding the password (first line), readable by the daemon only.
+    pub password_file: Option<PathBuf>,
+    /// The From address, e.g. `stately <stately@example.com>`.
+    pub from: String,
+    /// Extra CA certificates (PEM) to trust for the relay's TLS.
+    pub ca_file: Option<PathBuf>,
+    /// How long one connection attempt or command may take.
+    #[serde(default = "default_smtp_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// The longest wait between two delivery attempts of a message.
+    #[serde(default = "default_smtp_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+impl fmt::Debug for Smtp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Smtp")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the SMTP connection is secured.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain SMTP (loopback relays only, really).
+    None,
+    /// STARTTLS, required.
+    #[default]
+    Starttls,
+    /// TLS from the first byte (SMTPS).
+    Tls,
+}
+
+fn default_smtp_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_smtp_retry_max() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Smtp {
+    /// Checks what the schema alone cannot: a host, a From address, sane timeouts,
+    /// credentials given together.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.host.trim().is_empty() {
+            return Err("smtp: host is empty".into());
+        }
+        if let Err(e) = self.from.parse::<lettre::message::Mailbox>() {
+            return Err(format!(
+                "smtp: from '{}' is not a mail address: {e}",
+                self.from
+            ));
+        }
+        if self.timeout < Duration::from_millis(100) || self.retry_max < Duration::from_millis(100)
+        {
+            return Err("smtp: timeout and retry_max are at least 100ms".into());
+        }
+        if self.user.is_some() != self.password_file.is_some() {
+            return Err("smtp: user and password_file go together (give both or neither)".into());
+        }
+        Ok(())
+    }
+}
 
 /// A message as the outbox stores it: everything needed to send it again, identically.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

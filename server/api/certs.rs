@@ -69,7 +69,7 @@ impl pb::certificates_server::Certificates for CertsApi {
     ) -> Result<Response<pb::Certificate>, Status> {
         require(&req, Role::Viewer, "GetCertificate")?;
         let name = req.into_inner().name;
-        if !crate::config::is_safe_name(&name) {
+        if !crate::fsops::is_safe_name(&name) {
             return Err(Status::invalid_argument(format!(
                 "{} is not a lineage name (letters, digits, '.', '_', '-')",
                 crate::quote::quote(&name)
@@ -95,7 +95,7 @@ impl pb::certificates_server::Certificates for CertsApi {
     ) -> Result<Response<pb::Job>, Status> {
         require(&req, Role::Operator, "RenewCertificate")?;
         let r = req.into_inner();
-        if !crate::config::is_safe_name(&r.name) {
+        if !crate::fsops::is_safe_name(&r.name) {
             return Err(Status::invalid_argument(format!(
                 "{} is not a lineage name (letters, digits, '.', '_', '-')",
                 crate::quote::quote(&r.name)

@@ -2,7 +2,7 @@
 //! delayed ACKs, ~44 ms a request on loopback) trusting the system roots plus a configured CA,
 //! accounts created once per directory and kept 0600, keys, CSRs, and CA problems in words.
 
-use crate::config::AcmeServer;
+use crate::certs::config::AcmeServer;
 use instant_acme::{Account, AccountCredentials, ExternalAccountKey, HttpClient, NewAccount};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -3,6 +3,7 @@
 //! them step by step.
 
 pub(crate) mod acme;
+pub(crate) mod config;
 pub(crate) mod lineage;
 pub(crate) mod responder;
 
@@ -151,7 +152,7 @@ pub(crate) fn list(config: &crate::config::Config) -> Vec<Listed> {
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| crate::config::is_safe_name(n))
+                .filter(|n| crate::fsops::is_safe_name(n))
                 .collect()
         })
         .unwrap_or_default();
@@ -161,7 +162,7 @@ pub(crate) fn list(config: &crate::config::Config) -> Vec<Listed> {
 
 /// One lineage, if it exists and its live certificate reads.
 pub(crate) fn get(config: &crate::config::Config, name: &str) -> Option<Listed> {
-    if !crate::config::is_safe_name(name) {
+    if !crate::fsops::is_safe_name(name) {
         return None;
     }
     let l = lineage::Lineage::new(&config.cert_root(), name);

@@ -6,8 +6,10 @@
 pub(crate) mod master;
 pub mod policy;
 pub(crate) mod runtime;
+pub mod target;
 
-use crate::config::{Config, HaproxyTarget};
+pub use target::HaproxyTarget;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -136,11 +138,11 @@ pub fn is_version(v: &str) -> bool {
 }
 
 impl Targets {
-    /// The targets of a configuration.
-    pub fn new(config: &Config) -> Targets {
+    /// The targets a configuration declares, certificate bundles written to `bundle_dir`.
+    pub fn new(targets: &[HaproxyTarget], bundle_dir: PathBuf) -> Targets {
         Targets {
-            targets: config.haproxy.clone(),
-            bundle_dir: config.bundle_dir(),
+            targets: targets.to_vec(),
+            bundle_dir,
         }
     }
 

@@ -5,10 +5,11 @@
 //! leaves no challenge file and the previous version live; a rollback puts it back.
 
 use crate::certs::acme;
+use crate::certs::config::AcmeServer;
 use crate::certs::lineage::{self, FILES, Lineage};
 use crate::certs::responder::{self, Responder};
 use crate::certs::{KEY_TYPES, Meta, check_names};
-use crate::config::{AcmeServer, Config};
+use crate::config::Config;
 use crate::job::LogLevel;
 use crate::quote::quote;
 use crate::step::{Env, Error, StepCtx, StepError};
@@ -160,7 +161,7 @@ fn request(config: &Config, spec: &Spec) -> Result<(Request, Vec<String>), Error
         expand,
     } = spec;
     check_names(names).map_err(Error::InvalidArgument)?;
-    if !crate::config::is_safe_name(lineage) {
+    if !crate::fsops::is_safe_name(lineage) {
         return Err(Error::InvalidArgument(format!(
             "lineage name {} is not a safe file name (letters, digits, '.', '_', '-'; not '.' or '..')",
             quote(lineage)
@@ -189,7 +190,7 @@ fn request(config: &Config, spec: &Spec) -> Result<(Request, Vec<String>), Error
     })?;
     match webroot {
         Some(w) => {
-            if !w.is_absolute() || !crate::config::is_normal(w) {
+            if !w.is_absolute() || !crate::fsops::is_normal(w) {
                 return Err(Error::InvalidArgument(format!(
                     "webroot {} must be an absolute path without '..'",
                     quote(&w.to_string_lossy())
@@ -878,7 +879,7 @@ impl Issue {
 
 /// How a target gets the certificate now: a hot-swap (`set ssl cert`) where HAProxy has the
 /// bundle loaded, else a reload through the master CLI or the reload command.
-async fn deploy_how(h: &crate::config::HaproxyTarget, bundle: &Path) -> Result<UndoEntry, String> {
+async fn deploy_how(h: &crate::haproxy::HaproxyTarget, bundle: &Path) -> Result<UndoEntry, String> {
     if let Some(socket) = &h.stats_socket
         && let Ok(true) = crate::haproxy::runtime::ssl_cert_loaded(socket, bundle).await
     {

@@ -4,7 +4,7 @@
 //! a cancel, or a rollback leaves HAProxy on the configuration it had, reloaded.
 
 use super::{Executor, Planned, StepFuture};
-use crate::config::HaproxyTarget;
+use crate::haproxy::HaproxyTarget;
 use crate::haproxy::{Level, Targets, master};
 use crate::job::LogLevel;
 use crate::stats::parse::State;
@@ -66,7 +66,7 @@ impl std::fmt::Display for Step {
 /// Checks a submission: the target exists with a config file and a master socket.
 pub(crate) fn plan(spec: &Spec, env: &Env) -> Result<Planned, Error> {
     let (target, text) = (&spec.target, &spec.config);
-    let targets = Targets::new(&env.config);
+    let targets = Targets::new(&env.config.haproxy, env.config.bundle_dir());
     let t = targets.get(target)?.clone();
     if t.config.is_none() || (t.master_socket.is_none() && t.reload_command.is_none()) {
         return Err(Error::FailedPrecondition(format!(

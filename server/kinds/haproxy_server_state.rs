@@ -46,7 +46,7 @@ impl Step {
 const STEPS: [Step; 2] = [Step::Read, Step::Set];
 
 fn socket(config: &Config, target: &str) -> Result<PathBuf, Error> {
-    let targets = Targets::new(config);
+    let targets = Targets::new(&config.haproxy, config.bundle_dir());
     let t = targets
         .get(target)
         .map_err(|e| Error::NotFound(e.to_string()))?;

@@ -4,10 +4,11 @@
 
 use super::{Executor, Planned, StepFuture};
 use crate::command::{Invocation, Output};
-use crate::config::{Action, Runbook, is_normal, parse_mode, render};
 use crate::fsops;
+use crate::fsops::is_normal;
 use crate::job::LogLevel;
 use crate::quote::quote;
+use crate::runbooks::{Action, Runbook, parse_mode, render};
 use crate::step::{Env, Error, StepCtx, StepError};
 use crate::undo::UndoEntry;
 use futures_util::StreamExt;
