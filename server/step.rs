@@ -269,3 +269,22 @@ impl<'a> StepCtx<'a> {
         self.journal.process_ended(pgid)
     }
 }
+
+/// An [`Env`] over a fresh data directory, for unit tests of planning and steps.
+#[cfg(test)]
+pub(crate) fn test_env(config: Config) -> (Env, tempfile::TempDir) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = config;
+    config.data_dir = dir.path().to_owned();
+    let env = Env {
+        store: Store::open(&dir.path().join("stately.db"), false).expect("store"),
+        blobs: BlobStore::open(dir.path().join("blobs")).expect("blobs"),
+        http: reqwest::Client::new(),
+        stats: Arc::new(crate::stats::StatsHub::new(Default::default())),
+        responder: None,
+        stopping: CancellationToken::new(),
+        config: Arc::new(config),
+    };
+    (env, dir)
+}

@@ -875,6 +875,119 @@ mod tests {
         .collect()
     }
 
+    fn stored(kind: &str, state: JobState, labels: &[(&str, &str)]) -> StoredJob {
+        JobRecord {
+            id: JobId::new(),
+            spec: StoredSpec {
+                kind: kind.into(),
+                json: "{}".into(),
+                rollback_of: None,
+            },
+            state,
+            steps: Vec::new(),
+            request_id: None,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            resources: vec!["r".into()],
+            waiting_for: Vec::new(),
+            created_at: 1,
+            started_at: None,
+            finished_at: None,
+            error: None,
+            failed_step: None,
+            undo_entries: 0,
+            rolled_back_by: None,
+            last_seq: 0,
+            unwind_incomplete: false,
+        }
+    }
+
+    fn filter(states: &[JobState], kind: Option<&str>, labels: &[(&str, &str)]) -> JobFilter {
+        JobFilter {
+            states: states.to_vec(),
+            kind: kind.map(str::to_owned),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            before: None,
+            limit: 100,
+        }
+    }
+
+    #[tokio::test]
+    async fn list_filters_by_state_kind_and_labels_and_pages_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("stately.db"), false).unwrap();
+        let jobs = [
+            stored("runbook", JobState::Succeeded, &[("env", "prod")]),
+            stored("runbook", JobState::Failed, &[("env", "test")]),
+            stored(
+                "haproxy_apply",
+                JobState::Succeeded,
+                &[("env", "prod"), ("team", "web")],
+            ),
+        ];
+        let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+        store
+            .commit(jobs.into_iter().map(Write::InsertJob).collect(), None)
+            .await
+            .unwrap();
+        let got = |f: JobFilter| -> Vec<JobId> {
+            store
+                .list(&f)
+                .unwrap()
+                .into_iter()
+                .map(|(j, _)| j.id)
+                .collect()
+        };
+        assert_eq!(got(filter(&[], None, &[])), [ids[2], ids[1], ids[0]]);
+        assert_eq!(
+            got(filter(&[JobState::Succeeded], None, &[])),
+            [ids[2], ids[0]]
+        );
+        assert_eq!(got(filter(&[], Some("runbook"), &[])), [ids[1], ids[0]]);
+        assert_eq!(got(filter(&[], None, &[("env", "prod")])), [ids[2], ids[0]]);
+        assert_eq!(
+            got(filter(&[], None, &[("env", "prod"), ("team", "web")])),
+            [ids[2]]
+        );
+        // A page ends at its limit; the next starts below the last position it gave.
+        let mut f = filter(&[], None, &[]);
+        f.limit = 2;
+        let page = store.list(&f).unwrap();
+        assert_eq!(page.len(), 2);
+        f.before = Some(page[1].1);
+        assert_eq!(got(f), [ids[0]]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_update_changes_progress_and_keeps_the_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("stately.db"), false).unwrap();
+        let mut job = stored("runbook", JobState::Pending, &[]);
+        job.spec.json = r#"{"runbook":{"runbook":"x","params":{}}}"#.into();
+        store
+            .commit(vec![Write::InsertJob(job.clone())], None)
+            .await
+            .unwrap();
+        job.state = JobState::Running;
+        job.unwind_incomplete = true;
+        store
+            .commit(vec![Write::UpdateJob(job.progress())], None)
+            .await
+            .unwrap();
+        let back = store.job(job.id).unwrap().unwrap();
+        assert_eq!(back.state, JobState::Running);
+        assert_eq!(back.spec, job.spec);
+        assert_eq!(store.jobs_unwind_incomplete().unwrap().len(), 1);
+        assert_eq!(store.jobs_in(&[JobState::Pending]).unwrap().len(), 0);
+        store.close().await;
+    }
+
     /// A ledger written before each kind owned its spec loads, every job with its spec.
     #[tokio::test]
     async fn ledger_from_before_loads() {

@@ -623,3 +623,42 @@ pub(crate) fn event_to_pb(e: &Event) -> pb::JobEvent {
         event: Some(event),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::grpc_timeout;
+    use std::time::Duration;
+
+    fn with(value: &str) -> Option<Duration> {
+        let mut req = tonic::Request::new(());
+        req.metadata_mut()
+            .insert("grpc-timeout", value.parse().unwrap());
+        grpc_timeout(&req)
+    }
+
+    #[test]
+    fn grpc_timeout_reads_every_unit_the_spec_names() {
+        assert_eq!(with("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(with("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(with("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(with("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(with("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(with("9n"), Some(Duration::from_nanos(9)));
+        assert_eq!(
+            with("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+    }
+
+    #[test]
+    fn grpc_timeout_ignores_what_the_spec_does_not_allow() {
+        for bad in ["", "S", "5", "5s", "123456789S", "-1S", "1.5S", "5 S"] {
+            let mut req = tonic::Request::new(());
+            if let Ok(v) = bad.parse() {
+                req.metadata_mut().insert("grpc-timeout", v);
+            }
+            assert_eq!(grpc_timeout(&req), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&tonic::Request::new(())), None);
+    }
+}

@@ -836,3 +836,156 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// The engine's state transitions, in process (no gRPC, no daemon binary).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kinds::runbook;
+
+    const RUNBOOKS: &str = r#"
+[[runbook]]
+name = "ok"
+[[runbook.step]]
+type = "check"
+argv = ["true"]
+
+[[runbook.step]]
+type = "check"
+argv = ["true"]
+
+[[runbook]]
+name = "fails"
+[[runbook.step]]
+type = "check"
+argv = ["false"]
+
+[[runbook]]
+name = "slow"
+[[runbook.step]]
+type = "command"
+argv = ["sleep", "30"]
+"#;
+
+    async fn engine() -> (Engine, CancellationToken, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::parse(RUNBOOKS, std::path::Path::new("test.toml")).unwrap();
+        config.data_dir = dir.path().to_owned();
+        let stop = CancellationToken::new();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let engine = Engine::start(Arc::new(config), &stop).await.unwrap();
+        (engine, stop, dir)
+    }
+
+    fn run(name: &str) -> Submission {
+        Submission {
+            spec: JobSpec::Runbook(runbook::Spec {
+                runbook: name.into(),
+                params: Default::default(),
+            }),
+            request_id: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// The states a job's events go through, until its terminal one.
+    async fn states(engine: &Engine, id: JobId) -> Vec<JobState> {
+        let mut rx = engine.watch(id, 0).unwrap();
+        let mut out = Vec::new();
+        while let Some(ev) = rx.recv().await {
+            if let EventBody::State { to, .. } = ev.unwrap().body {
+                out.push(to);
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_job_that_succeeds_goes_pending_running_succeeded() {
+        let (engine, _stop, _dir) = engine().await;
+        let job = engine.submit(run("ok")).await.unwrap();
+        assert_eq!(job.state, JobState::Pending);
+        assert_eq!(
+            states(&engine, job.id).await,
+            [JobState::Pending, JobState::Running, JobState::Succeeded]
+        );
+        let done = engine.get(job.id).unwrap();
+        assert!(done.steps.iter().all(|s| s.state == StepState::Succeeded));
+        assert!(done.finished_at.is_some() && done.error.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failing_step_fails_the_job_and_names_the_step() {
+        let (engine, _stop, _dir) = engine().await;
+        let job = engine.submit(run("fails")).await.unwrap();
+        assert_eq!(
+            states(&engine, job.id).await,
+            [JobState::Pending, JobState::Running, JobState::Failed]
+        );
+        let done = engine.get(job.id).unwrap();
+        assert_eq!(done.failed_step.as_deref(), Some("check false"));
+        assert_eq!(done.steps[0].state, StepState::Failed);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_of_a_running_job_goes_through_cancelling() {
+        let (engine, _stop, _dir) = engine().await;
+        let job = engine.submit(run("slow")).await.unwrap();
+        let mut rx = engine.watch(job.id, 0).unwrap();
+        // Wait for the step to start before cancelling.
+        while let Some(ev) = rx.recv().await {
+            if let EventBody::StepStarted { .. } = ev.unwrap().body {
+                break;
+            }
+        }
+        let cancelled = engine.cancel(job.id, "test", true).await.unwrap();
+        assert_eq!(cancelled.state, JobState::Cancelled);
+        assert_eq!(
+            states(&engine, job.id).await,
+            [
+                JobState::Pending,
+                JobState::Running,
+                JobState::Cancelling,
+                JobState::Cancelled
+            ]
+        );
+        assert_eq!(cancelled.error.as_deref(), Some("cancelled: test"));
+    }
+
+    #[tokio::test]
+    async fn a_job_waits_for_the_resource_an_earlier_job_holds() {
+        let (engine, _stop, _dir) = engine().await;
+        let first = engine.submit(run("slow")).await.unwrap();
+        let second = engine.submit(run("slow")).await.unwrap();
+        assert_eq!(second.waiting_for, ["runbook:slow"]);
+        engine.cancel(first.id, "make way", true).await.unwrap();
+        let mut rx = engine.watch(second.id, 0).unwrap();
+        while let Some(ev) = rx.recv().await {
+            if let EventBody::State {
+                to: JobState::Running,
+                ..
+            } = ev.unwrap().body
+            {
+                break;
+            }
+        }
+        engine.cancel(second.id, "done", true).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_rollback_cannot_be_submitted_directly() {
+        let (engine, _stop, _dir) = engine().await;
+        let e = engine
+            .submit(Submission {
+                spec: JobSpec::Rollback(crate::kinds::rollback::Spec {
+                    target: JobId::new(),
+                    force: false,
+                }),
+                request_id: None,
+                labels: BTreeMap::new(),
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+    }
+}

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Executor, Planned, StepFuture};
+use super::{Executor, Moment, Planned, StepFuture};
 
 /// Issue or renew a certificate over ACME, install it, optionally deploy it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -137,7 +137,7 @@ pub(crate) struct Request {
 }
 
 /// Checks a spec; the resources it holds are the lineage and the deploy targets.
-pub(crate) fn plan(spec: &Spec, env: &Env) -> Result<Planned, Error> {
+pub(crate) async fn plan(spec: &Spec, env: &Env, _at: Moment) -> Result<Planned, Error> {
     let (req, resources) = request(&env.config, spec)?;
     let issue = Issue::new(&env.config, req, env.responder.clone());
     Ok(Planned {

@@ -3,7 +3,7 @@
 //! its undo first — reload again, then put the old file back — so a failed reload or verify,
 //! a cancel, or a rollback leaves HAProxy on the configuration it had, reloaded.
 
-use super::{Executor, Planned, StepFuture};
+use super::{Executor, Moment, Planned, StepFuture};
 use crate::haproxy::HaproxyTarget;
 use crate::haproxy::{Level, Targets, master};
 use crate::job::LogLevel;
@@ -64,7 +64,7 @@ impl std::fmt::Display for Step {
 }
 
 /// Checks a submission: the target exists with a config file and a master socket.
-pub(crate) fn plan(spec: &Spec, env: &Env) -> Result<Planned, Error> {
+pub(crate) async fn plan(spec: &Spec, env: &Env, _at: Moment) -> Result<Planned, Error> {
     let (target, text) = (&spec.target, &spec.config);
     let targets = Targets::new(&env.config.haproxy, env.config.bundle_dir());
     let t = targets.get(target)?.clone();

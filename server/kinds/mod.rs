@@ -3,15 +3,8 @@
 //! anything starts — and the same planning runs again when a job starts after a restart;
 //! planning returns the steps, the resources and the [`Executor`] together.
 //!
-//! Adding a kind: a module here, its variant in [`JobSpec`] (with its name in `KINDS`), and
-//! its line in [`plan`].
-
-pub mod alert_watch;
-pub mod certificate_issue;
-pub mod haproxy_apply;
-pub mod haproxy_server_state;
-pub mod rollback;
-pub mod runbook;
+//! Adding a kind: a module with a `Spec` and an `async fn plan(&Spec, &Env, Moment)`, and its
+//! line in the `kinds!` list below.
 
 use crate::job::{JobId, JobRecord};
 use crate::step::{Env, Error, StepCtx, StepError};
@@ -20,49 +13,60 @@ use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
 
-/// What a job does: one variant per kind, each wrapping the spec its kind's module owns.
-/// Stored as JSON (`{"runbook": {...}}`): a variant's name and its spec's fields are the stored
-/// format, kept as they are.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobSpec {
+/// Declares every kind once: its module, its variant of [`JobSpec`] (the variant's name in
+/// snake case is the module's name, the kind's name and its key in the stored JSON), its name
+/// in [`JobSpec::KINDS`], and its arm in [`plan`] — so no kind can be half registered.
+macro_rules! kinds {
+    ($( $(#[$doc:meta])* $variant:ident($module:ident), )*) => {
+        $( pub mod $module; )*
+
+        /// What a job does: one variant per kind, each wrapping the spec its kind's module
+        /// owns. Stored as JSON (`{"runbook": {...}}`): a variant's name and its spec's fields
+        /// are the stored format, kept as they are.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum JobSpec {
+            $( $(#[$doc])* $variant($module::Spec), )*
+        }
+
+        impl JobSpec {
+            /// The kind's name: "runbook", "rollback".
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $( JobSpec::$variant(_) => stringify!($module), )*
+                }
+            }
+
+            /// Every kind's name.
+            pub const KINDS: &'static [&'static str] = &[$( stringify!($module), )*];
+        }
+
+        /// Plans a spec against the daemon's configuration (and, at submission, the world),
+        /// or says what is wrong with it.
+        pub(crate) async fn plan(spec: &JobSpec, env: &Env, at: Moment) -> Result<Planned, Error> {
+            match spec {
+                $( JobSpec::$variant(s) => $module::plan(s, env, at).await, )*
+            }
+        }
+    };
+}
+
+kinds! {
     /// Run a configured runbook.
-    Runbook(runbook::Spec),
+    Runbook(runbook),
     /// Undo a finished job.
-    Rollback(rollback::Spec),
+    Rollback(rollback),
     /// Replace a HAProxy target's configuration.
-    HaproxyApply(haproxy_apply::Spec),
+    HaproxyApply(haproxy_apply),
     /// Set a server's administrative state.
-    HaproxyServerState(haproxy_server_state::Spec),
+    HaproxyServerState(haproxy_server_state),
     /// Watch a target's stats and mail its transitions, until cancelled.
-    AlertWatch(alert_watch::Spec),
+    AlertWatch(alert_watch),
     /// Issue or renew a certificate over ACME, install it, optionally deploy it.
-    CertificateIssue(certificate_issue::Spec),
+    CertificateIssue(certificate_issue),
 }
 
 impl JobSpec {
-    /// The kind's name: "runbook", "rollback".
-    pub fn kind(&self) -> &'static str {
-        match self {
-            JobSpec::Runbook(_) => "runbook",
-            JobSpec::Rollback(_) => "rollback",
-            JobSpec::HaproxyApply(_) => "haproxy_apply",
-            JobSpec::HaproxyServerState(_) => "haproxy_server_state",
-            JobSpec::AlertWatch(_) => "alert_watch",
-            JobSpec::CertificateIssue(_) => "certificate_issue",
-        }
-    }
-
-    /// Every kind's name.
-    pub const KINDS: &'static [&'static str] = &[
-        "runbook",
-        "rollback",
-        "haproxy_apply",
-        "haproxy_server_state",
-        "alert_watch",
-        "certificate_issue",
-    ];
-
     /// Whether a job of this kind, found running after a restart, carries on instead of
     /// being unwound (long-lived watches).
     pub fn resumes(&self) -> bool {
@@ -158,19 +162,6 @@ pub(crate) enum Moment {
     Start,
 }
 
-/// Plans a spec against the daemon's configuration (and, at submission, the world), or says
-/// what is wrong with it.
-pub(crate) async fn plan(spec: &JobSpec, env: &Env, at: Moment) -> Result<Planned, Error> {
-    match spec {
-        JobSpec::Runbook(s) => runbook::plan(s, env),
-        JobSpec::Rollback(s) => rollback::plan(s, env),
-        JobSpec::HaproxyApply(s) => haproxy_apply::plan(s, env),
-        JobSpec::HaproxyServerState(s) => haproxy_server_state::plan(s, env, at).await,
-        JobSpec::AlertWatch(s) => alert_watch::plan(s, env, at).await,
-        JobSpec::CertificateIssue(s) => certificate_issue::plan(s, env),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +200,237 @@ mod tests {
         )
         .unwrap();
         assert_eq!(spec.kind(), "haproxy_apply");
+    }
+}
+
+/// Planning, kind by kind: what each refuses and what it plans, without a daemon.
+#[cfg(test)]
+mod planning {
+    use super::*;
+    use crate::config::Config;
+    use crate::step::test_env;
+
+    fn config(text: &str) -> Config {
+        Config::parse(text, std::path::Path::new("test.toml")).expect("config")
+    }
+
+    fn refusal(r: Result<Planned, Error>) -> Error {
+        match r {
+            Ok(p) => panic!("planned {:?}, expected a refusal", p.steps),
+            Err(e) => e,
+        }
+    }
+
+    const RUNBOOK: &str = r#"
+[[runbook]]
+name = "motd"
+roots = ["/tmp"]
+params = { greeting = { default = "hi", pattern = "[a-z]+" } }
+resources = ["motd:{greeting}"]
+[[runbook.step]]
+type = "check"
+argv = ["true", "{greeting}"]
+[[runbook.step]]
+name = "write it"
+type = "write_file"
+path = "/tmp/motd-{greeting}"
+content = "{greeting}"
+"#;
+
+    fn runbook(params: &[(&str, &str)]) -> JobSpec {
+        JobSpec::Runbook(runbook::Spec {
+            runbook: "motd".into(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_runbook_plans_its_steps_and_templated_resources() {
+        let (env, _dir) = test_env(config(RUNBOOK));
+        let p = plan(&runbook(&[("greeting", "hello")]), &env, Moment::Submission)
+            .await
+            .unwrap();
+        assert_eq!(p.steps, ["check true hello", "write it"]);
+        assert_eq!(p.resources, ["motd:hello"]);
+    }
+
+    #[tokio::test]
+    async fn a_runbook_refuses_unknown_names_parameters_and_values() {
+        let (env, _dir) = test_env(config(RUNBOOK));
+        let unknown = JobSpec::Runbook(runbook::Spec {
+            runbook: "nope".into(),
+            params: Default::default(),
+        });
+        let e = refusal(plan(&unknown, &env, Moment::Submission).await);
+        assert!(
+            matches!(&e, Error::NotFound(m) if m.contains("(runbooks: motd)")),
+            "{e:?}"
+        );
+        let e = refusal(plan(&runbook(&[("colour", "x")]), &env, Moment::Submission).await);
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        let e = refusal(plan(&runbook(&[("greeting", "HELLO")]), &env, Moment::Submission).await);
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+    }
+
+    const EDGE: &str = r#"
+[[haproxy]]
+name = "edge"
+config = "/etc/haproxy/haproxy.cfg"
+master_socket = "/run/haproxy-master.sock"
+[[haproxy]]
+name = "bare"
+stats_socket = "/run/haproxy.sock"
+"#;
+
+    fn apply(target: &str, text: &str) -> JobSpec {
+        JobSpec::HaproxyApply(haproxy_apply::Spec {
+            target: target.into(),
+            config: text.into(),
+            base_version: None,
+            allow_servers_down: false,
+        })
+    }
+
+    #[tokio::test]
+    async fn an_apply_plans_five_steps_holding_its_target() {
+        let (env, _dir) = test_env(config(EDGE));
+        let p = plan(&apply("edge", "global\n"), &env, Moment::Submission)
+            .await
+            .unwrap();
+        assert_eq!(
+            p.steps,
+            [
+                "check the base version",
+                "validate with haproxy -c",
+                "swap the configuration",
+                "reload",
+                "verify"
+            ]
+        );
+        assert_eq!(p.resources, ["haproxy:edge"]);
+    }
+
+    #[tokio::test]
+    async fn an_apply_refuses_each_bad_input_with_its_own_code() {
+        let (env, _dir) = test_env(config(EDGE));
+        let at = Moment::Submission;
+        let e = refusal(plan(&apply("nope", "global\n"), &env, at).await);
+        assert!(
+            matches!(e, Error::Haproxy(crate::haproxy::Error::UnknownTarget(_))),
+            "{e:?}"
+        );
+        let e = refusal(plan(&apply("bare", "global\n"), &env, at).await);
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+        let e = refusal(plan(&apply("edge", "  \n"), &env, at).await);
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        let e = refusal(plan(&apply("edge", "global\0\n"), &env, at).await);
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        let huge = "#".repeat(crate::haproxy::MAX_CONFIG_BYTES + 1);
+        let e = refusal(plan(&apply("edge", &huge), &env, at).await);
+        assert!(matches!(e, Error::ResourceExhausted(_)), "{e:?}");
+        let e = refusal(plan(&apply("edge", "global\n  lua-load /x.lua\n"), &env, at).await);
+        assert!(
+            matches!(e, Error::Haproxy(crate::haproxy::Error::Refused(_))),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_state_asks_haproxy_only_at_submission() {
+        let (env, _dir) = test_env(config(EDGE));
+        let spec = JobSpec::HaproxyServerState(haproxy_server_state::Spec {
+            target: "bare".into(),
+            backend: "app".into(),
+            server: "s1".into(),
+            state: "drain".into(),
+        });
+        // No HAProxy listens on that socket: submission says so, a later start does not ask.
+        let e = refusal(plan(&spec, &env, Moment::Submission).await);
+        assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+        let p = plan(&spec, &env, Moment::Start).await.unwrap();
+        assert_eq!(p.steps, ["read app/s1", "set app/s1 drain"]);
+    }
+
+    fn issue(spec: certificate_issue::Spec) -> JobSpec {
+        JobSpec::CertificateIssue(spec.with_defaults())
+    }
+
+    fn names(names: &[&str]) -> certificate_issue::Spec {
+        certificate_issue::Spec {
+            lineage: String::new(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            webroot: None,
+            key_type: String::new(),
+            reuse_key: false,
+            deploy: Vec::new(),
+            acme: String::new(),
+            expand: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_issue_takes_the_kinds_defaults_and_holds_lineage_and_targets() {
+        let text = format!("{EDGE}\n[certificates]\nresponder = \"127.0.0.1:0\"\n");
+        let (env, _dir) = test_env(config(&text));
+        let spec = certificate_issue::Spec {
+            deploy: vec!["edge".into()],
+            ..names(&[" Example.COM", "www.example.com"])
+        };
+        let JobSpec::CertificateIssue(s) = issue(spec.clone()) else {
+            unreachable!()
+        };
+        assert_eq!(s.lineage, "example.com");
+        assert_eq!(s.names, ["example.com", "www.example.com"]);
+        assert_eq!(s.key_type, "ec256");
+        let p = plan(&issue(spec), &env, Moment::Submission).await.unwrap();
+        assert_eq!(p.resources, ["cert:example.com", "haproxy:edge"]);
+        assert_eq!(p.steps.last().map(String::as_str), Some("deploy"));
+    }
+
+    #[tokio::test]
+    async fn an_issue_with_nothing_to_answer_the_challenge_is_refused() {
+        let (env, _dir) = test_env(config(EDGE));
+        let e = refusal(plan(&issue(names(&["example.com"])), &env, Moment::Submission).await);
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_rollback_of_an_unknown_job_is_not_found() {
+        let (env, _dir) = test_env(config(""));
+        let spec = JobSpec::Rollback(rollback::Spec {
+            target: crate::job::JobId::new(),
+            force: false,
+        });
+        let e = refusal(plan(&spec, &env, Moment::Submission).await);
+        assert!(matches!(e, Error::NotFound(_)), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_watch_checks_its_mail_relay_only_at_submission() {
+        // Nothing listens on port 1 of loopback.
+        let text = format!(
+            "{EDGE}\n[smtp]\nhost = \"127.0.0.1\"\nport = 1\ntls = \"none\"\nfrom = \"s <s@example.test>\"\ntimeout = \"1s\"\n"
+        );
+        let (env, _dir) = test_env(config(&text));
+        let spec = JobSpec::AlertWatch(alert_watch::Spec {
+            target: "bare".into(),
+            to: vec!["ops@example.test".into()],
+            rules: crate::alerts::rules::Rules {
+                interval_ms: 1000,
+                hold_ms: 10_000,
+                proxies: Vec::new(),
+                max_session_rate: None,
+                max_sessions_percent: None,
+                max_5xx: None,
+            },
+        });
+        let e = refusal(plan(&spec, &env, Moment::Submission).await);
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+        let p = plan(&spec, &env, Moment::Start).await.unwrap();
+        assert_eq!(p.steps, ["watch bare"]);
+        assert!(p.resources.is_empty());
     }
 }

@@ -2,7 +2,7 @@
 //! files it changed are still as it left them. Before each entry it records the entry's own
 //! inverse, so a rollback can be rolled back too.
 
-use super::{Executor, Planned, StepFuture};
+use super::{Executor, Moment, Planned, StepFuture};
 use crate::fsops::FileState;
 use crate::job::{JobId, JobState, LogLevel};
 use crate::step::{Env, Error, StepCtx, StepError};
@@ -23,7 +23,7 @@ const STEPS: [&str; 2] = ["check nothing changed since", "undo the job's changes
 
 /// Loads the journal of the job to undo, which must have succeeded and not been rolled back
 /// already; the rollback holds what that job held.
-pub(crate) fn plan(spec: &Spec, env: &Env) -> Result<Planned, Error> {
+pub(crate) async fn plan(spec: &Spec, env: &Env, _at: Moment) -> Result<Planned, Error> {
     let target = spec.target;
     let record = env
         .store

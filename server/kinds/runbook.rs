@@ -2,7 +2,7 @@
 //! Clients pass declared parameters only; every path is checked against the runbook's roots
 //! at submission and again, with symlinks resolved, when the step runs.
 
-use super::{Executor, Planned, StepFuture};
+use super::{Executor, Moment, Planned, StepFuture};
 use crate::command::{Invocation, Output};
 use crate::fsops;
 use crate::fsops::is_normal;
@@ -32,7 +32,7 @@ pub struct Spec {
 }
 
 /// Finds the runbook and applies the parameters.
-pub(crate) fn plan(spec: &Spec, env: &Env) -> Result<Planned, Error> {
+pub(crate) async fn plan(spec: &Spec, env: &Env, _at: Moment) -> Result<Planned, Error> {
     let config = &env.config;
     let rb = config.runbook(&spec.runbook).ok_or_else(|| {
         let known: Vec<&str> = config.runbooks.iter().map(|r| r.name.as_str()).collect();
