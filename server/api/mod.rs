@@ -70,7 +70,7 @@ impl From<crate::haproxy::Error> for Status {
     fn from(e: crate::haproxy::Error) -> Status {
         use crate::haproxy::Error::*;
         match e {
-            UnknownTarget(m) => status(Code::NotFound, m),
+            UnknownTarget(m) | NotFound(m) => status(Code::NotFound, m),
             e @ NoConfig(_) => status(Code::FailedPrecondition, e.to_string()),
             BadCandidate(m) => status(Code::InvalidArgument, m),
             Refused(m) => status(Code::PermissionDenied, m),

@@ -68,6 +68,9 @@ pub enum Error {
     /// The candidate is larger than a configuration may be.
     #[error("{0}")]
     TooLarge(String),
+    /// A backend or server the target does not have; the message names those it has.
+    #[error("{0}")]
+    NotFound(String),
     /// Reading, writing or running failed.
     #[error("{0}")]
     Io(String),

@@ -63,6 +63,15 @@ pub(crate) enum Lookup {
     Failed(String),
 }
 
+impl From<Lookup> for super::Error {
+    fn from(l: Lookup) -> super::Error {
+        match l {
+            Lookup::NotFound(m) => super::Error::NotFound(m),
+            Lookup::Failed(m) => super::Error::Io(m),
+        }
+    }
+}
+
 /// Sets a server's administrative state.
 pub(crate) async fn set_server_state(
     socket: &Path,

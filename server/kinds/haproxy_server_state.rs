@@ -47,9 +47,7 @@ const STEPS: [Step; 2] = [Step::Read, Step::Set];
 
 fn socket(config: &Config, target: &str) -> Result<PathBuf, Error> {
     let targets = Targets::new(&config.haproxy, config.bundle_dir());
-    let t = targets
-        .get(target)
-        .map_err(|e| Error::NotFound(e.to_string()))?;
+    let t = targets.get(target)?;
     t.stats_socket.clone().ok_or_else(|| {
         Error::FailedPrecondition(format!(
             "HAProxy target '{target}' has no stats_socket (the runtime API) configured"
@@ -86,11 +84,10 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, at: Moment) -> Result<Planned, 
     }
     let socket = socket(&env.config, target)?;
     if at == Moment::Submission {
-        match runtime::server_state(&socket, backend, server).await {
-            Ok(_) => {}
-            Err(Lookup::NotFound(m)) => return Err(Error::NotFound(m)),
-            Err(Lookup::Failed(m)) => return Err(Error::Unavailable(m)),
-        }
+        // NOT_FOUND naming the servers it has, or UNAVAILABLE when HAProxy cannot be asked.
+        runtime::server_state(&socket, backend, server)
+            .await
+            .map_err(crate::haproxy::Error::from)?;
     }
     let steps: Vec<String> = STEPS.iter().map(|s| s.name(spec)).collect();
     Ok(Planned {

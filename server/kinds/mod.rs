@@ -349,7 +349,10 @@ stats_socket = "/run/haproxy.sock"
         });
         // No HAProxy listens on that socket: submission says so, a later start does not ask.
         let e = refusal(plan(&spec, &env, Moment::Submission).await);
-        assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+        assert!(
+            matches!(e, Error::Haproxy(crate::haproxy::Error::Io(_))),
+            "{e:?}"
+        );
         let p = plan(&spec, &env, Moment::Start).await.unwrap();
         assert_eq!(p.steps, ["read app/s1", "set app/s1 drain"]);
     }
