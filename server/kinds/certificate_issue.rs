@@ -924,8 +924,12 @@ async fn write_owned(
 }
 
 /// A test hook: `STATELY_TEST_INSTALL_PAUSE_MS` pauses the install halfway through the live
-/// links, so tests can cancel or kill the daemon there.
+/// links, so tests can cancel or kill the daemon there — a moment no request can hold open.
+/// Debug builds only (the tests' build): a release binary has no such hook.
 fn test_pause() -> Option<Duration> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
     std::env::var("STATELY_TEST_INSTALL_PAUSE_MS")
         .ok()?
         .parse()
