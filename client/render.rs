@@ -132,6 +132,48 @@ fn spec_json(spec: &Option<pb::JobSpec>) -> Value {
                 "key_type": c.key_type, "reuse_key": c.reuse_key, "deploy": c.deploy, "acme": c.acme,
                 "expand": c.expand}})
         }
+        Some(pb::job_spec::Kind::HaproxyEdit(e)) => {
+            json!({"haproxy_edit": {"target": e.target, "base_version": e.base_version, "replace": e.replace,
+                "allow_servers_down": e.allow_servers_down,
+                "edits": e.edits.iter().map(edit_json).collect::<Vec<_>>()}})
+        }
+        None => Value::Null,
+    }
+}
+
+/// One structured edit as `{"<op>": {fields}}`, fields as the API names them.
+pub(crate) fn edit_json(e: &pb::HaproxyEdit) -> Value {
+    use pb::haproxy_edit::Op;
+    match &e.op {
+        Some(Op::ForceHttps(f)) => json!({"force_https": {"frontend": f.frontend, "host": f.host,
+            "code": f.code, "no_acme_exemption": f.no_acme_exemption}}),
+        Some(Op::HttpsFrontend(h)) => {
+            json!({"https_frontend": {"frontend": h.frontend, "bind": h.bind,
+            "crt": h.crt, "alpn": h.alpn, "backend": h.backend}})
+        }
+        Some(Op::StickySessions(st)) => {
+            json!({"sticky_sessions": {"backend": st.backend, "cookie": st.cookie}})
+        }
+        Some(Op::RestrictPath(r)) => {
+            json!({"restrict_path": {"frontend": r.frontend, "path": r.path,
+            "allow": r.allow, "status": r.status}})
+        }
+        Some(Op::HealthCheck(h)) => {
+            json!({"health_check": {"backend": h.backend, "method": h.method,
+            "uri": h.uri, "host": h.host, "expect_status": h.expect_status}})
+        }
+        Some(Op::RouteAcme(r)) => {
+            json!({"route_acme": {"frontend": r.frontend, "responder": r.responder}})
+        }
+        Some(Op::AddServer(a)) => json!({"add_server": {"backend": a.backend, "name": a.name,
+            "address": a.address, "options": a.options}}),
+        Some(Op::RemoveServer(r)) => {
+            json!({"remove_server": {"backend": r.backend, "name": r.name}})
+        }
+        Some(Op::SetLine(l)) => {
+            json!({"set_line": {"section": l.section, "line": l.line, "key": l.key}})
+        }
+        Some(Op::RemoveLine(l)) => json!({"remove_line": {"section": l.section, "line": l.line}}),
         None => Value::Null,
     }
 }
@@ -207,6 +249,9 @@ fn what(j: &pb::Job) -> String {
         }
         Some(pb::job_spec::Kind::CertificateIssue(c)) => {
             format!("cert {} ({})", c.lineage, c.names.join(", "))
+        }
+        Some(pb::job_spec::Kind::HaproxyEdit(e)) => {
+            format!("edit {} ({} edit(s))", e.target, e.edits.len())
         }
         None => String::new(),
     }

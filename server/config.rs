@@ -50,10 +50,10 @@ pub struct Config {
     /// Open connections per listener at most (lowered to fit the open-file limit).
     pub max_connections: usize,
     /// A connection that sends nothing for this long after it opened is closed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::human_time")]
     pub first_bytes_timeout: Duration,
     /// How long running jobs get to finish on SIGTERM before they are left for recovery.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::human_time")]
     pub shutdown_grace: Duration,
     /// The journal's durability: `full` syncs every commit to disk (survives power loss),
     /// `normal` syncs at checkpoints (survives a crash of the daemon, not of the machine).
@@ -89,6 +89,15 @@ impl Config {
             .root
             .clone()
             .unwrap_or_else(|| self.data_dir.join("letsencrypt"))
+    }
+
+    /// Where certificates live on disk.
+    pub(crate) fn cert_places(&self) -> crate::certs::Places {
+        crate::certs::Places {
+            root: self.cert_root(),
+            bundles: self.bundle_dir(),
+            data_dir: self.data_dir.clone(),
+        }
     }
 
     /// Where HAProxy bundles go.
@@ -136,7 +145,7 @@ pub struct History {
     /// Finished jobs kept in all, whatever their resources.
     pub keep_total: u32,
     /// How often old jobs and unreferenced backups are pruned.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::human_time")]
     pub prune_interval: Duration,
 }
 
@@ -479,5 +488,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("argvv"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_duration_says_what_humantime_says() {
+        let err = Config::parse("shutdown_grace = \"10\"\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("time unit needed"), "{err}");
     }
 }

@@ -98,6 +98,11 @@ pub async fn run(
     };
     let haproxy = HaproxyApi {
         targets: crate::haproxy::Targets::new(&config.haproxy, config.bundle_dir()),
+        edits: crate::haproxy::edits::Context {
+            bundle_dir: config.bundle_dir(),
+            responder: config.certificates.responder,
+            replace: false,
+        },
     };
     let stats = StatsApi {
         hub: engine.stats(),

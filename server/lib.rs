@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod engine;
 mod fsops;
 pub mod haproxy;
+mod human_time;
 pub mod job;
 mod journal;
 pub mod kinds;

@@ -28,7 +28,7 @@ pub(crate) fn spawn(engine: &Engine) {
             let due: Vec<crate::certs::Listed> = tokio::task::spawn_blocking(move || {
                 let before = config.certificates.renew_before.as_secs() as i64;
                 let now = now_ms() / 1000;
-                crate::certs::list(&config)
+                crate::certs::list(&config.cert_places())
                     .into_iter()
                     .filter(|l| l.meta.is_some() && l.info.not_after - now <= before)
                     .collect()
@@ -56,7 +56,8 @@ pub(crate) fn spawn(engine: &Engine) {
                 })
                 .collect();
             for l in due.into_iter().filter(|l| !busy.contains(&l.name)) {
-                let spec = match crate::certs::renewal_spec(engine.config(), &l.name) {
+                let spec = match crate::kinds::certificate_issue::renewal(engine.config(), &l.name)
+                {
                     Ok(spec) => spec,
                     Err(e) => {
                         tracing::warn!(lineage = %l.name, "cannot renew: {e}");

@@ -31,10 +31,10 @@ pub struct Smtp {
     /// Extra CA certificates (PEM) to trust for the relay's TLS.
     pub ca_file: Option<PathBuf>,
     /// How long one connection attempt or command may take.
-    #[serde(default = "default_smtp_timeout", with = "humantime_serde")]
+    #[serde(default = "default_smtp_timeout", with = "crate::human_time")]
     pub timeout: Duration,
     /// The longest wait between two delivery attempts of a message.
-    #[serde(default = "default_smtp_retry_max", with = "humantime_serde")]
+    #[serde(default = "default_smtp_retry_max", with = "crate::human_time")]
     pub retry_max: Duration,
 }
 

@@ -55,7 +55,7 @@ impl pb::certificates_server::Certificates for CertsApi {
         require(&req, Role::Viewer, "ListCertificates")?;
         let config = self.engine.config_arc();
         let renews = !config.certificates.renew_check.is_zero();
-        let all = tokio::task::spawn_blocking(move || certs::list(&config))
+        let all = tokio::task::spawn_blocking(move || certs::list(&config.cert_places()))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ListCertificatesResponse {
@@ -78,7 +78,7 @@ impl pb::certificates_server::Certificates for CertsApi {
         let config = self.engine.config_arc();
         let renews = !config.certificates.renew_check.is_zero();
         let n = name.clone();
-        let found = tokio::task::spawn_blocking(move || certs::get(&config, &n))
+        let found = tokio::task::spawn_blocking(move || certs::get(&config.cert_places(), &n))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         match found {
@@ -101,7 +101,7 @@ impl pb::certificates_server::Certificates for CertsApi {
                 crate::quote::quote(&r.name)
             )));
         }
-        let spec = certs::renewal_spec(self.engine.config(), &r.name)?;
+        let spec = crate::kinds::certificate_issue::renewal(self.engine.config(), &r.name)?;
         let job = self
             .engine
             .submit(Submission {

@@ -124,6 +124,20 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
             }
             .with_defaults(),
         ),
+        Some(pb::job_spec::Kind::HaproxyEdit(h)) => {
+            if h.target.is_empty() {
+                return Err(Status::invalid_argument(
+                    "spec.haproxy_edit.target is required",
+                ));
+            }
+            JobSpec::HaproxyEdit(kinds::haproxy_edit::Spec {
+                target: h.target,
+                edits: super::haproxy::edits_from_pb(h.edits)?,
+                base_version: (!h.base_version.is_empty()).then_some(h.base_version),
+                replace: h.replace,
+                allow_servers_down: h.allow_servers_down,
+            })
+        }
         Some(pb::job_spec::Kind::Rollback(_)) => {
             return Err(Status::invalid_argument(
                 "rollback jobs are started with RollbackJob, not submitted",
@@ -512,6 +526,13 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             deploy: deploy.clone(),
             acme: acme.clone(),
             expand: *expand,
+        }),
+        JobSpec::HaproxyEdit(e) => pb::job_spec::Kind::HaproxyEdit(pb::HaproxyEditJob {
+            target: e.target.clone(),
+            edits: super::haproxy::edits_to_pb(&e.edits),
+            base_version: e.base_version.clone().unwrap_or_default(),
+            replace: e.replace,
+            allow_servers_down: e.allow_servers_down,
         }),
         JobSpec::Rollback(kinds::rollback::Spec { target, force }) => {
             pb::job_spec::Kind::Rollback(pb::RollbackSpec {

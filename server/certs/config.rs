@@ -22,10 +22,10 @@ pub struct Certificates {
     /// Directories a job may name as its webroot (the directory itself or beneath it).
     pub webroots: Vec<PathBuf>,
     /// Renew a lineage this long before it expires.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::human_time")]
     pub renew_before: Duration,
     /// How often lineages are checked for renewal; "0s" turns automatic renewal off.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::human_time")]
     pub renew_check: Duration,
 }
 
@@ -41,6 +41,17 @@ impl Default for Certificates {
             renew_check: Duration::from_secs(12 * 3600),
         }
     }
+}
+
+/// Where a daemon's certificates live on disk.
+#[derive(Debug, Clone)]
+pub(crate) struct Places {
+    /// The certbot-style root (archive/, live/).
+    pub(crate) root: PathBuf,
+    /// Where HAProxy bundles are written.
+    pub(crate) bundles: PathBuf,
+    /// The daemon's data directory (renewal settings of each lineage).
+    pub(crate) data_dir: PathBuf,
 }
 
 /// An ACME server (directory) certificates can be ordered from.

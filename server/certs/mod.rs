@@ -4,6 +4,8 @@
 
 pub(crate) mod acme;
 pub(crate) mod config;
+
+pub(crate) use config::Places;
 pub(crate) mod lineage;
 pub(crate) mod responder;
 
@@ -146,8 +148,8 @@ pub(crate) struct Listed {
 }
 
 /// Every lineage under the root with a readable live certificate, by name.
-pub(crate) fn list(config: &crate::config::Config) -> Vec<Listed> {
-    let live = config.cert_root().join("live");
+pub(crate) fn list(config: &Places) -> Vec<Listed> {
+    let live = config.root.join("live");
     let mut names: Vec<String> = std::fs::read_dir(&live)
         .map(|d| {
             d.filter_map(|e| e.ok())
@@ -161,23 +163,20 @@ pub(crate) fn list(config: &crate::config::Config) -> Vec<Listed> {
 }
 
 /// One lineage, if it exists and its live certificate reads.
-pub(crate) fn get(config: &crate::config::Config, name: &str) -> Option<Listed> {
+pub(crate) fn get(config: &Places, name: &str) -> Option<Listed> {
     if !crate::fsops::is_safe_name(name) {
         return None;
     }
-    let l = lineage::Lineage::new(&config.cert_root(), name);
+    let l = lineage::Lineage::new(&config.root, name);
     if !l.exists() {
         return None;
     }
     let pem = std::fs::read(l.live_file("cert")).ok()?;
     let info = lineage::read_cert(&pem).ok()?;
-    let bundle = config.bundle_dir().join(format!("{name}.pem"));
-    let meta = std::fs::read(crate::kinds::certificate_issue::meta_file(
-        &config.data_dir,
-        name,
-    ))
-    .ok()
-    .and_then(|b| serde_json::from_slice(&b).ok());
+    let bundle = config.bundles.join(format!("{name}.pem"));
+    let meta = std::fs::read(meta_file(&config.data_dir, name))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     Some(Listed {
         name: name.to_owned(),
         info,
@@ -189,40 +188,7 @@ pub(crate) fn get(config: &crate::config::Config, name: &str) -> Option<Listed> 
     })
 }
 
-use crate::kinds::certificate_issue::{DEFAULT_KEY_TYPE, Spec};
-
-/// The job that renews a lineage: as it was issued when statelyd issued it, else (a lineage
-/// made by certbot) for the live certificate's names with the daemon's defaults.
-pub(crate) fn renewal_spec(
-    config: &crate::config::Config,
-    name: &str,
-) -> Result<crate::kinds::JobSpec, crate::engine::Error> {
-    let l = get(config, name).ok_or_else(|| {
-        crate::engine::Error::NotFound(format!(
-            "no certificate lineage '{name}' under {}",
-            config.cert_root().display()
-        ))
-    })?;
-    let meta = l.meta.unwrap_or_else(|| Meta {
-        names: l.info.names.clone(),
-        webroot: None,
-        key_type: l.info.key_type.clone(),
-        reuse_key: false,
-        deploy: Vec::new(),
-        acme: String::new(),
-    });
-    Ok(crate::kinds::JobSpec::CertificateIssue(Spec {
-        lineage: name.to_owned(),
-        names: meta.names,
-        webroot: meta.webroot,
-        key_type: if KEY_TYPES.contains(&meta.key_type.as_str()) {
-            meta.key_type
-        } else {
-            DEFAULT_KEY_TYPE.into()
-        },
-        reuse_key: meta.reuse_key,
-        deploy: meta.deploy,
-        acme: meta.acme,
-        expand: false,
-    }))
+/// The file that keeps how a lineage was issued.
+pub(crate) fn meta_file(data_dir: &std::path::Path, lineage: &str) -> std::path::PathBuf {
+    data_dir.join("renewal").join(format!("{lineage}.json"))
 }

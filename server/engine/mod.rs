@@ -199,12 +199,22 @@ impl Engine {
 
     async fn recover(&self) -> Result<(), Error> {
         let s = &self.shared;
-        for record in s
-            .env
-            .store
-            .jobs_in(&[JobState::Running, JobState::Cancelling])?
-        {
-            let record = kinds::typed(record)?;
+        // Every record is read before anything is done, so a ledger that cannot be read
+        // stops the start before any job was unwound or resumed.
+        let typed = |records: Vec<crate::store::StoredJob>| -> Result<Vec<Job>, Error> {
+            Ok(records
+                .into_iter()
+                .map(kinds::typed)
+                .collect::<Result<_, _>>()?)
+        };
+        let interrupted = typed(
+            s.env
+                .store
+                .jobs_in(&[JobState::Running, JobState::Cancelling])?,
+        )?;
+        let incomplete = typed(s.env.store.jobs_unwind_incomplete()?)?;
+        let pending = typed(s.env.store.jobs_in(&[JobState::Pending])?)?;
+        for record in interrupted {
             if record.state == JobState::Running && record.spec.resumes() {
                 tracing::info!(job = %record.id, "resuming a watch job");
                 let live = LiveJob::new();
@@ -222,8 +232,7 @@ impl Engine {
         }
         // Jobs whose unwind could not finish keep their resources (ahead of every pending
         // job) while their retries go on.
-        for record in s.env.store.jobs_unwind_incomplete()? {
-            let record = kinds::typed(record)?;
+        for record in incomplete {
             tracing::warn!(job = %record.id, "retrying an unwind that could not finish");
             let live = LiveJob::new();
             live.state.send_replace(record.state);
@@ -234,8 +243,7 @@ impl Engine {
                 .insert(record.id, live.clone());
             s.tasks.spawn(runner::retry_unwind(s.clone(), record, live));
         }
-        for record in s.env.store.jobs_in(&[JobState::Pending])? {
-            let record = kinds::typed(record)?;
+        for record in pending {
             let live = LiveJob::new();
             s.scheduler.enqueue(record.id, &record.resources);
             s.live
@@ -632,48 +640,8 @@ impl Engine {
     /// `force`) that nothing changed what it left.
     pub async fn rollback(&self, id: JobId, force: bool) -> Result<Job, Error> {
         let _one_at_a_time = self.shared.rollbacks.lock().await;
-        let target = self.get(id)?;
-        match target.state {
-            JobState::Succeeded => {}
-            JobState::Failed | JobState::Cancelled => {
-                return Err(Error::FailedPrecondition(format!(
-                    "job {id} ended {}; its changes were already undone when it ended",
-                    target.state.as_str()
-                )));
-            }
-            s => {
-                return Err(Error::FailedPrecondition(format!(
-                    "job {id} is {}; cancel it instead (CancelJob undoes what it did)",
-                    s.as_str()
-                )));
-            }
-        }
-        if let Some(by) = target.rolled_back_by {
-            return Err(Error::FailedPrecondition(format!(
-                "job {id} was already rolled back by job {by}"
-            )));
-        }
-        if let Some(active) = self.shared.env.store.active_rollbacks_of(id)?.first() {
-            return Err(Error::FailedPrecondition(format!(
-                "job {active} is already rolling back job {id}"
-            )));
-        }
-        let journal = self.shared.env.store.journal(id)?;
-        if journal.is_empty() {
-            return Err(Error::FailedPrecondition(format!(
-                "job {id} recorded no changes, so there is nothing to roll back"
-            )));
-        }
-        if !force {
-            let changed = kinds::rollback::changed_since(journal).await;
-            if !changed.is_empty() {
-                return Err(Error::FailedPrecondition(format!(
-                    "the world changed since job {id} ran, so rolling it back would overwrite later changes: {} \
-                     (force overrides: --force in the CLI)",
-                    changed.join("; ")
-                )));
-            }
-        }
+        // NOT_FOUND as for any job id; the rest is the rollback's planning.
+        self.get(id)?;
         let spec = JobSpec::Rollback(kinds::rollback::Spec { target: id, force });
         let plan = kinds::plan(&spec, &self.shared.env, Moment::Submission).await?;
         self.enqueue(

@@ -33,9 +33,11 @@ pub(crate) async fn run(
     };
 
     // Wait for our turn on every resource, or for a cancel.
+    let mut had_to_wait = false;
     let resources = record.resources.clone();
     let waited = {
         let wait = shared.scheduler.wait_turn(id, &resources, |blockers| {
+            had_to_wait = true;
             record.waiting_for = blockers.iter().map(|(r, _)| r.clone()).collect();
             let names: Vec<String> = blockers
                 .iter()
@@ -55,6 +57,9 @@ pub(crate) async fn run(
         }
     };
     record.waiting_for.clear();
+    // What the job waited for may have changed what its plan found (the lineage's names,
+    // the job a rollback undoes): it is planned again from the world of now.
+    let prepared = if had_to_wait { None } else { prepared };
     if !waited {
         record.finished_at = Some(now_ms());
         record.error = Some(live.reason());

@@ -3,6 +3,8 @@
 //! relative paths resolve the same; removed afterwards), with HAProxy's ALERT and WARNING lines
 //! mapped back to the candidate's own line numbers.
 
+pub(crate) mod cfg;
+pub mod edits;
 pub(crate) mod master;
 pub mod policy;
 pub(crate) mod runtime;

@@ -7,6 +7,7 @@
 //! configuration allows it. HAProxy's own parser is the reference; this is a conservative
 //! reading of its keywords, not a second parser: a line it cannot read is refused, not guessed.
 
+use super::cfg::words;
 use crate::fsops::canonical_prefix;
 use std::path::{Component, Path, PathBuf};
 
@@ -272,71 +273,6 @@ fn resolve(base: &Path, arg: &str) -> PathBuf {
         }
     }
     out
-}
-
-/// Splits a line into words as HAProxy does: blanks separate, `#` outside quotes starts a
-/// comment, double and single quotes group, a backslash escapes the next character.
-fn words(line: &str) -> Result<Vec<String>, String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut in_word = false;
-    let mut quote: Option<char> = None;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match (quote, c) {
-            (None, '#') => break,
-            (None, c) if c.is_whitespace() => {
-                if in_word {
-                    out.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            (None, '"' | '\'') => {
-                quote = Some(c);
-                in_word = true;
-            }
-            (Some(q), c) if c == q => quote = None,
-            (Some('\''), c) => cur.push(c),
-            (_, '\\') => {
-                in_word = true;
-                // HAProxy's escapes, decoded as it decodes them, so `lua-loa\x64` is seen as
-                // `lua-load`; any other pair is kept as written, as HAProxy keeps it.
-                match chars.next() {
-                    Some(n @ (' ' | '\\' | '#' | '\'' | '"' | '$')) => cur.push(n),
-                    Some('t') => cur.push('\t'),
-                    Some('n') => cur.push('\n'),
-                    Some('r') => cur.push('\r'),
-                    Some('x') => {
-                        let hex: String = chars.by_ref().take(2).collect();
-                        let byte = u8::from_str_radix(&hex, 16).map_err(|_| {
-                            format!("a \\x escape needs two hex digits, not {hex:?}")
-                        })?;
-                        if !byte.is_ascii() {
-                            return Err("a \\x escape outside ASCII".into());
-                        }
-                        cur.push(byte as char);
-                    }
-                    Some(n) => {
-                        // HAProxy keeps any other pair as written (`\.` in a regex, `\1`).
-                        cur.push('\\');
-                        cur.push(n);
-                    }
-                    None => return Err("a line ends with a backslash".into()),
-                }
-            }
-            (_, c) => {
-                in_word = true;
-                cur.push(c);
-            }
-        }
-    }
-    if quote.is_some() {
-        return Err("a quote is not closed".into());
-    }
-    if in_word {
-        out.push(cur);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

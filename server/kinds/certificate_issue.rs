@@ -258,6 +258,20 @@ fn request(config: &Config, spec: &Spec) -> Result<(Request, Vec<String>), Error
                 "HAProxy target '{t}' has no master_socket, reload_command or stats_socket: a certificate cannot be deployed to it"
             )));
         }
+        // A reload of a configuration that loads no bundle would not serve the certificate,
+        // whatever the job said.
+        if let Some(cfg) = &target.config
+            && let Ok(text) = std::fs::read_to_string(cfg)
+            && !crate::haproxy::edits::serves_bundle(&text, &config.bundle_dir(), &bundle)
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "HAProxy target '{t}' loads neither {} nor {} on any `bind ... ssl`, so deploying would not serve the certificate; \
+                 the https_frontend edit makes a frontend serve every certificate stately issues \
+                 (stately haproxy edit {t} --https-frontend FRONTEND)",
+                bundle.display(),
+                config.bundle_dir().display()
+            )));
+        }
         resources.push(format!("haproxy:{t}"));
     }
     // Changing an existing lineage's names is explicit.
@@ -319,8 +333,10 @@ pub(crate) struct Issue {
 
 impl Executor for Issue {
     fn run_step<'a>(&'a mut self, index: usize, ctx: &'a mut StepCtx<'_>) -> StepFuture<'a> {
-        let step = self.steps[index];
-        Box::pin(self.run(step, ctx))
+        Box::pin(async move {
+            let step = super::step_at(&self.steps, index)?;
+            self.run(step, ctx).await
+        })
     }
 }
 
@@ -843,7 +859,7 @@ impl Issue {
             acme: self.req.server.name.clone(),
         };
         // Undone with the rest, so renewals repeat what is live.
-        let path = meta_file(&self.data_dir, &self.req.lineage);
+        let path = crate::certs::meta_file(&self.data_dir, &self.req.lineage);
         let undo = snapshot(&path, ctx).await?;
         ctx.record_undo(undo).await?;
         let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
@@ -896,9 +912,37 @@ async fn deploy_how(h: &crate::haproxy::HaproxyTarget, bundle: &Path) -> Result<
     })
 }
 
-/// The file that keeps how a lineage was issued.
-pub(crate) fn meta_file(data_dir: &Path, lineage: &str) -> PathBuf {
-    data_dir.join("renewal").join(format!("{lineage}.json"))
+/// The job that renews a lineage: as it was issued when statelyd issued it, else (a lineage
+/// made by certbot) for the live certificate's names with the daemon's defaults.
+pub(crate) fn renewal(config: &Config, name: &str) -> Result<super::JobSpec, Error> {
+    let l = crate::certs::get(&config.cert_places(), name).ok_or_else(|| {
+        Error::NotFound(format!(
+            "no certificate lineage '{name}' under {}",
+            config.cert_root().display()
+        ))
+    })?;
+    let meta = l.meta.unwrap_or_else(|| crate::certs::Meta {
+        names: l.info.names.clone(),
+        webroot: None,
+        key_type: l.info.key_type.clone(),
+        reuse_key: false,
+        deploy: Vec::new(),
+        acme: String::new(),
+    });
+    Ok(super::JobSpec::CertificateIssue(Spec {
+        lineage: name.to_owned(),
+        names: meta.names,
+        webroot: meta.webroot,
+        key_type: if KEY_TYPES.contains(&meta.key_type.as_str()) {
+            meta.key_type
+        } else {
+            DEFAULT_KEY_TYPE.into()
+        },
+        reuse_key: meta.reuse_key,
+        deploy: meta.deploy,
+        acme: meta.acme,
+        expand: false,
+    }))
 }
 
 /// The undo entry that puts a path back as it is now.

@@ -35,7 +35,7 @@ const RELOAD_WITHIN: Duration = Duration::from_secs(10);
 
 /// The steps, in order.
 #[derive(Debug, Clone, Copy)]
-enum Step {
+pub(crate) enum Step {
     CheckBase,
     Validate,
     Swap,
@@ -65,22 +65,45 @@ impl std::fmt::Display for Step {
 
 /// Checks a submission: the target exists with a config file and a master socket.
 pub(crate) async fn plan(spec: &Spec, env: &Env, _at: Moment) -> Result<Planned, Error> {
-    let (target, text) = (&spec.target, &spec.config);
     let targets = Targets::new(&env.config.haproxy, env.config.bundle_dir());
+    let target = appliable(&targets, &spec.target)?;
+    if spec.config.trim().is_empty() {
+        return Err(Error::InvalidArgument(
+            "config (the whole new configuration) is required".into(),
+        ));
+    }
+    check_text(&targets, &spec.target, &spec.config)?;
+    let apply = Apply::new(
+        targets,
+        target,
+        spec.config.clone(),
+        spec.base_version.clone(),
+        spec.allow_servers_down,
+    );
+    Ok(Planned::new(
+        &STEPS,
+        vec![format!("haproxy:{}", spec.target)],
+        apply,
+    ))
+}
+
+/// The target, if a configuration can be applied to it: it has a file and a reload path.
+pub(crate) fn appliable(targets: &Targets, target: &str) -> Result<HaproxyTarget, Error> {
     let t = targets.get(target)?.clone();
     if t.config.is_none() || (t.master_socket.is_none() && t.reload_command.is_none()) {
         return Err(Error::FailedPrecondition(format!(
             "HAProxy target '{target}' needs `config`, and `master_socket` or `reload_command`, in statelyd's configuration to be applied to"
         )));
     }
+    Ok(t)
+}
+
+/// Refuses a configuration no target could take: a NUL byte, over 16 MiB, or (PERMISSION_
+/// DENIED) what the target's policy forbids.
+pub(crate) fn check_text(targets: &Targets, target: &str, text: &str) -> Result<(), Error> {
     if text.contains('\0') {
         return Err(Error::InvalidArgument(
             "the configuration holds a NUL byte".into(),
-        ));
-    }
-    if text.trim().is_empty() {
-        return Err(Error::InvalidArgument(
-            "config (the whole new configuration) is required".into(),
         ));
     }
     if text.len() > crate::haproxy::MAX_CONFIG_BYTES {
@@ -88,22 +111,8 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, _at: Moment) -> Result<Planned,
             "the configuration is larger than 16 MiB".into(),
         ));
     }
-    // Refused (PERMISSION_DENIED) when the text uses what the target's policy forbids.
     targets.check_policy(target, text)?;
-    let apply = Apply {
-        targets,
-        target: t,
-        text: text.clone(),
-        base_version: spec.base_version.clone(),
-        up_before: HashSet::new(),
-        allow_servers_down: spec.allow_servers_down,
-        old_text: String::new(),
-    };
-    Ok(Planned::new(
-        &STEPS,
-        vec![format!("haproxy:{target}")],
-        apply,
-    ))
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -121,12 +130,32 @@ pub(crate) struct Apply {
 
 impl Executor for Apply {
     fn run_step<'a>(&'a mut self, index: usize, ctx: &'a mut StepCtx<'_>) -> StepFuture<'a> {
-        Box::pin(self.run(STEPS[index], ctx))
+        Box::pin(async move { self.run(super::step_at(&STEPS, index)?, ctx).await })
     }
 }
 
 impl Apply {
-    async fn run(&mut self, step: Step, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+    /// Applies `text` to `target`, over `base_version` if given.
+    pub(crate) fn new(
+        targets: Targets,
+        target: HaproxyTarget,
+        text: String,
+        base_version: Option<String>,
+        allow_servers_down: bool,
+    ) -> Apply {
+        Apply {
+            targets,
+            target,
+            text,
+            base_version,
+            up_before: HashSet::new(),
+            allow_servers_down,
+            old_text: String::new(),
+        }
+    }
+
+    /// Runs one of the apply's steps.
+    pub(crate) async fn run(&mut self, step: Step, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
         let failed = |e: crate::haproxy::Error| StepError::Failed(e.to_string());
         let name = self.target.name.clone();
         match step {

@@ -110,7 +110,7 @@ struct SetState {
 
 impl Executor for SetState {
     fn run_step<'a>(&'a mut self, index: usize, ctx: &'a mut StepCtx<'_>) -> StepFuture<'a> {
-        Box::pin(self.run(STEPS[index], ctx))
+        Box::pin(async move { self.run(super::step_at(&STEPS, index)?, ctx).await })
     }
 }
 

@@ -64,6 +64,8 @@ kinds! {
     AlertWatch(alert_watch),
     /// Issue or renew a certificate over ACME, install it, optionally deploy it.
     CertificateIssue(certificate_issue),
+    /// Edit a HAProxy target's configuration with structured edits.
+    HaproxyEdit(haproxy_edit),
 }
 
 impl JobSpec {
@@ -125,6 +127,15 @@ pub(crate) trait Executor: Send + std::fmt::Debug {
     }
 }
 
+/// The step planned at `index`. The engine runs only planned steps, so a wrong index is a
+/// bug — reported as a failed step, not a panic that would leave the job RUNNING.
+pub(crate) fn step_at<S: Copy>(steps: &[S], index: usize) -> Result<S, StepError> {
+    steps
+        .get(index)
+        .copied()
+        .ok_or_else(|| StepError::Failed(format!("the job has no step {index}")))
+}
+
 /// What a job will do, known when it is planned.
 #[derive(Debug)]
 pub(crate) struct Planned {
@@ -175,6 +186,7 @@ mod tests {
         r#"{"haproxy_server_state":{"target":"edge","backend":"app","server":"s1","state":"drain"}}"#,
         r#"{"alert_watch":{"target":"edge","to":["ops@example.com"],"rules":{"interval_ms":1000,"hold_ms":10000,"proxies":["app*"],"max_session_rate":5,"max_sessions_percent":null,"max_5xx":3}}}"#,
         r#"{"certificate_issue":{"lineage":"example.com","names":["example.com","www.example.com"],"webroot":"/var/www/html","key_type":"ec256","reuse_key":false,"deploy":["edge"],"acme":"","expand":true}}"#,
+        r#"{"haproxy_edit":{"target":"edge","edits":[{"op":"force_https","frontend":"web","host":null,"code":301,"exempt_acme":null},{"op":"restrict_path","frontend":"web","path":"/admin","allow":["127.0.0.1"],"status":null}],"base_version":null,"replace":false,"allow_servers_down":false}}"#,
     ];
 
     #[test]
@@ -278,7 +290,7 @@ content = "{greeting}"
     const EDGE: &str = r#"
 [[haproxy]]
 name = "edge"
-config = "/etc/haproxy/haproxy.cfg"
+config = "/nonexistent/haproxy/haproxy.cfg"
 master_socket = "/run/haproxy-master.sock"
 [[haproxy]]
 name = "bare"

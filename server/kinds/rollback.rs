@@ -22,28 +22,62 @@ pub struct Spec {
 const STEPS: [&str; 2] = ["check nothing changed since", "undo the job's changes"];
 
 /// Loads the journal of the job to undo, which must have succeeded and not been rolled back
-/// already; the rollback holds what that job held.
-pub(crate) async fn plan(spec: &Spec, env: &Env, _at: Moment) -> Result<Planned, Error> {
-    let target = spec.target;
+/// already; the rollback holds what that job held. At submission it also refuses a job no
+/// other rollback is undoing, with changes recorded, whose files (unless forced) are as it
+/// left them.
+pub(crate) async fn plan(spec: &Spec, env: &Env, at: Moment) -> Result<Planned, Error> {
+    let id = spec.target;
     let record = env
         .store
-        .job(target)?
-        .ok_or_else(|| Error::NotFound(format!("job {target} no longer exists")))?;
-    if record.state != JobState::Succeeded {
-        return Err(Error::FailedPrecondition(format!(
-            "job {target} ended {}",
-            record.state.as_str()
-        )));
+        .job(id)?
+        .ok_or_else(|| Error::NotFound(format!("job {id} no longer exists")))?;
+    match record.state {
+        JobState::Succeeded => {}
+        JobState::Failed | JobState::Cancelled => {
+            return Err(Error::FailedPrecondition(format!(
+                "job {id} ended {}; its changes were already undone when it ended",
+                record.state.as_str()
+            )));
+        }
+        s => {
+            return Err(Error::FailedPrecondition(format!(
+                "job {id} is {}; cancel it instead (CancelJob undoes what it did)",
+                s.as_str()
+            )));
+        }
     }
     if let Some(by) = record.rolled_back_by {
         return Err(Error::FailedPrecondition(format!(
-            "job {target} was already rolled back by job {by}"
+            "job {id} was already rolled back by job {by}"
         )));
     }
+    let journal = env.store.journal(id)?;
+    if at == Moment::Submission {
+        if let Some(active) = env.store.active_rollbacks_of(id)?.first() {
+            return Err(Error::FailedPrecondition(format!(
+                "job {active} is already rolling back job {id}"
+            )));
+        }
+        if journal.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "job {id} recorded no changes, so there is nothing to roll back"
+            )));
+        }
+        if !spec.force {
+            let changed = changed_since(journal.clone()).await;
+            if !changed.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "the world changed since job {id} ran, so rolling it back would overwrite later changes: {} \
+                     (force overrides: --force in the CLI)",
+                    changed.join("; ")
+                )));
+            }
+        }
+    }
     let rollback = Rollback {
-        target,
+        target: id,
         force: spec.force,
-        journal: env.store.journal(target)?,
+        journal,
         target_undid: record.spec.rollback_of,
     };
     Ok(Planned::new(&STEPS, record.resources, rollback))

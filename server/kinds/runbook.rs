@@ -377,7 +377,9 @@ impl Executor for Resolved {
 
 impl Resolved {
     async fn run(&mut self, index: usize, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
-        let step = &self.steps[index].1;
+        let Some((_, step)) = self.steps.get(index) else {
+            return Err(StepError::Failed(format!("the job has no step {index}")));
+        };
         let path = match step {
             Step::Command { .. } | Step::Check { .. } => None,
             Step::BackupFile { path }
