@@ -33,7 +33,7 @@ pub(crate) struct Args {
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
     #[command(subcommand)]
-    command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -43,7 +43,7 @@ enum Output {
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {
+pub(crate) enum Command {
     /// Run a runbook, attached: Ctrl-C cancels the job and shows it unwinding.
     Run {
         /// The runbook's name (as in statelyd's configuration).
@@ -92,7 +92,7 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
-enum Runbooks {
+pub(crate) enum Runbooks {
     /// Names and descriptions.
     List,
     /// One runbook: its parameters (pattern, default, whether required) and its steps.
@@ -100,7 +100,7 @@ enum Runbooks {
 }
 
 #[derive(Subcommand, Debug)]
-enum Jobs {
+pub(crate) enum Jobs {
     /// List jobs, newest first.
     List {
         /// Only in this state (repeat for more).

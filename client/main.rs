@@ -9,11 +9,13 @@ mod render;
 mod stats;
 mod status;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args = cli::Args::parse();
+    let matches = cli::Args::command().get_matches();
+    let mut args = cli::Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    haproxy::order_edits(&mut args, &matches);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -9,6 +9,7 @@ mod certs;
 mod cli;
 mod connections;
 mod crash;
+mod edits;
 mod haproxy;
 mod hostile;
 mod jobs_api;

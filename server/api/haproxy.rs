@@ -109,12 +109,16 @@ pub(super) fn edits_from_pb(edits: Vec<pb::HaproxyEdit>) -> Result<Vec<Edit>, St
 
 /// Edits for the wire.
 pub(super) fn edits_to_pb(edits: &[Edit]) -> Vec<pb::HaproxyEdit> {
-    use pb::haproxy_edit::Op;
-    let s = |o: &Option<String>| o.clone().unwrap_or_default();
-    let n = |o: &Option<u16>| o.map_or(0, u32::from);
-    edits
-        .iter()
-        .map(|e| pb::HaproxyEdit {
+    edits.iter().map(pb::HaproxyEdit::from).collect()
+}
+
+/// An edit for the wire (the CLI builds edits as [`Edit`]s and sends them so).
+impl From<&Edit> for pb::HaproxyEdit {
+    fn from(e: &Edit) -> pb::HaproxyEdit {
+        use pb::haproxy_edit::Op;
+        let s = |o: &Option<String>| o.clone().unwrap_or_default();
+        let n = |o: &Option<u16>| o.map_or(0, u32::from);
+        pb::HaproxyEdit {
             op: Some(match e {
                 Edit::ForceHttps {
                     frontend,
@@ -205,8 +209,8 @@ pub(super) fn edits_to_pb(edits: &[Edit]) -> Vec<pb::HaproxyEdit> {
                     line: line.clone(),
                 }),
             }),
-        })
-        .collect()
+        }
+    }
 }
 
 /// A check the job makes after the reload, in words.

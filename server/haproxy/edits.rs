@@ -19,7 +19,7 @@ const ACME_PATH: &str = "/.well-known/acme-challenge/";
 
 /// One edit of a configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "op")]
+#[serde(rename_all = "snake_case", tag = "op", deny_unknown_fields)]
 pub enum Edit {
     /// Redirect plain HTTP to HTTPS (the ACME challenge path exempt by default).
     ForceHttps {
@@ -60,6 +60,7 @@ pub enum Edit {
         /// The path prefix, e.g. `/admin`.
         path: String,
         /// Addresses or CIDRs allowed.
+        #[serde(default)]
         allow: Vec<String>,
         /// The status denied requests get; default 403.
         status: Option<u16>,
@@ -95,6 +96,7 @@ pub enum Edit {
         /// `host:port`.
         address: String,
         /// More words for the line (`check`, `weight 10` ...).
+        #[serde(default)]
         options: Vec<String>,
     },
     /// Remove a server line.
