@@ -428,3 +428,69 @@ async fn a_generic_client_lists_runbooks_and_retries_an_unwind() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 }
+
+#[tokio::test]
+async fn a_generic_client_previews_and_runs_structured_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backend::start(0).await;
+    let h = Haproxy::start_with(dir.path(), &[("app", vec![("s1", b.port)])], false);
+    let d = Daemon::start(&format!(
+        "[[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nmaster_socket = \"{}\"\nstats_socket = \"{}\"\n",
+        h.config.display(),
+        h.dir.join("master.sock").display(),
+        h.stats.display()
+    ));
+    let mut g = Generic::new(&d).await;
+    let edits = r#"[{"setLine": {"section": "defaults", "line": "timeout client 9s"}},
+                    {"stickySessions": {"backend": "app"}}]"#;
+    let preview = g
+        .call(
+            "stately.v1.Haproxy",
+            "PreviewEdits",
+            &format!(r#"{{"target": "edge", "edits": {edits}}}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(preview["changed"], true, "{preview}");
+    assert_eq!(preview["valid"], true, "{preview}");
+    assert!(
+        preview["diff"]
+            .as_str()
+            .unwrap()
+            .contains("+  timeout client 9s"),
+        "{preview}"
+    );
+    let base = preview["currentVersion"].as_str().unwrap();
+    let job = g
+        .call(
+            "stately.v1.Jobs",
+            "SubmitJob",
+            &format!(
+                r#"{{"spec": {{"haproxyEdit": {{"target": "edge", "edits": {edits}, "baseVersion": "{base}"}}}}}}"#
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(job["kind"], "haproxy_edit", "{job}");
+    assert_eq!(
+        job["spec"]["haproxyEdit"]["edits"][1]["stickySessions"]["backend"],
+        "app"
+    );
+    let mut c = d.client().await;
+    let done = wait_end(&mut c, job["id"].as_str().unwrap()).await;
+    assert_eq!(state(&done), stately::pb::JobState::Succeeded, "{}", done.error);
+    assert!(
+        std::fs::read_to_string(&h.config)
+            .unwrap()
+            .contains("cookie SERVERID insert indirect nocache")
+    );
+    let err = g
+        .call(
+            "stately.v1.Haproxy",
+            "PreviewEdits",
+            r#"{"target": "edge", "edits": [{"forceHttps": {"frontend": "nope"}}]}"#,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+}
