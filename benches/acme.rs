@@ -58,9 +58,10 @@ fn start_daemon(dir: &Path, p: &pebble::Pebble) -> Daemon {
         &cfg,
         format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[certificates]\nroot = \"{}\"\ndefault_acme = \"pebble\"\n\
-             responder = \"127.0.0.1:{}\"\nrenew_check = \"0s\"\n{}[[token]]\nname = \"b\"\nrole = \"operator\"\nvalue = \"{TOKEN}\"\n",
+             responder = \"127.0.0.1:{}\"\nchallenge_probe = \"127.0.0.1:{}\"\nrenew_check = \"0s\"\n{}[[token]]\nname = \"b\"\nrole = \"operator\"\nvalue = \"{TOKEN}\"\n",
             dir.join("data").display(),
             dir.join("le").display(),
+            p.http_port,
             p.http_port,
             p.config()
         ),

@@ -305,6 +305,9 @@ prune_interval = "60s"
 default_acme = "letsencrypt"
 # Answer HTTP-01 here; route /.well-known/acme-challenge/ to it from HAProxy (see README).
 # responder = "127.0.0.1:8402"
+# Where the CA's HTTP-01 request arrives here (HAProxy's port-80 frontend): before each order
+# a probe per name must reach the responder through it ("" skips the probe).
+challenge_probe = "127.0.0.1:80"
 # Directories a job may name as its webroot.
 webroots = []
 # Renew lineages this long before they expire; check this often ("0s": never by itself).

@@ -53,7 +53,7 @@ fn with_responder(extra: &str, daemon_env: &[(&str, &str)]) -> Acme {
     let p = Pebble::start(port);
     setup(
         p,
-        &format!("responder = \"127.0.0.1:{port}\"\n"),
+        &format!("responder = \"127.0.0.1:{port}\"\nchallenge_probe = \"127.0.0.1:{port}\"\n"),
         extra,
         daemon_env,
     )
@@ -603,7 +603,7 @@ async fn deploy_hot_swaps_the_certificate_haproxy_serves_and_rollback_puts_the_o
         let stats = hdir.path().join("admin.sock");
         setup(
             p,
-            &format!("responder = \"127.0.0.1:{port}\"\n"),
+            &format!("responder = \"127.0.0.1:{port}\"\nchallenge_probe = \"127.0.0.1:{port}\"\n"),
             &format!(
                 "[[haproxy]]\nname = \"edge\"\nstats_socket = \"{}\"\nmaster_socket = \"{}\"\n\
                  [[haproxy]]\nname = \"edge-reload\"\nmaster_socket = \"{}\"\n",
@@ -779,7 +779,12 @@ async fn bad_names_and_settings_are_refused_before_anything_starts() {
 async fn a_name_the_ca_refuses_ends_the_job_with_its_problem() {
     let port = free_port();
     let p = Pebble::start_full(port, true, &["blocked.test"]);
-    let a = setup(p, &format!("responder = \"127.0.0.1:{port}\"\n"), "", &[]);
+    let a = setup(
+        p,
+        &format!("responder = \"127.0.0.1:{port}\"\nchallenge_probe = \"127.0.0.1:{port}\"\n"),
+        "",
+        &[],
+    );
     let mut c = a.d.client().await;
     let job = run(&mut c, issue(&["ok.example.test", "www.blocked.test"])).await;
     assert_eq!(state(&job), pb::JobState::Failed);
@@ -814,7 +819,7 @@ async fn external_account_binding_comes_from_the_config() {
     let ca = p.ca_file.display().to_string();
     let a = setup(
         p,
-        &format!("responder = \"127.0.0.1:{port}\"\n"),
+        &format!("responder = \"127.0.0.1:{port}\"\nchallenge_probe = \"127.0.0.1:{port}\"\n"),
         &format!(
             "[[acme]]\nname = \"eab\"\ndirectory = \"{directory}\"\nca_file = \"{ca}\"\n\
              eab_kid = \"kid-1\"\neab_hmac_file = \"{}\"\n",
@@ -865,7 +870,12 @@ async fn bad_nonces_are_retried_and_cert_renew_repeats_the_issuance() {
     // Pebble's defaults: 5% of nonces rejected, authorizations reused.
     let port = free_port();
     let p = Pebble::start_with(port, false);
-    let a = setup(p, &format!("responder = \"127.0.0.1:{port}\"\n"), "", &[]);
+    let a = setup(
+        p,
+        &format!("responder = \"127.0.0.1:{port}\"\nchallenge_probe = \"127.0.0.1:{port}\"\n"),
+        "",
+        &[],
+    );
     let mut c = a.d.client().await;
     for _ in 0..3 {
         run_ok(&mut c, issue(&["example.test", "www.example.test"])).await;
@@ -902,7 +912,12 @@ fn civil(days: i64) -> (i32, u8, u8) {
 async fn the_daemon_renews_a_lineage_near_expiry_once() {
     let port = free_port();
     let p = Pebble::start(port);
-    let mut a = setup(p, &format!("responder = \"127.0.0.1:{port}\"\n"), "", &[]);
+    let mut a = setup(
+        p,
+        &format!("responder = \"127.0.0.1:{port}\"\nchallenge_probe = \"127.0.0.1:{port}\"\n"),
+        "",
+        &[],
+    );
     let mut c = a.d.client().await;
     run_ok(&mut c, issue(&["example.test"])).await;
     // Make the live certificate one issued 80 days ago that expires in 10.

@@ -427,7 +427,7 @@ async fn sigkill_during_a_certificate_reissue_leaves_the_lineage_at_one_version(
     let dir = tempfile::tempdir().unwrap();
     let (root, bundles) = (dir.path().join("le"), dir.path().join("bundles"));
     let mut d = Daemon::start(&format!(
-        "[certificates]\nroot = \"{}\"\nhaproxy_dir = \"{}\"\ndefault_acme = \"pebble\"\nrenew_check = \"0s\"\nresponder = \"127.0.0.1:{port}\"\n{}",
+        "[certificates]\nroot = \"{}\"\nhaproxy_dir = \"{}\"\ndefault_acme = \"pebble\"\nrenew_check = \"0s\"\nresponder = \"127.0.0.1:{port}\"\nchallenge_probe = \"127.0.0.1:{port}\"\n{}",
         root.display(),
         bundles.display(),
         p.config()

@@ -656,3 +656,76 @@ async fn the_cli_previews_a_diff_and_runs_the_edits_in_the_order_given() {
     assert!(after.contains("  timeout client 7s\n") && !after.contains("timeout client 5s"));
     assert_eq!(get(e.port, "/", "a.test", LOCAL, None).await.status, 301);
 }
+
+#[tokio::test]
+async fn a_missing_acme_route_is_caught_before_the_ca_and_route_acme_makes_issuing_work() {
+    let s1 = web("s1", None).await;
+    // Pebble validates HTTP-01 on port `http`, where HAProxy's frontend `web` listens; the
+    // responder is elsewhere, reachable only if HAProxy routes the challenge path to it.
+    let http = free_port();
+    let p = crate::support::pebble::Pebble::start(http);
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haproxy::from_config(
+        dir.path(),
+        &format!(
+            "global\n  stats socket {{stats}} mode 600 level admin expose-fd listeners\n\
+             defaults\n  mode http\n  timeout connect 1s\n  timeout client 5s\n  timeout server 5s\n\
+             frontend web\n  bind 127.0.0.1:{http}\n  default_backend app\n\
+             backend app\n  server s1 127.0.0.1:{s1}\n"
+        ),
+    );
+    let responder = free_port();
+    let d = Daemon::start(&format!(
+        "[[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nmaster_socket = \"{}\"\nstats_socket = \"{}\"\n\
+         [certificates]\nroot = \"{}\"\ndefault_acme = \"pebble\"\nrenew_check = \"0s\"\n\
+         responder = \"127.0.0.1:{responder}\"\nchallenge_probe = \"127.0.0.1:{http}\"\n{}",
+        h.config.display(),
+        h.dir.join("master.sock").display(),
+        h.stats.display(),
+        dir.path().join("le").display(),
+        p.config()
+    ));
+    let mut c = d.client().await;
+    let issue = pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::CertificateIssue(
+                pb::CertificateIssueJob {
+                    names: vec!["example.test".into()],
+                    ..Default::default()
+                },
+            )),
+        }),
+        ..Default::default()
+    };
+    let failed = run(&mut c, issue.clone()).await;
+    assert_eq!(state(&failed), pb::JobState::Failed);
+    assert_eq!(failed.failed_step, "check the challenge path");
+    assert!(
+        failed.error.contains("--route-acme")
+            && failed.error.contains("Nothing was asked of the CA"),
+        "{}",
+        failed.error
+    );
+
+    let route = op(pb::haproxy_edit::Op::RouteAcme(pb::RouteAcmeEdit {
+        frontend: "web".into(),
+        responder: String::new(),
+    }));
+    let routed = run(&mut c, job(vec![route], false, "")).await;
+    assert_eq!(state(&routed), pb::JobState::Succeeded, "{}", routed.error);
+    let proved = logs(&mut c, &routed.id).await;
+    assert!(
+        proved
+            .iter()
+            .any(|l| l.contains("reaches statelyd's responder")),
+        "{proved:?}"
+    );
+
+    let issued = run(&mut c, issue).await;
+    assert_eq!(state(&issued), pb::JobState::Succeeded, "{}", issued.error);
+    assert!(
+        dir.path()
+            .join("le/live/example.test/fullchain.pem")
+            .exists()
+    );
+}

@@ -350,7 +350,7 @@ async fn a_generic_client_lists_certificates_and_issues_one() {
     let p = crate::support::pebble::Pebble::start(port);
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(&format!(
-        "[certificates]\nroot = \"{}\"\ndefault_acme = \"pebble\"\nresponder = \"127.0.0.1:{port}\"\nrenew_check = \"0s\"\n{}",
+        "[certificates]\nroot = \"{}\"\ndefault_acme = \"pebble\"\nresponder = \"127.0.0.1:{port}\"\nchallenge_probe = \"127.0.0.1:{port}\"\nrenew_check = \"0s\"\n{}",
         dir.path().join("le").display(),
         p.config()
     ));
@@ -478,7 +478,12 @@ async fn a_generic_client_previews_and_runs_structured_edits() {
     );
     let mut c = d.client().await;
     let done = wait_end(&mut c, job["id"].as_str().unwrap()).await;
-    assert_eq!(state(&done), stately::pb::JobState::Succeeded, "{}", done.error);
+    assert_eq!(
+        state(&done),
+        stately::pb::JobState::Succeeded,
+        "{}",
+        done.error
+    );
     assert!(
         std::fs::read_to_string(&h.config)
             .unwrap()

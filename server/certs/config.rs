@@ -21,6 +21,11 @@ pub struct Certificates {
     pub responder: Option<SocketAddr>,
     /// Directories a job may name as its webroot (the directory itself or beneath it).
     pub webroots: Vec<PathBuf>,
+    /// Where the CA's HTTP-01 request arrives on this machine (HAProxy's port-80 frontend, or
+    /// the responder itself): before an order, a probe for each name goes there and must
+    /// reach the responder, so a missing route fails here rather than at the CA (whose failed
+    /// validations count against its rate limit). "" skips the probe.
+    pub challenge_probe: String,
     /// Renew a lineage this long before it expires.
     #[serde(with = "crate::human_time")]
     pub renew_before: Duration,
@@ -37,6 +42,7 @@ impl Default for Certificates {
             default_acme: "letsencrypt".into(),
             responder: None,
             webroots: Vec::new(),
+            challenge_probe: "127.0.0.1:80".into(),
             renew_before: Duration::from_secs(30 * 86400),
             renew_check: Duration::from_secs(12 * 3600),
         }
@@ -120,6 +126,14 @@ pub(crate) fn check(acme: &[AcmeServer], certificates: &Certificates) -> Result<
         return Err(format!(
             "certificates: default_acme '{}' is not an [[acme]] name nor letsencrypt / letsencrypt-staging",
             certificates.default_acme
+        ));
+    }
+    if !certificates.challenge_probe.is_empty()
+        && certificates.challenge_probe.parse::<SocketAddr>().is_err()
+    {
+        return Err(format!(
+            "certificates: challenge_probe '{}' is not an address like 127.0.0.1:80 (\"\" turns the probe off)",
+            certificates.challenge_probe
         ));
     }
     for w in &certificates.webroots {

@@ -74,6 +74,7 @@ impl Spec {
 /// The steps, in order; `Deploy` only with deploy targets.
 #[derive(Debug, Clone, Copy)]
 enum Step {
+    Probe,
     Account,
     Order,
     Provision,
@@ -87,6 +88,7 @@ enum Step {
 impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Step::Probe => "check the challenge path",
             Step::Account => "account",
             Step::Order => "order",
             Step::Provision => "provision challenges",
@@ -99,8 +101,9 @@ impl std::fmt::Display for Step {
     }
 }
 
-fn steps(deploy: bool) -> Vec<Step> {
-    let mut v = vec![
+fn steps(probe: bool, deploy: bool) -> Vec<Step> {
+    let mut v = if probe { vec![Step::Probe] } else { Vec::new() };
+    v.extend([
         Step::Account,
         Step::Order,
         Step::Provision,
@@ -108,7 +111,7 @@ fn steps(deploy: bool) -> Vec<Step> {
         Step::Finalize,
         Step::Download,
         Step::Install,
-    ];
+    ]);
     if deploy {
         v.push(Step::Deploy);
     }
@@ -329,6 +332,8 @@ pub(crate) struct Issue {
     chain: Option<String>,
     /// Each deploy target and how it gets the certificate (decided by the install).
     deploy: Vec<(String, UndoEntry)>,
+    /// Where the CA's HTTP-01 requests arrive here, probed before the order.
+    probe: Option<std::net::SocketAddr>,
 }
 
 impl Executor for Issue {
@@ -351,6 +356,11 @@ impl std::fmt::Debug for Issue {
 
 impl Issue {
     fn new(config: &Config, req: Request, responder: Option<Arc<Responder>>) -> Issue {
+        // Probed when statelyd's responder answers (a webroot is served by another server).
+        let probe = match (&req.webroot, &responder) {
+            (None, Some(_)) => config.certificates.challenge_probe.parse().ok(),
+            _ => None,
+        };
         let lineage = Lineage::new(&config.cert_root(), &req.lineage);
         let bundle = config.bundle_dir().join(format!("{}.pem", req.lineage));
         Issue {
@@ -366,14 +376,63 @@ impl Issue {
             key_pem: None,
             chain: None,
             deploy: Vec::new(),
-            steps: steps(!req.deploy.is_empty()),
+            steps: steps(probe.is_some(), !req.deploy.is_empty()),
+            probe,
             req,
         }
+    }
+
+    /// A request for a probe token with each name's Host, sent where the CA's will arrive,
+    /// must reach the responder.
+    async fn probe(&self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        let (Some(addr), Some(responder)) = (self.probe, &self.responder) else {
+            return Ok(());
+        };
+        let token = format!("stately-probe-{}", uuid::Uuid::now_v7().simple());
+        let key = format!("{token}.probe");
+        let _answering = responder.add(&token, &key);
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(StepError::failed)?;
+        let url = format!("http://{addr}/.well-known/acme-challenge/{token}");
+        for name in &self.req.names {
+            let got = ctx
+                .until_cancel(client.get(&url).header("Host", name.as_str()).send())
+                .await?;
+            let seen = match got {
+                Ok(r) => {
+                    let status = r.status();
+                    let body = r.text().await.unwrap_or_default();
+                    if status.is_success() && body.trim() == key {
+                        continue;
+                    }
+                    format!("answered {status}")
+                }
+                Err(e) => format!("failed: {e}"),
+            };
+            return Err(StepError::Precondition(format!(
+                "a challenge request for {name} to {addr} (where the CA's will arrive: [certificates] challenge_probe) {seen} instead of reaching statelyd's responder; \
+                 route /.well-known/acme-challenge/ to it first (stately haproxy edit TARGET --route-acme FRONTEND). Nothing was asked of the CA, \
+                 whose failed validations count against its rate limit"
+            )));
+        }
+        ctx.log(
+            LogLevel::Info,
+            format!(
+                "challenge requests to {addr} for {} reach statelyd's responder",
+                self.req.names.join(", ")
+            ),
+        );
+        Ok(())
     }
 
     async fn run(&mut self, step: Step, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
         let cancel = ctx.cancel_token().clone();
         match step {
+            Step::Probe => self.probe(ctx).await,
             Step::Account => {
                 let (account, created) = until_cancel(
                     &cancel,
