@@ -83,6 +83,22 @@ pub(crate) enum UndoEntry {
         server: String,
         state: String,
     },
+    /// Take a server added at runtime out again: drain it (bounded), then delete it. `args`
+    /// are its line's words after the name (kept so that the inverse can add it back).
+    RuntimeDelServer {
+        socket: PathBuf,
+        backend: String,
+        server: String,
+        args: Vec<String>,
+    },
+    /// Put a server removed at runtime back (`add server` with these words after its name,
+    /// then enable it); one still there is set ready again.
+    RuntimeAddServer {
+        socket: PathBuf,
+        backend: String,
+        server: String,
+        args: Vec<String>,
+    },
 }
 
 /// A journal entry as stored: the entry, whether it has been applied, and the state the job
@@ -107,7 +123,9 @@ impl UndoEntry {
             | UndoEntry::ReloadHaproxy { .. }
             | UndoEntry::HotSwapCert { .. }
             | UndoEntry::RemoveEmptyDir { .. }
-            | UndoEntry::HaproxyServerState { .. } => None,
+            | UndoEntry::HaproxyServerState { .. }
+            | UndoEntry::RuntimeDelServer { .. }
+            | UndoEntry::RuntimeAddServer { .. } => None,
         }
     }
 
@@ -162,6 +180,12 @@ impl UndoEntry {
             UndoEntry::ReloadHaproxy { master_socket, .. } => {
                 format!("reload HAProxy ({})", master_socket.display())
             }
+            UndoEntry::RuntimeDelServer {
+                backend, server, ..
+            } => format!("drain and delete server {backend}/{server} at runtime"),
+            UndoEntry::RuntimeAddServer {
+                backend, server, ..
+            } => format!("add server {backend}/{server} back at runtime"),
         }
     }
 
@@ -263,6 +287,28 @@ impl UndoEntry {
             e @ UndoEntry::ReloadHaproxy { .. } => Some(e.clone()),
             // Reading a server's state is asynchronous: the rollback kind does it itself.
             UndoEntry::HaproxyServerState { .. } => None,
+            UndoEntry::RuntimeDelServer {
+                socket,
+                backend,
+                server,
+                args,
+            } => Some(UndoEntry::RuntimeAddServer {
+                socket: socket.clone(),
+                backend: backend.clone(),
+                server: server.clone(),
+                args: args.clone(),
+            }),
+            UndoEntry::RuntimeAddServer {
+                socket,
+                backend,
+                server,
+                args,
+            } => Some(UndoEntry::RuntimeDelServer {
+                socket: socket.clone(),
+                backend: backend.clone(),
+                server: server.clone(),
+                args: args.clone(),
+            }),
         })
     }
 
@@ -293,6 +339,32 @@ impl UndoEntry {
                     .map_err(|e| format!("{}: {e}", path.display()))?;
                 wait_for_socket(&socket).await?;
                 crate::haproxy::runtime::set_ssl_cert(&socket, &path, &pem).await
+            }
+            UndoEntry::RuntimeDelServer {
+                socket,
+                backend,
+                server,
+                ..
+            } => {
+                use crate::haproxy::runtime;
+                wait_for_socket(&socket).await?;
+                if !runtime::has_server(&socket, &backend, &server).await? {
+                    return Ok(());
+                }
+                runtime::remove_server(&socket, &backend, &server, SERVICE_WAIT).await
+            }
+            UndoEntry::RuntimeAddServer {
+                socket,
+                backend,
+                server,
+                args,
+            } => {
+                use crate::haproxy::runtime;
+                wait_for_socket(&socket).await?;
+                if runtime::has_server(&socket, &backend, &server).await? {
+                    return runtime::set_server_state(&socket, &backend, &server, "ready").await;
+                }
+                runtime::add_server(&socket, &backend, &server, &args).await
             }
             UndoEntry::ReloadHaproxy {
                 master_socket,
@@ -355,7 +427,9 @@ impl UndoEntry {
             UndoEntry::RunCommand { .. }
             | UndoEntry::ReloadHaproxy { .. }
             | UndoEntry::HotSwapCert { .. }
-            | UndoEntry::HaproxyServerState { .. } => {
+            | UndoEntry::HaproxyServerState { .. }
+            | UndoEntry::RuntimeDelServer { .. }
+            | UndoEntry::RuntimeAddServer { .. } => {
                 Err("commands and reloads are applied asynchronously".into())
             }
         }

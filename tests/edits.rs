@@ -729,3 +729,183 @@ async fn a_missing_acme_route_is_caught_before_the_ca_and_route_acme_makes_issui
             .exists()
     );
 }
+
+/// The pid of the worker answering on the admin socket (`show info`).
+fn worker_pid(stats: &std::path::Path) -> u32 {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(stats).unwrap();
+    s.write_all(b"show info\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.lines()
+        .find_map(|l| l.strip_prefix("Pid: "))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("show info names the pid")
+}
+
+/// A web server that takes `delay` to answer each request with `200 <name>`.
+async fn slow_web(name: &'static str, delay: Duration) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                tokio::time::sleep(delay).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    name.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(name.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+fn add_server(name: &str, port: u16) -> pb::HaproxyEdit {
+    op(pb::haproxy_edit::Op::AddServer(pb::AddServerEdit {
+        backend: "app".into(),
+        name: name.into(),
+        address: format!("127.0.0.1:{port}"),
+        options: vec![],
+    }))
+}
+
+#[tokio::test]
+async fn a_server_is_added_at_runtime_without_a_reload_and_stays_after_the_next_one() {
+    let (s1, s2) = (web("s1", None).await, web("s2", None).await);
+    let e = edge(
+        &format!("  balance roundrobin\n  server s1 127.0.0.1:{s1}\n"),
+        "",
+    );
+    let mut h = haproxy_client(&e.d).await;
+    let p = h
+        .preview_edits(pb::PreviewEditsRequest {
+            target: "edge".into(),
+            edits: vec![add_server("s2", s2)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.goes_live_by, "runtime", "{p:?}");
+    let pid = worker_pid(&e.h.stats);
+    let mut c = e.d.client().await;
+    let done = run(&mut c, job(vec![add_server("s2", s2)], false, "")).await;
+    assert_eq!(state(&done), pb::JobState::Succeeded, "{}", done.error);
+    let steps: Vec<&str> = done.steps.iter().map(|s| s.name.as_str()).collect();
+    assert!(
+        steps.contains(&"change servers at runtime") && !steps.contains(&"reload"),
+        "{steps:?}"
+    );
+    assert_eq!(worker_pid(&e.h.stats), pid, "no reload");
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        seen.insert(get(e.port, "/", "a.test", LOCAL, None).await.body);
+    }
+    assert!(seen.contains("s2"), "{seen:?}");
+    assert!(
+        std::fs::read_to_string(&e.h.config)
+            .unwrap()
+            .contains(&format!("  server s2 127.0.0.1:{s2}\n"))
+    );
+
+    // A later reload keeps it: it is in the file.
+    let reload = op(pb::haproxy_edit::Op::SetLine(pb::SetLineEdit {
+        section: "defaults".into(),
+        line: "timeout client 6s".into(),
+        key: String::new(),
+    }));
+    let later = run(&mut c, job(vec![reload], false, "")).await;
+    assert_eq!(state(&later), pb::JobState::Succeeded, "{}", later.error);
+    assert_ne!(worker_pid(&e.h.stats), pid, "that one reloaded");
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        seen.insert(get(e.port, "/", "a.test", LOCAL, None).await.body);
+    }
+    assert!(seen.contains("s2"), "{seen:?}");
+
+    // Rolling back the addition (after the reload) takes it out at runtime again.
+    let back = rollback(&mut c, &done.id, true).await;
+    assert_eq!(state(&back), pb::JobState::Succeeded, "{}", back.error);
+    assert!(
+        !show_stat(&e.h.stats).iter().any(|r| r.server == "s2"),
+        "s2 is gone"
+    );
+}
+
+#[tokio::test]
+async fn a_server_removed_at_runtime_is_drained_of_an_open_request_first() {
+    let s1 = web("s1", None).await;
+    let slow = slow_web("slow", Duration::from_millis(1500)).await;
+    let e = edge(
+        &format!("  balance first\n  server slow 127.0.0.1:{slow}\n  server s1 127.0.0.1:{s1}\n"),
+        "",
+    );
+    let pid = worker_pid(&e.h.stats);
+    // `balance first`: this request goes to `slow` and stays open for 1.5 s.
+    let port = e.port;
+    let open = tokio::spawn(async move { get(port, "/", "a.test", LOCAL, None).await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !show_stat(&e.h.stats)
+        .iter()
+        .any(|r| r.server == "slow" && r.current_sessions == Some(1))
+    {
+        assert!(std::time::Instant::now() < deadline, "the request is open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut c = e.d.client().await;
+    let remove = op(pb::haproxy_edit::Op::RemoveServer(pb::RemoveServerEdit {
+        backend: "app".into(),
+        name: "slow".into(),
+    }));
+    let done = run(&mut c, job(vec![remove], false, "")).await;
+    assert_eq!(state(&done), pb::JobState::Succeeded, "{}", done.error);
+    let answer = open.await.unwrap();
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (200, "slow"),
+        "the open request finished"
+    );
+    assert_eq!(worker_pid(&e.h.stats), pid, "no reload");
+    assert!(!show_stat(&e.h.stats).iter().any(|r| r.server == "slow"));
+    assert_eq!(get(e.port, "/", "a.test", LOCAL, None).await.body, "s1");
+    let said = logs(&mut c, &done.id).await;
+    assert!(
+        said.iter().any(|l| l.starts_with("draining app/slow")),
+        "{said:?}"
+    );
+}
+
+#[tokio::test]
+async fn servers_go_live_by_reload_where_haproxy_cannot_take_them_at_runtime() {
+    let (s1, s2) = (web("s1", None).await, web("s2", None).await);
+    let e = edge(
+        &format!("  balance static-rr\n  server s1 127.0.0.1:{s1}\n"),
+        "",
+    );
+    let mut h = haproxy_client(&e.d).await;
+    let p = h
+        .preview_edits(pb::PreviewEditsRequest {
+            target: "edge".into(),
+            edits: vec![add_server("s2", s2)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.goes_live_by, "reload");
+    assert!(
+        p.notes.iter().any(|n| n.contains("static-rr")),
+        "{:?}",
+        p.notes
+    );
+    let mut c = e.d.client().await;
+    let done = run(&mut c, job(vec![add_server("s2", s2)], false, "")).await;
+    assert_eq!(state(&done), pb::JobState::Succeeded, "{}", done.error);
+    assert!(done.steps.iter().any(|s| s.name == "reload"));
+}

@@ -228,6 +228,7 @@ fn proof_words(p: &Proof) -> String {
         } => format!("GET http://{addr}{path} from {from} answers {status}"),
         Proof::BackendUp { backend } => format!("every server of backend {backend} is UP"),
         Proof::ServerPresent { backend, server } => format!("{backend}/{server} is UP"),
+        Proof::ServerGone { backend, server } => format!("{backend}/{server} is gone"),
         Proof::AcmeRoute { addr } => {
             format!("a challenge request through {addr} reaches statelyd's responder")
         }
@@ -342,7 +343,28 @@ impl pb::haproxy_server::Haproxy for HaproxyApi {
             preview.version = v.version;
             preview.valid = v.valid;
             preview.diagnostics = v.diagnostics.into_iter().map(diagnostic).collect();
-            preview.goes_live_by = "reload".into();
+            let has_stats = self
+                .targets
+                .get(&r.target)
+                .is_ok_and(|t| t.stats_socket.is_some());
+            preview.goes_live_by = match edits::runtime_changes(&live.text, &list) {
+                Ok(_) if has_stats => "runtime".into(),
+                Ok(_) => {
+                    preview
+                        .notes
+                        .push("the target has no stats_socket, so servers change by reload".into());
+                    "reload".into()
+                }
+                Err(why) => {
+                    if list
+                        .iter()
+                        .all(|e| matches!(e, Edit::AddServer { .. } | Edit::RemoveServer { .. }))
+                    {
+                        preview.notes.push(format!("goes live by reload: {why}"));
+                    }
+                    "reload".into()
+                }
+            };
             preview.checks = out.proofs.iter().map(proof_words).collect();
         }
         Ok(Response::new(preview))

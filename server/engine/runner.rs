@@ -300,7 +300,7 @@ async fn execute(
                     .all(|(a, b)| *a == b.name);
             if !same {
                 return Err(StepError::Failed(
-                    "the runbook's steps changed in the configuration since the job was submitted"
+                    "the job's steps changed since it was submitted (its runbook in the configuration, or the file it edits): submit it again"
                         .into(),
                 ));
             }

@@ -202,6 +202,13 @@ pub(crate) enum Proof {
         /// The backend.
         backend: String,
     },
+    /// The server is no longer in the backend.
+    ServerGone {
+        /// The backend.
+        backend: String,
+        /// The server.
+        server: String,
+    },
     /// The server is in the backend (and UP, if checked).
     ServerPresent {
         /// The backend.
@@ -1062,6 +1069,10 @@ impl Editor<'_, '_> {
                     self.said.push(format!("removed {}", self.line_of(i)));
                     self.rw.remove(i);
                 }
+                self.proofs.push(Proof::ServerGone {
+                    backend: backend.clone(),
+                    server: name.clone(),
+                });
             }
             Edit::SetLine { section, line, key } => {
                 let s = self.named_section(section)?.clone();
@@ -1175,6 +1186,118 @@ fn reachable(bind: &str) -> Option<SocketAddr> {
             .ok()?,
     };
     Some(SocketAddr::new(ip, port))
+}
+
+/// A server change HAProxy can make without a reload.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum RuntimeChange {
+    /// `add server <backend>/<server> <args>`.
+    Add {
+        /// The backend.
+        backend: String,
+        /// The server.
+        server: String,
+        /// The line's words after the name: address, then options.
+        args: Vec<String>,
+    },
+    /// Drain and `del server`; `args` are its line's words after the name (to put it back).
+    Remove {
+        /// The backend.
+        backend: String,
+        /// The server.
+        server: String,
+        /// As the file says it.
+        args: Vec<String>,
+    },
+}
+
+/// Load-balancing algorithms whose backends take servers added at runtime (HAProxy 2.6: a
+/// dynamic algorithm; the hash-based ones only with `hash-type consistent`).
+const DYNAMIC: &[&str] = &["roundrobin", "leastconn", "first", "random"];
+
+/// The runtime changes that carry these edits live without a reload, when HAProxy allows it:
+/// only server additions and removals, in backends with a dynamic algorithm, no `cookie`
+/// persistence (a fixed cookie per server) and no `default-server` (whose settings a server
+/// added at runtime would not get). Otherwise why not — the job reloads.
+pub(crate) fn runtime_changes(text: &str, edits: &[Edit]) -> Result<Vec<RuntimeChange>, String> {
+    let cfg = Cfg::parse(text)?;
+    let defaults_have_default_server =
+        cfg.sections
+            .iter()
+            .filter(|s| s.kind == "defaults")
+            .any(|s| {
+                cfg.keyword_lines(s)
+                    .any(|(_, l)| l.words[0] == "default-server")
+            });
+    let mut out = Vec::new();
+    for e in edits {
+        let (backend, server) = match e {
+            Edit::AddServer { backend, name, .. } | Edit::RemoveServer { backend, name } => {
+                (backend, name)
+            }
+            other => return Err(format!("{} needs a reload", other.op())),
+        };
+        let s = match cfg.section("backend", backend)? {
+            Some(s) => s,
+            None => return Err(format!("backend {backend} is not a plain backend section")),
+        };
+        let words = |key: &str| {
+            cfg.keyword_lines(s)
+                .filter(|(_, l)| l.words[0] == key)
+                .map(|(_, l)| l.words.clone())
+                .collect::<Vec<_>>()
+        };
+        if let Some(b) = words("balance").last() {
+            let algo = b.get(1).map(String::as_str).unwrap_or("roundrobin");
+            let consistent = words("hash-type")
+                .last()
+                .is_some_and(|h| h.get(1).map(String::as_str) == Some("consistent"));
+            if !DYNAMIC.contains(&algo) && !consistent {
+                return Err(format!(
+                    "backend {backend} balances by {algo}, which takes no server at runtime"
+                ));
+            }
+        }
+        if !words("cookie").is_empty() {
+            return Err(format!(
+                "backend {backend} uses cookie persistence, which a server added at runtime would not join"
+            ));
+        }
+        if !words("default-server").is_empty() || defaults_have_default_server {
+            return Err(format!(
+                "backend {backend} has default-server settings, which a server added at runtime would not get"
+            ));
+        }
+        let line = cfg
+            .keyword_lines(s)
+            .find(|(_, l)| l.words[0] == "server" && l.words.get(1) == Some(server))
+            .map(|(_, l)| l.words[2..].to_vec());
+        out.push(match e {
+            Edit::AddServer {
+                address, options, ..
+            } => {
+                if line.is_some() {
+                    return Err(format!("server {backend}/{server} is already in the file"));
+                }
+                let mut args = vec![address.clone()];
+                args.extend(options.iter().cloned());
+                RuntimeChange::Add {
+                    backend: backend.clone(),
+                    server: server.clone(),
+                    args,
+                }
+            }
+            _ => match line {
+                Some(args) => RuntimeChange::Remove {
+                    backend: backend.clone(),
+                    server: server.clone(),
+                    args,
+                },
+                None => return Err(format!("server {backend}/{server} is not in the file")),
+            },
+        });
+    }
+    Ok(out)
 }
 
 /// Whether a configuration serves the bundle at `bundle` (or every bundle of `dir`) on some

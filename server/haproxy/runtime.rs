@@ -165,3 +165,105 @@ pub(crate) async fn set_ssl_cert(socket: &Path, path: &Path, pem: &str) -> Resul
         answer.trim()
     ))
 }
+
+/// Names and words that go into a command line: nothing that could end it or start another.
+fn plain_words(words: &[&str]) -> Result<(), String> {
+    if words.iter().any(|w| {
+        w.is_empty()
+            || w.chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == ';' || c == '#')
+    }) {
+        return Err(format!(
+            "'{}' cannot be said on HAProxy's command line",
+            words.join(" ")
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the running HAProxy has this server.
+pub(crate) async fn has_server(socket: &Path, backend: &str, server: &str) -> Result<bool, String> {
+    let rows = crate::stats::fetch(socket)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(rows.iter().any(|r| {
+        r.proxy == backend && r.server == server && r.kind == crate::stats::parse::RowType::Server
+    }))
+}
+
+/// Adds a server to the running HAProxy (`add server`, which creates it in maintenance),
+/// then enables its health check (when it has `check`) and the server: in service at once,
+/// without a reload. `args` are the server line's words after its name: the address, then
+/// options.
+pub(crate) async fn add_server(
+    socket: &Path,
+    backend: &str,
+    server: &str,
+    args: &[String],
+) -> Result<(), String> {
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    plain_words(&[&[backend, server][..], &words].concat())?;
+    let answer = command(
+        socket,
+        &format!("add server {backend}/{server} {}", words.join(" ")),
+    )
+    .await?;
+    if !answer.contains("New server registered") {
+        return Err(format!("HAProxy refused `add server`: {}", answer.trim()));
+    }
+    if words.contains(&"check") {
+        expect_silence(socket, &format!("enable health {backend}/{server}")).await?;
+    }
+    expect_silence(socket, &format!("enable server {backend}/{server}")).await
+}
+
+/// Takes a server out of the running HAProxy: drain it, wait (up to `within`) until it holds
+/// no session, put it in maintenance and delete it.
+pub(crate) async fn remove_server(
+    socket: &Path,
+    backend: &str,
+    server: &str,
+    within: std::time::Duration,
+) -> Result<(), String> {
+    plain_words(&[backend, server])?;
+    expect_silence(
+        socket,
+        &format!("set server {backend}/{server} state drain"),
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let rows = crate::stats::fetch(socket)
+            .await
+            .map_err(|e| e.to_string())?;
+        let sessions = rows
+            .iter()
+            .find(|r| r.proxy == backend && r.server == server)
+            .and_then(|r| r.current_sessions)
+            .unwrap_or(0);
+        if sessions == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{backend}/{server} still holds {sessions} session(s) after {within:?} of draining"
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    expect_silence(socket, &format!("disable server {backend}/{server}")).await?;
+    let answer = command(socket, &format!("del server {backend}/{server}")).await?;
+    if answer.contains("Server deleted") {
+        Ok(())
+    } else {
+        Err(format!("HAProxy refused `del server`: {}", answer.trim()))
+    }
+}
+
+async fn expect_silence(socket: &Path, line: &str) -> Result<(), String> {
+    let answer = command(socket, line).await?;
+    match answer.trim() {
+        "" => Ok(()),
+        said => Err(format!("HAProxy said to `{line}`: {said}")),
+    }
+}

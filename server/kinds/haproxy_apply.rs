@@ -117,6 +117,9 @@ pub(crate) fn check_text(targets: &Targets, target: &str, text: &str) -> Result<
 
 #[derive(Debug)]
 pub(crate) struct Apply {
+    /// Whether the swap is followed by a reload (else the change goes live at runtime, and
+    /// only the file is put back on an unwind).
+    reload: bool,
     targets: Targets,
     target: HaproxyTarget,
     text: String,
@@ -144,6 +147,7 @@ impl Apply {
         allow_servers_down: bool,
     ) -> Apply {
         Apply {
+            reload: true,
             targets,
             target,
             text,
@@ -152,6 +156,13 @@ impl Apply {
             allow_servers_down,
             old_text: String::new(),
         }
+    }
+
+    /// The same apply whose change goes live at runtime: the file is swapped (and put back
+    /// on an unwind) without a reload.
+    pub(crate) fn without_reload(mut self) -> Apply {
+        self.reload = false;
+        self
     }
 
     /// Runs one of the apply's steps.
@@ -241,7 +252,9 @@ impl Apply {
                         .unwrap_or_default();
                 }
                 // Reverse order of undo: the old file goes back first, then HAProxy reloads.
-                ctx.record_undo(self.reload_undo()).await?;
+                if self.reload {
+                    ctx.record_undo(self.reload_undo()).await?;
+                }
                 ctx.record_undo(entry).await?;
                 let text = self.text.clone();
                 tokio::task::spawn_blocking(move || {

@@ -7,7 +7,7 @@
 
 use super::haproxy_apply::{self, Apply};
 use super::{Executor, Moment, Planned, StepFuture};
-use crate::haproxy::edits::{self, Edit, EditError, Proof};
+use crate::haproxy::edits::{self, Edit, EditError, Proof, RuntimeChange};
 use crate::haproxy::{HaproxyTarget, Targets};
 use crate::job::LogLevel;
 use crate::stats::parse::{RowType, State};
@@ -35,16 +35,20 @@ pub struct Spec {
 
 /// How long a proof keeps trying (the new worker and its health checks need a moment).
 const PROVE_WITHIN: Duration = Duration::from_secs(15);
+/// How long a server removed at runtime may take to finish its sessions.
+const DRAIN_WITHIN: Duration = Duration::from_secs(30);
 
 /// The steps, in order.
 #[derive(Debug, Clone, Copy)]
 enum Step {
     Edit,
     Apply(haproxy_apply::Step),
+    Runtime,
     Prove,
 }
 
-const STEPS: [Step; 6] = [
+/// Edits that go live by a reload.
+const BY_RELOAD: [Step; 6] = [
     Step::Edit,
     Step::Apply(haproxy_apply::Step::Validate),
     Step::Apply(haproxy_apply::Step::Swap),
@@ -53,14 +57,37 @@ const STEPS: [Step; 6] = [
     Step::Prove,
 ];
 
+/// Server additions and removals HAProxy takes at runtime: the file is still validated and
+/// swapped (so the next reload keeps them), but nothing is reloaded.
+const AT_RUNTIME: [Step; 5] = [
+    Step::Edit,
+    Step::Apply(haproxy_apply::Step::Validate),
+    Step::Apply(haproxy_apply::Step::Swap),
+    Step::Runtime,
+    Step::Prove,
+];
+
 impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Step::Edit => f.write_str("edit the configuration"),
             Step::Apply(s) => s.fmt(f),
+            Step::Runtime => f.write_str("change servers at runtime"),
             Step::Prove => f.write_str("check the edits work"),
         }
     }
+}
+
+/// Whether these edits of this file go live at runtime: the changes, or why they reload.
+fn runtime_mode(
+    target: &HaproxyTarget,
+    live: &str,
+    edits: &[Edit],
+) -> Result<Vec<RuntimeChange>, String> {
+    if target.stats_socket.is_none() {
+        return Err("the target has no stats_socket".into());
+    }
+    edits::runtime_changes(live, edits)
 }
 
 /// An edit's refusal as the caller gets it.
@@ -96,8 +123,9 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, at: Moment) -> Result<Planned, 
     }
     edits::check(&spec.edits).map_err(refusal)?;
     let cx = context(env, spec.replace);
+    let live = targets.live(&spec.target).await?;
+    let runtime = runtime_mode(&target, &live.text, &spec.edits).is_ok();
     if at == Moment::Submission {
-        let live = targets.live(&spec.target).await?;
         if let Some(base) = &spec.base_version
             && *base != live.version
         {
@@ -108,17 +136,20 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, at: Moment) -> Result<Planned, 
             haproxy_apply::check_text(&targets, &spec.target, &out.text)?;
         }
     }
+    let steps: &[Step] = if runtime { &AT_RUNTIME } else { &BY_RELOAD };
     let executor = EditJob {
         targets,
         target,
         spec: spec.clone(),
         cx,
         responder: env.responder.clone(),
+        steps: steps.to_vec(),
+        runtime: None,
         apply: None,
         proofs: Vec::new(),
     };
     Ok(Planned::new(
-        &STEPS,
+        steps,
         vec![format!("haproxy:{}", spec.target)],
         executor,
     ))
@@ -137,6 +168,9 @@ struct EditJob {
     spec: Spec,
     cx: edits::Context,
     responder: Option<Arc<crate::certs::responder::Responder>>,
+    steps: Vec<Step>,
+    /// The server changes made at runtime (runtime mode, once edited).
+    runtime: Option<Vec<RuntimeChange>>,
     /// The apply of the edited file; None until edited, or when the edits change nothing.
     apply: Option<Apply>,
     proofs: Vec<Proof>,
@@ -145,8 +179,9 @@ struct EditJob {
 impl Executor for EditJob {
     fn run_step<'a>(&'a mut self, index: usize, ctx: &'a mut StepCtx<'_>) -> StepFuture<'a> {
         Box::pin(async move {
-            match super::step_at(&STEPS, index)? {
+            match super::step_at(&self.steps, index)? {
                 Step::Edit => self.edit(ctx).await,
+                Step::Runtime => self.at_runtime(ctx).await,
                 Step::Apply(step) => match &mut self.apply {
                     Some(apply) => apply.run(step, ctx).await,
                     None => {
@@ -190,6 +225,24 @@ impl EditJob {
             return Ok(());
         }
         haproxy_apply::check_text(&self.targets, &name, &out.text).map_err(StepError::from)?;
+        let planned_runtime = self.steps.iter().any(|s| matches!(s, Step::Runtime));
+        let runtime = runtime_mode(&self.target, &live.text, &self.spec.edits);
+        match (&runtime, planned_runtime) {
+            (Ok(_), true) => ctx.log(
+                LogLevel::Info,
+                "servers change at runtime: the file is swapped for the next reload, but nothing is reloaded",
+            ),
+            (Err(why), false) if self.spec.edits.iter().all(|e| {
+                matches!(e, Edit::AddServer { .. } | Edit::RemoveServer { .. })
+            }) => ctx.log(LogLevel::Info, format!("servers change by a reload: {why}")),
+            (Err(_), false) => {}
+            (r, _) => {
+                return Err(StepError::Precondition(format!(
+                    "the configuration changed since the job was planned: these edits now go live by {}; submit them again",
+                    if r.is_ok() { "runtime changes" } else { "a reload" }
+                )));
+            }
+        }
         let (added, removed) = changed_lines(&live.text, &out.text);
         ctx.log(
             LogLevel::Info,
@@ -201,13 +254,87 @@ impl EditJob {
         self.proofs = out.proofs;
         // The swap checks the file is still the one edited (another job or a person may
         // change it in between).
-        self.apply = Some(Apply::new(
+        let apply = Apply::new(
             self.targets.clone(),
             self.target.clone(),
             out.text,
             Some(live.version),
             self.spec.allow_servers_down,
-        ));
+        );
+        self.apply = Some(match runtime {
+            Ok(changes) if planned_runtime => {
+                self.runtime = Some(changes);
+                apply.without_reload()
+            }
+            _ => apply,
+        });
+        Ok(())
+    }
+
+    /// Adds and removes the servers in the running HAProxy, each undo recorded first: a
+    /// server added is drained and deleted on an unwind, one removed is added back.
+    async fn at_runtime(&mut self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        let Some(changes) = self.runtime.clone() else {
+            ctx.log(LogLevel::Info, "skipped: nothing changed");
+            return Ok(());
+        };
+        let Some(socket) = self.target.stats_socket.clone() else {
+            return Err(StepError::Failed("the target has no stats_socket".into()));
+        };
+        use crate::haproxy::runtime;
+        for c in changes {
+            match c {
+                RuntimeChange::Add {
+                    backend,
+                    server,
+                    args,
+                } => {
+                    ctx.record_undo(crate::undo::UndoEntry::RuntimeDelServer {
+                        socket: socket.clone(),
+                        backend: backend.clone(),
+                        server: server.clone(),
+                        args: args.clone(),
+                    })
+                    .await?;
+                    runtime::add_server(&socket, &backend, &server, &args)
+                        .await
+                        .map_err(StepError::Failed)?;
+                    ctx.log(
+                        LogLevel::Info,
+                        format!("added {backend}/{server} at runtime ({}), no reload", args.join(" ")),
+                    );
+                }
+                RuntimeChange::Remove {
+                    backend,
+                    server,
+                    args,
+                } => {
+                    ctx.record_undo(crate::undo::UndoEntry::RuntimeAddServer {
+                        socket: socket.clone(),
+                        backend: backend.clone(),
+                        server: server.clone(),
+                        args,
+                    })
+                    .await?;
+                    ctx.log(
+                        LogLevel::Info,
+                        format!("draining {backend}/{server} (up to {DRAIN_WITHIN:?})"),
+                    );
+                    ctx.until_cancel(runtime::remove_server(
+                        &socket,
+                        &backend,
+                        &server,
+                        DRAIN_WITHIN,
+                    ))
+                    .await?
+                    .map_err(StepError::Failed)?;
+                    ctx.log(
+                        LogLevel::Info,
+                        format!("deleted {backend}/{server} at runtime, no reload"),
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
@@ -343,6 +470,14 @@ impl EditJob {
                     ))
                 } else {
                     Err(down.join(", "))
+                }
+            }
+            Proof::ServerGone { backend, server } => {
+                let rows = self.rows().await?;
+                if rows.iter().any(|r| r.proxy == *backend && r.server == *server) {
+                    Err(format!("{backend}/{server} is still in the stats"))
+                } else {
+                    Ok(format!("{backend}/{server} is gone"))
                 }
             }
             Proof::ServerPresent { backend, server } => {
