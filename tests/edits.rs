@@ -909,3 +909,40 @@ async fn servers_go_live_by_reload_where_haproxy_cannot_take_them_at_runtime() {
     assert_eq!(state(&done), pb::JobState::Succeeded, "{}", done.error);
     assert!(done.steps.iter().any(|s| s.name == "reload"));
 }
+
+#[tokio::test]
+async fn a_deploy_to_a_target_whose_config_loads_no_bundle_is_refused_naming_the_edit() {
+    let s1 = web("s1", None).await;
+    let responder = free_port();
+    let e = edge(
+        &format!("  server s1 127.0.0.1:{s1}\n"),
+        &format!("[certificates]\nresponder = \"127.0.0.1:{responder}\"\nchallenge_probe = \"\"\n"),
+    );
+    let mut c = e.d.client().await;
+    let err = c
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(pb::JobSpec {
+                kind: Some(pb::job_spec::Kind::CertificateIssue(pb::CertificateIssueJob {
+                    names: vec!["example.test".into()],
+                    deploy: vec!["edge".into()],
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(
+        err.message().contains("--https-frontend") && err.message().contains("loads neither"),
+        "{}",
+        err.message()
+    );
+    let jobs = c
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert!(jobs.is_empty(), "nothing was started");
+}
