@@ -5,59 +5,14 @@
 //! `cargo bench --bench apply` (needs the Debian packages haproxy and socat).
 
 mod support;
-use support::{Auth, free_port, median, spawn_statelyd};
+use support::{Auth, free_port, haproxy_config as config, median, spawn_statelyd, start_haproxy};
 
 use stately::pb;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 const TOKEN: &str = "bench-operator-token-000000";
 const ROUNDS: usize = 11;
-
-fn config(dir: &Path, backends: usize, servers: usize, extra_frontend: Option<u16>) -> String {
-    let mut c = format!(
-        "global\n  stats socket {}/admin.sock mode 600 level admin expose-fd listeners\ndefaults\n  mode http\n  \
-         timeout connect 1s\n  timeout client 5s\n  timeout server 5s\nfrontend fe\n  bind 127.0.0.1:{}\n  default_backend b0\n",
-        dir.display(),
-        free_port()
-    );
-    if let Some(p) = extra_frontend {
-        c.push_str(&format!(
-            "frontend extra\n  bind 127.0.0.1:{p}\n  http-request return status 200\n"
-        ));
-    }
-    for b in 0..backends {
-        c.push_str(&format!("backend b{b}\n"));
-        for s in 0..servers {
-            c.push_str(&format!(
-                "  server s{s} 127.0.0.{}:{}\n",
-                2 + (s % 200),
-                10000 + b * servers + s
-            ));
-        }
-    }
-    c
-}
-
-fn start_haproxy(dir: &Path, text: &str) -> Child {
-    std::fs::write(dir.join("haproxy.cfg"), text).unwrap();
-    let child = Command::new("/usr/sbin/haproxy")
-        .args(["-W", "-S"])
-        .arg(dir.join("master.sock"))
-        .arg("-f")
-        .arg(dir.join("haproxy.cfg"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("haproxy is installed");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(dir.join("admin.sock")).is_err() {
-        assert!(Instant::now() < deadline, "haproxy did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
 
 /// The shell operator's way, as one script run per apply.
 const SCRIPT: &str = r#"set -e

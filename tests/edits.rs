@@ -922,11 +922,13 @@ async fn a_deploy_to_a_target_whose_config_loads_no_bundle_is_refused_naming_the
     let err = c
         .submit_job(pb::SubmitJobRequest {
             spec: Some(pb::JobSpec {
-                kind: Some(pb::job_spec::Kind::CertificateIssue(pb::CertificateIssueJob {
-                    names: vec!["example.test".into()],
-                    deploy: vec!["edge".into()],
-                    ..Default::default()
-                })),
+                kind: Some(pb::job_spec::Kind::CertificateIssue(
+                    pb::CertificateIssueJob {
+                        names: vec!["example.test".into()],
+                        deploy: vec!["edge".into()],
+                        ..Default::default()
+                    },
+                )),
             }),
             ..Default::default()
         })

@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// A free loopback TCP port (bound, then released).
 pub fn free_port() -> u16 {
@@ -69,4 +70,57 @@ pub fn spawn_statelyd_limited(config: &Path, nofile: Option<u64>) -> (Child, Str
         .expect("statelyd starts")
         .to_owned();
     (child, addr)
+}
+
+/// A haproxy.cfg with an admin socket in `dir`, one frontend, and `backends` × `servers`
+/// servers (no checks); with `extra_frontend`, one more frontend answering 200 itself.
+pub fn haproxy_config(
+    dir: &Path,
+    backends: usize,
+    servers: usize,
+    extra_frontend: Option<u16>,
+) -> String {
+    let mut c = format!(
+        "global\n  stats socket {}/admin.sock mode 600 level admin expose-fd listeners\ndefaults\n  mode http\n  \
+         timeout connect 1s\n  timeout client 5s\n  timeout server 5s\nfrontend fe\n  bind 127.0.0.1:{}\n  default_backend b0\n",
+        dir.display(),
+        free_port()
+    );
+    if let Some(p) = extra_frontend {
+        c.push_str(&format!(
+            "frontend extra\n  bind 127.0.0.1:{p}\n  http-request return status 200\n"
+        ));
+    }
+    for b in 0..backends {
+        c.push_str(&format!("backend b{b}\n"));
+        for s in 0..servers {
+            c.push_str(&format!(
+                "  server s{s} 127.0.0.{}:{}\n",
+                2 + (s % 200),
+                10000 + b * servers + s
+            ));
+        }
+    }
+    c
+}
+
+/// Starts a master-worker haproxy on `text` (written to `dir`/haproxy.cfg), ready when its
+/// admin socket answers.
+pub fn start_haproxy(dir: &Path, text: &str) -> Child {
+    std::fs::write(dir.join("haproxy.cfg"), text).unwrap();
+    let child = Command::new("/usr/sbin/haproxy")
+        .args(["-W", "-S"])
+        .arg(dir.join("master.sock"))
+        .arg("-f")
+        .arg(dir.join("haproxy.cfg"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haproxy is installed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(dir.join("admin.sock")).is_err() {
+        assert!(Instant::now() < deadline, "haproxy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }

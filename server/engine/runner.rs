@@ -9,6 +9,23 @@ use crate::step::{StepCtx, StepError};
 use crate::store::Write;
 use std::sync::Arc;
 
+/// The journal of a job of this process, holding the undo entries recorded so far.
+fn journal_of(
+    shared: &Shared,
+    live: &LiveJob,
+    record: &Job,
+    entries: Vec<crate::undo::JournalEntry>,
+) -> Journal {
+    Journal::new(
+        &shared.env.store,
+        &shared.env.blobs,
+        &live.events,
+        &live.state,
+        record,
+        entries,
+    )
+}
+
 /// Runs a submitted job to its end.
 pub(crate) async fn run(
     shared: Arc<Shared>,
@@ -16,14 +33,7 @@ pub(crate) async fn run(
     live: Arc<LiveJob>,
     prepared: Option<Box<dyn Executor>>,
 ) {
-    let mut journal = Journal::new(
-        &shared.env.store,
-        &shared.env.blobs,
-        &live.events,
-        &live.state,
-        &record,
-        Vec::new(),
-    );
+    let mut journal = journal_of(&shared, &live, &record, Vec::new());
     let id = record.id;
     // Frees the job's resources however this task ends, a panic included.
     let _release = Release {
@@ -90,14 +100,7 @@ pub(crate) async fn run(
 /// Carries on with a watch job found RUNNING at start-up, from the step it was in.
 pub(crate) async fn resume(shared: Arc<Shared>, record: Job, live: Arc<LiveJob>) {
     let entries = shared.env.store.journal(record.id).unwrap_or_default();
-    let mut journal = Journal::new(
-        &shared.env.store,
-        &shared.env.blobs,
-        &live.events,
-        &live.state,
-        &record,
-        entries,
-    );
+    let mut journal = journal_of(&shared, &live, &record, entries);
     let _release = Release {
         shared: shared.clone(),
         id: record.id,
@@ -165,14 +168,7 @@ async fn complete(
 /// Carries on with the unwind of a job that ended with undo entries left (found at start-up).
 pub(crate) async fn retry_unwind(shared: Arc<Shared>, mut record: Job, live: Arc<LiveJob>) {
     let entries = shared.env.store.journal(record.id).unwrap_or_default();
-    let mut journal = Journal::new(
-        &shared.env.store,
-        &shared.env.blobs,
-        &live.events,
-        &live.state,
-        &record,
-        entries,
-    );
+    let mut journal = journal_of(&shared, &live, &record, entries);
     let _release = Release {
         shared: shared.clone(),
         id: record.id,
@@ -376,14 +372,7 @@ pub(crate) async fn recover(
     live: &Arc<LiveJob>,
 ) -> Result<(), crate::store::Error> {
     let entries = shared.env.store.journal(record.id)?;
-    let mut journal = Journal::new(
-        &shared.env.store,
-        &shared.env.blobs,
-        &live.events,
-        &live.state,
-        &record,
-        entries,
-    );
+    let mut journal = journal_of(shared, live, &record, entries);
     let was = record.state;
     // A command that outlived the crashed daemon is stopped before its changes are undone.
     for (pgid, started) in shared.env.store.processes(record.id)? {
