@@ -803,6 +803,12 @@ async fn a_server_is_added_at_runtime_without_a_reload_and_stays_after_the_next_
         "{steps:?}"
     );
     assert_eq!(worker_pid(&e.h.stats), pid, "no reload");
+    let said = logs(&mut c, &done.id).await;
+    assert!(
+        said.iter().any(|l| l
+            .starts_with("haproxy -c accepts backend app with the global and defaults sections")),
+        "{said:?}"
+    );
     let mut seen = std::collections::HashSet::new();
     for _ in 0..6 {
         seen.insert(get(e.port, "/", "a.test", LOCAL, None).await.body);

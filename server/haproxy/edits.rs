@@ -1300,6 +1300,25 @@ pub(crate) fn runtime_changes(text: &str, edits: &[Edit]) -> Result<Vec<RuntimeC
     Ok(out)
 }
 
+/// The global and defaults sections of a configuration and the backends named: what
+/// `haproxy -c` needs to check a server line added to those backends.
+pub(crate) fn backends_alone(text: &str, backends: &[&str]) -> Option<String> {
+    let cfg = Cfg::parse(text).ok()?;
+    let mut out = String::new();
+    for s in &cfg.sections {
+        let keep = s.kind == "global"
+            || s.kind == "defaults"
+            || (s.kind == "backend" && s.name.as_deref().is_some_and(|n| backends.contains(&n)));
+        if keep {
+            for l in &cfg.lines[s.header..s.body.end] {
+                out.push_str(l.text);
+                out.push('\n');
+            }
+        }
+    }
+    Some(out)
+}
+
 /// Whether a configuration serves the bundle at `bundle` (or every bundle of `dir`) on some
 /// `bind ... ssl`: names the file or the directory, or uses a `crt-list` (whose contents
 /// cannot be known here, so it is given the benefit of the doubt).
@@ -1593,6 +1612,15 @@ backend app
             }],
         );
         assert!(o.text.starts_with("global\n\ndefaults"));
+    }
+
+    #[test]
+    fn a_backend_alone_keeps_global_defaults_and_that_backend() {
+        let text = "global\n  daemon\ndefaults\n  mode http\nfrontend web\n  bind :80\nbackend app\n  server s1 a:1\nbackend other\n  server s2 b:2\n";
+        assert_eq!(
+            backends_alone(text, &["app"]).unwrap(),
+            "global\n  daemon\ndefaults\n  mode http\nbackend app\n  server s1 a:1\n"
+        );
     }
 
     #[test]

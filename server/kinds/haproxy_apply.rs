@@ -120,6 +120,9 @@ pub(crate) struct Apply {
     /// Whether the swap is followed by a reload (else the change goes live at runtime, and
     /// only the file is put back on an unwind).
     reload: bool,
+    /// A smaller configuration `haproxy -c` checks first, when it proves what matters (the
+    /// sections a runtime change touches); the whole text is checked if it does not pass.
+    quick_check: Option<(String, String)>,
     targets: Targets,
     target: HaproxyTarget,
     text: String,
@@ -148,6 +151,7 @@ impl Apply {
     ) -> Apply {
         Apply {
             reload: true,
+            quick_check: None,
             targets,
             target,
             text,
@@ -162,6 +166,13 @@ impl Apply {
     /// on an unwind) without a reload.
     pub(crate) fn without_reload(mut self) -> Apply {
         self.reload = false;
+        self
+    }
+
+    /// Validates `text` (described as `what`) instead of the whole configuration, falling
+    /// back to the whole one if it does not pass.
+    pub(crate) fn checking_first(mut self, text: String, what: String) -> Apply {
+        self.quick_check = Some((text, what));
         self
     }
 
@@ -189,6 +200,20 @@ impl Apply {
                 Ok(())
             }
             Step::Validate => {
+                if let Some((text, what)) = self.quick_check.clone() {
+                    let v = self.targets.validate(&name, &text).await.map_err(failed)?;
+                    if v.valid {
+                        ctx.log(
+                            LogLevel::Info,
+                            format!("haproxy -c accepts {what} (the rest of the file is as it was when it loaded)"),
+                        );
+                        return Ok(());
+                    }
+                    ctx.log(
+                        LogLevel::Info,
+                        format!("{what} alone does not check; checking the whole file"),
+                    );
+                }
                 // Which servers are UP now, read while `haproxy -c` runs (both take tens of
                 // milliseconds on a large config), to check none is DOWN after the reload.
                 let before = async {

@@ -254,6 +254,7 @@ impl EditJob {
         self.proofs = out.proofs;
         // The swap checks the file is still the one edited (another job or a person may
         // change it in between).
+        let apply_text = out.text.clone();
         let apply = Apply::new(
             self.targets.clone(),
             self.target.clone(),
@@ -263,8 +264,29 @@ impl EditJob {
         );
         self.apply = Some(match runtime {
             Ok(changes) if planned_runtime => {
+                // Servers only added: their backends with the global and defaults sections
+                // are what can fail to load (a removal needs the whole file: another line may
+                // name the server).
+                let added: Vec<String> = changes
+                    .iter()
+                    .filter_map(|c| match c {
+                        RuntimeChange::Add { backend, .. } => Some(backend.clone()),
+                        RuntimeChange::Remove { .. } => None,
+                    })
+                    .collect();
+                let names: Vec<&str> = added.iter().map(String::as_str).collect();
+                let quick = (added.len() == changes.len())
+                    .then(|| edits::backends_alone(&apply_text, &names))
+                    .flatten();
                 self.runtime = Some(changes);
-                apply.without_reload()
+                let apply = apply.without_reload();
+                match quick {
+                    Some(text) => apply.checking_first(
+                        text,
+                        format!("backend {} with the global and defaults sections", added.join(", ")),
+                    ),
+                    None => apply,
+                }
             }
             _ => apply,
         });
