@@ -92,13 +92,20 @@ pub(crate) enum UndoEntry {
         args: Vec<String>,
     },
     /// Put a server removed at runtime back (`add server` with these words after its name,
-    /// then enable it); one still there is set ready again.
+    /// then enable it) in the administrative state it had; one still there gets that state.
     RuntimeAddServer {
         socket: PathBuf,
         backend: String,
         server: String,
         args: Vec<String>,
+        /// ready, drain or maint.
+        #[serde(default = "ready")]
+        state: String,
     },
+}
+
+fn ready() -> String {
+    "ready".into()
 }
 
 /// A journal entry as stored: the entry, whether it has been applied, and the state the job
@@ -297,12 +304,14 @@ impl UndoEntry {
                 backend: backend.clone(),
                 server: server.clone(),
                 args: args.clone(),
+                state: ready(),
             }),
             UndoEntry::RuntimeAddServer {
                 socket,
                 backend,
                 server,
                 args,
+                ..
             } => Some(UndoEntry::RuntimeDelServer {
                 socket: socket.clone(),
                 backend: backend.clone(),
@@ -358,13 +367,14 @@ impl UndoEntry {
                 backend,
                 server,
                 args,
+                state,
             } => {
                 use crate::haproxy::runtime;
                 wait_for_socket(&socket).await?;
-                if runtime::has_server(&socket, &backend, &server).await? {
-                    return runtime::set_server_state(&socket, &backend, &server, "ready").await;
+                if !runtime::has_server(&socket, &backend, &server).await? {
+                    runtime::add_server(&socket, &backend, &server, &args).await?;
                 }
-                runtime::add_server(&socket, &backend, &server, &args).await
+                runtime::set_server_state(&socket, &backend, &server, &state).await
             }
             UndoEntry::ReloadHaproxy {
                 master_socket,

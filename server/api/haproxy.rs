@@ -318,7 +318,9 @@ impl pb::haproxy_server::Haproxy for HaproxyApi {
             replace: r.replace,
             ..self.edits.clone()
         };
-        let out = edits::apply(&live.text, &list, &cx).map_err(edit_status)?;
+        let out = edits::apply_blocking(live.text.clone(), list.clone(), cx)
+            .await
+            .map_err(edit_status)?;
         let changed = out.text != live.text;
         let mut preview = pb::EditPreview {
             changed,

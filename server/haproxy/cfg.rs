@@ -24,7 +24,14 @@ const SECTIONS: &[&str] = &[
     "log-forward",
     "crt-store",
     "traces",
+    "fcgi-app",
+    "acme",
 ];
+
+/// Whether a keyword opens a section.
+pub(crate) fn is_section_keyword(word: &str) -> bool {
+    SECTIONS.contains(&word)
+}
 
 /// One line of the file.
 #[derive(Debug, Clone)]
@@ -274,6 +281,11 @@ pub(crate) fn with_words(line: &str, extra: &str) -> String {
     format!("{code} {extra}{rest}")
 }
 
+/// The `# comment` a line ends with, if any (outside quotes and escapes).
+pub(crate) fn trailing_comment(line: &str) -> Option<&str> {
+    comment_start(line).map(|i| &line[i..])
+}
+
 /// Where a `#` comment starts outside quotes and escapes, if there is one.
 fn comment_start(line: &str) -> Option<usize> {
     let mut quote: Option<char> = None;
@@ -284,6 +296,8 @@ fn comment_start(line: &str) -> Option<usize> {
             continue;
         }
         match (quote, c) {
+            (Some('\''), '\'') => quote = None,
+            (Some('\''), _) => {}
             (_, '\\') => escaped = true,
             (None, '#') => return Some(i),
             (None, '"' | '\'') => quote = Some(c),

@@ -432,7 +432,7 @@ fn check_one(e: &Edit) -> Result<(), String> {
 /// A word without blanks, quotes, comment or escape characters.
 fn plain(s: &str) -> bool {
     !s.chars()
-        .any(|c| c.is_whitespace() || c.is_control() || "#\"'\\".contains(c))
+        .any(|c| c.is_whitespace() || c.is_control() || "#\"'\\;".contains(c))
 }
 
 fn name(what: &str, s: &str) -> Result<(), String> {
@@ -476,7 +476,8 @@ fn url_path(s: &str) -> Result<(), String> {
 
 fn address(s: &str) -> Result<(), String> {
     let ok = s.rsplit_once(':').is_some_and(|(h, p)| {
-        p.parse::<u16>().is_ok_and(|p| p > 0)
+        p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok_and(|p| p > 0)
             && (h.is_empty()
                 || h == "*"
                 || h.parse::<IpAddr>().is_ok()
@@ -505,7 +506,10 @@ fn cidr(s: &str) -> Result<(IpAddr, u8), String> {
     let ip: IpAddr = ip.parse().map_err(|_| bad())?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     let len = match len {
-        Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(bad)?,
+        Some(l) if l.bytes().all(|b| b.is_ascii_digit()) => {
+            l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(bad)?
+        }
+        Some(_) => return Err(bad()),
         None => max,
     };
     Ok((ip, len))
@@ -527,9 +531,26 @@ fn one_line(s: &str) -> Result<(), String> {
     if s.trim().is_empty() || s.len() > 4096 || s.contains(['\n', '\r', '\0']) {
         return Err("line: one non-empty line of at most 4096 bytes".into());
     }
-    super::cfg::words(s)
-        .map(|_| ())
-        .map_err(|e| format!("line: {e}"))
+    let words = super::cfg::words(s).map_err(|e| format!("line: {e}"))?;
+    match words.first() {
+        None => Err("line: a directive, not only a comment".into()),
+        Some(w) if super::cfg::is_section_keyword(w) || w.starts_with('.') => Err(format!(
+            "line: `{w}` opens a section or a condition; edit sections with their own edits"
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// [`apply`] on a blocking thread: up to 100 edits of a 16 MiB file is work to keep off the
+/// async runtime.
+pub(crate) async fn apply_blocking(
+    text: String,
+    edits: Vec<Edit>,
+    cx: Context,
+) -> Result<Outcome, EditError> {
+    tokio::task::spawn_blocking(move || apply(&text, &edits, &cx))
+        .await
+        .unwrap_or_else(|e| Err(EditError::Conflict(format!("the edit task failed: {e}"))))
 }
 
 /// Makes the edits, one after the other, each on the result of the one before.
@@ -678,14 +699,14 @@ impl Editor<'_, '_> {
     fn find(&self, s: &Section, pred: impl Fn(&[String]) -> bool) -> Option<usize> {
         self.cfg
             .keyword_lines(s)
-            .find(|(_, l)| pred(&l.words))
+            .find(|(_, l)| !l.conditional && pred(&l.words))
             .map(|(i, _)| i)
     }
 
     fn find_all(&self, s: &Section, pred: impl Fn(&[String]) -> bool) -> Vec<usize> {
         self.cfg
             .keyword_lines(s)
-            .filter(|(_, l)| pred(&l.words))
+            .filter(|(_, l)| !l.conditional && pred(&l.words))
             .map(|(i, _)| i)
             .collect()
     }
@@ -693,7 +714,7 @@ impl Editor<'_, '_> {
     fn last(&self, s: &Section, pred: impl Fn(&[String]) -> bool) -> Option<usize> {
         self.cfg
             .keyword_lines(s)
-            .filter(|(_, l)| pred(&l.words))
+            .filter(|(_, l)| !l.conditional && pred(&l.words))
             .last()
             .map(|(i, _)| i)
     }
@@ -730,7 +751,13 @@ impl Editor<'_, '_> {
                     )));
                 }
                 self.said.push(format!("replaced {}", self.line_of(i)));
-                self.rw.replace(i, format!("{indent}{line}"));
+                // The line's own indentation and comment stay.
+                let old = self.cfg.lines[i].text;
+                let own = &old[..old.len() - old.trim_start().len()];
+                let comment = super::cfg::trailing_comment(old)
+                    .map(|c| format!(" {c}"))
+                    .unwrap_or_default();
+                self.rw.replace(i, format!("{own}{line}{comment}"));
                 Ok(())
             }
             None => {
@@ -937,7 +964,7 @@ impl Editor<'_, '_> {
                     .map(|n| IpAddr::from([127, 0, 0, n]))
                     .chain(std::iter::once(IpAddr::from([127, 0, 0, 1])))
                     .find(|ip| !allowed.iter().any(|(net, len)| contains(*net, *len, *ip)));
-                match (plain.first(), outsider) {
+                match (plain.iter().find(|a| a.is_ipv4()), outsider) {
                     (Some(addr), Some(from)) => self.proofs.push(Proof::Denied {
                         addr: *addr,
                         path: path.clone(),
@@ -1036,6 +1063,9 @@ impl Editor<'_, '_> {
                 }
                 let (plain, _) = self.binds(&s);
                 match plain.first() {
+                    Some(_) if responder.is_some() => self.unproven.push(format!(
+                        "the route goes to {addr}, which statelyd does not answer, so it is not checked"
+                    )),
                     Some(a) => self.proofs.push(Proof::AcmeRoute { addr: *a }),
                     None => self.unproven.push(format!("frontend {frontend} has no plain bind stately can reach, so the route is not checked")),
                 }
@@ -1241,11 +1271,23 @@ pub(crate) fn runtime_changes(text: &str, edits: &[Edit]) -> Result<Vec<RuntimeC
             Some(s) => s,
             None => return Err(format!("backend {backend} is not a plain backend section")),
         };
+        // The backend's own lines, else what a defaults section gives it.
         let words = |key: &str| {
-            cfg.keyword_lines(s)
+            let own: Vec<Vec<String>> = cfg
+                .keyword_lines(s)
                 .filter(|(_, l)| l.words[0] == key)
                 .map(|(_, l)| l.words.clone())
-                .collect::<Vec<_>>()
+                .collect();
+            if !own.is_empty() {
+                return own;
+            }
+            cfg.sections
+                .iter()
+                .filter(|d| d.kind == "defaults" && d.header < s.header)
+                .flat_map(|d| cfg.keyword_lines(d))
+                .filter(|(_, l)| l.words[0] == key)
+                .map(|(_, l)| l.words.clone())
+                .collect()
         };
         if let Some(b) = words("balance").last() {
             let algo = b.get(1).map(String::as_str).unwrap_or("roundrobin");
@@ -1624,6 +1666,50 @@ backend app
     }
 
     #[test]
+    fn a_replaced_line_keeps_its_indentation_and_comment() {
+        let text = "defaults\n\ttimeout connect 5s # keep this\n";
+        let o = run(
+            text,
+            &[Edit::SetLine {
+                section: "defaults".into(),
+                line: "timeout connect 9s".into(),
+                key: None,
+            }],
+        );
+        assert_eq!(o.text, "defaults\n\ttimeout connect 9s # keep this\n");
+    }
+
+    #[test]
+    fn what_backends_inherit_from_defaults_decides_runtime_or_reload() {
+        let add = [Edit::AddServer {
+            backend: "app".into(),
+            name: "s3".into(),
+            address: "127.0.0.1:1".into(),
+            options: vec![],
+        }];
+        assert!(runtime_changes("backend app\n  server s1 a:1\n", &add).is_ok());
+        let e = runtime_changes(
+            "defaults\n  balance source\nbackend app\n  server s1 a:1\n",
+            &add,
+        )
+        .unwrap_err();
+        assert!(e.contains("source"), "{e}");
+        let e = runtime_changes(
+            "defaults\n  cookie SRV insert\nbackend app\n  server s1 a:1\n",
+            &add,
+        )
+        .unwrap_err();
+        assert!(e.contains("cookie"), "{e}");
+        assert!(
+            runtime_changes(
+                "defaults\n  balance source\nbackend app\n  balance roundrobin\n  server s1 a:1\n",
+                &add
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
     fn bad_values_are_refused_before_any_file_is_read() {
         for e in [
             Edit::ForceHttps {
@@ -1686,6 +1772,46 @@ backend app
             );
         }
         assert!(matches!(check(&[]), Err(EditError::Invalid(_))));
+        for e in [
+            Edit::SetLine {
+                section: "global".into(),
+                line: "# only a comment".into(),
+                key: None,
+            },
+            Edit::SetLine {
+                section: "global".into(),
+                line: "backend evil".into(),
+                key: None,
+            },
+            Edit::SetLine {
+                section: "global".into(),
+                line: ".if defined(X)".into(),
+                key: None,
+            },
+            Edit::AddServer {
+                backend: "app".into(),
+                name: "s".into(),
+                address: "1.2.3.4:+80".into(),
+                options: vec![],
+            },
+            Edit::AddServer {
+                backend: "app".into(),
+                name: "s".into(),
+                address: "1.2.3.4:80".into(),
+                options: vec!["check;".into()],
+            },
+            Edit::RestrictPath {
+                frontend: "web".into(),
+                path: "/a".into(),
+                allow: vec!["10.0.0.0/+8".into()],
+                status: None,
+            },
+        ] {
+            assert!(
+                matches!(check(std::slice::from_ref(&e)), Err(EditError::Invalid(_))),
+                "{e:?}"
+            );
+        }
     }
 
     #[test]

@@ -214,6 +214,10 @@ pub(crate) async fn add_server(
     if words.contains(&"check") {
         expect_silence(socket, &format!("enable health {backend}/{server}")).await?;
     }
+    // A server the line says is disabled stays in maintenance, as a reload would leave it.
+    if words.contains(&"disabled") {
+        return Ok(());
+    }
     expect_silence(socket, &format!("enable server {backend}/{server}")).await
 }
 
@@ -238,7 +242,11 @@ pub(crate) async fn remove_server(
             .map_err(|e| e.to_string())?;
         let sessions = rows
             .iter()
-            .find(|r| r.proxy == backend && r.server == server)
+            .find(|r| {
+                r.proxy == backend
+                    && r.server == server
+                    && r.kind == crate::stats::parse::RowType::Server
+            })
             .and_then(|r| r.current_sessions)
             .unwrap_or(0);
         if sessions == 0 {

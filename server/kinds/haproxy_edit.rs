@@ -131,7 +131,9 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, at: Moment) -> Result<Planned, 
         {
             return Err(Error::FailedPrecondition(stale(&spec.target, &live.version, base)));
         }
-        let out = edits::apply(&live.text, &spec.edits, &cx).map_err(refusal)?;
+        let out = edits::apply_blocking(live.text.clone(), spec.edits.clone(), cx.clone())
+            .await
+            .map_err(refusal)?;
         if out.text != live.text {
             haproxy_apply::check_text(&targets, &spec.target, &out.text)?;
         }
@@ -204,7 +206,9 @@ impl EditJob {
         {
             return Err(StepError::Precondition(stale(&name, &live.version, base)));
         }
-        let out = edits::apply(&live.text, &self.spec.edits, &self.cx).map_err(|e| match e {
+        let out = edits::apply_blocking(live.text.clone(), self.spec.edits.clone(), self.cx.clone())
+            .await
+            .map_err(|e| match e {
             EditError::Conflict(m) | EditError::NotFound(m) => StepError::Precondition(m),
             EditError::Invalid(m) => StepError::Failed(m),
         })?;
@@ -311,6 +315,16 @@ impl EditJob {
                     server,
                     args,
                 } => {
+                    // One the running HAProxy has (added by hand, say) is not this job's to
+                    // take away on an unwind.
+                    if runtime::has_server(&socket, &backend, &server)
+                        .await
+                        .map_err(StepError::Failed)?
+                    {
+                        return Err(StepError::Precondition(format!(
+                            "the running HAProxy already has {backend}/{server}, though the file does not: remove it there, or reload, first"
+                        )));
+                    }
                     ctx.record_undo(crate::undo::UndoEntry::RuntimeDelServer {
                         socket: socket.clone(),
                         backend: backend.clone(),
@@ -331,11 +345,20 @@ impl EditJob {
                     server,
                     args,
                 } => {
+                    let state = runtime::server_state(&socket, &backend, &server)
+                        .await
+                        .map_err(|e| match e {
+                            crate::haproxy::runtime::Lookup::NotFound(m) => {
+                                StepError::Precondition(m)
+                            }
+                            crate::haproxy::runtime::Lookup::Failed(m) => StepError::Failed(m),
+                        })?;
                     ctx.record_undo(crate::undo::UndoEntry::RuntimeAddServer {
                         socket: socket.clone(),
                         backend: backend.clone(),
                         server: server.clone(),
                         args,
+                        state,
                     })
                     .await?;
                     ctx.log(
@@ -478,9 +501,19 @@ impl EditJob {
                     .iter()
                     .filter(|r| r.proxy == *backend && r.kind == RowType::Server)
                     .collect();
+                // Servers in maintenance or drain were put there on purpose; an UP server
+                // must have passed a check of the new configuration (HAProxy starts checked
+                // servers UP before their first check).
                 let down: Vec<String> = servers
                     .iter()
-                    .filter(|r| r.status.state != State::Up || r.status.transitional())
+                    .filter(|r| !matches!(r.status.state, State::Maint | State::Drain))
+                    .filter(|r| {
+                        let checked = r
+                            .check_status
+                            .as_deref()
+                            .is_none_or(|c| c != "INI" && !c.starts_with("* "));
+                        r.status.state != State::Up || r.status.transitional() || !checked
+                    })
                     .map(|r| format!("{}/{} is {}", backend, r.server, r.status.raw))
                     .collect();
                 if servers.is_empty() {
@@ -496,7 +529,9 @@ impl EditJob {
             }
             Proof::ServerGone { backend, server } => {
                 let rows = self.rows().await?;
-                if rows.iter().any(|r| r.proxy == *backend && r.server == *server) {
+                if rows.iter().any(|r| {
+                    r.proxy == *backend && r.server == *server && r.kind == RowType::Server
+                }) {
                     Err(format!("{backend}/{server} is still in the stats"))
                 } else {
                     Ok(format!("{backend}/{server} is gone"))
@@ -504,7 +539,10 @@ impl EditJob {
             }
             Proof::ServerPresent { backend, server } => {
                 let rows = self.rows().await?;
-                match rows.iter().find(|r| r.proxy == *backend && r.server == *server) {
+                match rows
+                    .iter()
+                    .find(|r| r.proxy == *backend && r.server == *server && r.kind == RowType::Server)
+                {
                     Some(r) if r.status.state == State::Up || r.status.raw == "no check" => {
                         Ok(format!("{backend}/{server} is {}", r.status.raw))
                     }
@@ -514,9 +552,7 @@ impl EditJob {
             }
             Proof::AcmeRoute { addr } => {
                 let Some(responder) = &self.responder else {
-                    return Ok(format!(
-                        "the route on {addr} goes to an address statelyd does not answer; not checked"
-                    ));
+                    return Err("statelyd runs no responder to answer the probe".into());
                 };
                 let token = format!("stately-probe-{}", uuid::Uuid::now_v7().simple());
                 let key = format!("{token}.probe");
