@@ -183,7 +183,7 @@ fn plain_words(words: &[&str]) -> Result<(), String> {
 
 /// Whether the running HAProxy has this server.
 pub(crate) async fn has_server(socket: &Path, backend: &str, server: &str) -> Result<bool, String> {
-    let rows = crate::stats::fetch(socket)
+    let rows = crate::stats::fetch_proxy(socket, backend)
         .await
         .map_err(|e| e.to_string())?;
     Ok(rows.iter().any(|r| {
@@ -237,7 +237,7 @@ pub(crate) async fn remove_server(
     .await?;
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let rows = crate::stats::fetch(socket)
+        let rows = crate::stats::fetch_proxy(socket, backend)
             .await
             .map_err(|e| e.to_string())?;
         let sessions = rows

@@ -496,7 +496,7 @@ impl EditJob {
                 }
             }
             Proof::BackendUp { backend } => {
-                let rows = self.rows().await?;
+                let rows = self.rows(backend).await?;
                 let servers: Vec<_> = rows
                     .iter()
                     .filter(|r| r.proxy == *backend && r.kind == RowType::Server)
@@ -528,7 +528,7 @@ impl EditJob {
                 }
             }
             Proof::ServerGone { backend, server } => {
-                let rows = self.rows().await?;
+                let rows = self.rows(backend).await?;
                 if rows.iter().any(|r| {
                     r.proxy == *backend && r.server == *server && r.kind == RowType::Server
                 }) {
@@ -538,7 +538,7 @@ impl EditJob {
                 }
             }
             Proof::ServerPresent { backend, server } => {
-                let rows = self.rows().await?;
+                let rows = self.rows(backend).await?;
                 match rows
                     .iter()
                     .find(|r| r.proxy == *backend && r.server == *server && r.kind == RowType::Server)
@@ -576,11 +576,14 @@ impl EditJob {
         }
     }
 
-    async fn rows(&self) -> Result<Vec<crate::stats::parse::Row>, String> {
+    /// The stats rows of one backend.
+    async fn rows(&self, backend: &str) -> Result<Vec<crate::stats::parse::Row>, String> {
         let Some(socket) = &self.target.stats_socket else {
             return Err("the target has no stats_socket, so servers cannot be checked".into());
         };
-        crate::stats::fetch(socket).await.map_err(|e| e.to_string())
+        crate::stats::fetch_proxy(socket, backend)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
