@@ -332,7 +332,8 @@ impl pb::haproxy_server::Haproxy for HaproxyApi {
             ..Default::default()
         };
         if changed {
-            self.targets.check_policy(&r.target, &out.text)?;
+            self.targets
+                .check_policy_of_changes(&r.target, &out.text, &live.text)?;
             let v = self.targets.validate(&r.target, &out.text).await?;
             preview.diff = similar::TextDiff::from_lines(&live.text, &out.text)
                 .unified_diff()

@@ -204,6 +204,22 @@ impl Targets {
             .map_err(Error::Refused)
     }
 
+    /// Like [`Targets::check_policy`] for an edit of `before`: only the lines it adds or
+    /// changes are judged.
+    pub fn check_policy_of_changes(
+        &self,
+        name: &str,
+        text: &str,
+        before: &str,
+    ) -> Result<(), Error> {
+        let (target, live) = self.config_path(name)?;
+        let dir = live.parent().unwrap_or(Path::new("/"));
+        target
+            .policy(&self.bundle_dir)
+            .check_changes(text, dir, Some(before))
+            .map_err(Error::Refused)
+    }
+
     /// Checks a candidate for a target with `haproxy -c`, changing nothing.
     pub async fn validate(&self, name: &str, text: &str) -> Result<Validation, Error> {
         let (target, live) = self.config_path(name)?;

@@ -86,11 +86,30 @@ impl Policy {
     /// Checks a candidate; the error names the line and what it may not do. `base` is the
     /// directory relative paths are read from (the live file's: the check runs there).
     pub fn check(&self, text: &str, base: &Path) -> Result<(), String> {
+        self.check_changes(text, base, None)
+    }
+
+    /// Like [`Policy::check`], judging only the lines `before` did not have (an edit answers
+    /// for what it adds, not for what an administrator already wrote; `crt-base` and the
+    /// like are still read from every line).
+    pub fn check_changes(
+        &self,
+        text: &str,
+        base: &Path,
+        before: Option<&str>,
+    ) -> Result<(), String> {
+        let kept_lines: Option<std::collections::HashSet<&str>> =
+            before.map(|b| b.lines().collect());
         let mut crt_base: Option<PathBuf> = None;
         let mut ca_base: Option<PathBuf> = None;
         let mut origin: Option<PathBuf> = None;
         for (i, raw) in text.lines().enumerate() {
             let n = i + 1;
+            let kept = kept_lines.as_ref().is_some_and(|k| k.contains(raw));
+            // A kept line matters only where it says where later names are looked up.
+            if kept && !raw.contains("-base") && !raw.contains("default-path") {
+                continue;
+            }
             let words = words(raw).map_err(|why| format!("line {n}: {why}"))?;
             let Some(first) = words.first().map(String::as_str) else {
                 continue;
@@ -105,7 +124,7 @@ impl Policy {
                 || first == "program"
                 || (first == "option"
                     && words.get(1).map(String::as_str) == Some("external-check"));
-            if code && !self.allow_code {
+            if code && !self.allow_code && !kept {
                 return refuse(format!(
                     "`{first}` runs code or shapes what code sees, and this target's policy does not allow it (allow_code)"
                 ));
@@ -154,9 +173,11 @@ impl Policy {
                         None => return refuse("`default-path origin` needs a directory".into()),
                     },
                     _ => {
-                        return refuse(
+                        if !kept {
+                            return refuse(
                             "`default-path` may be `config` or `origin <dir>` here: relative paths must be read from a known directory".into(),
                         );
+                        }
                     }
                 }
             }
@@ -203,7 +224,7 @@ impl Policy {
                     }
                     _ => base,
                 };
-                if arg.contains(['"', '\'']) {
+                if arg.contains(['"', '\'']) && !kept {
                     return refuse(format!(
                         "`{what}` names {} with quotes inside; name the file plainly",
                         crate::quote::quote(arg)
@@ -212,13 +233,14 @@ impl Policy {
                 if Path::new(arg)
                     .components()
                     .any(|c| c == Component::ParentDir)
+                    && !kept
                 {
                     return refuse(format!(
                         "`{what}` names {} through `..`; name the file plainly",
                         crate::quote::quote(arg)
                     ));
                 }
-                if arg.contains('$') {
+                if arg.contains('$') && !kept {
                     return refuse(format!(
                         "`{what}` names a file through an environment variable ({}); name it plainly",
                         crate::quote::quote(arg)
@@ -229,7 +251,7 @@ impl Policy {
                 // haproxy.cfg sets them to /etc/ssl/...): the files read through them are
                 // checked, not the directories themselves.
                 let looked_up_in = matches!(what, "crt-base" | "ca-base");
-                if !looked_up_in && !self.allows(&path) {
+                if !looked_up_in && !self.allows(&path) && !kept {
                     return refuse(format!(
                         "`{what}` names {}, outside the directories this target allows ({})",
                         crate::quote::quote(arg),
@@ -284,6 +306,21 @@ mod tests {
             allow_dirs: vec![canonical_prefix(dir)],
             allow_code: false,
         }
+    }
+
+    #[test]
+    fn an_edit_answers_only_for_the_lines_it_adds() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy(dir.path());
+        // What the administrator wrote stays theirs: an edit beside it is not refused for it.
+        let before = "global\n  lua-load /etc/haproxy/auth.lua\nfrontend fe\n  bind :80\n";
+        let edited = format!("{before}  http-request redirect scheme https\n");
+        p.check_changes(&edited, dir.path(), Some(before)).unwrap();
+        assert!(p.check(&edited, dir.path()).is_err());
+        // A line the edit adds is judged.
+        let added = format!("{before}  lua-load /tmp/evil.lua\n");
+        let e = p.check_changes(&added, dir.path(), Some(before)).unwrap_err();
+        assert!(e.contains("/tmp/evil.lua"), "{e}");
     }
 
     #[test]

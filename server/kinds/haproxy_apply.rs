@@ -72,7 +72,7 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, _at: Moment) -> Result<Planned,
             "config (the whole new configuration) is required".into(),
         ));
     }
-    check_text(&targets, &spec.target, &spec.config)?;
+    check_text(&targets, &spec.target, &spec.config, None)?;
     let apply = Apply::new(
         targets,
         target,
@@ -100,7 +100,12 @@ pub(crate) fn appliable(targets: &Targets, target: &str) -> Result<HaproxyTarget
 
 /// Refuses a configuration no target could take: a NUL byte, over 16 MiB, or (PERMISSION_
 /// DENIED) what the target's policy forbids.
-pub(crate) fn check_text(targets: &Targets, target: &str, text: &str) -> Result<(), Error> {
+pub(crate) fn check_text(
+    targets: &Targets,
+    target: &str,
+    text: &str,
+    edited_from: Option<&str>,
+) -> Result<(), Error> {
     if text.contains('\0') {
         return Err(Error::InvalidArgument(
             "the configuration holds a NUL byte".into(),
@@ -111,7 +116,11 @@ pub(crate) fn check_text(targets: &Targets, target: &str, text: &str) -> Result<
             "the configuration is larger than 16 MiB".into(),
         ));
     }
-    targets.check_policy(target, text)?;
+    // An edit answers for the lines it adds, not for what the file already had.
+    match edited_from {
+        Some(before) => targets.check_policy_of_changes(target, text, before)?,
+        None => targets.check_policy(target, text)?,
+    }
     Ok(())
 }
 

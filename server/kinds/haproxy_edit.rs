@@ -135,7 +135,7 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, at: Moment) -> Result<Planned, 
             .await
             .map_err(refusal)?;
         if out.text != live.text {
-            haproxy_apply::check_text(&targets, &spec.target, &out.text)?;
+            haproxy_apply::check_text(&targets, &spec.target, &out.text, Some(&live.text))?;
         }
     }
     let steps: &[Step] = if runtime { &AT_RUNTIME } else { &BY_RELOAD };
@@ -228,7 +228,8 @@ impl EditJob {
             );
             return Ok(());
         }
-        haproxy_apply::check_text(&self.targets, &name, &out.text).map_err(StepError::from)?;
+        haproxy_apply::check_text(&self.targets, &name, &out.text, Some(&live.text))
+            .map_err(StepError::from)?;
         let planned_runtime = self.steps.iter().any(|s| matches!(s, Step::Runtime));
         let runtime = runtime_mode(&self.target, &live.text, &self.spec.edits);
         match (&runtime, planned_runtime) {
