@@ -488,3 +488,116 @@ async fn sigkill_during_a_certificate_reissue_leaves_the_lineage_at_one_version(
     }
     tally.print("certificate", seed);
 }
+
+fn add_server_req(name: &str, port: u16) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::HaproxyEdit(pb::HaproxyEditJob {
+                target: "edge".into(),
+                edits: vec![pb::HaproxyEdit {
+                    op: Some(pb::haproxy_edit::Op::AddServer(pb::AddServerEdit {
+                        backend: "web".into(),
+                        name: name.into(),
+                        address: format!("127.0.0.1:{port}"),
+                        options: vec![],
+                    })),
+                }],
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn sigkill_during_a_runtime_add_server_leaves_file_and_haproxy_agreeing() {
+    let seed = seed("runtime-edit");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(0).await;
+    // No health checks, so no default-server: the backend takes servers at runtime.
+    let h = Haproxy::start_with(dir.path(), &[("web", vec![("s1", backend.port)])], false);
+    let mut d = Daemon::start(&format!(
+        "[[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nmaster_socket = \"{}\"\nstats_socket = \"{}\"\n",
+        h.config.display(),
+        h.dir.join("master.sock").display(),
+        h.stats.display()
+    ));
+    let mut c = d.client().await;
+    let t = Instant::now();
+    let job = c
+        .submit_job(add_server_req("t0", backend.port))
+        .await
+        .unwrap()
+        .into_inner();
+    let done = wait_end(&mut c, &job.id).await;
+    assert_eq!(state(&done), pb::JobState::Succeeded, "{done:?}");
+    assert!(
+        done.steps
+            .iter()
+            .any(|s| s.name == "change servers at runtime")
+    );
+    let window = t.elapsed().as_micros() as u64 * 5 / 4;
+    let in_haproxy = |name: &str| show_stat(&h.stats).iter().any(|r| r.server == name);
+    let mut tally = Tally::default();
+    for trial in 1..=40u32 {
+        let ctx = format!("seed {seed}, trial {trial}");
+        let name = format!("t{trial}");
+        let before = std::fs::read_to_string(&h.config).unwrap();
+        let mut c = d.client().await;
+        let job = c
+            .submit_job(add_server_req(&name, backend.port))
+            .await
+            .unwrap()
+            .into_inner();
+        // Every other kill in the later part of the job, where `haproxy -c` (most of its
+        // time) is over and the swap and the runtime change happen.
+        let from = if trial % 2 == 0 { window / 3 } else { 0 };
+        tokio::time::sleep(Duration::from_micros(rng.random_range(from..window))).await;
+        d.kill9();
+        d.spawn();
+        let mut c = d.client().await;
+        let ended = wait_end(&mut c, &job.id).await;
+        let events = check_events(&mut c, &job.id, &ctx).await;
+        *tally.in_step.entry(killed_in(&events)).or_default() += 1;
+        let now = std::fs::read_to_string(&h.config).unwrap();
+        let line = format!("  server {name} 127.0.0.1:{}\n", backend.port);
+        match state(&ended) {
+            pb::JobState::Succeeded => {
+                assert_eq!(
+                    now,
+                    format!("{before}{line}"),
+                    "{ctx}: the file has the server"
+                );
+                assert!(in_haproxy(&name), "{ctx}: and so has HAProxy");
+                tally.new += 1;
+            }
+            pb::JobState::Failed => {
+                assert_eq!(
+                    now, before,
+                    "{ctx}: interrupted, so the old file: {ended:?}"
+                );
+                assert!(!in_haproxy(&name), "{ctx}: and HAProxy has no {name}");
+                tally.old += 1;
+            }
+            s => panic!("{ctx}: ended {s:?}"),
+        }
+        let temps = temps_under(dir.path());
+        assert!(temps.is_empty(), "{ctx}: temp files left: {temps:?}");
+        assert_all_ended(&mut c, &ctx).await;
+        tally.trials += 1;
+    }
+    tally.print("runtime add_server", seed);
+    let late: u32 = [
+        "swap the configuration",
+        "change servers at runtime",
+        "check the edits work",
+    ]
+    .iter()
+    .map(|s| tally.in_step.get(*s).copied().unwrap_or(0))
+    .sum();
+    assert!(
+        late > 0 && tally.old > 0 && tally.new > 0,
+        "kills landed after the validation, and both outcomes were seen: {tally:?}"
+    );
+}

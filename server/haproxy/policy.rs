@@ -319,7 +319,9 @@ mod tests {
         assert!(p.check(&edited, dir.path()).is_err());
         // A line the edit adds is judged.
         let added = format!("{before}  lua-load /tmp/evil.lua\n");
-        let e = p.check_changes(&added, dir.path(), Some(before)).unwrap_err();
+        let e = p
+            .check_changes(&added, dir.path(), Some(before))
+            .unwrap_err();
         assert!(e.contains("/tmp/evil.lua"), "{e}");
     }
 
