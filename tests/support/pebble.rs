@@ -70,73 +70,94 @@ impl Pebble {
         std::fs::write(&ca_file, ca_cert.pem()).unwrap();
         std::fs::write(dir.path().join("cert.pem"), leaf.pem()).unwrap();
         std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem()).unwrap();
-        let (port, mgmt, dns, chall_mgmt, tls) = (
-            super::free_port(),
-            super::free_port(),
-            super::free_port(),
-            super::free_port(),
-            super::free_port(),
-        );
-        let cfg = serde_json::json!({"pebble": {
-            "listenAddress": format!("127.0.0.1:{port}"),
-            "managementListenAddress": format!("127.0.0.1:{mgmt}"),
-            "certificate": dir.path().join("cert.pem"),
-            "privateKey": dir.path().join("key.pem"),
-            "httpPort": http_port,
-            "tlsPort": tls,
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
-        }});
-        let mut cfg = cfg;
-        if let (Some(p), Some(more)) = (cfg["pebble"].as_object_mut(), more.as_object()) {
-            p.extend(more.clone());
-        }
-        std::fs::write(dir.path().join("pebble.json"), cfg.to_string()).unwrap();
-        let chall = Command::new(CHALLTESTSRV)
-            .args(["-management", &format!("127.0.0.1:{chall_mgmt}")])
-            .args(["-dns01", &format!("127.0.0.1:{dns}")])
-            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
-            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pebble-challtestsrv starts");
-        let mut cmd = Command::new(PEBBLE);
-        cmd.arg("-config")
-            .arg(dir.path().join("pebble.json"))
-            .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        if quiet {
-            cmd.env("PEBBLE_WFE_NONCEREJECT", "0")
-                .env("PEBBLE_AUTHZREUSE", "0");
-        }
-        let mut pebble = cmd.spawn().expect("pebble starts");
-        // Pebble logs "Listening on: ..." once it serves; read its output until then.
-        let out = pebble.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut ready = Some(tx);
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if (line.contains("Listening on") || line.contains("ACME directory available"))
-                    && let Some(tx) = ready.take()
-                {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("pebble started listening");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "pebble never listened"
+        let mut attempt = 0;
+        let (pebble, chall, port, mgmt) = loop {
+            attempt += 1;
+            let (port, mgmt, dns, chall_mgmt, tls) = (
+                super::free_port(),
+                super::free_port(),
+                super::free_port(),
+                super::free_port(),
+                super::free_port(),
             );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            let cfg = serde_json::json!({"pebble": {
+                "listenAddress": format!("127.0.0.1:{port}"),
+                "managementListenAddress": format!("127.0.0.1:{mgmt}"),
+                "certificate": dir.path().join("cert.pem"),
+                "privateKey": dir.path().join("key.pem"),
+                "httpPort": http_port,
+                "tlsPort": tls,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false,
+            }});
+            let mut cfg = cfg;
+            if let (Some(p), Some(more)) = (cfg["pebble"].as_object_mut(), more.as_object()) {
+                p.extend(more.clone());
+            }
+            std::fs::write(dir.path().join("pebble.json"), cfg.to_string()).unwrap();
+            let mut chall = Command::new(CHALLTESTSRV)
+                .args(["-management", &format!("127.0.0.1:{chall_mgmt}")])
+                .args(["-dns01", &format!("127.0.0.1:{dns}")])
+                .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+                .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("pebble-challtestsrv starts");
+            let mut cmd = Command::new(PEBBLE);
+            cmd.arg("-config")
+                .arg(dir.path().join("pebble.json"))
+                .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+                .env("PEBBLE_VA_NOSLEEP", "1")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null());
+            if quiet {
+                cmd.env("PEBBLE_WFE_NONCEREJECT", "0")
+                    .env("PEBBLE_AUTHZREUSE", "0");
+            }
+            let mut pebble = cmd.spawn().expect("pebble starts");
+            // Pebble logs "Listening on: ..." once it serves; read its output until then.
+            let out = pebble.stdout.take().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut ready = Some(tx);
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if (line.contains("Listening on") || line.contains("ACME directory available"))
+                        && let Some(tx) = ready.take()
+                    {
+                        let _ = tx.send(());
+                    }
+                }
+            });
+            rx.recv_timeout(Duration::from_secs(20))
+                .expect("pebble started listening");
+            // Pebble logs before it binds, and a free port may be taken by another test
+            // between `free_port` and the bind: a Pebble that exits (its bind failed) is
+            // started again on other ports, lest the port answer for someone else.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut listening = false;
+            while std::time::Instant::now() < deadline {
+                if pebble.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    std::thread::sleep(Duration::from_millis(100));
+                    listening = pebble.try_wait().ok().flatten().is_none();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !listening {
+                let _ = pebble.kill();
+                let _ = pebble.wait();
+                let _ = chall.kill();
+                let _ = chall.wait();
+                assert!(attempt < 5, "pebble never listened");
+                continue;
+            }
+            break (pebble, chall, port, mgmt);
+        };
         let ca_pem = ca_cert.pem();
         Pebble {
             pebble,
