@@ -47,14 +47,17 @@ type Jobs = pb::jobs_client::JobsClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>,
 >;
 
-async fn run(c: &mut Jobs, kind: pb::job_spec::Kind) {
+/// Runs a job attached; returns its id.
+async fn run(c: &mut Jobs, kind: pb::job_spec::Kind) -> String {
     let req = pb::SubmitJobRequest {
         spec: Some(pb::JobSpec { kind: Some(kind) }),
         ..Default::default()
     };
     let mut s = c.run_job(req).await.unwrap().into_inner();
     let mut last = None;
+    let mut id = String::new();
     while let Some(e) = s.message().await.unwrap() {
+        id = e.job_id;
         last = e.event;
     }
     match last {
@@ -62,6 +65,30 @@ async fn run(c: &mut Jobs, kind: pb::job_spec::Kind) {
         }
         other => panic!("the job did not succeed: {other:?}"),
     }
+    id
+}
+
+/// Each step's duration in ms, from the job's record.
+async fn step_ms(c: &mut Jobs, id: &str) -> Vec<(String, f64)> {
+    let job = c
+        .get_job(pb::GetJobRequest { job_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let ms = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref()
+            .map_or(0.0, |t| t.seconds as f64 * 1e3 + t.nanos as f64 / 1e6)
+    };
+    let mut out = vec![(
+        "before the first step".to_owned(),
+        ms(&job.steps[0].started_at) - ms(&job.created_at),
+    )];
+    out.extend(
+        job.steps
+            .iter()
+            .map(|st| (st.name.clone(), ms(&st.finished_at) - ms(&st.started_at))),
+    );
+    out
 }
 
 fn main() {
@@ -89,6 +116,7 @@ fn main() {
     let (mut edits, mut applies, mut preview_change, mut preview_same) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut runtime_adds, mut reload_adds, mut runtime_reloads) = (Vec::new(), Vec::new(), 0);
+    let mut runtime_steps: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     rt.block_on(async {
         let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
             .unwrap()
@@ -168,8 +196,11 @@ fn main() {
             let name = format!("extra{round}");
             let pid = worker_pid(&hd.join("admin.sock"));
             let t = Instant::now();
-            run(&mut c, edit(server(&name))).await;
+            let id = run(&mut c, edit(server(&name))).await;
             runtime_adds.push(t.elapsed().as_secs_f64() * 1e3);
+            for (step, ms) in step_ms(&mut c, &id).await {
+                runtime_steps.entry(step).or_default().push(ms);
+            }
             if worker_pid(&hd.join("admin.sock")) != pid {
                 runtime_reloads += 1;
             }
@@ -223,6 +254,11 @@ fn main() {
          a reload apply of the same line median {m_rl:.0} ms [{ll:.0}–{lh:.0}]; ratio 1/{:.1}",
         m_rl / m_rt
     );
+    let steps: Vec<String> = runtime_steps
+        .into_iter()
+        .map(|(name, v)| format!("{name} {:.1}", median(v)))
+        .collect();
+    println!("  its steps, median ms: {}", steps.join("; "));
     let (pl, ph) = spread(&preview_change);
     let (sl, sh) = spread(&preview_same);
     println!(
