@@ -773,3 +773,85 @@ async fn status_shows_the_daemon_and_exits_1_when_something_needs_attention() {
     );
     assert!(!v["attention"].as_array().unwrap().is_empty(), "{v}");
 }
+
+/// A console line's words as a POSIX shell splits them (quotes, no expansions), up to a
+/// comment or a pipe.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let (mut in_word, mut quote) = (false, None::<char>);
+    for c in line.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => cur.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                in_word = true;
+            }
+            (None, '#') if !in_word => break,
+            (None, '|') => break,
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    out.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            (None, c) => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        out.push(cur);
+    }
+    out
+}
+
+/// Every `$ stately ...` line of the README's console examples is a command this CLI takes:
+/// run against a daemon that is not there, none may be a usage error (exit 2) — so a renamed
+/// or removed flag breaks this test, not a reader.
+#[test]
+fn every_stately_command_in_the_readme_parses() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut in_console = false;
+    let mut checked = 0;
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_console = line == "```console";
+            continue;
+        }
+        let Some(cmd) = line.strip_prefix("$ stately ").filter(|_| in_console) else {
+            continue;
+        };
+        // Placeholders the README writes for a job id.
+        let cmd = cmd
+            .replace("<job id>", "0190f6c2")
+            .replace("0192…", "0190f6c2")
+            .replace("0193…", "0190f6c2");
+        let args = shell_words(&cmd);
+        let out = Command::new(env!("CARGO_BIN_EXE_stately"))
+            .args(&args)
+            .env("STATELY_SERVER", "127.0.0.1:1")
+            .env("STATELY_TOKEN", "not-a-real-token-0123456789")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(
+            out.status.code(),
+            Some(2),
+            "README: `stately {cmd}` is not a command this CLI takes: {stderr}"
+        );
+        assert!(
+            !stderr.contains("Usage:"),
+            "README: `stately {cmd}`: {stderr}"
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 15,
+        "the README's console examples were found ({checked})"
+    );
+}
