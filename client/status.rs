@@ -119,9 +119,10 @@ pub(crate) async fn run(channel: Authed, json: bool) -> Result<u8> {
         .map_err(explain)?
         .into_inner()
         .jobs;
-    let incomplete: Vec<&pb::Job> = ended.iter().filter(|j| j.unwind_incomplete).collect();
-    for j in &incomplete {
-        attention.push(format!("job {} could not finish its unwind", j.id));
+    // Counted by the daemon over the whole ledger, not the newest page of ended jobs.
+    let incomplete = &server.unwind_incomplete_job_ids;
+    for id in incomplete {
+        attention.push(format!("job {id} could not finish its unwind"));
     }
     let last_failed = ended
         .iter()
@@ -155,7 +156,7 @@ pub(crate) async fn run(channel: Authed, json: bool) -> Result<u8> {
             "certificates": lineages.iter().take(5).map(|c| json!({"name": c.name, "days_left": c.days_left})).collect::<Vec<_>>(),
             "jobs": {"pending": count(pb::JobState::Pending), "running": count(pb::JobState::Running),
                      "cancelling": count(pb::JobState::Cancelling), "alert_watches": watches,
-                     "unwind_incomplete": incomplete.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
+                     "unwind_incomplete": incomplete,
                      "last_failed": last_failed.map(|j| json!({"id": j.id, "kind": j.kind, "error": j.error}))},
             "attention": attention,
         })

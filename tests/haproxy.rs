@@ -461,6 +461,20 @@ async fn an_unwind_that_cannot_reload_stays_incomplete_holds_the_target_and_is_r
     let shown = d.cli().args(["jobs", "show", &first.id]).output().unwrap();
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(text.contains("FAILED (unwind incomplete)"), "{text}");
+    // The status says so, counted by the daemon over the whole ledger.
+    let status = c
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.unwind_incomplete_job_ids, [first.id.clone()]);
+    let out = d.cli().args(["status"]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&format!("job {} could not finish its unwind", first.id)),
+        "{said}"
+    );
     let waiting = c
         .get_job(pb::GetJobRequest {
             job_id: second.id.clone(),

@@ -301,6 +301,12 @@ impl pb::jobs_server::Jobs for JobsApi {
             store: config.data_dir.join("stately.db").display().to_string(),
             listeners: self.listeners.clone(),
             outbox_pending: self.engine.outbox_pending()?,
+            unwind_incomplete_job_ids: self
+                .engine
+                .unwind_incomplete()?
+                .into_iter()
+                .map(|id| id.to_string())
+                .collect(),
         }))
     }
 

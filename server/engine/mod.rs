@@ -446,6 +446,18 @@ impl Engine {
             .cloned()
     }
 
+    /// Every job whose unwind could not finish, oldest first.
+    pub fn unwind_incomplete(&self) -> Result<Vec<JobId>, Error> {
+        Ok(self
+            .shared
+            .env
+            .store
+            .jobs_unwind_incomplete()?
+            .into_iter()
+            .map(|j| j.id)
+            .collect())
+    }
+
     /// A job's undo entries, oldest first: what each does, and whether it was applied.
     pub fn undo_entries(&self, id: JobId) -> Result<Vec<(String, bool)>, Error> {
         Ok(self
