@@ -98,7 +98,7 @@ pub(crate) async fn run(client: &mut Client, cmd: AlertsCommand, json: bool) -> 
                 say(&job_json(&job).to_string());
             } else {
                 say(&job.id);
-                eprintln!("watching; stop with: stately alerts stop {}", job.id);
+                say_err!("watching; stop with: stately alerts stop {}", job.id);
             }
             if !stay {
                 return Ok(0);
@@ -130,7 +130,7 @@ pub(crate) async fn run(client: &mut Client, cmd: AlertsCommand, json: bool) -> 
                 return Ok(0);
             }
             if resp.jobs.is_empty() {
-                eprintln!("no alert watches{}", if all { "" } else { " running" });
+                say_err!("no alert watches{}", if all { "" } else { " running" });
                 return Ok(0);
             }
             say(&format!(

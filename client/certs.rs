@@ -141,7 +141,7 @@ pub(crate) async fn run(
                 return Ok(0);
             }
             if all.is_empty() {
-                eprintln!("no certificates yet (stately cert issue NAME ...)");
+                say_err!("no certificates yet (stately cert issue NAME ...)");
                 return Ok(0);
             }
             let colour = std::io::stdout().is_terminal();

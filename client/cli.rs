@@ -181,7 +181,7 @@ async fn reconnect(
     client: &mut Client,
     view: &EventView,
 ) -> Result<Option<tonic::Streaming<pb::JobEvent>>> {
-    eprintln!(
+    say_err!(
         "statelyd stopped while job {} ran; reconnecting to follow it (Ctrl-C leaves; the job goes on)…",
         view.job_id
     );
@@ -190,9 +190,10 @@ async fn reconnect(
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     let left = |view: &EventView| {
-        eprintln!(
+        say_err!(
             "left; job {0} goes on (follow it: stately jobs watch {0} --after {1})",
-            view.job_id, view.last_seq
+            view.job_id,
+            view.last_seq
         );
     };
     loop {
@@ -408,7 +409,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             if json {
                 resp.jobs.iter().for_each(|j| say(&job_json(j).to_string()));
             } else if resp.jobs.is_empty() {
-                eprintln!(
+                say_err!(
                     "{}",
                     if filtered {
                         "no jobs match"
@@ -419,7 +420,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             } else {
                 print_jobs_table(&resp.jobs);
                 if !resp.next_page_token.is_empty() {
-                    eprintln!("more: --page-token {}", resp.next_page_token);
+                    say_err!("more: --page-token {}", resp.next_page_token);
                 }
             }
             Ok(0)
@@ -615,24 +616,24 @@ pub(crate) async fn follow(
                     return Ok(130);
                 }
                 if !attached {
-                    eprintln!(
+                    say_err!(
                         "stopped watching; job {0} goes on (follow it again: stately jobs watch {0} --after {1})",
                         view.job_id, view.last_seq
                     );
                     return Ok(130);
                 }
                 if interrupted {
-                    eprintln!(
+                    say_err!(
                         "leaving; job {0} is still being cancelled and unwound (follow it: stately jobs watch {0} --after {1})",
                         view.job_id, view.last_seq
                     );
                     return Ok(130);
                 }
                 interrupted = true;
-                eprintln!("cancelling job {} (Ctrl-C again to leave now)…", view.job_id);
+                say_err!("cancelling job {} (Ctrl-C again to leave now)…", view.job_id);
                 let req = pb::CancelJobRequest { job_id: view.job_id.clone(), reason: "interrupted from the CLI".into(), wait: false };
                 if let Err(s) = client.cancel_job(req).await {
-                    eprintln!("stately: {}", explain(s));
+                    say_err!("stately: {}", explain(s));
                 }
             }
         }

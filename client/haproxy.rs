@@ -507,7 +507,7 @@ pub(crate) async fn run(
                 return Ok(0);
             }
             if r.targets.is_empty() {
-                eprintln!("no HAProxy targets are configured ([[haproxy]] in statelyd's config)");
+                say_err!("no HAProxy targets are configured ([[haproxy]] in statelyd's config)");
                 return Ok(0);
             }
             let width = r
@@ -541,7 +541,7 @@ pub(crate) async fn run(
                         .to_string(),
                 );
             } else {
-                eprintln!("# version {}", cfg.version);
+                say_err!("# version {}", cfg.version);
                 // A closed pipe (`| head`) is not an error.
                 let _ =
                     std::io::Write::write_all(&mut std::io::stdout().lock(), cfg.text.as_bytes());

@@ -1,5 +1,14 @@
 //! stately: the command-line client of statelyd. Parses flags and hands over to `cli`.
 
+/// `eprintln!` that does not panic when stderr is closed (`stately ... 2>&-`): a line that
+/// cannot be written is dropped, as a closed stdout's are.
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod alerts;
 mod certs;
 mod cli;
@@ -22,14 +31,14 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("stately: {e}");
+            say_err!("stately: {e}");
             return ExitCode::from(cli::EXIT_ERROR);
         }
     };
     match runtime.block_on(cli::run(args)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("stately: {e}");
+            say_err!("stately: {e}");
             ExitCode::from(cli::EXIT_ERROR)
         }
     }

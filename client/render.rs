@@ -540,7 +540,7 @@ pub(crate) fn print_runbooks(
         if json {
             all.iter().for_each(|r| say(&as_json(r).to_string()));
         } else if all.is_empty() {
-            eprintln!("no runbooks are configured ([[runbook]] in statelyd's config)");
+            say_err!("no runbooks are configured ([[runbook]] in statelyd's config)");
         } else {
             let width = all.iter().map(|r| r.name.len()).max().unwrap_or(0).max(7);
             say(&format!("{:<width$}  PARAMS  DESCRIPTION", "RUNBOOK"));

@@ -198,7 +198,7 @@ pub(crate) async fn run(mut c: Client, a: StatsArgs, json: bool) -> Result<u8> {
         if json {
             snap.rows.iter().for_each(|r| say(&row_json(r).to_string()));
         } else if snap.rows.is_empty() {
-            eprintln!("no rows of {} match the filter", a.target);
+            say_err!("no rows of {} match the filter", a.target);
         } else {
             let tty = std::io::stdout().is_terminal();
             table(&snap.rows.iter().collect::<Vec<_>>(), &[], tty)

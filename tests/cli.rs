@@ -855,3 +855,19 @@ fn every_stately_command_in_the_readme_parses() {
         "the README's console examples were found ({checked})"
     );
 }
+
+/// With stderr a pipe whose reader has gone, an error is still an exit status, not a panic
+/// (101, as `eprintln!` does on EPIPE).
+#[test]
+fn a_closed_stderr_is_not_a_panic() {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{} --server 127.0.0.1:1 jobs list 2>&1 >/dev/null | (exec 0<&-; sleep 0.5); exit ${{PIPESTATUS[0]}}",
+            env!("CARGO_BIN_EXE_stately")
+        ))
+        .env("STATELY_TOKEN", "not-a-real-token-0123456789")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+}

@@ -467,7 +467,10 @@ async fn an_unwind_that_cannot_reload_stays_incomplete_holds_the_target_and_is_r
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(status.unwind_incomplete_job_ids, std::slice::from_ref(&first.id));
+    assert_eq!(
+        status.unwind_incomplete_job_ids,
+        std::slice::from_ref(&first.id)
+    );
     let out = d.cli().args(["status"]).output().unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{said}");
