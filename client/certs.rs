@@ -76,6 +76,10 @@ fn cert_json(c: &pb::Certificate) -> serde_json::Value {
         "version": c.version, "versions": c.versions, "cert_path": c.cert_path, "chain_path": c.chain_path,
         "fullchain_path": c.fullchain_path, "privkey_path": c.privkey_path, "bundle_path": c.bundle_path,
         "auto_renew": c.auto_renew,
+        "acme_server": (!c.method.is_empty()).then(|| c.acme_server.clone()),
+        "method": (!c.method.is_empty()).then(|| c.method.clone()),
+        "deploy": c.deploy, "next_renewal": t(&c.next_renewal),
+        "issued_by_job": (!c.issued_by_job.is_empty()).then(|| c.issued_by_job.clone()),
     })
 }
 
@@ -206,12 +210,42 @@ pub(crate) async fn run(
             if !c.bundle_path.is_empty() {
                 say(&format!("bundle      {}", c.bundle_path));
             }
+            if !c.method.is_empty() {
+                say(&format!(
+                    "issued      by {} through {}{}",
+                    c.method,
+                    if c.acme_server.is_empty() {
+                        "the daemon's default ACME server"
+                    } else {
+                        c.acme_server.as_str()
+                    },
+                    if c.issued_by_job.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (job {})", c.issued_by_job)
+                    }
+                ));
+                say(&format!(
+                    "deploy      {}",
+                    if c.deploy.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        c.deploy.join(", ")
+                    }
+                ));
+            }
             say(&format!(
                 "renewal     {}",
-                if c.auto_renew {
-                    "by statelyd, as issued"
-                } else {
-                    "not by statelyd (not issued by it): `stately cert renew` uses the daemon's defaults"
+                match (&c.next_renewal, c.auto_renew) {
+                    (Some(_), true) => format!(
+                        "by statelyd, as issued, from {}",
+                        v["next_renewal"].as_str().unwrap_or("?")
+                    ),
+                    (_, true) => "by statelyd, as issued".to_owned(),
+                    (_, false) if !c.method.is_empty() => {
+                        "not automatic (renew_check = \"0s\"): `stately cert renew` renews it as issued".to_owned()
+                    }
+                    _ => "not by statelyd (not issued by it): `stately cert renew` uses the daemon's defaults".to_owned(),
                 }
             ));
             Ok(0)

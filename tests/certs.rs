@@ -231,6 +231,26 @@ async fn the_cli_issues_a_two_name_certificate_through_the_responder() {
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["version"], 1);
     assert_eq!(shown["key_type"], "ec256");
+    // How it was issued: by the responder, through the configured ACME server, by which job
+    // (renew_check = "0s" here, so no automatic renewal date).
+    assert_eq!(shown["method"], "responder", "{shown}");
+    assert!(
+        shown["issued_by_job"]
+            .as_str()
+            .is_some_and(|j| j.len() == 36),
+        "{shown}"
+    );
+    assert!(shown["next_renewal"].is_null(), "{shown}");
+    let text =
+        a.d.cli()
+            .args(["cert", "show", "example.test"])
+            .output()
+            .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("issued      by responder through pebble (job "),
+        "{text}"
+    );
     assert!(shown["days_left"].as_i64().unwrap() > 30, "{shown}");
     assert_eq!(
         shown["serial"].as_str().unwrap().to_lowercase(),
@@ -304,7 +324,7 @@ async fn a_webroot_issue_removes_its_token_files_and_a_reissue_updates_the_same_
     ] {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
     }
-    run_ok(
+    let third = run_ok(
         &mut c,
         issue_with(
             &["example.test", "www.example.test", "api.example.test"],
@@ -324,6 +344,12 @@ async fn a_webroot_issue_removes_its_token_files_and_a_reissue_updates_the_same_
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["key_type"], "rsa2048", "{shown}");
     assert_eq!(shown["versions"], serde_json::json!([1, 2, 3]));
+    assert_eq!(shown["method"], format!("webroot {wr}"), "{shown}");
+    assert_eq!(
+        shown["issued_by_job"],
+        third.id.as_str(),
+        "the newest issue"
+    );
     check_installed_mode(
         &a,
         "example.test",

@@ -7,13 +7,19 @@ use crate::engine::{Engine, Submission};
 use crate::pb;
 use tonic::{Request, Response, Status};
 
+/// How long before expiry the daemon renews, if it renews by itself.
+fn renew_before(config: &crate::config::Config) -> Option<std::time::Duration> {
+    (!config.certificates.renew_check.is_zero()).then_some(config.certificates.renew_before)
+}
+
 /// The `stately.v1.Certificates` service.
 #[derive(Debug, Clone)]
 pub(crate) struct CertsApi {
     pub(crate) engine: Engine,
 }
 
-fn to_pb(l: &Listed, renews: bool) -> pb::Certificate {
+fn to_pb(l: &Listed, renew_before: Option<std::time::Duration>) -> pb::Certificate {
+    let renews = renew_before.is_some();
     let now = crate::job::now_ms() / 1000;
     let path = |f: &str| l.lineage.live_file(f).display().to_string();
     pb::Certificate {
@@ -43,6 +49,27 @@ fn to_pb(l: &Listed, renews: bool) -> pb::Certificate {
             .map(|b| b.display().to_string())
             .unwrap_or_default(),
         auto_renew: renews && l.meta.is_some(),
+        acme_server: l.meta.as_ref().map(|m| m.acme.clone()).unwrap_or_default(),
+        method: l
+            .meta
+            .as_ref()
+            .map(|m| match &m.webroot {
+                Some(w) => format!("webroot {}", w.display()),
+                None => "responder".into(),
+            })
+            .unwrap_or_default(),
+        deploy: l
+            .meta
+            .as_ref()
+            .map(|m| m.deploy.clone())
+            .unwrap_or_default(),
+        next_renewal: renew_before
+            .filter(|_| l.meta.is_some())
+            .map(|b| prost_types::Timestamp {
+                seconds: l.info.not_after - b.as_secs() as i64,
+                nanos: 0,
+            }),
+        issued_by_job: String::new(),
     }
 }
 
@@ -54,7 +81,7 @@ impl pb::certificates_server::Certificates for CertsApi {
     ) -> Result<Response<pb::ListCertificatesResponse>, Status> {
         require(&req, Role::Viewer, "ListCertificates")?;
         let config = self.engine.config_arc();
-        let renews = !config.certificates.renew_check.is_zero();
+        let renews = renew_before(&config);
         let all = tokio::task::spawn_blocking(move || certs::list(&config.cert_places()))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -76,13 +103,21 @@ impl pb::certificates_server::Certificates for CertsApi {
             )));
         }
         let config = self.engine.config_arc();
-        let renews = !config.certificates.renew_check.is_zero();
+        let renews = renew_before(&config);
         let n = name.clone();
         let found = tokio::task::spawn_blocking(move || certs::get(&config.cert_places(), &n))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         match found {
-            Some(l) => Ok(Response::new(to_pb(&l, renews))),
+            Some(l) => {
+                let mut c = to_pb(&l, renews);
+                c.issued_by_job = self
+                    .engine
+                    .last_issue_of(&name)?
+                    .map(|id| id.to_string())
+                    .unwrap_or_default();
+                Ok(Response::new(c))
+            }
             None => Err(Status::not_found(format!(
                 "no certificate lineage '{name}' (stately cert list shows them)"
             ))),

@@ -446,6 +446,22 @@ impl Engine {
             .cloned()
     }
 
+    /// The newest succeeded `certificate_issue` job of a lineage in the history (the newest
+    /// 1000 of the kind).
+    pub fn last_issue_of(&self, lineage: &str) -> Result<Option<JobId>, Error> {
+        let (jobs, _) = self.list(
+            vec![JobState::Succeeded],
+            Some("certificate_issue".into()),
+            Vec::new(),
+            MAX_PAGE_SIZE,
+            "",
+        )?;
+        Ok(jobs.into_iter().find_map(|j| match &j.spec {
+            JobSpec::CertificateIssue(c) if c.lineage == lineage => Some(j.id),
+            _ => None,
+        }))
+    }
+
     /// Every job whose unwind could not finish, oldest first.
     pub fn unwind_incomplete(&self) -> Result<Vec<JobId>, Error> {
         Ok(self
