@@ -180,7 +180,7 @@ pub(crate) fn edit_json(e: &pb::HaproxyEdit) -> Value {
 
 pub(crate) fn job_json(j: &pb::Job) -> Value {
     json!({
-        "id": j.id, "kind": j.kind, "spec": spec_json(&j.spec), "state": state_name(j.state),
+        "id": j.id, "kind": j.kind, "spec": spec_json(&j.spec), "state": job_state_json(j.state),
         "steps": j.steps.iter().map(|s| json!({
             "index": s.index, "name": s.name, "state": step_state_json(s.state),
             "started_at": time(&s.started_at), "finished_at": time(&s.finished_at), "error": s.error,
