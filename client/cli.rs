@@ -581,6 +581,9 @@ pub(crate) async fn follow(
 ) -> Result<u8> {
     let mut view = EventView::new(json);
     let mut interrupted = false;
+    // One listener for the whole follow: a Ctrl-C pressed while a cancel request is on its way
+    // (or an event is printed) is kept for the next turn, not lost with a listener made anew.
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         tokio::select! {
             msg = stream.message() => match msg {
@@ -611,7 +614,7 @@ pub(crate) async fn follow(
             },
             // A watcher whose reader left goes at once (an attached run keeps following).
             _ = crate::render::stdout_gone(), if !attached => return Ok(0),
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupts.recv() => {
                 if view.job_id.is_empty() {
                     return Ok(130);
                 }

@@ -871,3 +871,47 @@ fn a_closed_stderr_is_not_a_panic() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "{out:?}");
 }
+
+/// A second Ctrl-C, pressed as the first one's cancel goes out, leaves at once (130) while the
+/// job is still unwinding — it is not lost between two turns of the follow loop.
+#[tokio::test]
+async fn a_second_ctrl_c_during_the_unwind_leaves_at_once() {
+    let d = Daemon::start(
+        "[[runbook]]\nname = \"slow-undo\"\n[[runbook.step]]\ntype = \"command\"\nargv = [\"true\"]\nundo = [\"sleep\", \"5\"]\n\
+         [[runbook.step]]\ntype = \"command\"\nargv = [\"/bin/sh\", \"-c\", \"echo ready; exec sleep 300\"]\n",
+    );
+    let mut child = d
+        .cli()
+        .args(["run", "slow-undo"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("ready") {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "{seen}");
+        seen.push_str(&line);
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let mut said = String::new();
+    while !said.contains("cancelling job") {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "{said}");
+        said.push_str(&line);
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let t = std::time::Instant::now();
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert_eq!(status.code(), Some(130), "{said}{rest}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(4),
+        "left before the 5 s unwind ended"
+    );
+    assert!(rest.contains("still being cancelled"), "{rest}");
+}
