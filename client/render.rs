@@ -406,6 +406,56 @@ pub(crate) struct EventView {
     pub(crate) ended: Option<i32>,
     pub(crate) job_id: String,
     pub(crate) last_seq: u64,
+    /// What the job's unwind or rollback put back ("undone: ..." lines), for the summary.
+    undone: Vec<String>,
+}
+
+/// What an unwind or a rollback put back, by kind: files, links, HAProxy, servers, commands.
+fn came_back(undone: &[String]) -> String {
+    let mut groups: Vec<(&str, Vec<String>)> = Vec::new();
+    let mut add =
+        |group: &'static str, item: String| match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, v)) => v.push(item),
+            None => groups.push((group, vec![item])),
+        };
+    for u in undone {
+        if let Some(rest) = u.strip_prefix("restore ") {
+            match rest.split_once(" to ") {
+                Some((path, _)) => add("ownership", path.to_owned()),
+                None => add("files", rest.to_owned()),
+            }
+        } else if let Some(rest) = u.strip_prefix("remove the directory ") {
+            add(
+                "directories removed",
+                rest.trim_end_matches(" if empty").to_owned(),
+            );
+        } else if let Some(rest) = u.strip_prefix("remove ") {
+            add("files removed", rest.to_owned());
+        } else if let Some(rest) = u.strip_prefix("point ") {
+            add(
+                "links",
+                rest.split(" at ").next().unwrap_or(rest).to_owned(),
+            );
+        } else if u.starts_with("reload HAProxy") {
+            add("HAProxy", "reloaded".to_owned());
+        } else if let Some(rest) = u.strip_prefix("load ") {
+            add(
+                "certificates in HAProxy",
+                rest.trim_end_matches(" into HAProxy again").to_owned(),
+            );
+        } else if u.contains("server ") && (u.starts_with("set ") || u.contains(" at runtime")) {
+            add("servers", u.clone());
+        } else if let Some(rest) = u.strip_prefix("run ") {
+            add("commands", rest.to_owned());
+        } else {
+            add("other", u.clone());
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(g, v)| format!("{g}: {}", v.join(", ")))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl EventView {
@@ -418,6 +468,7 @@ impl EventView {
             ended: None,
             job_id: String::new(),
             last_seq: 0,
+            undone: Vec::new(),
         }
     }
 
@@ -446,6 +497,14 @@ impl EventView {
             say(&event_json(e).to_string());
             return;
         }
+        let undone = match &e.event {
+            Some(E::Log(l)) => l.message.strip_prefix("undone: "),
+            Some(E::Progress(p)) => p.message.strip_prefix("undone: "),
+            _ => None,
+        };
+        if let Some(u) = undone {
+            self.undone.push(u.to_owned());
+        }
         match &e.event {
             Some(E::StateChanged(s)) => {
                 let reason = if s.reason.is_empty() {
@@ -454,6 +513,9 @@ impl EventView {
                     format!(" ({})", s.reason)
                 };
                 self.line(format!("job {} {}{reason}", e.job_id, state_name(s.to)));
+                if self.ended.is_some() && !self.undone.is_empty() {
+                    self.line(format!("  ↺ came back — {}", came_back(&self.undone)));
+                }
             }
             Some(E::StepStarted(s)) => match &self.fancy {
                 Some(mp) => {

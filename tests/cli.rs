@@ -110,6 +110,14 @@ async fn detach_prints_the_id_and_jobs_commands_show_it() {
     let (code, out, _) = output(d.cli().args(["jobs", "rollback", &id]));
     assert_eq!(code, 0, "{out}");
     assert!(!d.root().join("det.txt").exists());
+    // It says what came back, by kind.
+    assert!(
+        out.contains(&format!(
+            "came back — files removed: {}",
+            d.root().join("det.txt").display()
+        )),
+        "{out}"
+    );
     let (code, _, err) = output(d.cli().args(["jobs", "rollback", &id]));
     assert_eq!(code, 3);
     assert!(
