@@ -44,6 +44,10 @@ pub(crate) enum CertCommand {
         /// The ACME server (a name from the daemon's config; default: its default).
         #[arg(long, default_value = "")]
         acme: String,
+        /// The whole issuance against a test CA (--acme, else the daemon's dry_run_acme:
+        /// letsencrypt-staging), installing and deploying nothing (certbot's --dry-run).
+        #[arg(long)]
+        dry_run: bool,
         /// Print the job id and return.
         #[arg(long)]
         detach: bool,
@@ -112,6 +116,7 @@ pub(crate) async fn run(
             reuse_key,
             expand,
             acme,
+            dry_run,
             detach,
         } => {
             let req = pb::SubmitJobRequest {
@@ -126,6 +131,7 @@ pub(crate) async fn run(
                             deploy,
                             acme,
                             expand,
+                            dry_run,
                         },
                     )),
                 }),

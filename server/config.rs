@@ -303,6 +303,8 @@ prune_interval = "60s"
 # The ACME server jobs use unless they name one: "letsencrypt", "letsencrypt-staging", or an
 # [[acme]] below.
 default_acme = "letsencrypt"
+# The ACME server a dry run (`stately cert issue --dry-run`) uses unless it names one.
+dry_run_acme = "letsencrypt-staging"
 # Answer HTTP-01 here; route /.well-known/acme-challenge/ to it from HAProxy (see README).
 # responder = "127.0.0.1:8402"
 # Where the CA's HTTP-01 request arrives here (HAProxy's port-80 frontend): before each order

@@ -1013,3 +1013,30 @@ async fn the_daemon_renews_a_lineage_near_expiry_once() {
         .jobs;
     assert_eq!(jobs.len(), 2, "one issuance, one renewal: {jobs:#?}");
 }
+
+#[tokio::test]
+async fn a_dry_run_issues_against_the_test_ca_and_installs_nothing() {
+    let a = with_responder("", &[]);
+    let out =
+        a.d.cli()
+            .args([
+                "cert",
+                "issue",
+                "example.test",
+                "--dry-run",
+                "--acme",
+                "pebble",
+            ])
+            .output()
+            .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("dry run: pebble issued it; nothing was installed"),
+        "{said}"
+    );
+    assert!(!said.contains("step 8: install"), "{said}");
+    assert!(!a.root().join("live/example.test").exists(), "no lineage");
+    assert!(!a.bundles().join("example.test.pem").exists(), "no bundle");
+}

@@ -121,6 +121,7 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
                 deploy: c.deploy,
                 acme: c.acme,
                 expand: c.expand,
+                dry_run: c.dry_run,
             }
             .with_defaults(),
         ),
@@ -520,6 +521,7 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             deploy,
             acme,
             expand,
+            dry_run,
         }) => pb::job_spec::Kind::CertificateIssue(pb::CertificateIssueJob {
             names: names.clone(),
             lineage: lineage.clone(),
@@ -532,6 +534,7 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             deploy: deploy.clone(),
             acme: acme.clone(),
             expand: *expand,
+            dry_run: *dry_run,
         }),
         JobSpec::HaproxyEdit(e) => pb::job_spec::Kind::HaproxyEdit(pb::HaproxyEditJob {
             target: e.target.clone(),

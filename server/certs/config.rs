@@ -17,6 +17,8 @@ pub struct Certificates {
     pub haproxy_dir: Option<PathBuf>,
     /// The ACME server used when a job names none.
     pub default_acme: String,
+    /// The ACME server a dry run uses when it names none (a test CA).
+    pub dry_run_acme: String,
     /// statelyd answers HTTP-01 challenges here (route `/.well-known/acme-challenge/` to it).
     pub responder: Option<SocketAddr>,
     /// Directories a job may name as its webroot (the directory itself or beneath it).
@@ -40,6 +42,7 @@ impl Default for Certificates {
             root: None,
             haproxy_dir: None,
             default_acme: "letsencrypt".into(),
+            dry_run_acme: "letsencrypt-staging".into(),
             responder: None,
             webroots: Vec::new(),
             challenge_probe: "127.0.0.1:80".into(),
@@ -126,6 +129,12 @@ pub(crate) fn check(acme: &[AcmeServer], certificates: &Certificates) -> Result<
         return Err(format!(
             "certificates: default_acme '{}' is not an [[acme]] name nor letsencrypt / letsencrypt-staging",
             certificates.default_acme
+        ));
+    }
+    if acme_server(acme, &certificates.dry_run_acme).is_none() {
+        return Err(format!(
+            "certificates: dry_run_acme '{}' is not an [[acme]] name nor letsencrypt / letsencrypt-staging",
+            certificates.dry_run_acme
         ));
     }
     if !certificates.challenge_probe.is_empty()

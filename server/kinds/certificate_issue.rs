@@ -44,6 +44,9 @@ pub struct Spec {
     pub acme: String,
     /// Allow changing an existing lineage's names.
     pub expand: bool,
+    /// Issue against a test CA and install nothing (certbot's --dry-run).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// The key type of a lineage when none is asked for.
@@ -101,7 +104,7 @@ impl std::fmt::Display for Step {
     }
 }
 
-fn steps(probe: bool, deploy: bool) -> Vec<Step> {
+fn steps(probe: bool, deploy: bool, dry_run: bool) -> Vec<Step> {
     let mut v = if probe { vec![Step::Probe] } else { Vec::new() };
     v.extend([
         Step::Account,
@@ -110,10 +113,13 @@ fn steps(probe: bool, deploy: bool) -> Vec<Step> {
         Step::Validate,
         Step::Finalize,
         Step::Download,
-        Step::Install,
     ]);
-    if deploy {
-        v.push(Step::Deploy);
+    // A dry run ends with the certificate in hand: nothing is installed or deployed.
+    if !dry_run {
+        v.push(Step::Install);
+        if deploy {
+            v.push(Step::Deploy);
+        }
     }
     v
 }
@@ -137,6 +143,7 @@ pub(crate) struct Request {
     pub(crate) reuse_key: bool,
     pub(crate) deploy: Vec<String>,
     pub(crate) server: AcmeServer,
+    pub(crate) dry_run: bool,
 }
 
 /// Checks a spec; the resources it holds are the lineage and the deploy targets.
@@ -162,6 +169,7 @@ fn request(config: &Config, spec: &Spec) -> Result<(Request, Vec<String>), Error
         deploy,
         acme,
         expand,
+        dry_run,
     } = spec;
     check_names(names).map_err(Error::InvalidArgument)?;
     if !crate::fsops::is_safe_name(lineage) {
@@ -177,10 +185,10 @@ fn request(config: &Config, spec: &Spec) -> Result<(Request, Vec<String>), Error
             KEY_TYPES.join(", ")
         )));
     }
-    let acme_name = if acme.is_empty() {
-        config.certificates.default_acme.as_str()
-    } else {
-        acme.as_str()
+    let acme_name = match (acme.is_empty(), dry_run) {
+        (false, _) => acme.as_str(),
+        (true, true) => config.certificates.dry_run_acme.as_str(),
+        (true, false) => config.certificates.default_acme.as_str(),
     };
     let server = config.acme_server(acme_name).ok_or_else(|| {
         let mut known: Vec<&str> = config.acme.iter().map(|a| a.name.as_str()).collect();
@@ -303,6 +311,7 @@ fn request(config: &Config, spec: &Spec) -> Result<(Request, Vec<String>), Error
             reuse_key: *reuse_key,
             deploy: deploy.clone(),
             server,
+            dry_run: *dry_run,
         },
         resources,
     ))
@@ -376,7 +385,7 @@ impl Issue {
             key_pem: None,
             chain: None,
             deploy: Vec::new(),
-            steps: steps(probe.is_some(), !req.deploy.is_empty()),
+            steps: steps(probe.is_some(), !req.deploy.is_empty(), req.dry_run),
             probe,
             req,
         }
@@ -502,6 +511,15 @@ impl Issue {
                     ),
                 );
                 self.chain = Some(chain);
+                if self.req.dry_run {
+                    ctx.log(
+                        LogLevel::Info,
+                        format!(
+                            "dry run: {} issued it; nothing was installed or deployed",
+                            self.req.server.name
+                        ),
+                    );
+                }
                 Ok(())
             }
             Step::Install => self.install(ctx, &cancel).await,
@@ -1001,6 +1019,7 @@ pub(crate) fn renewal(config: &Config, name: &str) -> Result<super::JobSpec, Err
         deploy: meta.deploy,
         acme: meta.acme,
         expand: false,
+        dry_run: false,
     }))
 }
 

@@ -383,6 +383,7 @@ stats_socket = "/run/haproxy.sock"
             deploy: Vec::new(),
             acme: String::new(),
             expand: false,
+            dry_run: false,
         }
     }
 
