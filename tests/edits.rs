@@ -156,21 +156,7 @@ async fn run(c: &mut Client, req: pb::SubmitJobRequest) -> pb::Job {
 }
 
 async fn logs(c: &mut Client, id: &str) -> Vec<String> {
-    let mut s = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: id.into(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(e) = s.message().await.unwrap() {
-        if let Some(pb::job_event::Event::Log(l)) = e.event {
-            out.push(l.message);
-        }
-    }
-    out
+    job_logs(c, id).await
 }
 
 async fn haproxy_client(d: &Daemon) -> HaproxyClient {

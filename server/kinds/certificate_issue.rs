@@ -889,7 +889,7 @@ impl Issue {
         let pause = test_pause();
         for (i, file) in FILES.iter().enumerate() {
             let link = self.lineage.live_file(file);
-            let undo = snapshot(&link, ctx).await?;
+            let undo = ctx.snapshot(&link).await?;
             ctx.record_undo(undo).await?;
             let target = self.lineage.link_target(file, n);
             tokio::task::spawn_blocking(move || crate::fsops::symlink_atomic(&target, &link))
@@ -911,7 +911,7 @@ impl Issue {
                 until_cancel(cancel, tokio::time::sleep(p)).await?;
             }
         }
-        let undo = snapshot(&self.bundle, ctx).await?;
+        let undo = ctx.snapshot(&self.bundle).await?;
         // HAProxy may read the bundle through its group: keep the old one's mode and owner.
         let (bmode, bowner) = match &undo {
             UndoEntry::RestoreFile { mode, uid, gid, .. } => (*mode, Some((*uid, *gid))),
@@ -937,7 +937,7 @@ impl Issue {
         };
         // Undone with the rest, so renewals repeat what is live.
         let path = crate::certs::meta_file(&self.data_dir, &self.req.lineage);
-        let undo = snapshot(&path, ctx).await?;
+        let undo = ctx.snapshot(&path).await?;
         ctx.record_undo(undo).await?;
         let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
         write(&path, &json, 0o600).await?;
@@ -1021,11 +1021,6 @@ pub(crate) fn renewal(config: &Config, name: &str) -> Result<super::JobSpec, Err
         expand: false,
         dry_run: false,
     }))
-}
-
-/// The undo entry that puts a path back as it is now.
-async fn snapshot(path: &Path, ctx: &StepCtx<'_>) -> Result<UndoEntry, StepError> {
-    ctx.snapshot(path).await
 }
 
 async fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StepError> {

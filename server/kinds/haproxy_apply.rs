@@ -225,10 +225,11 @@ impl Apply {
                 }
                 // Which servers are UP now, read while `haproxy -c` runs (both take tens of
                 // milliseconds on a large config), to check none is DOWN after the reload.
+                // Without a reload (servers changed at runtime) there is nothing to compare.
                 let before = async {
                     match &self.target.stats_socket {
-                        Some(stats) => crate::stats::fetch(stats).await.ok(),
-                        None => None,
+                        Some(stats) if self.reload => crate::stats::fetch(stats).await.ok(),
+                        _ => None,
                     }
                 };
                 let (v, rows) = tokio::join!(self.targets.validate(&name, &self.text), before);
