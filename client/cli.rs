@@ -14,6 +14,20 @@ use tonic::Code;
 pub(crate) const EXIT_JOB: u8 = 1;
 /// The request itself failed.
 pub(crate) const EXIT_ERROR: u8 = 3;
+/// Bad usage (clap exits with it too).
+pub(crate) const EXIT_USAGE: u8 = 2;
+
+/// A usage error the CLI finds beyond what clap checks: it exits 2, as clap's do.
+#[derive(Debug)]
+pub(crate) struct Usage(pub(crate) String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
 
 /// Drive statelyd: run runbooks as jobs, watch, cancel and roll them back.
 #[derive(Parser, Debug)]
@@ -29,6 +43,15 @@ pub(crate) struct Args {
     /// Read the token from this file.
     #[arg(long, global = true, env = "STATELY_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// With https://: CA certificates (PEM) to trust beside the system's.
+    #[arg(long, global = true, env = "STATELY_CACERT")]
+    cacert: Option<PathBuf>,
+    /// With https://: a client certificate (PEM) for mTLS; with it, no token is needed.
+    #[arg(long, global = true, env = "STATELY_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "STATELY_KEY", requires = "cert")]
+    key: Option<PathBuf>,
     /// Output for people (table) or for scripts (json: one object per line).
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -89,6 +112,9 @@ pub(crate) enum Command {
     /// needs attention (a target unreachable, a certificate within 7 days of expiry, an unwind
     /// that could not finish, alert mails not delivered).
     Status,
+    /// Who statelyd takes you for: the identity your jobs record, your role, and how you
+    /// proved it (token, client certificate, unix peer).
+    Whoami,
 }
 
 #[derive(Subcommand, Debug)]
@@ -332,8 +358,23 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
         }
         _ => {}
     }
-    let token = token(args.token.clone(), args.token_file.clone())?;
-    let channel = connect(&args.server, &token).await?;
+    let tls = crate::connect::TlsFiles {
+        cacert: args.cacert.clone(),
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+    };
+    if !args.server.starts_with("https://") && (tls.cacert.is_some() || tls.cert.is_some()) {
+        return Err(Usage(format!(
+            "--cacert, --cert and --key are for an https:// server, not {}",
+            args.server
+        ))
+        .into());
+    }
+    // With a client certificate or on a unix socket, the daemon may know the caller without
+    // a token.
+    let optional = tls.cert.is_some() || args.server.starts_with("unix:");
+    let token = token(args.token.clone(), args.token_file.clone(), optional)?;
+    let channel = connect(&args.server, token.as_deref(), &tls).await?;
     let json = args.output == Output::Json;
     let mut client = pb::jobs_client::JobsClient::new(channel.clone());
     match args.command {
@@ -360,6 +401,44 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             crate::stats::run(pb::stats_client::StatsClient::new(channel), a, json).await
         }
         Command::Status => crate::status::run(channel, json).await,
+        Command::Whoami => {
+            let me = client
+                .who_am_i(pb::WhoAmIRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if json {
+                crate::render::say(&serde_json::json!({
+                    "identity": me.identity, "role": me.role, "via": me.via, "peer": me.peer,
+                    "tls": me.tls,
+                    "certificate": (!me.certificate_cn.is_empty() || !me.certificate_san.is_empty()).then(|| serde_json::json!({
+                        "cn": me.certificate_cn, "o": me.certificate_o, "san": me.certificate_san,
+                    })),
+                }).to_string());
+            } else {
+                crate::render::say(&format!(
+                    "{} ({}, by {})",
+                    me.identity,
+                    me.role,
+                    me.via.replace('_', " ")
+                ));
+                crate::render::say(&format!(
+                    "connection {}{}",
+                    me.peer,
+                    if me.tls { ", TLS" } else { "" }
+                ));
+                if !me.certificate_cn.is_empty() || !me.certificate_san.is_empty() {
+                    let mut subject = Vec::new();
+                    if !me.certificate_cn.is_empty() {
+                        subject.push(format!("CN={}", me.certificate_cn));
+                    }
+                    subject.extend(me.certificate_o.iter().map(|o| format!("O={o}")));
+                    subject.extend(me.certificate_san.iter().map(|s| format!("SAN={s}")));
+                    crate::render::say(&format!("certificate {}", subject.join(", ")));
+                }
+            }
+            Ok(0)
+        }
         Command::Run {
             runbook,
             params,

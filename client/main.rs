@@ -39,7 +39,11 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             say_err!("stately: {e}");
-            ExitCode::from(cli::EXIT_ERROR)
+            ExitCode::from(if e.downcast_ref::<cli::Usage>().is_some() {
+                cli::EXIT_USAGE
+            } else {
+                cli::EXIT_ERROR
+            })
         }
     }
 }

@@ -190,6 +190,7 @@ pub(crate) fn job_json(j: &pb::Job) -> Value {
         "error": j.error, "failed_step": j.failed_step, "undo_entries": j.undo_entries,
         "rolled_back_by": j.rolled_back_by, "rollback_of": j.rollback_of, "last_seq": j.last_seq,
         "unwind_incomplete": j.unwind_incomplete,
+        "submitted_by": (!j.submitted_by.is_empty()).then_some(&j.submitted_by),
         "undo": j.undo.iter().map(|u| json!({"what": u.what, "applied": u.applied})).collect::<Vec<_>>(),
     })
 }
@@ -282,7 +283,7 @@ fn coloured_state(j: &pb::Job, width: usize) -> String {
 }
 
 pub(crate) fn print_jobs_table(jobs: &[pb::Job]) {
-    let rows: Vec<[String; 5]> = jobs
+    let rows: Vec<[String; 6]> = jobs
         .iter()
         .map(|j| {
             [
@@ -290,11 +291,16 @@ pub(crate) fn print_jobs_table(jobs: &[pb::Job]) {
                 j.kind.clone(),
                 job_state(j),
                 short_time(&j.created_at),
+                if j.submitted_by.is_empty() {
+                    "-".into()
+                } else {
+                    j.submitted_by.clone()
+                },
                 what(j),
             ]
         })
         .collect();
-    let header = ["ID", "KIND", "STATE", "CREATED", "WHAT"].map(String::from);
+    let header = ["ID", "KIND", "STATE", "CREATED", "BY", "WHAT"].map(String::from);
     let mut widths = header.clone().map(|h| h.len());
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -302,7 +308,7 @@ pub(crate) fn print_jobs_table(jobs: &[pb::Job]) {
         }
     }
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let line = |r: &[String; 5], job: Option<&pb::Job>| {
+    let line = |r: &[String; 6], job: Option<&pb::Job>| {
         let cells: Vec<String> = r
             .iter()
             .zip(widths)
@@ -331,6 +337,9 @@ pub(crate) fn print_job(j: &pb::Job) {
         say(&format!("failed at  {}", j.failed_step));
     }
     say(&format!("created    {}", short_time(&j.created_at)));
+    if !j.submitted_by.is_empty() {
+        say(&format!("by         {}", j.submitted_by));
+    }
     if j.finished_at.is_some() {
         say(&format!("finished   {}", short_time(&j.finished_at)));
     }

@@ -127,6 +127,12 @@ pub(crate) async fn run(channel: Authed, json: bool) -> Result<u8> {
     let last_failed = ended
         .iter()
         .find(|j| j.state == pb::JobState::Failed as i32);
+    if !server.config_reload_error.is_empty() {
+        attention.push(format!(
+            "the last configuration reload was refused (the old one is in force): {}",
+            server.config_reload_error
+        ));
+    }
     if server.outbox_pending > 0 {
         attention.push(format!(
             "{} alert mail(s) not delivered yet",
@@ -151,7 +157,10 @@ pub(crate) async fn run(channel: Authed, json: bool) -> Result<u8> {
         say(&json!({
             "server": {"version": server.version, "client_version": env!("CARGO_PKG_VERSION"),
                        "uptime": up, "data_dir": server.data_dir, "store": server.store,
-                       "listeners": server.listeners, "outbox_pending": server.outbox_pending},
+                       "listeners": server.listeners, "outbox_pending": server.outbox_pending,
+                       "config_loaded_at": server.config_loaded_at.map(|t| t.seconds),
+                       "config_reloads": server.config_reloads,
+                       "config_reload_error": (!server.config_reload_error.is_empty()).then_some(&server.config_reload_error)},
             "targets": targets.iter().map(|(n, c, s)| json!({"name": n, "config": c, "stats": s})).collect::<Vec<_>>(),
             "certificates": lineages.iter().take(5).map(|c| json!({"name": c.name, "days_left": c.days_left})).collect::<Vec<_>>(),
             "jobs": {"pending": count(pb::JobState::Pending), "running": count(pb::JobState::Running),
@@ -172,6 +181,17 @@ pub(crate) async fn run(channel: Authed, json: bool) -> Result<u8> {
             "data       {} (store {})",
             server.data_dir, server.store
         ));
+        if server.config_reloads > 0 || !server.config_reload_error.is_empty() {
+            say(&format!(
+                "config     reloaded {} time(s){}",
+                server.config_reloads,
+                if server.config_reload_error.is_empty() {
+                    String::new()
+                } else {
+                    "; the last reload was refused".into()
+                }
+            ));
+        }
         if targets.is_empty() {
             say("targets    none configured");
         }

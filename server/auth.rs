@@ -1,29 +1,186 @@
-//! Bearer-token authentication: every RPC but health carries `authorization: Bearer <token>`.
-//! Tokens are kept as SHA-256 digests, so the secrets are not held in memory and never logged.
+//! Who is calling: a bearer token (`authorization: Bearer <token>`), else a client
+//! certificate matched by `[[client_cert]]` rules, else on the unix socket the peer's uid
+//! matched by `[[unix_peer]]` rules. Tokens are kept as SHA-256 digests, so the secrets are
+//! not held in memory and never logged. The rules are swapped whole when the configuration is
+//! reloaded; a call is judged by the rules current when it arrives.
 
 use crate::config::{Config, Role, TokenConfig};
+use crate::tls::CertIdentity;
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tonic::{Request, Status};
+
+/// How a caller proved who it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Via {
+    /// A bearer token.
+    Token,
+    /// A client certificate, by a `[[client_cert]]` rule.
+    Certificate,
+    /// The uid of a unix-socket peer, by a `[[unix_peer]]` rule.
+    UnixPeer,
+}
+
+impl Via {
+    /// As `whoami` and the API say it.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Via::Token => "token",
+            Via::Certificate => "certificate",
+            Via::UnixPeer => "unix_peer",
+        }
+    }
+}
 
 /// Who called, once authenticated (in the request's extensions).
 #[derive(Clone, Debug)]
 pub(crate) struct Caller {
+    /// The token's name, the certificate's CN (else first SAN), or the uid.
     pub(crate) name: String,
     pub(crate) role: Role,
+    pub(crate) via: Via,
 }
 
-/// The configured tokens, as an interceptor.
+impl Caller {
+    /// How jobs, audit lines and `whoami` name it: `token:ci`, `cert:ci.example.com`,
+    /// `uid:1000`.
+    pub(crate) fn identity(&self) -> String {
+        let kind = match self.via {
+            Via::Token => "token",
+            Via::Certificate => "cert",
+            Via::UnixPeer => "uid",
+        };
+        format!("{kind}:{}", self.name)
+    }
+
+    fn described(&self) -> String {
+        match self.via {
+            Via::Token => format!("token '{}'", self.name),
+            Via::Certificate => format!("certificate '{}'", self.name),
+            Via::UnixPeer => format!("uid {}", self.name),
+        }
+    }
+}
+
+/// The other end of a connection, as the listener saw it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Peer {
+    /// `tcp:ADDR`, `tls:ADDR` or `unix`.
+    pub(crate) address: String,
+    /// Whether the connection is TLS.
+    pub(crate) tls: bool,
+    /// The client certificate, verified against `[tls] client_ca`.
+    pub(crate) cert: Option<CertIdentity>,
+    /// A unix-socket peer's uid.
+    pub(crate) uid: Option<u32>,
+}
+
+/// `[[client_cert]]`: a role for certificates whose subject matches every field given.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertRule {
+    /// `viewer` or `operator`.
+    pub role: Role,
+    /// The subject's common name, exactly.
+    pub cn: Option<String>,
+    /// One of the subject's organisations, exactly.
+    pub o: Option<String>,
+    /// One of the subject alternative names (DNS name, e-mail, URI), exactly; `*.example.com`
+    /// matches DNS names one label below.
+    pub san: Option<String>,
+}
+
+impl ClientCertRule {
+    fn matches(&self, id: &CertIdentity) -> bool {
+        let san_ok = |want: &str| {
+            id.sans.iter().any(|s| {
+                s.eq_ignore_ascii_case(want)
+                    || want.strip_prefix("*.").is_some_and(|parent| {
+                        s.split_once('.').is_some_and(|(label, rest)| {
+                            !label.is_empty() && rest.eq_ignore_ascii_case(parent)
+                        })
+                    })
+            })
+        };
+        self.cn
+            .as_ref()
+            .is_none_or(|cn| id.cn.as_deref() == Some(cn.as_str()))
+            && self.o.as_ref().is_none_or(|o| id.o.iter().any(|x| x == o))
+            && self.san.as_deref().is_none_or(san_ok)
+    }
+}
+
+/// `[[unix_peer]]`: a role for unix-socket peers of a uid (or a user's uid).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnixPeerRule {
+    /// `viewer` or `operator`.
+    pub role: Role,
+    /// The peer's uid.
+    pub uid: Option<u32>,
+    /// Or a user name, resolved to its uid when the configuration is loaded.
+    pub user: Option<String>,
+}
+
+impl UnixPeerRule {
+    fn uid(&self) -> Result<u32, String> {
+        match (&self.uid, &self.user) {
+            (Some(uid), None) => Ok(*uid),
+            (None, Some(u)) => match nix::unistd::User::from_name(u) {
+                Ok(Some(user)) => Ok(user.uid.as_raw()),
+                _ => Err(format!("[[unix_peer]]: no user '{u}' on this machine")),
+            },
+            _ => Err("[[unix_peer]]: give exactly one of uid and user".into()),
+        }
+    }
+}
+
+/// Checks rule shapes the schema cannot.
+pub(crate) fn check_rules(certs: &[ClientCertRule], peers: &[UnixPeerRule]) -> Result<(), String> {
+    for (i, r) in certs.iter().enumerate() {
+        if r.cn.is_none() && r.o.is_none() && r.san.is_none() {
+            return Err(format!(
+                "[[client_cert]] #{}: give at least one of cn, o, san (a rule that matches every certificate the CA signs is too easy to write by mistake)",
+                i + 1
+            ));
+        }
+    }
+    for r in peers {
+        r.uid()?;
+    }
+    Ok(())
+}
+
+/// Everything calls are judged by, swapped whole on reload.
+struct Rules {
+    tokens: HashMap<[u8; 32], Caller>,
+    certs: Vec<ClientCertRule>,
+    /// uid to role.
+    peers: Vec<(u32, Role)>,
+    /// Reflection answers without credentials.
+    public_reflection: bool,
+}
+
+/// The rules, as an interceptor. `discovery` marks the copy guarding server reflection,
+/// which answers without credentials unless `reflection = "authenticated"`.
 #[derive(Clone)]
 pub(crate) struct Auth {
-    tokens: Arc<HashMap<[u8; 32], Caller>>,
+    rules: Arc<RwLock<Arc<Rules>>>,
+    discovery: bool,
 }
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Auth({} tokens)", self.tokens.len())
+        let r = self.rules.read().expect("auth lock");
+        write!(
+            f,
+            "Auth({} tokens, {} certificate rules)",
+            r.tokens.len(),
+            r.certs.len()
+        )
     }
 }
 
@@ -31,77 +188,167 @@ fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
+fn rules(config: &Config) -> Result<Rules, String> {
+    let mut tokens = HashMap::new();
+    for t in &config.tokens {
+        let secret = read_secret(t)?;
+        if secret.len() < 16 {
+            return Err(format!("token '{}' is shorter than 16 characters", t.name));
+        }
+        tokens.insert(
+            digest(&secret),
+            Caller {
+                name: t.name.clone(),
+                role: t.role,
+                via: Via::Token,
+            },
+        );
+    }
+    if tokens.is_empty() {
+        let secret = generated_token(&config.data_dir.join("operator.token"))?;
+        tokens.insert(
+            digest(&secret),
+            Caller {
+                name: "operator.token".into(),
+                role: Role::Operator,
+                via: Via::Token,
+            },
+        );
+    }
+    let peers = config
+        .unix_peers
+        .iter()
+        .map(|r| Ok((r.uid()?, r.role)))
+        .collect::<Result<_, String>>()?;
+    Ok(Rules {
+        tokens,
+        certs: config.client_certs.clone(),
+        peers,
+        public_reflection: config.reflection == crate::config::Reflection::Public,
+    })
+}
+
 impl Auth {
-    /// Loads the configured tokens; with none, generates (or reuses) an operator token in
-    /// `<data dir>/operator.token`, mode 0600.
+    /// Loads the configured tokens and rules; with no token, generates (or reuses) an
+    /// operator token in `<data dir>/operator.token`, mode 0600.
     pub(crate) fn load(config: &Config) -> Result<Auth, String> {
-        let mut tokens = HashMap::new();
-        for t in &config.tokens {
-            let secret = read_secret(t)?;
-            if secret.len() < 16 {
-                return Err(format!("token '{}' is shorter than 16 characters", t.name));
-            }
-            tokens.insert(
-                digest(&secret),
-                Caller {
-                    name: t.name.clone(),
-                    role: t.role,
-                },
-            );
-        }
-        if tokens.is_empty() {
-            let secret = generated_token(&config.data_dir.join("operator.token"))?;
-            tokens.insert(
-                digest(&secret),
-                Caller {
-                    name: "operator.token".into(),
-                    role: Role::Operator,
-                },
-            );
-        }
         Ok(Auth {
-            tokens: Arc::new(tokens),
+            rules: Arc::new(RwLock::new(Arc::new(rules(config)?))),
+            discovery: false,
         })
     }
 
-    fn authenticate(&self, header: Option<&str>) -> Result<Caller, Status> {
-        let header = header.ok_or_else(|| {
-            Status::unauthenticated(
-                "no credentials: send the header `authorization: Bearer <token>`",
-            )
-        })?;
-        let secret = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("the authorization header must be `Bearer <token>`")
-            })?;
-        self.tokens
-            .get(&digest(secret.trim()))
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("unknown token"))
+    /// Replaces the rules with those of a new configuration (calls in flight keep theirs).
+    pub(crate) fn reload(&self, config: &Config) -> Result<(), String> {
+        let new = rules(config)?;
+        *self.rules.write().expect("auth lock") = Arc::new(new);
+        Ok(())
+    }
+
+    /// The interceptor for server reflection.
+    pub(crate) fn discovery(&self) -> Auth {
+        Auth {
+            rules: self.rules.clone(),
+            discovery: true,
+        }
+    }
+
+    fn authenticate(&self, header: Option<&str>, peer: Option<&Peer>) -> Result<Caller, Status> {
+        let rules = self.rules.read().expect("auth lock").clone();
+        if let Some(header) = header {
+            let secret = header
+                .strip_prefix("Bearer ")
+                .or_else(|| header.strip_prefix("bearer "))
+                .ok_or_else(|| {
+                    Status::unauthenticated("the authorization header must be `Bearer <token>`")
+                })?;
+            return rules
+                .tokens
+                .get(&digest(secret.trim()))
+                .cloned()
+                .ok_or_else(|| Status::unauthenticated("unknown token"));
+        }
+        if let Some(id) = peer.and_then(|p| p.cert.as_ref()) {
+            return match rules.certs.iter().find(|r| r.matches(id)) {
+                Some(r) => Ok(Caller {
+                    name: id.name(),
+                    role: r.role,
+                    via: Via::Certificate,
+                }),
+                None => Err(Status::unauthenticated(format!(
+                    "the client certificate '{}' matches no [[client_cert]] rule: send a token, or use a certificate a rule names",
+                    clip(&id.name(), 80)
+                ))),
+            };
+        }
+        if let Some(uid) = peer.and_then(|p| p.uid)
+            && let Some((_, role)) = rules.peers.iter().find(|(u, _)| *u == uid)
+        {
+            return Ok(Caller {
+                name: uid.to_string(),
+                role: *role,
+                via: Via::UnixPeer,
+            });
+        }
+        Err(Status::unauthenticated(
+            "no credentials: send the header `authorization: Bearer <token>`",
+        ))
+    }
+}
+
+/// At most `max` characters of a name a client chose (its certificate's CN).
+fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
     }
 }
 
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if self.discovery && self.rules.read().expect("auth lock").public_reflection {
+            return Ok(req);
+        }
         let header = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        let caller = self.authenticate(header)?;
+        let peer = peer_of(&req);
+        let caller = self.authenticate(header, peer.as_deref())?;
         req.extensions_mut().insert(caller);
         Ok(req)
     }
 }
 
+/// The authenticated caller of a request.
+pub(crate) fn caller_of<T>(req: &Request<T>) -> Option<&Caller> {
+    req.extensions().get::<Caller>()
+}
+
+/// The connection's peer of a request.
+pub(crate) fn peer_of<T>(req: &Request<T>) -> Option<Arc<Peer>> {
+    req.extensions()
+        .get::<crate::listen::Activity>()
+        .map(|a| a.peer.clone())
+}
+
 /// Refuses a caller below `role` for `rpc`.
 pub(crate) fn require<T>(req: &Request<T>, role: Role, rpc: &str) -> Result<(), Status> {
     match req.extensions().get::<Caller>() {
-        Some(c) if c.role >= role => Ok(()),
+        Some(c) if c.role >= role => {
+            if role == Role::Operator {
+                // The audit trail: who changed what from where (the job it starts records
+                // the same identity as submitted_by).
+                let peer = peer_of(req).map(|p| p.address.clone()).unwrap_or_default();
+                tracing::info!(target: "stately::audit", "{} calls {rpc} from {peer}", c.identity());
+            }
+            Ok(())
+        }
         Some(c) => Err(Status::permission_denied(format!(
-            "token '{}' has role {:?}; {rpc} needs {:?}",
-            c.name, c.role, role
+            "{} has role {:?}; {rpc} needs {:?}",
+            c.described(),
+            c.role,
+            role
         ))),
         None => Err(Status::unauthenticated("no credentials")),
     }

@@ -45,6 +45,18 @@ pub struct Config {
     pub listen: SocketAddr,
     /// An optional unix socket listener, served beside TCP.
     pub listen_unix: Option<PathBuf>,
+    /// TLS on the TCP listener (and mTLS with a client CA).
+    pub tls: crate::tls::TlsConfig,
+    /// Allow a plaintext listener beyond loopback (tokens then cross the network in clear).
+    pub insecure: bool,
+    /// Whether server reflection answers without credentials.
+    pub reflection: Reflection,
+    /// Roles for client certificates.
+    #[serde(rename = "client_cert")]
+    pub client_certs: Vec<crate::auth::ClientCertRule>,
+    /// Roles for unix-socket peers by uid.
+    #[serde(rename = "unix_peer")]
+    pub unix_peers: Vec<crate::auth::UnixPeerRule>,
     /// Where the store, the blobs and the generated token live.
     pub data_dir: PathBuf,
     /// Open connections per listener at most (lowered to fit the open-file limit).
@@ -124,6 +136,57 @@ impl fmt::Debug for Config {
             .field("runbooks", &self.runbooks.len())
             .finish_non_exhaustive()
     }
+}
+
+/// When the configuration was loaded, and the last reload that was refused, for GetStatus.
+#[derive(Debug)]
+pub(crate) struct Loads(std::sync::Mutex<LoadState>);
+
+/// What [`Loads`] holds.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LoadState {
+    /// When the configuration in force was loaded (unix ms).
+    pub(crate) loaded_at: i64,
+    /// Reloads that took effect.
+    pub(crate) reloads: u32,
+    /// The last refused reload since the last good one: when, and why.
+    pub(crate) refused: Option<(i64, String)>,
+}
+
+impl Loads {
+    pub(crate) fn new() -> Loads {
+        Loads(std::sync::Mutex::new(LoadState {
+            loaded_at: crate::job::now_ms(),
+            ..LoadState::default()
+        }))
+    }
+
+    pub(crate) fn loaded(&self) {
+        let mut s = self.0.lock().expect("loads lock");
+        s.loaded_at = crate::job::now_ms();
+        s.reloads += 1;
+        s.refused = None;
+    }
+
+    pub(crate) fn refused(&self, why: String) {
+        self.0.lock().expect("loads lock").refused = Some((crate::job::now_ms(), why));
+    }
+
+    pub(crate) fn get(&self) -> LoadState {
+        self.0.lock().expect("loads lock").clone()
+    }
+}
+
+/// Who may use server reflection.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Reflection {
+    /// Anyone who reaches the listener: the API's schema is not a secret, and grpcurl needs
+    /// reflection before any call.
+    #[default]
+    Public,
+    /// Only authenticated callers.
+    Authenticated,
 }
 
 /// How hard the store syncs its commits.
@@ -218,6 +281,11 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             listen_unix: None,
+            tls: Default::default(),
+            insecure: false,
+            reflection: Reflection::Public,
+            client_certs: Vec::new(),
+            unix_peers: Vec::new(),
             data_dir: default_data_dir(),
             max_connections: 4096,
             first_bytes_timeout: Duration::from_secs(10),
@@ -413,6 +481,26 @@ impl Config {
             smtp.check().map_err(invalid)?;
         }
         crate::haproxy::target::check(&self.haproxy).map_err(invalid)?;
+        self.tls.check().map_err(invalid)?;
+        if let Some(l) = &self.tls.lineage
+            && !crate::fsops::is_safe_name(l)
+        {
+            return Err(invalid(format!(
+                "[tls] lineage '{l}' is not a lineage name"
+            )));
+        }
+        if !self.listen.ip().is_loopback() && !self.tls.enabled() && !self.insecure {
+            return Err(invalid(format!(
+                "listen = \"{}\" is beyond loopback without [tls]: tokens would cross the network in clear. Configure [tls] (cert and key, or lineage), or set insecure = true if something else encrypts the path",
+                self.listen
+            )));
+        }
+        crate::auth::check_rules(&self.client_certs, &self.unix_peers).map_err(invalid)?;
+        if !self.client_certs.is_empty() && self.tls.client_ca.is_none() {
+            return Err(invalid(
+                "[[client_cert]] rules need [tls] client_ca, the CA client certificates are verified against".into(),
+            ));
+        }
         for token in &self.tokens {
             match (&token.value, &token.file) {
                 (Some(_), None) | (None, Some(_)) => {}

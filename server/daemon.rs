@@ -1,5 +1,6 @@
-//! Runs statelyd: the engine, the gRPC services (jobs, health, reflection) on TCP and an
-//! optional unix socket, and an orderly stop when `shutdown` resolves.
+//! Runs statelyd: the engine, the gRPC services (jobs, health, reflection) on TCP (with TLS
+//! when configured) and an optional unix socket, a configuration reload on SIGHUP, and an
+//! orderly stop when `shutdown` resolves.
 
 use crate::api::{CertsApi, HaproxyApi, InputErrorsLayer, JobsApi, StatsApi};
 use crate::auth::Auth;
@@ -19,6 +20,9 @@ pub enum Error {
     /// Tokens could not be loaded or generated.
     #[error("tokens: {0}")]
     Auth(String),
+    /// The listener's certificate, key or client CA do not load.
+    #[error("{0}")]
+    Tls(String),
     /// The engine could not start.
     #[error("{0}")]
     Engine(#[from] crate::engine::Error),
@@ -54,6 +58,7 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// address (the port may have been 0).
 pub async fn run(
     config: Config,
+    reload: Option<Loader>,
     on_listen: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
@@ -69,6 +74,16 @@ pub async fn run(
         nofile,
     ));
     let auth = Auth::load(&config).map_err(Error::Auth)?;
+    let tls = match config.tls.files(&config.cert_root()) {
+        Some(files) => Some(Arc::new(crate::tls::Tls::load(files).map_err(Error::Tls)?)),
+        None => None,
+    };
+    if tls.is_none() && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            "listening on {} without TLS (insecure = true): tokens cross the network in clear",
+            config.listen
+        );
+    }
     let config = Arc::new(config);
     // One tree of stop signals: cancelling it ends open streams, stops the listeners, and
     // (through the engine's child token) tells watch jobs and unwind retries to stand down.
@@ -86,23 +101,23 @@ pub async fn run(
         addr: config.listen.to_string(),
         source,
     })?;
-    let mut listeners = vec![format!("tcp:{addr}")];
+    let mut listeners = vec![format!(
+        "{}:{addr}",
+        if tls.is_some() { "tls" } else { "tcp" }
+    )];
     if let Some(path) = &config.listen_unix {
         listeners.push(format!("unix:{}", path.display()));
     }
+    let loads = Arc::new(crate::config::Loads::new());
     let jobs = JobsApi {
         engine: engine.clone(),
         stopping: stopping.clone(),
         started_at: crate::job::now_ms(),
         listeners,
+        loads: loads.clone(),
     };
     let haproxy = HaproxyApi {
-        targets: crate::haproxy::Targets::new(&config.haproxy, config.bundle_dir()),
-        edits: crate::haproxy::edits::Context {
-            bundle_dir: config.bundle_dir(),
-            responder: config.certificates.responder,
-            replace: false,
-        },
+        engine: engine.clone(),
     };
     let stats = StatsApi {
         hub: engine.stats(),
@@ -145,10 +160,13 @@ pub async fn run(
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .add_service(health.clone())
-            .add_service(InterceptedService::new(reflection_v1.clone(), auth.clone()))
+            .add_service(InterceptedService::new(
+                reflection_v1.clone(),
+                auth.discovery(),
+            ))
             .add_service(InterceptedService::new(
                 reflection_v1alpha.clone(),
-                auth.clone(),
+                auth.discovery(),
             ))
             .add_service(InterceptedService::new(
                 pb::jobs_server::JobsServer::new(jobs.clone())
@@ -174,10 +192,27 @@ pub async fn run(
 
     let mut servers = tokio::task::JoinSet::new();
     let stop = stopping.clone();
-    let incoming = crate::listen::incoming(tcp, &connections, stopping.clone());
-    let tcp_server =
-        router().serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await });
-    servers.spawn(tcp_server);
+    match &tls {
+        Some(tls) => {
+            tls.watch(stopping.clone());
+            let listener = crate::listen::TlsListener {
+                tcp,
+                tls: tls.clone(),
+            };
+            let incoming = crate::listen::incoming(listener, &connections, stopping.clone());
+            servers.spawn(
+                router()
+                    .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
+            );
+        }
+        None => {
+            let incoming = crate::listen::incoming(tcp, &connections, stopping.clone());
+            servers.spawn(
+                router()
+                    .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
+            );
+        }
+    }
     if let Some(path) = &config.listen_unix {
         let _ = std::fs::remove_file(path);
         let uds = tokio::net::UnixListener::bind(path).map_err(|source| Error::Bind {
@@ -191,8 +226,23 @@ pub async fn run(
         );
         tracing::info!("listening on unix:{}", path.display());
     }
-    tracing::info!("listening on {addr}");
+    tracing::info!(
+        "listening on {addr}{}",
+        if tls.is_some() { " (TLS)" } else { "" }
+    );
     on_listen(addr);
+    if let Some(loader) = reload {
+        spawn_reloader(
+            loader,
+            Reloadable {
+                engine: engine.clone(),
+                auth: auth.clone(),
+                tls: tls.clone(),
+                loads,
+            },
+            stopping.clone(),
+        );
+    }
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),
@@ -216,4 +266,111 @@ pub async fn run(
         let _ = std::fs::remove_file(path);
     }
     Ok(())
+}
+
+/// Reads the configuration again, as at start (the file, then the flags over it).
+pub type Loader = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
+/// What a reload replaces.
+struct Reloadable {
+    engine: Engine,
+    auth: Auth,
+    tls: Option<Arc<crate::tls::Tls>>,
+    loads: Arc<crate::config::Loads>,
+}
+
+/// Reloads the configuration on each SIGHUP until `stop`.
+fn spawn_reloader(loader: Loader, r: Reloadable, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: the configuration cannot be reloaded");
+        return;
+    };
+    let loader = Arc::new(loader);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                s = hup.recv() => if s.is_none() { return },
+            }
+            let l = loader.clone();
+            let loaded = tokio::task::spawn_blocking(move || l())
+                .await
+                .unwrap_or_else(|e| Err(format!("the reload task failed: {e}")));
+            let outcome = match loaded {
+                Ok(new) => reload(new, &r).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(notes) => {
+                    for n in &notes {
+                        tracing::warn!("reload: {n}");
+                    }
+                    r.loads.loaded();
+                    tracing::info!(
+                        "SIGHUP: configuration reloaded; running jobs keep the one they started with"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "SIGHUP: the new configuration is refused, the old one stays: {e}"
+                    );
+                    r.loads.refused(e);
+                }
+            }
+        }
+    });
+}
+
+/// Swaps in a new configuration: what cannot change without a restart is kept as it was (and
+/// said); the rest is checked whole (tokens readable, TLS files loading) before anything is
+/// replaced, so a bad configuration changes nothing.
+async fn reload(mut new: Config, r: &Reloadable) -> Result<Vec<String>, String> {
+    let old = r.engine.config();
+    let mut notes = Vec::new();
+    macro_rules! keep {
+        ($($field:ident).+, $name:literal) => {
+            if new.$($field).+ != old.$($field).+ {
+                notes.push(format!("{} changed: it takes effect at the next restart", $name));
+                new.$($field).+ = old.$($field).+.clone();
+            }
+        };
+    }
+    keep!(listen, "listen");
+    keep!(listen_unix, "listen_unix");
+    keep!(data_dir, "data_dir");
+    keep!(sync, "sync");
+    keep!(max_connections, "max_connections");
+    keep!(first_bytes_timeout, "first_bytes_timeout");
+    keep!(insecure, "insecure");
+    keep!(certificates.responder, "[certificates] responder");
+    keep!(certificates.renew_check, "[certificates] renew_check");
+    keep!(history.prune_interval, "[history] prune_interval");
+    let files = new.tls.files(&new.cert_root());
+    let tls = match (&r.tls, files) {
+        (Some(tls), Some(files)) => Some((tls, files)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err("[tls] is gone: a listener cannot drop TLS without a restart".into());
+        }
+        (None, Some(_)) => {
+            return Err("[tls] is new: a listener takes up TLS at a restart, not a reload".into());
+        }
+    };
+    let tls = match tls {
+        Some((tls, files)) => {
+            let f = files.clone();
+            let built = tokio::task::spawn_blocking(move || crate::tls::build(&f))
+                .await
+                .map_err(|e| format!("TLS: {e}"))??;
+            Some((tls, files, built))
+        }
+        None => None,
+    };
+    r.auth.reload(&new)?;
+    if let Some((tls, files, built)) = tls {
+        tls.install(files, built);
+    }
+    r.engine.set_config(Arc::new(new));
+    Ok(notes)
 }

@@ -162,6 +162,9 @@ pub struct JobRecord<S> {
     pub last_seq: u64,
     /// Ended, but undo entries are left that could not be applied (retried with backoff).
     pub unwind_incomplete: bool,
+    /// Who submitted it (`token:ci`, `cert:ci.example.com`, `uid:0`, `statelyd` for the
+    /// daemon's own renewals); unknown for jobs from before it was recorded.
+    pub submitted_by: Option<String>,
 }
 
 impl<S> JobRecord<S> {
@@ -185,6 +188,7 @@ impl<S> JobRecord<S> {
             rolled_back_by: self.rolled_back_by,
             last_seq: self.last_seq,
             unwind_incomplete: self.unwind_incomplete,
+            submitted_by: self.submitted_by,
         })
     }
 

@@ -9,6 +9,7 @@ mod api;
 mod auth;
 mod blobs;
 mod certs;
+pub mod check;
 mod command;
 pub mod config;
 pub mod daemon;
@@ -26,6 +27,7 @@ mod runbooks;
 pub mod stats;
 mod step;
 mod store;
+mod tls;
 mod undo;
 
 /// Generated protobuf and gRPC code for `stately.v1`.

@@ -5,12 +5,15 @@
 //!   else the one quiet the longest (at least a second); a connection with a call in flight
 //!   (a RunJob stream, a CancelJob waiting) is never closed; when none can go, the new one is
 //!   closed at once;
-//! - a deadline for a connection's HTTP/2 preface (one that never finishes it is closed);
+//! - a deadline for a connection's TLS handshake and HTTP/2 preface together (one that never
+//!   finishes them is closed); handshakes run in the connection's own task, so a slow one
+//!   holds up no other;
 //! - a pause, not a spin, when accept fails (out of file descriptors);
 //! - and, at start, the soft open-file limit raised to the hard one.
 //!
 //! HTTP/2 keepalive (set on the server) closes connections whose peer stopped answering.
 
+use crate::auth::Peer;
 use futures_util::task::AtomicWaker;
 use std::collections::HashMap;
 use std::io;
@@ -140,28 +143,37 @@ impl Registry {
     }
 }
 
-/// A connection that can be closed from outside and knows when it last spoke.
+/// A connection's place under the cap, from accept (before its handshake) until it closes.
 #[derive(Debug)]
-pub(crate) struct Conn<IO> {
-    io: IO,
+struct Place {
     id: u64,
-    slot: Arc<Slot>,
     registry: Arc<Registry>,
 }
 
-impl<IO> Conn<IO> {
-    fn touch(&self) {
-        self.slot.last.store(self.registry.now(), Ordering::Relaxed);
-    }
-}
-
-impl<IO> Drop for Conn<IO> {
+impl Drop for Place {
     fn drop(&mut self) {
         self.registry
             .slots
             .lock()
             .expect("registry lock")
             .remove(&self.id);
+    }
+}
+
+/// A connection that can be closed from outside and knows when it last spoke.
+#[derive(Debug)]
+pub(crate) struct Conn<IO> {
+    io: IO,
+    slot: Arc<Slot>,
+    peer: Arc<Peer>,
+    place: Place,
+}
+
+impl<IO> Conn<IO> {
+    fn touch(&self) {
+        self.slot
+            .last
+            .store(self.place.registry.now(), Ordering::Relaxed);
     }
 }
 
@@ -218,14 +230,21 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
 }
 
 /// A connection's handle, in each request's extensions (tonic puts a connection's
-/// `ConnectInfo` there), so the [`CallsLayer`] can count its calls in flight.
+/// `ConnectInfo` there), so the [`CallsLayer`] can count its calls in flight and the
+/// authentication knows the peer.
 #[derive(Debug, Clone)]
-pub(crate) struct Activity(Arc<Slot>);
+pub(crate) struct Activity {
+    slot: Arc<Slot>,
+    pub(crate) peer: Arc<Peer>,
+}
 
 impl<IO> tonic::transport::server::Connected for Conn<IO> {
     type ConnectInfo = Activity;
     fn connect_info(&self) -> Activity {
-        Activity(self.slot.clone())
+        Activity {
+            slot: self.slot.clone(),
+            peer: self.peer.clone(),
+        }
     }
 }
 
@@ -274,8 +293,8 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let call = req.extensions().get::<Activity>().map(|a| {
-            a.0.calls.fetch_add(1, Ordering::SeqCst);
-            Call(a.0.clone())
+            a.slot.calls.fetch_add(1, Ordering::SeqCst);
+            Call(a.slot.clone())
         });
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -312,28 +331,116 @@ impl<B: http_body::Body + Unpin> http_body::Body for CallBody<B> {
     }
 }
 
-/// Something that accepts connections: a TCP or a unix listener.
-pub(crate) trait Accept: Send + 'static {
-    /// The connection.
+/// Something that accepts connections: a TCP listener, the same with TLS, a unix listener.
+pub(crate) trait Accept: Send + Sync + 'static {
+    /// What accept returns.
+    type Raw: Send + 'static;
+    /// The connection once open.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     /// Waits for the next connection.
-    fn accept(&self) -> impl std::future::Future<Output = io::Result<Self::Io>> + Send;
+    fn accept(&self) -> impl std::future::Future<Output = io::Result<Self::Raw>> + Send;
+    /// Opens it (the TLS handshake), in its own task, and says who the peer is.
+    fn open(
+        &self,
+        raw: Self::Raw,
+    ) -> impl std::future::Future<Output = io::Result<(Self::Io, Peer)>> + Send;
+}
+
+async fn accept_tcp(listener: &tokio::net::TcpListener) -> io::Result<tokio::net::TcpStream> {
+    let (s, _) = listener.accept().await?;
+    // Without TCP_NODELAY, streamed events meet delayed ACKs and a reply can wait 40 ms.
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+fn address_of(s: &tokio::net::TcpStream, scheme: &str) -> String {
+    s.peer_addr()
+        .map(|a| format!("{scheme}:{a}"))
+        .unwrap_or_else(|_| scheme.into())
 }
 
 impl Accept for tokio::net::TcpListener {
+    type Raw = tokio::net::TcpStream;
     type Io = tokio::net::TcpStream;
     async fn accept(&self) -> io::Result<tokio::net::TcpStream> {
-        let (s, _) = tokio::net::TcpListener::accept(self).await?;
-        // Without TCP_NODELAY, streamed events meet delayed ACKs and a reply can wait 40 ms.
-        let _ = s.set_nodelay(true);
-        Ok(s)
+        accept_tcp(self).await
+    }
+    async fn open(&self, s: tokio::net::TcpStream) -> io::Result<(tokio::net::TcpStream, Peer)> {
+        let peer = Peer {
+            address: address_of(&s, "tcp"),
+            ..Peer::default()
+        };
+        Ok((s, peer))
+    }
+}
+
+/// A TCP listener whose connections speak TLS, with the configuration current when each
+/// arrives.
+pub(crate) struct TlsListener {
+    pub(crate) tcp: tokio::net::TcpListener,
+    pub(crate) tls: Arc<crate::tls::Tls>,
+}
+
+impl Accept for TlsListener {
+    type Raw = tokio::net::TcpStream;
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    async fn accept(&self) -> io::Result<tokio::net::TcpStream> {
+        accept_tcp(&self.tcp).await
+    }
+    async fn open(&self, s: tokio::net::TcpStream) -> io::Result<(Self::Io, Peer)> {
+        let address = address_of(&s, "tls");
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.current());
+        let stream = acceptor.accept(s).await?;
+        let cert = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| crate::tls::CertIdentity::of(c));
+        let peer = Peer {
+            address,
+            tls: true,
+            cert,
+            uid: None,
+        };
+        Ok((stream, peer))
     }
 }
 
 impl Accept for tokio::net::UnixListener {
+    type Raw = tokio::net::UnixStream;
     type Io = tokio::net::UnixStream;
     async fn accept(&self) -> io::Result<tokio::net::UnixStream> {
         tokio::net::UnixListener::accept(self).await.map(|(s, _)| s)
+    }
+    async fn open(&self, s: tokio::net::UnixStream) -> io::Result<(tokio::net::UnixStream, Peer)> {
+        let peer = Peer {
+            address: "unix".into(),
+            uid: s.peer_cred().ok().map(|c| c.uid()),
+            ..Peer::default()
+        };
+        Ok((s, peer))
+    }
+}
+
+/// Says why a connection could not open (a TLS handshake refused: an unknown CA, an expired
+/// certificate, no certificate), at most once every ten seconds, so a flood of bad handshakes
+/// cannot flood the log.
+fn opening_failed(e: &io::Error) {
+    static LAST: std::sync::Mutex<Option<(Instant, u64)>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().expect("log lock");
+    match &mut *last {
+        Some((at, skipped)) if at.elapsed() < Duration::from_secs(10) => *skipped += 1,
+        _ => {
+            let skipped = last.map_or(0, |(_, n)| n);
+            let more = if skipped > 0 {
+                format!(" ({skipped} more since the last such line)")
+            } else {
+                String::new()
+            };
+            tracing::info!("a connection failed to open: {e}{more}");
+            *last = Some((Instant::now(), 0));
+        }
     }
 }
 
@@ -371,15 +478,16 @@ pub(crate) fn incoming<L: Accept>(
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let registry = connections.registry.clone();
     let limits = connections.limits;
+    let listener = Arc::new(listener);
     tokio::spawn(async move {
         let mut warned: Option<Instant> = None;
         loop {
-            let io = tokio::select! {
+            let raw = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = listener.accept() => r,
             };
-            let io = match io {
-                Ok(io) => io,
+            let raw = match raw {
+                Ok(raw) => raw,
                 Err(e) => {
                     if warned.is_none_or(|w| w.elapsed() > Duration::from_secs(10)) {
                         tracing::warn!("accepting a connection failed: {e}; pausing");
@@ -391,7 +499,7 @@ pub(crate) fn incoming<L: Accept>(
             };
             if registry.len() >= limits.max_connections && !registry.evict_quietest(EVICT_QUIET) {
                 // Every connection is busy: this one is refused (closed at once).
-                drop(io);
+                drop(raw);
                 continue;
             }
             let id = registry.next.fetch_add(1, Ordering::Relaxed);
@@ -407,6 +515,10 @@ pub(crate) fn incoming<L: Accept>(
                 .lock()
                 .expect("registry lock")
                 .insert(id, slot.clone());
+            let place = Place {
+                id,
+                registry: registry.clone(),
+            };
             let watched = Arc::downgrade(&slot);
             let within = limits.first_bytes_within;
             tokio::spawn(async move {
@@ -417,15 +529,37 @@ pub(crate) fn incoming<L: Accept>(
                     s.close();
                 }
             });
-            let conn = Conn {
-                io,
-                id,
-                slot,
-                registry: registry.clone(),
-            };
-            if tx.send(Ok(conn)).await.is_err() {
-                return;
-            }
+            let (listener, tx) = (listener.clone(), tx.clone());
+            tokio::spawn(async move {
+                // The handshake ends when it finishes, fails, or the slot is closed (the
+                // deadline, or eviction to make room).
+                let closed = std::future::poll_fn(|cx| {
+                    slot.waker.register(cx.waker());
+                    if slot.closed.load(Ordering::SeqCst) {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending
+                    }
+                });
+                let opened = tokio::select! {
+                    r = listener.open(raw) => r,
+                    () = closed => return,
+                };
+                let (io, peer) = match opened {
+                    Ok(o) => o,
+                    Err(e) => {
+                        opening_failed(&e);
+                        return;
+                    }
+                };
+                let conn = Conn {
+                    io,
+                    slot,
+                    peer: Arc::new(peer),
+                    place,
+                };
+                let _ = tx.send(Ok(conn)).await;
+            });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)

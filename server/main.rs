@@ -1,4 +1,5 @@
-//! statelyd: parses flags, loads the configuration, and runs the daemon until SIGTERM/SIGINT.
+//! statelyd: parses flags, loads the configuration, and runs the daemon until SIGTERM/SIGINT
+//! (SIGHUP reloads the configuration).
 
 use clap::Parser;
 use stately::config::{Config, DEFAULT_CONFIG};
@@ -23,6 +24,48 @@ struct Flags {
     /// Print the full default configuration, every key commented, and exit.
     #[arg(long)]
     print_config: bool,
+    /// Check the configuration and what it names (files, sockets, binaries, TLS), print
+    /// what was found, and exit: 0 when it can run, 64 when not.
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// The configuration the flags name: the file (or the embedded defaults), then the flags over
+/// it. A SIGHUP reads it again the same way.
+fn load(flags: &Flags) -> Result<Config, String> {
+    let mut config = match &flags.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    if let Some(listen) = flags.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = &flags.data_dir {
+        config.data_dir = dir.clone();
+    }
+    // The flags may move the listener beyond loopback: the rule about TLS holds for them too.
+    config
+        .validate(&match &flags.config {
+            Some(p) => p.display().to_string(),
+            None => "defaults".into(),
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+/// Logs go to stderr: plain text, coloured only on a terminal, or JSON lines with
+/// STATELY_LOG_FORMAT=json; the level filter is STATELY_LOG (default info).
+fn init_logs() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STATELY_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match std::env::var("STATELY_LOG_FORMAT").as_deref() {
+        Ok("json") => builder.json().with_current_span(false).init(),
+        _ => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 /// Exit status for a configuration that cannot be used.
@@ -34,29 +77,58 @@ fn main() -> ExitCode {
         print!("{DEFAULT_CONFIG}");
         return ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STATELY_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let mut config = match &flags.config {
-        Some(path) => match Config::load(path) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("statelyd: bad configuration: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
-        None => Config::default(),
+    if let Err(e) = std::env::var("STATELY_LOG_FORMAT")
+        .as_deref()
+        .map(|f| match f {
+            "json" | "text" => Ok(()),
+            other => Err(other.to_owned()),
+        })
+        .unwrap_or(Ok(()))
+    {
+        eprintln!("statelyd: STATELY_LOG_FORMAT={e}: it is \"text\" (the default) or \"json\"");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let config = match load(&flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("statelyd: bad configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
-    if let Some(listen) = flags.listen {
-        config.listen = listen;
+    if flags.check_config {
+        let report = stately::check::check(&config);
+        let mut out = std::io::stdout().lock();
+        for (level, line) in &report.findings {
+            let tag = match level {
+                stately::check::Level::Ok => "ok     ",
+                stately::check::Level::Warning => "warning",
+                stately::check::Level::Error => "error  ",
+            };
+            let _ = writeln!(out, "{tag} {line}");
+        }
+        let (errors, warnings) = report
+            .findings
+            .iter()
+            .fold((0, 0), |(e, w), (l, _)| match l {
+                stately::check::Level::Error => (e + 1, w),
+                stately::check::Level::Warning => (e, w + 1),
+                stately::check::Level::Ok => (e, w),
+            });
+        let _ = writeln!(
+            out,
+            "{}: {errors} errors, {warnings} warnings",
+            flags
+                .config
+                .as_ref()
+                .map_or("defaults".to_owned(), |p| p.display().to_string())
+        );
+        return if report.failed() {
+            ExitCode::from(EXIT_CONFIG)
+        } else {
+            ExitCode::SUCCESS
+        };
     }
-    if let Some(dir) = flags.data_dir {
-        config.data_dir = dir;
-    }
+    init_logs();
     // Few blocking threads: file steps fsync one disk, and dozens of threads creating files in
     // one directory mostly spin on its lock.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -71,10 +143,21 @@ fn main() -> ExitCode {
         }
     };
     spawn_trimmer();
-    let result = runtime.block_on(stately::daemon::run(config, announce, shutdown_signal()));
+    let flags = std::sync::Arc::new(flags);
+    let loader: stately::daemon::Loader = Box::new(move || load(&flags));
+    let result = runtime.block_on(stately::daemon::run(
+        config,
+        Some(loader),
+        announce,
+        shutdown_signal(),
+    ));
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ (stately::daemon::Error::Tls(_) | stately::daemon::Error::Auth(_))) => {
+            eprintln!("statelyd: bad configuration: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
         Err(e) => {
             eprintln!("statelyd: {e}");
             ExitCode::FAILURE

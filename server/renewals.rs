@@ -24,7 +24,7 @@ pub(crate) fn spawn(engine: &Engine) {
             let Some(engine) = Engine::upgrade(&weak) else {
                 return;
             };
-            let config = engine.config_arc();
+            let config = engine.config();
             let due: Vec<crate::certs::Listed> = tokio::task::spawn_blocking(move || {
                 let before = config.certificates.renew_before.as_secs() as i64;
                 let now = now_ms() / 1000;
@@ -56,7 +56,7 @@ pub(crate) fn spawn(engine: &Engine) {
                 })
                 .collect();
             for l in due.into_iter().filter(|l| !busy.contains(&l.name)) {
-                let spec = match crate::kinds::certificate_issue::renewal(engine.config(), &l.name)
+                let spec = match crate::kinds::certificate_issue::renewal(&engine.config(), &l.name)
                 {
                     Ok(spec) => spec,
                     Err(e) => {
@@ -75,6 +75,7 @@ pub(crate) fn spawn(engine: &Engine) {
                         now_ms() / 86_400_000
                     )),
                     labels: [("trigger".to_owned(), "auto-renew".to_owned())].into(),
+                    submitted_by: Some("statelyd".into()),
                 };
                 match engine.submit(sub).await {
                     Ok(job) => {

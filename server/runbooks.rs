@@ -5,7 +5,7 @@
 use crate::fsops::{is_normal, is_safe_name};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A file named by `include`: runbooks only.
 #[derive(Deserialize)]
@@ -296,6 +296,46 @@ pub(crate) fn check(runbooks: &[Runbook]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// What a runbook's configuration allows but will fail at run time, for `--check-config`: a
+/// literal file-step path outside the runbook's roots (every run is refused), a command whose
+/// program does not exist.
+pub(crate) fn warnings(rb: &Runbook) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, step) in rb.steps.iter().enumerate() {
+        let at = format!("runbook '{}', step {}", rb.name, i + 1);
+        let path = match &step.action {
+            Action::BackupFile { path }
+            | Action::Chmod { path, .. }
+            | Action::WriteFile { path, .. }
+            | Action::Download { path, .. }
+            | Action::Chown { path, .. } => Some(path),
+            Action::Command { argv, .. } | Action::Check { argv, .. } => {
+                if let Some(program) = argv.first().filter(|p| !p.contains('{'))
+                    && crate::command::find_program(program).is_none()
+                {
+                    out.push(format!(
+                        "{at}: the program {program} is not found (nor is it on PATH): the step will fail"
+                    ));
+                }
+                None
+            }
+        };
+        if let Some(path) = path.filter(|p| !p.contains('{')) {
+            let p = Path::new(path);
+            if !rb
+                .roots
+                .iter()
+                .any(|r| p.starts_with(r) && p != r.as_path())
+            {
+                out.push(format!(
+                    "{at}: the path {path} is outside the runbook's roots: every run will be refused"
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Compiles each parameter's pattern once, anchored (after [`check`] accepted it).

@@ -90,7 +90,10 @@ impl From<Error> for StepError {
     }
 }
 
-/// What the daemon lends every job: configuration and the services steps use.
+/// What the daemon lends every job: configuration and the services steps use. A job gets
+/// the configuration current when it started and keeps it to its end, whatever a reload
+/// brings meanwhile.
+#[derive(Clone)]
 pub(crate) struct Env {
     /// The configuration the daemon runs with.
     pub(crate) config: Arc<Config>,

@@ -176,7 +176,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     failed_step TEXT,
     rolled_back_by TEXT,
     rollback_of TEXT,
-    unwind_incomplete INTEGER NOT NULL DEFAULT 0
+    unwind_incomplete INTEGER NOT NULL DEFAULT 0,
+    submitted_by TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_rollback_of ON jobs(rollback_of);
@@ -212,7 +213,7 @@ const JOB_COLUMNS: &str = "id, spec, state, steps, request_id, labels, resources
      started_at, finished_at, error, failed_step, \
      (SELECT COUNT(*) FROM undo u WHERE u.job_id = jobs.id), rolled_back_by, \
      (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.job_id = jobs.id), pos, unwind_incomplete, \
-     kind, rollback_of";
+     kind, rollback_of, submitted_by";
 
 impl Store {
     /// Opens (creating if needed) the ledger at `path` and starts its writer.
@@ -589,6 +590,7 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
                 .map_err(|e: String| corrupt("rolled_back_by", &e))?,
             last_seq: r.get::<_, i64>(15)? as u64,
             unwind_incomplete: r.get(17)?,
+            submitted_by: r.get(20)?,
         })
     };
     Ok(build().map(|j| (j, pos)))
@@ -610,6 +612,9 @@ fn migrate(conn: &Connection) -> Result<(), Error> {
         conn.execute_batch(
             "ALTER TABLE jobs ADD COLUMN unwind_incomplete INTEGER NOT NULL DEFAULT 0",
         )?;
+    }
+    if !has("jobs", "submitted_by")? {
+        conn.execute_batch("ALTER TABLE jobs ADD COLUMN submitted_by TEXT")?;
     }
     Ok(())
 }
@@ -683,8 +688,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
         Write::InsertJob(j) => {
             tx.prepare_cached(
                 "INSERT INTO jobs (id, kind, spec, state, steps, request_id, labels, resources, waiting_for, \
-                 created_at, started_at, finished_at, error, failed_step, rolled_back_by, rollback_of) \
-                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
+                 created_at, started_at, finished_at, error, failed_step, rolled_back_by, rollback_of, \
+                 submitted_by) \
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)",
             )?
             .execute(params![
                 j.id.to_string(),
@@ -703,6 +709,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 j.failed_step,
                 j.rolled_back_by.map(|r| r.to_string()),
                 j.spec.rollback_of.map(|r| r.to_string()),
+                j.submitted_by,
             ])?;
             let mut stmt = tx.prepare_cached(
                 "INSERT OR IGNORE INTO job_resources (resource, job_id) VALUES (?1, ?2)",
@@ -901,6 +908,7 @@ mod tests {
             rolled_back_by: None,
             last_seq: 0,
             unwind_incomplete: false,
+            submitted_by: None,
         }
     }
 

@@ -14,5 +14,6 @@ mod haproxy;
 mod hostile;
 mod jobs_api;
 mod reflection;
+mod remote;
 mod runbooks;
 mod stats;

@@ -154,6 +154,19 @@ async fn reflection_v1_and_v1alpha_list_the_services() {
     };
     assert!(list.service.iter().any(|s| s.name == "stately.v1.Jobs"));
 
+    // Discovery is public, as grpcurl needs it before any call; the calls are not.
+    let mut anonymous = Generic::over(d.channel().await, None);
+    assert!(anonymous.services().await.contains("stately.v1.Jobs"));
+    let err = anonymous
+        .call("stately.v1.Jobs", "ListJobs", "{}")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+}
+
+#[tokio::test]
+async fn reflection_can_be_locked_to_authenticated_callers() {
+    let d = Daemon::start("reflection = \"authenticated\"\n");
     let mut anonymous =
         refl::server_reflection_client::ServerReflectionClient::new(d.channel().await);
     let req = refl::ServerReflectionRequest {
@@ -166,11 +179,13 @@ async fn reflection_v1_and_v1alpha_list_the_services() {
         .server_reflection_info(tokio_stream::iter([req]))
         .await
         .unwrap_err();
-    assert_eq!(
-        err.code(),
-        Code::Unauthenticated,
-        "reflection needs a token too"
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let mut known = Generic::over(d.channel().await, Some(VIEWER));
+    known.refl = refl::server_reflection_client::ServerReflectionClient::with_interceptor(
+        d.channel().await,
+        bearer(Some(VIEWER)),
     );
+    assert!(known.services().await.contains("stately.v1.Jobs"));
 }
 
 #[tokio::test]
@@ -259,16 +274,48 @@ async fn a_generic_client_submits_watches_and_reads_a_job_from_json() {
 pub(crate) struct Generic {
     channel: Channel,
     refl: ReflClient,
+    token: Option<String>,
 }
 
 impl Generic {
     pub(crate) async fn new(d: &Daemon) -> Generic {
-        let channel = d.channel().await;
+        Generic::over(d.channel().await, Some(OPERATOR))
+    }
+
+    /// Over any channel (TLS too), with a token or none (reflection needs none).
+    pub(crate) fn over(channel: Channel, token: Option<&str>) -> Generic {
         let refl = refl::server_reflection_client::ServerReflectionClient::with_interceptor(
             channel.clone(),
-            bearer(Some(OPERATOR)),
+            bearer(None),
         );
-        Generic { channel, refl }
+        Generic {
+            channel,
+            refl,
+            token: token.map(str::to_owned),
+        }
+    }
+
+    /// The services reflection lists.
+    pub(crate) async fn services(&mut self) -> BTreeSet<String> {
+        let refl::server_reflection_response::MessageResponse::ListServicesResponse(list) = ask(
+            &mut self.refl,
+            refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+        )
+        .await
+        else {
+            panic!("not a service list")
+        };
+        list.service.into_iter().map(|s| s.name).collect()
+    }
+
+    /// The methods reflection describes for a service (as `grpcurl describe` prints them).
+    pub(crate) async fn methods(&mut self, service: &str) -> Vec<String> {
+        let pool = pool_for(&mut self.refl, service).await;
+        pool.get_service_by_name(service)
+            .unwrap_or_else(|| panic!("{service} is described"))
+            .methods()
+            .map(|m| m.name().to_owned())
+            .collect()
     }
 
     pub(crate) async fn call(
@@ -287,7 +334,7 @@ impl Generic {
             .unwrap_or_else(|| panic!("{method} is described"));
         let mut grpc = tonic::client::Grpc::new(InterceptedService::new(
             self.channel.clone(),
-            bearer(Some(OPERATOR)),
+            bearer(self.token.as_deref()),
         ));
         grpc.ready().await.unwrap();
         let path = PathAndQuery::from_maybe_shared(format!("/{service}/{method}")).unwrap();

@@ -80,7 +80,7 @@ impl pb::certificates_server::Certificates for CertsApi {
         req: Request<pb::ListCertificatesRequest>,
     ) -> Result<Response<pb::ListCertificatesResponse>, Status> {
         require(&req, Role::Viewer, "ListCertificates")?;
-        let config = self.engine.config_arc();
+        let config = self.engine.config();
         let renews = renew_before(&config);
         let all = tokio::task::spawn_blocking(move || certs::list(&config.cert_places()))
             .await
@@ -102,7 +102,7 @@ impl pb::certificates_server::Certificates for CertsApi {
                 crate::quote::quote(&name)
             )));
         }
-        let config = self.engine.config_arc();
+        let config = self.engine.config();
         let renews = renew_before(&config);
         let n = name.clone();
         let found = tokio::task::spawn_blocking(move || certs::get(&config.cert_places(), &n))
@@ -129,6 +129,7 @@ impl pb::certificates_server::Certificates for CertsApi {
         req: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         require(&req, Role::Operator, "RenewCertificate")?;
+        let by = crate::auth::caller_of(&req).map(|c| c.identity());
         let r = req.into_inner();
         if !crate::fsops::is_safe_name(&r.name) {
             return Err(Status::invalid_argument(format!(
@@ -136,13 +137,14 @@ impl pb::certificates_server::Certificates for CertsApi {
                 crate::quote::quote(&r.name)
             )));
         }
-        let spec = crate::kinds::certificate_issue::renewal(self.engine.config(), &r.name)?;
+        let spec = crate::kinds::certificate_issue::renewal(&self.engine.config(), &r.name)?;
         let job = self
             .engine
             .submit(Submission {
                 spec,
                 request_id: Some(r.request_id).filter(|s| !s.is_empty()),
                 labels: [("trigger".to_owned(), "renew".to_owned())].into(),
+                submitted_by: by,
             })
             .await?;
         Ok(Response::new(super::jobs::job_to_pb(&job)))

@@ -11,9 +11,25 @@ use tonic::{Request, Response, Status};
 /// The `stately.v1.Haproxy` service.
 #[derive(Debug, Clone)]
 pub(crate) struct HaproxyApi {
-    pub(crate) targets: Targets,
+    /// Whose configuration of now names the targets (a reload may change them).
+    pub(crate) engine: crate::engine::Engine,
+}
+
+impl HaproxyApi {
+    fn targets(&self) -> Targets {
+        let config = self.engine.config();
+        Targets::new(&config.haproxy, config.bundle_dir())
+    }
+
     /// What structured edits need of the daemon (bundle directory, responder).
-    pub(crate) edits: edits::Context,
+    fn edits_context(&self) -> edits::Context {
+        let config = self.engine.config();
+        edits::Context {
+            bundle_dir: config.bundle_dir(),
+            responder: config.certificates.responder,
+            replace: false,
+        }
+    }
 }
 
 fn some(s: String) -> Option<String> {
@@ -251,7 +267,7 @@ impl pb::haproxy_server::Haproxy for HaproxyApi {
     ) -> Result<Response<pb::ListTargetsResponse>, Status> {
         require(&req, Role::Viewer, "ListTargets")?;
         let targets = self
-            .targets
+            .targets()
             .all()
             .iter()
             .map(|t| pb::HaproxyTarget {
@@ -270,7 +286,7 @@ impl pb::haproxy_server::Haproxy for HaproxyApi {
         require(&req, Role::Viewer, "GetConfig")?;
         let target = req.into_inner().target;
         super::required_target(&target)?;
-        let live = self.targets.live(&target).await?;
+        let live = self.targets().live(&target).await?;
         Ok(Response::new(pb::HaproxyConfig {
             target,
             text: live.text,
@@ -290,7 +306,7 @@ impl pb::haproxy_server::Haproxy for HaproxyApi {
                 "text (the whole candidate configuration) is required",
             ));
         }
-        let v = self.targets.validate(&r.target, &r.text).await?;
+        let v = self.targets().validate(&r.target, &r.text).await?;
         Ok(Response::new(pb::ValidationResult {
             valid: v.valid,
             version: v.version,
@@ -307,7 +323,7 @@ impl pb::haproxy_server::Haproxy for HaproxyApi {
         super::required_target(&r.target)?;
         let list = edits_from_pb(r.edits)?;
         edits::check(&list).map_err(edit_status)?;
-        let live = self.targets.live(&r.target).await?;
+        let live = self.targets().live(&r.target).await?;
         if !r.base_version.is_empty() && r.base_version != live.version {
             return Err(Status::failed_precondition(format!(
                 "the live configuration of '{}' is now {}, not {}",
@@ -316,7 +332,7 @@ impl pb::haproxy_server::Haproxy for HaproxyApi {
         }
         let cx = edits::Context {
             replace: r.replace,
-            ..self.edits.clone()
+            ..self.edits_context()
         };
         let out = edits::apply_blocking(live.text.clone(), list.clone(), cx)
             .await
@@ -332,9 +348,9 @@ impl pb::haproxy_server::Haproxy for HaproxyApi {
             ..Default::default()
         };
         if changed {
-            self.targets
+            self.targets()
                 .check_policy_of_changes(&r.target, &out.text, &live.text)?;
-            let v = self.targets.validate(&r.target, &out.text).await?;
+            let v = self.targets().validate(&r.target, &out.text).await?;
             preview.diff = similar::TextDiff::from_lines(&live.text, &out.text)
                 .unified_diff()
                 .context_radius(3)
@@ -347,7 +363,7 @@ impl pb::haproxy_server::Haproxy for HaproxyApi {
             preview.valid = v.valid;
             preview.diagnostics = v.diagnostics.into_iter().map(diagnostic).collect();
             let has_stats = self
-                .targets
+                .targets()
                 .get(&r.target)
                 .is_ok_and(|t| t.stats_socket.is_some());
             preview.goes_live_by = match edits::runtime_changes(&live.text, &list) {

@@ -25,6 +25,8 @@ pub(crate) struct JobsApi {
     /// When the daemon started (unix ms) and where it listens, for GetStatus.
     pub(crate) started_at: i64,
     pub(crate) listeners: Vec<String>,
+    /// When the configuration was loaded, and the last refused reload.
+    pub(crate) loads: std::sync::Arc<crate::config::Loads>,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
@@ -38,7 +40,7 @@ fn parse_id(s: &str) -> Result<JobId, Status> {
     s.parse().map_err(Status::invalid_argument)
 }
 
-fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
+fn submission(req: pb::SubmitJobRequest, by: Option<String>) -> Result<Submission, Status> {
     let spec = match req.spec.and_then(|s| s.kind) {
         Some(pb::job_spec::Kind::Runbook(r)) => {
             if r.runbook.is_empty() {
@@ -154,7 +156,13 @@ fn submission(req: pb::SubmitJobRequest) -> Result<Submission, Status> {
         spec,
         request_id: Some(req.request_id).filter(|r| !r.is_empty()),
         labels: req.labels.into_iter().collect(),
+        submitted_by: by,
     })
+}
+
+/// How a request's caller is recorded on the jobs it starts.
+fn submitter<T>(req: &Request<T>) -> Option<String> {
+    crate::auth::caller_of(req).map(|c| c.identity())
 }
 
 #[tonic::async_trait]
@@ -164,7 +172,11 @@ impl pb::jobs_server::Jobs for JobsApi {
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         require(&req, Role::Operator, "SubmitJob")?;
-        let job = self.engine.submit(submission(req.into_inner())?).await?;
+        let by = submitter(&req);
+        let job = self
+            .engine
+            .submit(submission(req.into_inner(), by)?)
+            .await?;
         Ok(Response::new(job_to_pb(&job)))
     }
 
@@ -176,7 +188,11 @@ impl pb::jobs_server::Jobs for JobsApi {
     ) -> Result<Response<EventStream>, Status> {
         require(&req, Role::Operator, "RunJob")?;
         let deadline = deadline(&req);
-        let job = self.engine.submit(submission(req.into_inner())?).await?;
+        let by = submitter(&req);
+        let job = self
+            .engine
+            .submit(submission(req.into_inner(), by)?)
+            .await?;
         let rx = self.engine.watch(job.id, 0)?;
         let stream = Attached {
             rx,
@@ -283,9 +299,10 @@ impl pb::jobs_server::Jobs for JobsApi {
         req: Request<pb::RollbackJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         require(&req, Role::Operator, "RollbackJob")?;
+        let by = submitter(&req);
         let r = req.into_inner();
         let id = parse_id(&r.job_id)?;
-        let job = self.engine.rollback(id, r.force).await?;
+        let job = self.engine.rollback(id, r.force, by).await?;
         Ok(Response::new(job_to_pb(&job)))
     }
 
@@ -295,7 +312,16 @@ impl pb::jobs_server::Jobs for JobsApi {
     ) -> Result<Response<pb::ServerStatus>, Status> {
         require(&req, Role::Viewer, "GetStatus")?;
         let config = self.engine.config();
+        let loads = self.loads.get();
         Ok(Response::new(pb::ServerStatus {
+            config_loaded_at: Some(ts(loads.loaded_at)),
+            config_reloads: loads.reloads,
+            config_reload_error: loads
+                .refused
+                .as_ref()
+                .map(|(_, e)| e.clone())
+                .unwrap_or_default(),
+            config_reload_error_at: loads.refused.as_ref().map(|(at, _)| ts(*at)),
             version: env!("CARGO_PKG_VERSION").into(),
             started_at: Some(ts(self.started_at)),
             data_dir: config.data_dir.display().to_string(),
@@ -308,6 +334,32 @@ impl pb::jobs_server::Jobs for JobsApi {
                 .into_iter()
                 .map(|id| id.to_string())
                 .collect(),
+        }))
+    }
+
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::Identity>, Status> {
+        require(&req, Role::Viewer, "WhoAmI")?;
+        let caller = crate::auth::caller_of(&req).cloned();
+        let peer = crate::auth::peer_of(&req).unwrap_or_default();
+        let cert = peer.cert.clone().unwrap_or_default();
+        Ok(Response::new(pb::Identity {
+            identity: caller.as_ref().map(|c| c.identity()).unwrap_or_default(),
+            role: match caller.as_ref().map(|c| c.role) {
+                Some(Role::Operator) => "operator".into(),
+                Some(Role::Viewer) => "viewer".into(),
+                None => String::new(),
+            },
+            via: caller
+                .map(|c| c.via.as_str().to_owned())
+                .unwrap_or_default(),
+            peer: peer.address.clone(),
+            tls: peer.tls,
+            certificate_cn: cert.cn.unwrap_or_default(),
+            certificate_o: cert.o,
+            certificate_san: cert.sans,
         }))
     }
 
@@ -595,6 +647,7 @@ pub(crate) fn job_to_pb(j: &Job) -> pb::Job {
         last_seq: j.last_seq,
         unwind_incomplete: j.unwind_incomplete,
         undo: Vec::new(),
+        submitted_by: j.submitted_by.clone().unwrap_or_default(),
     }
 }
 

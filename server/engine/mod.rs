@@ -31,6 +31,8 @@ pub struct Submission {
     pub request_id: Option<String>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// Who submits it (see [`JobRecord::submitted_by`]).
+    pub submitted_by: Option<String>,
 }
 
 /// A job that has not ended, in this process.
@@ -83,8 +85,11 @@ impl LiveJob {
 
 /// Everything the engine's tasks share.
 pub(crate) struct Shared {
-    /// What every job's steps get (config, store, blobs, HTTP, stats, responder, stop signal).
+    /// What every job's steps get (config, store, blobs, HTTP, stats, responder, stop signal);
+    /// its config is the one the engine started with (see `current`).
     pub(crate) env: Env,
+    /// The configuration of now, replaced by a reload.
+    current: std::sync::RwLock<Arc<Config>>,
     scheduler: Scheduler,
     live: Mutex<HashMap<JobId, Arc<LiveJob>>>,
     request_ids: tokio::sync::Mutex<()>,
@@ -93,6 +98,19 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The configuration of now.
+    pub(crate) fn config(&self) -> Arc<Config> {
+        self.current.read().expect("config lock").clone()
+    }
+
+    /// What a job starting now gets: the services, and the configuration of now.
+    pub(crate) fn env_now(&self) -> Env {
+        Env {
+            config: self.config(),
+            ..self.env.clone()
+        }
+    }
+
     /// Whether new jobs may start (not once the daemon begins to stop).
     fn accepting(&self) -> bool {
         !self.env.stopping.is_cancelled()
@@ -158,11 +176,7 @@ impl Engine {
             .user_agent(concat!("stately/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::Unavailable(format!("cannot build the HTTP client: {e}")))?;
-        let sockets = config
-            .haproxy
-            .iter()
-            .filter_map(|t| t.stats_socket.clone().map(|s| (t.name.clone(), s)))
-            .collect();
+        let sockets = stats_sockets(&config);
         let responder = match config.certificates.responder {
             Some(addr) => Some(
                 crate::certs::responder::Responder::start(addr)
@@ -176,6 +190,7 @@ impl Engine {
             None => None,
         };
         let shared = Arc::new(Shared {
+            current: std::sync::RwLock::new(config.clone()),
             env: Env {
                 responder,
                 stats: Arc::new(crate::stats::StatsHub::new(sockets)),
@@ -257,7 +272,7 @@ impl Engine {
 
     fn spawn_retention(&self) {
         let weak = Arc::downgrade(&self.shared);
-        let interval = self.shared.env.config.history.prune_interval;
+        let interval = self.shared.config().history.prune_interval;
         let grace = (interval * 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
@@ -266,7 +281,7 @@ impl Engine {
             loop {
                 tick.tick().await;
                 let Some(s) = weak.upgrade() else { return };
-                let h = &s.env.config.history;
+                let h = s.config().history.clone();
                 let prune = Write::Prune {
                     keep_per_resource: h.keep_per_resource,
                     keep_total: h.keep_total,
@@ -303,14 +318,16 @@ impl Engine {
         weak.0.upgrade().map(|shared| Engine { shared })
     }
 
-    /// The configuration the engine runs with.
-    pub fn config(&self) -> &Config {
-        &self.shared.env.config
+    /// The configuration of now (a reload replaces it; running jobs keep theirs).
+    pub fn config(&self) -> Arc<Config> {
+        self.shared.config()
     }
 
-    /// The configuration, shared.
-    pub fn config_arc(&self) -> Arc<Config> {
-        self.shared.env.config.clone()
+    /// Replaces the configuration: jobs submitted or started from now on plan and run with
+    /// it, the stats pollers follow its targets; running jobs keep the one they started with.
+    pub fn set_config(&self, config: Arc<Config>) {
+        self.shared.env.stats.set_sockets(stats_sockets(&config));
+        *self.shared.current.write().expect("config lock") = config;
     }
 
     /// The shared stats pollers.
@@ -347,11 +364,13 @@ impl Engine {
                     // A repeat gets its job back even if the config changed since.
                     return Ok(existing);
                 }
-                let plan = kinds::plan(&sub.spec, &self.shared.env, Moment::Submission).await?;
+                let plan =
+                    kinds::plan(&sub.spec, &self.shared.env_now(), Moment::Submission).await?;
                 self.enqueue(sub, plan).await
             }
             None => {
-                let plan = kinds::plan(&sub.spec, &self.shared.env, Moment::Submission).await?;
+                let plan =
+                    kinds::plan(&sub.spec, &self.shared.env_now(), Moment::Submission).await?;
                 self.enqueue(sub, plan).await
             }
         }
@@ -392,6 +411,7 @@ impl Engine {
             rolled_back_by: None,
             last_seq: 1,
             unwind_incomplete: false,
+            submitted_by: sub.submitted_by,
         };
         let live = LiveJob::new();
         s.live.lock().expect("live lock").insert(id, live.clone());
@@ -666,17 +686,23 @@ impl Engine {
 
     /// Starts a rollback of a finished job, after checking it can be undone and (unless
     /// `force`) that nothing changed what it left.
-    pub async fn rollback(&self, id: JobId, force: bool) -> Result<Job, Error> {
+    pub async fn rollback(
+        &self,
+        id: JobId,
+        force: bool,
+        submitted_by: Option<String>,
+    ) -> Result<Job, Error> {
         let _one_at_a_time = self.shared.rollbacks.lock().await;
         // NOT_FOUND as for any job id; the rest is the rollback's planning.
         self.get(id)?;
         let spec = JobSpec::Rollback(kinds::rollback::Spec { target: id, force });
-        let plan = kinds::plan(&spec, &self.shared.env, Moment::Submission).await?;
+        let plan = kinds::plan(&spec, &self.shared.env_now(), Moment::Submission).await?;
         self.enqueue(
             Submission {
                 spec,
                 request_id: None,
                 labels: BTreeMap::new(),
+                submitted_by,
             },
             plan,
         )
@@ -768,6 +794,15 @@ async fn replay(
             false
         }
     }
+}
+
+/// The stats sockets of the configured targets, by target.
+fn stats_sockets(config: &Config) -> HashMap<String, std::path::PathBuf> {
+    config
+        .haproxy
+        .iter()
+        .filter_map(|t| t.stats_socket.clone().map(|s| (t.name.clone(), s)))
+        .collect()
 }
 
 /// Removes the temp files interrupted writes left where statelyd writes on its own: beside
@@ -881,6 +916,7 @@ argv = ["sleep", "30"]
             }),
             request_id: None,
             labels: BTreeMap::new(),
+            submitted_by: None,
         }
     }
 
@@ -979,6 +1015,7 @@ argv = ["sleep", "30"]
                 }),
                 request_id: None,
                 labels: BTreeMap::new(),
+                submitted_by: None,
             })
             .await
             .unwrap_err();

@@ -282,12 +282,14 @@ async fn execute(
     live: &LiveJob,
     prepared: Option<Box<dyn Executor>>,
 ) -> Result<Vec<Write>, StepError> {
+    // The configuration of now, kept to the job's end whatever a reload brings meanwhile.
+    let env = shared.env_now();
     let mut executor = match prepared {
         Some(e) => e,
         None => {
             // Planned again from the same code as at submission, against the configuration
             // of now; its steps must be those the job was given.
-            let plan = kinds::plan(&record.spec, &shared.env, Moment::Start).await?;
+            let plan = kinds::plan(&record.spec, &env, Moment::Start).await?;
             let same = plan.steps.len() == record.steps.len()
                 && plan
                     .steps
@@ -324,7 +326,7 @@ async fn execute(
             }),
         );
 
-        let mut ctx = StepCtx::new(index, live.cancel.child_token(), journal, &shared.env);
+        let mut ctx = StepCtx::new(index, live.cancel.child_token(), journal, &env);
         let result = executor.run_step(i, &mut ctx).await;
         if let Err(StepError::Suspended) = result {
             return Err(StepError::Suspended);

@@ -198,9 +198,9 @@ fn glob(pattern: &str, text: &str) -> bool {
 /// All stats pollers of the daemon, by target.
 #[derive(Debug)]
 pub struct StatsHub {
-    sockets: HashMap<String, PathBuf>,
+    sockets: std::sync::RwLock<HashMap<String, PathBuf>>,
     pollers: Mutex<HashMap<String, Weak<Poller>>>,
-    counters: HashMap<String, Arc<AtomicU64>>,
+    counters: Mutex<HashMap<String, Arc<AtomicU64>>>,
 }
 
 /// A running poller; it stops when the last `Subscription` holding it is dropped.
@@ -255,27 +255,41 @@ impl Subscription {
 impl StatsHub {
     /// A hub for the configured targets' stats sockets.
     pub fn new(sockets: HashMap<String, PathBuf>) -> StatsHub {
-        let counters = sockets
-            .keys()
-            .map(|k| (k.clone(), Arc::new(AtomicU64::new(0))))
-            .collect();
         StatsHub {
-            sockets,
+            sockets: std::sync::RwLock::new(sockets),
             pollers: Mutex::new(HashMap::new()),
-            counters,
+            counters: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The targets of a reloaded configuration: a target whose socket changed (or that is
+    /// gone) gets a new poller at its next subscription; watchers of the old one keep it
+    /// until they leave.
+    pub fn set_sockets(&self, sockets: HashMap<String, PathBuf>) {
+        let mut current = self.sockets.write().expect("sockets lock");
+        let mut pollers = self.pollers.lock().expect("poller lock");
+        pollers.retain(|target, _| current.get(target) == sockets.get(target));
+        *current = sockets;
+    }
+
+    fn counter(&self, target: &str) -> Arc<AtomicU64> {
+        self.counters
+            .lock()
+            .expect("counter lock")
+            .entry(target.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// How many times a target's socket has been polled since start.
     pub fn polls(&self, target: &str) -> u64 {
-        self.counters
-            .get(target)
-            .map_or(0, |c| c.load(Ordering::SeqCst))
+        self.counter(target).load(Ordering::SeqCst)
     }
 
-    fn socket(&self, target: &str) -> Result<&PathBuf, Error> {
-        self.sockets.get(target).ok_or_else(|| {
-            let mut known: Vec<&str> = self.sockets.keys().map(String::as_str).collect();
+    fn socket(&self, target: &str) -> Result<PathBuf, Error> {
+        let sockets = self.sockets.read().expect("sockets lock");
+        sockets.get(target).cloned().ok_or_else(|| {
+            let mut known: Vec<&str> = sockets.keys().map(String::as_str).collect();
             known.sort();
             Error::UnknownTarget(format!(
                 "no HAProxy target {} with a stats socket is configured{}",
@@ -292,13 +306,13 @@ impl StatsHub {
     /// Subscribes to a target's shared poller, starting it if needed, at most `interval`
     /// apart (clamped to at least `MIN_INTERVAL`).
     pub fn subscribe(&self, target: &str, interval: Duration) -> Result<Subscription, Error> {
-        let socket = self.socket(target)?.clone();
+        let socket = self.socket(target)?;
         let interval = interval.max(MIN_INTERVAL);
         let mut pollers = self.pollers.lock().expect("poller lock");
         let poller = match pollers.get(target).and_then(Weak::upgrade) {
             Some(p) => p,
             None => {
-                let counter = self.counters[target].clone();
+                let counter = self.counter(target);
                 let p = Arc::new(start_poller(socket, counter));
                 pollers.insert(target.to_owned(), Arc::downgrade(&p));
                 p
@@ -317,8 +331,8 @@ impl StatsHub {
 
     /// One snapshot now, from a fresh poll (not counted as a tick of the shared poller).
     pub async fn snapshot(&self, target: &str) -> Result<Arc<Snapshot>, Error> {
-        let socket = self.socket(target)?.clone();
-        self.counters[target].fetch_add(1, Ordering::SeqCst);
+        let socket = self.socket(target)?;
+        self.counter(target).fetch_add(1, Ordering::SeqCst);
         fetch(&socket)
             .await
             .map(|rows| Arc::new(Snapshot::new(rows)))

@@ -627,6 +627,7 @@ pub fn show_stat(stats: &Path) -> Vec<stately::stats::parse::Row> {
 }
 
 pub mod pebble;
+pub mod pki;
 
 pub const PYTHON: &str = "/usr/bin/python3";
 
