@@ -313,6 +313,14 @@ listen = "127.0.0.1:50051"
 # Also serve on a unix socket (clients: --server unix:/path).
 # listen_unix = "/run/stately/stately.sock"
 
+# A listener beyond loopback needs [tls] below, unless this says the path is encrypted some
+# other way (tokens then cross the network in clear; statelyd warns at start).
+insecure = false
+
+# Server reflection (what `grpcurl ADDR list` and `describe` use) and the health check answer
+# without credentials: the API's schema is not a secret. "authenticated" locks reflection.
+reflection = "public"
+
 # Store, backups and the generated token. Default: $STATELY_DATA_DIR, else /var/lib/stately
 # for root, else $XDG_STATE_HOME/stately or ~/.local/state/stately.
 # data_dir = "/var/lib/stately"
@@ -414,6 +422,32 @@ renew_check = "12h"
 # name = "ci"
 # role = "operator"
 # file = "/etc/stately/ci.token"     # or: value = "..."
+
+# TLS on the TCP listener (clients: --server https://host:port, --cacert). The files are read
+# again when they change and on SIGHUP; open connections keep going on the old ones.
+# [tls]
+# cert = "/etc/stately/tls/server.crt"      # chain, leaf first (PEM)
+# key = "/etc/stately/tls/server.key"
+# lineage = "api.example.com"               # instead of cert and key: a lineage stately
+#                                           # issues and renews (live/<lineage>/ under root)
+# client_ca = "/etc/stately/tls/clients-ca.pem"   # mTLS: client certificates must chain here
+# client_auth = "required"                  # or "optional": tokens without a certificate too
+
+# Roles for client certificates (with [tls] client_ca): every field given must match the
+# certificate's subject (cn, o) or one of its alternative names (san; "*.example.com" matches
+# one label below). The first rule that matches gives the role; a token sent beside a
+# certificate wins.
+# [[client_cert]]
+# role = "operator"
+# o = "ops"
+# [[client_cert]]
+# role = "viewer"
+# san = "*.dashboards.example.com"
+
+# Roles for unix-socket peers by uid (or user), for callers that send no token.
+# [[unix_peer]]
+# user = "deploy"
+# role = "operator"
 
 # Runbooks: named sequences of built-in steps. Clients pass declared parameters only; every
 # path must lie under one of the runbook's roots. Strings may use {param} (write {{ for {).

@@ -1040,3 +1040,50 @@ async fn a_dry_run_issues_against_the_test_ca_and_installs_nothing() {
     assert!(!a.root().join("live/example.test").exists(), "no lineage");
     assert!(!a.bundles().join("example.test.pem").exists(), "no bundle");
 }
+
+#[tokio::test]
+async fn a_listener_on_a_lineage_serves_each_renewal_without_a_restart() {
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock = sock_dir.path().join("s.sock");
+    let mut a = with_responder(&format!("listen_unix = \"{}\"\n", sock.display()), &[]);
+    let mut c = a.d.client().await;
+    run_ok(&mut c, issue(&["api.example.test"])).await;
+    // The listener takes up TLS from the lineage at the next start.
+    a.d.terminate();
+    let mut text = std::fs::read_to_string(&a.d.config).unwrap();
+    text.push_str("\n[tls]\nlineage = \"api.example.test\"\n");
+    std::fs::write(&a.d.config, text).unwrap();
+    a.d.spawn();
+    assert!(a.d.log().contains("(TLS)"), "{}", a.d.log());
+    let port: u16 = a.d.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let leaf = |pem: &str| {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap()
+            .to_vec()
+    };
+    let first = leaf(&a.read("api.example.test", "fullchain"));
+    assert_eq!(served_cert(port, "api.example.test").await, first);
+
+    // Renewed through the unix socket: the new version is served, no restart, no SIGHUP.
+    let out =
+        a.d.cli()
+            .args(["--server", &format!("unix:{}", sock.display())])
+            .args(["cert", "renew", "api.example.test"])
+            .output()
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = leaf(&a.read("api.example.test", "fullchain"));
+    assert_ne!(first, second);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while served_cert(port, "api.example.test").await != second {
+        assert!(tokio::time::Instant::now() < deadline, "{}", a.d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
