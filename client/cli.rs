@@ -372,8 +372,10 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
     }
     // With a client certificate or on a unix socket, the daemon may know the caller without
     // a token.
-    let optional = tls.cert.is_some() || args.server.starts_with("unix:");
-    let token = token(args.token.clone(), args.token_file.clone(), optional)?;
+    // The token statelyd generated here goes to this machine's daemon only; with a client
+    // certificate, or on a unix socket, the daemon may know the caller without one.
+    let generated = crate::connect::generated_for(&args.server, tls.cert.is_some());
+    let token = token(args.token.clone(), args.token_file.clone(), generated)?;
     let channel = connect(&args.server, token.as_deref(), &tls).await?;
     let json = args.output == Output::Json;
     let mut client = pb::jobs_client::JobsClient::new(channel.clone());

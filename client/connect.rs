@@ -3,7 +3,7 @@
 //! flags, the environment, or the token file the daemon generated on this machine. A token is
 //! never sent in plaintext beyond loopback.
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use hyper_util::rt::TokioIo;
 use stately::pb::jobs_client::JobsClient;
 use std::path::PathBuf;
@@ -43,13 +43,25 @@ pub(crate) type Client = JobsClient<Authed>;
 /// that it may be stale: a daemon with `[[token]]`s configured no longer takes it).
 pub(crate) static GENERATED_TOKEN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
-/// Finds the token: the flag or STATELY_TOKEN, then --token-file, then the generated token.
-/// None when there is no token and the caller proves itself otherwise (`optional`: a client
-/// certificate, or a unix socket whose peer uid the daemon may know).
+/// Where a token may come from besides the flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Generated {
+    /// The daemon of this machine (a unix socket or loopback): its generated token, read from
+    /// the default data directory; none on a unix socket (the peer's uid may be known).
+    Local { unix: bool },
+    /// A client certificate identifies the caller: no token unless one is given.
+    Certificate,
+    /// Another machine: never this machine's generated token.
+    Remote,
+}
+
+/// Finds the token: the flag or STATELY_TOKEN, then --token-file, then (for this machine's
+/// daemon only) the generated token. None when there is no token and the caller proves itself
+/// otherwise (a client certificate, a unix socket whose peer uid the daemon may know).
 pub(crate) fn token(
     flag: Option<String>,
     file: Option<PathBuf>,
-    optional: bool,
+    generated: Generated,
 ) -> Result<Option<String>> {
     if let Some(t) = flag.filter(|t| !t.is_empty()) {
         return Ok(Some(t));
@@ -68,24 +80,46 @@ pub(crate) fn token(
             )),
         };
     }
+    let unix = match generated {
+        Generated::Certificate => return Ok(None),
+        Generated::Remote => {
+            return Err(anyhow::anyhow!(
+                "no token for a remote statelyd: pass --token / STATELY_TOKEN or --token-file, or a client certificate (--cert, --key); the token statelyd generated on this machine goes to this machine's daemon only"
+            ));
+        }
+        Generated::Local { unix } => unix,
+    };
     let path = stately::config::default_data_dir().join("operator.token");
     match std::fs::read_to_string(&path) {
         Ok(s) => {
             let _ = GENERATED_TOKEN.set(path.clone());
-            return Ok(Some(s.trim().to_owned()));
+            Ok(Some(s.trim().to_owned()))
         }
-        Err(_) if optional => return Ok(None),
-        Err(_) => {}
+        Err(_) if unix => Ok(None),
+        Err(e) => Err(anyhow::anyhow!(
+            "no token: pass --token or STATELY_TOKEN, or --token-file; the token statelyd generates (when no [[token]] is configured) is not readable at {}: {e}",
+            path.display()
+        )),
     }
-    std::fs::read_to_string(&path)
-        .map(|s| Some(s.trim().to_owned()))
-        .with_context(|| {
-            format!(
-                "no token: pass --token or STATELY_TOKEN, or --token-file; the token statelyd \
-                 generates (when no [[token]] is configured) is not readable at {}",
-                path.display()
-            )
-        })
+}
+
+/// Whether `server` is this machine's daemon: a unix socket, or a loopback host.
+pub(crate) fn generated_for(server: &str, certificate: bool) -> Generated {
+    if certificate {
+        return Generated::Certificate;
+    }
+    if server.starts_with("unix:") {
+        return Generated::Local { unix: true };
+    }
+    let url = if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    };
+    match url.parse::<Uri>() {
+        Ok(uri) if uri.host().is_some_and(is_loopback) => Generated::Local { unix: false },
+        _ => Generated::Remote,
+    }
 }
 
 /// Whether a host is this machine's loopback (a token may cross it in plaintext).

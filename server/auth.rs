@@ -76,6 +76,8 @@ pub(crate) struct Peer {
     pub(crate) cert: Option<CertIdentity>,
     /// A unix-socket peer's uid.
     pub(crate) uid: Option<u32>,
+    /// The client CA generation the certificate was verified against.
+    pub(crate) ca_generation: u64,
 }
 
 /// `[[client_cert]]`: a role for certificates whose subject matches every field given.
@@ -95,15 +97,19 @@ pub struct ClientCertRule {
 
 impl ClientCertRule {
     fn matches(&self, id: &CertIdentity) -> bool {
-        let san_ok = |want: &str| {
-            id.sans.iter().any(|s| {
-                s.eq_ignore_ascii_case(want)
-                    || want.strip_prefix("*.").is_some_and(|parent| {
-                        s.split_once('.').is_some_and(|(label, rest)| {
-                            !label.is_empty() && rest.eq_ignore_ascii_case(parent)
-                        })
-                    })
-            })
+        // Exact: any alternative name. A wildcard: DNS names one label below, as TLS
+        // wildcards go (an e-mail address or a URI never matches one).
+        let san_ok = |want: &str| match want.strip_prefix("*.") {
+            Some(parent) => id.dns.iter().any(|s| {
+                s.split_once('.').is_some_and(|(label, rest)| {
+                    !label.is_empty()
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                        && rest.eq_ignore_ascii_case(parent)
+                })
+            }),
+            None => id.sans.iter().any(|s| s.eq_ignore_ascii_case(want)),
         };
         self.cn
             .as_ref()
@@ -170,7 +176,12 @@ struct Rules {
 pub(crate) struct Auth {
     rules: Arc<RwLock<Arc<Rules>>>,
     discovery: bool,
+    /// The listener's client CA generation, when it has TLS.
+    ca_generation: Arc<std::sync::OnceLock<Arc<std::sync::atomic::AtomicU64>>>,
 }
+
+/// Rules checked and ready to swap in.
+pub(crate) struct Prepared(Rules);
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -235,14 +246,24 @@ impl Auth {
         Ok(Auth {
             rules: Arc::new(RwLock::new(Arc::new(rules(config)?))),
             discovery: false,
+            ca_generation: Arc::new(std::sync::OnceLock::new()),
         })
     }
 
-    /// Replaces the rules with those of a new configuration (calls in flight keep theirs).
-    pub(crate) fn reload(&self, config: &Config) -> Result<(), String> {
-        let new = rules(config)?;
-        *self.rules.write().expect("auth lock") = Arc::new(new);
-        Ok(())
+    /// Follows the listener's client CA: a certificate verified against an older one is
+    /// refused (its client reconnects and is verified again).
+    pub(crate) fn follow_ca(&self, generation: Arc<std::sync::atomic::AtomicU64>) {
+        let _ = self.ca_generation.set(generation);
+    }
+
+    /// The rules of a new configuration, checked (tokens readable, users known).
+    pub(crate) fn prepare(config: &Config) -> Result<Prepared, String> {
+        rules(config).map(Prepared)
+    }
+
+    /// Replaces the rules (calls in flight keep theirs).
+    pub(crate) fn install(&self, p: Prepared) {
+        *self.rules.write().expect("auth lock") = Arc::new(p.0);
     }
 
     /// The interceptor for server reflection.
@@ -250,6 +271,7 @@ impl Auth {
         Auth {
             rules: self.rules.clone(),
             discovery: true,
+            ca_generation: self.ca_generation.clone(),
         }
     }
 
@@ -268,7 +290,22 @@ impl Auth {
                 .cloned()
                 .ok_or_else(|| Status::unauthenticated("unknown token"));
         }
-        if let Some(id) = peer.and_then(|p| p.cert.as_ref()) {
+        if let Some(p) = peer
+            && let Some(id) = &p.cert
+        {
+            if crate::job::now_ms() / 1000 > id.not_after {
+                return Err(Status::unauthenticated(format!(
+                    "the client certificate '{}' has expired: renew it and connect again",
+                    id.name()
+                )));
+            }
+            if let Some(g) = self.ca_generation.get()
+                && g.load(std::sync::atomic::Ordering::SeqCst) != p.ca_generation
+            {
+                return Err(Status::unauthenticated(
+                    "the daemon's client CA changed since this connection was made: connect again to be verified against it",
+                ));
+            }
             return match rules.certs.iter().find(|r| r.matches(id)) {
                 Some(r) => Ok(Caller {
                     name: id.name(),
@@ -277,7 +314,7 @@ impl Auth {
                 }),
                 None => Err(Status::unauthenticated(format!(
                     "the client certificate '{}' matches no [[client_cert]] rule: send a token, or use a certificate a rule names",
-                    clip(&id.name(), 80)
+                    id.name()
                 ))),
             };
         }
@@ -293,14 +330,6 @@ impl Auth {
         Err(Status::unauthenticated(
             "no credentials: send the header `authorization: Bearer <token>`",
         ))
-    }
-}
-
-/// At most `max` characters of a name a client chose (its certificate's CN).
-fn clip(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
     }
 }
 
@@ -391,4 +420,55 @@ fn generated_token(path: &Path) -> Result<String, String> {
         path.display()
     );
     Ok(secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(cn: &str, dns: &[&str], other: &[&str]) -> CertIdentity {
+        CertIdentity {
+            cn: Some(cn.into()),
+            o: vec!["ops".into()],
+            sans: dns.iter().chain(other).map(|s| s.to_string()).collect(),
+            dns: dns.iter().map(|s| s.to_string()).collect(),
+            not_after: i64::MAX,
+        }
+    }
+
+    fn rule(san: &str) -> ClientCertRule {
+        ClientCertRule {
+            role: Role::Viewer,
+            cn: None,
+            o: None,
+            san: Some(san.into()),
+        }
+    }
+
+    #[test]
+    fn a_wildcard_matches_dns_names_one_label_below_and_nothing_else() {
+        let r = rule("*.example.com");
+        assert!(r.matches(&id("a", &["web.example.com"], &[])));
+        assert!(!r.matches(&id("a", &["a.b.example.com"], &[])));
+        assert!(!r.matches(&id("a", &["example.com"], &[])));
+        assert!(!r.matches(&id("a", &[], &["mallory@x.example.com"])));
+        assert!(!r.matches(&id("a", &[], &["https://a.example.com"])));
+        assert!(!r.matches(&id("a", &["a_b.example.com"], &[])));
+        assert!(rule("ci@example.com").matches(&id("a", &[], &["ci@example.com"])));
+    }
+
+    #[test]
+    fn every_field_of_a_rule_must_match() {
+        let r = ClientCertRule {
+            role: Role::Operator,
+            cn: Some("ci".into()),
+            o: Some("ops".into()),
+            san: None,
+        };
+        assert!(r.matches(&id("ci", &[], &[])));
+        assert!(!r.matches(&id("cd", &[], &[])));
+        let mut other_o = id("ci", &[], &[]);
+        other_o.o = vec!["dev".into()];
+        assert!(!r.matches(&other_o));
+    }
 }

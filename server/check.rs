@@ -132,8 +132,37 @@ pub fn check(config: &Config) -> Report {
         ));
     }
     for t in &config.tokens {
-        if let Some(f) = &t.file {
-            r.file(&format!("token '{}': file", t.name), f);
+        let secret = match (&t.value, &t.file) {
+            (Some(v), _) => Some(v.trim().to_owned()),
+            (None, Some(f)) => match std::fs::read_to_string(f) {
+                Ok(s) => Some(s.trim().to_owned()),
+                Err(e) => {
+                    r.error(format!("token '{}': file {}: {e}", t.name, f.display()));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        match secret {
+            Some(s) if s.len() < 16 => r.error(format!(
+                "token '{}' is shorter than 16 characters: the daemon refuses it",
+                t.name
+            )),
+            Some(_) => r.ok(format!("token '{}' ({:?})", t.name, t.role)),
+            None => {}
+        }
+    }
+    if let Some(sock) = &config.listen_unix {
+        match sock.parent() {
+            Some(dir) if dir.as_os_str().is_empty() || dir.is_dir() => {
+                r.ok(format!("listen_unix {}", sock.display()))
+            }
+            Some(dir) => r.error(format!(
+                "listen_unix {}: its directory {} does not exist",
+                sock.display(),
+                dir.display()
+            )),
+            None => r.error(format!("listen_unix {} is not a file path", sock.display())),
         }
     }
     for t in &config.haproxy {

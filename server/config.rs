@@ -61,7 +61,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Open connections per listener at most (lowered to fit the open-file limit).
     pub max_connections: usize,
-    /// A connection that sends nothing for this long after it opened is closed.
+    /// A connection that has not finished its TLS handshake and HTTP/2 preface this long
+    /// after it opened is closed.
     #[serde(with = "crate::human_time")]
     pub first_bytes_timeout: Duration,
     /// How long running jobs get to finish on SIGTERM before they are left for recovery.
@@ -168,8 +169,21 @@ impl Loads {
         s.refused = None;
     }
 
+    /// A refused reload. What a viewer may read of it leaves out the lines of the file a
+    /// parse error quotes (they may hold a secret).
     pub(crate) fn refused(&self, why: String) {
-        self.0.lock().expect("loads lock").refused = Some((crate::job::now_ms(), why));
+        let shown: Vec<&str> = why
+            .lines()
+            .filter(|l| {
+                let t = l
+                    .trim_start()
+                    .trim_start_matches(|c: char| c.is_ascii_digit());
+                !t.trim_start().starts_with('|')
+            })
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        self.0.lock().expect("loads lock").refused = Some((crate::job::now_ms(), shown.join("; ")));
     }
 
     pub(crate) fn get(&self) -> LoadState {
@@ -328,7 +342,8 @@ reflection = "public"
 # Open connections per listener at most (lowered to fit the open-file limit, which statelyd
 # raises to its hard limit at start). At the cap, the connection quiet the longest makes room.
 max_connections = 4096
-# A connection that sends nothing for this long after it opened is closed.
+# A connection that has not finished its TLS handshake and HTTP/2 preface this long after it
+# opened is closed.
 first_bytes_timeout = "10s"
 
 # On SIGTERM/SIGINT: how long running jobs get to finish before the daemon exits and leaves

@@ -195,9 +195,11 @@ pub async fn run(
     match &tls {
         Some(tls) => {
             tls.watch(stopping.clone());
+            auth.follow_ca(tls.ca_generation());
             let listener = crate::listen::TlsListener {
                 tcp,
                 tls: tls.clone(),
+                handshakes: tokio::sync::Semaphore::new(crate::listen::MAX_HANDSHAKES),
             };
             let incoming = crate::listen::incoming(listener, &connections, stopping.clone());
             servers.spawn(
@@ -220,7 +222,9 @@ pub async fn run(
             source,
         })?;
         let stop = stopping.clone();
-        let incoming = crate::listen::incoming(uds, &connections, stopping.clone());
+        // Its own cap: a crowd on TCP cannot lock the local administrator out.
+        let local = crate::listen::Connections::new(connections.limits());
+        let incoming = crate::listen::incoming(uds, &local, stopping.clone());
         servers.spawn(
             router().serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         );
@@ -346,6 +350,7 @@ async fn reload(mut new: Config, r: &Reloadable) -> Result<Vec<String>, String> 
     keep!(certificates.responder, "[certificates] responder");
     keep!(certificates.renew_check, "[certificates] renew_check");
     keep!(history.prune_interval, "[history] prune_interval");
+    keep!(shutdown_grace, "shutdown_grace");
     let files = new.tls.files(&new.cert_root());
     let tls = match (&r.tls, files) {
         (Some(tls), Some(files)) => Some((tls, files)),
@@ -359,17 +364,18 @@ async fn reload(mut new: Config, r: &Reloadable) -> Result<Vec<String>, String> 
     };
     let tls = match tls {
         Some((tls, files)) => {
-            let f = files.clone();
-            let built = tokio::task::spawn_blocking(move || crate::tls::build(&f))
+            let prepared = tokio::task::spawn_blocking(move || crate::tls::prepare(files))
                 .await
                 .map_err(|e| format!("TLS: {e}"))??;
-            Some((tls, files, built))
+            Some((tls, prepared))
         }
         None => None,
     };
-    r.auth.reload(&new)?;
-    if let Some((tls, files, built)) = tls {
-        tls.install(files, built);
+    let auth = Auth::prepare(&new)?;
+    // Everything checked: swap it all in.
+    r.auth.install(auth);
+    if let Some((tls, prepared)) = tls {
+        tls.install(prepared);
     }
     r.engine.set_config(Arc::new(new));
     Ok(notes)

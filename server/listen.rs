@@ -1,10 +1,11 @@
 //! Listening sockets that an idle or hostile crowd cannot exhaust. tonic serves whatever its
 //! incoming stream yields and never closes an idle connection, so the accept loop is ours:
-//! - one cap on open connections across the listeners; at the cap, a connection with no call
-//!   in flight makes room for the new one — one that has not finished the HTTP/2 preface first,
-//!   else the one quiet the longest (at least a second); a connection with a call in flight
-//!   (a RunJob stream, a CancelJob waiting) is never closed; when none can go, the new one is
-//!   closed at once;
+//! - a cap on open connections per listener (the unix socket has its own, so a crowd on TCP
+//!   cannot lock the local administrator out); at the cap, a connection quiet for at least a
+//!   second with no call in flight makes room for the new one — one that has not finished its
+//!   handshake and HTTP/2 preface first, else the one quiet the longest; a connection with a
+//!   call in flight (a RunJob stream, a CancelJob waiting; not a health or reflection stream,
+//!   which anyone may open) is never closed; when none can go, the new one is closed at once;
 //! - a deadline for a connection's TLS handshake and HTTP/2 preface together (one that never
 //!   finishes them is closed); handshakes run in the connection's own task, so a slow one
 //!   holds up no other;
@@ -30,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 pub(crate) struct Limits {
     /// Open connections at most (per listener).
     pub(crate) max_connections: usize,
-    /// A connection that sends nothing for this long after it opened is closed.
+    /// A connection that has not finished its TLS handshake and HTTP/2 preface this long
+    /// after it opened is closed.
     pub(crate) first_bytes_within: Duration,
 }
 
@@ -119,26 +121,29 @@ impl Registry {
         self.slots.lock().expect("registry lock").len()
     }
 
-    /// Makes room for a new connection: closes one with no call in flight — one that has not
-    /// finished the HTTP/2 preface first, else the one quiet the longest if quiet for at least
-    /// `min_quiet`. False when none may go.
+    /// Makes room for a new connection: closes one with no call in flight and quiet for at
+    /// least `min_quiet` — one that has not finished its handshake and HTTP/2 preface first,
+    /// else the one quiet the longest. False when none may go. A connection younger than
+    /// `min_quiet` is never closed for a newcomer, so a flood of connects cannot push out a
+    /// client in the middle of its TLS handshake: the flood's own newcomers are refused.
     fn evict_quietest(&self, min_quiet: Duration) -> bool {
         let now = self.now();
+        let min = min_quiet.as_millis() as u64;
         let slots = self.slots.lock().expect("registry lock");
         let quietest = slots
             .values()
-            .filter(|s| !s.closed.load(Ordering::SeqCst) && s.calls.load(Ordering::SeqCst) == 0)
+            .filter(|s| {
+                !s.closed.load(Ordering::SeqCst)
+                    && s.calls.load(Ordering::SeqCst) == 0
+                    && now.saturating_sub(s.last.load(Ordering::Relaxed)) >= min
+            })
             .min_by_key(|s| (s.greeted(), s.last.load(Ordering::Relaxed)));
         match quietest {
-            Some(s)
-                if !s.greeted()
-                    || now.saturating_sub(s.last.load(Ordering::Relaxed))
-                        >= min_quiet.as_millis() as u64 =>
-            {
+            Some(s) => {
                 s.close();
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 }
@@ -220,6 +225,27 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
         r
     }
 
+    // Vectored writes pass through: hyper then hands a response's frames to the socket (or
+    // to rustls, as one TLS record) in one call instead of one per frame.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.slot.closed.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(aborted()));
+        }
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
@@ -292,10 +318,20 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let call = req.extensions().get::<Activity>().map(|a| {
-            a.slot.calls.fetch_add(1, Ordering::SeqCst);
-            Call(a.slot.clone())
-        });
+        // Discovery answers without credentials and its streams (health Watch, reflection)
+        // last as long as the client likes: they do not keep a connection from eviction,
+        // or an anonymous crowd could hold every slot.
+        let path = req.uri().path();
+        let discovery =
+            path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.");
+        let call = req
+            .extensions()
+            .get::<Activity>()
+            .filter(|_| !discovery)
+            .map(|a| {
+                a.slot.calls.fetch_add(1, Ordering::SeqCst);
+                Call(a.slot.clone())
+            });
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
@@ -379,7 +415,13 @@ impl Accept for tokio::net::TcpListener {
 pub(crate) struct TlsListener {
     pub(crate) tcp: tokio::net::TcpListener,
     pub(crate) tls: Arc<crate::tls::Tls>,
+    /// Handshakes computed at once; the rest wait their turn (still under the deadline), so
+    /// a flood of ClientHellos cannot take both cores from the calls being served.
+    pub(crate) handshakes: tokio::sync::Semaphore,
 }
+
+/// Concurrent TLS handshakes at most.
+pub(crate) const MAX_HANDSHAKES: usize = 64;
 
 impl Accept for TlsListener {
     type Raw = tokio::net::TcpStream;
@@ -389,8 +431,13 @@ impl Accept for TlsListener {
     }
     async fn open(&self, s: tokio::net::TcpStream) -> io::Result<(Self::Io, Peer)> {
         let address = address_of(&s, "tls");
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.current());
-        let stream = acceptor.accept(s).await?;
+        let _turn = self
+            .handshakes
+            .acquire()
+            .await
+            .map_err(|_| io::Error::other("the listener is closing"))?;
+        let (config, generation) = self.tls.current_with_generation();
+        let stream = tokio_rustls::TlsAcceptor::from(config).accept(s).await?;
         let cert = stream
             .get_ref()
             .1
@@ -402,6 +449,7 @@ impl Accept for TlsListener {
             tls: true,
             cert,
             uid: None,
+            ca_generation: generation,
         };
         Ok((stream, peer))
     }
@@ -449,7 +497,7 @@ const EVICT_QUIET: Duration = Duration::from_secs(1);
 /// How long to pause when accept fails (e.g. EMFILE), instead of spinning on it.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 
-/// The connections of every listener of the daemon, under one cap.
+/// The connections of one listener, under one cap.
 #[derive(Debug, Clone)]
 pub(crate) struct Connections {
     registry: Arc<Registry>,
@@ -457,6 +505,11 @@ pub(crate) struct Connections {
 }
 
 impl Connections {
+    /// The limits it enforces.
+    pub(crate) fn limits(&self) -> Limits {
+        self.limits
+    }
+
     pub(crate) fn new(limits: Limits) -> Self {
         Connections {
             registry: Arc::new(Registry {

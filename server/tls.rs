@@ -115,9 +115,31 @@ fn stamp(files: &Files) -> Stamp {
 
 /// The current server configuration, swapped whole on reload.
 pub(crate) struct Tls {
-    current: RwLock<Arc<ServerConfig>>,
-    /// The files and how they looked when `current` was built from them.
+    current: RwLock<(Arc<ServerConfig>, u64)>,
+    /// The files and how they looked just before `current` was built from them (a change
+    /// after that is seen at the next look).
     source: Mutex<(Files, Stamp)>,
+    /// Counts changes of the client CA: a connection verified against an older one is asked
+    /// to reconnect (see `auth`), so a CA taken out of the file stops its certificates.
+    ca_generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A configuration built from files, ready to swap in.
+pub(crate) struct Prepared {
+    files: Files,
+    stamp: Stamp,
+    config: ServerConfig,
+}
+
+/// Builds a configuration from `files`, stamping them first.
+pub(crate) fn prepare(files: Files) -> Result<Prepared, String> {
+    let stamp = stamp(&files);
+    let config = build(&files)?;
+    Ok(Prepared {
+        files,
+        stamp,
+        config,
+    })
 }
 
 impl std::fmt::Debug for Tls {
@@ -132,17 +154,39 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 impl Tls {
     /// Builds the configuration from the files, or says what is wrong with them.
     pub(crate) fn load(files: Files) -> Result<Tls, String> {
-        let s = stamp(&files);
-        let config = build(&files)?;
+        let p = prepare(files)?;
         Ok(Tls {
-            current: RwLock::new(Arc::new(config)),
-            source: Mutex::new((files, s)),
+            current: RwLock::new((Arc::new(p.config), 0)),
+            source: Mutex::new((p.files, p.stamp)),
+            ca_generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
     }
 
-    /// The configuration a new connection gets.
-    pub(crate) fn current(&self) -> Arc<ServerConfig> {
+    /// The configuration a new connection gets, and the client CA generation it verifies
+    /// against.
+    pub(crate) fn current_with_generation(&self) -> (Arc<ServerConfig>, u64) {
         self.current.read().expect("tls lock").clone()
+    }
+
+    /// The client CA generation, shared with the authentication.
+    pub(crate) fn ca_generation(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.ca_generation.clone()
+    }
+
+    /// Swaps `config` in; a changed client CA begins a new generation.
+    fn swap(&self, source: &mut (Files, Stamp), p: Prepared) {
+        let ca_changed = source.0.client_ca != p.files.client_ca
+            || source.0.client_auth != p.files.client_auth
+            || (source.0.client_ca.is_some() && source.1.last() != p.stamp.last());
+        let generation = if ca_changed {
+            self.ca_generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 1
+        } else {
+            self.ca_generation.load(std::sync::atomic::Ordering::SeqCst)
+        };
+        *source = (p.files, p.stamp);
+        *self.current.write().expect("tls lock") = (Arc::new(p.config), generation);
     }
 
     /// Reads the files again if they changed (or `files` names others, or `force`); a set
@@ -150,24 +194,28 @@ impl Tls {
     pub(crate) fn reload(&self, files: Option<Files>, force: bool) -> Result<bool, String> {
         let mut source = self.source.lock().expect("tls source lock");
         let files = files.unwrap_or_else(|| source.0.clone());
-        let now = stamp(&files);
-        if !force && files == source.0 && now == source.1 {
+        if !force && files == source.0 && stamp(&files) == source.1 {
             return Ok(false);
         }
-        // Remember what was tried, so a broken file is reported once, not every second.
-        source.0 = files.clone();
-        source.1 = now;
-        let config = build(&files)?;
-        *self.current.write().expect("tls lock") = Arc::new(config);
-        Ok(true)
+        match prepare(files.clone()) {
+            Ok(p) => {
+                self.swap(&mut source, p);
+                Ok(true)
+            }
+            Err(e) => {
+                // Remember what was tried, so a broken file is reported once, not every
+                // second; the old configuration keeps serving.
+                source.1 = stamp(&files);
+                Err(e)
+            }
+        }
     }
 
-    /// Swaps in a configuration built from `files` (a reload checked it first).
-    pub(crate) fn install(&self, files: Files, config: ServerConfig) {
+    /// Swaps in what a reload prepared (and checked). The stamp is the one taken before it
+    /// was built, so files renamed meanwhile are read again at the next look.
+    pub(crate) fn install(&self, p: Prepared) {
         let mut source = self.source.lock().expect("tls source lock");
-        source.1 = stamp(&files);
-        source.0 = files;
-        *self.current.write().expect("tls lock") = Arc::new(config);
+        self.swap(&mut source, p);
     }
 
     /// Looks at the files every second until `stop`, swapping in what changed.
@@ -258,6 +306,20 @@ pub(crate) struct CertIdentity {
     pub o: Vec<String>,
     /// DNS names, e-mail addresses and URIs of the subject alternative names.
     pub sans: Vec<String>,
+    /// The DNS names among them (the only ones a `*.` rule matches).
+    pub dns: Vec<String>,
+    /// When the certificate expires (unix seconds): a connection made before cannot use it
+    /// after.
+    pub not_after: i64,
+}
+
+/// A name from a certificate as logs and messages may carry it: control characters (a
+/// forged newline in a CN) replaced, and at most 256 characters.
+fn printable(s: &str) -> String {
+    s.chars()
+        .take(256)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 impl CertIdentity {
@@ -270,31 +332,44 @@ impl CertIdentity {
             .iter_common_name()
             .next()
             .and_then(|a| a.as_str().ok())
-            .map(str::to_owned);
+            .map(printable);
         let o = subject
             .iter_organization()
             .filter_map(|a| a.as_str().ok())
-            .map(str::to_owned)
+            .map(printable)
             .collect();
-        let mut sans = Vec::new();
+        let (mut sans, mut dns) = (Vec::new(), Vec::new());
         if let Ok(Some(ext)) = cert.subject_alternative_name() {
             for n in &ext.value.general_names {
                 match n {
-                    GeneralName::DNSName(s) | GeneralName::RFC822Name(s) | GeneralName::URI(s) => {
-                        sans.push((*s).to_owned())
+                    GeneralName::DNSName(s) => {
+                        dns.push(printable(s));
+                        sans.push(printable(s));
                     }
+                    GeneralName::RFC822Name(s) | GeneralName::URI(s) => sans.push(printable(s)),
                     _ => {}
                 }
             }
         }
-        Some(CertIdentity { cn, o, sans })
+        Some(CertIdentity {
+            cn,
+            o,
+            sans,
+            dns,
+            not_after: cert.validity().not_after.timestamp(),
+        })
     }
 
     /// How it is named in audit lines and `whoami`: the CN, else the first SAN.
     pub(crate) fn name(&self) -> String {
-        self.cn
+        let name = self
+            .cn
             .clone()
             .or_else(|| self.sans.first().cloned())
-            .unwrap_or_else(|| "(no subject name)".into())
+            .unwrap_or_else(|| "(no subject name)".into());
+        match name.char_indices().nth(80) {
+            Some((i, _)) => format!("{}…", &name[..i]),
+            None => name,
+        }
     }
 }

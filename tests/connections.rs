@@ -149,3 +149,30 @@ async fn idle_connections_at_a_1024_file_limit_do_not_lock_out_a_new_client() {
     );
     health_within(&d).await;
 }
+
+#[tokio::test]
+async fn anonymous_discovery_streams_do_not_hold_every_slot() {
+    // Health Watch streams need no token and last as long as the client likes: they must not
+    // keep their connections from making room, or four strangers would lock this daemon.
+    let d = Daemon::start("max_connections = 4\n");
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let ch = d.channel().await;
+        let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+        let s = h
+            .watch(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        held.push((ch, s));
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut c = d.client().await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        c.get_status(stately::pb::GetStatusRequest {}),
+    )
+    .await
+    .expect("answered")
+    .expect("a client with a token gets in");
+}

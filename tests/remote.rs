@@ -212,11 +212,19 @@ async fn mtls_refuses_strangers_and_maps_certificates_to_roles() {
     .await
     .unwrap();
 
-    // The CLI with the certificate and no token at all.
+    // The CLI with the certificate and no token at all: the token statelyd generated on
+    // this machine is not sent beside it (it would win, and be refused).
+    let generated = dir.join("generated");
+    std::fs::create_dir_all(&generated).unwrap();
+    std::fs::write(
+        generated.join("operator.token"),
+        "not-this-daemons-token-0123\n",
+    )
+    .unwrap();
     let out =
         t.d.cli()
             .env_remove("STATELY_TOKEN")
-            .env("STATELY_DATA_DIR", dir.join("no-such-dir"))
+            .env("STATELY_DATA_DIR", &generated)
             .args([
                 "--server",
                 &format!("https://127.0.0.1:{}", addr.rsplit(':').next().unwrap()),
@@ -244,6 +252,40 @@ async fn mtls_refuses_strangers_and_maps_certificates_to_roles() {
         stdout.contains("certificate CN=ci, O=ops, SAN=ci.clients.test"),
         "{stdout}"
     );
+
+    // The client CA is replaced (the old one withdrawn): an open connection verified against
+    // the old one is asked to connect again, and a new one with the old certificate fails.
+    let mut open = jobs_over(&addr, pki::client_config(&t.ca, Some(&ops)), None)
+        .await
+        .unwrap();
+    open.get_status(pb::GetStatusRequest {}).await.unwrap();
+    let replacement = Ca::new("replacement client CA");
+    let tmp = dir.join("clients-ca.new");
+    std::fs::write(&tmp, &replacement.pem).unwrap();
+    std::fs::rename(&tmp, &clients_file).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match open.get_status(pb::GetStatusRequest {}).await {
+            Err(e) if e.code() == Code::Unauthenticated => {
+                assert!(e.message().contains("client CA changed"), "{}", e.message());
+                break;
+            }
+            r => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "still {r:?}: {}",
+                    t.d.log()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let r = status_with(&addr, pki::client_config(&t.ca, Some(&ops)), None).await;
+    assert!(r.is_err(), "a certificate of the withdrawn CA got through");
+    let fresh = replacement.client(dir, "fresh", "ci2", "ops", false);
+    status_with(&addr, pki::client_config(&t.ca, Some(&fresh)), None)
+        .await
+        .unwrap();
 }
 
 fn rotate(to: &Leaf, cert: &Path, key: &Path) {
@@ -399,13 +441,32 @@ async fn sighup_keeps_the_old_config_when_the_new_one_is_broken_and_takes_a_good
         .into_inner();
     until_log(&mut s, "ready").await;
 
+    // A file that does not parse: the status says where, not the line (it may be a secret).
+    std::fs::write(
+        &d.config,
+        format!("{good}\n[smtp]\nhost = \"hunter2-secret\n"),
+    )
+    .unwrap();
+    hup(&d);
+    let st = wait_status(&mut c, |s| !s.config_reload_error.is_empty()).await;
+    assert!(
+        st.config_reload_error.contains("line"),
+        "{}",
+        st.config_reload_error
+    );
+    assert!(
+        !st.config_reload_error.contains("hunter2"),
+        "{}",
+        st.config_reload_error
+    );
+
     std::fs::write(
         &d.config,
         format!("{good}\n[[runbook]]\nname = \"broken\"\n"),
     )
     .unwrap();
     hup(&d);
-    let st = wait_status(&mut c, |s| !s.config_reload_error.is_empty()).await;
+    let st = wait_status(&mut c, |s| s.config_reload_error.contains("has no steps")).await;
     assert!(
         st.config_reload_error.contains("has no steps"),
         "{}",
@@ -607,6 +668,24 @@ async fn the_cli_speaks_tls_for_https_and_never_sends_a_token_in_clear_beyond_lo
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // The token statelyd generated here never goes to another machine, TLS or not.
+    let generated = t._pki.path().join("generated");
+    std::fs::create_dir_all(&generated).unwrap();
+    std::fs::write(
+        generated.join("operator.token"),
+        "this-machines-token-0123456\n",
+    )
+    .unwrap();
+    let out = plain
+        .cli()
+        .env_remove("STATELY_TOKEN")
+        .env("STATELY_DATA_DIR", &generated)
+        .args(["--server", "https://192.0.2.1:50051", "jobs", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no token for a remote statelyd"), "{err}");
 }
 
 #[test]

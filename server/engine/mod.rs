@@ -364,19 +364,25 @@ impl Engine {
                     // A repeat gets its job back even if the config changed since.
                     return Ok(existing);
                 }
-                let plan =
-                    kinds::plan(&sub.spec, &self.shared.env_now(), Moment::Submission).await?;
-                self.enqueue(sub, plan).await
+                let env = self.shared.env_now();
+                let plan = kinds::plan(&sub.spec, &env, Moment::Submission).await?;
+                self.enqueue(sub, plan, env.config).await
             }
             None => {
-                let plan =
-                    kinds::plan(&sub.spec, &self.shared.env_now(), Moment::Submission).await?;
-                self.enqueue(sub, plan).await
+                let env = self.shared.env_now();
+                let plan = kinds::plan(&sub.spec, &env, Moment::Submission).await?;
+                self.enqueue(sub, plan, env.config).await
             }
         }
     }
 
-    async fn enqueue(&self, sub: Submission, plan: Planned) -> Result<Job, Error> {
+    /// Records and starts a job planned (at submission) with `config`.
+    async fn enqueue(
+        &self,
+        sub: Submission,
+        plan: Planned,
+        config: Arc<Config>,
+    ) -> Result<Job, Error> {
         let s = &self.shared;
         if !s.accepting() {
             return Err(Error::Unavailable("the daemon is shutting down".into()));
@@ -451,7 +457,10 @@ impl Engine {
             s.clone(),
             record.clone(),
             live,
-            Some(plan.executor),
+            Some(runner::Prepared {
+                executor: plan.executor,
+                config,
+            }),
         ));
         Ok(record)
     }
@@ -696,7 +705,8 @@ impl Engine {
         // NOT_FOUND as for any job id; the rest is the rollback's planning.
         self.get(id)?;
         let spec = JobSpec::Rollback(kinds::rollback::Spec { target: id, force });
-        let plan = kinds::plan(&spec, &self.shared.env_now(), Moment::Submission).await?;
+        let env = self.shared.env_now();
+        let plan = kinds::plan(&spec, &env, Moment::Submission).await?;
         self.enqueue(
             Submission {
                 spec,
@@ -705,6 +715,7 @@ impl Engine {
                 submitted_by,
             },
             plan,
+            env.config,
         )
         .await
     }

@@ -26,12 +26,18 @@ fn journal_of(
     )
 }
 
+/// What submission planned: the executor, and the configuration it was planned with.
+pub(crate) struct Prepared {
+    pub(crate) executor: Box<dyn Executor>,
+    pub(crate) config: Arc<crate::config::Config>,
+}
+
 /// Runs a submitted job to its end.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     mut record: Job,
     live: Arc<LiveJob>,
-    prepared: Option<Box<dyn Executor>>,
+    prepared: Option<Prepared>,
 ) {
     let mut journal = journal_of(&shared, &live, &record, Vec::new());
     let id = record.id;
@@ -120,7 +126,7 @@ async fn complete(
     mut record: Job,
     mut journal: Journal,
     live: &Arc<LiveJob>,
-    prepared: Option<Box<dyn Executor>>,
+    prepared: Option<Prepared>,
 ) {
     let outcome = execute(shared, &mut record, &mut journal, live, prepared).await;
     let mut extra = Vec::new();
@@ -280,17 +286,23 @@ async fn execute(
     record: &mut Job,
     journal: &mut Journal,
     live: &LiveJob,
-    prepared: Option<Box<dyn Executor>>,
+    prepared: Option<Prepared>,
 ) -> Result<Vec<Write>, StepError> {
-    // The configuration of now, kept to the job's end whatever a reload brings meanwhile.
+    // The configuration of now, kept to the job's end whatever a reload brings meanwhile. A
+    // plan made under another one (a reload between submission and start) is made again.
     let env = shared.env_now();
+    let prepared = prepared
+        .filter(|p| Arc::ptr_eq(&p.config, &env.config))
+        .map(|p| p.executor);
     let mut executor = match prepared {
         Some(e) => e,
         None => {
             // Planned again from the same code as at submission, against the configuration
             // of now; its steps must be those the job was given.
             let plan = kinds::plan(&record.spec, &env, Moment::Start).await?;
+            // Its resources too: a job must hold what its steps touch.
             let same = plan.steps.len() == record.steps.len()
+                && plan.resources == record.resources
                 && plan
                     .steps
                     .iter()
@@ -298,7 +310,7 @@ async fn execute(
                     .all(|(a, b)| *a == b.name);
             if !same {
                 return Err(StepError::Failed(
-                    "the job's steps changed since it was submitted (its runbook in the configuration, or the file it edits): submit it again"
+                    "the job's steps or resources changed since it was submitted (its runbook in the configuration, or the file it edits): submit it again"
                         .into(),
                 ));
             }
