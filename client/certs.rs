@@ -63,6 +63,29 @@ pub(crate) enum CertCommand {
         #[arg(long)]
         detach: bool,
     },
+    /// Revoke a lineage's live certificate at its CA (certbot's revoke). It cannot be undone,
+    /// so it needs --yes; the lineage stays until renewed or deleted.
+    Revoke {
+        name: String,
+        /// Why (RFC 5280's reasons, as certbot names them).
+        #[arg(long, default_value = "unspecified", ignore_case = true, value_parser = clap::builder::PossibleValuesParser::new(
+            stately::kinds::certificate_revoke::REASONS))]
+        reason: String,
+        /// Yes, revoke it: there is no undo.
+        #[arg(long)]
+        yes: bool,
+        /// Print the job id and return.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Delete a lineage: links, versions, renewal settings, HAProxy bundle (a job; `stately
+    /// jobs rollback` puts it all back).
+    Delete {
+        name: String,
+        /// Print the job id and return.
+        #[arg(long)]
+        detach: bool,
+    },
 }
 
 fn cert_json(c: &pb::Certificate) -> serde_json::Value {
@@ -133,6 +156,42 @@ pub(crate) async fn run(
                             expand,
                             dry_run,
                         },
+                    )),
+                }),
+                ..Default::default()
+            };
+            crate::cli::submit(jobs, req, detach, json).await
+        }
+        CertCommand::Revoke {
+            name,
+            reason,
+            yes,
+            detach,
+        } => {
+            if !yes {
+                return Err(crate::cli::Usage(format!(
+                    "revoking {name}'s certificate cannot be undone (no CA takes a revocation back, and a rollback of it is refused): pass --yes to go ahead"
+                ))
+                .into());
+            }
+            let req = pb::SubmitJobRequest {
+                spec: Some(pb::JobSpec {
+                    kind: Some(pb::job_spec::Kind::CertificateRevoke(
+                        pb::CertificateRevokeJob {
+                            lineage: name,
+                            reason: reason.to_ascii_lowercase(),
+                        },
+                    )),
+                }),
+                ..Default::default()
+            };
+            crate::cli::submit(jobs, req, detach, json).await
+        }
+        CertCommand::Delete { name, detach } => {
+            let req = pb::SubmitJobRequest {
+                spec: Some(pb::JobSpec {
+                    kind: Some(pb::job_spec::Kind::CertificateDelete(
+                        pb::CertificateDeleteJob { lineage: name },
                     )),
                 }),
                 ..Default::default()

@@ -132,6 +132,12 @@ fn spec_json(spec: &Option<pb::JobSpec>) -> Value {
                 "key_type": c.key_type, "reuse_key": c.reuse_key, "deploy": c.deploy, "acme": c.acme,
                 "expand": c.expand}})
         }
+        Some(pb::job_spec::Kind::CertificateRevoke(r)) => {
+            json!({"certificate_revoke": {"lineage": r.lineage, "reason": r.reason}})
+        }
+        Some(pb::job_spec::Kind::CertificateDelete(d)) => {
+            json!({"certificate_delete": {"lineage": d.lineage}})
+        }
         Some(pb::job_spec::Kind::HaproxyEdit(e)) => {
             json!({"haproxy_edit": {"target": e.target, "base_version": e.base_version, "replace": e.replace,
                 "allow_servers_down": e.allow_servers_down,
@@ -254,6 +260,10 @@ fn what(j: &pb::Job) -> String {
         Some(pb::job_spec::Kind::HaproxyEdit(e)) => {
             format!("edit {} ({} edit(s))", e.target, e.edits.len())
         }
+        Some(pb::job_spec::Kind::CertificateRevoke(r)) => {
+            format!("revoke {} ({})", r.lineage, r.reason)
+        }
+        Some(pb::job_spec::Kind::CertificateDelete(d)) => format!("delete {}", d.lineage),
         None => String::new(),
     }
 }

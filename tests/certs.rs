@@ -1087,3 +1087,176 @@ async fn a_listener_on_a_lineage_serves_each_renewal_without_a_restart() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Every file and link under `paths`, as (path, "link:TARGET" or the content).
+fn tree(paths: &[PathBuf]) -> std::collections::BTreeMap<PathBuf, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo: Vec<PathBuf> = paths.to_vec();
+    while let Some(p) = todo.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.file_type().is_symlink() {
+            out.insert(
+                p.clone(),
+                format!("link:{}", std::fs::read_link(&p).unwrap().display()),
+            );
+        } else if m.is_dir() {
+            todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            out.insert(
+                p.clone(),
+                String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned(),
+            );
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn cert_delete_removes_a_lineage_and_a_rollback_puts_it_back_as_it_was() {
+    let a = with_responder("", &[]);
+    let mut c = a.d.client().await;
+    run_ok(&mut c, issue(&["gone.example.test"])).await;
+    run_ok(&mut c, issue(&["gone.example.test"])).await;
+    run_ok(&mut c, issue(&["kept.example.test"])).await;
+    let places = [
+        a.root().join("live").join("gone.example.test"),
+        a.root().join("archive").join("gone.example.test"),
+        a.bundles().join("gone.example.test.pem"),
+        a.d.data().join("renewal").join("gone.example.test.json"),
+    ];
+    let before = tree(&places);
+    assert!(before.len() >= 4 + 8 + 2, "{:?}", before.keys());
+
+    let out =
+        a.d.cli()
+            .args(["cert", "delete", "gone.example.test"])
+            .output()
+            .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(tree(&places).is_empty(), "left: {:?}", tree(&places).keys());
+    let out = a.d.cli().args(["cert", "list"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !listed.contains("gone.example.test") && listed.contains("kept.example.test"),
+        "{listed}"
+    );
+    let e = c
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(pb::JobSpec {
+                kind: Some(pb::job_spec::Kind::CertificateDelete(
+                    pb::CertificateDeleteJob {
+                        lineage: "gone.example.test".into(),
+                    },
+                )),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    let out =
+        a.d.cli()
+            .args(["jobs", "rollback", "@last"])
+            .output()
+            .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert_eq!(
+        tree(&places),
+        before,
+        "the lineage is back byte for byte, links as they were"
+    );
+    let out =
+        a.d.cli()
+            .args(["cert", "show", "gone.example.test"])
+            .output()
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn cert_revoke_needs_yes_revokes_at_the_ca_and_refuses_a_rollback() {
+    let a = with_responder("", &[]);
+    let mut c = a.d.client().await;
+    run_ok(&mut c, issue(&["revoked.example.test"])).await;
+    let serial = serial_of(&a.read("revoked.example.test", "cert"));
+    let out =
+        a.d.cli()
+            .args(["cert", "revoke", "revoked.example.test"])
+            .output()
+            .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot be undone") && err.contains("--yes"),
+        "{err}"
+    );
+
+    let out =
+        a.d.cli()
+            .args([
+                "cert",
+                "revoke",
+                "revoked.example.test",
+                "--yes",
+                "--reason",
+                "superseded",
+            ])
+            .output()
+            .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("(cannot be undone)"),
+        "the plan says so: {said}"
+    );
+    assert!(
+        said.contains("stately cert renew revoked.example.test"),
+        "{said}"
+    );
+    // The CA says so too.
+    let status = crate::support::pebble::https_get(
+        a.p.mgmt,
+        &format!(
+            "/cert-status-by-serial/{}",
+            serial.to_ascii_lowercase().trim_start_matches('0')
+        ),
+        &a.p.ca_pem,
+    )
+    .await;
+    assert!(status.contains("Revoked"), "{status}");
+
+    let out =
+        a.d.cli()
+            .args(["jobs", "rollback", "@last"])
+            .output()
+            .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a revocation cannot be undone"), "{err}");
+    // A bad reason is refused before anything goes to the CA.
+    let out =
+        a.d.cli()
+            .args([
+                "cert",
+                "revoke",
+                "revoked.example.test",
+                "--yes",
+                "--reason",
+                "bored",
+            ])
+            .output()
+            .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -127,6 +127,19 @@ fn submission(req: pb::SubmitJobRequest, by: Option<String>) -> Result<Submissio
             }
             .with_defaults(),
         ),
+        Some(pb::job_spec::Kind::CertificateRevoke(r)) => {
+            JobSpec::CertificateRevoke(kinds::certificate_revoke::Spec {
+                lineage: r.lineage,
+                reason: if r.reason.is_empty() {
+                    "unspecified".into()
+                } else {
+                    r.reason.to_ascii_lowercase()
+                },
+            })
+        }
+        Some(pb::job_spec::Kind::CertificateDelete(d)) => {
+            JobSpec::CertificateDelete(kinds::certificate_delete::Spec { lineage: d.lineage })
+        }
         Some(pb::job_spec::Kind::HaproxyEdit(h)) => {
             if h.target.is_empty() {
                 return Err(Status::invalid_argument(
@@ -588,6 +601,17 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             expand: *expand,
             dry_run: *dry_run,
         }),
+        JobSpec::CertificateRevoke(r) => {
+            pb::job_spec::Kind::CertificateRevoke(pb::CertificateRevokeJob {
+                lineage: r.lineage.clone(),
+                reason: r.reason.clone(),
+            })
+        }
+        JobSpec::CertificateDelete(d) => {
+            pb::job_spec::Kind::CertificateDelete(pb::CertificateDeleteJob {
+                lineage: d.lineage.clone(),
+            })
+        }
         JobSpec::HaproxyEdit(e) => pb::job_spec::Kind::HaproxyEdit(pb::HaproxyEditJob {
             target: e.target.clone(),
             edits: super::haproxy::edits_to_pb(&e.edits),

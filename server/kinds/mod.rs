@@ -66,6 +66,10 @@ kinds! {
     CertificateIssue(certificate_issue),
     /// Edit a HAProxy target's configuration with structured edits.
     HaproxyEdit(haproxy_edit),
+    /// Revoke a lineage's live certificate at its CA (cannot be undone).
+    CertificateRevoke(certificate_revoke),
+    /// Delete a lineage, reversibly.
+    CertificateDelete(certificate_delete),
 }
 
 impl JobSpec {
@@ -187,6 +191,8 @@ mod tests {
         r#"{"alert_watch":{"target":"edge","to":["ops@example.com"],"rules":{"interval_ms":1000,"hold_ms":10000,"proxies":["app*"],"max_session_rate":5,"max_sessions_percent":null,"max_5xx":3}}}"#,
         r#"{"certificate_issue":{"lineage":"example.com","names":["example.com","www.example.com"],"webroot":"/var/www/html","key_type":"ec256","reuse_key":false,"deploy":["edge"],"acme":"","expand":true}}"#,
         r#"{"haproxy_edit":{"target":"edge","edits":[{"op":"force_https","frontend":"web","host":null,"code":301,"exempt_acme":null},{"op":"restrict_path","frontend":"web","path":"/admin","allow":["127.0.0.1"],"status":null}],"base_version":null,"replace":false,"allow_servers_down":false}}"#,
+        r#"{"certificate_revoke":{"lineage":"example.com","reason":"superseded"}}"#,
+        r#"{"certificate_delete":{"lineage":"example.com"}}"#,
     ];
 
     #[test]

@@ -46,6 +46,12 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, at: Moment) -> Result<Planned, 
             )));
         }
     }
+    if record.spec.kind == "certificate_revoke" {
+        return Err(Error::FailedPrecondition(format!(
+            "job {id} revoked a certificate, and {}",
+            super::certificate_revoke::IRREVERSIBLE
+        )));
+    }
     if let Some(by) = record.rolled_back_by {
         return Err(Error::FailedPrecondition(format!(
             "job {id} was already rolled back by job {by}"
