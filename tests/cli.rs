@@ -784,7 +784,7 @@ async fn status_shows_the_daemon_and_exits_1_when_something_needs_attention() {
 
 /// A console line's words as a POSIX shell splits them (quotes, no expansions), up to a
 /// comment or a pipe.
-fn shell_words(line: &str) -> Vec<String> {
+pub(crate) fn shell_words(line: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let (mut in_word, mut quote) = (false, None::<char>);

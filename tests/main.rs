@@ -13,6 +13,7 @@ mod edits;
 mod haproxy;
 mod hostile;
 mod jobs_api;
+mod readme;
 mod reflection;
 mod remote;
 mod runbooks;
