@@ -210,6 +210,7 @@ async fn the_walkthrough_runs_as_the_readme_shows() {
     let mut commands = 0;
     let lines = consoles[0];
     let mut i = 0;
+    let step = regex::Regex::new(r"step \d+").unwrap();
     while i < lines.len() {
         let Some(cmd) = lines[i].strip_prefix("$ ") else {
             panic!("README: output before a command: {}", lines[i])
@@ -238,10 +239,7 @@ async fn the_walkthrough_runs_as_the_readme_shows() {
         let interrupt = shown
             .iter()
             .find(|l| l.contains("# press Ctrl-C here"))
-            .map(|l| {
-                let step = regex::Regex::new(r"step \d+").unwrap();
-                step.find(l).unwrap().as_str().to_owned()
-            });
+            .map(|l| step.find(l).unwrap().as_str().to_owned());
         let expected: Vec<String> = shown
             .iter()
             .filter(|l| !l.contains("# press Ctrl-C here"))
