@@ -7,8 +7,9 @@
 
 use crate::cli::shell_words;
 use crate::reflection::Generic;
+use crate::support::{free_port, show_stat};
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -43,28 +44,49 @@ fn blocks(text: &str, heading: &str) -> Vec<(String, Vec<String>)> {
     out
 }
 
-/// A line made comparable: job ids, times, the loopback port and the demo directory replaced,
-/// whitespace runs collapsed.
-fn normal(line: &str, demo: &Path) -> String {
+/// How lines are made comparable: what the test's machine prints in place of what the README
+/// shows (its temp directories, its ports), and whether versions and ages are wildcards (a
+/// section whose files live elsewhere than the README's paths hashes to other versions).
+#[derive(Clone, Default)]
+struct Norm {
+    replace: Vec<(String, String)>,
+    loose: bool,
+}
+
+/// A line made comparable: job ids, times and the loopback port replaced, the test's paths
+/// put back as the README has them, whitespace runs collapsed.
+fn normal(line: &str, norm: &Norm) -> String {
     let ids = regex::Regex::new(
         r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|019[0-9a-f]…",
     )
     .unwrap();
     let times = regex::Regex::new(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d\d:\d\d").unwrap();
-    let port = regex::Regex::new(r"127\.0\.0\.1:\d+").unwrap();
-    let l = line.replace(&demo.display().to_string(), "/tmp/demo");
+    let mut l = line.to_owned();
+    for (actual, shown) in &norm.replace {
+        l = l.replace(actual, shown);
+    }
     let l = ids.replace_all(&l, "<id>");
     let l = times.replace_all(&l, "<time>");
-    let l = port.replace_all(&l, "127.0.0.1:<port>");
+    let mut l = l.into_owned();
+    if norm.loose {
+        let versions = regex::Regex::new(r"sha256:[0-9a-f]{64}").unwrap();
+        let ages = regex::Regex::new(r"\b\d+s\b").unwrap();
+        l = versions.replace_all(&l, "sha256:<v>").into_owned();
+        l = ages.replace_all(&l, "<age>").into_owned();
+    } else {
+        let port = regex::Regex::new(r"127\.0\.0\.1:\d+").unwrap();
+        l = port.replace_all(&l, "127.0.0.1:<port>").into_owned();
+    }
     l.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Each line the README shows appears, in order, among what was printed.
-fn shows(expected: &[String], printed: &str, demo: &Path, cmd: &str) {
-    let got: Vec<String> = printed.lines().map(|l| normal(l, demo)).collect();
+/// Each line the README shows appears, in order, among what was printed ("…" in the README
+/// stands for lines it leaves out).
+fn shows(expected: &[String], printed: &str, norm: &Norm, cmd: &str) {
+    let got: Vec<String> = printed.lines().map(|l| normal(l, norm)).collect();
     let mut at = 0;
-    for e in expected {
-        let want = normal(e, demo);
+    for e in expected.iter().filter(|e| e.trim() != "…") {
+        let want = normal(e, norm);
         match got[at..].iter().position(|g| *g == want) {
             Some(i) => at += i + 1,
             None => panic!(
@@ -80,6 +102,7 @@ struct Walk {
     demo: PathBuf,
     addr: String,
     child: std::process::Child,
+    norm: Norm,
 }
 
 impl Drop for Walk {
@@ -109,17 +132,27 @@ impl Walk {
 }
 
 /// The README's configuration with the demo directory in a temp dir, on a free port, with its
-/// own data directory (the generated token, as the README has it).
+/// own data directory (the generated token, as the README has it); `more` replaces the
+/// README's paths and ports with the test's.
 fn start(toml: &str) -> Walk {
-    let dir = tempfile::tempdir().unwrap();
+    start_with(toml, tempfile::tempdir().unwrap(), Norm::default())
+}
+
+fn start_with(toml: &str, dir: tempfile::TempDir, mut norm: Norm) -> Walk {
     let demo = dir.path().join("demo");
+    norm.replace
+        .push((demo.display().to_string(), "/tmp/demo".into()));
+    let mut toml = toml.replace("/tmp/demo", &demo.display().to_string());
+    for (actual, shown) in &norm.replace {
+        toml = toml.replace(shown.as_str(), actual);
+    }
     let config = dir.path().join("stately.toml");
     std::fs::write(
         &config,
         format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{}",
             dir.path().join("data").display(),
-            toml.replace("/tmp/demo", &demo.display().to_string())
+            toml
         ),
     )
     .unwrap();
@@ -144,6 +177,7 @@ fn start(toml: &str) -> Walk {
         demo,
         addr,
         child,
+        norm,
     }
 }
 
@@ -223,7 +257,7 @@ async fn the_walkthrough_runs_as_the_readme_shows() {
         }
         if cmd.starts_with("cargo run --release --bin statelyd") {
             // Started above on the same configuration; its first line is what the README says.
-            shows(&shown, &format!("listening on {}", w.addr), &w.demo, cmd);
+            shows(&shown, &format!("listening on {}", w.addr), &w.norm, cmd);
             continue;
         }
         let Some(rest) = cmd.strip_prefix("stately ") else {
@@ -252,12 +286,12 @@ async fn the_walkthrough_runs_as_the_readme_shows() {
             Some(0)
         };
         assert_eq!(code, ok, "README: `{cmd}` exits {code:?}:\n{printed}");
-        shows(&expected, &printed, &w.demo, cmd);
+        shows(&expected, &printed, &w.norm, cmd);
         if let Some((_, claim)) = cmd.split_once("# \"") {
             // A comment quoting what the command says.
-            let claim = normal(claim.trim_end_matches('"'), &w.demo);
+            let claim = normal(claim.trim_end_matches('"'), &w.norm);
             assert!(
-                printed.lines().any(|l| normal(l, &w.demo).contains(&claim)),
+                printed.lines().any(|l| normal(l, &w.norm).contains(&claim)),
                 "README: `{cmd}` says it prints {claim}:\n{printed}"
             );
         }
@@ -339,4 +373,190 @@ async fn the_walkthrough_runs_as_the_readme_shows() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(calls >= 6, "{calls} grpcurl calls of the README ran");
+}
+
+/// Reads a command's first line of output, then stops it (for `--watch`, which runs until
+/// interrupted).
+fn first_line(w: &Walk, args: &[String]) -> String {
+    let mut child = w.cli(args).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    line
+}
+
+/// A HAProxy process, stopped when dropped.
+struct Haproxy(std::process::Child);
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_haproxy_sections_run_as_the_readme_shows() {
+    let text = readme();
+    let watching = blocks(&text, "### Watching HAProxy");
+    let editing = blocks(&text, "### Editing HAProxy");
+    let block = |bs: &[(String, Vec<String>)], info: &str, n: usize| -> Vec<String> {
+        bs.iter()
+            .filter(|(i, _)| i == info)
+            .nth(n)
+            .unwrap_or_else(|| panic!("README: a {info} block"))
+            .1
+            .clone()
+    };
+    let cfg = block(&watching, "haproxy", 0).join("\n") + "\n";
+
+    // The versions the README shows are those of its configuration, before and after.
+    let sha = |t: &str| {
+        use sha2::Digest;
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(t.as_bytes())))
+    };
+    let dry = block(&editing, "console", 0);
+    assert_eq!(
+        dry[1],
+        format!("--- edge {}", sha(&cfg)),
+        "README: the version of its haproxy.cfg"
+    );
+
+    // The README's paths and ports, here.
+    let dir = tempfile::tempdir().unwrap();
+    let (etc, sockets) = (dir.path().join("etc"), dir.path().join("run"));
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&sockets).unwrap();
+    let (web, s1, s2) = (
+        free_port(),
+        crate::support::Backend::start(0).await,
+        free_port(),
+    );
+    let mut norm = Norm {
+        replace: vec![
+            (etc.display().to_string(), "/etc/haproxy".into()),
+            (sockets.display().to_string(), "/run/haproxy".into()),
+            (format!("127.0.0.1:{web}"), "127.0.0.1:18080".into()),
+            (format!("127.0.0.1:{}", s1.port), "127.0.0.1:18081".into()),
+            (format!("127.0.0.1:{s2}"), "127.0.0.1:18082".into()),
+        ],
+        loose: true,
+    };
+    let mut here = cfg.clone();
+    for (actual, shown) in &norm.replace {
+        here = here.replace(shown.as_str(), actual);
+    }
+    std::fs::write(etc.join("haproxy.cfg"), &here).unwrap();
+    let _haproxy = Haproxy(
+        Command::new("/usr/sbin/haproxy")
+            .arg("-W")
+            .arg("-S")
+            .arg(sockets.join("master.sock"))
+            .arg("-f")
+            .arg(etc.join("haproxy.cfg"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // As the README has it: s1 UP, s2 DOWN.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let settled = sockets.join("admin.sock").exists() && {
+            let rows = show_stat(&sockets.join("admin.sock"));
+            let st = |s: &str| {
+                rows.iter()
+                    .find(|r| r.proxy == "app" && r.server == s)
+                    .map(|r| r.status.raw.clone())
+            };
+            st("s1").as_deref() == Some("UP") && st("s2").as_deref() == Some("DOWN")
+        };
+        if settled {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "HAProxy did not settle"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    norm.replace.retain(|(a, _)| !a.is_empty());
+    let toml = block(&watching, "toml", 0).join("\n");
+    let w = start_with(&toml, dir, norm);
+
+    let mut commands = 0;
+    for lines in [
+        block(&watching, "console", 0),
+        block(&editing, "console", 0),
+        block(&editing, "console", 1),
+    ] {
+        let joined = lines.join("\n").replace("\\\n", " ");
+        let lines: Vec<String> = joined.lines().map(str::to_owned).collect();
+        let mut i = 0;
+        while i < lines.len() {
+            let cmd = lines[i]
+                .strip_prefix("$ ")
+                .unwrap_or_else(|| panic!("README: output before a command: {}", lines[i]));
+            let mut shown = Vec::new();
+            i += 1;
+            while i < lines.len() && !lines[i].starts_with("$ ") {
+                shown.push(lines[i].clone());
+                i += 1;
+            }
+            if let Some(rest) = cmd.strip_prefix("grpcurl ") {
+                // WatchStats, as grpcurl would call it: its first update comes.
+                let args = shell_words(rest);
+                let body = args[args.iter().position(|a| a == "-d").unwrap() + 1].clone();
+                let ch = tonic::transport::Channel::from_shared(format!("http://{}", w.addr))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                let mut g = Generic::over(ch, Some(&w.token()));
+                let (service, method) = args.last().unwrap().split_once('/').unwrap();
+                let first = g.first(service, method, &body).await.unwrap();
+                assert!(first.to_string().contains("s1"), "{cmd}: {first}");
+                commands += 1;
+                continue;
+            }
+            let rest = cmd.strip_prefix("stately ").expect("a stately command");
+            let args = shell_words(rest);
+            if args.iter().any(|a| a == "--watch") {
+                let line = first_line(&w, &args);
+                if args.iter().any(|a| a == "json") {
+                    let v: serde_json::Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("README: `{cmd}`: {e}: {line}"));
+                    assert!(v.is_object(), "{cmd}: {line}");
+                } else {
+                    assert!(!line.trim().is_empty(), "README: `{cmd}` printed nothing");
+                }
+                commands += 1;
+                continue;
+            }
+            let (code, printed) = run(&w, &args, None);
+            assert_eq!(code, Some(0), "README: `{cmd}` exits {code:?}:\n{printed}");
+            shows(&shown, &printed, &w.norm, cmd);
+            commands += 1;
+        }
+    }
+    assert!(
+        commands >= 6,
+        "{commands} commands of the HAProxy sections ran"
+    );
+    // The edit went live: the redirect answers on the README's frontend.
+    let live = std::fs::read_to_string(etc_of(&w).join("haproxy.cfg")).unwrap();
+    assert!(
+        live.contains("http-request redirect scheme https"),
+        "{live}"
+    );
+}
+
+fn etc_of(w: &Walk) -> PathBuf {
+    w.dir.path().join("etc")
 }

@@ -347,6 +347,41 @@ impl Generic {
         .map(|r| to_json(&r.into_inner()))
     }
 
+    /// The first message of a server-streaming call (one that does not end by itself).
+    pub(crate) async fn first(
+        &mut self,
+        service: &str,
+        method: &str,
+        json: &str,
+    ) -> Result<serde_json::Value, Status> {
+        let pool = pool_for(&mut self.refl, service).await;
+        let m = pool
+            .get_service_by_name(service)
+            .unwrap_or_else(|| panic!("{service} is described"))
+            .methods()
+            .find(|m| m.name() == method)
+            .unwrap_or_else(|| panic!("{method} is described"));
+        let mut grpc = tonic::client::Grpc::new(InterceptedService::new(
+            self.channel.clone(),
+            bearer(self.token.as_deref()),
+        ));
+        grpc.ready().await.unwrap();
+        let path = PathAndQuery::from_maybe_shared(format!("/{service}/{method}")).unwrap();
+        let mut s = grpc
+            .server_streaming(
+                tonic::Request::new(message(m.input(), json)),
+                path,
+                DynCodec(m.output()),
+            )
+            .await?
+            .into_inner();
+        let msg = s
+            .message()
+            .await?
+            .ok_or_else(|| Status::unknown("the stream ended without a message"))?;
+        Ok(to_json(&msg))
+    }
+
     /// A server-streaming call, read to its end (as grpcurl prints each message).
     pub(crate) async fn stream(
         &mut self,
