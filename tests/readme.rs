@@ -69,6 +69,8 @@ fn normal(line: &str, norm: &Norm) -> String {
     let l = times.replace_all(&l, "<time>");
     let mut l = l.into_owned();
     if norm.loose {
+        let dates = regex::Regex::new(r"\d{4}-\d\d-\d\d(T\d\d:\d\d:\d\dZ)?").unwrap();
+        l = dates.replace_all(&l, "<date>").into_owned();
         let versions = regex::Regex::new(r"sha256:[0-9a-f]{64}").unwrap();
         let ages = regex::Regex::new(r"\b\d+s\b").unwrap();
         l = versions.replace_all(&l, "sha256:<v>").into_owned();
@@ -87,7 +89,29 @@ fn shows(expected: &[String], printed: &str, norm: &Norm, cmd: &str) {
     let mut at = 0;
     for e in expected.iter().filter(|e| e.trim() != "…") {
         let want = normal(e, norm);
-        match got[at..].iter().position(|g| *g == want) {
+        // "…" within a line stands for what varies (a serial, an order's URL).
+        let parts: Vec<&str> = want.split('…').collect();
+        let matches = |g: &String| {
+            if parts.len() == 1 {
+                return *g == want;
+            }
+            let mut rest = g.as_str();
+            for (k, p) in parts.iter().enumerate() {
+                if k == 0 {
+                    let Some(r) = rest.strip_prefix(p) else {
+                        return false;
+                    };
+                    rest = r;
+                } else if k == parts.len() - 1 {
+                    return rest.ends_with(p);
+                } else {
+                    let Some(at) = rest.find(p) else { return false };
+                    rest = &rest[at + p.len()..];
+                }
+            }
+            true
+        };
+        match got[at..].iter().position(matches) {
             Some(i) => at += i + 1,
             None => panic!(
                 "README: `{cmd}` shows\n  {e}\nbut printed (from line {at} on):\n{}",
@@ -142,6 +166,10 @@ fn start_with(toml: &str, dir: tempfile::TempDir, mut norm: Norm) -> Walk {
     let demo = dir.path().join("demo");
     norm.replace
         .push((demo.display().to_string(), "/tmp/demo".into()));
+    norm.replace.push((
+        dir.path().join("data").display().to_string(),
+        "/var/lib/stately".into(),
+    ));
     let mut toml = toml.replace("/tmp/demo", &demo.display().to_string());
     for (actual, shown) in &norm.replace {
         toml = toml.replace(shown.as_str(), actual);
@@ -401,49 +429,50 @@ impl Drop for Haproxy {
     }
 }
 
-#[tokio::test]
-async fn the_haproxy_sections_run_as_the_readme_shows() {
-    let text = readme();
-    let watching = blocks(&text, "### Watching HAProxy");
-    let editing = blocks(&text, "### Editing HAProxy");
-    let block = |bs: &[(String, Vec<String>)], info: &str, n: usize| -> Vec<String> {
-        bs.iter()
-            .filter(|(i, _)| i == info)
-            .nth(n)
-            .unwrap_or_else(|| panic!("README: a {info} block"))
-            .1
-            .clone()
-    };
-    let cfg = block(&watching, "haproxy", 0).join("\n") + "\n";
+/// The README's HAProxy (its haproxy.cfg, with the README's paths and ports mapped to the
+/// test's) running, s1 UP and s2 DOWN as the README has them.
+struct Edge {
+    dir: tempfile::TempDir,
+    norm: Norm,
+    web: u16,
+    _haproxy: Haproxy,
+}
 
-    // The versions the README shows are those of its configuration, before and after.
-    let sha = |t: &str| {
-        use sha2::Digest;
-        format!("sha256:{}", hex::encode(sha2::Sha256::digest(t.as_bytes())))
-    };
-    let dry = block(&editing, "console", 0);
-    assert_eq!(
-        dry[1],
-        format!("--- edge {}", sha(&cfg)),
-        "README: the version of its haproxy.cfg"
-    );
+fn section(text: &str, heading: &str, info: &str, n: usize) -> Vec<String> {
+    blocks(text, heading)
+        .into_iter()
+        .filter(|(i, _)| i == info)
+        .nth(n)
+        .unwrap_or_else(|| panic!("README: {heading} has a {info} block"))
+        .1
+}
 
-    // The README's paths and ports, here.
+fn sha(t: &str) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(t.as_bytes())))
+}
+
+async fn edge(text: &str) -> Edge {
+    let cfg = section(text, "### Watching HAProxy", "haproxy", 0).join("\n") + "\n";
     let dir = tempfile::tempdir().unwrap();
     let (etc, sockets) = (dir.path().join("etc"), dir.path().join("run"));
     std::fs::create_dir_all(&etc).unwrap();
     std::fs::create_dir_all(&sockets).unwrap();
-    let (web, s1, s2) = (
-        free_port(),
-        crate::support::Backend::start(0).await,
-        free_port(),
-    );
-    let mut norm = Norm {
+    // s1 answers HTTP (the README's "s1 answers"), nothing listens for s2.
+    let s1: u16 = crate::support::http_server(b"hello from s1\n")
+        .await
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (web, s2) = (free_port(), free_port());
+    let norm = Norm {
         replace: vec![
             (etc.display().to_string(), "/etc/haproxy".into()),
             (sockets.display().to_string(), "/run/haproxy".into()),
             (format!("127.0.0.1:{web}"), "127.0.0.1:18080".into()),
-            (format!("127.0.0.1:{}", s1.port), "127.0.0.1:18081".into()),
+            (format!("127.0.0.1:{s1}"), "127.0.0.1:18081".into()),
             (format!("127.0.0.1:{s2}"), "127.0.0.1:18082".into()),
         ],
         loose: true,
@@ -453,7 +482,7 @@ async fn the_haproxy_sections_run_as_the_readme_shows() {
         here = here.replace(shown.as_str(), actual);
     }
     std::fs::write(etc.join("haproxy.cfg"), &here).unwrap();
-    let _haproxy = Haproxy(
+    let haproxy = Haproxy(
         Command::new("/usr/sbin/haproxy")
             .arg("-W")
             .arg("-S")
@@ -465,7 +494,6 @@ async fn the_haproxy_sections_run_as_the_readme_shows() {
             .spawn()
             .unwrap(),
     );
-    // As the README has it: s1 UP, s2 DOWN.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let settled = sockets.join("admin.sock").exists() && {
@@ -486,77 +514,161 @@ async fn the_haproxy_sections_run_as_the_readme_shows() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    norm.replace.retain(|(a, _)| !a.is_empty());
-    let toml = block(&watching, "toml", 0).join("\n");
-    let w = start_with(&toml, dir, norm);
-
-    let mut commands = 0;
-    for lines in [
-        block(&watching, "console", 0),
-        block(&editing, "console", 0),
-        block(&editing, "console", 1),
-    ] {
-        let joined = lines.join("\n").replace("\\\n", " ");
-        let lines: Vec<String> = joined.lines().map(str::to_owned).collect();
-        let mut i = 0;
-        while i < lines.len() {
-            let cmd = lines[i]
-                .strip_prefix("$ ")
-                .unwrap_or_else(|| panic!("README: output before a command: {}", lines[i]));
-            let mut shown = Vec::new();
-            i += 1;
-            while i < lines.len() && !lines[i].starts_with("$ ") {
-                shown.push(lines[i].clone());
-                i += 1;
-            }
-            if let Some(rest) = cmd.strip_prefix("grpcurl ") {
-                // WatchStats, as grpcurl would call it: its first update comes.
-                let args = shell_words(rest);
-                let body = args[args.iter().position(|a| a == "-d").unwrap() + 1].clone();
-                let ch = tonic::transport::Channel::from_shared(format!("http://{}", w.addr))
-                    .unwrap()
-                    .connect()
-                    .await
-                    .unwrap();
-                let mut g = Generic::over(ch, Some(&w.token()));
-                let (service, method) = args.last().unwrap().split_once('/').unwrap();
-                let first = g.first(service, method, &body).await.unwrap();
-                assert!(first.to_string().contains("s1"), "{cmd}: {first}");
-                commands += 1;
-                continue;
-            }
-            let rest = cmd.strip_prefix("stately ").expect("a stately command");
-            let args = shell_words(rest);
-            if args.iter().any(|a| a == "--watch") {
-                let line = first_line(&w, &args);
-                if args.iter().any(|a| a == "json") {
-                    let v: serde_json::Value = serde_json::from_str(&line)
-                        .unwrap_or_else(|e| panic!("README: `{cmd}`: {e}: {line}"));
-                    assert!(v.is_object(), "{cmd}: {line}");
-                } else {
-                    assert!(!line.trim().is_empty(), "README: `{cmd}` printed nothing");
-                }
-                commands += 1;
-                continue;
-            }
-            let (code, printed) = run(&w, &args, None);
-            assert_eq!(code, Some(0), "README: `{cmd}` exits {code:?}:\n{printed}");
-            shows(&shown, &printed, &w.norm, cmd);
-            commands += 1;
-        }
+    Edge {
+        dir,
+        norm,
+        web,
+        _haproxy: haproxy,
     }
+}
+
+/// Runs a console block's commands (`stately`, and grpcurl's WatchStats), checking the output
+/// the README shows; `--watch` commands are read to their first line. Returns how many ran.
+async fn console(w: &Walk, lines: &[String]) -> usize {
+    let joined = lines.join("\n").replace("\\\n", " ");
+    let lines: Vec<String> = joined.lines().map(str::to_owned).collect();
+    let mut commands = 0;
+    let mut i = 0;
+    while i < lines.len() {
+        let cmd = lines[i]
+            .strip_prefix("$ ")
+            .unwrap_or_else(|| panic!("README: output before a command: {}", lines[i]));
+        let mut shown = Vec::new();
+        i += 1;
+        while i < lines.len() && !lines[i].starts_with("$ ") {
+            shown.push(lines[i].clone());
+            i += 1;
+        }
+        if let Some(rest) = cmd.strip_prefix("grpcurl ") {
+            // WatchStats, as grpcurl would call it: its first update comes.
+            let args = shell_words(rest);
+            let body = args[args.iter().position(|a| a == "-d").unwrap() + 1].clone();
+            let ch = tonic::transport::Channel::from_shared(format!("http://{}", w.addr))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut g = Generic::over(ch, Some(&w.token()));
+            let (service, method) = args.last().unwrap().split_once('/').unwrap();
+            let first = g.first(service, method, &body).await.unwrap();
+            assert!(first.to_string().contains("s1"), "{cmd}: {first}");
+            commands += 1;
+            continue;
+        }
+        let rest = cmd.strip_prefix("stately ").expect("a stately command");
+        let mut rest = if rest.contains("<job id>") {
+            rest.replace("<job id>", &newest_job(w))
+        } else {
+            rest.to_owned()
+        };
+        // The README's paths and ports, as the test has them.
+        for (actual, shown) in &w.norm.replace {
+            rest = rest.replace(shown.as_str(), actual);
+        }
+        let args = shell_words(&rest);
+        if args.iter().any(|a| a == "--watch") {
+            let line = first_line(w, &args);
+            if args.iter().any(|a| a == "json") {
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("README: `{cmd}`: {e}: {line}"));
+                assert!(v.is_object(), "{cmd}: {line}");
+            } else {
+                assert!(!line.trim().is_empty(), "README: `{cmd}` printed nothing");
+            }
+            commands += 1;
+            continue;
+        }
+        let (code, printed) = run(w, &args, None);
+        if std::env::var_os("README_SHOW").is_some() {
+            eprintln!("$ stately {cmd}");
+            for l in printed.lines() {
+                let mut l = l.to_owned();
+                for (actual, shown) in &w.norm.replace {
+                    l = l.replace(actual, shown);
+                }
+                eprintln!("{l}");
+            }
+        }
+        assert_eq!(code, Some(0), "README: `{cmd}` exits {code:?}:\n{printed}");
+        shows(&shown, &printed, &w.norm, cmd);
+        commands += 1;
+    }
+    commands
+}
+
+// The commands block this thread while they run: s1's server needs a thread of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_haproxy_sections_run_as_the_readme_shows() {
+    let text = readme();
+    let cfg = section(&text, "### Watching HAProxy", "haproxy", 0).join("\n") + "\n";
+    // The versions the README shows are those of its configuration.
+    let dry = section(&text, "### Editing HAProxy", "console", 0);
+    assert_eq!(
+        dry[1],
+        format!("--- edge {}", sha(&cfg)),
+        "README: the version of its haproxy.cfg"
+    );
+    let e = edge(&text).await;
+    let toml = section(&text, "### Watching HAProxy", "toml", 0).join("\n");
+    let etc = e.dir.path().join("etc");
+    let w = start_with(&toml, tempfile::tempdir().unwrap(), e.norm.clone());
+    let mut commands = console(&w, &section(&text, "### Watching HAProxy", "console", 0)).await;
+    commands += console(&w, &section(&text, "### Editing HAProxy", "console", 0)).await;
+    commands += console(&w, &section(&text, "### Editing HAProxy", "console", 1)).await;
     assert!(
         commands >= 6,
         "{commands} commands of the HAProxy sections ran"
     );
-    // The edit went live: the redirect answers on the README's frontend.
-    let live = std::fs::read_to_string(etc_of(&w).join("haproxy.cfg")).unwrap();
+    // The edit went live.
+    let live = std::fs::read_to_string(etc.join("haproxy.cfg")).unwrap();
     assert!(
         live.contains("http-request redirect scheme https"),
         "{live}"
     );
+    drop(e);
 }
 
-fn etc_of(w: &Walk) -> PathBuf {
-    w.dir.path().join("etc")
+// The commands block this thread while they run: s1's server needs a thread of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificates_section_runs_as_the_readme_shows() {
+    let text = readme();
+    let mut e = edge(&text).await;
+    // Pebble as "letsencrypt", validating through HAProxy's web frontend, 90-day certificates.
+    let p = crate::support::pebble::Pebble::start_config(
+        e.web,
+        true,
+        serde_json::json!({"certificateValidityPeriod": 7_776_000}),
+    );
+    let (responder, tls) = (free_port(), free_port());
+    let le = e.dir.path().join("le");
+    let www = e.dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let base = p.directory().trim_end_matches("/dir").to_owned();
+    e.norm.replace.extend([
+        (le.display().to_string(), "/etc/letsencrypt".into()),
+        (www.display().to_string(), "/var/www".into()),
+        (format!("127.0.0.1:{responder}"), "127.0.0.1:8402".into()),
+        (format!("127.0.0.1:{tls}"), "127.0.0.1:18443".into()),
+        (
+            format!("{base}/my-order/"),
+            "https://acme-v02.api.letsencrypt.org/acme/order/".into(),
+        ),
+        (
+            p.directory(),
+            "https://acme-v02.api.letsencrypt.org/directory".into(),
+        ),
+    ]);
+    let toml = section(&text, "### Watching HAProxy", "toml", 0).join("\n")
+        + "\n"
+        + &section(&text, "### Certificates (ACME)", "toml", 0).join("\n")
+        + "\nrenew_check = \"0s\"\n"
+        + &p.config()
+            .replace("name = \"pebble\"", "name = \"letsencrypt\"");
+    let w = start_with(&toml, tempfile::tempdir().unwrap(), e.norm.clone());
+    let commands = console(&w, &section(&text, "### Certificates (ACME)", "console", 0)).await;
+    assert!(
+        commands >= 9,
+        "{commands} commands of the certificates section ran"
+    );
+    drop(e);
 }

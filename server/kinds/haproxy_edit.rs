@@ -469,7 +469,7 @@ impl EditJob {
                     .get(format!("https://{addr}/"))
                     .send()
                     .await
-                    .map_err(|e| format!("TLS to {addr}: {e}"))?;
+                    .map_err(|e| format!("TLS to {addr}: {}", chain(&e)))?;
                 Ok(format!("TLS is served on {addr} (GET / answered {})", r.status()))
             }
             Proof::Denied {
@@ -601,4 +601,19 @@ fn changed_lines(old: &str, new: &str) -> (usize, usize) {
         }
     }
     (added, removed)
+}
+
+/// An error with its causes ("error sending request" alone does not say what went wrong).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
 }
