@@ -87,7 +87,15 @@ fn normal(line: &str, norm: &Norm) -> String {
 fn shows(expected: &[String], printed: &str, norm: &Norm, cmd: &str) {
     let got: Vec<String> = printed.lines().map(|l| normal(l, norm)).collect();
     let mut at = 0;
-    for e in expected.iter().filter(|e| e.trim() != "…") {
+    let annotation = regex::Regex::new(r"\s{2,}# .*$").unwrap();
+    // "^C" is where the reader presses Ctrl-C; the terminal echoes it, a pipe does not.
+    for e in expected
+        .iter()
+        .filter(|e| e.trim() != "…" && e.trim() != "^C")
+    {
+        // "  # what it is" after an output line is the README's note, not output.
+        let e = annotation.replace(e, "").into_owned();
+        let e = &e;
         let want = normal(e, norm);
         // "…" within a line stands for what varies (a serial, an order's URL).
         let parts: Vec<&str> = want.split('…').collect();
@@ -436,6 +444,8 @@ struct Edge {
     norm: Norm,
     web: u16,
     _haproxy: Haproxy,
+    /// With `stoppable`: s1 as a TCP server that can be stopped (for the alert's DOWN).
+    s1: Option<crate::support::Backend>,
 }
 
 fn section(text: &str, heading: &str, info: &str, n: usize) -> Vec<String> {
@@ -453,19 +463,32 @@ fn sha(t: &str) -> String {
 }
 
 async fn edge(text: &str) -> Edge {
+    edge_with(text, false).await
+}
+
+async fn edge_with(text: &str, stoppable: bool) -> Edge {
     let cfg = section(text, "### Watching HAProxy", "haproxy", 0).join("\n") + "\n";
     let dir = tempfile::tempdir().unwrap();
     let (etc, sockets) = (dir.path().join("etc"), dir.path().join("run"));
     std::fs::create_dir_all(&etc).unwrap();
     std::fs::create_dir_all(&sockets).unwrap();
-    // s1 answers HTTP (the README's "s1 answers"), nothing listens for s2.
-    let s1: u16 = crate::support::http_server(b"hello from s1\n")
-        .await
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    // s1 answers HTTP (the README's "s1 answers"), or accepts TCP and can be stopped; nothing
+    // listens for s2.
+    let backend = if stoppable {
+        Some(crate::support::Backend::start(0).await)
+    } else {
+        None
+    };
+    let s1: u16 = match &backend {
+        Some(b) => b.port,
+        None => crate::support::http_server(b"hello from s1\n")
+            .await
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap(),
+    };
     let (web, s2) = (free_port(), free_port());
     let norm = Norm {
         replace: vec![
@@ -519,6 +542,7 @@ async fn edge(text: &str) -> Edge {
         norm,
         web,
         _haproxy: haproxy,
+        s1: backend,
     }
 }
 
@@ -671,4 +695,91 @@ async fn the_certificates_section_runs_as_the_readme_shows() {
         "{commands} commands of the certificates section ran"
     );
     drop(e);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alerts_section_runs_as_the_readme_shows() {
+    let text = readme();
+    let mut e = edge_with(&text, true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = crate::support::SmtpSink::start(dir.path());
+    // The README's relay is smtp.example.com with STARTTLS and a password; here a sink on
+    // loopback stands in for it (its [smtp] table instead of the README's).
+    e.norm
+        .replace
+        .push(("ops@example.test".into(), "ops@example.com".into()));
+    let toml = section(&text, "### Watching HAProxy", "toml", 0).join("\n") + "\n" + &smtp.config();
+    let w = start_with(&toml, tempfile::tempdir().unwrap(), e.norm.clone());
+    let lines = section(&text, "### Alerts by mail", "console", 0);
+    let mut commands = 0;
+    let mut i = 0;
+    while i < lines.len() {
+        let cmd = lines[i]
+            .strip_prefix("$ stately ")
+            .expect("a stately command");
+        let mut shown = Vec::new();
+        i += 1;
+        while i < lines.len() && !lines[i].starts_with("$ ") {
+            shown.push(lines[i].clone());
+            i += 1;
+        }
+        let mut rest = if cmd.contains("0192…") {
+            cmd.replace("0192…", &newest_job(&w))
+        } else {
+            cmd.to_owned()
+        };
+        for (actual, shown) in &w.norm.replace {
+            rest = rest.replace(shown.as_str(), actual);
+        }
+        let args = shell_words(&rest);
+        let printed = if args.first().map(String::as_str) == Some("jobs")
+            && args.get(1).map(String::as_str) == Some("watch")
+        {
+            // Watching as s1 goes down, until its mail is delivered; then Ctrl-C (which stops
+            // the watching, not the job).
+            let (read, write) = nix::unistd::pipe().unwrap();
+            let mut c = w.cli(&args);
+            c.stdout(Stdio::from(write.try_clone().unwrap()))
+                .stderr(Stdio::from(write));
+            let mut child = c.spawn().unwrap();
+            drop(c);
+            let mut reader = BufReader::new(std::fs::File::from(read));
+            let mut printed = String::new();
+            let mut line = String::new();
+            let mut stopped = false;
+            // s2 is down from the start (its alert comes first); then s1 goes down too.
+            while reader.read_line(&mut line).unwrap() > 0 {
+                printed.push_str(&line);
+                if !stopped && line.contains("alert #1 delivered") {
+                    e.s1.as_mut().unwrap().stop().await;
+                    stopped = true;
+                }
+                let done = line.contains("alert #2 delivered");
+                line.clear();
+                if done {
+                    break;
+                }
+            }
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            )
+            .unwrap();
+            reader.read_to_string(&mut printed).unwrap();
+            child.wait().unwrap();
+            printed
+        } else {
+            let (code, printed) = run(&w, &args, None);
+            assert_eq!(code, Some(0), "README: `{cmd}` exits {code:?}:\n{printed}");
+            printed
+        };
+        if std::env::var_os("README_SHOW").is_some() {
+            eprintln!("$ stately {cmd}\n{printed}");
+        }
+        shows(&shown, &printed, &w.norm, cmd);
+        commands += 1;
+    }
+    assert_eq!(commands, 4, "the alerts section's commands ran");
+    let mails = smtp.wait_for(2, Duration::from_secs(10)).await;
+    assert!(mails[1].contains("app/s1 DOWN"), "{}", mails[1]);
 }
