@@ -51,6 +51,9 @@ fn blocks(text: &str, heading: &str) -> Vec<(String, Vec<String>)> {
 struct Norm {
     replace: Vec<(String, String)>,
     loose: bool,
+    /// Patterns of what the test prints, and what the README shows in their place (a client's
+    /// address and port).
+    patterns: Vec<(String, String)>,
 }
 
 /// A line made comparable: job ids, times and the loopback port replaced, the test's paths
@@ -62,6 +65,12 @@ fn normal(line: &str, norm: &Norm) -> String {
     .unwrap();
     let times = regex::Regex::new(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d\d:\d\d").unwrap();
     let mut l = line.to_owned();
+    for (pattern, shown) in &norm.patterns {
+        l = regex::Regex::new(pattern)
+            .unwrap()
+            .replace_all(&l, shown.as_str())
+            .into_owned();
+    }
     for (actual, shown) in &norm.replace {
         l = l.replace(actual, shown);
     }
@@ -499,6 +508,7 @@ async fn edge_with(text: &str, stoppable: bool) -> Edge {
             (format!("127.0.0.1:{s2}"), "127.0.0.1:18082".into()),
         ],
         loose: true,
+        patterns: Vec::new(),
     };
     let mut here = cfg.clone();
     for (actual, shown) in &norm.replace {
@@ -782,4 +792,183 @@ async fn the_alerts_section_runs_as_the_readme_shows() {
     assert_eq!(commands, 4, "the alerts section's commands ran");
     let mails = smtp.wait_for(2, Duration::from_secs(10)).await;
     assert!(mails[1].contains("app/s1 DOWN"), "{}", mails[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_remote_access_section_runs_as_the_readme_shows() {
+    use crate::support::pki::Ca;
+    let text = readme();
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, cwd) = (dir.path().join("tls"), dir.path().join("cwd"));
+    std::fs::create_dir_all(&tls).unwrap();
+    std::fs::create_dir_all(&cwd).unwrap();
+    // The README's files: a server certificate for edge1.example.com (and, here, 127.0.0.1,
+    // where edge1 is), a client CA, and the reader's certificate me.crt (CN=me, O=ops).
+    let server_ca = Ca::new("edge CA");
+    server_ca.write(&cwd.join("ca.pem"));
+    let server = server_ca.server(&tls, "server");
+    let clients = Ca::new("clients CA");
+    clients.write(&tls.join("clients.pem"));
+    let me = clients.client(&tls, "me", "me", "ops", false);
+    std::fs::copy(&me.cert, cwd.join("me.crt")).unwrap();
+    std::fs::copy(&me.key, cwd.join("me.key")).unwrap();
+    std::fs::rename(&server.cert, tls.join("server.crt")).unwrap();
+    std::fs::rename(&server.key, tls.join("server.key")).unwrap();
+
+    // Its listen address is this machine's loopback here.
+    let toml: Vec<String> = section(
+        &text,
+        "### Remote access: TLS, mTLS, roles by certificate",
+        "toml",
+        0,
+    )
+    .into_iter()
+    .filter(|l| !l.starts_with("listen = "))
+    .collect();
+    let norm = Norm {
+        replace: vec![
+            (tls.display().to_string(), "/etc/stately/tls".into()),
+            ("me.clients.test".into(), "me.clients.example.com".into()),
+        ],
+        loose: false,
+        patterns: vec![(
+            r"tls:127\.0\.0\.1:\d+".into(),
+            "tls:198.51.100.7:51234".into(),
+        )],
+    };
+    let w = start_with(&toml.join("\n"), dir, norm);
+    let mut norm = w.norm.clone();
+    norm.replace.extend([
+        (w.addr.clone(), "edge1.example.com:50051".into()),
+        (
+            w.dir.path().join("stately.toml").display().to_string(),
+            "/etc/stately/stately.toml".into(),
+        ),
+    ]);
+    let lines = section(
+        &text,
+        "### Remote access: TLS, mTLS, roles by certificate",
+        "console",
+        0,
+    );
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut commands = 0;
+    let mut i = 0;
+    while i < lines.len() {
+        let cmd = lines[i].strip_prefix("$ ").expect("a command");
+        let mut shown = Vec::new();
+        i += 1;
+        while i < lines.len() && !lines[i].starts_with("$ ") {
+            shown.push(lines[i].clone());
+            i += 1;
+        }
+        let mut here = cmd.to_owned();
+        for (actual, shown) in &norm.replace {
+            here = here.replace(shown.as_str(), actual);
+        }
+        let args = shell_words(&here);
+        let (program, args) = args.split_first().unwrap();
+        let printed = match program.as_str() {
+            "export" => {
+                for a in args {
+                    let (k, v) = a.split_once('=').unwrap();
+                    env.push((k.into(), v.into()));
+                }
+                continue;
+            }
+            "kill" => {
+                // kill -HUP $(pidof statelyd): the reload takes, and status says so.
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(w.child.id() as i32),
+                    nix::sys::signal::Signal::SIGHUP,
+                )
+                .unwrap();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    let log = std::fs::read_to_string(w.dir.path().join("statelyd.log")).unwrap();
+                    if log.contains("configuration reloaded") {
+                        break;
+                    }
+                    assert!(tokio::time::Instant::now() < deadline, "{log}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                String::new()
+            }
+            "grpcurl" => {
+                // grpcurl -cacert ca.pem -cert me.crt -key me.key ADDR list
+                let leaf = crate::support::pki::Leaf {
+                    cert: cwd.join("me.crt"),
+                    key: cwd.join("me.key"),
+                    pem: String::new(),
+                };
+                let config = crate::support::pki::client_config(&cwd.join("ca.pem"), Some(&leaf));
+                let ch = crate::support::pki::channel(&w.addr, config).await.unwrap();
+                let mut g = Generic::over(ch, None);
+                assert_eq!(args.last().map(String::as_str), Some("list"), "{cmd}");
+                assert!(g.services().await.contains("stately.v1.Jobs"), "{cmd}");
+                String::new()
+            }
+            "statelyd" | "stately" => {
+                let bin = if program == "statelyd" {
+                    env!("CARGO_BIN_EXE_statelyd")
+                } else {
+                    env!("CARGO_BIN_EXE_stately")
+                };
+                let out = Command::new(bin)
+                    .args(args)
+                    .current_dir(&cwd)
+                    .env("STATELY_DATA_DIR", w.dir.path().join("data"))
+                    .env_remove("STATELY_TOKEN")
+                    .env_remove("STATELY_SERVER")
+                    .envs(env.iter().map(|(k, v)| (k, v)))
+                    .output()
+                    .unwrap();
+                let printed = String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr);
+                assert_eq!(out.status.code(), Some(0), "README: `{cmd}`:\n{printed}");
+                printed
+            }
+            other => panic!("README: an unexpected command {other}"),
+        };
+        shows(&shown, &printed, &norm, cmd);
+        commands += 1;
+    }
+    assert_eq!(commands, 5, "the remote access section's commands ran");
+}
+
+/// The sections the tests above run, with their console blocks: a console example added
+/// elsewhere fails here until a test runs it.
+#[test]
+fn every_console_block_of_the_readme_is_run_by_a_test() {
+    let text = readme();
+    let run = [
+        ("## Walkthrough", 2),
+        ("### Watching HAProxy", 1),
+        ("### Editing HAProxy", 2),
+        ("### Certificates (ACME)", 1),
+        ("### Alerts by mail", 1),
+        ("### Remote access: TLS, mTLS, roles by certificate", 1),
+    ];
+    // The walkthrough's own blocks, not those of its subsections.
+    let own = |heading: &str| {
+        blocks(&text, heading)
+            .iter()
+            .filter(|(i, _)| i == "console")
+            .count()
+    };
+    let walkthrough_total = own("## Walkthrough");
+    let sub: usize = run[1..].iter().map(|(_, n)| n).sum();
+    assert_eq!(
+        walkthrough_total,
+        run[0].1 + sub,
+        "console blocks under the walkthrough"
+    );
+    for (heading, n) in &run[1..] {
+        assert_eq!(own(heading), *n, "console blocks in {heading}");
+    }
+    let all = text.lines().filter(|l| *l == "```console").count();
+    assert_eq!(
+        all, walkthrough_total,
+        "every console block is in a section a test runs"
+    );
 }
