@@ -4,26 +4,11 @@
 //! never sent in plaintext beyond loopback.
 
 use anyhow::{Result, anyhow};
-use hyper_util::rt::TokioIo;
 use stately::pb::jobs_client::JobsClient;
 use std::path::PathBuf;
-use std::sync::Arc;
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint, Uri};
 
-/// Adds the bearer token, when there is one, to every call.
-#[derive(Clone)]
-pub(crate) struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(t) = &self.0 {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
-        Ok(req)
-    }
-}
+/// A channel that authenticates every call (the library's).
+pub(crate) use stately::client::Authed;
 
 /// TLS material for `https://`: CA certificates beside the system's, and a client
 /// certificate for mTLS.
@@ -33,9 +18,6 @@ pub(crate) struct TlsFiles {
     pub(crate) cert: Option<PathBuf>,
     pub(crate) key: Option<PathBuf>,
 }
-
-/// A channel that authenticates every call.
-pub(crate) type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
 
 pub(crate) type Client = JobsClient<Authed>;
 
@@ -116,169 +98,31 @@ pub(crate) fn generated_for(server: &str, certificate: bool) -> Generated {
     } else {
         format!("http://{server}")
     };
-    match url.parse::<Uri>() {
-        Ok(uri) if uri.host().is_some_and(is_loopback) => Generated::Local { unix: false },
+    match url.parse::<tonic::transport::Uri>() {
+        Ok(uri) if uri.host().is_some_and(stately::client::is_loopback) => {
+            Generated::Local { unix: false }
+        }
         _ => Generated::Remote,
     }
 }
 
-/// Whether a host is this machine's loopback (a token may cross it in plaintext).
-fn is_loopback(host: &str) -> bool {
-    let h = host.trim_start_matches('[').trim_end_matches(']');
-    h.eq_ignore_ascii_case("localhost")
-        || h.parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// The innermost cause of a connection error, which names what went wrong (tonic's own
-/// message is "transport error").
-fn cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut e = e;
-    while let Some(next) = e.source() {
-        e = next;
-    }
-    e.to_string()
-}
-
-fn client_tls(files: &TlsFiles) -> Result<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(c);
-    }
-    if let Some(ca) = &files.cacert {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
-            .and_then(|i| i.collect())
-            .map_err(|e| anyhow!("--cacert {}: {e}", ca.display()))?;
-        if certs.is_empty() {
-            return Err(anyhow!("--cacert {}: no certificate in it", ca.display()));
-        }
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| anyhow!("--cacert {}: {e}", ca.display()))?;
-        }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots);
-    let mut config = match (&files.cert, &files.key) {
-        (Some(cert), Some(key)) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-                .and_then(|i| i.collect())
-                .map_err(|e| anyhow!("--cert {}: {e}", cert.display()))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| anyhow!("--key {}: {e}", key.display()))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| anyhow!("--cert and --key: {e}"))?
-        }
-        (None, None) => builder.with_no_client_auth(),
-        _ => return Err(anyhow!("--cert and --key go together")),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
-}
-
-/// Connects to `server`: `host:port` or `http://host:port` (plaintext), `https://host:port`
-/// (TLS, verified against the system's CAs and `--cacert`), or `unix:/path`. A token goes in
-/// plaintext only to loopback or a unix socket.
+/// Connects to `server` through the library's client: `host:port` or `http://host:port`
+/// (plaintext), `https://host:port` (TLS), or `unix:/path`. A token goes in plaintext only to
+/// loopback or a unix socket.
 pub(crate) async fn connect(server: &str, token: Option<&str>, tls: &TlsFiles) -> Result<Authed> {
-    let header = match token {
-        Some(t) => Some(
-            format!("Bearer {t}")
-                .parse()
-                .map_err(|_| anyhow!("the token holds characters a header cannot carry"))?,
-        ),
-        None => None,
-    };
-    let channel = if let Some(path) = server.strip_prefix("unix:") {
-        let path = PathBuf::from(path);
-        Endpoint::try_from("http://localhost")?
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .map_err(|e| anyhow!("cannot reach statelyd at {server}: {}", cause(&e)))?
-    } else if server.starts_with("https://") {
-        let uri: Uri = server
-            .parse()
-            .map_err(|e| anyhow!("bad server address '{server}': {e}"))?;
-        let host = uri
-            .host()
-            .ok_or_else(|| anyhow!("bad server address '{server}': no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(443);
-        let name = rustls::pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| anyhow!("bad server address '{server}': {e}"))?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(tls)?));
-        let shown = server.to_owned();
-        Endpoint::from_shared(server.to_owned())
-            .map_err(|e| anyhow!("bad server address '{server}': {e}"))?
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let (connector, name, host, shown) =
-                    (connector.clone(), name.clone(), host.clone(), shown.clone());
-                async move {
-                    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-                    let _ = tcp.set_nodelay(true);
-                    let tls = connector.connect(name, tcp).await.map_err(|e| {
-                        let why = e.to_string();
-                        let hint = if why.contains("InvalidContentType") || why.contains("corrupt message") {
-                            " — it does not speak TLS (a plaintext listener is host:port or http://)"
-                        } else {
-                            ""
-                        };
-                        std::io::Error::other(format!("TLS with {shown}: {why}{hint}"))
-                    })?;
-                    Ok::<_, std::io::Error>(TokioIo::new(tls))
-                }
-            }))
-            .await
-            .map_err(|e| anyhow!("cannot reach statelyd at {server}: {}", cause(&e)))?
-    } else {
-        let url = if server.contains("://") {
-            server.to_owned()
-        } else {
-            format!("http://{server}")
-        };
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| anyhow!("bad server address '{server}': {e}"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(anyhow!(
-                "bad server address '{server}': the scheme is http://, https:// or unix:"
-            ));
-        }
-        if header.is_some() && !uri.host().is_some_and(is_loopback) {
-            return Err(crate::cli::Usage(format!(
-                "refusing to send the token in plaintext to {server}: use https:// (statelyd with [tls]), a unix socket, or a tunnel to its loopback"
-            ))
-            .into());
-        }
-        Endpoint::from_shared(url.clone())
-            .map_err(|e| anyhow!("bad server address '{server}': {e}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| {
-                anyhow!(
-                    "cannot reach statelyd at {url}: {} (is it running? --server/STATELY_SERVER)",
-                    cause(&e)
-                )
-            })?
-    };
-    Ok(tonic::service::interceptor::InterceptedService::new(
-        channel,
-        Bearer(header),
-    ))
+    let mut c = stately::client::Connect::new(server);
+    if let Some(t) = token {
+        c = c.token(t);
+    }
+    if let Some(ca) = &tls.cacert {
+        c = c.cacert(ca);
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        c = c.identity(cert, key);
+    }
+    stately::client::channel(&c).await.map_err(|e| match e {
+        stately::client::Error::Usage(m) => crate::cli::Usage(m).into(),
+        stately::client::Error::Unavailable(m) => anyhow!("{m}"),
+        e => anyhow!("{e}"),
+    })
 }

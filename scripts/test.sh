@@ -25,6 +25,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 getent group nogroup >/dev/null || { echo "the tests need the Debian group 'nogroup'" >&2; exit 1; }
 
+# The example programs are built too: the tests run them as a user would.
+cargo build --examples --quiet
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --lib --bins --tests --no-fail-fast "$@"
 else

@@ -10,6 +10,7 @@ mod auth;
 mod blobs;
 mod certs;
 pub mod check;
+pub mod client;
 mod command;
 pub mod config;
 pub mod daemon;

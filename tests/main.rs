@@ -7,6 +7,7 @@ mod support;
 mod alerts;
 mod certs;
 mod cli;
+mod client;
 mod connections;
 mod crash;
 mod edits;
