@@ -25,6 +25,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 getent group nogroup >/dev/null || { echo "the tests need the Debian group 'nogroup'" >&2; exit 1; }
 
+# The Python examples run in a venv with grpcio and grpcio-tools from PyPI (the stubs are
+# generated from proto/ by the tests themselves).
+venv=target/pyvenv
+if ! "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
+  python3 -m venv "$venv" || { apt-get install -y -qq python3-venv && python3 -m venv "$venv"; }
+  "$venv/bin/pip" install --quiet grpcio grpcio-tools
+fi
+
 # The example programs are built too: the tests run them as a user would.
 cargo build --examples --quiet
 

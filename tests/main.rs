@@ -14,6 +14,7 @@ mod edits;
 mod haproxy;
 mod hostile;
 mod jobs_api;
+mod python;
 mod readme;
 mod reflection;
 mod remote;
