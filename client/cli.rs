@@ -230,7 +230,10 @@ async fn reconnect(
         tokio::select! {
             r = client.watch_job(req) => match r {
                 Ok(s) => return Ok(Some(s.into_inner())),
-                Err(s) if s.code() != Code::Unavailable => return Err(explain(s)),
+                // Unavailable, or Cancelled for a connection broken mid-call: still away.
+                Err(s) if !matches!(s.code(), Code::Unavailable | Code::Cancelled) => {
+                    return Err(explain(s));
+                }
                 Err(_) => {}
             },
             _ = &mut interrupted => {

@@ -33,6 +33,12 @@ if ! "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
   "$venv/bin/pip" install --quiet grpcio grpcio-tools
 fi
 
+# buf (lint and breaking-change checks of proto/), from the npm package that ships it.
+if [ ! -x target/buf/node_modules/.bin/buf ]; then
+  mkdir -p target/buf
+  npm install --prefix target/buf --silent --no-audit --no-fund @bufbuild/buf@1
+fi
+
 # The example programs are built too: the tests run them as a user would.
 cargo build --examples --quiet
 

@@ -38,9 +38,12 @@ use tonic::transport::{Channel, Endpoint, Uri};
 /// What went wrong, by what the caller can do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The address, token or TLS files cannot be used (nothing was sent).
+    /// The address or token cannot be used that way (nothing was sent).
     #[error("{0}")]
     Usage(String),
+    /// A CA, certificate or key file cannot be read or used.
+    #[error("{0}")]
+    Files(String),
     /// statelyd could not be reached, or stopped answering.
     #[error("statelyd is unavailable: {0}")]
     Unavailable(String),
@@ -183,9 +186,9 @@ fn tls_config(c: &Connect) -> Result<rustls::ClientConfig, Error> {
     if let Some(ca) = &c.cacert {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
             .and_then(|i| i.collect())
-            .map_err(|e| Error::Usage(format!("--cacert {}: {e}", ca.display())))?;
+            .map_err(|e| Error::Files(format!("--cacert {}: {e}", ca.display())))?;
         if certs.is_empty() {
-            return Err(Error::Usage(format!(
+            return Err(Error::Files(format!(
                 "--cacert {}: no certificate in it",
                 ca.display()
             )));
@@ -193,25 +196,25 @@ fn tls_config(c: &Connect) -> Result<rustls::ClientConfig, Error> {
         for cert in certs {
             roots
                 .add(cert)
-                .map_err(|e| Error::Usage(format!("--cacert {}: {e}", ca.display())))?;
+                .map_err(|e| Error::Files(format!("--cacert {}: {e}", ca.display())))?;
         }
     }
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| Error::Usage(format!("TLS: {e}")))?
+    .map_err(|e| Error::Files(format!("TLS: {e}")))?
     .with_root_certificates(roots);
     let mut config = match &c.identity {
         Some((cert, key)) => {
             let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
                 .and_then(|i| i.collect())
-                .map_err(|e| Error::Usage(format!("--cert {}: {e}", cert.display())))?;
+                .map_err(|e| Error::Files(format!("--cert {}: {e}", cert.display())))?;
             let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| Error::Usage(format!("--key {}: {e}", key.display())))?;
+                .map_err(|e| Error::Files(format!("--key {}: {e}", key.display())))?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| Error::Usage(format!("--cert and --key: {e}")))?
+                .map_err(|e| Error::Files(format!("--cert and --key: {e}")))?
         }
         None => builder.with_no_client_auth(),
     };
@@ -475,7 +478,14 @@ impl Client {
                     .await;
                 let mut s = match opened {
                     Ok(s) => s.into_inner(),
-                    Err(e) if e.code() == tonic::Code::Unavailable => {
+                    // The daemon is away (a connection broken mid-call says Cancelled):
+                    // try again.
+                    Err(e)
+                        if matches!(
+                            e.code(),
+                            tonic::Code::Unavailable | tonic::Code::Cancelled
+                        ) =>
+                    {
                         let since = *lost_at.get_or_insert_with(tokio::time::Instant::now);
                         if since.elapsed() > within {
                             let _ = tx.send(Err(Error::from(e))).await;

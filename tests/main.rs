@@ -5,6 +5,7 @@
 mod support;
 
 mod alerts;
+mod api;
 mod certs;
 mod cli;
 mod client;

@@ -37,7 +37,8 @@ def main():
                 if e.WhichOneof("event") == "state_changed" and e.state_changed.to in TERMINAL:
                     return 0
         except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.UNAVAILABLE:
+            # UNAVAILABLE, or CANCELLED for a connection broken mid-call: the daemon is away.
+            if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                 print("follow_job: %s: %s" % (err.code().name, err.details()), file=sys.stderr)
                 return 3
         # The stream ended before the job did: the daemon is restarting. Resume.
