@@ -465,55 +465,11 @@ impl Client {
     ) -> impl Stream<Item = Result<pb::JobEvent, Error>> + Send + 'static {
         let (client, id, within) = (self.clone(), id.to_owned(), self.reconnect_within);
         async_stream(move |tx| async move {
-            let mut last = after_seq;
-            let mut lost_at: Option<tokio::time::Instant> = None;
-            let mut pause = Duration::from_millis(50);
-            loop {
-                let opened = client
-                    .jobs_api()
-                    .watch_job(pb::WatchJobRequest {
-                        job_id: id.clone(),
-                        after_seq: last,
-                    })
-                    .await;
-                let mut s = match opened {
-                    Ok(s) => s.into_inner(),
-                    // The daemon is away (a connection broken mid-call says Cancelled):
-                    // try again.
-                    Err(e)
-                        if matches!(
-                            e.code(),
-                            tonic::Code::Unavailable | tonic::Code::Cancelled
-                        ) =>
-                    {
-                        let since = *lost_at.get_or_insert_with(tokio::time::Instant::now);
-                        if since.elapsed() > within {
-                            let _ = tx.send(Err(Error::from(e))).await;
-                            return;
-                        }
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(2));
-                        continue;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(Error::from(e))).await;
-                        return;
-                    }
-                };
-                // Until the stream ends or breaks before the job did (the daemon is going
-                // away): then resume after the last event.
-                while let Ok(Some(e)) = s.message().await {
-                    lost_at = None;
-                    pause = Duration::from_millis(50);
-                    if e.seq <= last {
-                        continue; // seen before the reconnect
-                    }
-                    last = e.seq;
-                    let end = is_terminal(&e);
-                    if tx.send(Ok(e)).await.is_err() || end {
-                        return;
-                    }
-                }
+            // The task ends when the stream is dropped, wherever it waits.
+            let closed = tx.clone();
+            tokio::select! {
+                () = closed.closed() => {}
+                () = follow(client, id, after_seq, within, tx) => {}
             }
         })
     }
@@ -546,6 +502,100 @@ impl Client {
             }
         })
     }
+}
+
+/// Whether a status means the daemon is away (a connection broken mid-call says Cancelled).
+fn away(code: tonic::Code) -> bool {
+    matches!(code, tonic::Code::Unavailable | tonic::Code::Cancelled)
+}
+
+/// [`Client::watch`]'s loop: follow, and when the stream breaks or ends before the job did,
+/// back off and resume after the last event sent.
+async fn follow(
+    client: Client,
+    id: String,
+    after_seq: u64,
+    within: Duration,
+    tx: tokio::sync::mpsc::Sender<Result<pb::JobEvent, Error>>,
+) {
+    let mut last = after_seq;
+    let mut lost_at: Option<tokio::time::Instant> = None;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let opened = client
+            .jobs_api()
+            .watch_job(pb::WatchJobRequest {
+                job_id: id.clone(),
+                after_seq: last,
+            })
+            .await;
+        match opened {
+            Ok(s) => {
+                let mut s = s.into_inner();
+                loop {
+                    match s.message().await {
+                        Ok(Some(e)) => {
+                            lost_at = None;
+                            pause = Duration::from_millis(50);
+                            if e.seq <= last {
+                                continue; // seen before the reconnect
+                            }
+                            last = e.seq;
+                            let end = is_terminal(&e);
+                            if tx.send(Ok(e)).await.is_err() || end {
+                                return;
+                            }
+                        }
+                        // Ended without the job's end: the daemon is stopping — or the job
+                        // ended at or before `last` (nothing left to send). Ask.
+                        Ok(None) => {
+                            match client.job(&id).await {
+                                Ok(j) if is_terminal_state(j.state) && j.last_seq <= last => {
+                                    return;
+                                }
+                                Ok(_) => {}
+                                Err(Error::Unavailable(_)) => {}
+                                Err(e) => {
+                                    let _ = tx.send(Err(e)).await;
+                                    return;
+                                }
+                            }
+                            break;
+                        }
+                        Err(e) if away(e.code()) => break,
+                        Err(e) => {
+                            let _ = tx.send(Err(Error::from(e))).await;
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(e) if away(e.code()) => {}
+            Err(e) => {
+                let _ = tx.send(Err(Error::from(e))).await;
+                return;
+            }
+        }
+        let since = *lost_at.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() > within {
+            let _ = tx
+                .send(Err(Error::Unavailable(format!(
+                    "statelyd did not come back within {}s",
+                    within.as_secs()
+                ))))
+                .await;
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn is_terminal_state(state: i32) -> bool {
+    use pb::JobState as S;
+    [S::Succeeded, S::Failed, S::Cancelled]
+        .iter()
+        .any(|t| *t as i32 == state)
 }
 
 /// A stream fed by a task (what async-stream does, in a dozen lines).

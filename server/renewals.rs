@@ -38,11 +38,13 @@ pub(crate) fn spawn(engine: &Engine) {
             if due.is_empty() {
                 continue;
             }
-            // A lineage with an issuance already queued or running is left to it.
+            // A lineage with a job queued or running on it (an issuance, a revocation, a
+            // delete — a renewal queued behind a delete would bring the lineage back) is left
+            // to that job.
             let busy: Vec<String> = engine
                 .list(
                     vec![JobState::Pending, JobState::Running, JobState::Cancelling],
-                    Some("certificate_issue".into()),
+                    None,
                     Vec::new(),
                     MAX_PAGE_SIZE,
                     "",
@@ -52,6 +54,8 @@ pub(crate) fn spawn(engine: &Engine) {
                 .into_iter()
                 .filter_map(|j| match j.spec {
                     JobSpec::CertificateIssue(c) => Some(c.lineage),
+                    JobSpec::CertificateRevoke(r) => Some(r.lineage),
+                    JobSpec::CertificateDelete(d) => Some(d.lineage),
                     _ => None,
                 })
                 .collect();

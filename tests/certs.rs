@@ -1126,6 +1126,8 @@ async fn cert_delete_removes_a_lineage_and_a_rollback_puts_it_back_as_it_was() {
         a.bundles().join("gone.example.test.pem"),
         a.d.data().join("renewal").join("gone.example.test.json"),
     ];
+    // A lineage directory with its own mode comes back with it.
+    std::fs::set_permissions(&places[1], std::fs::Permissions::from_mode(0o750)).unwrap();
     let before = tree(&places);
     assert!(before.len() >= 4 + 8 + 2, "{:?}", before.keys());
 
@@ -1172,6 +1174,7 @@ async fn cert_delete_removes_a_lineage_and_a_rollback_puts_it_back_as_it_was() {
         before,
         "the lineage is back byte for byte, links as they were"
     );
+    assert_eq!(mode(&places[1]), 0o750, "the archive directory's mode too");
     let out =
         a.d.cli()
             .args(["cert", "show", "gone.example.test"])

@@ -106,6 +106,15 @@ async fn jobs_list_as_a_stream_over_pages_and_errors_are_typed() {
         .collect()
         .await;
     assert_eq!(all.len(), 5, "three pages of two, two, one");
+    // A watch from a finished job's last event has nothing left to say: it ends, at once.
+    let done = wait_end(&mut d.client().await, &all[0].id).await;
+    let rest: Vec<_> = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.watch(&done.id, done.last_seq).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("the watch ends");
+    assert!(rest.is_empty(), "{rest:?}");
     let e = client
         .submit(runbook("no-such-runbook", []))
         .await

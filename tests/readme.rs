@@ -20,8 +20,10 @@ fn readme() -> String {
 /// The fenced blocks of a section (from its heading to the next of the same level), with
 /// their info string.
 fn blocks(text: &str, heading: &str) -> Vec<(String, Vec<String>)> {
+    // The heading as a whole line ("## Walkthrough" is not "### Walkthrough notes").
     let start = text
-        .find(heading)
+        .find(&format!("\n{heading}\n"))
+        .map(|i| i + 1)
         .unwrap_or_else(|| panic!("README has {heading}"));
     let level = heading.chars().take_while(|c| *c == '#').count();
     let mut out = Vec::new();
@@ -966,7 +968,13 @@ fn every_console_block_of_the_readme_is_run_by_a_test() {
     for (heading, n) in &run[1..] {
         assert_eq!(own(heading), *n, "console blocks in {heading}");
     }
-    let all = text.lines().filter(|l| *l == "```console").count();
+    // Any fence of shell commands counts, however it is written.
+    let shells = ["console", "sh", "shell", "bash", "shell-session"];
+    let all = text
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("```"))
+        .filter(|info| shells.contains(&info.trim()))
+        .count();
     assert_eq!(
         all, walkthrough_total,
         "every console block is in a section a test runs"

@@ -51,7 +51,7 @@ pub(crate) fn http_client(ca_file: Option<&Path>) -> Result<Box<dyn HttpClient>,
 }
 
 /// Where an ACME directory's account lives.
-fn account_file(data_dir: &Path, server: &AcmeServer) -> PathBuf {
+pub(crate) fn account_file(data_dir: &Path, server: &AcmeServer) -> PathBuf {
     let digest = crate::fsops::sha256_hex(server.directory.as_bytes());
     data_dir
         .join("acme")

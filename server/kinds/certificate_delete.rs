@@ -35,6 +35,16 @@ fn items(places: &crate::certs::Places, name: &str) -> std::io::Result<Vec<Item>
     let l = crate::certs::lineage::Lineage::new(&places.root, name);
     let mut out = Vec::new();
     for dir in [l.live_dir(), l.archive_dir()] {
+        // A lineage directory that is a link would take the delete outside the root.
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(std::io::Error::other(format!(
+                    "{} is a symbolic link: stately deletes only a lineage whose directories are its own",
+                    dir.display()
+                )));
+            }
+            _ => {}
+        }
         let mut entries: Vec<_> = match std::fs::read_dir(&dir) {
             Ok(d) => d.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -60,8 +70,10 @@ fn items(places: &crate::certs::Places, name: &str) -> std::io::Result<Vec<Item>
     let bundle = places.bundles.join(format!("{name}.pem"));
     let certbot_renewal = places.root.join("renewal").join(format!("{name}.conf"));
     for p in [meta, bundle, certbot_renewal] {
-        if p.exists() {
-            out.push(Item::File(p));
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => out.push(Item::Link(p)),
+            Ok(_) => out.push(Item::File(p)),
+            Err(_) => {}
         }
     }
     Ok(out)
@@ -169,6 +181,15 @@ impl Delete {
     /// Each file is backed up and its undo recorded before it is removed; directories come
     /// back with the files restored into them.
     async fn remove(&mut self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        // The directories' modes and owners first, so the unwind (newest first) puts them
+        // back last, once the files restored into them have recreated them.
+        for item in &self.items {
+            if let Item::Dir(d) = item {
+                let undo = crate::undo::UndoEntry::snapshot_ownership(d)
+                    .map_err(|e| StepError::Failed(format!("{}: {e}", d.display())))?;
+                ctx.record_undo(undo).await?;
+            }
+        }
         for item in self.items.clone() {
             if ctx.is_cancelled() {
                 return Err(StepError::Cancelled);

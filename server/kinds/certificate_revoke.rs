@@ -43,6 +43,9 @@ fn reason(name: &str) -> Option<instant_acme::RevocationReason> {
     })
 }
 
+/// How long the CA gets to answer the revocation.
+const REVOKE_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Why a rollback of a revocation is refused.
 pub(crate) const IRREVERSIBLE: &str = "a revocation cannot be undone: the CA will not take it back. Issue a new certificate instead (stately cert renew, or cert issue)";
 
@@ -148,19 +151,49 @@ impl Revoke {
             .der
             .clone()
             .ok_or_else(|| StepError::Failed("the certificate was not read".into()))?;
+        // Only the account that issued it (or holds authorizations for its names) may revoke:
+        // a new registration could not, so none is made here.
+        if !acme::account_file(&self.data_dir, &self.server).exists() {
+            return Err(StepError::Precondition(format!(
+                "statelyd has no account at {}: a certificate another client issued is revoked with that client (certbot revoke)",
+                self.server.directory
+            )));
+        }
         let (account, _) = ctx
             .until_cancel(acme::account(&self.data_dir, &self.server, false))
             .await?
             .map_err(StepError::Failed)?;
         let certificate = rustls::pki_types::CertificateDer::from(der);
-        // Past this point the request may have reached the CA: no cancel interrupts it.
-        account
-            .revoke(&instant_acme::RevocationRequest {
+        ctx.log(
+            LogLevel::Info,
+            format!("asking {} to revoke it", self.server.directory),
+        );
+        // Past this point the request may have reached the CA: no cancel interrupts it, and a
+        // CA that does not answer leaves the outcome unknown, said as such.
+        let sent = tokio::time::timeout(
+            REVOKE_WITHIN,
+            account.revoke(&instant_acme::RevocationRequest {
                 certificate: &certificate,
                 reason: reason(&self.spec.reason),
-            })
-            .await
-            .map_err(|e| StepError::Failed(acme::describe(&e)))?;
+            }),
+        )
+        .await;
+        match sent {
+            Err(_) => {
+                return Err(StepError::Failed(format!(
+                    "{} did not answer within {}s: whether it revoked the certificate is unknown (stately cert revoke again: a revoked one is reported as such)",
+                    self.server.directory,
+                    REVOKE_WITHIN.as_secs()
+                )));
+            }
+            Ok(Err(instant_acme::Error::Api(p)))
+                if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:alreadyRevoked") =>
+            {
+                ctx.log(LogLevel::Info, "the CA says it was already revoked");
+            }
+            Ok(Err(e)) => return Err(StepError::Failed(acme::describe(&e))),
+            Ok(Ok(())) => {}
+        }
         ctx.log(
             LogLevel::Warn,
             format!(

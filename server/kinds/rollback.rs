@@ -31,6 +31,14 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, at: Moment) -> Result<Planned, 
         .store
         .job(id)?
         .ok_or_else(|| Error::NotFound(format!("job {id} no longer exists")))?;
+    // Before the state: a revocation that failed or was cancelled may still have reached
+    // the CA, and none can be undone.
+    if record.spec.kind == "certificate_revoke" {
+        return Err(Error::FailedPrecondition(format!(
+            "job {id} revoked a certificate (or tried to), and {}",
+            super::certificate_revoke::IRREVERSIBLE
+        )));
+    }
     match record.state {
         JobState::Succeeded => {}
         JobState::Failed | JobState::Cancelled => {
@@ -45,12 +53,6 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, at: Moment) -> Result<Planned, 
                 s.as_str()
             )));
         }
-    }
-    if record.spec.kind == "certificate_revoke" {
-        return Err(Error::FailedPrecondition(format!(
-            "job {id} revoked a certificate, and {}",
-            super::certificate_revoke::IRREVERSIBLE
-        )));
     }
     if let Some(by) = record.rolled_back_by {
         return Err(Error::FailedPrecondition(format!(
