@@ -12,6 +12,7 @@ declare -A PACKAGES=(
   [haproxy]=/usr/sbin/haproxy
   [python3-aiosmtpd]=/usr/lib/python3/dist-packages/aiosmtpd
   [pebble]=/usr/bin/pebble-challtestsrv
+  [systemd]=/usr/bin/systemd-analyze
 )
 missing=()
 for pkg in "${!PACKAGES[@]}"; do

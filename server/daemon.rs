@@ -235,6 +235,12 @@ pub async fn run(
         if tls.is_some() { " (TLS)" } else { "" }
     );
     on_listen(addr);
+    // systemd (Type=notify): listening now; the watchdog, when WatchdogSec asks for one.
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("listening on {addr}")),
+    ]);
+    spawn_watchdog(stopping.clone());
     if let Some(loader) = reload {
         spawn_reloader(
             loader,
@@ -259,6 +265,7 @@ pub async fn run(
             };
         }
     }
+    notify(&[sd_notify::NotifyState::Stopping]);
     stopping.cancel();
     health_reporter
         .set_not_serving::<pb::jobs_server::JobsServer<JobsApi>>()
@@ -297,6 +304,13 @@ fn spawn_reloader(loader: Loader, r: Reloadable, stop: CancellationToken) {
                 _ = stop.cancelled() => return,
                 s = hup.recv() => if s.is_none() { return },
             }
+            // systemd: reloading (MONOTONIC_USEC ties it to this SIGHUP), then ready again
+            // whether the new configuration took or not.
+            let mut reloading = vec![sd_notify::NotifyState::Reloading];
+            if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+                reloading.push(now);
+            }
+            notify(&reloading);
             let l = loader.clone();
             let loaded = tokio::task::spawn_blocking(move || l())
                 .await
@@ -322,6 +336,7 @@ fn spawn_reloader(loader: Loader, r: Reloadable, stop: CancellationToken) {
                     r.loads.refused(e);
                 }
             }
+            notify(&[sd_notify::NotifyState::Ready]);
         }
     });
 }
@@ -379,4 +394,30 @@ async fn reload(mut new: Config, r: &Reloadable) -> Result<Vec<String>, String> 
     }
     r.engine.set_config(Arc::new(new));
     Ok(notes)
+}
+
+/// Tells systemd (when NOTIFY_SOCKET is set; a no-op otherwise). A failure is logged, never
+/// fatal: the daemon works without a service manager.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// Pings systemd's watchdog at half its interval (WATCHDOG_USEC), from the runtime that serves
+/// calls: a daemon whose runtime is stuck stops pinging, and systemd restarts it.
+fn spawn_watchdog(stop: CancellationToken) {
+    let Some(every) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let every = every / 2;
+    tokio::spawn(async move {
+        loop {
+            notify(&[sd_notify::NotifyState::Watchdog]);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    });
 }

@@ -21,3 +21,4 @@ mod reflection;
 mod remote;
 mod runbooks;
 mod stats;
+mod systemd;

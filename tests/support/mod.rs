@@ -273,6 +273,11 @@ value = "{VIEWER}"
         c.wait().unwrap()
     }
 
+    /// Waits for the process to exit (after a signal sent some other way).
+    pub fn terminate_wait(&mut self) -> std::process::ExitStatus {
+        self.child.take().unwrap().wait().unwrap()
+    }
+
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.addr))
             .unwrap()
