@@ -119,6 +119,7 @@ pub(crate) struct StepCtx<'a> {
     cancel: CancellationToken,
     journal: &'a mut Journal,
     env: &'a Env,
+    irreversible: bool,
 }
 
 impl<'a> StepCtx<'a> {
@@ -134,7 +135,20 @@ impl<'a> StepCtx<'a> {
             cancel,
             journal,
             env,
+            irreversible: false,
         }
+    }
+
+    /// Says the step has done what cannot be undone (a revocation the CA accepted): a cancel
+    /// that arrives now does not make it a cancelled step — the job would then say it was
+    /// stopped, when what it did stands. Later steps still see the cancel.
+    pub(crate) fn done_irreversibly(&mut self) {
+        self.irreversible = true;
+    }
+
+    /// Whether [`StepCtx::done_irreversibly`] was said.
+    pub(crate) fn is_irreversible(&self) -> bool {
+        self.irreversible
     }
 
     /// The step's index in its job.

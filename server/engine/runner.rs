@@ -345,7 +345,9 @@ async fn execute(
         }
         // A step that finished its critical section is kept, then unwound with the rest.
         let result = match result {
-            Ok(()) if live.cancel.is_cancelled() => Err(StepError::Cancelled),
+            Ok(()) if live.cancel.is_cancelled() && !ctx.is_irreversible() => {
+                Err(StepError::Cancelled)
+            }
             r => r,
         };
         let (state, error) = match &result {

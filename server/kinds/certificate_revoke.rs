@@ -194,6 +194,7 @@ impl Revoke {
             Ok(Err(e)) => return Err(StepError::Failed(acme::describe(&e))),
             Ok(Ok(())) => {}
         }
+        ctx.done_irreversibly();
         ctx.log(
             LogLevel::Warn,
             format!(
