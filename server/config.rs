@@ -57,6 +57,8 @@ pub struct Config {
     /// Roles for unix-socket peers by uid.
     #[serde(rename = "unix_peer")]
     pub unix_peers: Vec<crate::auth::UnixPeerRule>,
+    /// Where `/metrics` is served for Prometheus (off when unset).
+    pub metrics_listen: Option<SocketAddr>,
     /// Where the store, the blobs and the generated token live.
     pub data_dir: PathBuf,
     /// Open connections per listener at most (lowered to fit the open-file limit).
@@ -300,6 +302,7 @@ impl Default for Config {
             reflection: Reflection::Public,
             client_certs: Vec::new(),
             unix_peers: Vec::new(),
+            metrics_listen: None,
             data_dir: default_data_dir(),
             max_connections: 4096,
             first_bytes_timeout: Duration::from_secs(10),
@@ -330,6 +333,10 @@ listen = "127.0.0.1:50051"
 # A listener beyond loopback needs [tls] below, unless this says the path is encrypted some
 # other way (tokens then cross the network in clear; statelyd warns at start).
 insecure = false
+
+# Serve /metrics for Prometheus here (plain HTTP, no credentials: the figures hold no
+# secrets; keep it on loopback or behind your scrape network). Off when unset.
+# metrics_listen = "127.0.0.1:9586"
 
 # Server reflection (what `grpcurl ADDR list` and `describe` use) and the health check answer
 # without credentials: the API's schema is not a secret. "authenticated" locks reflection.

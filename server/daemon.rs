@@ -241,6 +241,19 @@ pub async fn run(
         sd_notify::NotifyState::Status(&format!("listening on {addr}")),
     ]);
     spawn_watchdog(stopping.clone());
+    if let Some(m) = config.metrics_listen {
+        let l = tokio::net::TcpListener::bind(m)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: m.to_string(),
+                source,
+            })?;
+        tracing::info!(
+            "metrics on http://{}/metrics",
+            l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+        );
+        tokio::spawn(crate::metrics::serve(l, engine.clone(), stopping.clone()));
+    }
     if let Some(loader) = reload {
         spawn_reloader(
             loader,
@@ -362,6 +375,7 @@ async fn reload(mut new: Config, r: &Reloadable) -> Result<Vec<String>, String> 
     keep!(max_connections, "max_connections");
     keep!(first_bytes_timeout, "first_bytes_timeout");
     keep!(insecure, "insecure");
+    keep!(metrics_listen, "metrics_listen");
     keep!(certificates.responder, "[certificates] responder");
     keep!(certificates.renew_check, "[certificates] renew_check");
     keep!(history.prune_interval, "[history] prune_interval");

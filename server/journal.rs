@@ -19,6 +19,8 @@ pub(crate) struct Journal {
     pub(crate) blobs: BlobStore,
     /// The job's latest recorded state, for those waiting on it.
     state: watch::Sender<JobState>,
+    /// The job's kind, for the metrics of its end.
+    pub(crate) kind: &'static str,
 }
 
 impl Journal {
@@ -41,6 +43,7 @@ impl Journal {
             next_idx: entries.last().map_or(0, |e| e.idx + 1),
             entries,
             blobs: blobs.clone(),
+            kind: "",
         }
     }
 
@@ -81,6 +84,10 @@ impl Journal {
     ) {
         let from = record.state;
         record.state = to;
+        if to.is_terminal() && !from.is_terminal() && !self.kind.is_empty() {
+            let seconds = (now_ms() - record.created_at).max(0) as f64 / 1000.0;
+            crate::metrics::job_finished(self.kind, to.as_str(), seconds);
+        }
         let ev = self.event(EventBody::State {
             from: Some(from),
             to,

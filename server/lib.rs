@@ -22,6 +22,7 @@ pub mod job;
 mod journal;
 pub mod kinds;
 mod listen;
+mod metrics;
 mod quote;
 mod renewals;
 mod runbooks;

@@ -444,6 +444,22 @@ impl Store {
     }
 
     /// Alert mails queued and not yet delivered, over every watch.
+    /// How many jobs there are of each kind in each state (for the metrics).
+    pub(crate) fn job_counts(&self) -> Result<Vec<(String, String, u64)>, Error> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
     pub(crate) fn outbox_pending(&self) -> Result<u64, Error> {
         self.read(|c| {
             Ok(

@@ -15,6 +15,7 @@ mod edits;
 mod haproxy;
 mod hostile;
 mod jobs_api;
+mod metrics;
 mod python;
 mod readme;
 mod reflection;

@@ -330,6 +330,11 @@ impl Engine {
         *self.shared.current.write().expect("config lock") = config;
     }
 
+    /// Jobs in the ledger by kind and state (for the metrics).
+    pub(crate) fn job_counts(&self) -> Result<Vec<(String, String, u64)>, Error> {
+        Ok(self.shared.env.store.job_counts()?)
+    }
+
     /// The shared stats pollers.
     pub fn stats(&self) -> Arc<crate::stats::StatsHub> {
         self.shared.env.stats.clone()

@@ -16,14 +16,16 @@ fn journal_of(
     record: &Job,
     entries: Vec<crate::undo::JournalEntry>,
 ) -> Journal {
-    Journal::new(
+    let mut journal = Journal::new(
         &shared.env.store,
         &shared.env.blobs,
         &live.events,
         &live.state,
         record,
         entries,
-    )
+    );
+    journal.kind = record.spec.kind();
+    journal
 }
 
 /// What submission planned: the executor, and the configuration it was planned with.

@@ -281,6 +281,14 @@ impl StatsHub {
             .clone()
     }
 
+    /// The latest poll of a target's running poller, if one runs (nothing is polled for it).
+    pub fn latest(&self, target: &str) -> Option<Arc<Poll>> {
+        let pollers = self.pollers.lock().expect("poller lock");
+        let p = pollers.get(target)?.upgrade()?;
+        let latest = p.rx.borrow().clone();
+        (latest.seq > 0).then_some(latest)
+    }
+
     /// How many times a target's socket has been polled since start.
     pub fn polls(&self, target: &str) -> u64 {
         self.counter(target).load(Ordering::SeqCst)

@@ -1,0 +1,283 @@
+//! `/metrics` for Prometheus, with the official prometheus-client crate, on its own HTTP
+//! listener (`metrics_listen`; off when unset). Events are counted where they happen (a job
+//! ending, a stats poll); what is a state rather than an event (jobs by kind and state,
+//! certificate expiry, HAProxy server status, the outbox) is read when scraped, from what the
+//! daemon already holds — the shared stats pollers' latest poll, so a scrape costs HAProxy no
+//! poll of its own.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::OnceLock;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Finished {
+    kind: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: String,
+}
+
+/// The counters and histograms events feed.
+struct Events {
+    finished: Family<Finished, Counter>,
+    duration: Family<Kind, Histogram>,
+}
+
+fn events() -> &'static Events {
+    static EVENTS: OnceLock<Events> = OnceLock::new();
+    EVENTS.get_or_init(|| Events {
+        finished: Family::default(),
+        duration: Family::new_with_constructor(|| {
+            // 10 ms to ~20 min: a one-step runbook to an ACME issuance with slow validation.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.01, 4.0, 10,
+            ))
+        }),
+    })
+}
+
+/// A job ended: counted by kind and outcome, its run time (from submission) observed.
+pub(crate) fn job_finished(kind: &str, outcome: &str, seconds: f64) {
+    let e = events();
+    e.finished
+        .get_or_create(&Finished {
+            kind: kind.into(),
+            outcome: outcome.to_ascii_lowercase(),
+        })
+        .inc();
+    e.duration
+        .get_or_create(&Kind { kind: kind.into() })
+        .observe(seconds);
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    kind: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Lineage {
+    lineage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Target {
+    target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerStatus {
+    target: String,
+    proxy: String,
+    server: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Build {
+    version: String,
+}
+
+/// The states HAProxy's own exporter gives `haproxy_server_status` one series each.
+const SERVER_STATES: [&str; 8] = [
+    "UP", "DOWN", "MAINT", "DRAIN", "NOLB", "no check", "STOPPED", "UNKNOWN",
+];
+
+/// Everything, as Prometheus' text format.
+pub(crate) fn render(engine: &crate::engine::Engine) -> String {
+    let mut r = Registry::with_prefix("stately");
+    let e = events();
+    r.register(
+        "jobs_finished",
+        "Jobs that ended, by kind and outcome",
+        e.finished.clone(),
+    );
+    r.register_with_unit(
+        "job_duration",
+        "Time from a job's submission to its end",
+        Unit::Seconds,
+        e.duration.clone(),
+    );
+    let build = Family::<Build, Gauge>::default();
+    build
+        .get_or_create(&Build {
+            version: env!("CARGO_PKG_VERSION").into(),
+        })
+        .set(1);
+    r.register("build_info", "statelyd's version", build);
+
+    let jobs = Family::<JobLabels, Gauge>::default();
+    for (kind, state, n) in engine.job_counts().unwrap_or_default() {
+        jobs.get_or_create(&JobLabels { kind, state }).set(n as i64);
+    }
+    r.register("jobs", "Jobs in the ledger, by kind and state", jobs);
+    let incomplete = Gauge::<i64>::default();
+    incomplete.set(engine.unwind_incomplete().map_or(0, |v| v.len() as i64));
+    r.register(
+        "unwinds_incomplete",
+        "Jobs whose unwind could not finish (retried)",
+        incomplete,
+    );
+    let outbox = Gauge::<i64>::default();
+    outbox.set(engine.outbox_pending().unwrap_or(0) as i64);
+    r.register(
+        "alert_outbox_pending",
+        "Alert mails not delivered yet",
+        outbox,
+    );
+
+    let config = engine.config();
+    let expiry = Family::<Lineage, Gauge>::default();
+    for l in crate::certs::list(&config.cert_places()) {
+        expiry
+            .get_or_create(&Lineage { lineage: l.name })
+            .set(l.info.not_after);
+    }
+    r.register_with_unit(
+        "certificate_not_after",
+        "When each lineage's live certificate expires (alert on it minus time())",
+        Unit::Other("timestamp_seconds".into()),
+        expiry,
+    );
+
+    let hub = engine.stats();
+    let polls = Family::<Target, Counter>::default();
+    let status = Family::<ServerStatus, Gauge>::default();
+    for t in &config.haproxy {
+        if t.stats_socket.is_none() {
+            continue;
+        }
+        polls
+            .get_or_create(&Target {
+                target: t.name.clone(),
+            })
+            .inc_by(hub.polls(&t.name));
+        // From a running poller's latest poll only: a scrape never polls HAProxy itself.
+        let Some(poll) = hub.latest(&t.name) else {
+            continue;
+        };
+        let Ok(snapshot) = &poll.result else { continue };
+        for row in snapshot
+            .rows
+            .iter()
+            .filter(|r| r.kind == crate::stats::parse::RowType::Server)
+        {
+            let word = row.status.raw.split(' ').next().unwrap_or("");
+            let current = match row.status.raw.as_str() {
+                "no check" => "no check",
+                _ if SERVER_STATES.contains(&word) => word,
+                _ => "UNKNOWN",
+            };
+            for s in SERVER_STATES {
+                status
+                    .get_or_create(&ServerStatus {
+                        target: t.name.clone(),
+                        proxy: row.proxy.clone(),
+                        server: row.server.clone(),
+                        state: s.into(),
+                    })
+                    .set(i64::from(s == current));
+            }
+        }
+    }
+    r.register("stats_polls", "Polls of each target's stats socket", polls);
+    r.register(
+        "haproxy_server_status",
+        "Each server's status, one series per state (1 for the current), as HAProxy's exporter has it",
+        status,
+    );
+
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+    out.push_str(&process());
+    out
+}
+
+/// The process metrics Prometheus' clients export, read from /proc/self.
+fn process() -> String {
+    let mut out = String::new();
+    let ticks = 100.0; // USER_HZ on Linux
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+        && let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..])
+    {
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let cpu = f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+        let rss_pages: f64 = f.get(21).and_then(|r| r.parse().ok()).unwrap_or(0.0);
+        out.push_str(&format!(
+            "# HELP process_cpu_seconds_total User and system CPU time.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}\n",
+            cpu / ticks
+        ));
+        out.push_str(&format!(
+            "# HELP process_resident_memory_bytes Resident memory.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}\n",
+            rss_pages * 4096.0
+        ));
+    }
+    if let Ok(d) = std::fs::read_dir("/proc/self/fd") {
+        out.push_str(&format!(
+            "# HELP process_open_fds Open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {}\n",
+            d.count()
+        ));
+    }
+    out
+}
+
+/// Serves `/metrics` on `addr` until `stop`: HTTP/1.1, GET only, nothing else.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: crate::engine::Engine,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let engine = engine.clone();
+                    async move {
+                        let resp = if req.method() == http::Method::GET
+                            && req.uri().path() == "/metrics"
+                        {
+                            let text = tokio::task::spawn_blocking(move || render(&engine))
+                                .await
+                                .unwrap_or_default();
+                            http::Response::builder()
+                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                                .body(Full::new(Bytes::from(text)))
+                        } else {
+                            http::Response::builder()
+                                .status(404)
+                                .body(Full::new(Bytes::from_static(b"/metrics is all there is\n")))
+                        };
+                        Ok::<_, std::convert::Infallible>(resp.expect("a valid response"))
+                    }
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                hyper::server::conn::http1::Builder::new().serve_connection(io, service),
+            )
+            .await;
+        });
+    }
+}
