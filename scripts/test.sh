@@ -13,6 +13,7 @@ declare -A PACKAGES=(
   [python3-aiosmtpd]=/usr/lib/python3/dist-packages/aiosmtpd
   [pebble]=/usr/bin/pebble-challtestsrv
   [systemd]=/usr/bin/systemd-analyze
+  [prometheus]=/usr/bin/promtool
 )
 missing=()
 for pkg in "${!PACKAGES[@]}"; do

@@ -93,15 +93,15 @@ const SERVER_STATES: [&str; 8] = [
 
 /// Everything, as Prometheus' text format.
 pub(crate) fn render(engine: &crate::engine::Engine) -> String {
-    let mut r = Registry::with_prefix("stately");
+    let mut r = Registry::default();
     let e = events();
     r.register(
-        "jobs_finished",
+        "stately_jobs_finished",
         "Jobs that ended, by kind and outcome",
         e.finished.clone(),
     );
     r.register_with_unit(
-        "job_duration",
+        "stately_job_duration",
         "Time from a job's submission to its end",
         Unit::Seconds,
         e.duration.clone(),
@@ -112,24 +112,28 @@ pub(crate) fn render(engine: &crate::engine::Engine) -> String {
             version: env!("CARGO_PKG_VERSION").into(),
         })
         .set(1);
-    r.register("build_info", "statelyd's version", build);
+    r.register("stately_build_info", "statelyd's version", build);
 
     let jobs = Family::<JobLabels, Gauge>::default();
     for (kind, state, n) in engine.job_counts().unwrap_or_default() {
         jobs.get_or_create(&JobLabels { kind, state }).set(n as i64);
     }
-    r.register("jobs", "Jobs in the ledger, by kind and state", jobs);
+    r.register(
+        "stately_jobs",
+        "Jobs in the ledger, by kind and state",
+        jobs,
+    );
     let incomplete = Gauge::<i64>::default();
     incomplete.set(engine.unwind_incomplete().map_or(0, |v| v.len() as i64));
     r.register(
-        "unwinds_incomplete",
+        "stately_unwinds_incomplete",
         "Jobs whose unwind could not finish (retried)",
         incomplete,
     );
     let outbox = Gauge::<i64>::default();
     outbox.set(engine.outbox_pending().unwrap_or(0) as i64);
     r.register(
-        "alert_outbox_pending",
+        "stately_alert_outbox_pending",
         "Alert mails not delivered yet",
         outbox,
     );
@@ -142,7 +146,7 @@ pub(crate) fn render(engine: &crate::engine::Engine) -> String {
             .set(l.info.not_after);
     }
     r.register_with_unit(
-        "certificate_not_after",
+        "stately_certificate_not_after",
         "When each lineage's live certificate expires (alert on it minus time())",
         Unit::Other("timestamp_seconds".into()),
         expiry,
@@ -188,46 +192,54 @@ pub(crate) fn render(engine: &crate::engine::Engine) -> String {
             }
         }
     }
-    r.register("stats_polls", "Polls of each target's stats socket", polls);
     r.register(
-        "haproxy_server_status",
+        "stately_stats_polls",
+        "Polls of each target's stats socket",
+        polls,
+    );
+    r.register(
+        "stately_haproxy_server_status",
         "Each server's status, one series per state (1 for the current), as HAProxy's exporter has it",
         status,
     );
 
+    process(&mut r);
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut out, &r);
-    out.push_str(&process());
     out
 }
 
-/// The process metrics Prometheus' clients export, read from /proc/self.
-fn process() -> String {
-    let mut out = String::new();
+/// The process metrics Prometheus' clients export (the names their process collectors use),
+/// read from /proc/self.
+fn process(r: &mut Registry) {
     let ticks = 100.0; // USER_HZ on Linux
     if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
         && let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..])
     {
         let f: Vec<&str> = after.split_whitespace().collect();
-        let cpu = f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-        let rss_pages: f64 = f.get(21).and_then(|r| r.parse().ok()).unwrap_or(0.0);
-        out.push_str(&format!(
-            "# HELP process_cpu_seconds_total User and system CPU time.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}\n",
-            cpu / ticks
-        ));
-        out.push_str(&format!(
-            "# HELP process_resident_memory_bytes Resident memory.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}\n",
-            rss_pages * 4096.0
-        ));
+        let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let cpu = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        cpu.inc_by((field(11) + field(12)) / ticks);
+        r.register_with_unit(
+            "process_cpu",
+            "User and system CPU time",
+            Unit::Seconds,
+            cpu,
+        );
+        let rss = Gauge::<i64>::default();
+        rss.set((field(21) * 4096.0) as i64);
+        r.register_with_unit(
+            "process_resident_memory",
+            "Resident memory",
+            Unit::Bytes,
+            rss,
+        );
     }
     if let Ok(d) = std::fs::read_dir("/proc/self/fd") {
-        out.push_str(&format!(
-            "# HELP process_open_fds Open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {}\n",
-            d.count()
-        ));
+        let fds = Gauge::<i64>::default();
+        fds.set(d.count() as i64);
+        r.register("process_open_fds", "Open file descriptors", fds);
     }
-    out
 }
 
 /// Serves `/metrics` on `addr` until `stop`: HTTP/1.1, GET only, nothing else.
@@ -262,7 +274,10 @@ pub(crate) async fn serve(
                                 .await
                                 .unwrap_or_default();
                             http::Response::builder()
-                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                                .header(
+                                    "content-type",
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
                                 .body(Full::new(Bytes::from(text)))
                         } else {
                             http::Response::builder()

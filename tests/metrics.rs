@@ -4,6 +4,15 @@
 use crate::support::*;
 use std::time::Duration;
 
+fn metrics_addr(d: &Daemon) -> String {
+    d.log()
+        .lines()
+        .find_map(|l| l.split("metrics on http://").nth(1))
+        .and_then(|rest| rest.split('/').next())
+        .expect("the metrics line")
+        .to_owned()
+}
+
 async fn scrape(d: &Daemon) -> String {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let log = d.log();
@@ -24,7 +33,7 @@ async fn scrape(d: &Daemon) -> String {
         r.headers()["content-type"]
             .to_str()
             .unwrap()
-            .starts_with("text/plain"),
+            .starts_with("application/openmetrics-text"),
         "{:?}",
         r.headers()
     );
@@ -93,6 +102,99 @@ async fn metrics_count_jobs_and_show_server_status_from_the_shared_poller() {
     ] {
         assert!(text.contains(want), "no {want} in:\n{text}");
     }
+    // promtool's lint of what Prometheus would scrape.
+    let mut lint = std::process::Command::new("/usr/bin/promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus) is installed");
+    {
+        use std::io::Write;
+        lint.stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = lint.wait_with_output().unwrap();
+    // The output is OpenMetrics (prometheus-client's encoder): a counter's HELP names the
+    // family (stately_jobs_finished) and its sample adds _total. Debian's promtool lints the
+    // older text format and reads that as "no help text" for the _total name; anything else
+    // it says is a problem.
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let problems: Vec<&str> = said
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter(|l| {
+            let Some(name) = l.strip_suffix(" no help text") else {
+                return true;
+            };
+            let Some(family) = name.strip_suffix("_total") else {
+                return true;
+            };
+            !text.contains(&format!("# HELP {family} "))
+        })
+        .collect();
+    assert!(problems.is_empty(), "promtool check metrics: {said}");
+
+    // A real Prometheus scrapes it, and its queries see the job and the server state.
+    let prom_port = free_port();
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: stately\n    scrape_interval: 500ms\n    static_configs:\n      - targets: ['{at}']\n",
+            at = metrics_addr(&d)
+        ),
+    )
+    .unwrap();
+    let mut prom = std::process::Command::new("/usr/bin/prometheus")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let query = |q: &'static str| {
+        let client = client.clone();
+        async move {
+            let url = reqwest::Url::parse_with_params(
+                &format!("http://127.0.0.1:{prom_port}/api/v1/query"),
+                &[("query", q)],
+            )
+            .ok()?;
+            let r = client.get(url).send().await.ok()?;
+            let v: serde_json::Value = serde_json::from_str(&r.text().await.ok()?).ok()?;
+            v["data"]["result"][0]["value"][1]
+                .as_str()
+                .map(str::to_owned)
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs =
+            query(r#"stately_jobs_finished_total{kind="runbook",outcome="succeeded"}"#).await;
+        let down = query(r#"stately_haproxy_server_status{server="s2",state="DOWN"}"#).await;
+        if jobs.as_deref() == Some("1") && down.as_deref() == Some("1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Prometheus sees jobs {jobs:?}, s2 DOWN {down:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = prom.kill();
+    let _ = prom.wait();
+
     // Anything but GET /metrics is not there.
     let at = d
         .log()
