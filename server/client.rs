@@ -554,7 +554,12 @@ async fn follow(
                                     return;
                                 }
                                 Ok(_) => {}
-                                Err(Error::Unavailable(_)) => {}
+                                // Away too (restarting): resume as for the stream.
+                                Err(Error::Unavailable(_))
+                                | Err(Error::Other {
+                                    code: tonic::Code::Cancelled,
+                                    ..
+                                }) => {}
                                 Err(e) => {
                                     let _ = tx.send(Err(e)).await;
                                     return;

@@ -121,21 +121,24 @@ impl Registry {
         self.slots.lock().expect("registry lock").len()
     }
 
-    /// Makes room for a new connection: closes one with no call in flight and quiet for at
-    /// least `min_quiet` — one that has not finished its handshake and HTTP/2 preface first,
-    /// else the one quiet the longest. False when none may go. A connection younger than
-    /// `min_quiet` is never closed for a newcomer, so a flood of connects cannot push out a
-    /// client in the middle of its TLS handshake: the flood's own newcomers are refused.
+    /// Makes room for a new connection: closes one with no call in flight — one that has not
+    /// finished its handshake and HTTP/2 preface and is at least `MIN_AGE_SILENT` old first,
+    /// else the one quiet the longest if quiet for `min_quiet`. False when none may go. A
+    /// connection is never closed for a newcomer in its first `MIN_AGE_SILENT`, so a flood of
+    /// connects cannot push out a client in the middle of its TLS handshake: the flood's own
+    /// newcomers are refused meanwhile.
     fn evict_quietest(&self, min_quiet: Duration) -> bool {
         let now = self.now();
         let min = min_quiet.as_millis() as u64;
+        let young = MIN_AGE_SILENT.as_millis() as u64;
         let slots = self.slots.lock().expect("registry lock");
         let quietest = slots
             .values()
             .filter(|s| {
+                let quiet = now.saturating_sub(s.last.load(Ordering::Relaxed));
                 !s.closed.load(Ordering::SeqCst)
                     && s.calls.load(Ordering::SeqCst) == 0
-                    && now.saturating_sub(s.last.load(Ordering::Relaxed)) >= min
+                    && quiet >= if s.greeted() { min } else { young }
             })
             .min_by_key(|s| (s.greeted(), s.last.load(Ordering::Relaxed)));
         match quietest {
@@ -494,6 +497,10 @@ fn opening_failed(e: &io::Error) {
 
 /// A connection at the cap gets room only from one quiet at least this long.
 const EVICT_QUIET: Duration = Duration::from_secs(1);
+/// A connection that has not finished its handshake and preface gets this long before a
+/// newcomer may take its place: long enough for a TLS handshake across a continent, short
+/// enough that a crowd of silent connections locks nobody out for long.
+const MIN_AGE_SILENT: Duration = Duration::from_millis(250);
 /// How long to pause when accept fails (e.g. EMFILE), instead of spinning on it.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 

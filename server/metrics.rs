@@ -24,10 +24,47 @@ struct Kind {
     kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    result: String,
+}
+
 /// The counters and histograms events feed.
 struct Events {
     finished: Family<Finished, Counter>,
     duration: Family<Kind, Histogram>,
+    poll_duration: Family<Target, Histogram>,
+    polls_failed: Family<Target, Counter>,
+    reloads: Family<Outcome, Counter>,
+    deliveries: Family<Outcome, Counter>,
+}
+
+fn outcome(ok: bool) -> Outcome {
+    Outcome {
+        result: if ok { "ok" } else { "failed" }.into(),
+    }
+}
+
+/// A poll of a target's stats socket, how long it took and whether it answered.
+pub(crate) fn stats_polled(target: &str, seconds: f64, ok: bool) {
+    let e = events();
+    let t = Target {
+        target: target.into(),
+    };
+    e.poll_duration.get_or_create(&t).observe(seconds);
+    if !ok {
+        e.polls_failed.get_or_create(&t).inc();
+    }
+}
+
+/// A HAProxy reload through the master CLI, confirmed or not.
+pub(crate) fn haproxy_reloaded(ok: bool) {
+    events().reloads.get_or_create(&outcome(ok)).inc();
+}
+
+/// An alert mail's delivery attempt, accepted by the relay or not.
+pub(crate) fn mail_sent(ok: bool) {
+    events().deliveries.get_or_create(&outcome(ok)).inc();
 }
 
 fn events() -> &'static Events {
@@ -40,6 +77,15 @@ fn events() -> &'static Events {
                 0.01, 4.0, 10,
             ))
         }),
+        poll_duration: Family::new_with_constructor(|| {
+            // 100 µs to ~3 s: a small HAProxy to 5000 servers on a busy machine.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0001, 3.0, 10,
+            ))
+        }),
+        polls_failed: Family::default(),
+        reloads: Family::default(),
+        deliveries: Family::default(),
     })
 }
 
@@ -105,6 +151,27 @@ pub(crate) fn render(engine: &crate::engine::Engine) -> String {
         "Time from a job's submission to its end",
         Unit::Seconds,
         e.duration.clone(),
+    );
+    r.register_with_unit(
+        "stately_stats_poll_duration",
+        "How long a poll of a target's stats socket took",
+        Unit::Seconds,
+        e.poll_duration.clone(),
+    );
+    r.register(
+        "stately_stats_polls_failed",
+        "Polls of a stats socket that got no answer",
+        e.polls_failed.clone(),
+    );
+    r.register(
+        "stately_haproxy_reloads",
+        "HAProxy reloads through the master CLI, by result",
+        e.reloads.clone(),
+    );
+    r.register(
+        "stately_alert_deliveries",
+        "Alert mail delivery attempts, by result",
+        e.deliveries.clone(),
     );
     let build = Family::<Build, Gauge>::default();
     build

@@ -97,6 +97,7 @@ async fn metrics_count_jobs_and_show_server_status_from_the_shared_poller() {
         r#"stately_haproxy_server_status{target="edge",proxy="app",server="s1",state="DOWN"} 0"#,
         r#"stately_build_info{version=""#,
         "stately_unwinds_incomplete 0",
+        r#"stately_stats_poll_duration_seconds_count{target="edge"} "#,
         "process_resident_memory_bytes ",
         "# TYPE stately_jobs_finished counter",
     ] {

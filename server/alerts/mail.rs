@@ -210,7 +210,9 @@ impl Mailer {
             permanent: true,
             message,
         })?;
-        match self.transport.send(message).await {
+        let sent = self.transport.send(message).await;
+        crate::metrics::mail_sent(sent.is_ok());
+        match sent {
             Ok(reply) => Ok(format!(
                 "{} {}",
                 reply.code(),

@@ -83,6 +83,12 @@ pub(crate) async fn show_proc_within(socket: &Path, within: Duration) -> Result<
 /// shows otherwise (e.g. a port clash that `haproxy -c` could not see). A master that does not
 /// answer at first is waited for, within the same bound.
 pub(crate) async fn reload(socket: &Path, within: Duration) -> Result<Procs, String> {
+    let r = reload_once(socket, within).await;
+    crate::metrics::haproxy_reloaded(r.is_ok());
+    r
+}
+
+async fn reload_once(socket: &Path, within: Duration) -> Result<Procs, String> {
     let before = show_proc_within(socket, within).await?;
     // The master re-execs and closes the connection; there is no answer to read. A socket
     // that cannot even be reached is a failure now, not a timeout later.

@@ -321,7 +321,7 @@ impl StatsHub {
             Some(p) => p,
             None => {
                 let counter = self.counter(target);
-                let p = Arc::new(start_poller(socket, counter));
+                let p = Arc::new(start_poller(target.to_owned(), socket, counter));
                 pollers.insert(target.to_owned(), Arc::downgrade(&p));
                 p
             }
@@ -347,7 +347,7 @@ impl StatsHub {
     }
 }
 
-fn start_poller(socket: PathBuf, counter: Arc<AtomicU64>) -> Poller {
+fn start_poller(target: String, socket: PathBuf, counter: Arc<AtomicU64>) -> Poller {
     let first = Arc::new(Poll {
         seq: 0,
         at: 0,
@@ -358,6 +358,7 @@ fn start_poller(socket: PathBuf, counter: Arc<AtomicU64>) -> Poller {
     let intervals: Arc<Mutex<HashMap<u64, Duration>>> = Arc::default();
     let joined: Arc<tokio::sync::Notify> = Arc::default();
     let task = tokio::spawn(poll_loop(
+        target,
         socket,
         tx,
         intervals.clone(),
@@ -375,6 +376,7 @@ fn start_poller(socket: PathBuf, counter: Arc<AtomicU64>) -> Poller {
 }
 
 async fn poll_loop(
+    target: String,
     socket: PathBuf,
     tx: watch::Sender<Arc<Poll>>,
     intervals: Arc<Mutex<HashMap<u64, Duration>>>,
@@ -392,6 +394,7 @@ async fn poll_loop(
         let result = fetch(&socket)
             .await
             .map(|rows| Arc::new(Snapshot::new(rows)));
+        crate::metrics::stats_polled(&target, started.elapsed().as_secs_f64(), result.is_ok());
         let delta = match (&result, &previous) {
             (Ok(now), Some(before)) => Some(now.delta_since(before)),
             _ => None,
