@@ -347,13 +347,13 @@ impl Generic {
         .map(|r| to_json(&r.into_inner()))
     }
 
-    /// The first message of a server-streaming call (one that does not end by itself).
-    pub(crate) async fn first(
+    /// Opens a server-streaming call, as grpcurl would from what reflection describes.
+    async fn open(
         &mut self,
         service: &str,
         method: &str,
         json: &str,
-    ) -> Result<serde_json::Value, Status> {
+    ) -> Result<tonic::Streaming<DynamicMessage>, Status> {
         let pool = pool_for(&mut self.refl, service).await;
         let m = pool
             .get_service_by_name(service)
@@ -367,14 +367,24 @@ impl Generic {
         ));
         grpc.ready().await.unwrap();
         let path = PathAndQuery::from_maybe_shared(format!("/{service}/{method}")).unwrap();
-        let mut s = grpc
+        Ok(grpc
             .server_streaming(
                 tonic::Request::new(message(m.input(), json)),
                 path,
                 DynCodec(m.output()),
             )
             .await?
-            .into_inner();
+            .into_inner())
+    }
+
+    /// The first message of a server-streaming call (one that does not end by itself).
+    pub(crate) async fn first(
+        &mut self,
+        service: &str,
+        method: &str,
+        json: &str,
+    ) -> Result<serde_json::Value, Status> {
+        let mut s = self.open(service, method, json).await?;
         let msg = s
             .message()
             .await?
@@ -389,27 +399,7 @@ impl Generic {
         method: &str,
         json: &str,
     ) -> Result<Vec<serde_json::Value>, Status> {
-        let pool = pool_for(&mut self.refl, service).await;
-        let m = pool
-            .get_service_by_name(service)
-            .unwrap_or_else(|| panic!("{service} is described"))
-            .methods()
-            .find(|m| m.name() == method)
-            .unwrap_or_else(|| panic!("{method} is described"));
-        let mut grpc = tonic::client::Grpc::new(InterceptedService::new(
-            self.channel.clone(),
-            bearer(self.token.as_deref()),
-        ));
-        grpc.ready().await.unwrap();
-        let path = PathAndQuery::from_maybe_shared(format!("/{service}/{method}")).unwrap();
-        let mut s = grpc
-            .server_streaming(
-                tonic::Request::new(message(m.input(), json)),
-                path,
-                DynCodec(m.output()),
-            )
-            .await?
-            .into_inner();
+        let mut s = self.open(service, method, json).await?;
         let mut out = Vec::new();
         while let Some(msg) = s.message().await? {
             out.push(to_json(&msg));
