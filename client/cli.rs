@@ -366,7 +366,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
         cert: args.cert.clone(),
         key: args.key.clone(),
     };
-    if !args.server.starts_with("https://") && (tls.cacert.is_some() || tls.cert.is_some()) {
+    if !stately::client::is_https(&args.server) && (tls.cacert.is_some() || tls.cert.is_some()) {
         return Err(Usage(format!(
             "--cacert, --cert and --key are for an https:// server, not {}",
             args.server

@@ -158,6 +158,13 @@ impl Interceptor for Bearer {
 /// A channel that authenticates every call; each service's generated client takes it.
 pub type Authed = InterceptedService<Channel, Bearer>;
 
+/// Whether an address asks for TLS (`https://`, in any case, as URL schemes are).
+pub fn is_https(server: &str) -> bool {
+    server
+        .get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+}
+
 /// Whether a host is this machine's loopback (a token may cross it in plaintext).
 pub fn is_loopback(host: &str) -> bool {
     let h = host.trim_start_matches('[').trim_end_matches(']');
@@ -248,7 +255,7 @@ pub async fn channel(c: &Connect) -> Result<Authed, Error> {
             }))
             .await
             .map_err(|e| unreachable(server, e))?
-    } else if server.starts_with("https://") {
+    } else if is_https(server) {
         let uri: Uri = server
             .parse()
             .map_err(|e| Error::Usage(format!("bad server address '{server}': {e}")))?;

@@ -609,6 +609,19 @@ async fn the_cli_speaks_tls_for_https_and_never_sends_a_token_in_clear_beyond_lo
         "{stdout}"
     );
     assert!(stdout.contains(", TLS"), "{stdout}");
+    // The scheme in any case, as URLs go.
+    let out =
+        t.d.cli()
+            .args(["--server", &https.replace("https", "HTTPS"), "--cacert"])
+            .arg(&t.ca)
+            .args(["whoami"])
+            .output()
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // By name too, from the environment.
     let out =
         t.d.cli()
