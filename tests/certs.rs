@@ -1188,6 +1188,47 @@ async fn cert_delete_removes_a_lineage_and_a_rollback_puts_it_back_as_it_was() {
 }
 
 #[tokio::test]
+async fn cert_delete_takes_a_broken_lineage_too_and_its_rollback_puts_the_dangling_link_back() {
+    let a = with_responder("", &[]);
+    let mut c = a.d.client().await;
+    run_ok(&mut c, issue(&["broken.example.test"])).await;
+    // A half-done update: the version live/cert.pem points at is gone.
+    let target = std::fs::read_link(a.live("broken.example.test", "cert")).unwrap();
+    std::fs::remove_file(
+        a.live("broken.example.test", "cert")
+            .parent()
+            .unwrap()
+            .join(&target),
+    )
+    .unwrap();
+    let out =
+        a.d.cli()
+            .args(["cert", "delete", "broken.example.test"])
+            .output()
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::symlink_metadata(a.live("broken.example.test", "cert")).is_err());
+    let out =
+        a.d.cli()
+            .args(["jobs", "rollback", "@last"])
+            .output()
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_link(a.live("broken.example.test", "cert")).unwrap(),
+        target
+    );
+}
+
+#[tokio::test]
 async fn cert_revoke_needs_yes_revokes_at_the_ca_and_refuses_a_rollback() {
     let a = with_responder("", &[]);
     let mut c = a.d.client().await;

@@ -90,7 +90,10 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, _at: Moment) -> Result<Planned,
     }
     let places = env.config.cert_places();
     let l = crate::certs::lineage::Lineage::new(&places.root, name);
-    if !l.exists() {
+    // Its directories, whatever state they are in (a live link left dangling by a half-done
+    // update is a lineage to delete too).
+    let there = |d: std::path::PathBuf| std::fs::symlink_metadata(d).is_ok();
+    if !there(l.live_dir()) && !there(l.archive_dir()) {
         return Err(Error::NotFound(format!(
             "no certificate lineage '{name}' under {}",
             places.root.display()
