@@ -511,9 +511,14 @@ impl Client {
     }
 }
 
-/// Whether a status means the daemon is away (a connection broken mid-call says Cancelled).
+/// Whether a status means the daemon is away: Unavailable, or what a connection broken
+/// mid-call gives (Cancelled, or Unknown for a transport error) — statelyd itself answers
+/// neither for a watch.
 fn away(code: tonic::Code) -> bool {
-    matches!(code, tonic::Code::Unavailable | tonic::Code::Cancelled)
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+    )
 }
 
 /// [`Client::watch`]'s loop: follow, and when the stream breaks or ends before the job did,
@@ -564,7 +569,7 @@ async fn follow(
                                 // Away too (restarting): resume as for the stream.
                                 Err(Error::Unavailable(_))
                                 | Err(Error::Other {
-                                    code: tonic::Code::Cancelled,
+                                    code: tonic::Code::Cancelled | tonic::Code::Unknown,
                                     ..
                                 }) => {}
                                 Err(e) => {

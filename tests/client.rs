@@ -29,7 +29,7 @@ async fn a_watch_resumes_across_a_restart_without_missing_or_repeating_an_event(
     let mut events = std::pin::pin!(client.watch(&job.id, 0));
     let mut seen = Vec::new();
     while let Some(e) = events.next().await {
-        let e = e.unwrap();
+        let e = e.unwrap_or_else(|e| panic!("the watch failed after {} events: {e:?}", seen.len()));
         seen.push(e.seq);
         if seen.len() == 20 {
             // SIGTERM: the job finishes in the grace period; the stream ends before it does.
