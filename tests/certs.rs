@@ -1088,31 +1088,6 @@ async fn a_listener_on_a_lineage_serves_each_renewal_without_a_restart() {
     }
 }
 
-/// Every file and link under `paths`, as (path, "link:TARGET" or the content).
-fn tree(paths: &[PathBuf]) -> std::collections::BTreeMap<PathBuf, String> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut todo: Vec<PathBuf> = paths.to_vec();
-    while let Some(p) = todo.pop() {
-        let Ok(m) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if m.file_type().is_symlink() {
-            out.insert(
-                p.clone(),
-                format!("link:{}", std::fs::read_link(&p).unwrap().display()),
-            );
-        } else if m.is_dir() {
-            todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
-        } else {
-            out.insert(
-                p.clone(),
-                String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned(),
-            );
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn cert_delete_removes_a_lineage_and_a_rollback_puts_it_back_as_it_was() {
     let a = with_responder("", &[]);
@@ -1303,4 +1278,60 @@ async fn cert_revoke_needs_yes_revokes_at_the_ca_and_refuses_a_rollback() {
             .output()
             .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn revoke_and_delete_refuse_bad_input_with_a_short_message_and_change_nothing() {
+    let a = with_responder("", &[]);
+    let mut c = a.d.client().await;
+    run_ok(&mut c, issue(&["kept.example.test"])).await;
+    let before = tree(&[a.root(), a.bundles()]);
+    let huge = "x".repeat(100_000);
+    let revoke = |lineage: &str, reason: &str| pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::CertificateRevoke(
+                pb::CertificateRevokeJob {
+                    lineage: lineage.into(),
+                    reason: reason.into(),
+                },
+            )),
+        }),
+        ..Default::default()
+    };
+    let delete = |lineage: &str| pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::CertificateDelete(
+                pb::CertificateDeleteJob {
+                    lineage: lineage.into(),
+                },
+            )),
+        }),
+        ..Default::default()
+    };
+    for (req, code) in [
+        (revoke("kept.example.test", "bored"), Code::InvalidArgument),
+        (revoke("../kept.example.test", ""), Code::InvalidArgument),
+        (revoke(&huge, ""), Code::InvalidArgument),
+        (revoke("no-such.example.test", ""), Code::NotFound),
+        (delete("../../etc"), Code::InvalidArgument),
+        (delete(&huge), Code::InvalidArgument),
+        (delete(""), Code::InvalidArgument),
+        (delete("no-such.example.test"), Code::NotFound),
+    ] {
+        let e = c.submit_job(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{e:?}");
+        assert!(
+            e.message().len() < 300,
+            "a short message: {} bytes",
+            e.message().len()
+        );
+    }
+    assert_eq!(tree(&[a.root(), a.bundles()]), before, "nothing changed");
+    let jobs = c
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), 1, "no job was created for any of them");
 }

@@ -601,3 +601,98 @@ async fn sigkill_during_a_runtime_add_server_leaves_file_and_haproxy_agreeing() 
         "kills landed after the validation, and both outcomes were seen: {tally:?}"
     );
 }
+
+#[tokio::test]
+async fn sigkill_during_a_certificate_delete_leaves_the_lineage_all_there_or_all_gone() {
+    let seed = seed("certificate-delete");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let port = free_port();
+    let p = Pebble::start(port);
+    let dir = tempfile::tempdir().unwrap();
+    let (root, bundles) = (dir.path().join("le"), dir.path().join("bundles"));
+    let mut d = Daemon::start(&format!(
+        "[certificates]\nroot = \"{}\"\nhaproxy_dir = \"{}\"\ndefault_acme = \"pebble\"\nrenew_check = \"0s\"\nresponder = \"127.0.0.1:{port}\"\nchallenge_probe = \"127.0.0.1:{port}\"\n{}",
+        root.display(),
+        bundles.display(),
+        p.config()
+    ));
+    let mut c = d.client().await;
+    let issue = c
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(pb::JobSpec {
+                kind: Some(pb::job_spec::Kind::CertificateIssue(
+                    pb::CertificateIssueJob {
+                        names: vec!["gone.example.test".into()],
+                        ..Default::default()
+                    },
+                )),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        state(&wait_end(&mut c, &issue.id).await),
+        pb::JobState::Succeeded
+    );
+    let places = [
+        root.join("live/gone.example.test"),
+        root.join("archive/gone.example.test"),
+        bundles.join("gone.example.test.pem"),
+        d.data().join("renewal/gone.example.test.json"),
+    ];
+    let before = tree(&places);
+    let delete = || pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::CertificateDelete(
+                pb::CertificateDeleteJob {
+                    lineage: "gone.example.test".into(),
+                },
+            )),
+        }),
+        ..Default::default()
+    };
+    // How long a delete takes, to aim the kills inside it.
+    let t = Instant::now();
+    let job = c.submit_job(delete()).await.unwrap().into_inner();
+    assert_eq!(
+        state(&wait_end(&mut c, &job.id).await),
+        pb::JobState::Succeeded
+    );
+    let window = (t.elapsed().as_micros() as u64 * 5 / 4).max(1);
+    rollback(&mut c, &job.id, false).await;
+    assert_eq!(tree(&places), before, "the rollback put it back");
+    let mut tally = Tally::default();
+    for trial in 1..=12u32 {
+        let ctx = format!("seed {seed}, trial {trial}");
+        let mut c = d.client().await;
+        let job = c.submit_job(delete()).await.unwrap().into_inner();
+        tokio::time::sleep(Duration::from_micros(rng.random_range(0..window))).await;
+        d.kill9();
+        d.spawn();
+        let mut c = d.client().await;
+        let ended = wait_end(&mut c, &job.id).await;
+        let events = check_events(&mut c, &job.id, &ctx).await;
+        *tally.in_step.entry(killed_in(&events)).or_default() += 1;
+        match state(&ended) {
+            pb::JobState::Succeeded => {
+                assert!(tree(&places).is_empty(), "{ctx}: succeeded, so all gone");
+                tally.new += 1;
+                rollback(&mut c, &job.id, false).await;
+            }
+            pb::JobState::Failed => tally.old += 1,
+            s => panic!("{ctx}: ended {s:?}"),
+        }
+        assert_eq!(
+            tree(&places),
+            before,
+            "{ctx}: the lineage all there again, byte for byte"
+        );
+        let temps = temps_under(dir.path());
+        assert!(temps.is_empty(), "{ctx}: temp files left: {temps:?}");
+        assert_all_ended(&mut c, &ctx).await;
+        tally.trials += 1;
+    }
+    tally.print("certificate-delete", seed);
+}

@@ -631,6 +631,31 @@ pub fn show_stat(stats: &Path) -> Vec<stately::stats::parse::Row> {
     stately::stats::parse::parse(&b).unwrap()
 }
 
+/// Every file and link under `paths`, as (path, "link:TARGET" or the content).
+pub fn tree(paths: &[PathBuf]) -> std::collections::BTreeMap<PathBuf, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo: Vec<PathBuf> = paths.to_vec();
+    while let Some(p) = todo.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.file_type().is_symlink() {
+            out.insert(
+                p.clone(),
+                format!("link:{}", std::fs::read_link(&p).unwrap().display()),
+            );
+        } else if m.is_dir() {
+            todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            out.insert(
+                p.clone(),
+                String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned(),
+            );
+        }
+    }
+    out
+}
+
 pub mod pebble;
 pub mod pki;
 
