@@ -189,12 +189,13 @@ impl Tls {
         *self.current.write().expect("tls lock") = (Arc::new(p.config), generation);
     }
 
-    /// Reads the files again if they changed (or `files` names others, or `force`); a set
-    /// that does not load leaves the old one serving and says why. True when swapped.
-    pub(crate) fn reload(&self, files: Option<Files>, force: bool) -> Result<bool, String> {
+    /// Reads the files again if they changed since they were last read; a set that does not
+    /// load leaves the old one serving and says why. True when swapped. (SIGHUP goes through
+    /// [`prepare`] and [`Tls::install`], so it is checked with the rest of the configuration.)
+    pub(crate) fn reload_if_changed(&self) -> Result<bool, String> {
         let mut source = self.source.lock().expect("tls source lock");
-        let files = files.unwrap_or_else(|| source.0.clone());
-        if !force && files == source.0 && stamp(&files) == source.1 {
+        let files = source.0.clone();
+        if stamp(&files) == source.1 {
             return Ok(false);
         }
         match prepare(files.clone()) {
@@ -228,7 +229,7 @@ impl Tls {
                     _ = tokio::time::sleep(WATCH_EVERY) => {}
                 }
                 let Some(tls) = tls.upgrade() else { return };
-                match tokio::task::spawn_blocking(move || tls.reload(None, false)).await {
+                match tokio::task::spawn_blocking(move || tls.reload_if_changed()).await {
                     Ok(Ok(true)) => {
                         tracing::info!("TLS: certificate files changed; new connections get them")
                     }
