@@ -109,6 +109,19 @@ pub enum StepState {
     Cancelled,
 }
 
+impl StepState {
+    /// The state as a word (the metrics' label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Running => "running",
+            StepState::Succeeded => "succeeded",
+            StepState::Failed => "failed",
+            StepState::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// A step as the job record shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {

@@ -86,7 +86,8 @@ impl Journal {
         record.state = to;
         if to.is_terminal() && !from.is_terminal() && !self.kind.is_empty() {
             let seconds = (now_ms() - record.created_at).max(0) as f64 / 1000.0;
-            crate::metrics::job_finished(self.kind, to.as_str(), seconds);
+            let trigger = record.labels.get("trigger").map(String::as_str);
+            crate::metrics::job_finished(self.kind, to.as_str(), seconds, trigger);
         }
         let ev = self.event(EventBody::State {
             from: Some(from),

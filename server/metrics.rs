@@ -29,14 +29,148 @@ struct Outcome {
     result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    kind: String,
+    step: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Resource {
+    resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    target: String,
+    severity: String,
+    tag: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Renewal {
+    trigger: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Watcher {
+    stream: String,
+}
+
 /// The counters and histograms events feed.
 struct Events {
     finished: Family<Finished, Counter>,
     duration: Family<Kind, Histogram>,
+    steps: Family<StepLabels, Histogram>,
+    cancel_unwound: Family<Kind, Histogram>,
+    queue_wait: Family<Resource, Histogram>,
     poll_duration: Family<Target, Histogram>,
     polls_failed: Family<Target, Counter>,
     reloads: Family<Outcome, Counter>,
     deliveries: Family<Outcome, Counter>,
+    transitions: Family<TransitionLabels, Counter>,
+    renewals: Family<Renewal, Counter>,
+    watchers: Family<Watcher, Gauge>,
+    /// The label values admitted so far for labels a client's input can vary (step names of
+    /// runbooks, resources templated from parameters): each family takes at most
+    /// `MAX_VALUES` distinct ones, the rest count as "other", so no client can grow a scrape
+    /// without bound.
+    admitted: std::sync::Mutex<
+        std::collections::HashMap<&'static str, std::collections::HashSet<String>>,
+    >,
+}
+
+/// Distinct client-variable label values a family takes before the rest count as "other".
+const MAX_VALUES: usize = 200;
+
+impl Events {
+    fn bounded(&self, family: &'static str, value: &str) -> String {
+        let mut admitted = self.admitted.lock().expect("metrics lock");
+        let set = admitted.entry(family).or_default();
+        if set.contains(value) {
+            return value.to_owned();
+        }
+        if set.len() >= MAX_VALUES {
+            return "other".into();
+        }
+        set.insert(value.to_owned());
+        value.to_owned()
+    }
+}
+
+/// A step ended (succeeded, failed or cancelled) after running `seconds`.
+pub(crate) fn step_finished(kind: &str, step: &str, state: &str, seconds: f64) {
+    let e = events();
+    let step = e.bounded("step", step);
+    e.steps
+        .get_or_create(&StepLabels {
+            kind: kind.into(),
+            step,
+            state: state.into(),
+        })
+        .observe(seconds);
+}
+
+/// A cancelled job's unwind finished, `seconds` after the cancel was asked for.
+pub(crate) fn cancel_unwound(kind: &str, seconds: f64) {
+    events()
+        .cancel_unwound
+        .get_or_create(&Kind { kind: kind.into() })
+        .observe(seconds);
+}
+
+/// A job got its turn on its resources after waiting `seconds` (observed once per resource).
+/// A lineage's name is left out of the label (there may be thousands): `cert`.
+pub(crate) fn queue_waited(resources: &[String], seconds: f64) {
+    let e = events();
+    let none = ["none".to_owned()];
+    let resources = if resources.is_empty() {
+        &none[..]
+    } else {
+        resources
+    };
+    for r in resources {
+        let label = if r.starts_with("cert:") {
+            "cert".to_owned()
+        } else {
+            e.bounded("resource", r)
+        };
+        e.queue_wait
+            .get_or_create(&Resource { resource: label })
+            .observe(seconds);
+    }
+}
+
+/// An alert watch saw a transition worth telling.
+pub(crate) fn alert_transition(target: &str, severity: &str, tag: &str) {
+    events()
+        .transitions
+        .get_or_create(&TransitionLabels {
+            target: target.into(),
+            severity: severity.into(),
+            tag: tag.into(),
+        })
+        .inc();
+}
+
+/// A stream following something live (a job's events, a target's stats), counted while open.
+pub(crate) struct Watching(Watcher);
+
+/// Counts a stream of `kind` ("job" or "stats") until the guard is dropped.
+pub(crate) fn watching(kind: &str) -> Watching {
+    let w = Watcher {
+        stream: kind.into(),
+    };
+    events().watchers.get_or_create(&w).inc();
+    Watching(w)
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        events().watchers.get_or_create(&self.0).dec();
+    }
 }
 
 fn outcome(ok: bool) -> Outcome {
@@ -83,15 +217,48 @@ fn events() -> &'static Events {
                 0.0001, 3.0, 10,
             ))
         }),
+        steps: Family::new_with_constructor(|| {
+            // 1 ms to ~4.5 h: a file write to a long ACME validation or a drain.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.001, 4.0, 12,
+            ))
+        }),
+        cancel_unwound: Family::new_with_constructor(|| {
+            // 1 ms to ~4 min: a cancel between steps to an unwind that reloads HAProxy.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.001, 3.0, 12,
+            ))
+        }),
+        queue_wait: Family::new_with_constructor(|| {
+            // 100 µs (no wait) to ~7 h behind a long job.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0001, 5.0, 12,
+            ))
+        }),
         polls_failed: Family::default(),
         reloads: Family::default(),
         deliveries: Family::default(),
+        transitions: Family::default(),
+        renewals: Family::default(),
+        watchers: Family::default(),
+        admitted: Default::default(),
     })
 }
 
-/// A job ended: counted by kind and outcome, its run time (from submission) observed.
-pub(crate) fn job_finished(kind: &str, outcome: &str, seconds: f64) {
+/// A job ended: counted by kind and outcome, its run time (from submission) observed; a
+/// certificate issuance submitted as a renewal (`trigger` renew or auto-renew) is a renewal.
+pub(crate) fn job_finished(kind: &str, outcome: &str, seconds: f64, trigger: Option<&str>) {
     let e = events();
+    if kind == "certificate_issue"
+        && let Some(t @ ("renew" | "auto-renew")) = trigger
+    {
+        e.renewals
+            .get_or_create(&Renewal {
+                trigger: t.into(),
+                result: outcome.to_ascii_lowercase(),
+            })
+            .inc();
+    }
     e.finished
         .get_or_create(&Finished {
             kind: kind.into(),
@@ -153,6 +320,39 @@ pub(crate) fn render(engine: &crate::engine::Engine) -> String {
         e.duration.clone(),
     );
     r.register_with_unit(
+        "stately_step_duration",
+        "How long each step ran, by kind, step and how it ended",
+        Unit::Seconds,
+        e.steps.clone(),
+    );
+    r.register_with_unit(
+        "stately_cancel_to_unwound",
+        "Time from a cancel asked for to the job's unwind finished",
+        Unit::Seconds,
+        e.cancel_unwound.clone(),
+    );
+    r.register_with_unit(
+        "stately_queue_wait",
+        "Time a job waited for its turn on each resource it holds (cert: any lineage)",
+        Unit::Seconds,
+        e.queue_wait.clone(),
+    );
+    r.register(
+        "stately_alert_transitions",
+        "Transitions alert watches saw, by target, severity and tag (DOWN, UP, ...)",
+        e.transitions.clone(),
+    );
+    r.register(
+        "stately_certificate_renewals",
+        "Certificate renewals that ended, by trigger (renew, auto-renew) and outcome",
+        e.renewals.clone(),
+    );
+    r.register(
+        "stately_watchers",
+        "Open streams following a job's events (job) or a target's stats (stats)",
+        e.watchers.clone(),
+    );
+    r.register_with_unit(
         "stately_stats_poll_duration",
         "How long a poll of a target's stats socket took",
         Unit::Seconds,
@@ -203,6 +403,16 @@ pub(crate) fn render(engine: &crate::engine::Engine) -> String {
         "stately_alert_outbox_pending",
         "Alert mails not delivered yet",
         outbox,
+    );
+    let oldest = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    if let Ok(Some(at)) = engine.outbox_oldest() {
+        oldest.set(((crate::job::now_ms() - at).max(0) as f64) / 1000.0);
+    }
+    r.register_with_unit(
+        "stately_alert_outbox_oldest_age",
+        "How long the oldest undelivered alert mail has waited (0 when none waits)",
+        Unit::Seconds,
+        oldest,
     );
 
     let config = engine.config();

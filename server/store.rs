@@ -469,6 +469,16 @@ impl Store {
         })
     }
 
+    /// When the oldest undelivered alert mail was queued (ms since the epoch), if any.
+    pub(crate) fn outbox_oldest(&self) -> Result<Option<i64>, Error> {
+        self.read(|c| {
+            Ok(
+                c.prepare_cached("SELECT MIN(created_at) FROM outbox WHERE state = 'pending'")?
+                    .query_row([], |r| r.get::<_, Option<i64>>(0))?,
+            )
+        })
+    }
+
     /// A job's undo journal, in the order it was recorded.
     pub(crate) fn journal(&self, job: JobId) -> Result<Vec<JournalEntry>, Error> {
         self.read(|c| {

@@ -2,6 +2,7 @@
 //! HAProxy (the server status series come from the shared poller's latest poll).
 
 use crate::support::*;
+use stately::pb;
 use std::time::Duration;
 
 fn metrics_addr(d: &Daemon) -> String {
@@ -215,4 +216,246 @@ async fn metrics_count_jobs_and_show_server_status_from_the_shared_poller() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+}
+
+/// The value of the sample `series` (name and labels, exactly as scraped).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_time_steps_queues_cancels_and_count_watchers_transitions_renewals_and_the_outbox()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let mut s1 = Backend::start(0).await;
+    let h = Haproxy::start_full(
+        dir.path(),
+        &[("app", vec![("s1", s1.port)])],
+        false,
+        "",
+        "default-server check inter 100ms fall 2 rise 1\n",
+    );
+    std::fs::create_dir_all(dir.path().join("www")).unwrap();
+    // The relay stops once the watch started, so the alert mail waits in the outbox; the ACME
+    // directory is a closed port, so the renewal fails.
+    let mut smtp = SmtpSink::start(&dir.path().join("mail"));
+    let d = Daemon::start(&format!(
+        "metrics_listen = \"127.0.0.1:0\"\n[[haproxy]]\nname = \"edge\"\nstats_socket = \"{}\"\n{}\
+         [certificates]\nroot = \"{}\"\nwebroots = [\"{}\"]\nrenew_check = \"0s\"\ndefault_acme = \"ca\"\n\
+         [[acme]]\nname = \"ca\"\ndirectory = \"https://127.0.0.1:{}/dir\"\n",
+        h.stats.display(),
+        smtp.config(),
+        dir.path().join("le").display(),
+        dir.path().join("www").display(),
+        free_port(),
+    ));
+    let mut c = d.client().await;
+
+    // One job blocks in its second step; a second on the same resource queues behind it.
+    let first = c
+        .submit_job(runbook("write-then-block", &[("name", "q")]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: first.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until_log_with(&mut events, "ready").await;
+    let second = c
+        .submit_job(runbook("write-then-block", &[("name", "q")]))
+        .await
+        .unwrap()
+        .into_inner();
+    // The stats watcher and the job watcher are open now.
+    let mut stats = stately::pb::stats_client::StatsClient::with_interceptor(
+        d.channel().await,
+        bearer(Some(OPERATOR)),
+    );
+    let mut watch = stats
+        .watch_stats(stately::pb::WatchStatsRequest {
+            target: "edge".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap();
+    let text = scrape(&d).await;
+    assert_eq!(
+        sample(&text, r#"stately_watchers{stream="stats"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, r#"stately_watchers{stream="job"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    for id in [&first.id, &second.id] {
+        if *id == second.id {
+            // Its turn came when the first ended; cancelled in its blocking step too.
+            let mut events = c
+                .watch_job(pb::WatchJobRequest {
+                    job_id: id.clone(),
+                    after_seq: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            until_log_with(&mut events, "ready").await;
+        }
+        let j = c
+            .cancel_job(pb::CancelJobRequest {
+                job_id: id.clone(),
+                reason: "enough".into(),
+                wait: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(state(&j), pb::JobState::Cancelled, "{j:?}");
+    }
+
+    // A renewal (an issuance submitted as one) that fails.
+    let mut renew = pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::CertificateIssue(
+                pb::CertificateIssueJob {
+                    names: vec!["renew.example.test".into()],
+                    webroot: dir.path().join("www").display().to_string(),
+                    ..Default::default()
+                },
+            )),
+        }),
+        ..Default::default()
+    };
+    renew.labels.insert("trigger".into(), "renew".into());
+    let job = c.submit_job(renew).await.unwrap().into_inner();
+    assert_eq!(
+        state(&wait_end(&mut c, &job.id).await),
+        pb::JobState::Failed
+    );
+
+    // An alert watch sees s1 go DOWN; its mail cannot be delivered.
+    let w = c
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(pb::JobSpec {
+                kind: Some(pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {
+                    target: "edge".into(),
+                    to: vec!["ops@example.test".into()],
+                    interval_ms: 100,
+                    hold_ms: Some(0),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut wevents = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: w.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until_log_with(&mut wevents, "watching 'edge'").await;
+    smtp.stop();
+    s1.stop().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let text = scrape(&d).await;
+        if sample(&text, "stately_alert_outbox_oldest_age_seconds").is_some_and(|v| v > 0.0) {
+            break text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop(events);
+    drop(wevents);
+    drop(watch);
+
+    let count =
+        |series: &str| sample(&text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+    // The blocked step and the write before it, by kind, step and end.
+    assert!(
+        count(
+            r#"stately_step_duration_seconds_count{kind="runbook",step="write q.txt",state="succeeded"}"#
+        ) >= 1.0
+    );
+    assert_eq!(
+        count(
+            r#"stately_step_duration_seconds_count{kind="runbook",step="block",state="cancelled"}"#
+        ),
+        2.0
+    );
+    // Both cancels unwound; the second job waited for the first on file:q.
+    assert_eq!(
+        count(r#"stately_cancel_to_unwound_seconds_count{kind="runbook"}"#),
+        2.0
+    );
+    assert!(count(r#"stately_queue_wait_seconds_count{resource="file:q"}"#) >= 2.0);
+    assert!(count(r#"stately_queue_wait_seconds_sum{resource="file:q"}"#) > 0.0);
+    assert_eq!(
+        count(r#"stately_certificate_renewals_total{trigger="renew",result="failed"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"stately_alert_transitions_total{target="edge",severity="warning",tag="DOWN"}"#),
+        1.0
+    );
+    assert_eq!(count("stately_alert_outbox_pending"), 1.0);
+
+    // The streams closed: the gauges come back down.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(&d).await;
+        if sample(&text, r#"stately_watchers{stream="job"}"#) == Some(0.0)
+            && sample(&text, r#"stately_watchers{stream="stats"}"#) == Some(0.0)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn label_values_a_client_chooses_are_bounded() {
+    // Runbook parameters become resources; a client sending thousands of distinct ones must
+    // not grow a scrape without bound.
+    let d = Daemon::start("metrics_listen = \"127.0.0.1:0\"\n");
+    let mut c = d.client().await;
+    for i in 0..260 {
+        let job = c
+            .submit_job(runbook(
+                "write",
+                &[("name", &format!("n{i}")), ("content", "x")],
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        if i % 50 == 49 {
+            wait_end(&mut c, &job.id).await;
+        }
+    }
+    let text = scrape(&d).await;
+    let resources = text
+        .lines()
+        .filter(|l| l.starts_with("stately_queue_wait_seconds_count{"))
+        .count();
+    assert!(resources <= 201, "{resources} resource series");
+    assert!(
+        text.contains(r#"stately_queue_wait_seconds_count{resource="other"}"#),
+        "{text}"
+    );
 }

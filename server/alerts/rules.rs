@@ -96,6 +96,17 @@ pub enum Severity {
     Critical,
 }
 
+impl Severity {
+    /// The severity as a word (the metrics' label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Recovery => "recovery",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
 /// One change worth telling.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {

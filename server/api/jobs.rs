@@ -213,6 +213,7 @@ impl pb::jobs_server::Jobs for JobsApi {
             job: job.id,
             stopping: self.stopping.clone(),
             deadline,
+            _watching: crate::metrics::watching("job"),
         };
         Ok(Response::new(Box::pin(
             stream.take_until(self.stopping.clone().cancelled_owned()),
@@ -290,6 +291,7 @@ impl pb::jobs_server::Jobs for JobsApi {
             job: id,
             stopping: self.stopping.clone(),
             deadline: deadline(&req),
+            _watching: crate::metrics::watching("job"),
         };
         Ok(Response::new(Box::pin(
             stream.take_until(self.stopping.clone().cancelled_owned()),
@@ -433,6 +435,8 @@ struct Attached {
     stopping: CancellationToken,
     /// The caller's deadline (`grpc-timeout`): the stream ends there, DEADLINE_EXCEEDED.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Counts the stream in `stately_watchers` while it is open.
+    _watching: crate::metrics::Watching,
 }
 
 /// Reads a `grpc-timeout` header ("100m", "5S", ...), as the gRPC spec writes it.

@@ -112,7 +112,9 @@ impl pb::stats_server::Stats for StatsApi {
         let (tx, rx) = mpsc::channel(1);
         let stopping = self.stopping.clone();
         let changes_only = r.changes_only;
+        let watching = crate::metrics::watching("stats");
         tokio::spawn(async move {
+            let _watching = watching;
             let mut last_seq = 0;
             let mut skipped = 0;
             let mut need_full = true;

@@ -42,6 +42,8 @@ pub(crate) struct LiveJob {
     /// The job's latest recorded state; a cancel waits on it (it cannot miss a change).
     pub(crate) state: tokio::sync::watch::Sender<JobState>,
     reason: Mutex<Option<String>>,
+    /// When the first cancel was asked for (for the cancel-to-unwound metric).
+    pub(crate) cancel_requested: std::sync::OnceLock<std::time::Instant>,
     /// Wakes the retry of an incomplete unwind at once (UnwindJob).
     pub(crate) unwind_now: tokio::sync::Notify,
     /// Set by UnwindJob with abandon: the entries left are given up.
@@ -59,6 +61,7 @@ impl LiveJob {
             events: broadcast::channel(256).0,
             state: tokio::sync::watch::Sender::new(JobState::Pending),
             reason: Mutex::new(None),
+            cancel_requested: std::sync::OnceLock::new(),
             unwind_now: tokio::sync::Notify::new(),
             abandon: std::sync::atomic::AtomicBool::new(false),
             unwind_requested: std::sync::atomic::AtomicU64::new(0),
@@ -79,6 +82,7 @@ impl LiveJob {
             .lock()
             .expect("reason lock")
             .get_or_insert(reason);
+        let _ = self.cancel_requested.set(std::time::Instant::now());
         self.cancel.cancel();
     }
 }
@@ -523,6 +527,11 @@ impl Engine {
     /// Alert mails queued and not yet delivered.
     pub fn outbox_pending(&self) -> Result<u64, Error> {
         Ok(self.shared.env.store.outbox_pending()?)
+    }
+
+    /// When the oldest undelivered alert mail was queued (ms since the epoch), if any.
+    pub fn outbox_oldest(&self) -> Result<Option<i64>, Error> {
+        Ok(self.shared.env.store.outbox_oldest()?)
     }
 
     /// One job.

@@ -53,6 +53,7 @@ pub(crate) async fn run(
     // Wait for our turn on every resource, or for a cancel.
     let mut had_to_wait = false;
     let resources = record.resources.clone();
+    let queued = std::time::Instant::now();
     let waited = {
         let wait = shared.scheduler.wait_turn(id, &resources, |blockers| {
             had_to_wait = true;
@@ -85,8 +86,10 @@ pub(crate) async fn run(
         journal
             .set_state(&mut record, JobState::Cancelled, reason, true, Vec::new())
             .await;
+        unwound_after_cancel(&record, live.as_ref());
         return;
     }
+    crate::metrics::queue_waited(&resources, queued.elapsed().as_secs_f64());
     if !shared.accepting() {
         // Shutting down: the job stays PENDING and runs after the restart.
         return;
@@ -170,6 +173,20 @@ async fn complete(
         .await;
     if record.unwind_incomplete {
         finish_unwind(shared, &mut record, &mut journal, live).await;
+    }
+    if end == JobState::Cancelled {
+        unwound_after_cancel(&record, live.as_ref());
+    }
+}
+
+/// A cancelled job's unwind is over: how long it took from the cancel asked for (a job that
+/// stopped for a shutdown, or whose unwind is still incomplete, is not counted).
+fn unwound_after_cancel(record: &Job, live: &LiveJob) {
+    if record.unwind_incomplete {
+        return;
+    }
+    if let Some(at) = live.cancel_requested.get() {
+        crate::metrics::cancel_unwound(record.spec.kind(), at.elapsed().as_secs_f64());
     }
 }
 
@@ -341,6 +358,7 @@ async fn execute(
         );
 
         let mut ctx = StepCtx::new(index, live.cancel.child_token(), journal, &env);
+        let step_began = std::time::Instant::now();
         let result = executor.run_step(i, &mut ctx).await;
         if let Err(StepError::Suspended) = result {
             return Err(StepError::Suspended);
@@ -360,6 +378,12 @@ async fn execute(
             }
             Err(StepError::Suspended) => (StepState::Running, None),
         };
+        crate::metrics::step_finished(
+            record.spec.kind(),
+            &name,
+            state.as_str(),
+            step_began.elapsed().as_secs_f64(),
+        );
         record.steps[i].state = state;
         record.steps[i].finished_at = Some(now_ms());
         record.steps[i].error = error.clone();

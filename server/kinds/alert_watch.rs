@@ -185,6 +185,9 @@ impl Watch {
                     // The memory is saved with each alert, and otherwise only when what it
                     // knows changed (not on every poll).
                     let changed = mem.take_changed();
+                    for t in &transitions {
+                        crate::metrics::alert_transition(&self.target, t.severity.as_str(), t.tag);
+                    }
                     if !transitions.is_empty() {
                         let entry = self.alert(ctx, &mut mem, &transitions, poll.at).await?;
                         outbox.push_back(entry);
