@@ -86,6 +86,19 @@ impl Journal {
         record.state = to;
         if to.is_terminal() && !from.is_terminal() && !self.kind.is_empty() {
             let seconds = (now_ms() - record.created_at).max(0) as f64 / 1000.0;
+            if to == JobState::Succeeded {
+                tracing::info!(
+                    "{} job {}: {reason}",
+                    self.kind,
+                    to.as_str().to_ascii_lowercase()
+                );
+            } else {
+                tracing::warn!(
+                    "{} job {}: {reason}",
+                    self.kind,
+                    to.as_str().to_ascii_lowercase()
+                );
+            }
             let trigger = record.labels.get("trigger").map(String::as_str);
             crate::metrics::job_finished(self.kind, to.as_str(), seconds, trigger);
         }

@@ -54,18 +54,59 @@ fn load(flags: &Flags) -> Result<Config, String> {
 }
 
 /// Logs go to stderr: plain text, coloured only on a terminal, or JSON lines with
-/// STATELY_LOG_FORMAT=json; the level filter is STATELY_LOG (default info).
+/// STATELY_LOG_FORMAT=json; the level filter is STATELY_LOG (default info). Under systemd
+/// (stderr is the journal stream systemd names in JOURNAL_STREAM), or with
+/// STATELY_LOG_FORMAT=journald, they go to journald natively, a job's lines with its
+/// JOB_ID and JOB_KIND as fields.
 fn init_logs() {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("STATELY_LOG")
         .unwrap_or_else(|_| "info".into());
+    let format = std::env::var("STATELY_LOG_FORMAT").ok();
+    let journald = match format.as_deref() {
+        Some("journald") => true,
+        None => stderr_is_the_journal(),
+        _ => false,
+    };
+    if journald {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                tracing_subscriber::registry()
+                    .with(filter)
+                    .with(
+                        // Fields by their own names (JOB_ID, JOB_KIND, LINEAGE), not F_-prefixed:
+                        // none of stately's collides with journald's own.
+                        layer
+                            .with_syslog_identifier("statelyd".into())
+                            .with_field_prefix(None),
+                    )
+                    .init();
+                return;
+            }
+            Err(e) => eprintln!("statelyd: journald cannot be reached ({e}): logging to stderr"),
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match std::env::var("STATELY_LOG_FORMAT").as_deref() {
-        Ok("json") => builder.json().with_current_span(false).init(),
+    match format.as_deref() {
+        Some("json") => builder.json().with_current_span(false).init(),
         _ => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
+}
+
+/// Whether stderr is the stream systemd connected to the journal (JOURNAL_STREAM is
+/// "device:inode" of it; a child that inherited the variable but not the stream does not match).
+fn stderr_is_the_journal() -> bool {
+    let Ok(want) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = nix::sys::stat::fstat(std::io::stderr()) else {
+        return false;
+    };
+    want == format!("{}:{}", meta.st_dev, meta.st_ino)
 }
 
 /// Exit status for a configuration that cannot be used.
@@ -80,12 +121,14 @@ fn main() -> ExitCode {
     if let Err(e) = std::env::var("STATELY_LOG_FORMAT")
         .as_deref()
         .map(|f| match f {
-            "json" | "text" => Ok(()),
+            "json" | "text" | "journald" => Ok(()),
             other => Err(other.to_owned()),
         })
         .unwrap_or(Ok(()))
     {
-        eprintln!("statelyd: STATELY_LOG_FORMAT={e}: it is \"text\" (the default) or \"json\"");
+        eprintln!(
+            "statelyd: STATELY_LOG_FORMAT={e}: it is \"text\" (the default), \"json\" or \"journald\""
+        );
         return ExitCode::from(EXIT_CONFIG);
     }
     let config = match load(&flags) {

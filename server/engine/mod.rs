@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 pub use crate::step::Error;
 
@@ -242,12 +243,15 @@ impl Engine {
                     .lock()
                     .expect("live lock")
                     .insert(record.id, live.clone());
-                s.tasks.spawn(runner::resume(s.clone(), record, live));
+                let span = runner::span(&record);
+                s.tasks
+                    .spawn(runner::resume(s.clone(), record, live).instrument(span));
                 continue;
             }
             tracing::warn!(job = %record.id, "unwinding a job interrupted by restart");
             let live = LiveJob::new();
-            runner::recover(s, record, &live).await?;
+            let span = runner::span(&record);
+            runner::recover(s, record, &live).instrument(span).await?;
         }
         // Jobs whose unwind could not finish keep their resources (ahead of every pending
         // job) while their retries go on.
@@ -260,7 +264,9 @@ impl Engine {
                 .lock()
                 .expect("live lock")
                 .insert(record.id, live.clone());
-            s.tasks.spawn(runner::retry_unwind(s.clone(), record, live));
+            let span = runner::span(&record);
+            s.tasks
+                .spawn(runner::retry_unwind(s.clone(), record, live).instrument(span));
         }
         for record in pending {
             let live = LiveJob::new();
@@ -269,7 +275,9 @@ impl Engine {
                 .lock()
                 .expect("live lock")
                 .insert(record.id, live.clone());
-            s.tasks.spawn(runner::run(s.clone(), record, live, None));
+            let span = runner::span(&record);
+            s.tasks
+                .spawn(runner::run(s.clone(), record, live, None).instrument(span));
         }
         Ok(())
     }
@@ -462,15 +470,18 @@ impl Engine {
             .into_iter()
             .map(|(r, _)| r)
             .collect();
-        s.tasks.spawn(runner::run(
-            s.clone(),
-            record.clone(),
-            live,
-            Some(runner::Prepared {
-                executor: plan.executor,
-                config,
-            }),
-        ));
+        s.tasks.spawn(
+            runner::run(
+                s.clone(),
+                record.clone(),
+                live,
+                Some(runner::Prepared {
+                    executor: plan.executor,
+                    config,
+                }),
+            )
+            .instrument(runner::span(&record)),
+        );
         Ok(record)
     }
 

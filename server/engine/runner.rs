@@ -9,6 +9,12 @@ use crate::step::{StepCtx, StepError};
 use crate::store::Write;
 use std::sync::Arc;
 
+/// The span a job's tasks run in: what they log carries the job's id and kind (journald
+/// fields JOB_ID and JOB_KIND under systemd).
+pub(crate) fn span(record: &Job) -> tracing::Span {
+    tracing::info_span!("job", job_id = %record.id, job_kind = record.spec.kind())
+}
+
 /// The journal of a job of this process, holding the undo entries recorded so far.
 fn journal_of(
     shared: &Shared,
