@@ -76,6 +76,8 @@ pub(crate) struct Peer {
     pub(crate) cert: Option<CertIdentity>,
     /// A unix-socket peer's uid.
     pub(crate) uid: Option<u32>,
+    /// And its process's group.
+    pub(crate) gid: Option<u32>,
     /// The client CA generation the certificate was verified against.
     pub(crate) ca_generation: u64,
 }
@@ -119,7 +121,7 @@ impl ClientCertRule {
     }
 }
 
-/// `[[unix_peer]]`: a role for unix-socket peers of a uid (or a user's uid).
+/// `[[unix_peer]]`: a role for unix-socket peers of a uid (or a user's uid), or of a group.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UnixPeerRule {
@@ -129,17 +131,52 @@ pub struct UnixPeerRule {
     pub uid: Option<u32>,
     /// Or a user name, resolved to its uid when the configuration is loaded.
     pub user: Option<String>,
+    /// Or a group: a peer whose process runs with it as its group, or a user listed as its
+    /// member in the group database (resolved when the configuration is loaded, as a login
+    /// session takes its groups when it starts).
+    pub group: Option<String>,
+}
+
+/// Whom a `[[unix_peer]]` rule matches.
+#[derive(Clone, Debug)]
+enum PeerMatch {
+    Uid(u32),
+    Group {
+        gid: u32,
+        members: std::collections::HashSet<u32>,
+    },
+}
+
+impl PeerMatch {
+    fn matches(&self, uid: u32, gid: Option<u32>) -> bool {
+        match self {
+            PeerMatch::Uid(u) => *u == uid,
+            PeerMatch::Group { gid: g, members } => gid == Some(*g) || members.contains(&uid),
+        }
+    }
 }
 
 impl UnixPeerRule {
-    fn uid(&self) -> Result<u32, String> {
-        match (&self.uid, &self.user) {
-            (Some(uid), None) => Ok(*uid),
-            (None, Some(u)) => match nix::unistd::User::from_name(u) {
-                Ok(Some(user)) => Ok(user.uid.as_raw()),
+    fn resolve(&self) -> Result<PeerMatch, String> {
+        match (&self.uid, &self.user, &self.group) {
+            (Some(uid), None, None) => Ok(PeerMatch::Uid(*uid)),
+            (None, Some(u), None) => match nix::unistd::User::from_name(u) {
+                Ok(Some(user)) => Ok(PeerMatch::Uid(user.uid.as_raw())),
                 _ => Err(format!("[[unix_peer]]: no user '{u}' on this machine")),
             },
-            _ => Err("[[unix_peer]]: give exactly one of uid and user".into()),
+            (None, None, Some(g)) => match nix::unistd::Group::from_name(g) {
+                Ok(Some(group)) => Ok(PeerMatch::Group {
+                    gid: group.gid.as_raw(),
+                    members: group
+                        .mem
+                        .iter()
+                        .filter_map(|m| nix::unistd::User::from_name(m).ok().flatten())
+                        .map(|u| u.uid.as_raw())
+                        .collect(),
+                }),
+                _ => Err(format!("[[unix_peer]]: no group '{g}' on this machine")),
+            },
+            _ => Err("[[unix_peer]]: give exactly one of uid, user and group".into()),
         }
     }
 }
@@ -155,7 +192,7 @@ pub(crate) fn check_rules(certs: &[ClientCertRule], peers: &[UnixPeerRule]) -> R
         }
     }
     for r in peers {
-        r.uid()?;
+        r.resolve()?;
     }
     Ok(())
 }
@@ -164,8 +201,8 @@ pub(crate) fn check_rules(certs: &[ClientCertRule], peers: &[UnixPeerRule]) -> R
 struct Rules {
     tokens: HashMap<[u8; 32], Caller>,
     certs: Vec<ClientCertRule>,
-    /// uid to role.
-    peers: Vec<(u32, Role)>,
+    /// Unix peers to roles, the first match wins.
+    peers: Vec<(PeerMatch, Role)>,
     /// Reflection answers without credentials.
     public_reflection: bool,
 }
@@ -229,7 +266,7 @@ fn rules(config: &Config) -> Result<Rules, String> {
     let peers = config
         .unix_peers
         .iter()
-        .map(|r| Ok((r.uid()?, r.role)))
+        .map(|r| Ok((r.resolve()?, r.role)))
         .collect::<Result<_, String>>()?;
     Ok(Rules {
         tokens,
@@ -318,8 +355,9 @@ impl Auth {
                 ))),
             };
         }
-        if let Some(uid) = peer.and_then(|p| p.uid)
-            && let Some((_, role)) = rules.peers.iter().find(|(u, _)| *u == uid)
+        if let Some(p) = peer
+            && let Some(uid) = p.uid
+            && let Some((_, role)) = rules.peers.iter().find(|(m, _)| m.matches(uid, p.gid))
         {
             return Ok(Caller {
                 name: uid.to_string(),

@@ -45,6 +45,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// An optional unix socket listener, served beside TCP.
     pub listen_unix: Option<PathBuf>,
+    /// The group the unix socket belongs to (mode 0660), so its members can connect.
+    pub listen_unix_group: Option<String>,
     /// TLS on the TCP listener (and mTLS with a client CA).
     pub tls: crate::tls::TlsConfig,
     /// Allow a plaintext listener beyond loopback (tokens then cross the network in clear).
@@ -297,6 +299,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             listen_unix: None,
+            listen_unix_group: None,
             tls: Default::default(),
             insecure: false,
             reflection: Reflection::Public,
@@ -329,6 +332,9 @@ listen = "127.0.0.1:50051"
 
 # Also serve on a unix socket (clients: --server unix:/path).
 # listen_unix = "/run/stately/stately.sock"
+# Give the socket to this group (mode 0660) so its members can connect; a [[unix_peer]] rule
+# with `group` gives them a role.
+# listen_unix_group = "stately"
 
 # A listener beyond loopback needs [tls] below, unless this says the path is encrypted some
 # other way (tokens then cross the network in clear; statelyd warns at start).
@@ -552,6 +558,17 @@ impl Config {
             )));
         }
         crate::auth::check_rules(&self.client_certs, &self.unix_peers).map_err(invalid)?;
+        if let Some(g) = &self.listen_unix_group {
+            if self.listen_unix.is_none() {
+                return Err(invalid("listen_unix_group needs listen_unix".into()));
+            }
+            if !matches!(nix::unistd::Group::from_name(g), Ok(Some(_))) {
+                return Err(invalid(format!(
+                    "listen_unix_group: no group {} on this machine",
+                    crate::quote::quote(g)
+                )));
+            }
+        }
         if !self.client_certs.is_empty() && self.tls.client_ca.is_none() {
             return Err(invalid(
                 "[[client_cert]] rules need [tls] client_ca, the CA client certificates are verified against".into(),

@@ -221,6 +221,12 @@ pub async fn run(
             addr: path.display().to_string(),
             source,
         })?;
+        if let Some(group) = &config.listen_unix_group {
+            give_to_group(path, group).map_err(|source| Error::Bind {
+                addr: path.display().to_string(),
+                source,
+            })?;
+        }
         let stop = stopping.clone();
         // Its own cap: a crowd on TCP cannot lock the local administrator out.
         let local = crate::listen::Connections::new(connections.limits());
@@ -370,6 +376,7 @@ async fn reload(mut new: Config, r: &Reloadable) -> Result<Vec<String>, String> 
     }
     keep!(listen, "listen");
     keep!(listen_unix, "listen_unix");
+    keep!(listen_unix_group, "listen_unix_group");
     keep!(data_dir, "data_dir");
     keep!(sync, "sync");
     keep!(max_connections, "max_connections");
@@ -434,4 +441,16 @@ fn spawn_watchdog(stop: CancellationToken) {
             }
         }
     });
+}
+
+/// Gives the unix socket to `group`, read-write for it (connecting needs write permission).
+fn give_to_group(path: &std::path::Path, group: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let gid = nix::unistd::Group::from_name(group)
+        .ok()
+        .flatten()
+        .ok_or_else(|| std::io::Error::other(format!("no group '{group}'")))?
+        .gid;
+    nix::unistd::chown(path, None, Some(gid)).map_err(std::io::Error::from)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
 }

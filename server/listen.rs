@@ -452,6 +452,7 @@ impl Accept for TlsListener {
             tls: true,
             cert,
             uid: None,
+            gid: None,
             ca_generation: generation,
         };
         Ok((stream, peer))
@@ -465,9 +466,11 @@ impl Accept for tokio::net::UnixListener {
         tokio::net::UnixListener::accept(self).await.map(|(s, _)| s)
     }
     async fn open(&self, s: tokio::net::UnixStream) -> io::Result<(tokio::net::UnixStream, Peer)> {
+        let cred = s.peer_cred().ok();
         let peer = Peer {
             address: "unix".into(),
-            uid: s.peer_cred().ok().map(|c| c.uid()),
+            uid: cred.map(|c| c.uid()),
+            gid: cred.map(|c| c.gid()),
             ..Peer::default()
         };
         Ok((s, peer))

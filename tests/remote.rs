@@ -862,3 +862,67 @@ async fn logs_have_no_colour_off_a_terminal_and_can_be_json() {
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn members_of_the_sockets_group_connect_and_get_its_role_others_cannot_connect() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let sock_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(sock_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = sock_dir.path().join("stately.sock");
+    // Debian's nobody runs with the group nogroup.
+    let d = Daemon::start(&format!(
+        "listen_unix = \"{}\"\nlisten_unix_group = \"nogroup\"\n[[unix_peer]]\ngroup = \"nogroup\"\nrole = \"operator\"\n",
+        sock.display()
+    ));
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 65534);
+    let as_nobody = |gid: u32| {
+        let mut c = d.cli();
+        c.env_remove("STATELY_TOKEN")
+            .env("STATELY_DATA_DIR", "/nonexistent")
+            .env("HOME", "/nonexistent")
+            .args(["--server", &format!("unix:{}", sock.display()), "whoami"])
+            .gid(gid)
+            .uid(65534);
+        c.output().unwrap()
+    };
+    let out = as_nobody(65534);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("uid:65534 (operator, by unix peer)"),
+        "{stdout}"
+    );
+    // The same user in another group (not a member of nogroup in the group database) is not
+    // let in: the socket is the group's.
+    let out = as_nobody(65533);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.to_lowercase().contains("permission denied"), "{err}");
+}
+
+#[test]
+fn a_socket_group_that_does_not_exist_stops_the_daemon_with_exit_64() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_statelyd"))
+        .arg("--config")
+        .arg({
+            let p = std::env::temp_dir().join(format!("stately-group-{}.toml", std::process::id()));
+            std::fs::write(
+                &p,
+                "listen = \"127.0.0.1:0\"\nlisten_unix = \"/tmp/x.sock\"\nlisten_unix_group = \"no-such-group-here\"\n",
+            )
+            .unwrap();
+            p
+        })
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no group 'no-such-group-here'"), "{err}");
+}
