@@ -41,6 +41,11 @@ if [ ! -x target/buf/node_modules/.bin/buf ]; then
   npm install --prefix target/buf --silent --no-audit --no-fund @bufbuild/buf@1
 fi
 
+# cargo-deb builds the Debian package the tests install (scripts/package.sh).
+if ! cargo deb --version 2>/dev/null | grep -q '^cargo-deb 3\.'; then
+  cargo install cargo-deb --locked --version '^3.8' --quiet
+fi
+
 # The example programs are built too: the tests run them as a user would.
 cargo build --examples --quiet
 

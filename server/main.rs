@@ -159,11 +159,13 @@ fn main() -> ExitCode {
             });
         let _ = writeln!(
             out,
-            "{}: {errors} errors, {warnings} warnings",
+            "{}: {errors} error{}, {warnings} warning{}",
             flags
                 .config
                 .as_ref()
-                .map_or("defaults".to_owned(), |p| p.display().to_string())
+                .map_or("defaults".to_owned(), |p| p.display().to_string()),
+            if errors == 1 { "" } else { "s" },
+            if warnings == 1 { "" } else { "s" },
         );
         return if report.failed() {
             ExitCode::from(EXIT_CONFIG)

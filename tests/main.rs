@@ -16,6 +16,7 @@ mod haproxy;
 mod hostile;
 mod jobs_api;
 mod metrics;
+mod package;
 mod python;
 mod readme;
 mod reflection;
