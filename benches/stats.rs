@@ -10,89 +10,19 @@
 //! prometheus-haproxy-exporter; scripts/test.sh installs the first).
 
 mod support;
-use support::{Auth, free_port, median, spawn_statelyd};
+use support::{
+    Auth, cpu_secs, free_port, haproxy_5000, http_get, median, rss_kib, show_stat, spawn_statelyd,
+    start_haproxy_sock,
+};
 
 use stately::pb;
 use stately::stats::{StatsHub, parse};
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "bench-viewer-token-0000000";
-
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = stat
-        .rsplit_once(") ")
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
-}
-
-fn rss_kib(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-fn haproxy(dir: &Path, body: &str) -> (Child, std::path::PathBuf) {
-    let sock = dir.join("admin.sock");
-    let cfg = dir.join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n  stats socket {} mode 600 level admin\ndefaults\n  mode http\n  timeout connect 1s\n  \
-             timeout client 5s\n  timeout server 5s\n{body}",
-            sock.display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("/usr/sbin/haproxy")
-        .args(["-W", "-S"])
-        .arg(dir.join("master.sock"))
-        .arg("-f")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("haproxy is installed");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "haproxy did not start; try `haproxy -c -f {}`",
-            cfg.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (child, sock)
-}
-
-fn show_stat(sock: &Path) -> Vec<u8> {
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    s.write_all(b"show stat\n").unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
-    buf
-}
-
-fn http_get(port: u16, path: &str) -> usize {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
-    buf.len()
-}
 
 fn statelyd(dir: &Path, sock: &Path) -> (Child, String) {
     std::fs::create_dir_all(dir).unwrap();
@@ -150,21 +80,9 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
 
     // A 5000-server HAProxy.
-    let mut body = String::from("frontend fe\n  bind 127.0.0.1:");
-    body.push_str(&format!("{}\n  default_backend b0\n", free_port()));
-    for b in 0..100 {
-        body.push_str(&format!("backend b{b}\n"));
-        for s in 0..50 {
-            body.push_str(&format!(
-                "  server s{s} 127.0.0.{}:{}\n",
-                2 + (s % 200),
-                10000 + b * 50 + s
-            ));
-        }
-    }
     let big_dir = dir.path().join("big");
     std::fs::create_dir_all(&big_dir).unwrap();
-    let (mut big, big_sock) = haproxy(&big_dir, &body);
+    let (mut big, big_sock) = haproxy_5000(&big_dir);
     let sample = show_stat(&big_sock);
     println!(
         "5000-server show stat: {} lines, {:.2} MB, {} rows parsed",
@@ -272,7 +190,7 @@ fn main() {
     let small_dir = dir.path().join("small");
     std::fs::create_dir_all(&small_dir).unwrap();
     let backend_port = free_port();
-    let (mut small, small_sock) = haproxy(
+    let (mut small, small_sock) = start_haproxy_sock(
         &small_dir,
         &format!(
             "frontend fe\n  bind 127.0.0.1:{}\n  default_backend be\nbackend be\n  server s1 127.0.0.1:{backend_port} check inter 50ms fall 1 rise 1\n",

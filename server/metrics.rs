@@ -287,22 +287,100 @@ struct Target {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ServerStatus {
-    target: String,
-    proxy: String,
-    server: String,
-    state: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Build {
     version: String,
 }
 
-/// The states HAProxy's own exporter gives `haproxy_server_status` one series each.
-const SERVER_STATES: [&str; 8] = [
-    "UP", "DOWN", "MAINT", "DRAIN", "NOLB", "no check", "STOPPED", "UNKNOWN",
-];
+/// The states HAProxy's own exporter (promex) gives `haproxy_server_status`, one series each.
+const SERVER_STATES: [&str; 5] = ["DOWN", "UP", "MAINT", "DRAIN", "NOLB"];
+
+/// A `show stat` status as promex classes the server: running ("UP", "UP 1/3" going down,
+/// "no check") is UP, DRAIN when draining; stopping is NOLB; MAINT in any form (via a
+/// tracked server, from resolution) is MAINT; anything else is DOWN.
+fn server_state(raw: &str) -> u8 {
+    match raw.split([' ', '(']).next().unwrap_or("") {
+        "UP" | "no" => 1,
+        "MAINT" => 2,
+        "DRAIN" => 3,
+        "NOLB" => 4,
+        _ => 0,
+    }
+}
+
+/// A target's `stately_haproxy_server_status` lines, as last rendered: 5000 servers are
+/// 25,000 lines, and between two scrapes they rarely change, so a scrape that finds the same
+/// servers in the same states reuses the text instead of formatting it again.
+struct StatusBlock {
+    names: Vec<(String, String)>,
+    states: Vec<u8>,
+    text: std::sync::Arc<String>,
+}
+
+/// The server status lines of `target` for `snapshot`, from the cache when nothing changed.
+fn status_lines(target: &str, snapshot: &crate::stats::Snapshot) -> std::sync::Arc<String> {
+    static CACHE: OnceLock<std::sync::Mutex<std::collections::HashMap<String, StatusBlock>>> =
+        OnceLock::new();
+    let servers = snapshot
+        .rows
+        .iter()
+        .filter(|r| r.kind == crate::stats::parse::RowType::Server);
+    let states: Vec<u8> = servers
+        .clone()
+        .map(|r| server_state(&r.status.raw))
+        .collect();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .expect("metrics cache lock");
+    if let Some(b) = cache.get(target)
+        && b.states == states
+        && b.names.len() == states.len()
+        && b.names
+            .iter()
+            .zip(servers.clone())
+            .all(|((p, s), r)| *p == r.proxy && *s == r.server)
+    {
+        return b.text.clone();
+    }
+    // Written by hand rather than through a prometheus-client Family: 25,000 label sets
+    // hashed and encoded per scrape cost more than everything else a scrape does.
+    let mut text = String::with_capacity(states.len() * SERVER_STATES.len() * 96);
+    let target_label = escape(target);
+    for (r, &current) in servers.clone().zip(&states) {
+        let (proxy, server) = (escape(&r.proxy), escape(&r.server));
+        for (i, state) in SERVER_STATES.iter().enumerate() {
+            use std::fmt::Write;
+            let _ = writeln!(
+                text,
+                "stately_haproxy_server_status{{target=\"{target_label}\",proxy=\"{proxy}\",server=\"{server}\",state=\"{state}\"}} {}",
+                u8::from(i as u8 == current)
+            );
+        }
+    }
+    let text = std::sync::Arc::new(text);
+    cache.insert(
+        target.to_owned(),
+        StatusBlock {
+            names: servers
+                .map(|r| (r.proxy.clone(), r.server.clone()))
+                .collect(),
+            states,
+            text: text.clone(),
+        },
+    );
+    text
+}
+
+/// A label value as the text format escapes it.
+fn escape(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return v.into();
+    }
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .into()
+}
 
 /// Everything, as Prometheus' text format.
 pub(crate) fn render(engine: &crate::engine::Engine) -> String {
@@ -431,7 +509,7 @@ pub(crate) fn render(engine: &crate::engine::Engine) -> String {
 
     let hub = engine.stats();
     let polls = Family::<Target, Counter>::default();
-    let status = Family::<ServerStatus, Gauge>::default();
+    let mut status = Vec::new();
     for t in &config.haproxy {
         if t.stats_socket.is_none() {
             continue;
@@ -442,31 +520,10 @@ pub(crate) fn render(engine: &crate::engine::Engine) -> String {
             })
             .inc_by(hub.polls(&t.name));
         // From a running poller's latest poll only: a scrape never polls HAProxy itself.
-        let Some(poll) = hub.latest(&t.name) else {
-            continue;
-        };
-        let Ok(snapshot) = &poll.result else { continue };
-        for row in snapshot
-            .rows
-            .iter()
-            .filter(|r| r.kind == crate::stats::parse::RowType::Server)
+        if let Some(poll) = hub.latest(&t.name)
+            && let Ok(snapshot) = &poll.result
         {
-            let word = row.status.raw.split(' ').next().unwrap_or("");
-            let current = match row.status.raw.as_str() {
-                "no check" => "no check",
-                _ if SERVER_STATES.contains(&word) => word,
-                _ => "UNKNOWN",
-            };
-            for s in SERVER_STATES {
-                status
-                    .get_or_create(&ServerStatus {
-                        target: t.name.clone(),
-                        proxy: row.proxy.clone(),
-                        server: row.server.clone(),
-                        state: s.into(),
-                    })
-                    .set(i64::from(s == current));
-            }
+            status.push(status_lines(&t.name, snapshot));
         }
     }
     r.register(
@@ -474,15 +531,22 @@ pub(crate) fn render(engine: &crate::engine::Engine) -> String {
         "Polls of each target's stats socket",
         polls,
     );
-    r.register(
-        "stately_haproxy_server_status",
-        "Each server's status, one series per state (1 for the current), as HAProxy's exporter has it",
-        status,
-    );
 
     process(&mut r);
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+    // The server status family goes before the end marker the encoder wrote.
+    let end = out.strip_suffix("# EOF\n").map_or(out.len(), str::len);
+    out.truncate(end);
+    out.reserve(status.iter().map(|b| b.len()).sum::<usize>() + 256);
+    out.push_str(
+        "# HELP stately_haproxy_server_status Each server's status, one series per state (1 for the current), as HAProxy's exporter has it.\n\
+         # TYPE stately_haproxy_server_status gauge\n",
+    );
+    for block in &status {
+        out.push_str(block);
+    }
+    out.push_str("# EOF\n");
     out
 }
 
@@ -571,5 +635,31 @@ pub(crate) async fn serve(
             )
             .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_stat_statuses_map_to_promex_states() {
+        for (raw, want) in [
+            ("UP", "UP"),
+            ("UP 1/3", "UP"),
+            ("no check", "UP"),
+            ("DOWN", "DOWN"),
+            ("DOWN 1/2", "DOWN"),
+            ("DOWN (agent)", "DOWN"),
+            ("MAINT", "MAINT"),
+            ("MAINT (via app/s1)", "MAINT"),
+            ("MAINT(resolution)", "MAINT"),
+            ("DRAIN", "DRAIN"),
+            ("DRAIN (agent)", "DRAIN"),
+            ("NOLB", "NOLB"),
+            ("", "DOWN"),
+        ] {
+            assert_eq!(SERVER_STATES[server_state(raw) as usize], want, "{raw}");
+        }
     }
 }

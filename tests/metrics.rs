@@ -104,6 +104,14 @@ async fn metrics_count_jobs_and_show_server_status_from_the_shared_poller() {
     ] {
         assert!(text.contains(want), "no {want} in:\n{text}");
     }
+    // HAProxy's exporter's five states, no others.
+    let s1_states = text
+        .lines()
+        .filter(|l| {
+            l.starts_with(r#"stately_haproxy_server_status{target="edge",proxy="app",server="s1","#)
+        })
+        .count();
+    assert_eq!(s1_states, 5, "{text}");
     // promtool's lint of what Prometheus would scrape.
     let mut lint = std::process::Command::new("/usr/bin/promtool")
         .args(["check", "metrics"])

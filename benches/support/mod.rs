@@ -1,7 +1,7 @@
 //! What the benches share: free ports, medians, a bearer token, and a real statelyd.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -123,4 +123,99 @@ pub fn start_haproxy(dir: &Path, text: &str) -> Child {
         std::thread::sleep(Duration::from_millis(20));
     }
     child
+}
+
+/// User and system CPU seconds of a process so far.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat
+        .rsplit_once(") ")
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+}
+
+/// A process's resident memory.
+pub fn rss_kib(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Starts haproxy -W with a stats socket (level admin) and `body` after its defaults;
+/// returns it with the socket's path.
+pub fn start_haproxy_sock(dir: &Path, body: &str) -> (Child, std::path::PathBuf) {
+    let sock = dir.join("admin.sock");
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  stats socket {} mode 600 level admin\ndefaults\n  mode http\n  timeout connect 1s\n  \
+             timeout client 5s\n  timeout server 5s\n{body}",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("/usr/sbin/haproxy")
+        .args(["-W", "-S"])
+        .arg(dir.join("master.sock"))
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haproxy is installed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "haproxy did not start; try `haproxy -c -f {}`",
+            cfg.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, sock)
+}
+
+/// `show stat` on a stats socket.
+pub fn show_stat(sock: &Path) -> Vec<u8> {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.write_all(b"show stat\n").unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    buf
+}
+
+/// An HTTP/1.0 GET to loopback; the bytes of the whole response.
+pub fn http_get(port: u16, path: &str) -> usize {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    buf.len()
+}
+
+/// A HAProxy of 5000 servers (100 backends of 50, none answering), with its stats socket.
+pub fn haproxy_5000(dir: &Path) -> (Child, std::path::PathBuf) {
+    let mut body = String::from("frontend fe\n  bind 127.0.0.1:");
+    body.push_str(&format!("{}\n  default_backend b0\n", free_port()));
+    for b in 0..100 {
+        body.push_str(&format!("backend b{b}\n"));
+        for s in 0..50 {
+            body.push_str(&format!(
+                "  server s{s} 127.0.0.{}:{}\n",
+                2 + (s % 200),
+                10000 + b * 50 + s
+            ));
+        }
+    }
+    start_haproxy_sock(dir, &body)
 }
