@@ -511,6 +511,11 @@ impl Engine {
         }))
     }
 
+    /// How many jobs' unwinds could not finish.
+    pub fn unwind_incomplete_count(&self) -> Result<u64, Error> {
+        Ok(self.shared.env.store.unwind_incomplete_count()?)
+    }
+
     /// Every job whose unwind could not finish, oldest first.
     pub fn unwind_incomplete(&self) -> Result<Vec<JobId>, Error> {
         Ok(self
