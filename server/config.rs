@@ -389,6 +389,13 @@ prune_interval = "60s"
 # server_state_file = "/var/lib/haproxy/server-state"   # with `server-state-file` in global and
 #                                       # `load-server-state-from-file global` in defaults
 # stats_socket = "/run/haproxy/admin.sock"
+# Hear HAProxy's log stream: a server's state change makes the stats poller poll at once, so
+# watchers and alert watches see it in milliseconds (polls at their interval stay the
+# backstop). Add to haproxy.cfg's global section `log /var/lib/haproxy/stately-log.sock local0
+# notice` (`log /stately-log.sock ...` when HAProxy runs `chroot /var/lib/haproxy`, whose
+# paths resolve inside the chroot) and `log global` to its defaults.
+# log_socket = "/var/lib/haproxy/stately-log.sock"
+# log_udp = "127.0.0.1:5140"    # or UDP on loopback: `log 127.0.0.1:5140 local0 notice`
 # Directories a client's configuration may name files in (crt, ca-file, errorfile, ACL and map
 # files, lua-load, sockets...). Default: those of config, the sockets, server_state_file, and
 # the certificate bundle directory.

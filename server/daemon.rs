@@ -236,6 +236,22 @@ pub async fn run(
         );
         tracing::info!("listening on unix:{}", path.display());
     }
+    // HAProxy's log streams, bound before READY so a HAProxy started after statelyd finds
+    // its log socket there.
+    for t in &config.haproxy {
+        let source = match (&t.log_socket, t.log_udp) {
+            (Some(p), _) => crate::stats::logs::Source::Unix(p.clone()),
+            (None, Some(a)) => crate::stats::logs::Source::Udp(a),
+            (None, None) => continue,
+        };
+        crate::stats::logs::listen(&source, t.name.clone(), engine.stats(), stopping.clone())
+            .await
+            .map_err(|e| Error::Bind {
+                addr: source.to_string(),
+                source: e,
+            })?;
+        tracing::info!("hearing haproxy target '{}' log stream on {source}", t.name);
+    }
     tracing::info!(
         "listening on {addr}{}",
         if tls.is_some() { " (TLS)" } else { "" }

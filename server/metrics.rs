@@ -55,6 +55,12 @@ struct Renewal {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LogLine {
+    target: String,
+    line: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Watcher {
     stream: String,
 }
@@ -73,6 +79,7 @@ struct Events {
     transitions: Family<TransitionLabels, Counter>,
     renewals: Family<Renewal, Counter>,
     watchers: Family<Watcher, Gauge>,
+    log_lines: Family<LogLine, Counter>,
     /// The label values admitted so far for labels a client's input can vary (step names of
     /// runbooks, resources templated from parameters): each family takes at most
     /// `MAX_VALUES` distinct ones, the rest count as "other", so no client can grow a scrape
@@ -191,6 +198,23 @@ pub(crate) fn stats_polled(target: &str, seconds: f64, ok: bool) {
     }
 }
 
+/// A datagram of a target's HAProxy log stream: a state change (which woke the poller), or
+/// not.
+pub(crate) fn log_line(target: &str, state_change: bool) {
+    events()
+        .log_lines
+        .get_or_create(&LogLine {
+            target: target.into(),
+            line: if state_change {
+                "state_change"
+            } else {
+                "other"
+            }
+            .into(),
+        })
+        .inc();
+}
+
 /// A HAProxy reload through the master CLI, confirmed or not.
 pub(crate) fn haproxy_reloaded(ok: bool) {
     events().reloads.get_or_create(&outcome(ok)).inc();
@@ -241,6 +265,7 @@ fn events() -> &'static Events {
         transitions: Family::default(),
         renewals: Family::default(),
         watchers: Family::default(),
+        log_lines: Family::default(),
         admitted: Default::default(),
     })
 }
@@ -426,6 +451,11 @@ pub(crate) fn render(engine: &crate::engine::Engine) -> String {
         e.renewals.clone(),
     );
     r.register(
+        "stately_haproxy_log_lines",
+        "Datagrams of each target's HAProxy log stream: state_change (they woke the poller) or other",
+        e.log_lines.clone(),
+    );
+    r.register(
         "stately_watchers",
         "Open streams following a job's events (job) or a target's stats (stats)",
         e.watchers.clone(),
@@ -469,7 +499,7 @@ pub(crate) fn render(engine: &crate::engine::Engine) -> String {
         jobs,
     );
     let incomplete = Gauge::<i64>::default();
-    incomplete.set(engine.unwind_incomplete().map_or(0, |v| v.len() as i64));
+    incomplete.set(engine.unwind_incomplete_count().unwrap_or(0) as i64);
     r.register(
         "stately_unwinds_incomplete",
         "Jobs whose unwind could not finish (retried)",

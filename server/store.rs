@@ -466,9 +466,10 @@ impl Store {
     /// How many jobs' unwinds could not finish (from a partial index: no row is read).
     pub(crate) fn unwind_incomplete_count(&self) -> Result<u64, Error> {
         self.read(|c| {
-            Ok(c
-                .prepare_cached("SELECT COUNT(*) FROM jobs WHERE unwind_incomplete != 0")?
-                .query_row([], |r| r.get::<_, i64>(0))? as u64)
+            Ok(
+                c.prepare_cached("SELECT COUNT(*) FROM jobs WHERE unwind_incomplete != 0")?
+                    .query_row([], |r| r.get::<_, i64>(0))? as u64,
+            )
         })
     }
 

@@ -12,6 +12,7 @@ mod client;
 mod connections;
 mod crash;
 mod edits;
+mod events;
 mod haproxy;
 mod hostile;
 mod jobs_api;

@@ -35,6 +35,14 @@ pub struct HaproxyTarget {
     /// Lua while it checks.
     #[serde(default)]
     pub allow_code: bool,
+    /// A unix datagram socket statelyd binds to hear HAProxy's log stream for this target
+    /// (`log <path> local0 notice` in haproxy.cfg's global section): a server's state change
+    /// makes the stats poller poll at once, so watchers and alerts see it in milliseconds.
+    #[serde(default)]
+    pub log_socket: Option<PathBuf>,
+    /// Or a UDP address on loopback (`log 127.0.0.1:<port> local0 notice`).
+    #[serde(default)]
+    pub log_udp: Option<std::net::SocketAddr>,
     /// With `allow_code`, run `haproxy -c` as this user (it must be able to read the
     /// certificates the configuration names) rather than as statelyd's.
     #[serde(default)]
@@ -95,6 +103,34 @@ pub(crate) fn check(targets: &[HaproxyTarget]) -> Result<(), String> {
         {
             return Err(format!(
                 "haproxy target '{}': stats_socket must be an absolute path",
+                t.name
+            ));
+        }
+        if (t.log_socket.is_some() || t.log_udp.is_some()) && t.stats_socket.is_none() {
+            return Err(format!(
+                "haproxy target '{}': a log stream only wakes the stats poller: it needs stats_socket",
+                t.name
+            ));
+        }
+        if t.log_socket.is_some() && t.log_udp.is_some() {
+            return Err(format!(
+                "haproxy target '{}': give log_socket or log_udp, not both",
+                t.name
+            ));
+        }
+        if let Some(s) = &t.log_socket
+            && !s.is_absolute()
+        {
+            return Err(format!(
+                "haproxy target '{}': log_socket must be an absolute path",
+                t.name
+            ));
+        }
+        if let Some(a) = &t.log_udp
+            && !a.ip().is_loopback()
+        {
+            return Err(format!(
+                "haproxy target '{}': log_udp must be a loopback address (anyone who can reach it could send lines)",
                 t.name
             ));
         }

@@ -7,6 +7,7 @@
 //! neither slows the others nor holds memory. The tick is the smallest interval any watcher
 //! asks for; the poller stops when its last watcher leaves.
 
+pub mod logs;
 pub mod parse;
 
 use parse::{ParseError, Row, RowType};
@@ -19,6 +20,8 @@ use tokio::sync::watch;
 
 /// The smallest poll interval.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Polls a log stream's wake-ups cause are at least this far apart (per target).
+const EVENT_GAP: Duration = Duration::from_millis(2);
 /// The interval when a watcher asks for none.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 /// A poll that takes longer than this is a failure.
@@ -210,6 +213,8 @@ struct Poller {
     intervals: Arc<Mutex<HashMap<u64, Duration>>>,
     /// Wakes the loop when a watcher joins, so a shorter interval takes effect at once.
     joined: Arc<tokio::sync::Notify>,
+    /// Wakes the loop for a poll now (HAProxy logged a state change).
+    wake: Arc<tokio::sync::Notify>,
     next_id: AtomicU64,
     task: tokio::task::AbortHandle,
 }
@@ -311,6 +316,15 @@ impl StatsHub {
         })
     }
 
+    /// Makes `target`'s running poller poll now (when something says its state changed);
+    /// nothing when no one watches it.
+    pub fn wake(&self, target: &str) {
+        let pollers = self.pollers.lock().expect("poller lock");
+        if let Some(p) = pollers.get(target).and_then(Weak::upgrade) {
+            p.wake.notify_one();
+        }
+    }
+
     /// Subscribes to a target's shared poller, starting it if needed, at most `interval`
     /// apart (clamped to at least `MIN_INTERVAL`).
     pub fn subscribe(&self, target: &str, interval: Duration) -> Result<Subscription, Error> {
@@ -357,12 +371,14 @@ fn start_poller(target: String, socket: PathBuf, counter: Arc<AtomicU64>) -> Pol
     let (tx, rx) = watch::channel(first);
     let intervals: Arc<Mutex<HashMap<u64, Duration>>> = Arc::default();
     let joined: Arc<tokio::sync::Notify> = Arc::default();
+    let wake: Arc<tokio::sync::Notify> = Arc::default();
     let task = tokio::spawn(poll_loop(
         target,
         socket,
         tx,
         intervals.clone(),
         joined.clone(),
+        wake.clone(),
         counter,
     ))
     .abort_handle();
@@ -370,6 +386,7 @@ fn start_poller(target: String, socket: PathBuf, counter: Arc<AtomicU64>) -> Pol
         rx,
         intervals,
         joined,
+        wake,
         next_id: AtomicU64::new(0),
         task,
     }
@@ -381,6 +398,7 @@ async fn poll_loop(
     tx: watch::Sender<Arc<Poll>>,
     intervals: Arc<Mutex<HashMap<u64, Duration>>>,
     joined: Arc<tokio::sync::Notify>,
+    wake: Arc<tokio::sync::Notify>,
     counter: Arc<AtomicU64>,
 ) {
     let mut previous: Option<Arc<Snapshot>> = None;
@@ -419,6 +437,13 @@ async fn poll_loop(
             tokio::select! {
                 _ = tokio::time::sleep_until(started + interval) => break,
                 _ = joined.notified() => {}
+                _ = wake.notified() => {
+                    // Wake-ups close together (a flapping server, the DOWN line and the
+                    // backend's) make one poll each EVENT_GAP at most; the permit of a wake
+                    // that arrives during a poll is kept, so the last change is polled too.
+                    tokio::time::sleep_until(started + EVENT_GAP).await;
+                    break;
+                }
             }
         }
     }

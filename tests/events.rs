@@ -1,0 +1,274 @@
+//! HAProxy's log stream heard by statelyd (`log_socket`): a real haproxy logs to statelyd's
+//! socket and to this test's own ("the tap", which tells when HAProxy said it). With the poll
+//! interval at 10 s, only the event path can explain a change seen within a fraction of it.
+
+use crate::support::*;
+use stately::pb;
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+struct Edge {
+    d: Daemon,
+    h: Haproxy,
+    smtp: SmtpSink,
+    s1: Backend,
+    tap: UnixDatagram,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn edge() -> Edge {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log.sock");
+    let tap_path = dir.path().join("tap.sock");
+    let tap = UnixDatagram::bind(&tap_path).unwrap();
+    let s1 = Backend::start(0).await;
+    let h = Haproxy::start_full(
+        dir.path(),
+        &[("app", vec![("s1", s1.port)])],
+        false,
+        &format!(
+            "  log {} local0 notice\n  log {} local0 notice\n",
+            log.display(),
+            tap_path.display()
+        ),
+        "  log global\n  default-server check inter 100ms fall 1 rise 1\n",
+    );
+    let smtp = SmtpSink::start(&dir.path().join("mail"));
+    let d = Daemon::start(&format!(
+        "metrics_listen = \"127.0.0.1:0\"\n[[haproxy]]\nname = \"edge\"\nstats_socket = \"{}\"\nlog_socket = \"{}\"\n{}",
+        h.stats.display(),
+        log.display(),
+        smtp.config()
+    ));
+    // s1 UP and checked.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !show_stat(&h.stats).iter().any(|r| {
+        r.server == "s1" && r.status.raw == "UP" && r.check_status.as_deref() != Some("INI")
+    }) {
+        assert!(Instant::now() < deadline, "s1 never came UP");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Edge {
+        d,
+        h,
+        smtp,
+        s1,
+        tap,
+        log,
+        _dir: dir,
+    }
+}
+
+/// Reads the tap until HAProxy says `what`; when it said it.
+fn heard(tap: &UnixDatagram, what: &str) -> Instant {
+    tap.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tap.recv(&mut buf).expect("haproxy logs to the tap");
+        if String::from_utf8_lossy(&buf[..n]).contains(what) {
+            return Instant::now();
+        }
+    }
+}
+
+async fn watch(d: &Daemon, interval_s: i64) -> tonic::Streaming<pb::StatsUpdate> {
+    let mut stats =
+        pb::stats_client::StatsClient::with_interceptor(d.channel().await, bearer(Some(OPERATOR)));
+    let mut s = stats
+        .watch_stats(pb::WatchStatsRequest {
+            target: "edge".into(),
+            changes_only: true,
+            interval: Some(prost_types::Duration {
+                seconds: interval_s,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    s.message().await.unwrap();
+    s
+}
+
+/// Waits for a delta that shows s1 in `status`; when it arrived.
+async fn until_s1(
+    s: &mut tonic::Streaming<pb::StatsUpdate>,
+    status: &str,
+    within: Duration,
+) -> Instant {
+    tokio::time::timeout(within, async {
+        loop {
+            let u = s.message().await.unwrap().unwrap();
+            if let Some(pb::stats_update::Update::Delta(d)) = u.update
+                && d.changed.iter().any(|c| {
+                    c.row.as_ref().is_some_and(|r| {
+                        r.server == "s1" && r.status.as_ref().is_some_and(|st| st.raw == status)
+                    })
+                })
+            {
+                return Instant::now();
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("s1 not {status} in the stream within {within:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_down_line_reaches_watchers_and_the_alert_mail_at_once_with_polls_10_s_apart() {
+    let mut e = edge().await;
+    let mut c = e.d.client().await;
+    let watch_job = c
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(pb::JobSpec {
+                kind: Some(pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {
+                    target: "edge".into(),
+                    to: vec!["ops@example.test".into()],
+                    interval_ms: 10_000,
+                    hold_ms: Some(0),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: watch_job.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until_log_with(&mut events, "watching 'edge'").await;
+    let mut s = watch(&e.d, 10).await;
+
+    e.s1.stop().await;
+    let tap = e.tap.try_clone().unwrap();
+    let said = tokio::task::spawn_blocking(move || heard(&tap, "Server app/s1 is DOWN"))
+        .await
+        .unwrap();
+    let seen = until_s1(&mut s, "DOWN", Duration::from_secs(5)).await;
+    let to_watcher = seen.saturating_duration_since(said);
+    assert!(
+        to_watcher < Duration::from_millis(500),
+        "WatchStats saw DOWN {to_watcher:?} after HAProxy's line (polls are 10 s apart)"
+    );
+    let mails = e.smtp.wait_for(1, Duration::from_secs(3)).await;
+    let to_mail = said.elapsed();
+    assert!(mails[0].contains("DOWN"), "{}", mails[0]);
+    assert!(
+        to_mail < Duration::from_secs(2),
+        "the DOWN mail came {to_mail:?} after HAProxy's line"
+    );
+
+    // The restart of statelyd: the socket is bound again and the event path resumes.
+    e.d.kill9();
+    e.d.spawn();
+    let mut s = watch(&e.d, 10).await;
+    let _s1 = Backend::start(e.s1.port).await;
+    let tap = e.tap.try_clone().unwrap();
+    let said = tokio::task::spawn_blocking(move || heard(&tap, "Server app/s1 is UP"))
+        .await
+        .unwrap();
+    let seen = until_s1(&mut s, "UP", Duration::from_secs(5)).await;
+    let after_restart = seen.saturating_duration_since(said);
+    assert!(
+        after_restart < Duration::from_millis(500),
+        "after a restart, WatchStats saw UP {after_restart:?} after HAProxy's line"
+    );
+    let _ = &e.h;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_junk_datagrams_leaves_statelyd_responsive_and_bounded() {
+    let mut e = edge().await;
+    let mut s = watch(&e.d, 2).await;
+    let pid = e.d.pid().unwrap();
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    let before = rss(pid);
+    let log = e.log.clone();
+    let flood = std::thread::spawn(move || {
+        let sock = UnixDatagram::unbound().unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let junk = [b'x'; 1000];
+        let lies = b"<129>Dec  1 19:44:20 haproxy[1]: Server app/s1 is DOWN, reason: forged";
+        let mut sent = 0;
+        for i in 0..100_000 {
+            let msg: &[u8] = if i % 10 == 0 { lies } else { &junk };
+            if sock.send_to(msg, &log).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    });
+    // Calls are answered meanwhile.
+    let mut c = e.d.client().await;
+    let mut worst = Duration::ZERO;
+    while !flood.is_finished() {
+        let t = Instant::now();
+        c.list_jobs(pb::ListJobsRequest::default()).await.unwrap();
+        worst = worst.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = flood.join().unwrap();
+    assert!(
+        worst < Duration::from_millis(500),
+        "a call took {worst:?} during the flood"
+    );
+    let grown = rss(pid).saturating_sub(before);
+    assert!(
+        grown < 64 * 1024,
+        "RSS grew {grown} KiB during the flood of {sent} datagrams"
+    );
+    // The forged DOWN lines woke polls that found s1 UP: nothing changed for the watcher.
+    let quiet = tokio::time::timeout(Duration::from_millis(300), s.message()).await;
+    if let Ok(Ok(Some(u))) = &quiet {
+        assert!(
+            !format!("{u:?}").contains("DOWN"),
+            "a forged line invented a state: {u:?}"
+        );
+    }
+    // The real transition is still seen (by the event path or, at worst, the 2 s poll).
+    e.s1.stop().await;
+    until_s1(&mut s, "DOWN", Duration::from_secs(4)).await;
+}
+
+#[test]
+fn a_log_stream_needs_a_stats_socket_and_udp_stays_on_loopback() {
+    for (extra, says) in [
+        ("log_socket = \"/tmp/x.sock\"\n", "needs stats_socket"),
+        (
+            "stats_socket = \"/tmp/s.sock\"\nlog_udp = \"192.0.2.1:5140\"\n",
+            "log_udp must be a loopback address",
+        ),
+        (
+            "stats_socket = \"/tmp/s.sock\"\nlog_socket = \"relative.sock\"\n",
+            "log_socket must be an absolute path",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(&cfg, format!("[[haproxy]]\nname = \"edge\"\n{extra}")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_statelyd"))
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{extra}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{extra}: {err}");
+    }
+}
