@@ -83,6 +83,11 @@ pub(crate) struct EditArgs {
     /// Send /.well-known/acme-challenge/ in FRONTEND to statelyd's responder.
     #[arg(long = "route-acme", value_name = "FRONTEND")]
     route_acme: Vec<String>,
+    /// Send HAProxy's log to statelyd's log stream for the target (its log_socket or
+    /// log_udp): `log ADDR local0 notice` in global, `log global` in DEFAULTS ('defaults', or
+    /// 'defaults NAME').
+    #[arg(long = "log-stream", value_name = "DEFAULTS")]
+    log_stream: Vec<String>,
     /// Add `server NAME ADDR` to BACKEND (written BACKEND/NAME).
     #[arg(long = "add-server", num_args = 2, value_names = ["BACKEND/NAME", "ADDR"])]
     add_server: Vec<String>,
@@ -172,6 +177,7 @@ const EDIT_FLAGS: &[&str] = &[
     "restrict",
     "health_check",
     "route_acme",
+    "log_stream",
     "add_server",
     "remove_server",
     "set",
@@ -280,6 +286,9 @@ pub(crate) fn order_edits(args: &mut crate::cli::Args, matches: &clap::ArgMatche
             "route_acme" => Some(Edit::RouteAcme {
                 frontend: one.clone(),
                 responder: None,
+            }),
+            "log_stream" => Some(Edit::LogStream {
+                defaults: Some(one.clone()),
             }),
             "add_server" | "remove_server" => {
                 let Some((backend, name)) = one.split_once('/') else {

@@ -171,6 +171,7 @@ pub(crate) fn edit_json(e: &pb::HaproxyEdit) -> Value {
         Some(Op::RouteAcme(r)) => {
             json!({"route_acme": {"frontend": r.frontend, "responder": r.responder}})
         }
+        Some(Op::LogStream(l)) => json!({"log_stream": {"defaults": l.defaults}}),
         Some(Op::AddServer(a)) => json!({"add_server": {"backend": a.backend, "name": a.name,
             "address": a.address, "options": a.options}}),
         Some(Op::RemoveServer(r)) => {

@@ -205,14 +205,18 @@ async fn a_flood_of_junk_datagrams_leaves_statelyd_responsive_and_bounded() {
         sock.set_nonblocking(true).unwrap();
         let junk = [b'x'; 1000];
         let lies = b"<129>Dec  1 19:44:20 haproxy[1]: Server app/s1 is DOWN, reason: forged";
-        let mut sent = 0;
-        for i in 0..100_000 {
-            let msg: &[u8] = if i % 10 == 0 { lies } else { &junk };
+        // As fast as it goes for 1.5 s: at least 100k attempts; the kernel refuses what
+        // statelyd, reading at its limit, leaves in the socket buffer.
+        let (mut tried, mut sent) = (0u64, 0u64);
+        let t = Instant::now();
+        while tried < 100_000 || t.elapsed() < Duration::from_millis(1500) {
+            let msg: &[u8] = if tried % 10 == 0 { lies } else { &junk };
+            tried += 1;
             if sock.send_to(msg, &log).is_ok() {
                 sent += 1;
             }
         }
-        sent
+        (tried, sent, t.elapsed())
     });
     // Calls are answered meanwhile.
     let mut c = e.d.client().await;
@@ -223,10 +227,25 @@ async fn a_flood_of_junk_datagrams_leaves_statelyd_responsive_and_bounded() {
         worst = worst.max(t.elapsed());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let sent = flood.join().unwrap();
+    let (tried, sent, took) = flood.join().unwrap();
+    assert!(tried >= 100_000);
+    // Read at most 5,000 a second (and a burst, and what the socket buffer held).
+    assert!(
+        (sent as f64) < 5_000.0 * took.as_secs_f64() + 1_000.0 + 4_000.0,
+        "{sent} of {tried} datagrams taken in {took:?}"
+    );
     assert!(
         worst < Duration::from_millis(500),
         "a call took {worst:?} during the flood"
+    );
+    // The forged lines' wake-ups were coalesced: one poll per 2 ms at most (the tick's own
+    // polls aside).
+    let polls = scrape_polls(&e.d).await;
+    let most = took.as_secs_f64() / 0.002 + 10.0;
+    assert!(
+        polls <= most,
+        "{polls} polls in {took:?} for {} forged state lines (at most {most:.0})",
+        sent / 10
     );
     let grown = rss(pid).saturating_sub(before);
     assert!(
@@ -244,6 +263,35 @@ async fn a_flood_of_junk_datagrams_leaves_statelyd_responsive_and_bounded() {
     // The real transition is still seen (by the event path or, at worst, the 2 s poll).
     e.s1.stop().await;
     until_s1(&mut s, "DOWN", Duration::from_secs(4)).await;
+}
+
+/// `stately_stats_polls_total` of the target, from /metrics.
+async fn scrape_polls(d: &Daemon) -> f64 {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let at = d
+        .log()
+        .lines()
+        .find_map(|l| {
+            l.split("metrics on http://")
+                .nth(1)
+                .map(|r| r.split('/').next().unwrap().to_owned())
+        })
+        .expect("the metrics line");
+    let text = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{at}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(r#"stately_stats_polls_total{target="edge"} "#))
+        .and_then(|v| v.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no polls counter in {text}"))
 }
 
 #[test]
@@ -271,4 +319,79 @@ fn a_log_stream_needs_a_stats_socket_and_udp_stays_on_loopback() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{extra}: {err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_stream_edit_points_haproxy_at_statelyd_and_the_event_path_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log.sock");
+    let mut s1 = Backend::start(0).await;
+    let h = Haproxy::from_config(
+        dir.path(),
+        &format!(
+            "global\n  stats socket {{stats}} mode 600 level admin expose-fd listeners\n\n\
+             defaults\n  mode http\n  timeout connect 1s\n  timeout client 5s\n  timeout server 5s\n\n\
+             frontend web\n  bind 127.0.0.1:{}\n  default_backend app\n\n\
+             backend app\n  server s1 127.0.0.1:{} check inter 100ms fall 1 rise 1\n",
+            free_port(),
+            s1.port
+        ),
+    );
+    let d = Daemon::start(&format!(
+        "[[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nmaster_socket = \"{}\"\nstats_socket = \"{}\"\nlog_socket = \"{}\"\n",
+        h.config.display(),
+        h.dir.join("master.sock").display(),
+        h.stats.display(),
+        log.display()
+    ));
+    let out = d
+        .cli()
+        .args(["haproxy", "edit", "edge", "--log-stream", "defaults"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = std::fs::read_to_string(&h.config).unwrap();
+    assert!(
+        cfg.contains(&format!("  log {} local0 notice\n", log.display())),
+        "{cfg}"
+    );
+    assert!(cfg.contains("  log global\n"), "{cfg}");
+    // Again: nothing to change.
+    let out = d
+        .cli()
+        .args([
+            "haproxy",
+            "edit",
+            "edge",
+            "--log-stream",
+            "defaults",
+            "--dry-run",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no change"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The reloaded HAProxy logs to statelyd: a change seen at once with polls 10 s apart.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !show_stat(&h.stats).iter().any(|r| {
+        r.server == "s1" && r.status.raw == "UP" && r.check_status.as_deref() != Some("INI")
+    }) {
+        assert!(Instant::now() < deadline, "s1 never came UP");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut s = watch(&d, 10).await;
+    let t = Instant::now();
+    s1.stop().await;
+    until_s1(&mut s, "DOWN", Duration::from_secs(3)).await;
+    assert!(t.elapsed() < Duration::from_secs(3));
 }

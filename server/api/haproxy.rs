@@ -21,13 +21,19 @@ impl HaproxyApi {
         Targets::new(&config.haproxy, config.bundle_dir())
     }
 
-    /// What structured edits need of the daemon (bundle directory, responder).
-    fn edits_context(&self) -> edits::Context {
+    /// What structured edits of `target` need of the daemon (bundle directory, responder,
+    /// log stream).
+    fn edits_context(&self, target: &str) -> edits::Context {
         let config = self.engine.config();
         edits::Context {
             bundle_dir: config.bundle_dir(),
             responder: config.certificates.responder,
             replace: false,
+            log_stream: config
+                .haproxy
+                .iter()
+                .find(|t| t.name == target)
+                .and_then(|t| t.log_address()),
         }
     }
 }
@@ -93,6 +99,9 @@ pub(super) fn edits_from_pb(edits: Vec<pb::HaproxyEdit>) -> Result<Vec<Edit>, St
                 Some(Op::RouteAcme(r)) => Edit::RouteAcme {
                     frontend: r.frontend,
                     responder: some(r.responder),
+                },
+                Some(Op::LogStream(l)) => Edit::LogStream {
+                    defaults: some(l.defaults),
                 },
                 Some(Op::AddServer(a)) => Edit::AddServer {
                     backend: a.backend,
@@ -199,6 +208,9 @@ impl From<&Edit> for pb::HaproxyEdit {
                 } => Op::RouteAcme(pb::RouteAcmeEdit {
                     frontend: frontend.clone(),
                     responder: s(responder),
+                }),
+                Edit::LogStream { defaults } => Op::LogStream(pb::LogStreamEdit {
+                    defaults: s(defaults),
                 }),
                 Edit::AddServer {
                     backend,
@@ -332,7 +344,7 @@ impl pb::haproxy_server::Haproxy for HaproxyApi {
         }
         let cx = edits::Context {
             replace: r.replace,
-            ..self.edits_context()
+            ..self.edits_context(&r.target)
         };
         let out = edits::apply_blocking(live.text.clone(), list.clone(), cx)
             .await

@@ -116,6 +116,14 @@ pub enum Edit {
         /// `timeout`, `option`, `no`, `stats`, `http-check`, `tcp-check`).
         key: Option<String>,
     },
+    /// Send HAProxy's log to statelyd's log stream for this target (`log_socket` or
+    /// `log_udp`): `log <address> local0 notice` in global (the path made relative to a
+    /// `chroot`), `log global` in a defaults section.
+    LogStream {
+        /// The defaults section that gets `log global`: `defaults` (the unnamed one, the
+        /// default) or `defaults NAME`.
+        defaults: Option<String>,
+    },
     /// Remove the lines of a section that say exactly this.
     RemoveLine {
         /// As for `set_line`.
@@ -139,6 +147,7 @@ impl Edit {
             Edit::RemoveServer { .. } => "remove_server",
             Edit::SetLine { .. } => "set_line",
             Edit::RemoveLine { .. } => "remove_line",
+            Edit::LogStream { .. } => "log_stream",
         }
     }
 }
@@ -167,6 +176,8 @@ pub(crate) struct Context {
     pub(crate) responder: Option<SocketAddr>,
     /// Replace conflicting lines instead of refusing.
     pub(crate) replace: bool,
+    /// Where the target's log stream reaches statelyd (`log_stream`'s address), if it has one.
+    pub(crate) log_stream: Option<String>,
 }
 
 /// A change seen from a client, checked after the reload.
@@ -425,6 +436,11 @@ fn check_one(e: &Edit) -> Result<(), String> {
             section_name(section)?;
             one_line(line)?;
         }
+        Edit::LogStream { defaults } => {
+            if let Some(d) = defaults {
+                section_name(d)?;
+            }
+        }
     }
     Ok(())
 }
@@ -611,6 +627,7 @@ pub(crate) fn describe(e: &Edit) -> String {
         Edit::RemoveServer { backend, name } => format!("remove server {backend}/{name}"),
         Edit::SetLine { section, line, .. } => format!("set `{line}` in {section}"),
         Edit::RemoveLine { section, line } => format!("remove `{line}` from {section}"),
+        Edit::LogStream { .. } => "HAProxy's log to statelyd".into(),
     }
 }
 
@@ -1127,6 +1144,51 @@ impl Editor<'_, '_> {
                 // Setting a line is what the edit asks: no conflict to refuse.
                 self.put_or_replace(&s, matching.first().copied(), at, line.trim(), true)?;
             }
+            Edit::LogStream { defaults } => {
+                let Some(address) = self.cx.log_stream.clone() else {
+                    return Err(EditError::Conflict(
+                        "this target has no log_socket or log_udp in statelyd's configuration: there is nothing to send its log to".into(),
+                    ));
+                };
+                let g = self.named_section("global")?.clone();
+                // A chrooted HAProxy resolves a unix path inside its chroot.
+                let mut address = address;
+                if address.starts_with('/')
+                    && let Some(i) = self.find(&g, |w| w[0] == "chroot" && w.len() == 2)
+                {
+                    let root = self.cfg.lines[i].words[1].trim_end_matches('/').to_owned();
+                    match address.strip_prefix(&format!("{root}/")) {
+                        Some(inside) => address = format!("/{inside}"),
+                        None => {
+                            return Err(EditError::Conflict(format!(
+                                "HAProxy runs `chroot {root}` ({}), so it cannot reach {address}: put log_socket inside {root}",
+                                self.line_of(i)
+                            )));
+                        }
+                    }
+                }
+                let line = format!("log {address} local0 notice");
+                let existing = self.find(&g, |w| w.len() >= 2 && w[0] == "log" && w[1] == address);
+                let at = self
+                    .last(&g, |w| w[0] == "log")
+                    .map_or_else(|| self.cfg.end_of(&g), |i| i + 1);
+                self.put_or_replace(&g, existing, at, &line, true)?;
+                let d = self
+                    .named_section(defaults.as_deref().unwrap_or("defaults"))?
+                    .clone();
+                if d.kind != "defaults" {
+                    return Err(EditError::Invalid(format!(
+                        "log_stream's defaults names a {} section, not a defaults one",
+                        d.kind
+                    )));
+                }
+                let existing = self.find(&d, |w| w == ["log", "global"]);
+                let at = self.cfg.end_of(&d);
+                self.put_or_replace(&d, existing, at, "log global", false)?;
+                self.unproven.push(
+                    "the log stream is not checked by a request: stately_haproxy_log_lines_total counts what arrives".into(),
+                );
+            }
             Edit::RemoveLine { section, line } => {
                 let s = self.named_section(section)?.clone();
                 let want = ws(line);
@@ -1388,7 +1450,39 @@ mod tests {
             bundle_dir: PathBuf::from("/var/lib/stately/letsencrypt/haproxy"),
             responder: Some("127.0.0.1:8402".parse().unwrap()),
             replace: false,
+            log_stream: Some("/var/lib/haproxy/stately-log.sock".into()),
         }
+    }
+
+    #[test]
+    fn log_stream_logs_to_statelyd_relative_to_a_chroot_once() {
+        let text = "global\n  chroot /var/lib/haproxy\n  log /dev/log local0\n\ndefaults\n  mode http\n\nbackend app\n  server s1 127.0.0.1:8080\n";
+        let edit = [Edit::LogStream { defaults: None }];
+        let o = apply(text, &edit, &cx()).unwrap();
+        assert!(
+            o.text.starts_with("global\n  chroot /var/lib/haproxy\n  log /dev/log local0\n  log /stately-log.sock local0 notice\n\ndefaults\n  mode http\n  log global\n"),
+            "{}",
+            o.text
+        );
+        assert_eq!(apply(&o.text, &edit, &cx()).unwrap().text, o.text);
+        // A socket outside the chroot cannot be reached.
+        let outside = Context {
+            log_stream: Some("/run/stately/log.sock".into()),
+            ..cx()
+        };
+        assert!(matches!(
+            apply(text, &edit, &outside),
+            Err(EditError::Conflict(_))
+        ));
+        // A target without a log stream has nothing to point at.
+        let none = Context {
+            log_stream: None,
+            ..cx()
+        };
+        assert!(matches!(
+            apply(text, &edit, &none),
+            Err(EditError::Conflict(_))
+        ));
     }
 
     const BASE: &str = "\

@@ -100,11 +100,17 @@ pub(crate) fn refusal(e: EditError) -> Error {
 }
 
 /// What the edits need to know of the daemon.
-pub(crate) fn context(env: &Env, replace: bool) -> edits::Context {
+pub(crate) fn context(env: &Env, replace: bool, target: &str) -> edits::Context {
     edits::Context {
         bundle_dir: env.config.bundle_dir(),
         responder: env.config.certificates.responder,
         replace,
+        log_stream: env
+            .config
+            .haproxy
+            .iter()
+            .find(|t| t.name == target)
+            .and_then(|t| t.log_address()),
     }
 }
 
@@ -122,7 +128,7 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, at: Moment) -> Result<Planned, 
         )));
     }
     edits::check(&spec.edits).map_err(refusal)?;
-    let cx = context(env, spec.replace);
+    let cx = context(env, spec.replace, &spec.target);
     let live = targets.live(&spec.target).await?;
     let runtime = runtime_mode(&target, &live.text, &spec.edits).is_ok();
     if at == Moment::Submission {
