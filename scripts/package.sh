@@ -15,7 +15,7 @@ args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[i]}" in
     --no-build) build=0; continue ;;
-    --profile) profile="${args[i + 1]}" ;;
+    --profile) profile="${args[i + 1]:-release}" ;;
     --profile=*) profile="${args[i]#--profile=}" ;;
   esac
   pass+=("${args[i]}")

@@ -565,6 +565,16 @@ impl Config {
             )));
         }
         crate::auth::check_rules(&self.client_certs, &self.unix_peers).map_err(invalid)?;
+        if let Some(u) = &self.listen_unix
+            && self
+                .haproxy
+                .iter()
+                .any(|t| t.log_socket.as_ref() == Some(u))
+        {
+            return Err(invalid(
+                "listen_unix and a [[haproxy]] log_socket are the same path".into(),
+            ));
+        }
         if let Some(g) = &self.listen_unix_group {
             if self.listen_unix.is_none() {
                 return Err(invalid("listen_unix_group needs listen_unix".into()));

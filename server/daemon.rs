@@ -393,6 +393,17 @@ async fn reload(mut new: Config, r: &Reloadable) -> Result<Vec<String>, String> 
     keep!(listen, "listen");
     keep!(listen_unix, "listen_unix");
     keep!(listen_unix_group, "listen_unix_group");
+    let logs = |c: &Config| -> Vec<_> {
+        c.haproxy
+            .iter()
+            .map(|t| (t.name.clone(), t.log_socket.clone(), t.log_udp))
+            .collect()
+    };
+    if logs(&new) != logs(&old) {
+        notes.push(
+            "[[haproxy]] log_socket, log_udp or a name beside them changed: log streams are bound at start, so this takes effect at the next restart".into(),
+        );
+    }
     keep!(data_dir, "data_dir");
     keep!(sync, "sync");
     keep!(max_connections, "max_connections");

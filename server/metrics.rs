@@ -242,21 +242,21 @@ fn events() -> &'static Events {
             ))
         }),
         steps: Family::new_with_constructor(|| {
-            // 1 ms to ~4.5 h: a file write to a long ACME validation or a drain.
+            // 1 ms to ~4.7 h: a file write to a long ACME validation or a drain.
             Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                0.001, 4.0, 12,
+                0.001, 4.0, 13,
             ))
         }),
         cancel_unwound: Family::new_with_constructor(|| {
-            // 1 ms to ~4 min: a cancel between steps to an unwind that reloads HAProxy.
+            // 1 ms to ~9 min: a cancel between steps to an unwind that reloads HAProxy.
             Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                0.001, 3.0, 12,
+                0.001, 3.0, 13,
             ))
         }),
         queue_wait: Family::new_with_constructor(|| {
             // 100 µs (no wait) to ~7 h behind a long job.
             Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                0.0001, 5.0, 12,
+                0.0001, 5.0, 13,
             ))
         }),
         polls_failed: Family::default(),

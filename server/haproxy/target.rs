@@ -50,6 +50,16 @@ pub struct HaproxyTarget {
 }
 
 impl HaproxyTarget {
+    /// Where HAProxy's `log` line sends this target's log stream to statelyd (the path of
+    /// `log_socket`, or `log_udp`), if it has one.
+    pub fn log_address(&self) -> Option<String> {
+        match (&self.log_socket, &self.log_udp) {
+            (Some(p), _) => Some(p.display().to_string()),
+            (None, Some(a)) => Some(a.to_string()),
+            (None, None) => None,
+        }
+    }
+
     /// What a client's configuration for this target may ask of the machine.
     pub fn policy(&self, bundle_dir: &Path) -> crate::haproxy::policy::Policy {
         let dirs: Vec<PathBuf> = match &self.allow_dirs {
@@ -115,6 +125,25 @@ pub(crate) fn check(targets: &[HaproxyTarget]) -> Result<(), String> {
         if t.log_socket.is_some() && t.log_udp.is_some() {
             return Err(format!(
                 "haproxy target '{}': give log_socket or log_udp, not both",
+                t.name
+            ));
+        }
+        if let Some(s) = &t.log_socket
+            && targets.iter().any(|o| {
+                [
+                    &o.stats_socket,
+                    &o.master_socket,
+                    &o.server_state_file,
+                    &o.config,
+                ]
+                .into_iter()
+                .flatten()
+                .any(|p| p == s)
+                    || (o.name != t.name && o.log_socket.as_ref() == Some(s))
+            })
+        {
+            return Err(format!(
+                "haproxy target '{}': log_socket is a path another setting names already",
                 t.name
             ));
         }

@@ -103,10 +103,16 @@ pub async fn listen(
     }
     let sock = match source {
         Source::Unix(path) => {
-            remove_stale(path);
+            only_root_writes(path)?;
+            remove_stale(path)?;
             let s = tokio::net::UnixDatagram::bind(path)?;
-            // HAProxy's workers may run as another user; a forged line can only hasten a poll.
-            use std::os::unix::fs::PermissionsExt;
+            // HAProxy's workers may run as another user; a forged line can only hasten a poll
+            // (see the wake's bound in the poller). The directory is root's alone (checked
+            // above), so the name cannot be swapped for a symlink before the chmod.
+            use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+            if !std::fs::symlink_metadata(path)?.file_type().is_socket() {
+                return Err(std::io::Error::other("the socket just bound is not there"));
+            }
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
             Sock::Unix(s)
         }
@@ -148,12 +154,46 @@ pub async fn listen(
     Ok(())
 }
 
-/// Removes a socket file left by an earlier run (only a socket: never another kind of file).
-fn remove_stale(path: &Path) {
+/// Removes a socket file left by an earlier run: only a socket, and only one no process
+/// listens on (a datagram sent to it is refused), so a live socket of anyone else's (HAProxy's
+/// admin socket named by mistake) is never taken.
+fn remove_stale(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        let _ = std::fs::remove_file(path);
+    let Ok(m) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !m.file_type().is_socket() {
+        return Err(std::io::Error::other(
+            "something other than a socket is there: statelyd will not replace it",
+        ));
     }
+    let probe = std::os::unix::net::UnixDatagram::unbound()?;
+    match probe.connect(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Ok(()) => Err(std::io::Error::other(
+            "a process listens on this socket already (another statelyd, or not a log socket)",
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::EPROTOTYPE) => Err(std::io::Error::other(
+            "a process listens on this socket already (another statelyd, or not a log socket)",
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// Refuses a socket whose directory others than root (or statelyd's user) may write: they
+/// could swap the name for a symlink between bind and chmod.
+fn only_root_writes(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let m = std::fs::metadata(dir)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if (m.uid() != 0 && m.uid() != me) || m.mode() & 0o022 != 0 {
+        return Err(std::io::Error::other(format!(
+            "its directory {} may be written by others than root: put log_socket in a directory only root writes (e.g. /var/lib/haproxy on Debian, /run/stately)",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -412,6 +412,7 @@ async fn poll_loop(
         let result = fetch(&socket)
             .await
             .map(|rows| Arc::new(Snapshot::new(rows)));
+        let took = started.elapsed();
         crate::metrics::stats_polled(&target, started.elapsed().as_secs_f64(), result.is_ok());
         let delta = match (&result, &previous) {
             (Ok(now), Some(before)) => Some(now.delta_since(before)),
@@ -439,9 +440,11 @@ async fn poll_loop(
                 _ = joined.notified() => {}
                 _ = wake.notified() => {
                     // Wake-ups close together (a flapping server, the DOWN line and the
-                    // backend's) make one poll each EVENT_GAP at most; the permit of a wake
-                    // that arrives during a poll is kept, so the last change is polled too.
-                    tokio::time::sleep_until(started + EVENT_GAP).await;
+                    // backend's, a flood of forged lines) make one poll per EVENT_GAP at most,
+                    // and never keep HAProxy answering `show stat` more than half the time
+                    // (a 5000-server poll is tens of ms of its CPU). The permit of a wake that
+                    // arrives during a poll is kept, so the last change is polled too.
+                    tokio::time::sleep_until(started + EVENT_GAP.max(took * 2)).await;
                     break;
                 }
             }
