@@ -7,10 +7,11 @@
 //! prometheus-haproxy-exporter).
 
 mod support;
-use support::{Auth, cpu_secs, free_port, haproxy_5000, http_get, median, spawn_statelyd};
+use support::{
+    Auth, cpu_secs, free_port, haproxy_5000, http_get, median, spawn_statelyd, start_exporter,
+};
 
 use stately::pb;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "bench-operator-token-00000";
@@ -140,19 +141,7 @@ fn main() {
     std::thread::sleep(Duration::from_secs(5));
     let background = (cpu_secs(pid) - c0) / t0.elapsed().as_secs_f64();
 
-    let exporter_port = free_port();
-    let mut exporter = Command::new("prometheus-haproxy-exporter")
-        .arg(format!("--haproxy.scrape-uri=unix:{}", sock.display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{exporter_port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus-haproxy-exporter is installed (Debian package)");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", exporter_port)).is_err() {
-        assert!(Instant::now() < deadline, "the exporter did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut exporter, exporter_port) = start_exporter(&sock);
 
     // Alternate the two, three rounds each, so a busy moment of the machine hits both.
     let mut ours = Vec::new();

@@ -12,14 +12,14 @@
 mod support;
 use support::{
     Auth, cpu_secs, free_port, haproxy_5000, http_get, median, rss_kib, show_stat, spawn_statelyd,
-    start_haproxy_sock,
+    start_exporter, start_haproxy_sock,
 };
 
 use stately::pb;
 use stately::stats::{StatsHub, parse};
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "bench-viewer-token-0000000";
@@ -115,19 +115,7 @@ fn main() {
     });
 
     // The exporter scraping the same socket: CPU per scrape over 10 scrapes.
-    let port = free_port();
-    let mut exporter = Command::new("prometheus-haproxy-exporter")
-        .arg(format!("--haproxy.scrape-uri=unix:{}", big_sock.display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus-haproxy-exporter is installed (Debian package)");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the exporter did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut exporter, port) = start_exporter(&big_sock);
     http_get(port, "/metrics");
     let c0 = cpu_secs(exporter.id());
     for _ in 0..10 {

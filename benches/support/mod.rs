@@ -219,3 +219,22 @@ pub fn haproxy_5000(dir: &Path) -> (Child, std::path::PathBuf) {
     }
     start_haproxy_sock(dir, &body)
 }
+
+/// Debian's prometheus-haproxy-exporter on the stats socket `sock`, listening on a free
+/// loopback port (returned), once it answers.
+pub fn start_exporter(sock: &Path) -> (Child, u16) {
+    let port = free_port();
+    let exporter = Command::new("prometheus-haproxy-exporter")
+        .arg(format!("--haproxy.scrape-uri=unix:{}", sock.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus-haproxy-exporter is installed (Debian package)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the exporter did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (exporter, port)
+}
