@@ -571,3 +571,57 @@ async fn bad_mail_settings_or_input_refuse_the_watch_and_start_nothing() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("refused"));
 }
+
+#[tokio::test]
+async fn a_mail_goes_through_a_relay_that_requires_starttls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = crate::support::pki::Ca::new("relay CA");
+    let ca_file = ca.write(&dir.path().join("ca.pem"));
+    let leaf = ca.server(dir.path(), "relay");
+    let smtp = SmtpSink::start_tls(&dir.path().join("mail"), &leaf.cert, &leaf.key);
+    let servers = [Backend::start(0).await];
+    let h = Haproxy::start_full(
+        dir.path(),
+        &[("app", vec![("s1", servers[0].port)])],
+        false,
+        "",
+        "default-server check inter 100ms fall 1 rise 1\n",
+    );
+    let d = Daemon::start(&format!(
+        "[[haproxy]]\nname = \"edge\"\nstats_socket = \"{}\"\n\
+         [smtp]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nca_file = \"{}\"\nfrom = \"stately <s@example.test>\"\nretry_max = \"300ms\"\n",
+        h.stats.display(),
+        smtp.port,
+        ca_file.display()
+    ));
+    wait_all_up(&h.stats).await;
+    let mut c = d.client().await;
+    let job = c
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(pb::JobSpec {
+                kind: Some(pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {
+                    target: "edge".into(),
+                    to: vec!["ops@example.test".into()],
+                    interval_ms: 100,
+                    hold_ms: Some(0),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until_log_with(&mut s, "watching 'edge'").await;
+    drop(servers);
+    let mails = smtp.wait_for(1, Duration::from_secs(10)).await;
+    assert!(subject(&mails[0]).contains("DOWN"), "{}", mails[0]);
+}

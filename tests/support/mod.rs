@@ -667,6 +667,8 @@ pub struct SmtpSink {
     child: Option<Child>,
     pub port: u16,
     pub dir: PathBuf,
+    /// A certificate and key: the sink offers STARTTLS and requires it.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl SmtpSink {
@@ -675,6 +677,19 @@ impl SmtpSink {
             child: None,
             port: free_port(),
             dir: dir.to_owned(),
+            tls: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// A sink that requires STARTTLS, with this certificate and key.
+    pub fn start_tls(dir: &Path, cert: &Path, key: &Path) -> SmtpSink {
+        let mut s = SmtpSink {
+            child: None,
+            port: free_port(),
+            dir: dir.to_owned(),
+            tls: Some((cert.to_owned(), key.to_owned())),
         };
         s.spawn();
         s
@@ -695,6 +710,7 @@ impl SmtpSink {
             .arg(script)
             .arg(&self.dir)
             .arg(self.port.to_string())
+            .args(self.tls.iter().flat_map(|(c, k)| [c, k]))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -1,6 +1,7 @@
 """A real SMTP server for the tests (aiosmtpd, Debian python3-aiosmtpd).
 
-usage: smtp_sink.py DIR PORT
+usage: smtp_sink.py DIR PORT [CERT KEY]
+With CERT and KEY it offers STARTTLS and requires it before MAIL.
 Saves each accepted message as DIR/<unix ns>-<n>.eml (written beside, then renamed), refuses
 recipients starting with "reject" with 550, prints "ready" once listening.
 """
@@ -36,7 +37,13 @@ class Handler:
 def main():
     out, port = sys.argv[1], int(sys.argv[2])
     os.makedirs(out, exist_ok=True)
-    controller = Controller(Handler(out), hostname="127.0.0.1", port=port)
+    tls = {}
+    if len(sys.argv) > 4:
+        import ssl
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(sys.argv[3], sys.argv[4])
+        tls = {"tls_context": ctx, "require_starttls": True}
+    controller = Controller(Handler(out), hostname="127.0.0.1", port=port, **tls)
     controller.start()
     print("ready", flush=True)
     threading.Event().wait()
