@@ -342,9 +342,20 @@ struct StatusBlock {
 }
 
 /// The server status lines of `target` for `snapshot`, from the cache when nothing changed.
+static STATUS_CACHE: OnceLock<std::sync::Mutex<std::collections::HashMap<String, StatusBlock>>> =
+    OnceLock::new();
+
+/// Drops the cached lines of targets no longer configured (a reload removed them).
+fn keep_status_of(targets: &[&str]) {
+    if let Some(cache) = STATUS_CACHE.get() {
+        cache
+            .lock()
+            .expect("metrics cache lock")
+            .retain(|t, _| targets.contains(&t.as_str()));
+    }
+}
+
 fn status_lines(target: &str, snapshot: &crate::stats::Snapshot) -> std::sync::Arc<String> {
-    static CACHE: OnceLock<std::sync::Mutex<std::collections::HashMap<String, StatusBlock>>> =
-        OnceLock::new();
     let servers = snapshot
         .rows
         .iter()
@@ -353,7 +364,7 @@ fn status_lines(target: &str, snapshot: &crate::stats::Snapshot) -> std::sync::A
         .clone()
         .map(|r| server_state(&r.status.raw))
         .collect();
-    let mut cache = CACHE
+    let mut cache = STATUS_CACHE
         .get_or_init(Default::default)
         .lock()
         .expect("metrics cache lock");
@@ -556,6 +567,13 @@ pub(crate) fn render(engine: &crate::engine::Engine) -> String {
             status.push(status_lines(&t.name, snapshot));
         }
     }
+    keep_status_of(
+        &config
+            .haproxy
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>(),
+    );
     r.register(
         "stately_stats_polls",
         "Polls of each target's stats socket",
