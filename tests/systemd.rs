@@ -110,15 +110,14 @@ fn under_systemd_a_jobs_log_lines_reach_journald_with_its_id_and_kind() {
     let port = free_port();
     d.addr = format!("127.0.0.1:{port}");
     let t = d.dir.path().to_owned();
-    for sub in ["journal", "run-log", "var-log"] {
+    for sub in ["run", "var-log"] {
         std::fs::create_dir_all(t.join(sub)).unwrap();
     }
     let script = format!(
         r#"set -e
+mount --bind {t}/run /run
+mount --bind {t}/var-log /var/log
 mkdir -p /run/systemd/journal /run/log /var/log/journal
-mount --bind {t}/journal /run/systemd/journal
-mount --bind {t}/run-log /run/log
-mount --bind {t}/var-log /var/log/journal
 /lib/systemd/systemd-journald &
 while [ ! -S /run/systemd/journal/stdout ]; do sleep 0.05; done
 exec systemd-cat -t statelyd-stderr sh -c 'JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec "$0" "$@"' {bin} --config {config} --listen 127.0.0.1:{port}
@@ -159,13 +158,13 @@ exec systemd-cat -t statelyd-stderr sh -c 'JOURNAL_STREAM=$(stat -L -c %d:%i /pr
     let deadline = Instant::now() + Duration::from_secs(20);
     let entry = loop {
         let mut files = Vec::new();
-        let mut dirs = vec![t.join("run-log"), t.join("var-log")];
+        let mut dirs = vec![t.join("run"), t.join("var-log")];
         while let Some(dir) = dirs.pop() {
             for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let p = e.path();
                 if p.is_dir() {
                     dirs.push(p);
-                } else if p.extension().is_some_and(|x| x == "journal") {
+                } else if p.is_file() && p.extension().is_some_and(|x| x == "journal") {
                     files.push(format!("--file={}", p.display()));
                 }
             }
