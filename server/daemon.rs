@@ -396,6 +396,7 @@ async fn reload(mut new: Config, r: &Reloadable) -> Result<Vec<String>, String> 
     let logs = |c: &Config| -> Vec<_> {
         c.haproxy
             .iter()
+            .filter(|t| t.log_socket.is_some() || t.log_udp.is_some())
             .map(|t| (t.name.clone(), t.log_socket.clone(), t.log_udp))
             .collect()
     };

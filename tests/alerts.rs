@@ -596,31 +596,7 @@ async fn a_mail_goes_through_a_relay_that_requires_starttls() {
     ));
     wait_all_up(&h.stats).await;
     let mut c = d.client().await;
-    let job = c
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(pb::JobSpec {
-                kind: Some(pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {
-                    target: "edge".into(),
-                    to: vec!["ops@example.test".into()],
-                    interval_ms: 100,
-                    hold_ms: Some(0),
-                    ..Default::default()
-                })),
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut s = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.clone(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    until_log_with(&mut s, "watching 'edge'").await;
+    let (_, _events) = start_alert_watch(&mut c, 100).await;
     drop(servers);
     let mails = smtp.wait_for(1, Duration::from_secs(10)).await;
     assert!(subject(&mails[0]).contains("DOWN"), "{}", mails[0]);

@@ -7,6 +7,7 @@ use stately::pb;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tonic::Code;
 
 struct Edge {
     d: Daemon,
@@ -121,31 +122,7 @@ async fn until_s1(
 async fn a_down_line_reaches_watchers_and_the_alert_mail_at_once_with_polls_10_s_apart() {
     let mut e = edge().await;
     let mut c = e.d.client().await;
-    let watch_job = c
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(pb::JobSpec {
-                kind: Some(pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {
-                    target: "edge".into(),
-                    to: vec!["ops@example.test".into()],
-                    interval_ms: 10_000,
-                    hold_ms: Some(0),
-                    ..Default::default()
-                })),
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut events = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: watch_job.id.clone(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    until_log_with(&mut events, "watching 'edge'").await;
+    let (_watch, _events) = start_alert_watch(&mut c, 10_000).await;
     let mut s = watch(&e.d, 10).await;
 
     e.s1.stop().await;
@@ -394,4 +371,71 @@ async fn the_log_stream_edit_points_haproxy_at_statelyd_and_the_event_path_works
     s1.stop().await;
     until_s1(&mut s, "DOWN", Duration::from_secs(3)).await;
     assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn a_bad_log_stream_edit_is_refused_with_the_right_code_and_nothing_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haproxy::from_config(
+        dir.path(),
+        &format!(
+            "global\n  stats socket {{stats}} mode 600 level admin\n\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 5s\n  timeout server 5s\n\n\
+             frontend web\n  bind 127.0.0.1:{}\n  default_backend app\n\nbackend app\n  server s1 127.0.0.1:{}\n",
+            free_port(),
+            free_port()
+        ),
+    );
+    let target = |name: &str, log: bool| {
+        format!(
+            "[[haproxy]]\nname = \"{name}\"\nconfig = \"{}\"\nmaster_socket = \"{}\"\nstats_socket = \"{}\"\n{}",
+            h.config.display(),
+            h.dir.join("master.sock").display(),
+            h.stats.display(),
+            if log {
+                format!(
+                    "log_socket = \"{}\"\n",
+                    dir.path().join("log.sock").display()
+                )
+            } else {
+                String::new()
+            }
+        )
+    };
+    let d = Daemon::start(&(target("edge", true) + &target("plain", false)));
+    let before = std::fs::read(&h.config).unwrap();
+    let mut c = d.client().await;
+    let edit = |target: &str, defaults: &str| pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::HaproxyEdit(pb::HaproxyEditJob {
+                target: target.into(),
+                edits: vec![pb::HaproxyEdit {
+                    op: Some(pb::haproxy_edit::Op::LogStream(pb::LogStreamEdit {
+                        defaults: defaults.into(),
+                    })),
+                }],
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    };
+    let long = "defaults ".to_owned() + &"x".repeat(5000);
+    for (t, defaults, code) in [
+        ("edge", "frontend web", Code::InvalidArgument),
+        ("edge", "defaults\nglobal", Code::NotFound),
+        ("edge", "defaults a b", Code::InvalidArgument),
+        ("edge", long.as_str(), Code::InvalidArgument),
+        ("edge", "defaults nosuch", Code::NotFound),
+        ("plain", "defaults", Code::FailedPrecondition),
+    ] {
+        let e = c.submit_job(edit(t, defaults)).await.unwrap_err();
+        assert_eq!(e.code(), code, "{t} {defaults:.40}: {e:?}");
+        assert!(e.message().len() < 300, "{}", e.message());
+    }
+    assert_eq!(std::fs::read(&h.config).unwrap(), before);
+    let jobs = c
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(jobs.jobs.is_empty(), "{:?}", jobs.jobs);
 }

@@ -352,31 +352,7 @@ async fn metrics_time_steps_queues_cancels_and_count_watchers_transitions_renewa
     );
 
     // An alert watch sees s1 go DOWN; its mail cannot be delivered.
-    let w = c
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(pb::JobSpec {
-                kind: Some(pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {
-                    target: "edge".into(),
-                    to: vec!["ops@example.test".into()],
-                    interval_ms: 100,
-                    hold_ms: Some(0),
-                    ..Default::default()
-                })),
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut wevents = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: w.id.clone(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    until_log_with(&mut wevents, "watching 'edge'").await;
+    let (_, wevents) = start_alert_watch(&mut c, 100).await;
     smtp.stop();
     s1.stop().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);

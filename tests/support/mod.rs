@@ -797,6 +797,40 @@ pub fn header(mail: &str, name: &str) -> Option<String> {
 }
 
 /// Reads events until a log line contains `text`.
+/// Starts an alert watch of target `edge` mailing ops@example.test (no hold) every
+/// `interval_ms`, and waits until it watches: its id, and its event stream.
+pub async fn start_alert_watch(
+    c: &mut Client,
+    interval_ms: u32,
+) -> (String, tonic::Streaming<pb::JobEvent>) {
+    let job = c
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(pb::JobSpec {
+                kind: Some(pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {
+                    target: "edge".into(),
+                    to: vec!["ops@example.test".into()],
+                    interval_ms,
+                    hold_ms: Some(0),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until_log_with(&mut events, "watching 'edge'").await;
+    (job.id, events)
+}
+
 pub async fn until_log_with(
     s: &mut tonic::Streaming<pb::JobEvent>,
     text: &str,
