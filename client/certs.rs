@@ -28,6 +28,10 @@ pub(crate) enum CertCommand {
         /// Answer HTTP-01 with statelyd's own responder (the default when no webroot is given).
         #[arg(long)]
         responder: bool,
+        /// Prove the names by DNS-01: TXT records published in the daemon's [[dns]] zones
+        /// (RFC 2136 + TSIG), removed afterwards. Wildcards (*.example.com) need it.
+        #[arg(long, conflicts_with_all = ["webroot", "responder"])]
+        dns: bool,
         /// Deploy to this HAProxy target (repeat for more).
         #[arg(long)]
         deploy: Vec<String>,
@@ -134,6 +138,7 @@ pub(crate) async fn run(
             name,
             webroot,
             responder: _,
+            dns,
             deploy,
             key_type,
             reuse_key,
@@ -155,6 +160,7 @@ pub(crate) async fn run(
                             acme,
                             expand,
                             dry_run,
+                            challenge: if dns { "dns-01".into() } else { String::new() },
                         },
                     )),
                 }),

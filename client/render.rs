@@ -130,7 +130,7 @@ fn spec_json(spec: &Option<pb::JobSpec>) -> Value {
         Some(pb::job_spec::Kind::CertificateIssue(c)) => {
             json!({"certificate_issue": {"names": c.names, "lineage": c.lineage, "webroot": c.webroot,
                 "key_type": c.key_type, "reuse_key": c.reuse_key, "deploy": c.deploy, "acme": c.acme,
-                "expand": c.expand}})
+                "expand": c.expand, "challenge": c.challenge}})
         }
         Some(pb::job_spec::Kind::CertificateRevoke(r)) => {
             json!({"certificate_revoke": {"lineage": r.lineage, "reason": r.reason}})

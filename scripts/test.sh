@@ -14,6 +14,10 @@ declare -A PACKAGES=(
   [pebble]=/usr/bin/pebble-challtestsrv
   [systemd]=/usr/bin/systemd-analyze
   [prometheus]=/usr/bin/promtool
+  [bind9]=/usr/sbin/named
+  [bind9-dnsutils]=/usr/bin/dig
+  [certbot]=/usr/bin/certbot
+  [nginx]=/usr/sbin/nginx
 )
 missing=()
 for pkg in "${!PACKAGES[@]}"; do
@@ -22,8 +26,16 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # bind9 and nginx would start system services (a recursive resolver on :53, a web server on
+  # :80); the tests start their own on free loopback ports, so the packages' services stay off.
+  policy=/usr/sbin/policy-rc.d
+  made_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made_policy=1
+  fi
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}"
+  [ -z "$made_policy" ] || rm -f "$policy"
 fi
 getent group nogroup >/dev/null || { echo "the tests need the Debian group 'nogroup'" >&2; exit 1; }
 

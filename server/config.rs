@@ -95,6 +95,9 @@ pub struct Config {
     /// ACME servers beyond the built-in `letsencrypt` and `letsencrypt-staging`.
     #[serde(rename = "acme")]
     pub acme: Vec<crate::certs::config::AcmeServer>,
+    /// DNS zones statelyd may publish DNS-01 challenge records in (RFC 2136 + TSIG).
+    #[serde(rename = "dns")]
+    pub dns: Vec<crate::certs::dns::DnsProvider>,
 }
 
 pub use crate::certs::config::AcmeServer;
@@ -319,6 +322,7 @@ impl Default for Config {
             smtp: None,
             certificates: Default::default(),
             acme: Vec::new(),
+            dns: Vec::new(),
         }
     }
 }
@@ -546,6 +550,7 @@ impl Config {
             message,
         };
         crate::certs::config::check(&self.acme, &self.certificates).map_err(invalid)?;
+        crate::certs::dns::check(&self.dns).map_err(invalid)?;
         if let Some(smtp) = &self.smtp {
             smtp.check().map_err(invalid)?;
         }

@@ -102,6 +102,13 @@ pub(crate) enum UndoEntry {
         #[serde(default = "ready")]
         state: String,
     },
+    /// Take a DNS-01 challenge record out of its zone (an RFC 2136 update signed with the
+    /// zone's TSIG key, read from its file when applied). Removing one already gone is a no-op.
+    RemoveDnsTxt {
+        zone: crate::certs::dns::Zone,
+        name: String,
+        value: String,
+    },
 }
 
 fn ready() -> String {
@@ -132,7 +139,8 @@ impl UndoEntry {
             | UndoEntry::RemoveEmptyDir { .. }
             | UndoEntry::HaproxyServerState { .. }
             | UndoEntry::RuntimeDelServer { .. }
-            | UndoEntry::RuntimeAddServer { .. } => None,
+            | UndoEntry::RuntimeAddServer { .. }
+            | UndoEntry::RemoveDnsTxt { .. } => None,
         }
     }
 
@@ -193,6 +201,9 @@ impl UndoEntry {
             UndoEntry::RuntimeAddServer {
                 backend, server, ..
             } => format!("add server {backend}/{server} back at runtime"),
+            UndoEntry::RemoveDnsTxt { zone, name, .. } => {
+                format!("remove the challenge record TXT {name} from {}", zone.zone)
+            }
         }
     }
 
@@ -318,6 +329,8 @@ impl UndoEntry {
                 server: server.clone(),
                 args: args.clone(),
             }),
+            // A challenge record is of no use once its order is done: never put back.
+            UndoEntry::RemoveDnsTxt { .. } => None,
         })
     }
 
@@ -375,6 +388,9 @@ impl UndoEntry {
                     runtime::add_server(&socket, &backend, &server, &args).await?;
                 }
                 runtime::set_server_state(&socket, &backend, &server, &state).await
+            }
+            UndoEntry::RemoveDnsTxt { zone, name, value } => {
+                crate::certs::dns::remove_txt(&zone, &name, &value).await
             }
             UndoEntry::ReloadHaproxy {
                 master_socket,
@@ -439,7 +455,8 @@ impl UndoEntry {
             | UndoEntry::HotSwapCert { .. }
             | UndoEntry::HaproxyServerState { .. }
             | UndoEntry::RuntimeDelServer { .. }
-            | UndoEntry::RuntimeAddServer { .. } => {
+            | UndoEntry::RuntimeAddServer { .. }
+            | UndoEntry::RemoveDnsTxt { .. } => {
                 Err("commands and reloads are applied asynchronously".into())
             }
         }

@@ -11,6 +11,7 @@ mod cli;
 mod client;
 mod connections;
 mod crash;
+mod dns;
 mod edits;
 mod events;
 mod haproxy;

@@ -54,6 +54,7 @@ fn to_pb(l: &Listed, renew_before: Option<std::time::Duration>) -> pb::Certifica
             .meta
             .as_ref()
             .map(|m| match &m.webroot {
+                _ if m.challenge == crate::kinds::certificate_issue::DNS_01 => "dns-01".into(),
                 Some(w) => format!("webroot {}", w.display()),
                 None => "responder".into(),
             })

@@ -124,6 +124,7 @@ fn submission(req: pb::SubmitJobRequest, by: Option<String>) -> Result<Submissio
                 acme: c.acme,
                 expand: c.expand,
                 dry_run: c.dry_run,
+                challenge: c.challenge,
             }
             .with_defaults(),
         ),
@@ -591,6 +592,7 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             acme,
             expand,
             dry_run,
+            challenge,
         }) => pb::job_spec::Kind::CertificateIssue(pb::CertificateIssueJob {
             names: names.clone(),
             lineage: lineage.clone(),
@@ -604,6 +606,7 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             acme: acme.clone(),
             expand: *expand,
             dry_run: *dry_run,
+            challenge: challenge.clone(),
         }),
         JobSpec::CertificateRevoke(r) => {
             pb::job_spec::Kind::CertificateRevoke(pb::CertificateRevokeJob {

@@ -4,6 +4,7 @@
 
 pub(crate) mod acme;
 pub(crate) mod config;
+pub(crate) mod dns;
 
 pub(crate) use config::Places;
 pub(crate) mod lineage;
@@ -27,11 +28,14 @@ pub(crate) struct Meta {
     pub(crate) reuse_key: bool,
     pub(crate) deploy: Vec<String>,
     pub(crate) acme: String,
+    /// "dns-01", or empty for HTTP-01.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) challenge: String,
 }
 
-/// Checks the names of an order: DNS names only, each once, at most 100, no wildcard (HTTP-01
-/// cannot prove one). The message names the culprit.
-pub(crate) fn check_names(names: &[String]) -> Result<(), String> {
+/// Checks the names of an order: DNS names only, each once, at most 100, wildcards only when
+/// `wildcards` (DNS-01; HTTP-01 cannot prove one). The message names the culprit.
+pub(crate) fn check_names(names: &[String], wildcards: bool) -> Result<(), String> {
     if names.is_empty() {
         return Err("at least one name is needed".into());
     }
@@ -53,13 +57,14 @@ pub(crate) fn check_names(names: &[String]) -> Result<(), String> {
                 quote(n)
             ));
         }
-        if n.starts_with("*.") {
+        if n.starts_with("*.") && !wildcards {
             return Err(format!(
-                "{} is a wildcard: HTTP-01 cannot validate wildcards (they need DNS-01)",
+                "{} is a wildcard: HTTP-01 cannot validate wildcards (they need DNS-01: challenge \"dns-01\", --dns in the CLI)",
                 quote(n)
             ));
         }
-        check_dns_name(n).map_err(|why| format!("{} is not a valid DNS name: {why}", quote(n)))?;
+        check_dns_name(n.strip_prefix("*.").unwrap_or(n))
+            .map_err(|why| format!("{} is not a valid DNS name: {why}", quote(n)))?;
         if !seen.insert(n.to_ascii_lowercase()) {
             return Err(format!("{} is given twice", quote(n)));
         }
@@ -115,7 +120,10 @@ mod tests {
 
     #[test]
     fn names_are_checked_and_the_culprit_named() {
-        assert!(check_names(&names(&["example.com", "www.example.com"])).is_ok());
+        assert!(check_names(&names(&["example.com", "www.example.com"]), false).is_ok());
+        assert!(check_names(&names(&["*.example.com", "example.com"]), true).is_ok());
+        assert!(check_names(&names(&["*.*.example.com"]), true).is_err());
+        assert!(check_names(&names(&["a.*.example.com"]), true).is_err());
         for (bad, says) in [
             (vec!["10.0.0.1"], "IP address"),
             (vec!["::1"], "IP address"),
@@ -127,11 +135,15 @@ mod tests {
             (vec!["a..com"], "empty label"),
             (vec![], "at least one"),
         ] {
-            let err = check_names(&names(&bad)).unwrap_err();
+            let err = check_names(&names(&bad), false).unwrap_err();
             assert!(err.contains(says), "{bad:?}: {err}");
         }
         let many: Vec<String> = (0..101).map(|i| format!("n{i}.example.com")).collect();
-        assert!(check_names(&many).unwrap_err().contains("at most 100"));
+        assert!(
+            check_names(&many, false)
+                .unwrap_err()
+                .contains("at most 100")
+        );
     }
 }
 

@@ -47,7 +47,13 @@ pub struct Spec {
     /// Issue against a test CA and install nothing (certbot's --dry-run).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// "dns-01", or empty for HTTP-01.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub challenge: String,
 }
+
+/// The challenge type that proves names through DNS.
+pub(crate) const DNS_01: &str = "dns-01";
 
 /// The key type of a lineage when none is asked for.
 pub(crate) const DEFAULT_KEY_TYPE: &str = "ec256";
@@ -63,8 +69,14 @@ impl Spec {
             .map(|n| n.trim().to_ascii_lowercase())
             .collect();
         if self.lineage.is_empty() {
-            self.lineage = self.names.first().cloned().unwrap_or_default();
+            // certbot's choice too: a wildcard's lineage is named for its base name.
+            let first = self.names.first().cloned().unwrap_or_default();
+            self.lineage = first.strip_prefix("*.").unwrap_or(&first).to_owned();
         }
+        self.challenge = match self.challenge.trim().to_ascii_lowercase().as_str() {
+            "" | "http-01" => String::new(),
+            other => other.to_owned(),
+        };
         self.key_type = if self.key_type.is_empty() {
             DEFAULT_KEY_TYPE.into()
         } else {
@@ -144,6 +156,8 @@ pub(crate) struct Request {
     pub(crate) deploy: Vec<String>,
     pub(crate) server: AcmeServer,
     pub(crate) dry_run: bool,
+    /// DNS-01: the zone that takes each name's challenge record (by name); None: HTTP-01.
+    pub(crate) dns: Option<Vec<(String, crate::certs::dns::DnsProvider)>>,
 }
 
 /// Checks a spec; the resources it holds are the lineage and the deploy targets.
@@ -170,8 +184,19 @@ fn request(config: &Config, spec: &Spec) -> Result<(Request, Vec<String>), Error
         acme,
         expand,
         dry_run,
+        challenge,
     } = spec;
-    check_names(names).map_err(Error::InvalidArgument)?;
+    let by_dns = match challenge.as_str() {
+        "" | "http-01" => false,
+        DNS_01 => true,
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "challenge {}: \"http-01\" (the default) or \"dns-01\"",
+                quote(other)
+            )));
+        }
+    };
+    check_names(names, by_dns).map_err(Error::InvalidArgument)?;
     if !crate::fsops::is_safe_name(lineage) {
         return Err(Error::InvalidArgument(format!(
             "lineage name {} is not a safe file name (letters, digits, '.', '_', '-'; not '.' or '..')",
@@ -199,7 +224,38 @@ fn request(config: &Config, spec: &Spec) -> Result<(Request, Vec<String>), Error
             known.join(", ")
         ))
     })?;
+    let dns = if by_dns {
+        if webroot.is_some() {
+            return Err(Error::InvalidArgument(
+                "a webroot answers HTTP-01; a dns-01 job publishes DNS records instead: give one or the other".into(),
+            ));
+        }
+        let mut zones = Vec::new();
+        for n in names {
+            let p = crate::certs::dns::provider_for(&config.dns, n).ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "no [[dns]] zone in the daemon's configuration holds {} (zones: {})",
+                    crate::certs::dns::challenge_name(n),
+                    if config.dns.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        config
+                            .dns
+                            .iter()
+                            .map(|d| d.zone.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                ))
+            })?;
+            zones.push((n.clone(), p.clone()));
+        }
+        Some(zones)
+    } else {
+        None
+    };
     match webroot {
+        _ if by_dns => {}
         Some(w) => {
             if !w.is_absolute() || !crate::fsops::is_normal(w) {
                 return Err(Error::InvalidArgument(format!(
@@ -312,6 +368,7 @@ fn request(config: &Config, spec: &Spec) -> Result<(Request, Vec<String>), Error
             deploy: deploy.clone(),
             server,
             dry_run: *dry_run,
+            dns,
         },
         resources,
     ))
@@ -321,6 +378,8 @@ struct Challenge {
     name: String,
     token: String,
     key_auth: String,
+    /// DNS-01: the TXT value (the key authorization's digest).
+    dns_value: String,
 }
 
 /// A certificate being issued.
@@ -366,8 +425,8 @@ impl std::fmt::Debug for Issue {
 impl Issue {
     fn new(config: &Config, req: Request, responder: Option<Arc<Responder>>) -> Issue {
         // Probed when statelyd's responder answers (a webroot is served by another server).
-        let probe = match (&req.webroot, &responder) {
-            (None, Some(_)) => config.certificates.challenge_probe.parse().ok(),
+        let probe = match (&req.webroot, &responder, &req.dns) {
+            (None, Some(_), None) => config.certificates.challenge_probe.parse().ok(),
             _ => None,
         };
         let lineage = Lineage::new(&config.cert_root(), &req.lineage);
@@ -565,9 +624,10 @@ impl Issue {
         let mut authzs = order.authorizations();
         while let Some(a) = until_cancel(cancel, authzs.next()).await? {
             let mut a = a.map_err(|e| StepError::Failed(acme::describe(&e)))?;
-            let name = match a.identifier().identifier {
-                Identifier::Dns(d) => d.clone(),
-                other => format!("{other:?}"),
+            let name = match (a.identifier().identifier, a.identifier().wildcard) {
+                (Identifier::Dns(d), true) => format!("*.{d}"),
+                (Identifier::Dns(d), false) => d.clone(),
+                (other, _) => format!("{other:?}"),
             };
             match a.status {
                 AuthorizationStatus::Valid => {
@@ -581,13 +641,16 @@ impl Issue {
                     )));
                 }
             }
-            let ch = a.challenge(ChallengeType::Http01).ok_or_else(|| {
-                StepError::Failed(format!("{name}: the CA offers no HTTP-01 challenge"))
+            let kind = self.challenge_type();
+            let ch = a.challenge(kind.clone()).ok_or_else(|| {
+                StepError::Failed(format!("{name}: the CA offers no {kind:?} challenge"))
             })?;
+            let key_auth = ch.key_authorization();
             challenges.push(Challenge {
                 name,
                 token: ch.token.clone(),
-                key_auth: ch.key_authorization().as_str().to_owned(),
+                key_auth: key_auth.as_str().to_owned(),
+                dns_value: key_auth.dns_value(),
             });
         }
         ctx.log(
@@ -604,7 +667,79 @@ impl Issue {
         Ok(())
     }
 
+    fn challenge_type(&self) -> ChallengeType {
+        if self.req.dns.is_some() {
+            ChallengeType::Dns01
+        } else {
+            ChallengeType::Http01
+        }
+    }
+
+    /// The zone that takes `name`'s record.
+    fn zone_of(&self, name: &str) -> Result<&crate::certs::dns::DnsProvider, StepError> {
+        self.req
+            .dns
+            .iter()
+            .flatten()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, p)| p)
+            .ok_or_else(|| StepError::Failed(format!("{name}: the CA asked about a name not in the order")))
+    }
+
+    /// DNS-01: each record's removal is recorded, then the record published; then the job
+    /// waits until every authoritative server of each zone answers every record.
+    async fn publish(&mut self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        use crate::certs::dns;
+        let mut by_zone: Vec<(crate::certs::dns::DnsProvider, Vec<(String, String)>)> = Vec::new();
+        for c in &self.challenges {
+            let p = self.zone_of(&c.name)?.clone();
+            let zone = p.zone().map_err(StepError::Failed)?;
+            let record = dns::challenge_name(&c.name);
+            ctx.record_undo(UndoEntry::RemoveDnsTxt {
+                zone: zone.clone(),
+                name: record.clone(),
+                value: c.dns_value.clone(),
+            })
+            .await?;
+            ctx.until_cancel(dns::add_txt(&zone, &record, &c.dns_value, p.ttl))
+                .await?
+                .map_err(StepError::Failed)?;
+            ctx.log(
+                LogLevel::Info,
+                format!("{}: published TXT {record} in {} through {}", c.name, zone.zone, zone.server),
+            );
+            match by_zone.iter_mut().find(|(q, _)| q.name == p.name) {
+                Some((_, v)) => v.push((record, c.dns_value.clone())),
+                None => by_zone.push((p, vec![(record, c.dns_value.clone())])),
+            }
+        }
+        for (p, records) in by_zone {
+            let servers = ctx
+                .until_cancel(dns::authoritative(&p))
+                .await?
+                .map_err(StepError::Failed)?;
+            let took = ctx
+                .until_cancel(dns::wait_published(&servers, &records, p.propagation_timeout))
+                .await?
+                .map_err(|e| StepError::Failed(format!("zone {}: {e}", p.zone)))?;
+            ctx.log(
+                LogLevel::Info,
+                format!(
+                    "zone {}: all {} authoritative server(s) ({}) answer the challenge record(s), after {} ms",
+                    p.zone,
+                    servers.len(),
+                    servers.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "),
+                    took.as_millis()
+                ),
+            );
+        }
+        Ok(())
+    }
+
     async fn provision(&mut self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        if self.req.dns.is_some() {
+            return self.publish(ctx).await;
+        }
         for c in &self.challenges {
             if c.token.is_empty()
                 || !c
@@ -723,6 +858,7 @@ impl Issue {
         ctx: &mut StepCtx<'_>,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<(), StepError> {
+        let kind = self.challenge_type();
         let order = self.order.as_mut().ok_or_else(no_order)?;
         let mut authzs = order.authorizations();
         while let Some(a) = until_cancel(cancel, authzs.next()).await? {
@@ -730,7 +866,7 @@ impl Issue {
             if a.status != AuthorizationStatus::Pending {
                 continue;
             }
-            if let Some(mut ch) = a.challenge(ChallengeType::Http01) {
+            if let Some(mut ch) = a.challenge(kind.clone()) {
                 until_cancel(cancel, ch.set_ready())
                     .await?
                     .map_err(|e| StepError::Failed(acme::describe(&e)))?;
@@ -775,6 +911,17 @@ impl Issue {
     /// The challenges are answered: stop answering (files removed, responder entries gone).
     async fn cleanup(&mut self, ctx: &mut StepCtx<'_>) {
         self.answering.clear();
+        if self.req.dns.is_some() {
+            for c in &self.challenges {
+                let Ok(p) = self.zone_of(&c.name) else { continue };
+                let Ok(zone) = p.zone() else { continue };
+                let record = crate::certs::dns::challenge_name(&c.name);
+                match crate::certs::dns::remove_txt(&zone, &record, &c.dns_value).await {
+                    Ok(()) => ctx.log(LogLevel::Info, format!("{}: removed TXT {record}", c.name)),
+                    Err(e) => ctx.log(LogLevel::Warn, format!("{}: {e}", c.name)),
+                }
+            }
+        }
         if let Some(root) = &self.req.webroot {
             let paths: Vec<PathBuf> = self
                 .challenges
@@ -934,6 +1081,11 @@ impl Issue {
             reuse_key: self.req.reuse_key,
             deploy: self.req.deploy.clone(),
             acme: self.req.server.name.clone(),
+            challenge: if self.req.dns.is_some() {
+                DNS_01.into()
+            } else {
+                String::new()
+            },
         };
         // Undone with the rest, so renewals repeat what is live.
         let path = crate::certs::meta_file(&self.data_dir, &self.req.lineage);
@@ -1005,6 +1157,7 @@ pub(crate) fn renewal(config: &Config, name: &str) -> Result<super::JobSpec, Err
         reuse_key: false,
         deploy: Vec::new(),
         acme: String::new(),
+        challenge: String::new(),
     });
     Ok(super::JobSpec::CertificateIssue(Spec {
         lineage: name.to_owned(),
@@ -1020,6 +1173,7 @@ pub(crate) fn renewal(config: &Config, name: &str) -> Result<super::JobSpec, Err
         acme: meta.acme,
         expand: false,
         dry_run: false,
+        challenge: meta.challenge,
     }))
 }
 

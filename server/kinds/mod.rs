@@ -390,6 +390,7 @@ stats_socket = "/run/haproxy.sock"
             acme: String::new(),
             expand: false,
             dry_run: false,
+            challenge: String::new(),
         }
     }
 

@@ -244,6 +244,7 @@ impl Rollback {
                     UndoEntry::ReloadHaproxy { .. }
                         | UndoEntry::HotSwapCert { .. }
                         | UndoEntry::RemoveEmptyDir { .. }
+                        | UndoEntry::RemoveDnsTxt { .. }
                 ) => {}
                 None => ctx.log(
                     LogLevel::Warn,

@@ -656,6 +656,7 @@ pub fn tree(paths: &[PathBuf]) -> std::collections::BTreeMap<PathBuf, String> {
     out
 }
 
+pub mod bind;
 pub mod pebble;
 pub mod pki;
 

@@ -12,7 +12,7 @@ pub const CHALLTESTSRV: &str = "/usr/bin/pebble-challtestsrv";
 
 pub struct Pebble {
     pebble: Child,
-    chall: Child,
+    chall: Option<Child>,
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub mgmt: u16,
@@ -46,6 +46,21 @@ impl Pebble {
 
     /// With more keys in Pebble's configuration.
     pub fn start_config(http_port: u16, quiet: bool, more: serde_json::Value) -> Pebble {
+        Self::start_inner(http_port, quiet, more, None)
+    }
+
+    /// Resolving every name (and validating DNS-01) through this DNS server instead of
+    /// pebble-challtestsrv: a real authoritative server for the test's zone.
+    pub fn start_dns(http_port: u16, dns: std::net::SocketAddr) -> Pebble {
+        Self::start_inner(http_port, true, serde_json::json!({}), Some(dns))
+    }
+
+    fn start_inner(
+        http_port: u16,
+        quiet: bool,
+        more: serde_json::Value,
+        dns_server: Option<std::net::SocketAddr>,
+    ) -> Pebble {
         for bin in [PEBBLE, CHALLTESTSRV] {
             assert!(
                 Path::new(bin).exists(),
@@ -95,19 +110,27 @@ impl Pebble {
                 p.extend(more.clone());
             }
             std::fs::write(dir.path().join("pebble.json"), cfg.to_string()).unwrap();
-            let mut chall = Command::new(CHALLTESTSRV)
-                .args(["-management", &format!("127.0.0.1:{chall_mgmt}")])
-                .args(["-dns01", &format!("127.0.0.1:{dns}")])
-                .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
-                .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("pebble-challtestsrv starts");
+            let (mut chall, dns) = match dns_server {
+                Some(d) => (None, d.to_string()),
+                None => (
+                    Some(
+                        Command::new(CHALLTESTSRV)
+                            .args(["-management", &format!("127.0.0.1:{chall_mgmt}")])
+                            .args(["-dns01", &format!("127.0.0.1:{dns}")])
+                            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+                            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .spawn()
+                            .expect("pebble-challtestsrv starts"),
+                    ),
+                    format!("127.0.0.1:{dns}"),
+                ),
+            };
             let mut cmd = Command::new(PEBBLE);
             cmd.arg("-config")
                 .arg(dir.path().join("pebble.json"))
-                .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+                .args(["-dnsserver", &dns])
                 .env("PEBBLE_VA_NOSLEEP", "1")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null());
@@ -151,8 +174,10 @@ impl Pebble {
             if !listening {
                 let _ = pebble.kill();
                 let _ = pebble.wait();
-                let _ = chall.kill();
-                let _ = chall.wait();
+                if let Some(c) = chall.as_mut() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
                 assert!(attempt < 5, "pebble never listened");
                 continue;
             }
@@ -196,7 +221,9 @@ impl Pebble {
 
 impl Drop for Pebble {
     fn drop(&mut self) {
-        for c in [&mut self.pebble, &mut self.chall] {
+        let _ = self.pebble.kill();
+        let _ = self.pebble.wait();
+        if let Some(c) = self.chall.as_mut() {
             let _ = c.kill();
             let _ = c.wait();
         }
