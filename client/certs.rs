@@ -90,6 +90,26 @@ pub(crate) enum CertCommand {
         #[arg(long)]
         detach: bool,
     },
+    /// Take over certbot's lineages in place (a job; `stately jobs rollback` undoes it):
+    /// their renewal settings become statelyd's, interrupted certbot updates are repaired, a
+    /// NAME-0001 that covers NAME's names is merged into NAME, certbot's renewal configs are
+    /// retired so `certbot renew` leaves them alone.
+    Adopt {
+        /// Lineages (default: every lineage with a renewal config).
+        names: Vec<String>,
+        /// certbot's root; it must be the daemon's [certificates] root (default: that root).
+        #[arg(long)]
+        root: Option<String>,
+        /// Deploy the adopted certificates to this HAProxy target (repeat for more).
+        #[arg(long)]
+        deploy: Vec<String>,
+        /// Say what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the job id and return.
+        #[arg(long)]
+        detach: bool,
+    },
 }
 
 fn cert_json(c: &pb::Certificate) -> serde_json::Value {
@@ -186,6 +206,28 @@ pub(crate) async fn run(
                         pb::CertificateRevokeJob {
                             lineage: name,
                             reason: reason.to_ascii_lowercase(),
+                        },
+                    )),
+                }),
+                ..Default::default()
+            };
+            crate::cli::submit(jobs, req, detach, json).await
+        }
+        CertCommand::Adopt {
+            names,
+            root,
+            deploy,
+            dry_run,
+            detach,
+        } => {
+            let req = pb::SubmitJobRequest {
+                spec: Some(pb::JobSpec {
+                    kind: Some(pb::job_spec::Kind::CertificateAdopt(
+                        pb::CertificateAdoptJob {
+                            root: root.unwrap_or_default(),
+                            lineages: names,
+                            deploy,
+                            dry_run,
                         },
                     )),
                 }),

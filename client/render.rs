@@ -138,6 +138,9 @@ fn spec_json(spec: &Option<pb::JobSpec>) -> Value {
         Some(pb::job_spec::Kind::CertificateDelete(d)) => {
             json!({"certificate_delete": {"lineage": d.lineage}})
         }
+        Some(pb::job_spec::Kind::CertificateAdopt(a)) => {
+            json!({"certificate_adopt": {"root": a.root, "lineages": a.lineages, "deploy": a.deploy, "dry_run": a.dry_run}})
+        }
         Some(pb::job_spec::Kind::HaproxyEdit(e)) => {
             json!({"haproxy_edit": {"target": e.target, "base_version": e.base_version, "replace": e.replace,
                 "allow_servers_down": e.allow_servers_down,
@@ -265,6 +268,15 @@ fn what(j: &pb::Job) -> String {
             format!("revoke {} ({})", r.lineage, r.reason)
         }
         Some(pb::job_spec::Kind::CertificateDelete(d)) => format!("delete {}", d.lineage),
+        Some(pb::job_spec::Kind::CertificateAdopt(a)) => format!(
+            "adopt {}{}",
+            if a.lineages.is_empty() {
+                "all of certbot's lineages".to_owned()
+            } else {
+                a.lineages.join(", ")
+            },
+            if a.dry_run { " (dry run)" } else { "" }
+        ),
         None => String::new(),
     }
 }

@@ -52,11 +52,16 @@ pub(crate) fn spawn(engine: &Engine) {
                 .map(|(jobs, _)| jobs)
                 .unwrap_or_default()
                 .into_iter()
-                .filter_map(|j| match j.spec {
-                    JobSpec::CertificateIssue(c) => Some(c.lineage),
-                    JobSpec::CertificateRevoke(r) => Some(r.lineage),
-                    JobSpec::CertificateDelete(d) => Some(d.lineage),
-                    _ => None,
+                .flat_map(|j| match j.spec {
+                    JobSpec::CertificateIssue(c) => vec![c.lineage],
+                    JobSpec::CertificateRevoke(r) => vec![r.lineage],
+                    JobSpec::CertificateDelete(d) => vec![d.lineage],
+                    // An adoption of every lineage holds them all (it is short).
+                    JobSpec::CertificateAdopt(a) if a.lineages.is_empty() => {
+                        due.iter().map(|l| l.name.clone()).collect()
+                    }
+                    JobSpec::CertificateAdopt(a) => a.lineages,
+                    _ => Vec::new(),
                 })
                 .collect();
             for l in due.into_iter().filter(|l| !busy.contains(&l.name)) {

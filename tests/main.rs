@@ -4,6 +4,7 @@
 
 mod support;
 
+mod adopt;
 mod alerts;
 mod api;
 mod certs;

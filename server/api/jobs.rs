@@ -138,6 +138,16 @@ fn submission(req: pb::SubmitJobRequest, by: Option<String>) -> Result<Submissio
                 },
             })
         }
+        Some(pb::job_spec::Kind::CertificateAdopt(a)) => {
+            JobSpec::CertificateAdopt(kinds::certificate_adopt::Spec {
+                root: Some(a.root)
+                    .filter(|r| !r.is_empty())
+                    .map(std::path::PathBuf::from),
+                lineages: a.lineages,
+                deploy: a.deploy,
+                dry_run: a.dry_run,
+            })
+        }
         Some(pb::job_spec::Kind::CertificateDelete(d)) => {
             JobSpec::CertificateDelete(kinds::certificate_delete::Spec { lineage: d.lineage })
         }
@@ -612,6 +622,18 @@ fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             pb::job_spec::Kind::CertificateRevoke(pb::CertificateRevokeJob {
                 lineage: r.lineage.clone(),
                 reason: r.reason.clone(),
+            })
+        }
+        JobSpec::CertificateAdopt(a) => {
+            pb::job_spec::Kind::CertificateAdopt(pb::CertificateAdoptJob {
+                root: a
+                    .root
+                    .as_ref()
+                    .map(|r| r.display().to_string())
+                    .unwrap_or_default(),
+                lineages: a.lineages.clone(),
+                deploy: a.deploy.clone(),
+                dry_run: a.dry_run,
             })
         }
         JobSpec::CertificateDelete(d) => {

@@ -3,6 +3,7 @@
 //! them step by step.
 
 pub(crate) mod acme;
+pub(crate) mod certbot;
 pub(crate) mod config;
 pub(crate) mod dns;
 

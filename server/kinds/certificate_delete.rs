@@ -25,13 +25,13 @@ const STEPS: [&str; 2] = [
 /// What goes, in the order it goes: links and the live directory's other files first, then
 /// the archive, then the settings and the bundle.
 #[derive(Debug, Clone)]
-enum Item {
+pub(crate) enum Item {
     Link(PathBuf),
     File(PathBuf),
     Dir(PathBuf),
 }
 
-fn items(places: &crate::certs::Places, name: &str) -> std::io::Result<Vec<Item>> {
+pub(crate) fn items(places: &crate::certs::Places, name: &str) -> std::io::Result<Vec<Item>> {
     let l = crate::certs::lineage::Lineage::new(&places.root, name);
     let mut out = Vec::new();
     for dir in [l.live_dir(), l.archive_dir()] {
@@ -184,16 +184,32 @@ impl Delete {
     /// Each file is backed up and its undo recorded before it is removed; directories come
     /// back with the files restored into them.
     async fn remove(&mut self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        remove_items(ctx, &self.items).await?;
+        ctx.log(
+            LogLevel::Info,
+            format!(
+                "lineage '{}' deleted; it is no longer renewed (stately jobs rollback puts it back)",
+                self.spec.lineage
+            ),
+        );
+        Ok(())
+    }
+}
+
+/// Removes a lineage's files, links and directories ([`items`]), each file backed up and its
+/// undo recorded before it goes; directories come back with the files restored into them.
+pub(crate) async fn remove_items(ctx: &mut StepCtx<'_>, items: &[Item]) -> Result<(), StepError> {
+    {
         // The directories' modes and owners first, so the unwind (newest first) puts them
         // back last, once the files restored into them have recreated them.
-        for item in &self.items {
+        for item in items {
             if let Item::Dir(d) = item {
                 let undo = crate::undo::UndoEntry::snapshot_ownership(d)
                     .map_err(|e| StepError::Failed(format!("{}: {e}", d.display())))?;
                 ctx.record_undo(undo).await?;
             }
         }
-        for item in self.items.clone() {
+        for item in items.iter().cloned() {
             if ctx.is_cancelled() {
                 return Err(StepError::Cancelled);
             }
@@ -220,13 +236,6 @@ impl Delete {
                 },
             }
         }
-        ctx.log(
-            LogLevel::Info,
-            format!(
-                "lineage '{}' deleted; it is no longer renewed (stately jobs rollback puts it back)",
-                self.spec.lineage
-            ),
-        );
         Ok(())
     }
 }

@@ -310,35 +310,7 @@ fn request(config: &Config, spec: &Spec) -> Result<(Request, Vec<String>), Error
         )));
     }
     for t in deploy {
-        let target = config
-            .haproxy
-            .iter()
-            .find(|h| &h.name == t)
-            .ok_or_else(|| {
-                Error::NotFound(format!("no HAProxy target {} to deploy to", quote(t)))
-            })?;
-        if target.master_socket.is_none()
-            && target.reload_command.is_none()
-            && target.stats_socket.is_none()
-        {
-            return Err(Error::FailedPrecondition(format!(
-                "HAProxy target '{t}' has no master_socket, reload_command or stats_socket: a certificate cannot be deployed to it"
-            )));
-        }
-        // A reload of a configuration that loads no bundle would not serve the certificate,
-        // whatever the job said.
-        if let Some(cfg) = &target.config
-            && let Ok(text) = std::fs::read_to_string(cfg)
-            && !crate::haproxy::edits::serves_bundle(&text, &config.bundle_dir(), &bundle)
-        {
-            return Err(Error::FailedPrecondition(format!(
-                "HAProxy target '{t}' loads neither {} nor {} on any `bind ... ssl`, so deploying would not serve the certificate; \
-                 the https_frontend edit makes a frontend serve every certificate stately issues \
-                 (stately haproxy edit {t} --https-frontend FRONTEND)",
-                bundle.display(),
-                config.bundle_dir().display()
-            )));
-        }
+        check_deploy_target(config, t, &bundle)?;
         resources.push(format!("haproxy:{t}"));
     }
     // Changing an existing lineage's names is explicit.
@@ -372,6 +344,41 @@ fn request(config: &Config, spec: &Spec) -> Result<(Request, Vec<String>), Error
         },
         resources,
     ))
+}
+
+/// Checks that a certificate can be deployed to HAProxy target `t`: it exists, has a way to
+/// load the bundle, and (when its configuration can be read) loads `bundle` on a TLS bind.
+pub(crate) fn check_deploy_target(config: &Config, t: &str, bundle: &Path) -> Result<(), Error> {
+    let target = config
+        .haproxy
+        .iter()
+        .find(|h| h.name == t)
+        .ok_or_else(|| {
+            Error::NotFound(format!("no HAProxy target {} to deploy to", quote(t)))
+        })?;
+    if target.master_socket.is_none()
+        && target.reload_command.is_none()
+        && target.stats_socket.is_none()
+    {
+        return Err(Error::FailedPrecondition(format!(
+            "HAProxy target '{t}' has no master_socket, reload_command or stats_socket: a certificate cannot be deployed to it"
+        )));
+    }
+    // A reload of a configuration that loads no bundle would not serve the certificate,
+    // whatever the job said.
+    if let Some(cfg) = &target.config
+        && let Ok(text) = std::fs::read_to_string(cfg)
+        && !crate::haproxy::edits::serves_bundle(&text, &config.bundle_dir(), &bundle)
+    {
+        return Err(Error::FailedPrecondition(format!(
+            "HAProxy target '{t}' loads neither {} nor {} on any `bind ... ssl`, so deploying would not serve the certificate; \
+             the https_frontend edit makes a frontend serve every certificate stately issues \
+             (stately haproxy edit {t} --https-frontend FRONTEND)",
+            bundle.display(),
+            config.bundle_dir().display()
+        )));
+    }
+    Ok(())
 }
 
 struct Challenge {
@@ -1124,7 +1131,10 @@ impl Issue {
 
 /// How a target gets the certificate now: a hot-swap (`set ssl cert`) where HAProxy has the
 /// bundle loaded, else a reload through the master CLI or the reload command.
-async fn deploy_how(h: &crate::haproxy::HaproxyTarget, bundle: &Path) -> Result<UndoEntry, String> {
+pub(crate) async fn deploy_how(
+    h: &crate::haproxy::HaproxyTarget,
+    bundle: &Path,
+) -> Result<UndoEntry, String> {
     if let Some(socket) = &h.stats_socket
         && let Ok(true) = crate::haproxy::runtime::ssl_cert_loaded(socket, bundle).await
     {
@@ -1181,7 +1191,7 @@ async fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StepError> {
     write_owned(path, bytes, mode, None).await
 }
 
-async fn write_owned(
+pub(crate) async fn write_owned(
     path: &Path,
     bytes: &[u8],
     mode: u32,

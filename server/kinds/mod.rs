@@ -70,6 +70,8 @@ kinds! {
     CertificateRevoke(certificate_revoke),
     /// Delete a lineage, reversibly.
     CertificateDelete(certificate_delete),
+    /// Take over certbot's lineages in place, reversibly.
+    CertificateAdopt(certificate_adopt),
 }
 
 impl JobSpec {
