@@ -32,7 +32,7 @@ pub(crate) enum CertCommand {
         /// (RFC 2136 + TSIG), removed afterwards. Wildcards (*.example.com) need it.
         #[arg(long, conflicts_with_all = ["webroot", "responder"])]
         dns: bool,
-        /// Deploy to this HAProxy target (repeat for more).
+        /// Deploy to this HAProxy or nginx target (repeat for more).
         #[arg(long)]
         deploy: Vec<String>,
         /// The new key's type.

@@ -98,6 +98,9 @@ pub struct Config {
     /// DNS zones statelyd may publish DNS-01 challenge records in (RFC 2136 + TSIG).
     #[serde(rename = "dns")]
     pub dns: Vec<crate::certs::dns::DnsProvider>,
+    /// nginx servers certificates are deployed to.
+    #[serde(rename = "nginx")]
+    pub nginx: Vec<crate::nginx::NginxTarget>,
 }
 
 pub use crate::certs::config::AcmeServer;
@@ -323,6 +326,7 @@ impl Default for Config {
             certificates: Default::default(),
             acme: Vec::new(),
             dns: Vec::new(),
+            nginx: Vec::new(),
         }
     }
 }
@@ -555,6 +559,8 @@ impl Config {
             smtp.check().map_err(invalid)?;
         }
         crate::haproxy::target::check(&self.haproxy).map_err(invalid)?;
+        let haproxy_names: Vec<&str> = self.haproxy.iter().map(|h| h.name.as_str()).collect();
+        crate::nginx::check(&self.nginx, &haproxy_names).map_err(invalid)?;
         self.tls.check().map_err(invalid)?;
         if let Some(l) = &self.tls.lineage
             && !crate::fsops::is_safe_name(l)

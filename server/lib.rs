@@ -23,6 +23,7 @@ mod journal;
 pub mod kinds;
 mod listen;
 mod metrics;
+pub mod nginx;
 mod quote;
 mod renewals;
 mod runbooks;

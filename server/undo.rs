@@ -109,6 +109,14 @@ pub(crate) enum UndoEntry {
         name: String,
         value: String,
     },
+    /// Reload an nginx (after the files it reads were put back) if it reloaded since its
+    /// `workers` were read (none: whatever happened): one that never reloaded still serves
+    /// the old files.
+    ReloadNginx {
+        reload: crate::nginx::Reload,
+        #[serde(default)]
+        workers: Vec<i32>,
+    },
 }
 
 fn ready() -> String {
@@ -140,7 +148,8 @@ impl UndoEntry {
             | UndoEntry::HaproxyServerState { .. }
             | UndoEntry::RuntimeDelServer { .. }
             | UndoEntry::RuntimeAddServer { .. }
-            | UndoEntry::RemoveDnsTxt { .. } => None,
+            | UndoEntry::RemoveDnsTxt { .. }
+            | UndoEntry::ReloadNginx { .. } => None,
         }
     }
 
@@ -203,6 +212,9 @@ impl UndoEntry {
             } => format!("add server {backend}/{server} back at runtime"),
             UndoEntry::RemoveDnsTxt { zone, name, .. } => {
                 format!("remove the challenge record TXT {name} from {}", zone.zone)
+            }
+            UndoEntry::ReloadNginx { reload, .. } => {
+                format!("reload nginx ({})", reload.config.display())
             }
         }
     }
@@ -331,6 +343,11 @@ impl UndoEntry {
             }),
             // A challenge record is of no use once its order is done: never put back.
             UndoEntry::RemoveDnsTxt { .. } => None,
+            // Reloading again is its own inverse (the mark: reload whatever happened).
+            UndoEntry::ReloadNginx { reload, .. } => Some(UndoEntry::ReloadNginx {
+                reload: reload.clone(),
+                workers: Vec::new(),
+            }),
         })
     }
 
@@ -391,6 +408,12 @@ impl UndoEntry {
             }
             UndoEntry::RemoveDnsTxt { zone, name, value } => {
                 crate::certs::dns::remove_txt(&zone, &name, &value).await
+            }
+            UndoEntry::ReloadNginx { reload, workers } => {
+                if !workers.is_empty() && !crate::nginx::reloaded_since(&reload, &workers)? {
+                    return Ok(());
+                }
+                crate::nginx::reload(&reload).await
             }
             UndoEntry::ReloadHaproxy {
                 master_socket,
@@ -456,7 +479,8 @@ impl UndoEntry {
             | UndoEntry::HaproxyServerState { .. }
             | UndoEntry::RuntimeDelServer { .. }
             | UndoEntry::RuntimeAddServer { .. }
-            | UndoEntry::RemoveDnsTxt { .. } => {
+            | UndoEntry::RemoveDnsTxt { .. }
+            | UndoEntry::ReloadNginx { .. } => {
                 Err("commands and reloads are applied asynchronously".into())
             }
         }

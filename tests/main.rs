@@ -19,6 +19,7 @@ mod haproxy;
 mod hostile;
 mod jobs_api;
 mod metrics;
+mod nginx;
 mod package;
 mod python;
 mod readme;

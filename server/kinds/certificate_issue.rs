@@ -310,6 +310,11 @@ fn request(config: &Config, spec: &Spec) -> Result<(Request, Vec<String>), Error
         )));
     }
     for t in deploy {
+        if let Some(n) = config.nginx.iter().find(|n| &n.name == t) {
+            check_nginx_target(n, &Lineage::new(&config.cert_root(), lineage))?;
+            resources.push(format!("nginx:{t}"));
+            continue;
+        }
         check_deploy_target(config, t, &bundle)?;
         resources.push(format!("haproxy:{t}"));
     }
@@ -381,6 +386,25 @@ pub(crate) fn check_deploy_target(config: &Config, t: &str, bundle: &Path) -> Re
     Ok(())
 }
 
+/// Checks that an nginx target's configuration serves `l`'s live files, so that a reload
+/// would serve the certificate.
+pub(crate) fn check_nginx_target(n: &crate::nginx::NginxTarget, l: &Lineage) -> Result<(), Error> {
+    let text = crate::nginx::read_all(&n.config).map_err(|e| {
+        Error::FailedPrecondition(format!("nginx target '{}': {e}", n.name))
+    })?;
+    if !crate::nginx::serves(&text, &l.live_dir()) {
+        return Err(Error::FailedPrecondition(format!(
+            "nginx target '{}' has no ssl_certificate in {}, so deploying would not serve the certificate; \
+             point a server's ssl_certificate at {} and ssl_certificate_key at {}",
+            n.name,
+            l.live_dir().display(),
+            l.live_file("fullchain").display(),
+            l.live_file("privkey").display()
+        )));
+    }
+    Ok(())
+}
+
 struct Challenge {
     name: String,
     token: String,
@@ -407,6 +431,8 @@ pub(crate) struct Issue {
     chain: Option<String>,
     /// Each deploy target and how it gets the certificate (decided by the install).
     deploy: Vec<(String, UndoEntry)>,
+    /// nginx deploy targets (reloaded, then checked).
+    nginx: Vec<crate::nginx::NginxTarget>,
     /// Where the CA's HTTP-01 requests arrive here, probed before the order.
     probe: Option<std::net::SocketAddr>,
 }
@@ -451,6 +477,7 @@ impl Issue {
             key_pem: None,
             chain: None,
             deploy: Vec::new(),
+            nginx: Vec::new(),
             steps: steps(probe.is_some(), !req.deploy.is_empty(), req.dry_run),
             probe,
             req,
@@ -994,7 +1021,21 @@ impl Issue {
         // How each target gets the certificate is decided here, once; its undo is recorded
         // first, so that unwinding redeploys last, after the files are back.
         self.deploy.clear();
+        self.nginx.clear();
         for target in self.req.deploy.clone() {
+            if let Some(n) = ctx.config().nginx.iter().find(|n| n.name == target).cloned() {
+                let reload = n.reload();
+                let workers = {
+                    let r = reload.clone();
+                    tokio::task::spawn_blocking(move || crate::nginx::workers(&r))
+                        .await
+                        .map_err(StepError::failed)?
+                };
+                ctx.record_undo(UndoEntry::ReloadNginx { reload, workers })
+                    .await?;
+                self.nginx.push(n);
+                continue;
+            }
             let h = ctx
                 .config()
                 .haproxy
@@ -1108,6 +1149,60 @@ impl Issue {
     }
 
     async fn deploy(&mut self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        for n in self.nginx.clone() {
+            crate::nginx::reload(&n.reload())
+                .await
+                .map_err(|e| StepError::Failed(format!("deploying to nginx '{}': {e}", n.name)))?;
+            let Some(addr) = n.verify else {
+                ctx.log(
+                    LogLevel::Info,
+                    format!(
+                        "nginx '{}': nginx -t passed and new workers run the new files (no verify address to check the served certificate)",
+                        n.name
+                    ),
+                );
+                continue;
+            };
+            let want = self
+                .chain
+                .as_deref()
+                .and_then(|c| lineage::read_cert(c.as_bytes()).ok())
+                .map(|i| i.serial)
+                .unwrap_or_default();
+            let sni = self
+                .req
+                .names
+                .iter()
+                .find(|n| !n.starts_with("*."))
+                .cloned()
+                .unwrap_or_else(|| self.req.names[0].replacen('*', "stately-check", 1));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let got = crate::nginx::served_serial(addr, &sni).await;
+                match got {
+                    Ok(s) if s == want => break,
+                    _ if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Ok(s) => {
+                        return Err(StepError::Failed(format!(
+                            "nginx '{}' reloaded, but {addr} serves certificate {s} for {sni}, not the new {want}",
+                            n.name
+                        )));
+                    }
+                    Err(e) => {
+                        return Err(StepError::Failed(format!(
+                            "nginx '{}' reloaded, but the served certificate cannot be checked: {e}",
+                            n.name
+                        )));
+                    }
+                }
+            }
+            ctx.log(
+                LogLevel::Info,
+                format!("nginx '{}': reloaded; {addr} serves certificate {want} for {sni}", n.name),
+            );
+        }
         for (target, how) in self.deploy.clone() {
             let mut lines = Vec::new();
             let r = how.apply(ctx.blobs(), |_, l| lines.push(l)).await;

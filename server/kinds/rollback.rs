@@ -245,6 +245,7 @@ impl Rollback {
                         | UndoEntry::HotSwapCert { .. }
                         | UndoEntry::RemoveEmptyDir { .. }
                         | UndoEntry::RemoveDnsTxt { .. }
+                        | UndoEntry::ReloadNginx { .. }
                 ) => {}
                 None => ctx.log(
                     LogLevel::Warn,

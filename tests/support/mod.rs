@@ -978,3 +978,92 @@ pub async fn cancel_wait(client: &mut Client, id: &str) -> pb::Job {
         .unwrap()
         .into_inner()
 }
+
+/// A real nginx (Debian's), in the foreground as this process's child, serving TLS on a free
+/// loopback port from the files its configuration names.
+pub struct Nginx {
+    child: Option<std::process::Child>,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub config: PathBuf,
+}
+
+pub const NGINX: &str = "/usr/sbin/nginx";
+
+impl Nginx {
+    /// `servers` is the text of the `server` blocks; `{port}` in it is the free port.
+    pub fn start(servers: &str) -> Nginx {
+        assert!(
+            Path::new(NGINX).exists(),
+            "{NGINX} is not installed; scripts/test.sh installs the Debian package nginx"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("nginx.conf");
+        let d = dir.path().display();
+        std::fs::write(
+            &config,
+            format!(
+                "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\nevents {{ worker_connections 64; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n{}\n}}\n",
+                servers.replace("{port}", &port.to_string())
+            ),
+        )
+        .unwrap();
+        let mut n = Nginx {
+            child: None,
+            dir,
+            port,
+            config,
+        };
+        n.spawn();
+        n
+    }
+
+    pub fn spawn(&mut self) {
+        let child = Command::new(NGINX)
+            .arg("-e")
+            .arg(self.dir.path().join("error.log"))
+            .arg("-c")
+            .arg(&self.config)
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx starts");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nginx never listened: {}",
+                self.error_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("nginx.pid")
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while c.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
