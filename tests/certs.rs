@@ -1335,3 +1335,93 @@ async fn revoke_and_delete_refuse_bad_input_with_a_short_message_and_change_noth
         .jobs;
     assert_eq!(jobs.len(), 1, "no job was created for any of them");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_lineages_due_at_once_are_renewed_concurrently() {
+    const N: usize = 100;
+    let mut a = with_responder("", &[]);
+    let mut c = a.d.client().await;
+    // A hundred lineages, submitted at once.
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let job = c
+            .submit_job(issue(&[&format!("n{i}.example.test")]))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(job.id);
+    }
+    for id in &ids {
+        let j = wait_end(&mut c, id).await;
+        assert_eq!(state(&j), pb::JobState::Succeeded, "{j:#?}");
+    }
+    // All due (Pebble's certificates last five years): renew_check is read at start, and a
+    // check runs at once.
+    a.d.kill9();
+    let cfg = std::fs::read_to_string(&a.d.config)
+        .unwrap()
+        .replace(
+            "renew_check = \"0s\"",
+            "renew_check = \"1h\"\nrenew_before = \"2500d\"",
+        );
+    std::fs::write(&a.d.config, cfg).unwrap();
+    let started = std::time::Instant::now();
+    a.d.spawn();
+    let mut c = a.d.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let renewals = loop {
+        let jobs = c
+            .list_jobs(pb::ListJobsRequest {
+                labels: [("trigger".to_owned(), "auto-renew".to_owned())].into(),
+                page_size: 500,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs;
+        let done = jobs
+            .iter()
+            .filter(|j| state(j) == pb::JobState::Succeeded)
+            .count();
+        if done == N {
+            break jobs;
+        }
+        assert!(
+            !jobs.iter().any(|j| state(j) == pb::JobState::Failed),
+            "a renewal failed: {jobs:#?}"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{done} of {N} renewed in time"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let wall = started.elapsed();
+    assert_eq!(renewals.len(), N, "one renewal per lineage");
+    for i in 0..N {
+        assert_eq!(
+            a.link(&format!("n{i}.example.test"), "cert"),
+            format!("../../archive/n{i}.example.test/cert2.pem")
+        );
+    }
+    // They ran side by side: the most running at one moment, from their start and end times.
+    let ms = |t: &Option<prost_types::Timestamp>| {
+        let t = t.as_ref().unwrap();
+        t.seconds as i128 * 1000 + t.nanos as i128 / 1_000_000
+    };
+    let spans: Vec<(i128, i128)> = renewals
+        .iter()
+        .map(|j| (ms(&j.started_at), ms(&j.finished_at)))
+        .collect();
+    let most = spans
+        .iter()
+        .map(|(s, _)| spans.iter().filter(|(a, b)| a <= s && s < b).count())
+        .max()
+        .unwrap();
+    let busy: i128 = spans.iter().map(|(s, e)| e - s).sum();
+    eprintln!(
+        "{N} renewals in {wall:?}; at most {most} at once; their durations add up to {busy} ms"
+    );
+    assert!(most >= 10, "at most {most} renewals ran at once");
+}
