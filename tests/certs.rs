@@ -1358,12 +1358,10 @@ async fn a_hundred_lineages_due_at_once_are_renewed_concurrently() {
     // All due (Pebble's certificates last five years): renew_check is read at start, and a
     // check runs at once.
     a.d.kill9();
-    let cfg = std::fs::read_to_string(&a.d.config)
-        .unwrap()
-        .replace(
-            "renew_check = \"0s\"",
-            "renew_check = \"1h\"\nrenew_before = \"2500d\"",
-        );
+    let cfg = std::fs::read_to_string(&a.d.config).unwrap().replace(
+        "renew_check = \"0s\"",
+        "renew_check = \"1h\"\nrenew_before = \"2500d\"",
+    );
     std::fs::write(&a.d.config, cfg).unwrap();
     let started = std::time::Instant::now();
     a.d.spawn();

@@ -373,7 +373,7 @@ pub(crate) fn check_deploy_target(config: &Config, t: &str, bundle: &Path) -> Re
     // whatever the job said.
     if let Some(cfg) = &target.config
         && let Ok(text) = std::fs::read_to_string(cfg)
-        && !crate::haproxy::edits::serves_bundle(&text, &config.bundle_dir(), &bundle)
+        && !crate::haproxy::edits::serves_bundle(&text, &config.bundle_dir(), bundle)
     {
         return Err(Error::FailedPrecondition(format!(
             "HAProxy target '{t}' loads neither {} nor {} on any `bind ... ssl`, so deploying would not serve the certificate; \
