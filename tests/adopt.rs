@@ -92,7 +92,7 @@ impl Adopt {
     }
 }
 
-fn certbot(p: &Pebble, le: &Path, args: &[&str]) {
+pub(crate) fn certbot(p: &Pebble, le: &Path, args: &[&str]) {
     assert!(
         Path::new(CERTBOT).exists(),
         "{CERTBOT} is not installed; scripts/test.sh installs the Debian package certbot"
@@ -123,7 +123,7 @@ fn certbot(p: &Pebble, le: &Path, args: &[&str]) {
     );
 }
 
-fn standalone(p: &Pebble) -> Vec<String> {
+pub(crate) fn standalone(p: &Pebble) -> Vec<String> {
     vec![
         "--standalone".into(),
         "--http-01-address".into(),
@@ -443,7 +443,7 @@ async fn adopt_repairs_an_interrupted_certbot_update_as_certbot_would_and_a_roll
     assert_eq!(state(&ended), pb::JobState::Succeeded, "{ended:#?}");
     let logs = job_logs(&mut c, &job.id).await;
     assert!(
-        logs.iter().any(|l| l.contains("certbot's update was interrupted: point live/cert.pem back at ../../archive/example.test/cert1.pem")),
+        logs.iter().any(|l| l.contains("certbot's update was interrupted: will point live/cert.pem back at ../../archive/example.test/cert1.pem")),
         "{logs:?}"
     );
     for f in ["cert", "privkey", "chain", "fullchain"] {

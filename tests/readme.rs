@@ -980,3 +980,131 @@ fn every_console_block_of_the_readme_is_run_by_a_test() {
         "every console block is in a section a test runs"
     );
 }
+
+// The commands block this thread while they run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dns01_section_runs_as_the_readme_shows() {
+    let text = readme();
+    let heading = "### Wildcards by DNS-01 (RFC 2136)";
+    let bind = crate::support::bind::Bind::start("example.com");
+    let p = crate::support::pebble::Pebble::start_dns(free_port(), bind.addr());
+    let dir = tempfile::tempdir().unwrap();
+    let le = dir.path().join("le");
+    let mut norm = Norm::default();
+    norm.replace.extend([
+        (bind.addr().to_string(), "192.0.2.53:53".into()),
+        (
+            bind.key_file.display().to_string(),
+            "/etc/stately/tsig.key".into(),
+        ),
+    ]);
+    // The README's zone, with the test's BIND: its NS host answers on BIND's port.
+    let toml = format!(
+        "[certificates]\nroot = \"{}\"\ndefault_acme = \"letsencrypt\"\nrenew_check = \"0s\"\n{}{}\nnameserver_port = {}\n",
+        le.display(),
+        p.config()
+            .replace("name = \"pebble\"", "name = \"letsencrypt\""),
+        section(&text, heading, "toml", 0).join("\n"),
+        bind.port
+    );
+    let w = start_with(&toml, tempfile::tempdir().unwrap(), norm);
+    let commands = console(&w, &section(&text, heading, "console", 0)).await;
+    assert_eq!(commands, 1);
+    assert!(le.join("live/example.com/fullchain.pem").exists());
+    assert!(bind.txt("_acme-challenge.example.com").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adopt_section_runs_as_the_readme_shows() {
+    let text = readme();
+    let heading = "### Taking over certbot's lineages";
+    let port = free_port();
+    let p = crate::support::pebble::Pebble::start(port);
+    let dir = tempfile::tempdir().unwrap();
+    let le = dir.path().join("le");
+    // What certbot left: example.com, then (--duplicate, as a control panel asks) its -0001
+    // for the apex and www.
+    let s = crate::adopt::standalone(&p);
+    let s: Vec<&str> = s.iter().map(String::as_str).collect();
+    crate::adopt::certbot(
+        &p,
+        &le,
+        &[&["certonly"], &s[..], &["-d", "example.com"]].concat(),
+    );
+    crate::adopt::certbot(
+        &p,
+        &le,
+        &[
+            &["certonly"],
+            &s[..],
+            &["--duplicate", "-d", "example.com", "-d", "www.example.com"],
+        ]
+        .concat(),
+    );
+    let mut norm = Norm::default();
+    norm.replace
+        .push((le.display().to_string(), "/etc/letsencrypt".into()));
+    let toml = format!(
+        "[certificates]\nroot = \"{}\"\ndefault_acme = \"letsencrypt\"\nrenew_check = \"0s\"\nresponder = \"127.0.0.1:{port}\"\nchallenge_probe = \"127.0.0.1:{port}\"\n{}",
+        le.display(),
+        p.config()
+            .replace("name = \"pebble\"", "name = \"letsencrypt\""),
+    );
+    let w = start_with(&toml, tempfile::tempdir().unwrap(), norm);
+    let commands = console(&w, &section(&text, heading, "console", 0)).await;
+    assert_eq!(commands, 2);
+    assert!(!le.join("live/example.com-0001").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nginx_section_runs_as_the_readme_shows() {
+    let text = readme();
+    let heading = "### nginx (or another server) behind HAProxy";
+    let port = free_port();
+    let p = crate::support::pebble::Pebble::start(port);
+    let dir = tempfile::tempdir().unwrap();
+    let le = dir.path().join("le");
+    let certificates = format!(
+        "[certificates]\nroot = \"{}\"\ndefault_acme = \"letsencrypt\"\nrenew_check = \"0s\"\nresponder = \"127.0.0.1:{port}\"\nchallenge_probe = \"127.0.0.1:{port}\"\n{}",
+        le.display(),
+        p.config()
+            .replace("name = \"pebble\"", "name = \"letsencrypt\""),
+    );
+    // A first version, for nginx to start on.
+    {
+        let w = start(&certificates);
+        let (code, out) = run(
+            &w,
+            &[
+                "cert".into(),
+                "issue".into(),
+                "example.com".into(),
+                "www.example.com".into(),
+            ],
+            None,
+        );
+        assert_eq!(code, Some(0), "{out}");
+    }
+    let live = le.join("live/example.com");
+    let nginx = crate::support::Nginx::start(&format!(
+        "  server {{\n    listen 127.0.0.1:{{port}} ssl;\n    server_name example.com www.example.com;\n    ssl_certificate {0}/fullchain.pem;\n    ssl_certificate_key {0}/privkey.pem;\n  }}",
+        live.display()
+    ));
+    let mut norm = Norm::default();
+    norm.replace.extend([
+        (
+            nginx.config.display().to_string(),
+            "/etc/nginx/nginx.conf".into(),
+        ),
+        (
+            nginx.pid_file().display().to_string(),
+            "/run/nginx.pid".into(),
+        ),
+        (format!("127.0.0.1:{}", nginx.port), "127.0.0.1:8443".into()),
+    ]);
+    let toml = certificates + "\n" + &section(&text, heading, "toml", 0).join("\n");
+    let w = start_with(&toml, tempfile::tempdir().unwrap(), norm);
+    let commands = console(&w, &section(&text, heading, "console", 0)).await;
+    assert_eq!(commands, 1);
+    drop(nginx);
+}

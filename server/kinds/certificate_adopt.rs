@@ -448,7 +448,7 @@ impl Executor for Adopt {
 impl Adopt {
     /// Says what the job does (all of it, for a dry run).
     fn read(&mut self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
-        let dry = if self.spec.dry_run { "would " } else { "" };
+        let dry = if self.spec.dry_run { "would " } else { "will " };
         for a in &self.adoptions {
             for (f, t) in &a.repair {
                 ctx.log(
@@ -472,7 +472,7 @@ impl Adopt {
             ctx.log(
                 LogLevel::Info,
                 format!(
-                    "{}: {dry}renew by {}, {} key{}, from {}{}; certbot's renewal/{}.conf {dry}retired",
+                    "{}: {dry}renew by {}, {} key{}, from {}{}; certbot's renewal/{}.conf {}",
                     a.name,
                     a.method,
                     a.meta.key_type,
@@ -483,7 +483,8 @@ impl Adopt {
                     } else {
                         format!(", deployed to {}", a.meta.deploy.join(", "))
                     },
-                    a.name
+                    a.name,
+                    format!("{dry}be retired")
                 ),
             );
         }
