@@ -539,6 +539,12 @@ async fn bad_adoptions_are_refused_with_the_right_code_and_change_nothing() {
         ),
         (
             adopt_req(&[], |_| {}),
+            Some(original.replace("authenticator = standalone", "authenticator = dns-rfc2136")),
+            Code::FailedPrecondition,
+            "certbot proved it by DNS (dns-rfc2136); no [[dns]] zone of the daemon holds _acme-challenge.example.test",
+        ),
+        (
+            adopt_req(&[], |_| {}),
             Some(original.replace(&a.p.directory(), "https://acme.example.net/directory")),
             Code::FailedPrecondition,
             "none of the daemon's ACME servers",
@@ -627,4 +633,37 @@ async fn kill_9_at_random_moments_of_an_adoption_leaves_certbots_state_or_the_ad
             &format!("{at}: certbot's state not back"),
         );
     }
+}
+
+#[tokio::test]
+async fn a_generic_client_adopts_knowing_the_api_only_by_reflection() {
+    let a = with_side_lineage();
+    let mut g = crate::reflection::Generic::new(&a.d).await;
+    let job = g
+        .call(
+            "stately.v1.Jobs",
+            "SubmitJob",
+            r#"{"spec": {"certificateAdopt": {"lineages": ["example.test-0001"]}}}"#,
+        )
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let mut c = a.d.client().await;
+    let ended = wait_end(&mut c, &id).await;
+    assert_eq!(state(&ended), pb::JobState::Succeeded, "{ended:#?}");
+    // Asked for the side lineage, adopt merged it into the lineage it covers.
+    assert_eq!(
+        a.link("example.test", "cert"),
+        "../../archive/example.test/cert2.pem"
+    );
+    assert!(!a.le().join("live/example.test-0001").exists());
+    let e = g
+        .call(
+            "stately.v1.Jobs",
+            "SubmitJob",
+            r#"{"spec": {"certificateAdopt": {"root": "/somewhere/else"}}}"#,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
 }

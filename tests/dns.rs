@@ -352,3 +352,32 @@ async fn bad_dns01_requests_are_refused_with_the_right_code_and_no_job() {
         .into_inner();
     assert!(jobs.jobs.is_empty(), "{jobs:#?}");
 }
+
+#[tokio::test]
+async fn a_generic_client_issues_a_wildcard_by_dns01_knowing_the_api_only_by_reflection() {
+    let t = setup(false, "");
+    let mut g = crate::reflection::Generic::new(&t.d).await;
+    let job = g
+        .call(
+            "stately.v1.Jobs",
+            "SubmitJob",
+            r#"{"spec": {"certificateIssue": {"names": ["*.example.test", "example.test"], "challenge": "dns-01"}}}"#,
+        )
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let mut c = t.d.client().await;
+    let ended = wait_end(&mut c, &id).await;
+    assert_eq!(state(&ended), pb::JobState::Succeeded, "{ended:#?}");
+    assert!(t.live("fullchain").exists());
+    // A wildcard without dns-01, as grpcurl would send it: INVALID_ARGUMENT.
+    let e = g
+        .call(
+            "stately.v1.Jobs",
+            "SubmitJob",
+            r#"{"spec": {"certificateIssue": {"names": ["*.example.test"]}}}"#,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+}
