@@ -251,6 +251,11 @@ fn children(pid: i32) -> Vec<(i32, u64)> {
     out
 }
 
+/// Whether this nginx's master runs.
+pub(crate) fn running(r: &Reload) -> bool {
+    master(r).is_ok()
+}
+
 /// This nginx's worker processes now (empty when it is not running): what
 /// [`reloaded_since`] compares with.
 pub(crate) fn workers(r: &Reload) -> Vec<i32> {
@@ -293,7 +298,7 @@ pub(crate) async fn reload(r: &Reload) -> Result<(), String> {
     // (they finish open connections after that): only then is every new connection served by
     // the new configuration.
     loop {
-        let listening = listening_inodes();
+        let listening = listening_inodes(pid);
         let accepting: Vec<i32> = before
             .iter()
             .copied()
@@ -312,10 +317,13 @@ pub(crate) async fn reload(r: &Reload) -> Result<(), String> {
     }
 }
 
-/// The inodes of this machine's listening TCP sockets.
-fn listening_inodes() -> std::collections::HashSet<u64> {
+/// The inodes of the listening TCP sockets in the network namespace of process `pid`.
+fn listening_inodes(pid: i32) -> std::collections::HashSet<u64> {
     let mut out = std::collections::HashSet::new();
-    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+    for f in [
+        format!("/proc/{pid}/net/tcp"),
+        format!("/proc/{pid}/net/tcp6"),
+    ] {
         let Ok(text) = std::fs::read_to_string(f) else {
             continue;
         };
@@ -332,10 +340,12 @@ fn listening_inodes() -> std::collections::HashSet<u64> {
     out
 }
 
-/// Whether process `pid` (if it still runs) holds one of these sockets.
+/// Whether process `pid` (if it still runs) holds one of these sockets; one whose
+/// descriptors cannot be read counts as holding them (nothing says it stopped accepting).
 fn holds_any(pid: i32, inodes: &std::collections::HashSet<u64>) -> bool {
-    let Ok(d) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
+    let d = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(d) => d,
+        Err(e) => return e.kind() != std::io::ErrorKind::NotFound,
     };
     d.filter_map(|e| e.ok()).any(|e| {
         std::fs::read_link(e.path())

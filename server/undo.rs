@@ -373,9 +373,11 @@ impl UndoEntry {
                 crate::haproxy::runtime::set_server_state(&socket, &backend, &server, &state).await
             }
             UndoEntry::HotSwapCert { socket, path } => {
-                let pem = tokio::fs::read_to_string(&path)
-                    .await
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                // A bundle the unwind removed was one this job made: HAProxy never had it.
+                let pem = match tokio::fs::read_to_string(&path).await {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                    r => r.map_err(|e| format!("{}: {e}", path.display()))?,
+                };
                 wait_for_socket(&socket).await?;
                 crate::haproxy::runtime::set_ssl_cert(&socket, &path, &pem).await
             }
@@ -410,6 +412,10 @@ impl UndoEntry {
                 crate::certs::dns::remove_txt(&zone, &name, &value).await
             }
             UndoEntry::ReloadNginx { reload, workers } => {
+                // An nginx that is not running reads the restored files when it starts.
+                if !crate::nginx::running(&reload) {
+                    return Ok(());
+                }
                 if !workers.is_empty() && !crate::nginx::reloaded_since(&reload, &workers)? {
                     return Ok(());
                 }

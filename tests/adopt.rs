@@ -417,11 +417,13 @@ async fn adopt_repairs_an_interrupted_certbot_update_as_certbot_would_and_a_roll
             &["renew", "--force-renewal", "--no-random-sleep-on-renew"],
         );
         // Interrupted switching from 1 to 2 after two links, as certbot's
-        // update_all_links_to leaves it: previous_*.pem at 1, cert and privkey at 2.
+        // update_all_links_to leaves it: previous_*.pem at 1 (absolute, as certbot writes
+        // them), cert and privkey at 2.
         let live = le.join("live/example.test");
         for f in ["cert", "privkey", "chain", "fullchain"] {
             let old = format!("../../archive/example.test/{f}1.pem");
-            std::os::unix::fs::symlink(&old, live.join(format!("previous_{f}.pem"))).unwrap();
+            let absolute = le.join(format!("archive/example.test/{f}1.pem"));
+            std::os::unix::fs::symlink(&absolute, live.join(format!("previous_{f}.pem"))).unwrap();
             if f == "chain" || f == "fullchain" {
                 std::fs::remove_file(live.join(format!("{f}.pem"))).unwrap();
                 std::os::unix::fs::symlink(&old, live.join(format!("{f}.pem"))).unwrap();

@@ -151,28 +151,38 @@ pub(crate) struct LinkState {
     pub(crate) previous: Vec<(String, PathBuf)>,
 }
 
+/// The version a link target names, if it is a file of `l`'s archive: relative
+/// (`../../archive/<name>/certN.pem`, as stately and certbot's first install write it) or
+/// absolute (`<root>/archive/<name>/certN.pem`, as certbot's `previous_*` links and its
+/// repairs write it).
+pub(crate) fn version_of(l: &Lineage, file: &str, target: &Path) -> Option<u32> {
+    let parent = target.parent()?;
+    let relative = Path::new("../../archive").join(&l.name);
+    let same_dir = parent == relative
+        || (target.is_absolute()
+            && crate::fsops::canonical_prefix(parent)
+                == crate::fsops::canonical_prefix(&l.archive_dir()));
+    if !same_dir {
+        return None;
+    }
+    target
+        .file_name()?
+        .to_string_lossy()
+        .strip_prefix(file)?
+        .strip_suffix(".pem")?
+        .parse::<u32>()
+        .ok()
+}
+
 /// Reads a lineage's links.
 pub(crate) fn link_state(l: &Lineage) -> LinkState {
-    let version_of = |target: &Path| -> Option<u32> {
-        let want = format!("../../archive/{}", l.name);
-        if target.parent()? != Path::new(&want) {
-            return None;
-        }
-        let file = target.file_name()?.to_string_lossy().into_owned();
-        FILES.iter().find_map(|f| {
-            file.strip_prefix(f)?
-                .strip_suffix(".pem")?
-                .parse::<u32>()
-                .ok()
-        })
-    };
     let live = FILES
         .iter()
         .map(|f| {
             let v = std::fs::read_link(l.live_file(f))
                 .ok()
                 .filter(|_| l.live_file(f).exists())
-                .and_then(|t| version_of(&t));
+                .and_then(|t| version_of(l, f, &t));
             (f.to_string(), v)
         })
         .collect();
@@ -188,18 +198,27 @@ pub(crate) fn link_state(l: &Lineage) -> LinkState {
 }
 
 /// What certbot's `_fix_symlinks` would do to a lineage: with all four `previous_*.pem`
-/// links present, point each live link where its previous link points; then remove every
-/// previous link. Returns the live links to set (file, target) and the previous links to go.
+/// links present (each naming a version of the lineage's archive that is there), point each
+/// live link at its previous link's version; then remove every previous link. Returns the
+/// live links to set (file, relative target, as stately writes them) and the previous links
+/// to go.
 pub(crate) fn repair(l: &Lineage, s: &LinkState) -> (Vec<(String, PathBuf)>, Vec<PathBuf>) {
-    let all_previous = s.previous.len() == FILES.len()
-        && s.previous
+    let versions: Vec<(String, u32)> = s
+        .previous
+        .iter()
+        .filter_map(|(f, t)| {
+            let v = version_of(l, f, t)?;
+            l.archive_file(f, v).exists().then(|| (f.clone(), v))
+        })
+        .collect();
+    let set = if versions.len() == FILES.len() {
+        versions
             .iter()
-            .all(|(_, t)| l.live_dir().join(t).exists());
-    let set = if all_previous {
-        s.previous
-            .iter()
-            .filter(|(f, t)| std::fs::read_link(l.live_file(f)).ok().as_ref() != Some(t))
-            .cloned()
+            .filter(|(f, v)| {
+                std::fs::read_link(l.live_file(f)).ok().as_deref()
+                    != Some(l.link_target(f, *v).as_path())
+            })
+            .map(|(f, v)| (f.clone(), l.link_target(f, *v)))
             .collect()
     } else {
         Vec::new()

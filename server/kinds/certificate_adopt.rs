@@ -100,6 +100,14 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, _at: Moment) -> Result<Planned,
         }
     }
     for t in &spec.deploy {
+        if let Some(h) = env.config.haproxy.iter().find(|h| &h.name == t)
+            && h.master_socket.is_none()
+            && h.reload_command.is_none()
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "HAProxy target '{t}' has no master_socket or reload_command: an adopted lineage's bundle is new to HAProxy, so only a reload can load it"
+            )));
+        }
         for a in &adoptions {
             let bundle = env.config.bundle_dir().join(format!("{}.pem", a.name));
             super::certificate_issue::check_deploy_target(&env.config, t, &bundle)?;
@@ -605,12 +613,9 @@ impl Adopt {
             let mut hows: Vec<UndoEntry> = Vec::new();
             for a in &self.adoptions {
                 let bundle = places.bundles.join(format!("{}.pem", a.name));
-                let how = deploy_how(&h, &bundle).await.unwrap_or_else(|_| {
-                    UndoEntry::reload_haproxy(&h).unwrap_or(UndoEntry::HotSwapCert {
-                        socket: h.stats_socket.clone().unwrap_or_default(),
-                        path: bundle.clone(),
-                    })
-                });
+                let how = deploy_how(&h, &bundle)
+                    .await
+                    .map_err(StepError::Precondition)?;
                 // One reload serves every bundle.
                 if matches!(how, UndoEntry::HotSwapCert { .. }) || !hows.contains(&how) {
                     hows.push(how);

@@ -920,9 +920,10 @@ impl Issue {
                 if a.status == AuthorizationStatus::Valid {
                     continue;
                 }
-                let name = match a.identifier().identifier {
-                    Identifier::Dns(d) => d.clone(),
-                    other => format!("{other:?}"),
+                let name = match (a.identifier().identifier, a.identifier().wildcard) {
+                    (Identifier::Dns(d), true) => format!("*.{d}"),
+                    (Identifier::Dns(d), false) => d.clone(),
+                    (other, _) => format!("{other:?}"),
                 };
                 for c in &a.challenges {
                     if let Some(p) = &c.error {
@@ -1031,6 +1032,12 @@ impl Issue {
                         .await
                         .map_err(StepError::failed)?
                 };
+                if workers.is_empty() {
+                    return Err(StepError::Precondition(format!(
+                        "nginx '{target}' is not running (no master in {}, or no workers): start it first; nothing was changed",
+                        n.pid_file.display()
+                    )));
+                }
                 ctx.record_undo(UndoEntry::ReloadNginx { reload, workers })
                     .await?;
                 self.nginx.push(n);
@@ -1168,7 +1175,7 @@ impl Issue {
                 .as_deref()
                 .and_then(|c| lineage::read_cert(c.as_bytes()).ok())
                 .map(|i| i.serial)
-                .unwrap_or_default();
+                .ok_or_else(no_order)?;
             let sni = self
                 .req
                 .names
