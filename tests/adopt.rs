@@ -88,7 +88,10 @@ impl Adopt {
         dirs.sort();
         // statelyd's own data directory may stay once made.
         dirs.retain(|d| !d.starts_with(self.d.data()));
-        World(tree(&roots), dirs)
+        // certbot's lock file, empty, which certbot too leaves behind when it is killed.
+        let mut files = tree(&roots);
+        files.remove(&self.le().join(".certbot.lock"));
+        World(files, dirs)
     }
 }
 
@@ -535,6 +538,15 @@ async fn bad_adoptions_are_refused_with_the_right_code_and_change_nothing() {
         ),
         (
             adopt_req(&[], |_| {}),
+            Some(original.replace(
+                "authenticator = standalone",
+                "authenticator = standalone\nrenew_hook = systemctl reload postfix",
+            )),
+            Code::FailedPrecondition,
+            "certbot runs its renew_hook 'systemctl reload postfix' after renewals, which stately does not run",
+        ),
+        (
+            adopt_req(&[], |_| {}),
             Some(original.replace("authenticator = standalone", "authenticator = manual")),
             Code::FailedPrecondition,
             "manual authenticator cannot be renewed unattended",
@@ -568,6 +580,42 @@ async fn bad_adoptions_are_refused_with_the_right_code_and_change_nothing() {
         .unwrap()
         .into_inner();
     assert!(jobs.jobs.is_empty(), "{jobs:#?}");
+
+    // certbot's lock held (as a running certbot holds it): the job stops before any change.
+    // (Read before the lock: closing any descriptor of the file would release it.)
+    let before = a.world();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(a.le().join(".certbot.lock"))
+        .unwrap();
+    let whole = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    nix::fcntl::fcntl(&lock, nix::fcntl::FcntlArg::F_SETLK(&whole)).unwrap();
+    let job = c
+        .submit_job(adopt_req(&[], |_| {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = wait_end(&mut c, &job.id).await;
+    assert_eq!(state(&ended), pb::JobState::Failed, "{ended:#?}");
+    assert!(
+        ended.error.contains("it is running on this root"),
+        "{}",
+        ended.error
+    );
+    same(
+        &a.world(),
+        &before,
+        "adopt changed something under certbot's lock",
+    );
+    drop(lock);
 }
 
 #[tokio::test]

@@ -89,10 +89,11 @@ impl RenewalConf {
                     .map(String::as_str)
                     .unwrap_or("secp256r1")
                 {
-                    "secp384r1" => "ec384",
-                    _ => "ec256",
-                }
-                .to_owned(),
+                    "secp256r1" => "ec256".to_owned(),
+                    "secp384r1" => "ec384".to_owned(),
+                    // Not one stately issues: the caller refuses it by name.
+                    other => other.to_owned(),
+                },
             ),
             Some("rsa") => Some(format!(
                 "rsa{}",
@@ -103,6 +104,20 @@ impl RenewalConf {
             )),
             _ => None,
         }
+    }
+
+    /// The hooks certbot runs for this lineage (`pre_hook`, `post_hook`, `renew_hook`,
+    /// `deploy_hook`), as (key, command).
+    pub(crate) fn hooks(&self) -> Vec<(String, String)> {
+        ["pre_hook", "post_hook", "renew_hook", "deploy_hook"]
+            .iter()
+            .filter_map(|k| {
+                self.params
+                    .get(*k)
+                    .filter(|v| !v.is_empty() && v.as_str() != "None")
+                    .map(|v| (k.to_string(), v.clone()))
+            })
+            .collect()
     }
 
     /// certbot's `reuse_key`.
@@ -251,6 +266,64 @@ pub(crate) fn consistent(s: &LinkState) -> Result<u32, String> {
         }
     }
     version.ok_or_else(|| "no live links".to_owned())
+}
+
+/// The executables in certbot's `renewal-hooks/{pre,deploy,post}/`, which certbot runs
+/// around every renewal.
+pub(crate) fn hook_scripts(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for d in ["pre", "deploy", "post"] {
+        if let Ok(rd) = std::fs::read_dir(root.join("renewal-hooks").join(d)) {
+            out.extend(
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.is_file()),
+            );
+        }
+    }
+    out.sort();
+    out
+}
+
+/// certbot's lock on its root, held until dropped; the lock file is removed then, as certbot
+/// removes it.
+#[derive(Debug)]
+pub(crate) struct Lock {
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Takes certbot's own lock on its root (`.certbot.lock`, a POSIX record lock, as certbot's
+/// `lock_dir` takes it), so no certbot run changes the lineages while it is held. An error
+/// says certbot is running.
+pub(crate) fn lock(root: &Path) -> Result<Lock, String> {
+    let path = root.join(".certbot.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let whole = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETLK(&whole)).map_err(|e| {
+        format!(
+            "certbot holds {} ({e}): it is running on this root; try again when it is done",
+            path.display()
+        )
+    })?;
+    Ok(Lock { _file: f, path })
 }
 
 /// certbot's timers that run `certbot renew` on this machine (they renew what its renewal

@@ -389,8 +389,9 @@ async fn query(server: SocketAddr, name: &str, rtype: RecordType) -> Result<Mess
                 .recv(&mut buf)
                 .await
                 .map_err(|e| format!("cannot be reached: {e}"))?;
+            // An answer to this question, not a stray or spoofed datagram.
             if let Ok(m) = Message::from_vec(&buf[..n])
-                && m.metadata.id == msg.metadata.id
+                && answers(&msg, &m)
             {
                 return Ok::<_, String>(m);
             }
@@ -403,7 +404,18 @@ async fn query(server: SocketAddr, name: &str, rtype: RecordType) -> Result<Mess
         return Ok(reply);
     }
     let answer = exchange_tcp(server, &bytes).await?;
-    Message::from_vec(&answer).map_err(|e| format!("sent a bad answer: {e}"))
+    let m = Message::from_vec(&answer).map_err(|e| format!("sent a bad answer: {e}"))?;
+    if !answers(&msg, &m) {
+        return Err("answered another question".into());
+    }
+    Ok(m)
+}
+
+/// Whether `reply` is the response to `question`: same id, a response, the same question.
+fn answers(question: &Message, reply: &Message) -> bool {
+    reply.metadata.id == question.metadata.id
+        && reply.metadata.message_type == MessageType::Response
+        && reply.queries == question.queries
 }
 
 /// The TXT values `server` answers for `name`, as an authority (without recursion).
@@ -497,7 +509,32 @@ pub(crate) async fn authoritative(p: &DnsProvider) -> Result<Vec<SocketAddr>, St
     }
     out.sort();
     out.dedup();
-    Ok(out)
+    // An address this machine has no route to (IPv6 on a host without it) cannot be waited
+    // on; the CA asks the others as well.
+    let reachable: Vec<SocketAddr> = out.iter().copied().filter(|a| routable(*a)).collect();
+    if reachable.is_empty() {
+        return Err(format!(
+            "no route to any name server of {} ({})",
+            p.zone,
+            out.iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok(reachable)
+}
+
+/// Whether this machine has a route to `addr` (a UDP connect asks the routing table only).
+fn routable(addr: SocketAddr) -> bool {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("an address")
+    } else {
+        "[::]:0".parse().expect("an address")
+    };
+    std::net::UdpSocket::bind(bind)
+        .and_then(|s| s.connect(addr))
+        .is_ok()
 }
 
 /// Waits until every server answers every `(name, value)`, polling each with a short backoff

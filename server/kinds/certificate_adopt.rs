@@ -114,6 +114,14 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, _at: Moment) -> Result<Planned,
         }
         resources.push(format!("haproxy:{t}"));
     }
+    let scripts = certbot::hook_scripts(&env.config.cert_root());
+    if let Some(s) = scripts.first() {
+        return Err(Error::FailedPrecondition(format!(
+            "certbot runs {} (and {} more hook(s) in renewal-hooks/) around every renewal, which stately does not run; deploy to what they reload instead (--deploy) and move them out first",
+            s.display(),
+            scripts.len() - 1
+        )));
+    }
     let mut steps = vec![Step::Read];
     if !spec.dry_run {
         if adoptions
@@ -138,6 +146,7 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, _at: Moment) -> Result<Planned,
             steps: steps.clone(),
             adoptions,
             deploy: Vec::new(),
+            certbot_lock: None,
         },
     ))
 }
@@ -339,6 +348,14 @@ fn settings(
     spec: &Spec,
 ) -> Result<(Meta, String), Error> {
     let who = format!("lineage '{name}'");
+    // certbot runs these after its renewals; stately would not, and what they reload would
+    // keep the old certificate.
+    if let Some((k, v)) = conf.hooks().first() {
+        return Err(Error::FailedPrecondition(format!(
+            "{who}: certbot runs its {k} {} after renewals, which stately does not run; deploy to the target it serves instead (--deploy) and remove the hook from renewal/{name}.conf first",
+            quote(v)
+        )));
+    }
     let auth = conf.authenticator();
     let (webroot, challenge, method) = match auth {
         "webroot" => {
@@ -437,13 +454,15 @@ struct Adopt {
     adoptions: Vec<Adoption>,
     /// Each deploy target and how it gets the certificates (decided when the bundles are written).
     deploy: Vec<(String, UndoEntry)>,
+    /// certbot's lock on its root, held until the job ends.
+    certbot_lock: Option<certbot::Lock>,
 }
 
 impl Executor for Adopt {
     fn run_step<'a>(&'a mut self, index: usize, ctx: &'a mut StepCtx<'_>) -> StepFuture<'a> {
         Box::pin(async move {
             match super::step_at(&self.steps, index)? {
-                Step::Read => self.read(ctx),
+                Step::Read => self.read(ctx).await,
                 Step::Repair => self.repair(ctx).await,
                 Step::Merge => self.merge(ctx).await,
                 Step::TakeOver => self.take_over(ctx).await,
@@ -455,7 +474,23 @@ impl Executor for Adopt {
 
 impl Adopt {
     /// Says what the job does (all of it, for a dry run).
-    fn read(&mut self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+    async fn read(&mut self, ctx: &mut StepCtx<'_>) -> Result<(), StepError> {
+        if !self.spec.dry_run {
+            self.certbot_lock = Some(
+                certbot::lock(&ctx.config().cert_root()).map_err(StepError::Precondition)?,
+            );
+            // With certbot locked out, what was planned must still be what is there.
+            let (config, spec) = (ctx.config().clone(), self.spec.clone());
+            let now = tokio::task::spawn_blocking(move || decide(&config, &spec))
+                .await
+                .map_err(StepError::failed)?
+                .map_err(|e| StepError::Precondition(e.to_string()))?;
+            if format!("{now:?}") != format!("{:?}", self.adoptions) {
+                return Err(StepError::Precondition(
+                    "certbot's lineages changed since the job was planned (a certbot run?): submit it again".into(),
+                ));
+            }
+        }
         let dry = if self.spec.dry_run { "would " } else { "will " };
         for a in &self.adoptions {
             for (f, t) in &a.repair {
@@ -495,6 +530,17 @@ impl Adopt {
                     format!("{dry}be retired")
                 ),
             );
+        }
+        for a in &self.adoptions {
+            if a.meta.webroot.is_none() && a.meta.challenge.is_empty() {
+                ctx.log(
+                    LogLevel::Warn,
+                    format!(
+                        "{}: renewals answer HTTP-01 with statelyd's responder: /.well-known/acme-challenge/ must reach it (stately haproxy edit TARGET --route-acme FRONTEND); each renewal checks that first",
+                        a.name
+                    ),
+                );
+            }
         }
         let root = ctx.config().cert_root();
         if crate::fsops::canonical_prefix(&root) == Path::new("/etc/letsencrypt") {
