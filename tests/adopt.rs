@@ -139,12 +139,16 @@ pub(crate) fn standalone(p: &Pebble) -> Vec<String> {
 /// Pebble, certbot's lineages made by `make`, then statelyd on certbot's root, its responder
 /// on the port certbot's standalone server used.
 fn setup(make: impl FnOnce(&Pebble, &Path)) -> Adopt {
+    setup_in(tempfile::tempdir().unwrap(), "", make)
+}
+
+/// As `setup`, in `dir`, with `extra` daemon configuration.
+fn setup_in(dir: tempfile::TempDir, extra: &str, make: impl FnOnce(&Pebble, &Path)) -> Adopt {
     let port = free_port();
     let p = Pebble::start(port);
-    let dir = tempfile::tempdir().unwrap();
     make(&p, &dir.path().join("le"));
     let config = format!(
-        "[certificates]\nroot = \"{}\"\nhaproxy_dir = \"{}\"\ndefault_acme = \"pebble\"\nrenew_check = \"0s\"\nresponder = \"127.0.0.1:{port}\"\nchallenge_probe = \"127.0.0.1:{port}\"\n{}",
+        "{extra}[certificates]\nroot = \"{}\"\nhaproxy_dir = \"{}\"\ndefault_acme = \"pebble\"\nrenew_check = \"0s\"\nresponder = \"127.0.0.1:{port}\"\nchallenge_probe = \"127.0.0.1:{port}\"\n{}",
         dir.path().join("le").display(),
         dir.path().join("haproxy-certs").display(),
         p.config()
@@ -716,4 +720,92 @@ async fn a_generic_client_adopts_knowing_the_api_only_by_reflection() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+}
+
+#[tokio::test]
+async fn an_adopted_merge_is_deployed_to_haproxy_and_its_rollback_serves_the_old_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let hdir = dir.path().join("haproxy");
+    std::fs::create_dir_all(&hdir).unwrap();
+    let bundles = dir.path().join("haproxy-certs");
+    let extra = format!(
+        "[[haproxy]]\nname = \"edge\"\nstats_socket = \"{}\"\nmaster_socket = \"{}\"\n",
+        hdir.join("admin.sock").display(),
+        hdir.join("master.sock").display()
+    );
+    let a = setup_in(dir, &extra, |p, le| {
+        let s = standalone(p);
+        let s: Vec<&str> = s.iter().map(String::as_str).collect();
+        certbot(
+            p,
+            le,
+            &[&["certonly"], &s[..], &["-d", "example.test"]].concat(),
+        );
+        certbot(
+            p,
+            le,
+            &[
+                &["certonly"],
+                &s[..],
+                &[
+                    "--duplicate",
+                    "-d",
+                    "example.test",
+                    "-d",
+                    "www.example.test",
+                ],
+            ]
+            .concat(),
+        );
+        // The shell way: the lineage's files cat'ed into HAProxy's bundle.
+        std::fs::create_dir_all(le.parent().unwrap().join("haproxy-certs")).unwrap();
+        let live = le.join("live/example.test");
+        let bundle = std::fs::read_to_string(live.join("fullchain.pem")).unwrap()
+            + &std::fs::read_to_string(live.join("privkey.pem")).unwrap();
+        std::fs::write(
+            le.parent().unwrap().join("haproxy-certs/example.test.pem"),
+            bundle,
+        )
+        .unwrap();
+    });
+    let tls_port = free_port();
+    let _h = Haproxy::from_config(
+        &hdir,
+        &format!(
+            "global\n  stats socket {{stats}} mode 600 level admin expose-fd listeners\ndefaults\n  mode http\n  \
+             timeout connect 1s\n  timeout client 5s\n  timeout server 5s\nfrontend tls\n  bind 127.0.0.1:{tls_port} ssl crt {}\n  \
+             http-request return status 200\n",
+            bundles.display()
+        ),
+    );
+    let serial = |pem: &Path| {
+        let bytes = std::fs::read(pem).unwrap();
+        let (_, p) = x509_parser::pem::parse_x509_pem(&bytes).unwrap();
+        hex::encode(p.parse_x509().unwrap().raw_serial())
+    };
+    let served = || async {
+        let der = crate::support::pebble::served_cert(tls_port, "example.test").await;
+        let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+        hex::encode(c.raw_serial())
+    };
+    let old = serial(&a.le().join("live/example.test/cert.pem"));
+    let side = serial(&a.le().join("live/example.test-0001/cert.pem"));
+    assert_eq!(served().await, old);
+
+    let mut c = a.d.client().await;
+    let job = c
+        .submit_job(adopt_req(&[], |r| r.deploy = vec!["edge".into()]))
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = wait_end(&mut c, &job.id).await;
+    assert_eq!(state(&ended), pb::JobState::Succeeded, "{ended:#?}");
+    assert_eq!(
+        served().await,
+        side,
+        "HAProxy serves the merged lineage's certificate"
+    );
+    let rb = rollback(&mut c, &job.id, false).await;
+    assert_eq!(state(&rb), pb::JobState::Succeeded, "{rb:#?}");
+    assert_eq!(served().await, old, "and the old one after the rollback");
 }

@@ -948,6 +948,9 @@ fn every_console_block_of_the_readme_is_run_by_a_test() {
         ("### Watching HAProxy", 1),
         ("### Editing HAProxy", 2),
         ("### Certificates (ACME)", 1),
+        ("### Wildcards by DNS-01 (RFC 2136)", 1),
+        ("### Taking over certbot's lineages", 1),
+        ("### nginx (or another server) behind HAProxy", 1),
         ("### Alerts by mail", 1),
         ("### Remote access: TLS, mTLS, roles by certificate", 1),
     ];

@@ -195,6 +195,7 @@ mod tests {
         r#"{"haproxy_edit":{"target":"edge","edits":[{"op":"force_https","frontend":"web","host":null,"code":301,"exempt_acme":null},{"op":"restrict_path","frontend":"web","path":"/admin","allow":["127.0.0.1"],"status":null}],"base_version":null,"replace":false,"allow_servers_down":false}}"#,
         r#"{"certificate_revoke":{"lineage":"example.com","reason":"superseded"}}"#,
         r#"{"certificate_delete":{"lineage":"example.com"}}"#,
+        r#"{"certificate_adopt":{"lineages":["example.com"],"deploy":["edge"]}}"#,
     ];
 
     #[test]
