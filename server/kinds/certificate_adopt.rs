@@ -515,7 +515,7 @@ impl Adopt {
             ctx.log(
                 LogLevel::Info,
                 format!(
-                    "{}: {dry}renew by {}, {} key{}, from {}{}; certbot's renewal/{}.conf {}",
+                    "{}: {dry}renew by {}, {} key{}, from {}{}; certbot's renewal/{}.conf {dry}be retired",
                     a.name,
                     a.method,
                     a.meta.key_type,
@@ -526,8 +526,7 @@ impl Adopt {
                     } else {
                         format!(", deployed to {}", a.meta.deploy.join(", "))
                     },
-                    a.name,
-                    format!("{dry}be retired")
+                    a.name
                 ),
             );
         }
