@@ -160,31 +160,34 @@ fn setup_in(dir: tempfile::TempDir, extra: &str, make: impl FnOnce(&Pebble, &Pat
 /// example.test, then (with --duplicate, as a control panel asks) example.test-0001 for the
 /// apex and www.
 fn with_side_lineage() -> Adopt {
-    setup(|p, le| {
-        let s = standalone(p);
-        let s: Vec<&str> = s.iter().map(String::as_str).collect();
-        certbot(
-            p,
-            le,
-            &[&["certonly"], &s[..], &["-d", "example.test"]].concat(),
-        );
-        certbot(
-            p,
-            le,
+    setup(make_side_lineage)
+}
+
+/// certbot makes example.test, then example.test-0001 for the apex and www.
+fn make_side_lineage(p: &Pebble, le: &Path) {
+    let s = standalone(p);
+    let s: Vec<&str> = s.iter().map(String::as_str).collect();
+    certbot(
+        p,
+        le,
+        &[&["certonly"], &s[..], &["-d", "example.test"]].concat(),
+    );
+    certbot(
+        p,
+        le,
+        &[
+            &["certonly"],
+            &s[..],
             &[
-                &["certonly"],
-                &s[..],
-                &[
-                    "--duplicate",
-                    "-d",
-                    "example.test",
-                    "-d",
-                    "www.example.test",
-                ],
-            ]
-            .concat(),
-        );
-    })
+                "--duplicate",
+                "-d",
+                "example.test",
+                "-d",
+                "www.example.test",
+            ],
+        ]
+        .concat(),
+    );
 }
 
 fn adopt_req(
@@ -644,11 +647,7 @@ async fn kill_9_at_random_moments_of_an_adoption_leaves_certbots_state_or_the_ad
     );
     same(&a.world(), &before, "the world");
 
-    let seed: u64 = std::env::var("STATELY_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("kill -9 trials: seed {seed} (STATELY_TEST_SEED={seed} repeats them)");
+    let seed = crash_seed("adopt");
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for trial in 0..6 {
@@ -734,29 +733,7 @@ async fn an_adopted_merge_is_deployed_to_haproxy_and_its_rollback_serves_the_old
         hdir.join("master.sock").display()
     );
     let a = setup_in(dir, &extra, |p, le| {
-        let s = standalone(p);
-        let s: Vec<&str> = s.iter().map(String::as_str).collect();
-        certbot(
-            p,
-            le,
-            &[&["certonly"], &s[..], &["-d", "example.test"]].concat(),
-        );
-        certbot(
-            p,
-            le,
-            &[
-                &["certonly"],
-                &s[..],
-                &[
-                    "--duplicate",
-                    "-d",
-                    "example.test",
-                    "-d",
-                    "www.example.test",
-                ],
-            ]
-            .concat(),
-        );
+        make_side_lineage(p, le);
         // The shell way: the lineage's files cat'ed into HAProxy's bundle.
         std::fs::create_dir_all(le.parent().unwrap().join("haproxy-certs")).unwrap();
         let live = le.join("live/example.test");

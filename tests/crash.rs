@@ -15,16 +15,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The seed of a kind's trials: `STATELY_CRASH_SEED`, else a fresh one (printed).
-fn seed(kind: &str) -> u64 {
-    let seed = std::env::var("STATELY_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("crash trials of {kind}: seed {seed} (STATELY_CRASH_SEED={seed} replays them)");
-    seed
-}
-
 /// What a trial saw, for the summary line (BENCHMARKS.md records these).
 #[derive(Default, Debug)]
 struct Tally {
@@ -186,7 +176,7 @@ fn files_version(root: &Path, ctx: &str) -> String {
 
 #[tokio::test]
 async fn sigkill_at_random_moments_of_runbook_file_steps_leaves_all_old_or_all_new() {
-    let seed = seed("runbook");
+    let seed = crash_seed("runbook");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     static BODY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     let body: &'static [u8] = BODY.get_or_init(|| vec![b'x'; 2_000_000]);
@@ -295,7 +285,7 @@ async fn assert_serves_the_file(h: &Haproxy, ctx: &str) {
 
 #[tokio::test]
 async fn sigkill_around_an_applys_reload_leaves_haproxy_serving_the_file_on_disk() {
-    let seed = seed("apply");
+    let seed = crash_seed("apply");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let backend = Backend::start(0).await;
@@ -420,7 +410,7 @@ fn lineage_version(root: &Path, bundles: &Path, ctx: &str) -> u32 {
 
 #[tokio::test]
 async fn sigkill_during_a_certificate_reissue_leaves_the_lineage_at_one_version() {
-    let seed = seed("certificate");
+    let seed = crash_seed("certificate");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let port = free_port();
     let p = Pebble::start(port);
@@ -511,7 +501,7 @@ fn add_server_req(name: &str, port: u16) -> pb::SubmitJobRequest {
 
 #[tokio::test]
 async fn sigkill_during_a_runtime_add_server_leaves_file_and_haproxy_agreeing() {
-    let seed = seed("runtime-edit");
+    let seed = crash_seed("runtime-edit");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let backend = Backend::start(0).await;
@@ -604,7 +594,7 @@ async fn sigkill_during_a_runtime_add_server_leaves_file_and_haproxy_agreeing() 
 
 #[tokio::test]
 async fn sigkill_during_a_certificate_delete_leaves_the_lineage_all_there_or_all_gone() {
-    let seed = seed("certificate-delete");
+    let seed = crash_seed("certificate-delete");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let port = free_port();
     let p = Pebble::start(port);

@@ -199,11 +199,7 @@ async fn kill_9_at_random_moments_leaves_no_record_and_the_lineage_all_or_nothin
     // Then at seeded random moments of a job that can finish (no lagging server).
     drop((c, t));
     let mut t = setup(false, "");
-    let seed: u64 = std::env::var("STATELY_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("kill -9 trials: seed {seed} (STATELY_TEST_SEED={seed} repeats them)");
+    let seed = crash_seed("dns-01 issue");
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut versions = 0;

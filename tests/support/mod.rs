@@ -1067,3 +1067,14 @@ impl Drop for Nginx {
         }
     }
 }
+
+/// The seed of a kind's SIGKILL trials: `STATELY_CRASH_SEED`, else a fresh one (printed, so a
+/// failing trial can be replayed).
+pub fn crash_seed(kind: &str) -> u64 {
+    let seed = std::env::var("STATELY_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("crash trials of {kind}: seed {seed} (STATELY_CRASH_SEED={seed} replays them)");
+    seed
+}
