@@ -503,13 +503,25 @@ fn fetch_blocking(socket: &Path, command: &str) -> Result<Vec<Row>, Error> {
     s.set_write_timeout(Some(POLL_TIMEOUT))
         .map_err(unreachable)?;
     s.write_all(command.as_bytes()).map_err(unreachable)?;
-    let mut buf = Vec::with_capacity(256 << 10);
-    s.take(MAX_ANSWER as u64)
-        .read_to_end(&mut buf)
-        .map_err(unreachable)?;
-    parse::parse(&buf).map_err(|source| Error::Parse {
-        socket: socket.display().to_string(),
-        source,
+    // The answer's buffer is kept by the thread between polls: a fresh megabyte each time is
+    // fresh pages to fault in and zero, and the reallocations of a growing one copy it.
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUF.with_borrow_mut(|buf| {
+        buf.clear();
+        s.take(MAX_ANSWER as u64)
+            .read_to_end(buf)
+            .map_err(unreachable)?;
+        let rows = parse::parse(buf).map_err(|source| Error::Parse {
+            socket: socket.display().to_string(),
+            source,
+        });
+        // A one-off huge answer is not kept.
+        if buf.capacity() > 4 * buf.len().max(1 << 20) {
+            *buf = Vec::new();
+        }
+        rows
     })
 }
 
