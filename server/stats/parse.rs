@@ -321,10 +321,28 @@ pub fn parse(text: &[u8]) -> Result<Vec<Row>, ParseError> {
         fields.clear();
         let mut n = 0usize;
         let mut start = 0usize;
-        // Fields are a few bytes long: a plain loop beats a search per comma. Past the last
-        // column read, the commas are only counted (a loop the compiler vectorizes).
+        // Fields are a few bytes long, so a search per comma costs more than it saves; the
+        // commas of eight bytes at a time are found at once instead. Past the last column
+        // read, they are only counted.
         let mut k = 0usize;
-        while k < l.len() && n < upto {
+        while n < upto && k + 8 <= l.len() {
+            let mut m = commas(u64::from_le_bytes(l[k..k + 8].try_into().expect("8 bytes")));
+            while m != 0 && n < upto {
+                let at = k + (m.trailing_zeros() / 8) as usize;
+                fields.push(&l[start..at]);
+                n += 1;
+                start = at + 1;
+                m &= m - 1;
+            }
+            if n < upto {
+                k += 8;
+            } else {
+                // The rest of this word's commas, then the words after it.
+                n += m.count_ones() as usize;
+                k += 8;
+            }
+        }
+        while n < upto && k < l.len() {
             if l[k] == b',' {
                 fields.push(&l[start..k]);
                 n += 1;
@@ -335,7 +353,12 @@ pub fn parse(text: &[u8]) -> Result<Vec<Row>, ParseError> {
         if n < upto {
             fields.push(&l[start..]);
         } else {
-            n += l[k..].iter().filter(|b| **b == b',').count();
+            let mut chunks = l[k..].chunks_exact(8);
+            for c in &mut chunks {
+                n += commas(u64::from_le_bytes(c.try_into().expect("8 bytes"))).count_ones()
+                    as usize;
+            }
+            n += chunks.remainder().iter().filter(|b| **b == b',').count();
         }
         n += 1;
         if n != cols.count {
@@ -344,6 +367,16 @@ pub fn parse(text: &[u8]) -> Result<Vec<Row>, ParseError> {
         rows.push(row(&cols, &fields, line)?);
     }
     Ok(rows)
+}
+
+/// The high bit of each byte of `w` that is a comma, and no other bit (exact: no carries
+/// between bytes).
+fn commas(w: u64) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let x = w ^ 0x2c2c_2c2c_2c2c_2c2c;
+    // High bit set in each byte of x that is not zero.
+    let nonzero = ((x & LOW7).wrapping_add(LOW7)) | x;
+    !nonzero & !LOW7
 }
 
 fn count_error(line: u64, got: usize, want: usize) -> ParseError {
@@ -481,6 +514,43 @@ mod tests {
         let rows = parse(text.as_bytes()).unwrap();
         assert_eq!(rows[1].check_status.as_deref(), Some("L4CON"));
         assert!(rows[1].check_in_progress);
+    }
+
+    #[test]
+    fn commas_are_found_eight_bytes_at_a_time_exactly() {
+        for text in [
+            *b",,,,,,,,",
+            *b"a,b,c,d,",
+            *b"\x2d\x2b,\xac,\x00,\xff",
+            *b"abcdefgh",
+        ] {
+            let m = commas(u64::from_le_bytes(text));
+            for (i, b) in text.iter().enumerate() {
+                assert_eq!(m >> (8 * i + 7) & 1 == 1, *b == b',', "{text:?} byte {i}");
+            }
+            assert_eq!(m & !0x8080_8080_8080_8080, 0);
+        }
+        // Lines of every length split as a plain split does (fields before and after the
+        // last column read, lines shorter and longer than a word).
+        let header = "# pxname,svname,type,status,a,b,c,d,e,f,g,h,i,j\n";
+        for len in 0..40 {
+            let tail: String = (0..len)
+                .map(|i| if i % 3 == 0 { ',' } else { 'x' })
+                .collect();
+            let line = format!("be,s1,2,UP,1,2,3,4,5,6,7,8,9,{tail}");
+            let fields = line.split(',').count();
+            let text = format!(
+                "{}{line}\n\n",
+                header.replace(",j\n", &format!(",j{}\n", ",k".repeat(fields - 14)))
+            );
+            let rows = parse(text.as_bytes()).unwrap_or_else(|e| panic!("{len}: {e}"));
+            assert_eq!(
+                (rows[0].proxy.as_str(), rows[0].server.as_str()),
+                ("be", "s1")
+            );
+            let short = format!("{}{}\n\n", text.lines().next().unwrap(), "\nbe,s1,2,UP");
+            assert!(parse(short.as_bytes()).is_err(), "{len}");
+        }
     }
 
     #[test]
