@@ -285,12 +285,14 @@ pub(crate) fn canonical_prefix(path: &Path) -> PathBuf {
 pub(crate) fn remove_if_present(path: &Path) -> io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => {
-            if let Some(dir) = path.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
-            Ok(())
-        }
+        _ => match path.parent().map(std::fs::File::open) {
+            Some(Ok(dir)) => dir.sync_all(),
+            // No directory, so no file: a job killed after recording the removal and before
+            // making the directory left nothing to remove.
+            Some(Err(e)) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Some(Err(e)) => Err(e),
+            None => Ok(()),
+        },
     }
 }
 

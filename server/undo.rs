@@ -516,5 +516,11 @@ mod tests {
         remove.apply_file(&blobs).unwrap();
         remove.apply_file(&blobs).unwrap();
         assert!(!new.exists());
+
+        // Recorded, then killed before its directory was made: nothing to remove.
+        let never = UndoEntry::RemoveFile {
+            path: dir.path().join("not-made/new"),
+        };
+        never.apply_file(&blobs).unwrap();
     }
 }

@@ -88,10 +88,18 @@ impl std::fmt::Debug for Key {
 
 /// Parses a BIND key file: the first `key "NAME" { algorithm ALG; secret "BASE64"; };`.
 pub(crate) fn parse_key(text: &str) -> Result<Key, String> {
-    // Comments as BIND writes them: `#`, `//` and `/* */`.
-    let text = regex::Regex::new(r"(?s)/\*.*?\*/|//[^\n]*|#[^\n]*")
+    // Comments as BIND writes them: `#`, `//` and `/* */`, outside quoted strings (a
+    // base64 secret may hold `//`: one in 100 random keys does).
+    let text = regex::Regex::new(r#"(?s)"[^"]*"|/\*.*?\*/|//[^\n]*|#[^\n]*"#)
         .expect("a valid pattern")
-        .replace_all(text, "");
+        .replace_all(text, |c: &regex::Captures| {
+            let m = &c[0];
+            if m.starts_with('"') {
+                m.to_owned()
+            } else {
+                String::new()
+            }
+        });
     let re = regex::Regex::new(r#"(?s)key\s+"?([A-Za-z0-9._-]+)"?\s*\{(.*?)\}\s*;"#)
         .expect("a valid pattern");
     let c = re
@@ -609,6 +617,12 @@ mod tests {
         assert_eq!(k.name, "stately");
         assert_eq!(k.algorithm, TsigAlgorithm::HmacSha256);
         assert_eq!(k.secret.len(), 32);
+        // `//` and `#` inside the quoted secret are not comments; outside they are.
+        let k = parse_key(
+            "key \"s\" { // a comment\n algorithm hmac-sha256; /* one\nmore */ secret \"ab//cd/+AAA=\"; # last\n};",
+        )
+        .unwrap();
+        assert_eq!(k.secret.len(), 8);
         for (bad, says) in [
             ("nothing", "no `key"),
             (
