@@ -398,7 +398,7 @@ fn status_lines(target: &str, snapshot: &crate::stats::Snapshot) -> std::sync::A
         target.to_owned(),
         StatusBlock {
             names: servers
-                .map(|r| (r.proxy.clone(), r.server.clone()))
+                .map(|r| (r.proxy.to_string(), r.server.to_string()))
                 .collect(),
             states,
             text: text.clone(),

@@ -663,6 +663,7 @@ fn status_of(stats: &std::path::Path, backend: &str, server: &str) -> String {
         .unwrap()
         .status
         .raw
+        .to_string()
 }
 
 #[tokio::test]

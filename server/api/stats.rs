@@ -229,8 +229,8 @@ fn update_for(
                         .iter()
                         .filter(|r| filter.accepts(r))
                         .map(|r| pb::RemovedRow {
-                            proxy: r.proxy.clone(),
-                            server: r.server.clone(),
+                            proxy: r.proxy.to_string(),
+                            server: r.server.to_string(),
                         })
                         .collect(),
                 };
@@ -286,7 +286,7 @@ fn status_to_pb(s: &RowStatus) -> pb::Status {
     };
     pb::Status {
         state: state as i32,
-        raw: s.raw.clone(),
+        raw: s.raw.to_string(),
         checks_done: s.checks.map(|c| c.0),
         checks_needed: s.checks.map(|c| c.1),
         transitional: s.transitional(),
@@ -301,8 +301,8 @@ fn row_to_pb(r: &Row) -> pb::StatsRow {
         RowType::Listener => pb::RowType::Listener,
     };
     pb::StatsRow {
-        proxy: r.proxy.clone(),
-        server: r.server.clone(),
+        proxy: r.proxy.to_string(),
+        server: r.server.to_string(),
         r#type: kind as i32,
         status: Some(status_to_pb(&r.status)),
         current_sessions: r.current_sessions,
@@ -311,15 +311,15 @@ fn row_to_pb(r: &Row) -> pb::StatsRow {
         total_sessions: r.total_sessions,
         session_rate: r.session_rate,
         request_rate: r.request_rate,
-        check_status: r.check_status.clone().unwrap_or_default(),
+        check_status: r.check_status.as_deref().unwrap_or_default().to_owned(),
         check_in_progress: r.check_in_progress,
         check_code: r.check_code,
-        check_description: r.check_description.clone().unwrap_or_default(),
+        check_description: r.check_description.as_deref().unwrap_or_default().to_owned(),
         last_change_seconds: r.last_change,
         downtime_seconds: r.downtime,
         http_5xx: r.http_5xx,
         weight: r.weight,
-        address: r.address.clone().unwrap_or_default(),
-        cookie: r.cookie.clone().unwrap_or_default(),
+        address: r.address.as_deref().unwrap_or_default().to_owned(),
+        cookie: r.cookie.as_deref().unwrap_or_default().to_owned(),
     }
 }

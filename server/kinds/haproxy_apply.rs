@@ -237,7 +237,7 @@ impl Apply {
                     self.up_before = rows
                         .into_iter()
                         .filter(|r| r.status.state == State::Up && !r.status.transitional())
-                        .map(|r| (r.proxy, r.server))
+                        .map(|r| (r.proxy.to_string(), r.server.to_string()))
                         .collect();
                 }
                 let v = v.map_err(failed)?;
@@ -378,7 +378,7 @@ impl Apply {
                     .filter(|r| r.status.state == State::Down && !r.status.transitional())
                     .filter(|r| {
                         self.up_before
-                            .contains(&(r.proxy.clone(), r.server.clone()))
+                            .contains(&(r.proxy.to_string(), r.server.to_string()))
                     })
                     .map(|r| format!("{}/{}", r.proxy, r.server))
                     .collect();

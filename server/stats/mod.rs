@@ -10,7 +10,7 @@
 pub mod logs;
 pub mod parse;
 
-use parse::{ParseError, Row, RowType};
+use parse::{ParseError, Row, RowType, Text};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,7 +60,7 @@ pub struct Snapshot {
     pub rows: Vec<Row>,
     /// proxy → server → row, built on first use (a diff of polls in the same order, the
     /// usual case, needs none).
-    index: std::sync::OnceLock<HashMap<String, HashMap<String, usize>>>,
+    index: std::sync::OnceLock<HashMap<Text, HashMap<Text, usize>>>,
 }
 
 impl Snapshot {
@@ -74,7 +74,7 @@ impl Snapshot {
     /// The row of that proxy and server.
     pub fn get(&self, proxy: &str, server: &str) -> Option<&Row> {
         let index = self.index.get_or_init(|| {
-            let mut index: HashMap<String, HashMap<String, usize>> = HashMap::new();
+            let mut index: HashMap<Text, HashMap<Text, usize>> = HashMap::new();
             for (i, r) in self.rows.iter().enumerate() {
                 index
                     .entry(r.proxy.clone())

@@ -49,7 +49,7 @@ pub struct Status {
     /// The state.
     pub state: State,
     /// The column as written.
-    pub raw: String,
+    pub raw: Text,
     /// For "UP 2/3" and "DOWN 1/2": (2, 3) and (1, 2).
     pub checks: Option<(u32, u32)>,
 }
@@ -78,7 +78,7 @@ impl Status {
             .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
         Status {
             state,
-            raw: raw.to_owned(),
+            raw: Text::from(raw),
             checks,
         }
     }
@@ -89,13 +89,17 @@ impl Status {
     }
 }
 
+/// A text field of a row: inline up to 24 bytes (every name, status, check and address of a
+/// usual config), so a 5000-server poll makes no allocation per field.
+pub type Text = compact_str::CompactString;
+
 /// One line of `show stat`, typed. `None` where HAProxy gave no value or no such column.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Row {
     /// pxname.
-    pub proxy: String,
+    pub proxy: Text,
     /// svname (FRONTEND and BACKEND for the aggregate lines).
-    pub server: String,
+    pub server: Text,
     /// type.
     pub kind: RowType,
     /// status.
@@ -113,13 +117,13 @@ pub struct Row {
     /// req_rate.
     pub request_rate: Option<u64>,
     /// check_status, without the "* " prefix.
-    pub check_status: Option<String>,
+    pub check_status: Option<Text>,
     /// Whether check_status had the "* " prefix (a check is running).
     pub check_in_progress: bool,
     /// check_code.
     pub check_code: Option<u32>,
     /// check_desc.
-    pub check_description: Option<String>,
+    pub check_description: Option<Text>,
     /// lastchg, seconds.
     pub last_change: Option<u64>,
     /// downtime, seconds.
@@ -129,9 +133,9 @@ pub struct Row {
     /// weight.
     pub weight: Option<u64>,
     /// addr.
-    pub address: Option<String>,
+    pub address: Option<Text>,
     /// cookie.
-    pub cookie: Option<String>,
+    pub cookie: Option<Text>,
 }
 
 impl Row {
@@ -391,11 +395,14 @@ fn row(c: &Columns, r: &[&[u8]], line: u64) -> Result<Row, ParseError> {
     let text = |i: usize| -> Result<&str, ParseError> {
         std::str::from_utf8(r[i]).map_err(|_| bad(format!("field {} is not UTF-8", i + 1)))
     };
-    let opt_text = |i: Option<usize>| -> Result<Option<String>, ParseError> {
+    let opt_str = |i: Option<usize>| -> Result<Option<&str>, ParseError> {
         match i {
-            Some(i) => Ok(Some(text(i)?).filter(|s| !s.is_empty()).map(str::to_owned)),
+            Some(i) => Ok(Some(text(i)?).filter(|s| !s.is_empty())),
             None => Ok(None),
         }
+    };
+    let opt_text = |i: Option<usize>| -> Result<Option<Text>, ParseError> {
+        Ok(opt_str(i)?.map(Text::from))
     };
     let num = |i: Option<usize>| -> Result<Option<u64>, ParseError> {
         match i.map(|i| r[i]) {
@@ -418,10 +425,10 @@ fn row(c: &Columns, r: &[&[u8]], line: u64) -> Result<Row, ParseError> {
     if proxy.is_empty() {
         return Err(bad("empty proxy name".into()));
     }
-    let (check_status, check_in_progress) = match opt_text(c.check_status)? {
+    let (check_status, check_in_progress) = match opt_str(c.check_status)? {
         Some(s) => match s.strip_prefix("* ") {
-            Some(rest) => (Some(rest.to_owned()), true),
-            None => (Some(s), false),
+            Some(rest) => (Some(Text::from(rest)), true),
+            None => (Some(Text::from(s)), false),
         },
         None => (None, false),
     };
@@ -432,10 +439,10 @@ fn row(c: &Columns, r: &[&[u8]], line: u64) -> Result<Row, ParseError> {
             .and_then(|v| u64::try_from(v).ok())
     };
     Ok(Row {
-        proxy: proxy.to_owned(),
-        server: text(c.svname)?.to_owned(),
+        proxy: Text::from(proxy),
+        server: Text::from(text(c.svname)?),
         kind,
-        status: Status::parse(&opt_text(c.status)?.unwrap_or_default()),
+        status: Status::parse(opt_str(c.status)?.unwrap_or_default()),
         current_sessions: num(c.scur)?,
         max_sessions: num(c.smax)?,
         session_limit: num(c.slim)?,

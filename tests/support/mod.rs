@@ -467,12 +467,38 @@ impl Drop for Backend {
 }
 
 /// A free loopback TCP port (bound, then released).
+/// A loopback port no other test process holds, free for TCP and UDP when returned.
+///
+/// Not `bind(0)`: that hands out ports from the ephemeral range (32768-60999), where every
+/// outgoing connection of every parallel test takes its source port, so a port found free
+/// there can be taken before the daemon binds it (a CI run failed so: "the HTTP-01 responder
+/// cannot listen ... Address already in use"). These come from below that range, each claimed
+/// across test processes by a lock on a file held until this process exits.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static CLAIMS: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("stately-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
+    for _ in 0..10_000 {
+        let port: u16 = rand::random_range(10_000..32_000);
+        let Ok(file) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+        else {
+            continue;
+        };
+        if file.try_lock().is_err() {
+            continue;
+        }
+        let free = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            CLAIMS.lock().unwrap().push(file);
+            return port;
+        }
+    }
+    panic!("no free loopback port below the ephemeral range");
 }
 
 /// A real haproxy in master-worker mode, on loopback, with its admin socket in `dir`.
