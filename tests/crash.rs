@@ -271,7 +271,10 @@ async fn assert_serves_the_file(h: &Haproxy, ctx: &str) {
     let want = proxies_in(&std::fs::read_to_string(&h.config).unwrap());
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let have: BTreeSet<String> = show_stat(&h.stats).into_iter().map(|r| r.proxy.to_string()).collect();
+        let have: BTreeSet<String> = show_stat(&h.stats)
+            .into_iter()
+            .map(|r| r.proxy.to_string())
+            .collect();
         if have == want {
             return;
         }

@@ -91,7 +91,10 @@ impl Edge {
 }
 
 fn proxies(h: &Haproxy) -> Vec<String> {
-    let mut p: Vec<String> = show_stat(&h.stats).into_iter().map(|r| r.proxy.to_string()).collect();
+    let mut p: Vec<String> = show_stat(&h.stats)
+        .into_iter()
+        .map(|r| r.proxy.to_string())
+        .collect();
     p.dedup();
     p
 }

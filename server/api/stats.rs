@@ -314,7 +314,11 @@ fn row_to_pb(r: &Row) -> pb::StatsRow {
         check_status: r.check_status.as_deref().unwrap_or_default().to_owned(),
         check_in_progress: r.check_in_progress,
         check_code: r.check_code,
-        check_description: r.check_description.as_deref().unwrap_or_default().to_owned(),
+        check_description: r
+            .check_description
+            .as_deref()
+            .unwrap_or_default()
+            .to_owned(),
         last_change_seconds: r.last_change,
         downtime_seconds: r.downtime,
         http_5xx: r.http_5xx,

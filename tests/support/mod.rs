@@ -475,7 +475,8 @@ impl Drop for Backend {
 /// cannot listen ... Address already in use"). These come from below that range, each claimed
 /// across test processes by a lock on a file held until this process exits.
 pub fn free_port() -> u16 {
-    static CLAIMS: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    static CLAIMS: std::sync::Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> =
+        std::sync::Mutex::new(Vec::new());
     let dir = std::env::temp_dir().join("stately-test-ports");
     std::fs::create_dir_all(&dir).unwrap();
     for _ in 0..10_000 {
@@ -488,13 +489,14 @@ pub fn free_port() -> u16 {
         else {
             continue;
         };
-        if file.try_lock().is_err() {
+        let Ok(claim) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        else {
             continue;
-        }
+        };
         let free = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
             && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
         if free {
-            CLAIMS.lock().unwrap().push(file);
+            CLAIMS.lock().unwrap().push(claim);
             return port;
         }
     }
