@@ -103,6 +103,79 @@ pub(crate) async fn set_server_state(
     }
 }
 
+/// Whether a server is up, as `show servers state` says it: what a check of "no server UP
+/// before is DOWN after" needs, for a fraction of `show stat`'s cost to HAProxy (at 5000
+/// servers 2.5 ms to produce against 19 ms, and a third of the bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ServerHealth {
+    pub(crate) backend: String,
+    pub(crate) server: String,
+    /// Running and in no administrative state (not maint, not drain): `show stat`'s UP.
+    pub(crate) up: bool,
+    /// Stopped by its checks, at the bottom of its health (not on its way up), in no
+    /// administrative state: `show stat`'s settled DOWN.
+    pub(crate) down: bool,
+}
+
+/// Every server's health from `show servers state`.
+pub(crate) async fn server_health(socket: &Path) -> Result<Vec<ServerHealth>, String> {
+    parse_server_health(&command(socket, "show servers state").await?)
+}
+
+fn parse_server_health(answer: &str) -> Result<Vec<ServerHealth>, String> {
+    let unexpected = |what: &str| format!("unexpected `show servers state` answer: {what}");
+    let mut lines = answer.lines();
+    if lines.next().map(str::trim) != Some("1") {
+        return Err(unexpected("no format version 1"));
+    }
+    let header: Vec<&str> = lines
+        .next()
+        .and_then(|h| h.strip_prefix("# "))
+        .ok_or_else(|| unexpected("no header"))?
+        .split_whitespace()
+        .collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .ok_or_else(|| unexpected(&format!("no {name} column")))
+    };
+    let (be, srv, op, admin, health) = (
+        col("be_name")?,
+        col("srv_name")?,
+        col("srv_op_state")?,
+        col("srv_admin_state")?,
+        col("srv_check_health")?,
+    );
+    let mut out = Vec::new();
+    for line in lines.filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let get = |i: usize| {
+            f.get(i).copied().ok_or_else(|| {
+                unexpected(&format!(
+                    "a line of {} fields: {}",
+                    f.len(),
+                    line.chars().take(60).collect::<String>()
+                ))
+            })
+        };
+        let num = |i: usize| -> Result<u64, String> {
+            get(i)?
+                .parse()
+                .map_err(|_| unexpected(&format!("{:?} is not a number", get(i).unwrap_or(""))))
+        };
+        // srv_op_state: 0 stopped, 1 starting, 2 running, 3 stopping.
+        let (op, admin, health) = (num(op)?, num(admin)?, num(health)?);
+        out.push(ServerHealth {
+            backend: get(be)?.to_owned(),
+            server: get(srv)?.to_owned(),
+            up: op == 2 && admin == 0,
+            down: op == 0 && admin == 0 && health == 0,
+        });
+    }
+    Ok(out)
+}
+
 /// Dumps `show servers state` to `file` (atomically), for HAProxy to load after a reload.
 pub(crate) async fn save_server_state(socket: &Path, file: &Path) -> Result<(), String> {
     let state = command(socket, "show servers state").await?;
@@ -273,5 +346,38 @@ async fn expect_silence(socket: &Path, line: &str) -> Result<(), String> {
     match answer.trim() {
         "" => Ok(()),
         said => Err(format!("HAProxy said to `{line}`: {said}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_health_reads_states_by_column_name() {
+        let answer = "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port\n\
+3 web 1 up 127.0.0.1 2 0 1 1 5 6 3 4 6 0 0 0 - 8080 - 0 0 - - 0\n\
+3 web 2 down 127.0.0.1 0 0 1 1 5 6 2 0 6 0 0 0 - 8081 - 0 0 - - 0\n\
+3 web 3 rising 127.0.0.1 0 0 1 1 5 6 2 1 6 0 0 0 - 8082 - 0 0 - - 0\n\
+3 web 4 maint 127.0.0.1 0 1 1 1 5 6 2 0 6 0 0 0 - 8083 - 0 0 - - 0\n\
+3 web 5 drain 127.0.0.1 2 8 1 1 5 6 3 4 6 0 0 0 - 8084 - 0 0 - - 0\n\n";
+        let h = parse_server_health(answer).unwrap();
+        let states: Vec<(&str, bool, bool)> = h
+            .iter()
+            .map(|s| (s.server.as_str(), s.up, s.down))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("up", true, false),
+                ("down", false, true),
+                ("rising", false, false),
+                ("maint", false, false),
+                ("drain", false, false)
+            ]
+        );
+        assert!(h.iter().all(|s| s.backend == "web"));
+        assert!(parse_server_health("Unknown command\n").is_err());
+        assert!(parse_server_health("1\n# be_name srv_name\nweb s1\n").is_err());
     }
 }

@@ -458,6 +458,13 @@ pub(crate) async fn fetch(socket: &Path) -> Result<Vec<Row>, Error> {
     fetch_with(socket, "show stat\n".into()).await
 }
 
+/// The frontend and backend rows alone (`show stat -1 3 -1`): which proxies a worker runs,
+/// without the server rows (at 5000 servers 26 kB instead of 1.1 MB, under a millisecond of
+/// HAProxy's time instead of ~20).
+pub(crate) async fn fetch_proxies(socket: &Path) -> Result<Vec<Row>, Error> {
+    fetch_with(socket, "show stat -1 3 -1\n".into()).await
+}
+
 /// The rows of one proxy (`show stat <proxy> -1 -1`): what a step that looks at one backend
 /// needs, without reading the 5,000 rows of the others. `proxy` is a checked HAProxy name.
 pub(crate) async fn fetch_proxy(socket: &Path, proxy: &str) -> Result<Vec<Row>, Error> {
