@@ -113,6 +113,16 @@ fn main() {
 
     // stately's poller, in this process: CPU per poll, 3 rounds of 100 polls at 50 ms (CPU is
     // read from /proc in 10 ms ticks: 100 polls keep that within a few percent).
+    // HAProxy's worker (the master's child; these servers have no checks, so its CPU is the
+    // polls' `show stat`).
+    let worker: u32 = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", big.id()))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("haproxy's worker")
+        .parse()
+        .unwrap();
+    let (haproxy0, mut polls) = (cpu_secs(worker), 0u64);
     let rounds: Vec<f64> = rt.block_on(async {
         let hub = StatsHub::new(HashMap::from([("edge".to_owned(), big_sock.clone())]));
         let mut sub = hub.subscribe("edge", Duration::from_millis(50)).unwrap();
@@ -126,9 +136,11 @@ fn main() {
                 assert!(poll.result.is_ok());
             }
             out.push((cpu_secs(me) - c0) / (hub.polls("edge") - p0) as f64);
+            polls += hub.polls("edge") - p0;
         }
         out
     });
+    let haproxy_per_poll = (cpu_secs(worker) - haproxy0) / polls as f64;
     let per_poll = median(rounds.clone());
 
     // The exporter scraping the same socket: CPU per scrape over 10 scrapes.
@@ -144,7 +156,7 @@ fn main() {
     exporter.wait().unwrap();
     println!(
         "CPU per poll of 5000 servers: stately {:.2} ms (fetch + parse + diff; rounds {}); prometheus-haproxy-exporter {:.0} ms per scrape \
-         (RSS {exporter_rss:.0} MiB); ratio 1/{:.0}",
+         (RSS {exporter_rss:.0} MiB); ratio 1/{:.0}; HAProxy's worker {:.1} ms per `show stat` (stately's poll: {:.0}% of it)",
         per_poll * 1e3,
         rounds
             .iter()
@@ -152,7 +164,9 @@ fn main() {
             .collect::<Vec<_>>()
             .join(" / "),
         per_scrape * 1e3,
-        per_scrape / per_poll
+        per_scrape / per_poll,
+        haproxy_per_poll * 1e3,
+        100.0 * per_poll / haproxy_per_poll
     );
 
     // statelyd with 1 and with 1000 watchers (changes only, 1 s ticks) on the big socket.
