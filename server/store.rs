@@ -72,11 +72,9 @@ pub(crate) enum Write {
     },
     /// Who rolled a job back (None when that rollback was itself undone).
     RolledBackBy { job: JobId, by: Option<JobId> },
-    /// Drops finished jobs beyond the history limits.
-    Prune {
-        keep_per_resource: u32,
-        keep_total: u32,
-    },
+    /// Drops these finished jobs (chosen by [`Store::prunable`]) with their events, undo
+    /// entries and the rest; one still running or whose unwind is incomplete is kept.
+    Prune(Vec<JobId>),
     /// A step's command is running as this process group (leader start time in ticks).
     ProcessStarted { job: JobId, pgid: i32, started: u64 },
     /// That command has ended.
@@ -324,6 +322,28 @@ impl Store {
             pool.push(conn);
         }
         out
+    }
+
+    /// Up to `max` finished jobs beyond the history limits, oldest first: chosen on a read
+    /// connection, so the writer (and every job waiting on a commit) is not held while a long
+    /// history is searched.
+    pub(crate) fn prunable(
+        &self,
+        keep_per_resource: u32,
+        keep_total: u32,
+        max: u32,
+    ) -> Result<Vec<JobId>, Error> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(PRUNABLE)?;
+            let ids = stmt
+                .query_map(params![keep_per_resource, keep_total, max], |r| {
+                    r.get::<_, String>(0)
+                })?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            ids.iter()
+                .map(|s| s.parse().map_err(Error::Corrupt))
+                .collect()
+        })
     }
 
     /// One job.
@@ -802,10 +822,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
             tx.prepare_cached("UPDATE jobs SET rolled_back_by = ?2 WHERE id = ?1")?
                 .execute(params![job.to_string(), by.map(|b| b.to_string())])?;
         }
-        Write::Prune {
-            keep_per_resource,
-            keep_total,
-        } => prune(tx, *keep_per_resource, *keep_total)?,
+        Write::Prune(ids) => prune(tx, ids)?,
         Write::ProcessStarted { job, pgid, started } => {
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO processes (job_id, pgid, started) VALUES (?1, ?2, ?3)",
@@ -863,32 +880,39 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Drops a finished job when it is beyond the newest `keep_total` finished jobs, or beyond the
-/// newest `keep_per_resource` finished jobs of every resource it touches; with its events and
-/// journal (its blobs are collected afterwards).
-fn prune(
-    tx: &rusqlite::Transaction<'_>,
-    keep_per_resource: u32,
-    keep_total: u32,
-) -> rusqlite::Result<()> {
+/// The finished jobs beyond the newest `keep_total` finished jobs, or beyond the newest
+/// `keep_per_resource` of a resource they touched, oldest first.
+const PRUNABLE: &str = "
+    SELECT id FROM jobs
+    WHERE state IN ('SUCCEEDED','FAILED','CANCELLED') AND unwind_incomplete = 0
+      AND (pos NOT IN (SELECT pos FROM jobs WHERE state IN ('SUCCEEDED','FAILED','CANCELLED')
+                       ORDER BY pos DESC LIMIT ?2)
+           OR (EXISTS (SELECT 1 FROM job_resources r WHERE r.job_id = jobs.id)
+               AND id NOT IN (
+                 SELECT job_id FROM (
+                   SELECT r.job_id, ROW_NUMBER() OVER (PARTITION BY r.resource ORDER BY j.pos DESC) AS n
+                   FROM job_resources r JOIN jobs j ON j.id = r.job_id
+                   WHERE j.state IN ('SUCCEEDED','FAILED','CANCELLED'))
+                 WHERE n <= ?1)))
+    ORDER BY pos
+    LIMIT ?3";
+
+fn prune(tx: &rusqlite::Transaction<'_>, ids: &[JobId]) -> rusqlite::Result<()> {
     tx.execute_batch(
         "DROP TABLE IF EXISTS temp.doomed; CREATE TEMP TABLE doomed (id TEXT PRIMARY KEY)",
     )?;
-    tx.execute(
-        "INSERT INTO temp.doomed (id)
-         SELECT id FROM jobs
-         WHERE state IN ('SUCCEEDED','FAILED','CANCELLED') AND unwind_incomplete = 0
-           AND (pos NOT IN (SELECT pos FROM jobs WHERE state IN ('SUCCEEDED','FAILED','CANCELLED')
-                            ORDER BY pos DESC LIMIT ?2)
-                OR (EXISTS (SELECT 1 FROM job_resources r WHERE r.job_id = jobs.id)
-                    AND id NOT IN (
-                      SELECT job_id FROM (
-                        SELECT r.job_id, ROW_NUMBER() OVER (PARTITION BY r.resource ORDER BY j.pos DESC) AS n
-                        FROM job_resources r JOIN jobs j ON j.id = r.job_id
-                        WHERE j.state IN ('SUCCEEDED','FAILED','CANCELLED'))
-                      WHERE n <= ?1)))",
-        params![keep_per_resource, keep_total],
-    )?;
+    {
+        // Chosen from a snapshot that may be a moment old: a job is dropped only if it is
+        // still finished with nothing left to unwind (a finished job never becomes newer, so
+        // it stays beyond the limits).
+        let mut insert = tx.prepare_cached(
+            "INSERT OR IGNORE INTO temp.doomed (id) SELECT id FROM jobs WHERE id = ?1 \
+             AND state IN ('SUCCEEDED','FAILED','CANCELLED') AND unwind_incomplete = 0",
+        )?;
+        for id in ids {
+            insert.execute(params![id.to_string()])?;
+        }
+    }
     tx.execute_batch(
         "DELETE FROM events WHERE job_id IN (SELECT id FROM temp.doomed);
          DELETE FROM undo WHERE job_id IN (SELECT id FROM temp.doomed);
@@ -1008,6 +1032,49 @@ mod tests {
         assert_eq!(page.len(), 2);
         f.before = Some(page[1].1);
         assert_eq!(got(f), [ids[0]]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn pruning_takes_the_oldest_beyond_the_limits_in_batches_and_spares_the_unfinished() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("stately.db"), false).unwrap();
+        let mut jobs: Vec<StoredJob> = (0..12)
+            .map(|_| stored("runbook", JobState::Succeeded, &[]))
+            .collect();
+        jobs[1].state = JobState::Running;
+        jobs[2].unwind_incomplete = true;
+        let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+        let incomplete = Write::UpdateJob(jobs[2].progress());
+        let mut writes: Vec<Write> = jobs.into_iter().map(Write::InsertJob).collect();
+        writes.push(incomplete);
+        store.commit(writes, None).await.unwrap();
+        // Keep 4 of the 11 finished: 7 beyond, the one with an incomplete unwind not among
+        // those that may go; oldest first, 3 at a time.
+        let first = store.prunable(100, 4, 3).unwrap();
+        assert_eq!(first, [ids[0], ids[3], ids[4]]);
+        store.commit(vec![Write::Prune(first)], None).await.unwrap();
+        let second = store.prunable(100, 4, 3).unwrap();
+        assert_eq!(second, [ids[5], ids[6], ids[7]]);
+        // A job chosen a moment ago that has started again since is not dropped.
+        let mut back = store.job(ids[6]).unwrap().unwrap();
+        back.state = JobState::Running;
+        store
+            .commit(
+                vec![Write::UpdateJob(back.progress()), Write::Prune(second)],
+                None,
+            )
+            .await
+            .unwrap();
+        let left: Vec<JobId> = store
+            .list(&filter(&[], None, &[]))
+            .unwrap()
+            .into_iter()
+            .map(|(j, _)| j.id)
+            .collect();
+        let mut want = vec![ids[1], ids[2], ids[6], ids[8], ids[9], ids[10], ids[11]];
+        want.reverse();
+        assert_eq!(left, want);
         store.close().await;
     }
 

@@ -59,7 +59,8 @@ impl LiveJob {
     fn new() -> Arc<Self> {
         Arc::new(LiveJob {
             cancel: CancellationToken::new(),
-            events: broadcast::channel(256).0,
+            // A watcher that falls behind reads the rest from the store.
+            events: broadcast::channel(64).0,
             state: tokio::sync::watch::Sender::new(JobState::Pending),
             reason: Mutex::new(None),
             cancel_requested: std::sync::OnceLock::new(),
@@ -283,6 +284,8 @@ impl Engine {
     }
 
     fn spawn_retention(&self) {
+        /// Jobs dropped per transaction.
+        const PRUNE_BATCH: u32 = 200;
         let weak = Arc::downgrade(&self.shared);
         let interval = self.shared.config().history.prune_interval;
         let grace = (interval * 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
@@ -294,12 +297,39 @@ impl Engine {
                 tick.tick().await;
                 let Some(s) = weak.upgrade() else { return };
                 let h = s.config().history.clone();
-                let prune = Write::Prune {
-                    keep_per_resource: h.keep_per_resource,
-                    keep_total: h.keep_total,
-                };
-                if let Err(e) = s.env.store.commit(vec![prune], None).await {
-                    tracing::warn!("pruning the history failed: {e}");
+                // In small transactions, each awaited before the next: a backlog of tens of
+                // thousands of jobs (a first start with lower limits, a burst) deleted in one
+                // held every job's commits for seconds.
+                let mut failed = false;
+                loop {
+                    let store = s.env.store.clone();
+                    let ids = tokio::task::spawn_blocking(move || {
+                        store.prunable(h.keep_per_resource, h.keep_total, PRUNE_BATCH)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                    let ids = match ids {
+                        Ok(ids) => ids,
+                        Err(e) => {
+                            tracing::warn!("pruning the history failed: {e}");
+                            failed = true;
+                            break;
+                        }
+                    };
+                    let last = ids.len() < PRUNE_BATCH as usize;
+                    if !ids.is_empty()
+                        && let Err(e) = s.env.store.commit(vec![Write::Prune(ids)], None).await
+                    {
+                        tracing::warn!("pruning the history failed: {e}");
+                        failed = true;
+                        break;
+                    }
+                    if last {
+                        break;
+                    }
+                }
+                if failed {
                     continue;
                 }
                 let (store, blobs) = (s.env.store.clone(), s.env.blobs.clone());
@@ -637,11 +667,18 @@ impl Engine {
         id: JobId,
         after_seq: u64,
     ) -> Result<mpsc::Receiver<Result<Event, Error>>, Error> {
-        let live = self.live(id).map(|l| l.events.subscribe());
-        let record = self.get(id)?;
+        // Subscribed before the state is read: what follows the state is in the subscription.
+        let live = self.live(id);
+        let events = live.as_ref().map(|l| l.events.subscribe());
+        // A live job's state is in memory; reading the record back from the store only to
+        // learn it cost a job attached by RunJob ~4 % of the daemon's CPU under load.
+        let ended = match &live {
+            Some(l) => l.state.borrow().is_terminal(),
+            None => self.get(id)?.state.is_terminal(),
+        };
+        let live = events;
         let (tx, rx) = mpsc::channel(64);
         let store = self.shared.env.store.clone();
-        let ended = record.state.is_terminal();
         tokio::spawn(async move {
             let mut last = after_seq;
             if replay(&store, id, &mut last, &tx).await {

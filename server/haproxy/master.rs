@@ -105,7 +105,11 @@ async fn reload_once(socket: &Path, within: Duration) -> Result<Procs, String> {
         // HAProxy 2.6 says nothing when a reload is done: `show proc` is asked again, every
         // 5 ms while a reload usually finishes (tens of ms, a few hundred on a large
         // config), then every 20 ms. A `show proc` costs the master well under a millisecond.
-        let step = if sent.elapsed() < Duration::from_millis(500) { 5 } else { 20 };
+        let step = if sent.elapsed() < Duration::from_millis(500) {
+            5
+        } else {
+            20
+        };
         tokio::time::sleep(Duration::from_millis(step)).await;
         // While the master re-execs, its socket may refuse connections for a moment.
         if let Ok(now) = show_proc(socket).await {
