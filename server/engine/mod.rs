@@ -284,8 +284,10 @@ impl Engine {
     }
 
     fn spawn_retention(&self) {
-        /// Jobs dropped per transaction.
-        const PRUNE_BATCH: u32 = 200;
+        /// Jobs chosen per search of the history (the search reads all of it), and dropped
+        /// per transaction.
+        const PRUNE_SEARCH: u32 = 10_000;
+        const PRUNE_BATCH: usize = 200;
         let weak = Arc::downgrade(&self.shared);
         let interval = self.shared.config().history.prune_interval;
         let grace = (interval * 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
@@ -304,7 +306,7 @@ impl Engine {
                 loop {
                     let store = s.env.store.clone();
                     let ids = tokio::task::spawn_blocking(move || {
-                        store.prunable(h.keep_per_resource, h.keep_total, PRUNE_BATCH)
+                        store.prunable(h.keep_per_resource, h.keep_total, PRUNE_SEARCH)
                     })
                     .await
                     .map_err(|e| e.to_string())
@@ -317,15 +319,16 @@ impl Engine {
                             break;
                         }
                     };
-                    let last = ids.len() < PRUNE_BATCH as usize;
-                    if !ids.is_empty()
-                        && let Err(e) = s.env.store.commit(vec![Write::Prune(ids)], None).await
-                    {
-                        tracing::warn!("pruning the history failed: {e}");
-                        failed = true;
-                        break;
+                    let last = ids.len() < PRUNE_SEARCH as usize;
+                    for batch in ids.chunks(PRUNE_BATCH) {
+                        let prune = Write::Prune(batch.to_vec());
+                        if let Err(e) = s.env.store.commit(vec![prune], None).await {
+                            tracing::warn!("pruning the history failed: {e}");
+                            failed = true;
+                            break;
+                        }
                     }
-                    if last {
+                    if last || failed {
                         break;
                     }
                 }
