@@ -110,6 +110,37 @@ async fn a_valid_candidate_is_accepted_and_nothing_changes() {
     );
 }
 
+/// `haproxy -c` is run with the HTTP client's CA store off (its load is most of a check's
+/// start-up), except for a candidate that configures the HTTP client: its CA file must load.
+#[tokio::test]
+async fn a_missing_http_client_ca_file_is_still_caught() {
+    let e = edge().await;
+    let before = std::fs::read_to_string(&e.h.config).unwrap();
+    assert!(before.starts_with("global\n"), "{before}");
+    let candidate = before.replacen(
+        "global\n",
+        &format!(
+            "global\n  httpclient.ssl.ca-file {}\n",
+            e.h.dir.join("missing-ca.pem").display()
+        ),
+        1,
+    );
+    let mut c = client(&e.d, OPERATOR).await;
+    let v = c
+        .validate_config(pb::ValidateConfigRequest {
+            target: "edge".into(),
+            text: candidate,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!v.valid, "{v:?}");
+    assert!(
+        v.diagnostics.iter().any(|d| d.message.contains("ca-file")),
+        "{v:?}"
+    );
+}
+
 #[tokio::test]
 async fn an_invalid_candidate_shows_the_failing_line_and_changes_nothing() {
     let e = edge().await;

@@ -235,9 +235,13 @@ impl Targets {
         self.check_policy(name, text)?;
         let candidate = Candidate::write(live, text).await?;
         let dir = live.parent().unwrap_or(Path::new("/"));
-        let quick = match skips_system_ca(&target.binary).await {
-            true => Some(Candidate::write(live, QUICK_CHECK).await?),
-            false => None,
+        // Not for a candidate that configures the HTTP client itself: its CA file must load.
+        let quick = match text.contains("httpclient.") {
+            true => None,
+            false => {
+                let q = Candidate::write(live, QUICK_CHECK).await?;
+                skips_system_ca(&target.binary, &q.0).await.then_some(q)
+            }
         };
         let mut check = tokio::process::Command::new(&target.binary);
         check.arg("-c");
@@ -346,13 +350,13 @@ struct Candidate(PathBuf);
 /// Read before the candidate by `haproxy -c`: at start-up HAProxy 2.6's HTTP client loads
 /// every certificate of the system's CA store to verify servers with (146 files here), which
 /// is two thirds of a check's CPU on a small file (measured with `perf stat`: ~30 ms → ~10 ms).
-/// The check is of the configuration, which this does not change; a candidate that sets the
-/// keyword itself comes after and wins.
+/// The check is of the configuration, which this does not change; it is not used for a
+/// candidate that sets any `httpclient.` keyword.
 const QUICK_CHECK: &str = "global\n    httpclient.ssl.verify none\n";
 
-/// Whether this HAProxy knows `httpclient.ssl.verify` (2.6 and later), asked once per binary:
-/// a file of only that global line is valid (exit 0, or 2 for "no listener"), not refused (1).
-async fn skips_system_ca(binary: &Path) -> bool {
+/// Whether this HAProxy knows `httpclient.ssl.verify` (2.6 and later), asked once per binary
+/// with `file` holding [`QUICK_CHECK`]: valid (exit 0, or 2 for "no listener"), not refused (1).
+async fn skips_system_ca(binary: &Path, file: &Path) -> bool {
     static KNOWN: std::sync::Mutex<Option<std::collections::HashMap<PathBuf, bool>>> =
         std::sync::Mutex::new(None);
     if let Some(k) = KNOWN
@@ -363,30 +367,21 @@ async fn skips_system_ca(binary: &Path) -> bool {
     {
         return *k;
     }
-    let dir = std::env::temp_dir();
-    let probe = dir.join(format!("stately-probe-{}.cfg", std::process::id()));
-    let known = match tokio::fs::write(&probe, QUICK_CHECK).await {
-        Err(_) => false,
-        Ok(()) => {
-            let out = tokio::process::Command::new(binary)
-                .arg("-c")
-                .arg("-q")
-                .arg("-f")
-                .arg(&probe)
-                .env_clear()
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .status();
-            let known = matches!(
-                tokio::time::timeout(CHECK_TIMEOUT, out).await,
-                Ok(Ok(s)) if matches!(s.code(), Some(0 | 2))
-            );
-            let _ = tokio::fs::remove_file(&probe).await;
-            known
-        }
-    };
+    let out = tokio::process::Command::new(binary)
+        .arg("-c")
+        .arg("-q")
+        .arg("-f")
+        .arg(file)
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status();
+    let known = matches!(
+        tokio::time::timeout(CHECK_TIMEOUT, out).await,
+        Ok(Ok(s)) if matches!(s.code(), Some(0 | 2))
+    );
     KNOWN
         .lock()
         .expect("lock")

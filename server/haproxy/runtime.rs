@@ -110,7 +110,8 @@ pub(crate) async fn set_server_state(
 pub(crate) struct ServerHealth {
     pub(crate) backend: String,
     pub(crate) server: String,
-    /// Running and in no administrative state (not maint, not drain): `show stat`'s UP.
+    /// Running (or starting) with its last check not failed, in no administrative state
+    /// (not maint, not drain): `show stat`'s settled UP (an "UP 1/3" on its way down is not).
     pub(crate) up: bool,
     /// Stopped by its checks, at the bottom of its health (not on its way up), in no
     /// administrative state: `show stat`'s settled DOWN.
@@ -140,18 +141,19 @@ fn parse_server_health(answer: &str) -> Result<Vec<ServerHealth>, String> {
             .position(|h| *h == name)
             .ok_or_else(|| unexpected(&format!("no {name} column")))
     };
-    let (be, srv, op, admin, health) = (
+    let (be, srv, op, admin, health, result) = (
         col("be_name")?,
         col("srv_name")?,
         col("srv_op_state")?,
         col("srv_admin_state")?,
         col("srv_check_health")?,
+        col("srv_check_result")?,
     );
     let mut out = Vec::new();
-    let want = [be, srv, op, admin, health];
+    let want = [be, srv, op, admin, health, result];
     for line in lines.filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
-        // One pass over the line keeping the five fields read (5000 lines at 5000 servers).
-        let mut got = [""; 5];
+        // One pass over the line keeping the fields read (5000 lines at 5000 servers).
+        let mut got = [""; 6];
         let mut n = 0;
         for (i, w) in line.split_ascii_whitespace().enumerate() {
             if let Some(k) = want.iter().position(|c| *c == i) {
@@ -174,12 +176,13 @@ fn parse_server_health(answer: &str) -> Result<Vec<ServerHealth>, String> {
                 ))
             })
         };
-        // srv_op_state: 0 stopped, 1 starting, 2 running, 3 stopping.
-        let (op, admin, health) = (num(got[2])?, num(got[3])?, num(got[4])?);
+        // srv_op_state: 0 stopped, 1 starting, 2 running, 3 stopping; srv_check_result: 0
+        // unknown, 1 neutral, 2 failed, 3 passed, 4 passed conditionally.
+        let (op, admin, health, result) = (num(got[2])?, num(got[3])?, num(got[4])?, num(got[5])?);
         out.push(ServerHealth {
             backend: got[0].to_owned(),
             server: got[1].to_owned(),
-            up: op == 2 && admin == 0,
+            up: matches!(op, 1 | 2) && admin == 0 && result != 2,
             down: op == 0 && admin == 0 && health == 0,
         });
     }
@@ -370,7 +373,9 @@ mod tests {
 3 web 2 down 127.0.0.1 0 0 1 1 5 6 2 0 6 0 0 0 - 8081 - 0 0 - - 0\n\
 3 web 3 rising 127.0.0.1 0 0 1 1 5 6 2 1 6 0 0 0 - 8082 - 0 0 - - 0\n\
 3 web 4 maint 127.0.0.1 0 1 1 1 5 6 2 0 6 0 0 0 - 8083 - 0 0 - - 0\n\
-3 web 5 drain 127.0.0.1 2 8 1 1 5 6 3 4 6 0 0 0 - 8084 - 0 0 - - 0\n\n";
+3 web 5 drain 127.0.0.1 2 8 1 1 5 6 3 4 6 0 0 0 - 8084 - 0 0 - - 0\n\
+3 web 6 falling 127.0.0.1 2 0 1 1 5 6 2 3 6 0 0 0 - 8085 - 0 0 - - 0\n\
+3 web 7 starting 127.0.0.1 1 0 1 1 5 6 3 4 6 0 0 0 - 8086 - 0 0 - - 0\n\n";
         let h = parse_server_health(answer).unwrap();
         let states: Vec<(&str, bool, bool)> = h
             .iter()
@@ -383,7 +388,9 @@ mod tests {
                 ("down", false, true),
                 ("rising", false, false),
                 ("maint", false, false),
-                ("drain", false, false)
+                ("drain", false, false),
+                ("falling", false, false),
+                ("starting", true, false)
             ]
         );
         assert!(h.iter().all(|s| s.backend == "web"));

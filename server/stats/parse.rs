@@ -349,7 +349,10 @@ pub fn parse(text: &[u8]) -> Result<Vec<Row>, ParseError> {
         if l.is_empty() {
             continue;
         }
-        if memchr::memchr(b'"', l).is_some() {
+        // A line that is not all UTF-8 (a check's reply is copied verbatim into columns no
+        // row reads) goes the careful way too: only the fields read must be text.
+        let utf8 = std::str::from_utf8(l);
+        if memchr::memchr(b'"', l).is_some() || utf8.is_err() {
             let mut reader = csv::ReaderBuilder::new()
                 .has_headers(false)
                 .flexible(true)
@@ -376,7 +379,9 @@ pub fn parse(text: &[u8]) -> Result<Vec<Row>, ParseError> {
         }
         // One check for the line: a comma never splits a UTF-8 sequence, so every field is
         // then a slice of valid text.
-        let l = std::str::from_utf8(l).map_err(|_| not_utf8(line))?;
+        let Ok(l) = utf8 else {
+            unreachable!("handled above")
+        };
         let b = l.as_bytes();
         let mut n = 0usize;
         let mut start = 0usize;
@@ -632,6 +637,19 @@ mod tests {
             let short = format!("{}{}\n\n", text.lines().next().unwrap(), "\nbe,s1,2,UP");
             assert!(parse(short.as_bytes()).is_err(), "{len}");
         }
+    }
+
+    #[test]
+    fn bytes_that_are_not_text_matter_only_in_columns_read() {
+        // HAProxy copies a check's reply verbatim into columns no row reads.
+        let ok = b"# pxname,svname,type,status,last_chk\nbe,s1,2,UP,\xff\xfe reply\n\n";
+        let rows = parse(ok).unwrap();
+        assert_eq!(
+            (rows[0].server.as_str(), rows[0].status.state),
+            ("s1", State::Up)
+        );
+        let bad = b"# pxname,svname,type,status,last_chk\nbe,s\xff,2,UP,x\n\n";
+        assert!(parse(bad).unwrap_err().to_string().contains("not UTF-8"));
     }
 
     #[test]
