@@ -1312,6 +1312,13 @@ const DYNAMIC: &[&str] = &["roundrobin", "leastconn", "first", "random"];
 /// persistence (a fixed cookie per server) and no `default-server` (whose settings a server
 /// added at runtime would not get). Otherwise why not — the job reloads.
 pub(crate) fn runtime_changes(text: &str, edits: &[Edit]) -> Result<Vec<RuntimeChange>, String> {
+    // Asked of every edit job: known before parsing the file (a few ms at 5000 servers).
+    if let Some(other) = edits
+        .iter()
+        .find(|e| !matches!(e, Edit::AddServer { .. } | Edit::RemoveServer { .. }))
+    {
+        return Err(format!("{} needs a reload", other.op()));
+    }
     let cfg = Cfg::parse(text)?;
     let defaults_have_default_server =
         cfg.sections
