@@ -237,6 +237,38 @@ async fn force_https_redirects_plain_http_but_not_the_acme_path_and_reapplying_c
     );
 }
 
+/// A job queued behind another on the same target edits the file that job left, not the one
+/// it was checked against at submission.
+#[tokio::test]
+async fn an_edit_queued_behind_another_keeps_the_first_ones_change() {
+    let s1 = web("s1", None).await;
+    let e = edge(&format!("  server s1 127.0.0.1:{s1}\n"), "");
+    let mut c = e.d.client().await;
+    let restrict = op(pb::haproxy_edit::Op::RestrictPath(pb::RestrictPathEdit {
+        frontend: "web".into(),
+        path: "/admin".into(),
+        allow: vec!["127.0.0.1".into()],
+        status: 0,
+    }));
+    let first = c
+        .submit_job(job(vec![force_https()], false, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = c
+        .submit_job(job(vec![restrict], false, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    for id in [&first.id, &second.id] {
+        let done = wait_end(&mut c, id).await;
+        assert_eq!(state(&done), pb::JobState::Succeeded, "{}", done.error);
+    }
+    let text = std::fs::read_to_string(&e.h.config).unwrap();
+    assert!(text.contains("redirect scheme https"), "{text}");
+    assert!(text.contains("/admin"), "{text}");
+}
+
 #[tokio::test]
 async fn a_restricted_path_is_denied_from_outside_the_allow_list_only() {
     let s1 = web("s1", None).await;
