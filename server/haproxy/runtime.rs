@@ -15,17 +15,35 @@ pub(crate) async fn server_state(
     backend: &str,
     server: &str,
 ) -> Result<String, Lookup> {
-    let rows = crate::stats::fetch(socket)
-        .await
-        .map_err(|e| Lookup::Failed(e.to_string()))?;
+    // The backend's rows alone (`show stat <backend> -1 -1`), not the 5000 of a large
+    // config; HAProxy answers "No such proxy." for an unknown one, and then the frontend and
+    // backend rows say which exist.
+    let fetched = crate::stats::fetch_proxy(socket, backend).await;
+    let is_backend = |rows: &[crate::stats::parse::Row]| {
+        rows.iter()
+            .any(|r| r.proxy == backend && r.kind == crate::stats::parse::RowType::Backend)
+    };
+    let rows = match fetched {
+        Ok(rows) if is_backend(&rows) => rows,
+        other => {
+            let proxies = crate::stats::fetch_proxies(socket)
+                .await
+                .map_err(|e| Lookup::Failed(e.to_string()))?;
+            if is_backend(&proxies) {
+                // It exists: the first read failed for another reason.
+                return Err(Lookup::Failed(match other {
+                    Err(e) => e.to_string(),
+                    Ok(_) => format!("backend '{backend}' has no rows on the stats socket"),
+                }));
+            }
+            proxies
+        }
+    };
     let servers: Vec<&crate::stats::parse::Row> = rows
         .iter()
         .filter(|r| r.proxy == backend && r.kind == crate::stats::parse::RowType::Server)
         .collect();
-    if !rows
-        .iter()
-        .any(|r| r.proxy == backend && r.kind == crate::stats::parse::RowType::Backend)
-    {
+    if !is_backend(&rows) {
         let mut names: Vec<&str> = rows
             .iter()
             .filter(|r| r.kind == crate::stats::parse::RowType::Backend)
