@@ -135,6 +135,16 @@ fn force_https() -> pb::HaproxyEdit {
     }))
 }
 
+/// `/admin` on frontend web allowed from 127.0.0.1 only.
+fn restrict_admin() -> pb::HaproxyEdit {
+    op(pb::haproxy_edit::Op::RestrictPath(pb::RestrictPathEdit {
+        frontend: "web".into(),
+        path: "/admin".into(),
+        allow: vec!["127.0.0.1".into()],
+        status: 0,
+    }))
+}
+
 fn job(edits: Vec<pb::HaproxyEdit>, replace: bool, base: &str) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
         spec: Some(pb::JobSpec {
@@ -244,12 +254,7 @@ async fn an_edit_queued_behind_another_keeps_the_first_ones_change() {
     let s1 = web("s1", None).await;
     let e = edge(&format!("  server s1 127.0.0.1:{s1}\n"), "");
     let mut c = e.d.client().await;
-    let restrict = op(pb::haproxy_edit::Op::RestrictPath(pb::RestrictPathEdit {
-        frontend: "web".into(),
-        path: "/admin".into(),
-        allow: vec!["127.0.0.1".into()],
-        status: 0,
-    }));
+    let restrict = restrict_admin();
     let first = c
         .submit_job(job(vec![force_https()], false, ""))
         .await
@@ -274,12 +279,7 @@ async fn a_restricted_path_is_denied_from_outside_the_allow_list_only() {
     let s1 = web("s1", None).await;
     let e = edge(&format!("  server s1 127.0.0.1:{s1}\n"), "");
     let mut c = e.d.client().await;
-    let restrict = op(pb::haproxy_edit::Op::RestrictPath(pb::RestrictPathEdit {
-        frontend: "web".into(),
-        path: "/admin".into(),
-        allow: vec!["127.0.0.1".into()],
-        status: 0,
-    }));
+    let restrict = restrict_admin();
     let done = run(&mut c, job(vec![restrict], false, "")).await;
     assert_eq!(state(&done), pb::JobState::Succeeded, "{}", done.error);
     assert_eq!(
@@ -498,12 +498,7 @@ async fn a_preview_shows_the_diff_and_changes_nothing_and_a_stale_base_is_refuse
     let mut c = e.d.client().await;
     let first = run(&mut c, job(vec![force_https()], false, &p.current_version)).await;
     assert_eq!(state(&first), pb::JobState::Succeeded, "{}", first.error);
-    let restrict = op(pb::haproxy_edit::Op::RestrictPath(pb::RestrictPathEdit {
-        frontend: "web".into(),
-        path: "/admin".into(),
-        allow: vec!["127.0.0.1".into()],
-        status: 0,
-    }));
+    let restrict = restrict_admin();
     let err = c
         .submit_job(job(vec![restrict], false, &p.current_version))
         .await

@@ -284,10 +284,6 @@ impl Engine {
     }
 
     fn spawn_retention(&self) {
-        /// Jobs chosen per search of the history (the search reads all of it), and dropped
-        /// per transaction.
-        const PRUNE_SEARCH: u32 = 10_000;
-        const PRUNE_BATCH: usize = 200;
         let weak = Arc::downgrade(&self.shared);
         let interval = self.shared.config().history.prune_interval;
         let grace = (interval * 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
@@ -299,40 +295,8 @@ impl Engine {
                 tick.tick().await;
                 let Some(s) = weak.upgrade() else { return };
                 let h = s.config().history.clone();
-                // In small transactions, each awaited before the next: a backlog of tens of
-                // thousands of jobs (a first start with lower limits, a burst) deleted in one
-                // held every job's commits for seconds.
-                let mut failed = false;
-                loop {
-                    let store = s.env.store.clone();
-                    let ids = tokio::task::spawn_blocking(move || {
-                        store.prunable(h.keep_per_resource, h.keep_total, PRUNE_SEARCH)
-                    })
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
-                    let ids = match ids {
-                        Ok(ids) => ids,
-                        Err(e) => {
-                            tracing::warn!("pruning the history failed: {e}");
-                            failed = true;
-                            break;
-                        }
-                    };
-                    let last = ids.len() < PRUNE_SEARCH as usize;
-                    for batch in ids.chunks(PRUNE_BATCH) {
-                        let prune = Write::Prune(batch.to_vec());
-                        if let Err(e) = s.env.store.commit(vec![prune], None).await {
-                            tracing::warn!("pruning the history failed: {e}");
-                            failed = true;
-                            break;
-                        }
-                    }
-                    if last || failed {
-                        break;
-                    }
-                }
-                if failed {
+                if let Err(e) = prune_history(&s.env.store, &h).await {
+                    tracing::warn!("pruning the history failed: {e}");
                     continue;
                 }
                 let (store, blobs) = (s.env.store.clone(), s.env.blobs.clone());
@@ -853,6 +817,32 @@ impl Engine {
 
 /// Sends a job's stored events after `*last`; true once the terminal event was sent or the
 /// client left.
+/// Drops the finished jobs beyond the history limits, in small transactions each awaited
+/// before the next: a backlog of tens of thousands of jobs (a first start with lower limits, a
+/// burst) deleted in one held every job's commits for seconds.
+async fn prune_history(store: &Store, h: &crate::config::History) -> Result<(), String> {
+    /// Jobs chosen per search of the history (the search reads all of it), and dropped per
+    /// transaction.
+    const PRUNE_SEARCH: u32 = 10_000;
+    const PRUNE_BATCH: usize = 200;
+    loop {
+        let (reader, keep, total) = (store.clone(), h.keep_per_resource, h.keep_total);
+        let ids = tokio::task::spawn_blocking(move || reader.prunable(keep, total, PRUNE_SEARCH))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        for batch in ids.chunks(PRUNE_BATCH) {
+            store
+                .commit(vec![Write::Prune(batch.to_vec())], None)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if ids.len() < PRUNE_SEARCH as usize {
+            return Ok(());
+        }
+    }
+}
+
 async fn replay(
     store: &Store,
     id: JobId,

@@ -357,14 +357,9 @@ const QUICK_CHECK: &str = "global\n    httpclient.ssl.verify none\n";
 /// Whether this HAProxy knows `httpclient.ssl.verify` (2.6 and later), asked once per binary
 /// with `file` holding [`QUICK_CHECK`]: valid (exit 0, or 2 for "no listener"), not refused (1).
 async fn skips_system_ca(binary: &Path, file: &Path) -> bool {
-    static KNOWN: std::sync::Mutex<Option<std::collections::HashMap<PathBuf, bool>>> =
-        std::sync::Mutex::new(None);
-    if let Some(k) = KNOWN
-        .lock()
-        .expect("lock")
-        .get_or_insert_with(std::collections::HashMap::new)
-        .get(binary)
-    {
+    static KNOWN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<PathBuf, bool>>> =
+        std::sync::LazyLock::new(Default::default);
+    if let Some(k) = KNOWN.lock().expect("lock").get(binary) {
         return *k;
     }
     let out = tokio::process::Command::new(binary)
@@ -382,11 +377,7 @@ async fn skips_system_ca(binary: &Path, file: &Path) -> bool {
         tokio::time::timeout(CHECK_TIMEOUT, out).await,
         Ok(Ok(s)) if matches!(s.code(), Some(0 | 2))
     );
-    KNOWN
-        .lock()
-        .expect("lock")
-        .get_or_insert_with(std::collections::HashMap::new)
-        .insert(binary.to_owned(), known);
+    KNOWN.lock().expect("lock").insert(binary.to_owned(), known);
     known
 }
 

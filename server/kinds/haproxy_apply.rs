@@ -364,22 +364,32 @@ impl Apply {
         };
         let wanted: HashSet<String> = proxies(&self.text);
         let deadline = tokio::time::Instant::now() + VERIFY_WITHIN;
+        // What the socket last said when it could not be read, for the timeout's message.
+        let mut unread: Option<String> = None;
         loop {
             // The proxies from their frontend and backend rows, the servers from `show
             // servers state`: at 5000 servers both cost HAProxy a few milliseconds, where one
             // `show stat` costs it ~20.
             let check = async {
-                let rows = crate::stats::fetch_proxies(&stats).await.ok()?;
+                let rows = crate::stats::fetch_proxies(&stats)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let have: HashSet<&str> = rows.iter().map(|r| r.proxy.as_str()).collect();
                 if !wanted.iter().all(|p| have.contains(p.as_str())) {
-                    return None;
+                    return Ok(None);
                 }
                 if self.up_before.is_empty() {
-                    return Some(Vec::new());
+                    return Ok(Some(Vec::new()));
                 }
-                crate::haproxy::runtime::server_health(&stats).await.ok()
+                crate::haproxy::runtime::server_health(&stats).await.map(Some)
             };
-            let health = ctx.until_cancel(check).await?;
+            let health = match ctx.until_cancel(check).await? {
+                Ok(health) => health,
+                Err(e) => {
+                    unread = Some(e);
+                    None
+                }
+            };
             if let Some(health) = health {
                 let down: Vec<String> = health
                     .iter()
@@ -408,9 +418,14 @@ impl Apply {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(StepError::Failed(format!(
-                    "the new configuration's proxies did not all appear on the stats socket within {VERIFY_WITHIN:?}"
-                )));
+                return Err(StepError::Failed(match unread {
+                    Some(e) => format!(
+                        "the new worker could not be verified within {VERIFY_WITHIN:?}: {e}"
+                    ),
+                    None => format!(
+                        "the new configuration's proxies did not all appear on the stats socket within {VERIFY_WITHIN:?}"
+                    ),
+                }));
             }
             ctx.until_cancel(tokio::time::sleep(Duration::from_millis(50)))
                 .await?;
