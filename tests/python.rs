@@ -6,7 +6,13 @@
 use crate::support::*;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long a script may run in these tests: a few seconds is normal, so one still running
+/// after this is stuck.
+const SCRIPT_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The venv scripts/test.sh makes (grpcio, grpcio-tools).
 fn python() -> PathBuf {
@@ -52,9 +58,88 @@ fn script(name: &str, stubs_dir: &Path, d: &Daemon) -> Command {
             .join(name),
     )
     .env("PYTHONPATH", stubs_dir)
+    // A stuck script, sent SIGABRT at the deadline, prints every thread's Python stack.
+    .env("PYTHONFAULTHANDLER", "1")
     .env("STATELY_SERVER", &d.addr)
-    .env("STATELY_TOKEN", OPERATOR);
+    .env("STATELY_TOKEN", OPERATOR)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     c
+}
+
+/// A running script whose output lines arrive with a deadline: a script stuck past
+/// `SCRIPT_DEADLINE` fails the test with what it printed and its Python stacks, instead of
+/// holding the suite until CI gives up.
+struct Script {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: std::thread::JoinHandle<String>,
+    deadline: Instant,
+    printed: String,
+}
+
+impl Script {
+    fn spawn(c: &mut Command) -> Script {
+        let mut child = c.spawn().unwrap();
+        let (tx, lines) = mpsc::channel();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                if tx.send(line.unwrap()).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Script {
+            child,
+            lines,
+            stderr,
+            deadline: Instant::now() + SCRIPT_DEADLINE,
+            printed: String::new(),
+        }
+    }
+
+    /// The next line the script prints, or None at its end.
+    fn line(&mut self) -> Option<String> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(left) {
+            Ok(line) => {
+                self.printed.push_str(&line);
+                self.printed.push('\n');
+                Some(line)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(mpsc::RecvTimeoutError::Timeout) => self.stuck(),
+        }
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    fn stuck(&mut self) -> ! {
+        self.signal(nix::sys::signal::Signal::SIGABRT);
+        let _ = self.child.wait();
+        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
+        panic!(
+            "the script was still running after {SCRIPT_DEADLINE:?}; it printed:\n{}\nstderr:\n{}",
+            self.printed,
+            stderr.join().unwrap()
+        );
+    }
+
+    /// Reads to the end, and returns the exit code, what it printed and its stderr.
+    fn finish(mut self) -> (Option<i32>, String, String) {
+        while self.line().is_some() {}
+        let code = self.child.wait().unwrap().code();
+        (code, self.printed, self.stderr.join().unwrap())
+    }
 }
 
 #[test]
@@ -62,44 +147,29 @@ fn the_python_example_runs_a_runbook_attached_and_ctrl_c_cancels_it() {
     let stubs_dir = tempfile::tempdir().unwrap();
     stubs(stubs_dir.path());
     let d = Daemon::start("");
-    let out = script("run_runbook.py", stubs_dir.path(), &d)
-        .args(["chatty", "lines=3"])
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, said, stderr) =
+        Script::spawn(script("run_runbook.py", stubs_dir.path(), &d).args(["chatty", "lines=3"]))
+            .finish();
+    assert_eq!(code, Some(0), "{said}{stderr}");
     assert!(
         said.contains("log: line 3") && said.contains("JOB_STATE_SUCCEEDED"),
         "{said}"
     );
 
-    let mut child = script("run_runbook.py", stubs_dir.path(), &d)
-        .args(["write-then-block", "name=py"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut printed = String::new();
-    let mut line = String::new();
-    while out.read_line(&mut line).unwrap() > 0 {
-        printed.push_str(&line);
+    let mut run = Script::spawn(
+        script("run_runbook.py", stubs_dir.path(), &d).args(["write-then-block", "name=py"]),
+    );
+    while let Some(line) = run.line() {
         if line.contains("log: ready") {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGINT,
-            )
-            .unwrap();
+            run.signal(nix::sys::signal::Signal::SIGINT);
+            break;
         }
-        line.clear();
     }
-    assert_eq!(child.wait().unwrap().code(), Some(1), "{printed}");
+    let (code, printed, stderr) = run.finish();
+    assert_eq!(code, Some(1), "{printed}{stderr}");
     assert!(
         printed.contains("interrupted") && printed.contains("JOB_STATE_CANCELLED"),
-        "{printed}"
+        "{printed}{stderr}"
     );
     assert!(!d.root().join("py.txt").exists(), "the write was undone");
 }
@@ -117,27 +187,19 @@ async fn the_python_example_follows_a_job_across_a_restart_with_every_event_once
         .await
         .unwrap()
         .into_inner();
-    let mut child = script("follow_job.py", stubs_dir.path(), &d)
-        .arg(&job.id)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut printed = String::new();
-    let mut line = String::new();
+    let mut follow = Script::spawn(script("follow_job.py", stubs_dir.path(), &d).arg(&job.id));
     let mut restarted = false;
-    while out.read_line(&mut line).unwrap() > 0 {
-        printed.push_str(&line);
-        if !restarted && printed.lines().count() == 20 {
+    let mut count = 0;
+    while follow.line().is_some() {
+        count += 1;
+        if !restarted && count == 20 {
             d.terminate();
             d.spawn();
             restarted = true;
         }
-        line.clear();
     }
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    assert!(child.wait().unwrap().success(), "{printed}");
+    let (code, printed, stderr) = follow.finish();
+    assert_eq!(code, Some(0), "{printed}{stderr}");
     assert!(restarted);
     let seen: Vec<u64> = printed
         .lines()
