@@ -61,6 +61,12 @@ pub struct Config {
     pub unix_peers: Vec<crate::auth::UnixPeerRule>,
     /// Where `/metrics` is served for Prometheus (off when unset).
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the web console and the API as JSON are served (off when unset); TLS as the
+    /// gRPC listener's when `[tls]` is configured.
+    pub console_listen: Option<SocketAddr>,
+    /// Host names the console answers to besides IP literals and `localhost` (a page must
+    /// not be reachable under another name: DNS rebinding).
+    pub console_hosts: Vec<String>,
     /// Where the store, the blobs and the generated token live.
     pub data_dir: PathBuf,
     /// Open connections per listener at most (lowered to fit the open-file limit).
@@ -312,6 +318,8 @@ impl Default for Config {
             client_certs: Vec::new(),
             unix_peers: Vec::new(),
             metrics_listen: None,
+            console_listen: None,
+            console_hosts: Vec::new(),
             data_dir: default_data_dir(),
             max_connections: 4096,
             first_bytes_timeout: Duration::from_secs(10),
@@ -351,6 +359,14 @@ insecure = false
 # Serve /metrics for Prometheus here (plain HTTP, no credentials: the figures hold no
 # secrets; keep it on loopback or behind your scrape network). Off when unset.
 # metrics_listen = "127.0.0.1:9586"
+
+# Serve the web console (and the API as JSON: POST /api/<service>/<method>) here. It asks for
+# a token (or takes the client certificate) and speaks TLS when [tls] is configured; beyond
+# loopback it needs [tls] as the gRPC listener does. Off when unset.
+# console_listen = "127.0.0.1:8086"
+# The names it answers to besides IP literals and localhost (any other Host is refused, so a
+# page under a rebound DNS name cannot reach it).
+console_hosts = []
 
 # Server reflection (what `grpcurl ADDR list` and `describe` use) and the health check answer
 # without credentials: the API's schema is not a secret. "authenticated" locks reflection.
@@ -573,6 +589,27 @@ impl Config {
             return Err(invalid(format!(
                 "listen = \"{}\" is beyond loopback without [tls]: tokens would cross the network in clear. Configure [tls] (cert and key, or lineage), or set insecure = true if something else encrypts the path",
                 self.listen
+            )));
+        }
+        if let Some(c) = self.console_listen
+            && !c.ip().is_loopback()
+            && !self.tls.enabled()
+            && !self.insecure
+        {
+            return Err(invalid(format!(
+                "console_listen = \"{c}\" is beyond loopback without [tls]: tokens would cross the network in clear. Configure [tls], or set insecure = true if something else encrypts the path"
+            )));
+        }
+        if let Some(h) = self.console_hosts.iter().find(|h| {
+            h.is_empty()
+                || h.len() > 253
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        }) {
+            return Err(invalid(format!(
+                "console_hosts: {} is not a host name (no port, no scheme)",
+                crate::quote::quote(h)
             )));
         }
         crate::auth::check_rules(&self.client_certs, &self.unix_peers).map_err(invalid)?;

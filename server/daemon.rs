@@ -152,6 +152,39 @@ pub async fn run(
 
     // Every service decodes requests up to its documented size: a whole configuration (16 MiB)
     // in SubmitJob/RunJob and ValidateConfig, 1 MiB elsewhere.
+    let mut routes = tonic::service::Routes::builder();
+    routes
+        .add_service(health.clone())
+        .add_service(InterceptedService::new(
+            reflection_v1.clone(),
+            auth.discovery(),
+        ))
+        .add_service(InterceptedService::new(
+            reflection_v1alpha.clone(),
+            auth.discovery(),
+        ))
+        .add_service(InterceptedService::new(
+            pb::jobs_server::JobsServer::new(jobs.clone())
+                .max_decoding_message_size(MAX_CONFIG_REQUEST),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            pb::stats_server::StatsServer::new(stats.clone())
+                .max_decoding_message_size(MAX_REQUEST),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            pb::haproxy_server::HaproxyServer::new(haproxy.clone())
+                .max_decoding_message_size(MAX_CONFIG_REQUEST),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            pb::certificates_server::CertificatesServer::new(certs.clone())
+                .max_decoding_message_size(MAX_REQUEST),
+            auth.clone(),
+        ));
+    // One set of routes for every listener, the console's JSON gateway included.
+    let routes = routes.routes();
     let router = || {
         Server::builder()
             .layer(crate::listen::CallsLayer)
@@ -159,35 +192,7 @@ pub async fn run(
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-            .add_service(health.clone())
-            .add_service(InterceptedService::new(
-                reflection_v1.clone(),
-                auth.discovery(),
-            ))
-            .add_service(InterceptedService::new(
-                reflection_v1alpha.clone(),
-                auth.discovery(),
-            ))
-            .add_service(InterceptedService::new(
-                pb::jobs_server::JobsServer::new(jobs.clone())
-                    .max_decoding_message_size(MAX_CONFIG_REQUEST),
-                auth.clone(),
-            ))
-            .add_service(InterceptedService::new(
-                pb::stats_server::StatsServer::new(stats.clone())
-                    .max_decoding_message_size(MAX_REQUEST),
-                auth.clone(),
-            ))
-            .add_service(InterceptedService::new(
-                pb::haproxy_server::HaproxyServer::new(haproxy.clone())
-                    .max_decoding_message_size(MAX_CONFIG_REQUEST),
-                auth.clone(),
-            ))
-            .add_service(InterceptedService::new(
-                pb::certificates_server::CertificatesServer::new(certs.clone())
-                    .max_decoding_message_size(MAX_REQUEST),
-                auth.clone(),
-            ))
+            .add_routes(routes.clone())
     };
 
     let mut servers = tokio::task::JoinSet::new();
@@ -275,6 +280,39 @@ pub async fn run(
             l.local_addr().map(|a| a.to_string()).unwrap_or_default()
         );
         tokio::spawn(crate::metrics::serve(l, engine.clone(), stopping.clone()));
+    }
+    if let Some(c) = config.console_listen {
+        let l = tokio::net::TcpListener::bind(c)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: c.to_string(),
+                source,
+            })?;
+        let bound = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let grpc = tower::ServiceBuilder::new()
+            .layer(crate::listen::CallsLayer)
+            .layer(InputErrorsLayer)
+            .service(routes.clone());
+        let console = crate::console::Console::new(grpc, &config.console_hosts);
+        // Its own cap, as the unix socket has: browsers cannot crowd gRPC clients out.
+        let own = crate::listen::Connections::new(connections.limits());
+        match &tls {
+            Some(tls) => {
+                let listener = crate::listen::TlsListener {
+                    tcp: l,
+                    tls: tls.clone(),
+                    handshakes: tokio::sync::Semaphore::new(crate::listen::MAX_HANDSHAKES),
+                };
+                let incoming = crate::listen::incoming(listener, &own, stopping.clone());
+                tokio::spawn(console.serve(incoming, stopping.clone()));
+                tracing::info!("console on https://{bound}/");
+            }
+            None => {
+                let incoming = crate::listen::incoming(l, &own, stopping.clone());
+                tokio::spawn(console.serve(incoming, stopping.clone()));
+                tracing::info!("console on http://{bound}/");
+            }
+        }
     }
     if let Some(loader) = reload {
         spawn_reloader(
@@ -411,6 +449,8 @@ async fn reload(mut new: Config, r: &Reloadable) -> Result<Vec<String>, String> 
     keep!(first_bytes_timeout, "first_bytes_timeout");
     keep!(insecure, "insecure");
     keep!(metrics_listen, "metrics_listen");
+    keep!(console_listen, "console_listen");
+    keep!(console_hosts, "console_hosts");
     keep!(certificates.responder, "[certificates] responder");
     keep!(certificates.renew_check, "[certificates] renew_check");
     keep!(history.prune_interval, "[history] prune_interval");

@@ -13,6 +13,7 @@ pub mod check;
 pub mod client;
 mod command;
 pub mod config;
+mod console;
 pub mod daemon;
 pub mod engine;
 mod fsops;

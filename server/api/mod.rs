@@ -7,7 +7,7 @@ mod input_errors;
 mod jobs;
 mod stats;
 
-pub(crate) use input_errors::InputErrorsLayer;
+pub(crate) use input_errors::{InputErrors, InputErrorsLayer};
 
 pub(crate) use certs::CertsApi;
 pub(crate) use haproxy::HaproxyApi;
