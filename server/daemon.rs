@@ -257,17 +257,7 @@ pub async fn run(
             })?;
         tracing::info!("hearing haproxy target '{}' log stream on {source}", t.name);
     }
-    tracing::info!(
-        "listening on {addr}{}",
-        if tls.is_some() { " (TLS)" } else { "" }
-    );
-    on_listen(addr);
-    // systemd (Type=notify): listening now; the watchdog, when WatchdogSec asks for one.
-    notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&format!("listening on {addr}")),
-    ]);
-    spawn_watchdog(stopping.clone());
+    // Every listener is bound before the daemon says it listens (and systemd hears READY).
     if let Some(m) = config.metrics_listen {
         let l = tokio::net::TcpListener::bind(m)
             .await
@@ -314,6 +304,17 @@ pub async fn run(
             }
         }
     }
+    tracing::info!(
+        "listening on {addr}{}",
+        if tls.is_some() { " (TLS)" } else { "" }
+    );
+    on_listen(addr);
+    // systemd (Type=notify): listening now; the watchdog, when WatchdogSec asks for one.
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("listening on {addr}")),
+    ]);
+    spawn_watchdog(stopping.clone());
     if let Some(loader) = reload {
         spawn_reloader(
             loader,

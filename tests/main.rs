@@ -11,6 +11,7 @@ mod certs;
 mod cli;
 mod client;
 mod connections;
+mod console;
 mod crash;
 mod dns;
 mod edits;

@@ -143,6 +143,12 @@ function h(tag, attrs, ...children) {
 
 const $ = (id) => document.getElementById(id);
 
+// Replaces an element's children, as h() takes them (arrays flattened, nothing for null).
+function fill(el, ...children) {
+  el.replaceChildren(...children.flat(2).filter((c) => c !== undefined && c !== null && c !== false)
+    .map((c) => (c instanceof Node ? c : document.createTextNode(String(c)))));
+}
+
 function connection(state) {
   const el = $('conn');
   if (el.dataset.state === state) return;
@@ -232,7 +238,7 @@ function viewJobs(root) {
     if (stateSel.value) req.states = [stateSel.value];
     if (kindSel.value) req.kind = kindSel.value;
     const r = await call('Jobs/ListJobs', req, ctl.signal);
-    body.replaceChildren(...r.jobs.map((j) => h('tr', {
+    fill(body, ...r.jobs.map((j) => h('tr', {
       class: 'link', 'data-job-id': j.id, 'data-state': j.state, onclick: () => { location.hash = '#/jobs/' + j.id; },
     },
     h('td', {}, h('span', { class: 'state ' + j.state }, short(j.state))),
@@ -280,14 +286,14 @@ function viewJob(root, id) {
       : job.rolledBackBy ? 'already rolled back by ' + job.rolledBackBy : null);
     rollbackBtn.disabled = !!rollWhy;
     rollbackBtn.title = rollWhy || 'undo this job\'s changes with a new job';
-    steps.replaceChildren(...(job.steps || []).map((s) => h('li', { class: s.state, 'data-state': s.state },
+    fill(steps, ...(job.steps || []).map((s) => h('li', { class: s.state, 'data-state': s.state },
       h('span', { class: 'state ' + s.state }, short(s.state)), ' ', s.name,
       s.startedAt ? h('span', { class: 'muted' }, ' ' + span(s.startedAt, s.finishedAt)) : null,
       s.error ? h('div', { class: 'error' }, s.error) : null)));
-    undo.replaceChildren(...(job.undo || []).map((u) => h('li', {}, u.what, u.applied ? h('span', { class: 'muted' }, ' (undone)') : null)));
-    if (!(job.undo || []).length) undo.replaceChildren(h('li', { class: 'muted' }, 'nothing to undo'));
+    fill(undo, ...(job.undo || []).map((u) => h('li', {}, u.what, u.applied ? h('span', { class: 'muted' }, ' (undone)') : null)));
+    if (!(job.undo || []).length) fill(undo, h('li', { class: 'muted' }, 'nothing to undo'));
     const link = (jid) => h('a', { href: '#/jobs/' + jid }, jid);
-    facts.replaceChildren(
+    fill(facts,
       h('dt', {}, 'kind'), h('dd', {}, job.kind),
       h('dt', {}, 'what'), h('dd', {}, what(job)),
       h('dt', {}, 'started by'), h('dd', {}, job.submittedBy),
@@ -318,7 +324,18 @@ function viewJob(root, id) {
     } catch (e) { sayError(e); }
   };
 
-  let reloading = null;
+  let reading = false;
+  let stale = false;
+  async function reread() {
+    stale = true;
+    if (reading) return;
+    reading = true;
+    while (stale) {
+      stale = false;
+      try { await load(); } catch (e) { sayError(e); }
+    }
+    reading = false;
+  }
   const stop = resilient('Jobs/WatchJob', () => ({ jobId: id, afterSeq: String(last) }), (e) => {
     const seq = Number(e.seq);
     if (seq <= last) return;   // resumed: never show an event twice
@@ -327,9 +344,10 @@ function viewJob(root, id) {
     events.append(h('div', { class: level, 'data-seq': seq }, h('span', { class: 'muted' }, seq + ' '), describe(e)));
     events.scrollTop = events.scrollHeight;
     if (e.stateChanged && TERMINAL.includes(e.stateChanged.to)) ended = true;
-    if (!e.log && !e.progress && !reloading) {
-      reloading = load().catch(sayError).finally(() => { reloading = null; });
-    }
+    if (e.stateChanged && job) { job.state = e.stateChanged.to; render(); }
+    // Steps and undo entries come from GetJob: read again after each change, and once more
+    // when a change arrives while a read is in flight (its answer may predate the change).
+    if (!e.log && !e.progress) reread();
   }, { done: () => ended, onError: sayError });
 
   load().catch(sayError);
@@ -368,7 +386,7 @@ function serverTable(section, target) {
   function render() {
     const servers = [...rows.values()].filter((r) => r.type === 'ROW_TYPE_SERVER')
       .sort((a, b) => key(a).localeCompare(key(b)));
-    body.replaceChildren(...servers.map((r) => {
+    fill(body, ...servers.map((r) => {
       const st = r.status || {};
       const cls = st.transitional ? 'going' : (SERVER_CLASS[st.state] || 'other');
       const why = needsOperator('changing a server\'s state');
@@ -419,7 +437,7 @@ function configView(section, target) {
     try {
       const p = await call('Haproxy/PreviewEdits', { target, edits: list });
       diff.hidden = false;
-      diff.replaceChildren(...(p.changed ? p.diff : 'no change\n').split('\n').map((l) =>
+      fill(diff, ...(p.changed ? p.diff : 'no change\n').split('\n').map((l) =>
         h('div', { class: l.startsWith('+') ? 'add' : l.startsWith('-') ? 'del' : l.startsWith('@@') ? 'hunk' : '' }, l)),
       h('div', { class: p.valid ? 'muted' : 'error' }, p.valid ? 'valid; goes live by ' + p.goesLiveBy : 'haproxy -c refuses it'),
       ...(p.diagnostics || []).map((d) => h('div', { class: 'error' }, JSON.stringify(d))));
@@ -452,7 +470,7 @@ function viewCerts(root) {
           try { const j = await call('Certificates/RenewCertificate', { name: c.name }); location.hash = '#/jobs/' + j.id; } catch (e) { sayError(e); }
         } }, 'Renew'))));
       call('Certificates/GetCertificate', { name: c.name }, ctl.signal).then((full) => {
-        if (full.issuedByJob) last.replaceChildren(h('a', { href: '#/jobs/' + full.issuedByJob }, full.issuedByJob));
+        if (full.issuedByJob) fill(last, h('a', { href: '#/jobs/' + full.issuedByJob }, full.issuedByJob));
       }).catch(() => {});
     }
     if (!certs.length) body.append(h('tr', {}, h('td', { colspan: 8, class: 'muted' }, 'no lineages')));
@@ -494,7 +512,7 @@ function route() {
   say('');
   const main = $('main');
   const login = $('login');
-  main.replaceChildren(login);
+  fill(main, login);
   if (!S.me) { login.hidden = false; return; }
   login.hidden = true;
   const root = h('div', { id: 'view' });
