@@ -18,6 +18,7 @@ declare -A PACKAGES=(
   [bind9-dnsutils]=/usr/bin/dig
   [certbot]=/usr/bin/certbot
   [nginx]=/usr/sbin/nginx
+  [chromium]=/usr/bin/chromium
 )
 missing=()
 for pkg in "${!PACKAGES[@]}"; do
@@ -51,6 +52,13 @@ fi
 if [ ! -x target/buf/node_modules/.bin/buf ]; then
   mkdir -p target/buf
   npm install --prefix target/buf --silent --no-audit --no-fund @bufbuild/buf@1
+fi
+
+# playwright-core drives Debian's chromium headless in the console's browser test (it brings no
+# browser of its own; the test points it at /usr/bin/chromium).
+if [ ! -d target/console-node/node_modules/playwright-core ]; then
+  mkdir -p target/console-node
+  npm install --prefix target/console-node --silent --no-audit --no-fund playwright-core@1
 fi
 
 # cargo-deb builds the Debian package the tests install (scripts/package.sh).
