@@ -938,6 +938,78 @@ async fn the_remote_access_section_runs_as_the_readme_shows() {
     assert_eq!(commands, 5, "the remote access section's commands ran");
 }
 
+/// The web console's section: the walkthrough's runbook with the section's console settings,
+/// and its curl commands run by bash as a reader would (the JSON API, a stream as NDJSON, the
+/// refusals), against a real statelyd.
+#[test]
+fn the_console_section_runs_as_the_readme_shows() {
+    let text = readme();
+    let heading = "### The web console";
+    let port = free_port();
+    let runbook = section(&text, "## Walkthrough", "toml", 0)
+        .join("\n")
+        .replace("\"/bin/sleep\", \"5\"", "\"/bin/sleep\", \"1\"");
+    let console = section(&text, heading, "toml", 0)
+        .join("\n")
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+    // The console settings are top-level keys: before the runbook's tables.
+    let w = start(&format!("{console}\n{runbook}\n"));
+    std::fs::create_dir_all(&w.demo).unwrap();
+    let joined = section(&text, heading, "console", 0)
+        .join("\n")
+        .replace("\\\n", " ");
+    let lines: Vec<&str> = joined.lines().collect();
+    let assign = regex::Regex::new(r"^([A-Z_]+)=(.*)$").unwrap();
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut commands = 0;
+    let mut i = 0;
+    while i < lines.len() {
+        let cmd = lines[i].strip_prefix("$ ").expect("a command");
+        let mut shown = Vec::new();
+        i += 1;
+        while i < lines.len() && !lines[i].starts_with("$ ") {
+            shown.push(lines[i].to_owned());
+            i += 1;
+        }
+        let mut here = cmd.replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+        for (actual, shown) in &w.norm.replace {
+            here = here.replace(shown.as_str(), actual);
+        }
+        let script = match assign.captures(&here) {
+            // NAME=$(...): kept for the commands after it, as the shell would.
+            Some(c) => format!("printf %s {}", &c[2]),
+            None => here.clone(),
+        };
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "README: `{cmd}`: {printed}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(c) = assign.captures(&here) {
+            assert!(!printed.is_empty(), "README: `{cmd}` set nothing");
+            env.push((c[1].to_owned(), printed));
+        } else {
+            assert!(!printed.is_empty(), "README: `{cmd}` printed nothing");
+            shows(&shown, &printed, &w.norm, cmd);
+        }
+        commands += 1;
+    }
+    assert_eq!(commands, 5, "the console section's commands ran");
+    // The stream ran the runbook to its end: the file it writes is there.
+    assert_eq!(
+        std::fs::read_to_string(w.demo.join("motd")).unwrap(),
+        "hi\n"
+    );
+}
+
 /// The sections the tests above run, with their console blocks: a console example added
 /// elsewhere fails here until a test runs it.
 #[test]
@@ -953,6 +1025,7 @@ fn every_console_block_of_the_readme_is_run_by_a_test() {
         ("### nginx (or another server) behind HAProxy", 1),
         ("### Alerts by mail", 1),
         ("### Remote access: TLS, mTLS, roles by certificate", 1),
+        ("### The web console", 1),
     ];
     // The walkthrough's own blocks, not those of its subsections.
     let own = |heading: &str| {
