@@ -196,8 +196,7 @@ argv = ["/bin/sh", "-c", "sleep 2; i=0; while [ $i -lt {TICKS} ]; do date +%s%N;
                                 seen.lock().unwrap().push((l.message, at));
                             }
                         }
-                        let v = seen.lock().unwrap().clone();
-                        v
+                        std::mem::take(&mut *seen.lock().unwrap())
                     }));
                     j.id
                 }
