@@ -183,8 +183,9 @@ try {
   check(await vpage.isDisabled('#cancel'), 'a viewer cannot press cancel');
   const why = await vpage.getAttribute('#cancel', 'title');
   check(why.includes('viewer') && why.includes('operator'), 'the button says why: ' + why);
-  await vpage.evaluate(() => { document.querySelector('#cancel').disabled = false; });
-  await vpage.click('#cancel');
+  // Enable and press in one task: the job page re-renders its buttons as
+  // events arrive, so enabling first and clicking later races the render.
+  await vpage.evaluate(() => { const b = document.querySelector('#cancel'); b.disabled = false; b.click(); });
   await vpage.waitForFunction(() => document.querySelector('#message').textContent.startsWith('PERMISSION_DENIED'));
   check((await jobState(vpage)) === 'JOB_STATE_RUNNING', 'the job still runs');
   await vpage.goto(URL_ + '#/haproxy');
