@@ -3,11 +3,7 @@
 // harness can do (submit over gRPC, stop a backend, restart statelyd, look at files) is asked
 // for on stdout as `ask: <what> [arg]` and answered on stdin with one line: `ok [value]` or
 // `fail <why>`. Exits 0 when every check passed; otherwise prints `FAILED: <why>` and exits 1.
-import { createInterface } from 'node:readline';
-import { createRequire } from 'node:module';
-
-// playwright-core lives in the node_modules scripts/test.sh makes under target/.
-const { chromium } = createRequire(process.env.NODE_MODULES + '/')('playwright-core');
+import { ask, launch, signIn as signInAt } from './harness.mjs';
 
 const URL_ = process.env.CONSOLE_URL;
 const OPERATOR = process.env.OPERATOR_TOKEN;
@@ -15,27 +11,11 @@ const VIEWER = process.env.VIEWER_TOKEN;
 const SHOTS = process.env.SCREENSHOTS;
 const POLL_MS = 1000;   // the stats poll interval the daemon runs with
 
-const answers = createInterface({ input: process.stdin });
-const pending = [];
-answers.on('line', (l) => pending.shift()?.(l));
-function ask(what) {
-  process.stdout.write('ask: ' + what + '\n');
-  return new Promise((resolve, reject) => pending.push((line) => {
-    if (line.startsWith('ok')) resolve(line.slice(3));
-    else reject(new Error('the harness says: ' + line));
-  }));
-}
 const step = (s) => process.stdout.write('step: ' + s + '\n');
 
 function check(cond, why) { if (!cond) throw new Error(why); }
 
-async function signIn(page, token) {
-  await page.goto(URL_);
-  await page.waitForSelector('#login:not([hidden])');
-  await page.fill('#token', token);
-  await page.click('#login button[type=submit]');
-  await page.waitForSelector('#nav:not([hidden])');
-}
+const signIn = (page, token) => signInAt(page, URL_, token);
 
 async function jobState(page) {
   return page.getAttribute('#job-state', 'data-state');
@@ -53,11 +33,7 @@ function contiguous(list) {
   return list.every((s, i) => s === i + 1);
 }
 
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 let failed = null;
 let current = null;   // the page a failure is photographed on
 try {
@@ -165,6 +141,11 @@ try {
   await page.waitForFunction(() => ['SUCCEEDED', 'FAILED', 'CANCELLED'].some((s) => document.querySelector('#job-state')?.dataset.state === 'JOB_STATE_' + s), null, { timeout: 30000 });
   await page.waitForFunction(() => document.querySelector('#conn').dataset.state === 'connected');
   const after = await seqs(page);
+  // The list follows its newest event (scrolled at the next frame, not at each event).
+  await page.waitForFunction(() => {
+    const e = document.querySelector('#events');
+    return e.scrollHeight > e.clientHeight && e.scrollTop + e.clientHeight >= e.scrollHeight - 8;
+  }, null, { timeout: 5000 });
   check(contiguous(after), 'across the restart every event once, in order: ' + after.join(','));
   const last = Number(await ask('last-seq ' + long));
   check(after[after.length - 1] === last, `the page has every recorded event (${after.length} of ${last})`);

@@ -266,6 +266,18 @@ function viewJob(root, id) {
   const steps = h('ol', { class: 'steps', id: 'steps' });
   const undo = h('ul', { id: 'undo' });
   const events = h('div', { class: 'events', id: 'events' });
+  // The list follows new events while its reader is at the bottom; the scrolling waits for
+  // the next frame, so a chatty job costs one layout a frame, not one an event.
+  let follow = true;
+  let scrollQueued = false;
+  events.addEventListener('scroll', () => {
+    follow = events.scrollTop + events.clientHeight >= events.scrollHeight - 8;
+  });
+  const keepAtBottom = () => {
+    if (!follow || scrollQueued) return;
+    scrollQueued = true;
+    requestAnimationFrame(() => { scrollQueued = false; events.scrollTop = events.scrollHeight; });
+  };
   root.append(title, h('div', { class: 'toolbar' }, stateEl, cancelBtn, rollbackBtn),
     h('div', { class: 'grid' },
       h('div', {}, h('h2', {}, 'Steps'), steps, h('h2', {}, 'Undo'), undo, h('h2', {}, 'Facts'), facts),
@@ -342,7 +354,7 @@ function viewJob(root, id) {
     last = seq;
     const level = e.log ? (e.log.level === 'LOG_LEVEL_ERROR' ? 'error' : e.log.level === 'LOG_LEVEL_WARN' ? 'warn' : '') : '';
     events.append(h('div', { class: level, 'data-seq': seq }, h('span', { class: 'muted' }, seq + ' '), describe(e)));
-    events.scrollTop = events.scrollHeight;
+    keepAtBottom();
     if (e.stateChanged && TERMINAL.includes(e.stateChanged.to)) ended = true;
     if (e.stateChanged && job) { job.state = e.stateChanged.to; render(); }
     // Steps and undo entries come from GetJob: read again after each change, and once more
