@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const TOKEN: &str = "bench-operator-token-000000";
-const TICKS: usize = 300;
+const TICKS: usize = 1000;
 const CONSOLES: usize = 20;
 
 fn now_ms() -> f64 {

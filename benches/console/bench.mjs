@@ -3,26 +3,14 @@
 // can do (submit a job over gRPC, read statelyd's memory) is asked for on stdout as
 // `ask: <what>` and answered on stdin with `ok [value]`; figures go back as
 // `result: <name> <json>`.
-import { createInterface } from 'node:readline';
-import { createRequire } from 'node:module';
+import { ask, launch, signIn } from '../../tests/console/harness.mjs';
 
-const { chromium } = createRequire(process.env.NODE_MODULES + '/')('playwright-core');
 const URL_ = process.env.CONSOLE_URL;
 const TOKEN = process.env.OPERATOR_TOKEN;
 const LOADS = Number(process.env.LOADS || 11);
 const RUNS = Number(process.env.RUNS || 3);
 const CONSOLES = Number(process.env.CONSOLES || 20);
 
-const answers = createInterface({ input: process.stdin });
-const pending = [];
-answers.on('line', (l) => pending.shift()?.(l));
-function ask(what) {
-  process.stdout.write('ask: ' + what + '\n');
-  return new Promise((resolve, reject) => pending.push((line) => {
-    if (line.startsWith('ok')) resolve(line.slice(3));
-    else reject(new Error('the harness says: ' + line));
-  }));
-}
 const result = (name, v) => process.stdout.write('result: ' + name + ' ' + JSON.stringify(v) + '\n');
 
 // Runs in the page before its own script (injected by the browser, not subject to the CSP):
@@ -47,20 +35,12 @@ const OBSERVE = () => {
   }).observe(document, { childList: true, subtree: true });
 };
 
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    '--disable-renderer-backgrounding', '--disable-background-timer-throttling'],
-});
+const browser = await launch(['--disable-renderer-backgrounding', '--disable-background-timer-throttling']);
 try {
   const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
   await ctx.addInitScript(OBSERVE);
   const page = await ctx.newPage();
-  await page.goto(URL_);
-  await page.fill('#token', TOKEN);
-  await page.click('#login button[type=submit]');
-  await page.waitForSelector('#nav:not([hidden])');
+  await signIn(page, URL_, TOKEN);
 
   // Page load to its first job row: a reload of #/jobs, signed in (the token is in the tab's
   // sessionStorage), from the navigation's start.
@@ -102,10 +82,7 @@ try {
   for (let i = 0; i < CONSOLES; i++) {
     const c = await browser.newContext({ viewport: { width: 1280, height: 800 } });
     const p = await c.newPage();
-    await p.goto(URL_);
-    await p.fill('#token', TOKEN);
-    await p.click('#login button[type=submit]');
-    await p.waitForSelector('#nav:not([hidden])');
+    await signIn(p, URL_, TOKEN);
     await p.evaluate(() => { location.hash = '#/haproxy'; });
     await p.waitForSelector('tr[data-server]');
     tabs.push(p);
@@ -126,3 +103,5 @@ try {
 } finally {
   await browser.close();
 }
+// The harness's answers on stdin would keep node alive.
+process.exit(process.exitCode ?? 0);
