@@ -155,7 +155,7 @@ pub(crate) async fn run(channel: Authed, json: bool) -> Result<u8> {
         .unwrap_or_default();
     if json {
         say(&json!({
-            "server": {"version": server.version, "client_version": env!("CARGO_PKG_VERSION"),
+            "server": {"version": server.version, "node": server.node, "client_version": env!("CARGO_PKG_VERSION"),
                        "uptime": up, "data_dir": server.data_dir, "store": server.store,
                        "listeners": server.listeners, "outbox_pending": server.outbox_pending,
                        "config_loaded_at": server.config_loaded_at.map(|t| t.seconds),
@@ -172,8 +172,9 @@ pub(crate) async fn run(channel: Authed, json: bool) -> Result<u8> {
         .to_string());
     } else {
         say(&format!(
-            "statelyd   {} (this CLI {}), up {up}, listening {}",
+            "statelyd   {} on node {} (this CLI {}), up {up}, listening {}",
             server.version,
+            server.node,
             env!("CARGO_PKG_VERSION"),
             server.listeners.join(", ")
         ));

@@ -41,6 +41,9 @@ pub enum Error {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// This statelyd's node name (its jobs, in a fleet, are this node's); by default the
+    /// machine's host name.
+    pub node: Option<String>,
     /// The gRPC listener.
     pub listen: SocketAddr,
     /// An optional unix socket listener, served beside TCP.
@@ -112,6 +115,17 @@ pub struct Config {
 pub use crate::certs::config::AcmeServer;
 
 impl Config {
+    /// This statelyd's node name: `node`, else the machine's host name.
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| is_node_name(h))
+                .unwrap_or_else(|| "localhost".into())
+        })
+    }
+
     /// The certificate root.
     pub fn cert_root(&self) -> PathBuf {
         self.certificates
@@ -309,6 +323,7 @@ pub fn default_data_dir() -> PathBuf {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            node: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             listen_unix: None,
             listen_unix_group: None,
@@ -339,9 +354,21 @@ impl Default for Config {
     }
 }
 
+/// A node name: what a host name may hold, and `_`; at most 63 bytes.
+fn is_node_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// The full default configuration with every key commented, as `statelyd --print-config`
 /// prints it. A test checks it parses to the defaults.
 pub const DEFAULT_CONFIG: &str = r#"# statelyd configuration. Every key is optional; the values shown are the defaults.
+
+# This statelyd's name, shown by `stately status` and the console (letters, digits, '-', '_'
+# and '.'; at most 63). Default: the machine's host name.
+# node = "edge-1"
 
 # gRPC listener (TCP). Keep it on loopback unless TLS is in front.
 listen = "127.0.0.1:50051"
@@ -600,6 +627,14 @@ impl Config {
                 "console_listen = \"{c}\" is beyond loopback without [tls]: tokens would cross the network in clear. Configure [tls], or set insecure = true if something else encrypts the path"
             )));
         }
+        if let Some(n) = &self.node
+            && !is_node_name(n)
+        {
+            return Err(invalid(format!(
+                "node = {} is not a node name (letters, digits, '-', '_' and '.'; at most 63)",
+                crate::quote::quote(n)
+            )));
+        }
         if let Some(h) = self.console_hosts.iter().find(|h| {
             h.is_empty()
                 || h.len() > 253
@@ -719,6 +754,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("argvv"), "{err}");
+    }
+
+    #[test]
+    fn a_node_name_is_checked_and_defaults_to_the_host_name() {
+        let c = Config::parse("node = \"edge-7\"\n", Path::new("x.toml")).unwrap();
+        assert_eq!(c.node_name(), "edge-7");
+        for bad in ["", "a b", "edge/1", &"n".repeat(64)] {
+            let err = Config::parse(&format!("node = {bad:?}\n"), Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("is not a node name"), "{err}");
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(Config::default().node_name(), host.trim());
     }
 
     #[test]

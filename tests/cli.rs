@@ -750,8 +750,12 @@ async fn status_shows_the_daemon_and_exits_1_when_something_needs_attention() {
     let out = d.cli().args(["status"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
+    // With no `node` configured, the node is the machine's host name.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let host = host.trim();
     assert!(
-        text.contains("statelyd   0.1.0") && text.contains("listening tcp:"),
+        text.contains(&format!("statelyd   0.1.0 on node {host} "))
+            && text.contains("listening tcp:"),
         "{text}"
     );
     assert!(
@@ -766,7 +770,7 @@ async fn status_shows_the_daemon_and_exits_1_when_something_needs_attention() {
 
     // A target whose stats socket does not answer needs attention.
     let d2 = Daemon::start(&format!(
-        "[[haproxy]]\nname = \"dark\"\nstats_socket = \"{}\"\n",
+        "node = \"edge-7\"\n[[haproxy]]\nname = \"dark\"\nstats_socket = \"{}\"\n",
         gone.display()
     ));
     let out = d2.cli().args(["-o", "json", "status"]).output().unwrap();
@@ -780,6 +784,7 @@ async fn status_shows_the_daemon_and_exits_1_when_something_needs_attention() {
         "{v}"
     );
     assert!(!v["attention"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["server"]["node"], "edge-7", "{v}");
 }
 
 /// A console line's words as a POSIX shell splits them (quotes, no expansions), up to a

@@ -48,7 +48,7 @@ async fn edge() -> Edge {
     let port = free_port();
     let mut d = Daemon::configure(
         &format!(
-            "console_listen = \"127.0.0.1:{port}\"\nconsole_hosts = [\"console.test\"]\n\
+            "node = \"edge-7\"\nconsole_listen = \"127.0.0.1:{port}\"\nconsole_hosts = [\"console.test\"]\n\
              [[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nstats_socket = \"{}\"\n",
             h.config.display(),
             h.stats.display()

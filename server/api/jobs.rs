@@ -349,6 +349,7 @@ impl pb::jobs_server::Jobs for JobsApi {
                 .unwrap_or_default(),
             config_reload_error_at: loads.refused.as_ref().map(|(at, _)| ts(*at)),
             version: env!("CARGO_PKG_VERSION").into(),
+            node: config.node_name(),
             started_at: Some(ts(self.started_at)),
             data_dir: config.data_dir.display().to_string(),
             store: config.data_dir.join("stately.db").display().to_string(),

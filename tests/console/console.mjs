@@ -63,6 +63,8 @@ try {
   const who = await page.textContent('#who');
   check(who.includes('token:op') && who.includes('operator'), 'the header names the caller: ' + who);
   check((await page.getAttribute('#conn', 'data-state')) === 'connected', 'the header says connected');
+  const server = await page.textContent('#server');
+  check(/^statelyd \d+\.\d+\.\d+ · node edge-7 · /.test(server), 'the header names the version and node: ' + server);
   check(!(await ctx.cookies()).length, 'no cookies after sign-in');
 
   step('a runbook job submitted over gRPC appears and its steps stream');

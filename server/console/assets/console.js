@@ -543,7 +543,7 @@ async function signIn() {
   const st = await call('Jobs/GetStatus', {});
   $('who').textContent = S.me.identity + ' · ' + S.me.role;
   $('who').dataset.role = S.me.role;
-  $('server').textContent = 'statelyd ' + st.version + ' · ' + location.host +
+  $('server').textContent = 'statelyd ' + st.version + ' · node ' + st.node + ' · ' + location.host +
     ((st.unwindIncompleteJobIds || []).length ? ' · unwind incomplete: ' + st.unwindIncompleteJobIds.join(', ') : '');
   $('nav').hidden = false;
   $('logout').hidden = false;
