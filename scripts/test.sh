@@ -19,6 +19,7 @@ declare -A PACKAGES=(
   [certbot]=/usr/bin/certbot
   [nginx]=/usr/sbin/nginx
   [chromium]=/usr/bin/chromium
+  [postgresql]=/usr/lib/postgresql/15/bin/initdb
 )
 missing=()
 for pkg in "${!PACKAGES[@]}"; do
@@ -27,8 +28,9 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  # bind9 and nginx would start system services (a recursive resolver on :53, a web server on
-  # :80); the tests start their own on free loopback ports, so the packages' services stay off.
+  # bind9, nginx and postgresql would start system services (a recursive resolver on :53, a
+  # web server on :80, a database on :5432); the tests start their own on free loopback
+  # ports, so the packages' services stay off.
   policy=/usr/sbin/policy-rc.d
   made_policy=
   if [ ! -e "$policy" ]; then
@@ -69,8 +71,22 @@ fi
 # The example programs are built too: the tests run them as a user would.
 cargo build --examples --quiet
 
+# One throwaway PostgreSQL cluster for the run (each test of the PostgreSQL ledger takes a
+# schema of its own in it), stopped when the run ends.
+pg_dir=$(mktemp -d /tmp/stately-pg.XXXXXX)
+chmod 755 "$pg_dir"
+trap 'scripts/pg-test-cluster.sh stop "$pg_dir/pg"; rm -rf "$pg_dir"' EXIT
+STATELY_TEST_POSTGRES=$(scripts/pg-test-cluster.sh start "$pg_dir/pg")
+export STATELY_TEST_POSTGRES
+
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --lib --bins --tests --no-fail-fast "$@"
+  cargo nextest run --lib --bins --tests --no-fail-fast "$@" || status=$?
+  # The integration suites again, with the job ledger on PostgreSQL.
+  STATELY_TEST_STORE=postgres cargo nextest run --test integration --no-fail-fast "$@" ||
+    status=$?
 else
-  cargo test --lib --bins --tests --no-fail-fast "$@"
+  cargo test --lib --bins --tests --no-fail-fast "$@" || status=$?
+  STATELY_TEST_STORE=postgres cargo test --test integration --no-fail-fast "$@" || status=$?
 fi
+exit $status

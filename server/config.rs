@@ -84,6 +84,8 @@ pub struct Config {
     /// The journal's durability: `full` syncs every commit to disk (survives power loss),
     /// `normal` syncs at checkpoints (survives a crash of the daemon, not of the machine).
     pub sync: SyncMode,
+    /// Where the job ledger is: SQLite in the data directory, or PostgreSQL.
+    pub store: StoreConfig,
     /// Finished jobs kept.
     pub history: History,
     /// Bearer tokens. With none, an operator token is generated in the data directory.
@@ -243,6 +245,19 @@ pub enum SyncMode {
     Normal,
 }
 
+/// Where the job ledger lives.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// A PostgreSQL connection URL (`postgresql://user@host:port/database`, without a
+    /// password); unset: SQLite in the data directory.
+    pub url: Option<String>,
+    /// A file holding the password (read at start).
+    pub password_file: Option<PathBuf>,
+    /// Read connections at most (the writer has its own).
+    pub pool_size: Option<usize>,
+}
+
 /// Retention of finished jobs and their backups.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -340,6 +355,7 @@ impl Default for Config {
             first_bytes_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             sync: SyncMode::Full,
+            store: StoreConfig::default(),
             history: History::default(),
             tokens: Vec::new(),
             runbooks: Vec::new(),
@@ -420,6 +436,15 @@ sync = "full"
 
 # More runbooks, from files holding only [[runbook]] tables (paths relative to this file).
 include = []
+
+[store]
+# The job ledger: SQLite in data_dir unless a PostgreSQL URL is given (no password in it:
+# give password_file). One statelyd per database schema; pick one with
+# `?options=-c%20search_path%3D<schema>`.
+# url = "postgresql://stately@db.example:5432/stately"
+# password_file = "/etc/stately/pg-password"
+# Read connections at most (the writer has its own).
+# pool_size = 4
 
 [history]
 # Finished jobs (and the backups their undo needs) kept per resource, newest first.
@@ -626,6 +651,13 @@ impl Config {
             return Err(invalid(format!(
                 "console_listen = \"{c}\" is beyond loopback without [tls]: tokens would cross the network in clear. Configure [tls], or set insecure = true if something else encrypts the path"
             )));
+        }
+        if let Some(url) = &self.store.url {
+            crate::store::PostgresTarget::check_url(url)
+                .map_err(|e| invalid(format!("[store] url: {e}")))?;
+        }
+        if self.store.pool_size == Some(0) {
+            return Err(invalid("[store] pool_size must be at least 1".into()));
         }
         if let Some(n) = &self.node
             && !is_node_name(n)

@@ -42,6 +42,18 @@ pub enum Error {
     Serve(#[from] tonic::transport::Error),
 }
 
+impl Error {
+    /// Whether the configuration is at fault (statelyd exits 64, as for a bad file): tokens,
+    /// TLS material, the store's settings, or a ledger newer than this binary.
+    pub fn is_configuration(&self) -> bool {
+        match self {
+            Error::Tls(_) | Error::Auth(_) => true,
+            Error::Engine(crate::step::Error::Store(e)) => e.is_configuration(),
+            _ => false,
+        }
+    }
+}
+
 /// The largest request a service that takes whole configurations decodes (16 MiB and room
 /// for the rest of the message).
 const MAX_CONFIG_REQUEST: usize = crate::haproxy::MAX_CONFIG_BYTES + (64 << 10);
@@ -446,6 +458,7 @@ async fn reload(mut new: Config, r: &Reloadable) -> Result<Vec<String>, String> 
     }
     keep!(data_dir, "data_dir");
     keep!(sync, "sync");
+    keep!(store, "[store]");
     keep!(max_connections, "max_connections");
     keep!(first_bytes_timeout, "first_bytes_timeout");
     keep!(insecure, "insecure");

@@ -199,7 +199,7 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e @ (stately::daemon::Error::Tls(_) | stately::daemon::Error::Auth(_))) => {
+        Err(e) if e.is_configuration() => {
             eprintln!("statelyd: bad configuration: {e}");
             ExitCode::from(EXIT_CONFIG)
         }

@@ -419,7 +419,28 @@ fn escape(v: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// Everything, as Prometheus' text format.
-pub(crate) fn render(engine: &crate::engine::Engine) -> String {
+/// The figures of a scrape that come from the job ledger, read before the rendering.
+#[derive(Default)]
+pub(crate) struct LedgerFigures {
+    job_counts: Vec<(String, String, u64)>,
+    unwind_incomplete: u64,
+    outbox_pending: u64,
+    outbox_oldest: Option<i64>,
+}
+
+impl LedgerFigures {
+    /// Reads them (a figure the ledger cannot give now is left out, as zero).
+    pub(crate) async fn read(engine: &crate::engine::Engine) -> LedgerFigures {
+        LedgerFigures {
+            job_counts: engine.job_counts().await.unwrap_or_default(),
+            unwind_incomplete: engine.unwind_incomplete_count().await.unwrap_or(0),
+            outbox_pending: engine.outbox_pending().await.unwrap_or(0),
+            outbox_oldest: engine.outbox_oldest().await.ok().flatten(),
+        }
+    }
+}
+
+pub(crate) fn render(engine: &crate::engine::Engine, ledger: LedgerFigures) -> String {
     let mut r = Registry::default();
     let e = events();
     r.register(
@@ -501,7 +522,7 @@ pub(crate) fn render(engine: &crate::engine::Engine) -> String {
     r.register("stately_build_info", "statelyd's version", build);
 
     let jobs = Family::<JobLabels, Gauge>::default();
-    for (kind, state, n) in engine.job_counts().unwrap_or_default() {
+    for (kind, state, n) in ledger.job_counts {
         jobs.get_or_create(&JobLabels { kind, state }).set(n as i64);
     }
     r.register(
@@ -510,21 +531,21 @@ pub(crate) fn render(engine: &crate::engine::Engine) -> String {
         jobs,
     );
     let incomplete = Gauge::<i64>::default();
-    incomplete.set(engine.unwind_incomplete_count().unwrap_or(0) as i64);
+    incomplete.set(ledger.unwind_incomplete as i64);
     r.register(
         "stately_unwinds_incomplete",
         "Jobs whose unwind could not finish (retried)",
         incomplete,
     );
     let outbox = Gauge::<i64>::default();
-    outbox.set(engine.outbox_pending().unwrap_or(0) as i64);
+    outbox.set(ledger.outbox_pending as i64);
     r.register(
         "stately_alert_outbox_pending",
         "Alert mails not delivered yet",
         outbox,
     );
     let oldest = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-    if let Ok(Some(at)) = engine.outbox_oldest() {
+    if let Some(at) = ledger.outbox_oldest {
         oldest.set(((crate::job::now_ms() - at).max(0) as f64) / 1000.0);
     }
     r.register_with_unit(
@@ -659,7 +680,8 @@ pub(crate) async fn serve(
                         let resp = if req.method() == http::Method::GET
                             && req.uri().path() == "/metrics"
                         {
-                            let text = tokio::task::spawn_blocking(move || render(&engine))
+                            let ledger = LedgerFigures::read(&engine).await;
+                            let text = tokio::task::spawn_blocking(move || render(&engine, ledger))
                                 .await
                                 .unwrap_or_default();
                             http::Response::builder()

@@ -49,6 +49,7 @@ pub(crate) fn spawn(engine: &Engine) {
                     MAX_PAGE_SIZE,
                     "",
                 )
+                .await
                 .map(|(jobs, _)| jobs)
                 .unwrap_or_default()
                 .into_iter()

@@ -16,6 +16,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use tokio::sync::{broadcast, oneshot};
 
+mod postgres;
+pub(crate) use postgres::Target as PostgresTarget;
+
+/// The integration tests' PostgreSQL helper, shared with these unit tests.
+#[cfg(test)]
+#[path = "../tests/support/postgres.rs"]
+#[allow(unreachable_pub, dead_code)]
+mod pg_support;
+
 /// What went wrong in the store.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -31,6 +40,24 @@ pub enum Error {
     /// A stored row could not be read back.
     #[error("store: corrupt row: {0}")]
     Corrupt(String),
+    /// PostgreSQL failed or cannot be reached.
+    #[error("store: {0}")]
+    Postgres(String),
+    /// `[store]` names something that is not there (a password file).
+    #[error("store: {0}")]
+    Config(String),
+    /// The ledger was written by a newer statelyd.
+    #[error(
+        "store: the ledger at {at} has schema version {found}; this statelyd knows up to {known}: upgrade statelyd"
+    )]
+    SchemaTooNew {
+        /// Which ledger.
+        at: String,
+        /// Its version.
+        found: u32,
+        /// The newest this binary knows.
+        known: u32,
+    },
 }
 
 /// A job as the ledger keeps it.
@@ -127,18 +154,49 @@ pub(crate) struct Store {
 }
 
 struct Inner {
-    path: PathBuf,
-    tx: Mutex<Option<mpsc::Sender<Batch>>>,
-    readers: Mutex<Vec<Connection>>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// What logs and GetStatus show (a file, or PostgreSQL's host and database).
+    describe: String,
+    tx: Mutex<Option<Tx>>,
+    backend: Backend,
+    writer: Mutex<Option<WriterHandle>>,
+}
+
+/// Where the ledger is, and how it is read.
+enum Backend {
+    Sqlite {
+        path: PathBuf,
+        readers: Mutex<Vec<Connection>>,
+    },
+    Postgres(postgres::Ledger),
+}
+
+/// The writer's queue: a thread's (SQLite) or a task's (PostgreSQL).
+enum Tx {
+    Thread(mpsc::Sender<Batch>),
+    Task(tokio::sync::mpsc::UnboundedSender<Batch>),
+}
+
+enum WriterHandle {
+    Thread(std::thread::JoinHandle<()>),
+    Task(tokio::task::JoinHandle<()>),
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("path", &self.inner.path)
+            .field("at", &self.inner.describe)
             .finish()
     }
+}
+
+/// Reads on PostgreSQL go to its ledger; the rest of the method is SQLite's.
+macro_rules! on_postgres {
+    ($self:ident . $m:ident ( $($a:expr),* )) => {
+        if let Backend::Postgres(p) = &$self.inner.backend {
+            // Boxed: the PostgreSQL future does not enlarge every SQLite caller's.
+            return Box::pin(p.$m($($a),*)).await;
+        }
+    };
 }
 
 /// What ListJobs asks for.
@@ -151,6 +209,17 @@ pub(crate) struct JobFilter {
     pub(crate) before: Option<i64>,
     pub(crate) limit: u32,
 }
+
+impl Error {
+    /// Whether the configuration is at fault rather than the moment.
+    pub(crate) fn is_configuration(&self) -> bool {
+        matches!(self, Error::Config(_) | Error::SchemaTooNew { .. })
+    }
+}
+
+/// The SQLite ledger's schema version (`PRAGMA user_version`; ledgers from before versioning
+/// are 0 and are brought up by `migrate`).
+const SQLITE_VERSION: u32 = 1;
 
 /// Read connections kept open between reads.
 const MAX_IDLE_READERS: usize = 4;
@@ -242,6 +311,15 @@ impl Store {
         conn.pragma_update(None, "cache_size", -1024)?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
+        let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SQLITE_VERSION {
+            return Err(Error::SchemaTooNew {
+                at: path.display().to_string(),
+                found: version,
+                known: SQLITE_VERSION,
+            });
+        }
+        conn.pragma_update(None, "user_version", SQLITE_VERSION)?;
         conn.set_prepared_statement_cache_capacity(64);
         let (tx, rx) = mpsc::channel::<Batch>();
         let writer = std::thread::Builder::new()
@@ -250,20 +328,43 @@ impl Store {
             .map_err(|e| Error::Write(e.to_string()))?;
         Ok(Store {
             inner: Arc::new(Inner {
-                path: path.to_owned(),
-                tx: Mutex::new(Some(tx)),
-                readers: Mutex::new(Vec::new()),
-                writer: Mutex::new(Some(writer)),
+                describe: path.display().to_string(),
+                tx: Mutex::new(Some(Tx::Thread(tx))),
+                backend: Backend::Sqlite {
+                    path: path.to_owned(),
+                    readers: Mutex::new(Vec::new()),
+                },
+                writer: Mutex::new(Some(WriterHandle::Thread(writer))),
             }),
         })
     }
 
+    /// Opens the ledger on PostgreSQL: its schema brought up to this version, the one-node
+    /// lock taken, its writer started.
+    pub(crate) async fn open_postgres(target: PostgresTarget) -> Result<Store, Error> {
+        let describe = target.describe.clone();
+        let (ledger, tx, writer) = postgres::open(target).await?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                describe,
+                tx: Mutex::new(Some(Tx::Task(tx))),
+                backend: Backend::Postgres(ledger),
+                writer: Mutex::new(Some(WriterHandle::Task(writer))),
+            }),
+        })
+    }
+
+    /// Where the ledger is: its file, or PostgreSQL's host, port and database.
+    pub(crate) fn describe(&self) -> &str {
+        &self.inner.describe
+    }
+
     fn send(&self, batch: Batch) -> Result<(), Error> {
         let tx = self.inner.tx.lock().expect("store lock");
-        tx.as_ref()
-            .ok_or(Error::Closed)?
-            .send(batch)
-            .map_err(|_| Error::Closed)
+        match tx.as_ref().ok_or(Error::Closed)? {
+            Tx::Thread(t) => t.send(batch).map_err(|_| Error::Closed),
+            Tx::Task(t) => t.send(batch).map_err(|_| Error::Closed),
+        }
     }
 
     /// Queues writes, in order, without waiting for them to be durable. Events among them go
@@ -298,17 +399,37 @@ impl Store {
         let _ = self.commit(Vec::new(), None).await;
         self.inner.tx.lock().expect("store lock").take();
         let writer = self.inner.writer.lock().expect("store lock").take();
-        if let Some(w) = writer {
-            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        match writer {
+            Some(WriterHandle::Thread(w)) => {
+                let _ = tokio::task::spawn_blocking(move || w.join()).await;
+            }
+            Some(WriterHandle::Task(w)) => {
+                let _ = w.await;
+            }
+            None => {}
         }
     }
 
+    /// Runs a long read on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| Error::Write(format!("a read stopped: {e}")))?
+    }
+
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
-        let conn = self.inner.readers.lock().expect("store lock").pop();
+        let Backend::Sqlite { path, readers } = &self.inner.backend else {
+            unreachable!("PostgreSQL reads return before a SQLite read");
+        };
+        let conn = readers.lock().expect("store lock").pop();
         let conn = match conn {
             Some(c) => c,
             None => {
-                let c = Connection::open(&self.inner.path)?;
+                let c = Connection::open(path)?;
                 c.busy_timeout(std::time::Duration::from_secs(5))?;
                 c.pragma_update(None, "cache_size", -256)?;
                 c
@@ -317,7 +438,7 @@ impl Store {
         let out = f(&conn);
         // Keep a few connections warm; a burst's extra ones are closed, so memory goes back
         // down when the daemon is idle again.
-        let mut pool = self.inner.readers.lock().expect("store lock");
+        let mut pool = readers.lock().expect("store lock");
         if pool.len() < MAX_IDLE_READERS {
             pool.push(conn);
         }
@@ -327,7 +448,19 @@ impl Store {
     /// Up to `max` finished jobs beyond the history limits, oldest first: chosen on a read
     /// connection, so the writer (and every job waiting on a commit) is not held while a long
     /// history is searched.
-    pub(crate) fn prunable(
+    pub(crate) async fn prunable(
+        &self,
+        keep_per_resource: u32,
+        keep_total: u32,
+        max: u32,
+    ) -> Result<Vec<JobId>, Error> {
+        on_postgres!(self.prunable(keep_per_resource, keep_total, max));
+        // The search reads the whole history: off the runtime's threads.
+        self.blocking(move |me| me.prunable_now(keep_per_resource, keep_total, max))
+            .await
+    }
+
+    fn prunable_now(
         &self,
         keep_per_resource: u32,
         keep_total: u32,
@@ -347,7 +480,8 @@ impl Store {
     }
 
     /// One job.
-    pub(crate) fn job(&self, id: JobId) -> Result<Option<StoredJob>, Error> {
+    pub(crate) async fn job(&self, id: JobId) -> Result<Option<StoredJob>, Error> {
+        on_postgres!(self.job(id));
         self.read(|c| {
             c.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
                 .query_row([id.to_string()], row_to_job)
@@ -358,7 +492,11 @@ impl Store {
     }
 
     /// The job created with this idempotency key.
-    pub(crate) fn job_by_request_id(&self, request_id: &str) -> Result<Option<StoredJob>, Error> {
+    pub(crate) async fn job_by_request_id(
+        &self,
+        request_id: &str,
+    ) -> Result<Option<StoredJob>, Error> {
+        on_postgres!(self.job_by_request_id(request_id));
         self.read(|c| {
             c.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ?1"
@@ -372,7 +510,8 @@ impl Store {
 
     /// Jobs in these states, oldest first (for recovery at start-up).
     /// Jobs that ended with undo entries left to apply.
-    pub(crate) fn jobs_unwind_incomplete(&self) -> Result<Vec<StoredJob>, Error> {
+    pub(crate) async fn jobs_unwind_incomplete(&self) -> Result<Vec<StoredJob>, Error> {
+        on_postgres!(self.jobs_unwind_incomplete());
         self.read(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_unwind_incomplete WHERE unwind_incomplete != 0 ORDER BY pos"
@@ -386,19 +525,25 @@ impl Store {
         })
     }
 
-    pub(crate) fn jobs_in(&self, states: &[JobState]) -> Result<Vec<StoredJob>, Error> {
+    pub(crate) async fn jobs_in(&self, states: &[JobState]) -> Result<Vec<StoredJob>, Error> {
         let filter = JobFilter {
             states: states.to_vec(),
             limit: u32::MAX,
             ..Default::default()
         };
-        let mut jobs: Vec<StoredJob> = self.list(&filter)?.into_iter().map(|(j, _)| j).collect();
+        let mut jobs: Vec<StoredJob> = self
+            .list(&filter)
+            .await?
+            .into_iter()
+            .map(|(j, _)| j)
+            .collect();
         jobs.reverse();
         Ok(jobs)
     }
 
     /// Rollback jobs of `target` that have not ended.
-    pub(crate) fn active_rollbacks_of(&self, target: JobId) -> Result<Vec<JobId>, Error> {
+    pub(crate) async fn active_rollbacks_of(&self, target: JobId) -> Result<Vec<JobId>, Error> {
+        on_postgres!(self.active_rollbacks_of(target));
         self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id FROM jobs WHERE rollback_of = ?1 AND state IN ('PENDING','RUNNING','CANCELLING')",
@@ -411,7 +556,8 @@ impl Store {
     }
 
     /// Jobs matching the filter, newest first, each with its position (for page tokens).
-    pub(crate) fn list(&self, f: &JobFilter) -> Result<Vec<(StoredJob, i64)>, Error> {
+    pub(crate) async fn list(&self, f: &JobFilter) -> Result<Vec<(StoredJob, i64)>, Error> {
+        on_postgres!(self.list(f));
         let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1=1");
         let mut args: Vec<Value> = Vec::new();
         if !f.states.is_empty() {
@@ -448,7 +594,8 @@ impl Store {
     }
 
     /// A job's events with seq > `after`, in order.
-    pub(crate) fn events_after(&self, job: JobId, after: u64) -> Result<Vec<Event>, Error> {
+    pub(crate) async fn events_after(&self, job: JobId, after: u64) -> Result<Vec<Event>, Error> {
+        on_postgres!(self.events_after(job, after));
         self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT body FROM events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq",
@@ -467,7 +614,8 @@ impl Store {
 
     /// Alert mails queued and not yet delivered, over every watch.
     /// How many jobs there are of each kind in each state (for the metrics).
-    pub(crate) fn job_counts(&self) -> Result<Vec<(String, String, u64)>, Error> {
+    pub(crate) async fn job_counts(&self) -> Result<Vec<(String, String, u64)>, Error> {
+        on_postgres!(self.job_counts());
         self.read(|c| {
             let mut stmt =
                 // Read from the (state, kind) index alone: a scrape at 10,000 jobs reads no row.
@@ -484,7 +632,8 @@ impl Store {
     }
 
     /// How many jobs' unwinds could not finish (from a partial index: no row is read).
-    pub(crate) fn unwind_incomplete_count(&self) -> Result<u64, Error> {
+    pub(crate) async fn unwind_incomplete_count(&self) -> Result<u64, Error> {
+        on_postgres!(self.unwind_incomplete_count());
         self.read(|c| {
             Ok(
                 c.prepare_cached("SELECT COUNT(*) FROM jobs WHERE unwind_incomplete != 0")?
@@ -493,7 +642,8 @@ impl Store {
         })
     }
 
-    pub(crate) fn outbox_pending(&self) -> Result<u64, Error> {
+    pub(crate) async fn outbox_pending(&self) -> Result<u64, Error> {
+        on_postgres!(self.outbox_pending());
         self.read(|c| {
             Ok(
                 c.prepare_cached("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")?
@@ -503,7 +653,8 @@ impl Store {
     }
 
     /// When the oldest undelivered alert mail was queued (ms since the epoch), if any.
-    pub(crate) fn outbox_oldest(&self) -> Result<Option<i64>, Error> {
+    pub(crate) async fn outbox_oldest(&self) -> Result<Option<i64>, Error> {
+        on_postgres!(self.outbox_oldest());
         self.read(|c| {
             Ok(
                 c.prepare_cached("SELECT MIN(created_at) FROM outbox WHERE state = 'pending'")?
@@ -513,7 +664,8 @@ impl Store {
     }
 
     /// A job's undo journal, in the order it was recorded.
-    pub(crate) fn journal(&self, job: JobId) -> Result<Vec<JournalEntry>, Error> {
+    pub(crate) async fn journal(&self, job: JobId) -> Result<Vec<JournalEntry>, Error> {
+        on_postgres!(self.journal(job));
         self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT idx, entry, applied, left_state FROM undo WHERE job_id = ?1 ORDER BY idx",
@@ -544,7 +696,8 @@ impl Store {
     }
 
     /// Commands of a job still recorded as running: (process group, leader start time).
-    pub(crate) fn processes(&self, job: JobId) -> Result<Vec<(i32, u64)>, Error> {
+    pub(crate) async fn processes(&self, job: JobId) -> Result<Vec<(i32, u64)>, Error> {
+        on_postgres!(self.processes(job));
         self.read(|c| {
             let mut stmt =
                 c.prepare_cached("SELECT pgid, started FROM processes WHERE job_id = ?1")?;
@@ -556,7 +709,8 @@ impl Store {
     }
 
     /// A job's undelivered mails, oldest first.
-    pub(crate) fn outbox(&self, job: JobId) -> Result<Vec<OutboxEntry>, Error> {
+    pub(crate) async fn outbox(&self, job: JobId) -> Result<Vec<OutboxEntry>, Error> {
+        on_postgres!(self.outbox(job));
         self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT n, mail, attempts, state FROM outbox WHERE job_id = ?1 AND state = 'pending' ORDER BY n",
@@ -583,7 +737,8 @@ impl Store {
     }
 
     /// A watch job's remembered state.
-    pub(crate) fn watch_state(&self, job: JobId) -> Result<Option<String>, Error> {
+    pub(crate) async fn watch_state(&self, job: JobId) -> Result<Option<String>, Error> {
+        on_postgres!(self.watch_state(job));
         self.read(|c| {
             Ok(
                 c.prepare_cached("SELECT state FROM watch_state WHERE job_id = ?1")?
@@ -594,7 +749,13 @@ impl Store {
     }
 
     /// Every blob an undo entry still references.
-    pub(crate) fn referenced_blobs(&self) -> Result<HashSet<String>, Error> {
+    pub(crate) async fn referenced_blobs(&self) -> Result<HashSet<String>, Error> {
+        on_postgres!(self.referenced_blobs());
+        // Every undo entry of the history: off the runtime's threads.
+        self.blocking(|me| me.referenced_blobs_now()).await
+    }
+
+    fn referenced_blobs_now(&self) -> Result<HashSet<String>, Error> {
         self.read(|c| {
             let mut stmt =
                 c.prepare_cached("SELECT DISTINCT blob FROM undo WHERE blob IS NOT NULL")?;
@@ -607,52 +768,98 @@ impl Store {
 type JobRow = Result<(StoredJob, i64), Error>;
 
 fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
-    let corrupt = |what: &str, e: &dyn std::fmt::Display| Error::Corrupt(format!("{what}: {e}"));
-    let text = |i: usize| r.get::<_, String>(i);
-    let id: String = text(0)?;
-    let spec: String = text(1)?;
-    let state: String = text(2)?;
-    let steps: String = text(3)?;
-    let labels: String = text(5)?;
-    let resources: String = text(6)?;
-    let waiting: String = text(7)?;
-    let rolled: Option<String> = r.get(14)?;
-    let pos: i64 = r.get(16)?;
-    let kind: String = text(18)?;
-    let rollback_of: Option<String> = r.get(19)?;
-    let build = move || -> Result<StoredJob, Error> {
-        Ok(JobRecord {
-            id: id.parse().map_err(|e: String| corrupt("id", &e))?,
+    Ok(JobColumns {
+        id: r.get(0)?,
+        spec: r.get(1)?,
+        state: r.get(2)?,
+        steps: r.get(3)?,
+        request_id: r.get(4)?,
+        labels: r.get(5)?,
+        resources: r.get(6)?,
+        waiting_for: r.get(7)?,
+        created_at: r.get(8)?,
+        started_at: r.get(9)?,
+        finished_at: r.get(10)?,
+        error: r.get(11)?,
+        failed_step: r.get(12)?,
+        undo_entries: r.get(13)?,
+        rolled_back_by: r.get(14)?,
+        last_seq: r.get(15)?,
+        pos: r.get(16)?,
+        unwind_incomplete: r.get(17)?,
+        kind: r.get(18)?,
+        rollback_of: r.get(19)?,
+        submitted_by: r.get(20)?,
+    }
+    .build())
+}
+
+/// A job row's columns as both ledgers read them (in `JOB_COLUMNS` order).
+struct JobColumns {
+    id: String,
+    spec: String,
+    state: String,
+    steps: String,
+    request_id: Option<String>,
+    labels: String,
+    resources: String,
+    waiting_for: String,
+    created_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    error: Option<String>,
+    failed_step: Option<String>,
+    undo_entries: u32,
+    rolled_back_by: Option<String>,
+    last_seq: i64,
+    pos: i64,
+    unwind_incomplete: bool,
+    kind: String,
+    rollback_of: Option<String>,
+    submitted_by: Option<String>,
+}
+
+impl JobColumns {
+    /// The job, and its position (for page tokens).
+    fn build(self) -> Result<(StoredJob, i64), Error> {
+        let corrupt =
+            |what: &str, e: &dyn std::fmt::Display| Error::Corrupt(format!("{what}: {e}"));
+        let job = JobRecord {
+            id: self.id.parse().map_err(|e: String| corrupt("id", &e))?,
             spec: StoredSpec {
-                kind,
-                json: spec,
-                rollback_of: rollback_of
+                kind: self.kind,
+                json: self.spec,
+                rollback_of: self
+                    .rollback_of
                     .map(|s| s.parse())
                     .transpose()
                     .map_err(|e: String| corrupt("rollback_of", &e))?,
             },
-            state: JobState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
-            steps: serde_json::from_str(&steps).map_err(|e| corrupt("steps", &e))?,
-            request_id: r.get(4)?,
-            labels: serde_json::from_str(&labels).map_err(|e| corrupt("labels", &e))?,
-            resources: serde_json::from_str(&resources).map_err(|e| corrupt("resources", &e))?,
-            waiting_for: serde_json::from_str(&waiting).map_err(|e| corrupt("waiting_for", &e))?,
-            created_at: r.get(8)?,
-            started_at: r.get(9)?,
-            finished_at: r.get(10)?,
-            error: r.get(11)?,
-            failed_step: r.get(12)?,
-            undo_entries: r.get(13)?,
-            rolled_back_by: rolled
+            state: JobState::parse(&self.state).ok_or_else(|| corrupt("state", &self.state))?,
+            steps: serde_json::from_str(&self.steps).map_err(|e| corrupt("steps", &e))?,
+            request_id: self.request_id,
+            labels: serde_json::from_str(&self.labels).map_err(|e| corrupt("labels", &e))?,
+            resources: serde_json::from_str(&self.resources)
+                .map_err(|e| corrupt("resources", &e))?,
+            waiting_for: serde_json::from_str(&self.waiting_for)
+                .map_err(|e| corrupt("waiting_for", &e))?,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            error: self.error,
+            failed_step: self.failed_step,
+            undo_entries: self.undo_entries,
+            rolled_back_by: self
+                .rolled_back_by
                 .map(|s| s.parse())
                 .transpose()
                 .map_err(|e: String| corrupt("rolled_back_by", &e))?,
-            last_seq: r.get::<_, i64>(15)? as u64,
-            unwind_incomplete: r.get(17)?,
-            submitted_by: r.get(20)?,
-        })
-    };
-    Ok(build().map(|j| (j, pos)))
+            last_seq: self.last_seq as u64,
+            unwind_incomplete: self.unwind_incomplete,
+            submitted_by: self.submitted_by,
+        };
+        Ok((job, self.pos))
+    }
 }
 
 /// Brings a ledger written by an earlier version up to this one's schema.
@@ -688,24 +895,30 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Batch>) {
             }
         }
         let results = apply_batches(&mut conn, &batches);
-        for (batch, result) in batches.into_iter().zip(results) {
-            if result.is_ok()
-                && let Some(tx) = &batch.publish
-            {
-                for w in &batch.writes {
-                    if let Write::Event(e) = w {
-                        let _ = tx.send(e.clone());
-                    }
+        finish_round(batches, results);
+    }
+}
+
+/// After a round's commit: each batch that took has its events published (only now are they
+/// durable), and each batch's writer learns how it went.
+fn finish_round(batches: Vec<Batch>, results: Vec<Result<(), String>>) {
+    for (batch, result) in batches.into_iter().zip(results) {
+        if result.is_ok()
+            && let Some(tx) = &batch.publish
+        {
+            for w in &batch.writes {
+                if let Write::Event(e) = w {
+                    let _ = tx.send(e.clone());
                 }
             }
-            match batch.ack {
-                Some(ack) => {
-                    let _ = ack.send(result);
-                }
-                None => {
-                    if let Err(e) = result {
-                        tracing::error!("store: a write failed: {e}");
-                    }
+        }
+        match batch.ack {
+            Some(ack) => {
+                let _ = ack.send(result);
+            }
+            None => {
+                if let Err(e) = result {
+                    tracing::error!("store: a write failed: {e}");
                 }
             }
         }
@@ -975,6 +1188,287 @@ mod tests {
         }
     }
 
+    use super::pg_support;
+
+    /// Each case runs on a SQLite ledger and on a PostgreSQL one (a schema of its own).
+    macro_rules! on_both_stores {
+        ($($case:ident),* $(,)?) => {
+            mod sqlite {
+                $(
+                    #[tokio::test]
+                    async fn $case() {
+                        let dir = tempfile::tempdir().unwrap();
+                        let store = super::Store::open(&dir.path().join("stately.db"), false).unwrap();
+                        super::$case(store).await;
+                    }
+                )*
+            }
+            mod postgres {
+                $(
+                    #[tokio::test]
+                    async fn $case() {
+                        let pg = super::pg_support::TestPostgres::start().await;
+                        let store = super::postgres_store(&pg.url()).await.unwrap();
+                        super::$case(store).await;
+                    }
+                )*
+            }
+        };
+    }
+
+    on_both_stores!(
+        list_filters_by_state_kind_and_labels_and_pages_newest_first,
+        pruning_takes_the_oldest_beyond_the_limits_in_batches_and_spares_the_unfinished,
+        an_update_changes_progress_and_keeps_the_spec,
+        events_undo_entries_processes_outbox_and_watch_state_round_trip,
+        a_failing_batch_is_rolled_back_alone_and_events_are_published_after_their_commit,
+    );
+
+    async fn postgres_store(url: &str) -> Result<Store, Error> {
+        let config = crate::config::StoreConfig {
+            url: Some(url.to_owned()),
+            ..Default::default()
+        };
+        Store::open_postgres(PostgresTarget::from_config(&config, url, false)?).await
+    }
+
+    async fn events_undo_entries_processes_outbox_and_watch_state_round_trip(store: Store) {
+        use crate::job::EventBody;
+        let job = stored("alert_watch", JobState::Running, &[]);
+        let id = job.id;
+        let event = |seq: u64| Event {
+            job: id,
+            seq,
+            at: 1000 + seq as i64,
+            body: EventBody::Log {
+                level: crate::job::LogLevel::Info,
+                step: None,
+                message: format!("line {seq}"),
+            },
+        };
+        let entry = UndoEntry::RestoreFile {
+            path: "/etc/x".into(),
+            blob: "sha256:ab".into(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        };
+        let mail = crate::alerts::Mail {
+            to: vec!["ops@example.com".into()],
+            subject: "s".into(),
+            body: "b".into(),
+            message_id: "<1@stately>".into(),
+            date_ms: 5,
+        };
+        let mut writes = vec![Write::InsertJob(job)];
+        // Fire-and-forget writes keep their order with the commit that follows them.
+        store.write(vec![], None);
+        writes.extend((1..=3).map(|s| Write::Event(event(s))));
+        writes.extend([
+            Write::Undo {
+                job: id,
+                idx: 0,
+                entry: entry.clone(),
+            },
+            Write::Undo {
+                job: id,
+                idx: 1,
+                entry: entry.clone(),
+            },
+            Write::UndoApplied { job: id, idx: 0 },
+            Write::Seal {
+                job: id,
+                idx: 1,
+                left: FileState::Absent,
+            },
+            Write::ProcessStarted {
+                job: id,
+                pgid: 42,
+                started: 7,
+            },
+            Write::ProcessStarted {
+                job: id,
+                pgid: 43,
+                started: 8,
+            },
+            Write::ProcessEnded { job: id, pgid: 42 },
+            Write::OutboxAdd {
+                job: id,
+                n: 1,
+                at: 5,
+                mail: mail.clone(),
+            },
+            Write::OutboxAdd {
+                job: id,
+                n: 2,
+                at: 6,
+                mail: mail.clone(),
+            },
+            Write::OutboxAttempt {
+                job: id,
+                n: 1,
+                attempts: 1,
+                error: "refused".into(),
+            },
+            Write::OutboxDone {
+                job: id,
+                n: 2,
+                attempts: 1,
+                at: 9,
+                error: None,
+            },
+            Write::WatchState {
+                job: id,
+                state: "{\"a\":1}".into(),
+            },
+            Write::WatchState {
+                job: id,
+                state: "{\"a\":2}".into(),
+            },
+        ]);
+        store.commit(writes, None).await.unwrap();
+        let seqs: Vec<u64> = store
+            .events_after(id, 1)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, [2, 3]);
+        assert_eq!(store.job(id).await.unwrap().unwrap().last_seq, 3);
+        assert_eq!(store.job(id).await.unwrap().unwrap().undo_entries, 2);
+        let journal = store.journal(id).await.unwrap();
+        assert_eq!(journal.len(), 2);
+        assert!(journal[0].applied && !journal[1].applied);
+        assert_eq!(journal[1].left, Some(FileState::Absent));
+        // An entry recorded again is unapplied and unsealed.
+        store
+            .commit(
+                vec![Write::Undo {
+                    job: id,
+                    idx: 0,
+                    entry: entry.clone(),
+                }],
+                None,
+            )
+            .await
+            .unwrap();
+        let journal = store.journal(id).await.unwrap();
+        assert!(!journal[0].applied && journal[0].left.is_none());
+        // An entry given up on reads back as applied.
+        store
+            .commit(vec![Write::UndoAbandoned { job: id, idx: 1 }], None)
+            .await
+            .unwrap();
+        assert!(store.journal(id).await.unwrap()[1].applied);
+        assert_eq!(
+            store.referenced_blobs().await.unwrap(),
+            HashSet::from(["sha256:ab".to_owned()])
+        );
+        assert_eq!(store.processes(id).await.unwrap(), [(43, 8)]);
+        let outbox = store.outbox(id).await.unwrap();
+        assert_eq!(outbox.len(), 1);
+        assert_eq!((outbox[0].n, outbox[0].attempts), (1, 1));
+        assert_eq!(store.outbox_pending().await.unwrap(), 1);
+        assert_eq!(store.outbox_oldest().await.unwrap(), Some(5));
+        assert_eq!(
+            store.watch_state(id).await.unwrap().as_deref(),
+            Some("{\"a\":2}")
+        );
+        assert_eq!(
+            store.job_counts().await.unwrap(),
+            [("alert_watch".to_owned(), "RUNNING".to_owned(), 1)]
+        );
+        store.close().await;
+    }
+
+    async fn a_failing_batch_is_rolled_back_alone_and_events_are_published_after_their_commit(
+        store: Store,
+    ) {
+        let mut first = stored("runbook", JobState::Pending, &[]);
+        first.request_id = Some("once".into());
+        let mut again = stored("runbook", JobState::Pending, &[]);
+        again.request_id = Some("once".into());
+        let other = stored("runbook", JobState::Pending, &[]);
+        let (tx, mut rx) = broadcast::channel(16);
+        let event = Event {
+            job: other.id,
+            seq: 1,
+            at: 1,
+            body: crate::job::EventBody::Log {
+                level: crate::job::LogLevel::Info,
+                step: None,
+                message: "hello".into(),
+            },
+        };
+        // Three batches in one round: the duplicate idempotency key fails its batch alone.
+        let (a, b, c) = tokio::join!(
+            store.commit(vec![Write::InsertJob(first.clone())], None),
+            store.commit(vec![Write::InsertJob(again.clone())], None),
+            store.commit(
+                vec![Write::InsertJob(other.clone()), Write::Event(event)],
+                Some(&tx)
+            ),
+        );
+        a.unwrap();
+        assert!(
+            b.is_err(),
+            "a second job with the same request_id is refused"
+        );
+        c.unwrap();
+        assert_eq!(
+            rx.try_recv().unwrap().seq,
+            1,
+            "the event is published once committed"
+        );
+        assert!(store.job(again.id).await.unwrap().is_none());
+        assert_eq!(
+            store.job_by_request_id("once").await.unwrap().unwrap().id,
+            first.id
+        );
+        assert!(store.job(other.id).await.unwrap().is_some());
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_ledger_of_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stately.db");
+        Store::open(&path, false).unwrap().close().await;
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = Store::open(&path, false).unwrap_err().to_string();
+        assert!(
+            err.contains("schema version 99") && err.contains("upgrade statelyd"),
+            "{err}"
+        );
+
+        let pg = pg_support::TestPostgres::start().await;
+        postgres_store(&pg.url()).await.unwrap().close().await;
+        let admin = pg_support::TestPostgres::connect(&pg.url()).await;
+        admin
+            .batch_execute("INSERT INTO stately_schema VALUES (99, 0, 'later')")
+            .await
+            .unwrap();
+        let err = postgres_store(&pg.url()).await.unwrap_err().to_string();
+        assert!(
+            err.contains("schema version 99") && err.contains("upgrade statelyd"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_daemon_on_one_postgresql_ledger_is_refused() {
+        let pg = pg_support::TestPostgres::start().await;
+        let first = postgres_store(&pg.url()).await.unwrap();
+        let err = postgres_store(&pg.url()).await.unwrap_err().to_string();
+        assert!(err.contains("another statelyd uses this ledger"), "{err}");
+        first.close().await;
+        // Once the first has stopped, the ledger is free again.
+        postgres_store(&pg.url()).await.unwrap().close().await;
+    }
+
     fn filter(states: &[JobState], kind: Option<&str>, labels: &[(&str, &str)]) -> JobFilter {
         JobFilter {
             states: states.to_vec(),
@@ -988,10 +1482,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn list_filters_by_state_kind_and_labels_and_pages_newest_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("stately.db"), false).unwrap();
+    async fn list_filters_by_state_kind_and_labels_and_pages_newest_first(store: Store) {
         let jobs = [
             stored("runbook", JobState::Succeeded, &[("env", "prod")]),
             stored("runbook", JobState::Failed, &[("env", "test")]),
@@ -1006,39 +1497,45 @@ mod tests {
             .commit(jobs.into_iter().map(Write::InsertJob).collect(), None)
             .await
             .unwrap();
-        let got = |f: JobFilter| -> Vec<JobId> {
+        let got = async |f: JobFilter| -> Vec<JobId> {
             store
                 .list(&f)
+                .await
                 .unwrap()
                 .into_iter()
                 .map(|(j, _)| j.id)
                 .collect()
         };
-        assert_eq!(got(filter(&[], None, &[])), [ids[2], ids[1], ids[0]]);
+        assert_eq!(got(filter(&[], None, &[])).await, [ids[2], ids[1], ids[0]]);
         assert_eq!(
-            got(filter(&[JobState::Succeeded], None, &[])),
+            got(filter(&[JobState::Succeeded], None, &[])).await,
             [ids[2], ids[0]]
         );
-        assert_eq!(got(filter(&[], Some("runbook"), &[])), [ids[1], ids[0]]);
-        assert_eq!(got(filter(&[], None, &[("env", "prod")])), [ids[2], ids[0]]);
         assert_eq!(
-            got(filter(&[], None, &[("env", "prod"), ("team", "web")])),
+            got(filter(&[], Some("runbook"), &[])).await,
+            [ids[1], ids[0]]
+        );
+        assert_eq!(
+            got(filter(&[], None, &[("env", "prod")])).await,
+            [ids[2], ids[0]]
+        );
+        assert_eq!(
+            got(filter(&[], None, &[("env", "prod"), ("team", "web")])).await,
             [ids[2]]
         );
         // A page ends at its limit; the next starts below the last position it gave.
         let mut f = filter(&[], None, &[]);
         f.limit = 2;
-        let page = store.list(&f).unwrap();
+        let page = store.list(&f).await.unwrap();
         assert_eq!(page.len(), 2);
         f.before = Some(page[1].1);
-        assert_eq!(got(f), [ids[0]]);
+        assert_eq!(got(f).await, [ids[0]]);
         store.close().await;
     }
 
-    #[tokio::test]
-    async fn pruning_takes_the_oldest_beyond_the_limits_in_batches_and_spares_the_unfinished() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("stately.db"), false).unwrap();
+    async fn pruning_takes_the_oldest_beyond_the_limits_in_batches_and_spares_the_unfinished(
+        store: Store,
+    ) {
         let mut jobs: Vec<StoredJob> = (0..12)
             .map(|_| stored("runbook", JobState::Succeeded, &[]))
             .collect();
@@ -1051,13 +1548,13 @@ mod tests {
         store.commit(writes, None).await.unwrap();
         // Keep 4 of the 11 finished: 7 beyond, the one with an incomplete unwind not among
         // those that may go; oldest first, 3 at a time.
-        let first = store.prunable(100, 4, 3).unwrap();
+        let first = store.prunable(100, 4, 3).await.unwrap();
         assert_eq!(first, [ids[0], ids[3], ids[4]]);
         store.commit(vec![Write::Prune(first)], None).await.unwrap();
-        let second = store.prunable(100, 4, 3).unwrap();
+        let second = store.prunable(100, 4, 3).await.unwrap();
         assert_eq!(second, [ids[5], ids[6], ids[7]]);
         // A job chosen a moment ago that has started again since is not dropped.
-        let mut back = store.job(ids[6]).unwrap().unwrap();
+        let mut back = store.job(ids[6]).await.unwrap().unwrap();
         back.state = JobState::Running;
         store
             .commit(
@@ -1068,6 +1565,7 @@ mod tests {
             .unwrap();
         let left: Vec<JobId> = store
             .list(&filter(&[], None, &[]))
+            .await
             .unwrap()
             .into_iter()
             .map(|(j, _)| j.id)
@@ -1078,10 +1576,7 @@ mod tests {
         store.close().await;
     }
 
-    #[tokio::test]
-    async fn an_update_changes_progress_and_keeps_the_spec() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("stately.db"), false).unwrap();
+    async fn an_update_changes_progress_and_keeps_the_spec(store: Store) {
         let mut job = stored("runbook", JobState::Pending, &[]);
         job.spec.json = r#"{"runbook":{"runbook":"x","params":{}}}"#.into();
         store
@@ -1094,11 +1589,11 @@ mod tests {
             .commit(vec![Write::UpdateJob(job.progress())], None)
             .await
             .unwrap();
-        let back = store.job(job.id).unwrap().unwrap();
+        let back = store.job(job.id).await.unwrap().unwrap();
         assert_eq!(back.state, JobState::Running);
         assert_eq!(back.spec, job.spec);
-        assert_eq!(store.jobs_unwind_incomplete().unwrap().len(), 1);
-        assert_eq!(store.jobs_in(&[JobState::Pending]).unwrap().len(), 0);
+        assert_eq!(store.jobs_unwind_incomplete().await.unwrap().len(), 1);
+        assert_eq!(store.jobs_in(&[JobState::Pending]).await.unwrap().len(), 0);
         store.close().await;
     }
 
@@ -1124,6 +1619,7 @@ mod tests {
                 before: None,
                 limit: 100,
             })
+            .await
             .unwrap();
         let mut specs: Vec<JobSpec> = jobs
             .into_iter()

@@ -526,7 +526,8 @@ async fn the_health_service_names_every_service() {
 #[tokio::test]
 async fn the_data_directory_and_the_ledger_are_private() {
     use std::os::unix::fs::PermissionsExt;
-    let d = Daemon::start("");
+    // The SQLite ledger's files, also in the run with the ledger on PostgreSQL.
+    let d = Daemon::start("[store]\n");
     let mut c = d.client().await;
     let job = c
         .submit_job(runbook("noop", &[]))

@@ -22,6 +22,7 @@ mod jobs_api;
 mod metrics;
 mod nginx;
 mod package;
+mod postgres;
 mod python;
 mod readme;
 mod reflection;

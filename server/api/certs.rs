@@ -114,7 +114,8 @@ impl pb::certificates_server::Certificates for CertsApi {
                 let mut c = to_pb(&l, renews);
                 c.issued_by_job = self
                     .engine
-                    .last_issue_of(&name)?
+                    .last_issue_of(&name)
+                    .await?
                     .map(|id| id.to_string())
                     .unwrap_or_default();
                 Ok(Response::new(c))

@@ -217,7 +217,7 @@ impl pb::jobs_server::Jobs for JobsApi {
             .engine
             .submit(submission(req.into_inner(), by)?)
             .await?;
-        let rx = self.engine.watch(job.id, 0)?;
+        let rx = self.engine.watch(job.id, 0).await?;
         let stream = Attached {
             rx,
             engine: Some(self.engine.clone()),
@@ -234,10 +234,11 @@ impl pb::jobs_server::Jobs for JobsApi {
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         require(&req, Role::Viewer, "GetJob")?;
         let id = parse_id(&req.get_ref().job_id)?;
-        let mut job = job_to_pb(&self.engine.get(id)?);
+        let mut job = job_to_pb(&self.engine.get(id).await?);
         job.undo = self
             .engine
-            .undo_entries(id)?
+            .undo_entries(id)
+            .await?
             .into_iter()
             .map(|(what, applied)| pb::UndoItem { what, applied })
             .collect();
@@ -261,13 +262,16 @@ impl pb::jobs_server::Jobs for JobsApi {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let kind = Some(r.kind).filter(|k| !k.is_empty());
-        let (jobs, next) = self.engine.list(
-            states,
-            kind,
-            r.labels.into_iter().collect(),
-            r.page_size,
-            &r.page_token,
-        )?;
+        let (jobs, next) = self
+            .engine
+            .list(
+                states,
+                kind,
+                r.labels.into_iter().collect(),
+                r.page_size,
+                &r.page_token,
+            )
+            .await?;
         Ok(Response::new(pb::ListJobsResponse {
             // A listing leaves out applied configuration texts (up to 16 MiB each): GetJob has them.
             jobs: jobs
@@ -295,7 +299,7 @@ impl pb::jobs_server::Jobs for JobsApi {
     ) -> Result<Response<EventStream>, Status> {
         require(&req, Role::Viewer, "WatchJob")?;
         let id = parse_id(&req.get_ref().job_id)?;
-        let rx = self.engine.watch(id, req.get_ref().after_seq)?;
+        let rx = self.engine.watch(id, req.get_ref().after_seq).await?;
         let stream = Attached {
             rx,
             engine: None,
@@ -352,12 +356,13 @@ impl pb::jobs_server::Jobs for JobsApi {
             node: config.node_name(),
             started_at: Some(ts(self.started_at)),
             data_dir: config.data_dir.display().to_string(),
-            store: config.data_dir.join("stately.db").display().to_string(),
+            store: self.engine.store_description(),
             listeners: self.listeners.clone(),
-            outbox_pending: self.engine.outbox_pending()?,
+            outbox_pending: self.engine.outbox_pending().await?,
             unwind_incomplete_job_ids: self
                 .engine
-                .unwind_incomplete()?
+                .unwind_incomplete()
+                .await?
                 .into_iter()
                 .map(|id| id.to_string())
                 .collect(),

@@ -47,6 +47,11 @@ impl From<engine::Error> for Status {
             Store(crate::store::Error::Closed) => {
                 Status::unavailable("the daemon is shutting down")
             }
+            // The ledger's database is away: the call may be tried again.
+            Store(e @ crate::store::Error::Postgres(_)) => {
+                tracing::warn!("{e}");
+                Status::unavailable(e.to_string())
+            }
             Store(e) => {
                 tracing::error!("{e}");
                 Status::internal(e.to_string())

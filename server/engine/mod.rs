@@ -165,10 +165,15 @@ impl Engine {
                 data.display()
             ))
         })?;
-        let store = Store::open(
-            &data.join("stately.db"),
-            config.sync == crate::config::SyncMode::Full,
-        )?;
+        let sync_full = config.sync == crate::config::SyncMode::Full;
+        let store = match &config.store.url {
+            None => Store::open(&data.join("stately.db"), sync_full)?,
+            Some(url) => {
+                let target =
+                    crate::store::PostgresTarget::from_config(&config.store, url, sync_full)?;
+                Store::open_postgres(target).await?
+            }
+        };
         let blobs = BlobStore::open(data.join("blobs"))
             .map_err(|e| Error::Unavailable(format!("cannot create blob directory: {e}")))?;
         let (c, d) = (config.clone(), data.join("blobs"));
@@ -231,10 +236,11 @@ impl Engine {
         let interrupted = typed(
             s.env
                 .store
-                .jobs_in(&[JobState::Running, JobState::Cancelling])?,
+                .jobs_in(&[JobState::Running, JobState::Cancelling])
+                .await?,
         )?;
-        let incomplete = typed(s.env.store.jobs_unwind_incomplete()?)?;
-        let pending = typed(s.env.store.jobs_in(&[JobState::Pending])?)?;
+        let incomplete = typed(s.env.store.jobs_unwind_incomplete().await?)?;
+        let pending = typed(s.env.store.jobs_in(&[JobState::Pending]).await?)?;
         for record in interrupted {
             if record.state == JobState::Running && record.spec.resumes() {
                 tracing::info!(job = %record.id, "resuming a watch job");
@@ -301,8 +307,14 @@ impl Engine {
                 }
                 let (store, blobs) = (s.env.store.clone(), s.env.blobs.clone());
                 drop(s);
+                let referenced = match store.referenced_blobs().await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!("collecting backup blobs failed: {e}");
+                        continue;
+                    }
+                };
                 let collected = tokio::task::spawn_blocking(move || {
-                    let referenced = store.referenced_blobs().map_err(|e| e.to_string())?;
                     blobs.collect(&referenced, grace).map_err(|e| e.to_string())
                 })
                 .await;
@@ -340,8 +352,13 @@ impl Engine {
     }
 
     /// Jobs in the ledger by kind and state (for the metrics).
-    pub(crate) fn job_counts(&self) -> Result<Vec<(String, String, u64)>, Error> {
-        Ok(self.shared.env.store.job_counts()?)
+    pub(crate) async fn job_counts(&self) -> Result<Vec<(String, String, u64)>, Error> {
+        Ok(self.shared.env.store.job_counts().await?)
+    }
+
+    /// Where the job ledger is (its file, or PostgreSQL's host, port and database).
+    pub fn store_description(&self) -> String {
+        self.shared.env.store.describe().to_owned()
     }
 
     /// The shared stats pollers.
@@ -366,7 +383,7 @@ impl Engine {
                     ));
                 }
                 let _one_at_a_time = self.shared.request_ids.lock().await;
-                if let Some(existing) = self.shared.env.store.job_by_request_id(rid)? {
+                if let Some(existing) = self.shared.env.store.job_by_request_id(rid).await? {
                     let existing = kinds::typed(existing)?;
                     if existing.spec != sub.spec {
                         return Err(Error::AlreadyExists(format!(
@@ -494,14 +511,16 @@ impl Engine {
 
     /// The newest succeeded `certificate_issue` job of a lineage in the history (the newest
     /// 1000 of the kind).
-    pub fn last_issue_of(&self, lineage: &str) -> Result<Option<JobId>, Error> {
-        let (jobs, _) = self.list(
-            vec![JobState::Succeeded],
-            Some("certificate_issue".into()),
-            Vec::new(),
-            MAX_PAGE_SIZE,
-            "",
-        )?;
+    pub async fn last_issue_of(&self, lineage: &str) -> Result<Option<JobId>, Error> {
+        let (jobs, _) = self
+            .list(
+                vec![JobState::Succeeded],
+                Some("certificate_issue".into()),
+                Vec::new(),
+                MAX_PAGE_SIZE,
+                "",
+            )
+            .await?;
         Ok(jobs.into_iter().find_map(|j| match &j.spec {
             JobSpec::CertificateIssue(c) if c.lineage == lineage => Some(j.id),
             _ => None,
@@ -509,57 +528,60 @@ impl Engine {
     }
 
     /// How many jobs' unwinds could not finish.
-    pub fn unwind_incomplete_count(&self) -> Result<u64, Error> {
-        Ok(self.shared.env.store.unwind_incomplete_count()?)
+    pub async fn unwind_incomplete_count(&self) -> Result<u64, Error> {
+        Ok(self.shared.env.store.unwind_incomplete_count().await?)
     }
 
     /// Every job whose unwind could not finish, oldest first.
-    pub fn unwind_incomplete(&self) -> Result<Vec<JobId>, Error> {
+    pub async fn unwind_incomplete(&self) -> Result<Vec<JobId>, Error> {
         Ok(self
             .shared
             .env
             .store
-            .jobs_unwind_incomplete()?
+            .jobs_unwind_incomplete()
+            .await?
             .into_iter()
             .map(|j| j.id)
             .collect())
     }
 
     /// A job's undo entries, oldest first: what each does, and whether it was applied.
-    pub fn undo_entries(&self, id: JobId) -> Result<Vec<(String, bool)>, Error> {
+    pub async fn undo_entries(&self, id: JobId) -> Result<Vec<(String, bool)>, Error> {
         Ok(self
             .shared
             .env
             .store
-            .journal(id)?
+            .journal(id)
+            .await?
             .into_iter()
             .map(|e| (e.entry.describe(), e.applied))
             .collect())
     }
 
     /// Alert mails queued and not yet delivered.
-    pub fn outbox_pending(&self) -> Result<u64, Error> {
-        Ok(self.shared.env.store.outbox_pending()?)
+    pub async fn outbox_pending(&self) -> Result<u64, Error> {
+        Ok(self.shared.env.store.outbox_pending().await?)
     }
 
     /// When the oldest undelivered alert mail was queued (ms since the epoch), if any.
-    pub fn outbox_oldest(&self) -> Result<Option<i64>, Error> {
-        Ok(self.shared.env.store.outbox_oldest()?)
+    pub async fn outbox_oldest(&self) -> Result<Option<i64>, Error> {
+        Ok(self.shared.env.store.outbox_oldest().await?)
     }
 
     /// One job.
-    pub fn get(&self, id: JobId) -> Result<Job, Error> {
+    pub async fn get(&self, id: JobId) -> Result<Job, Error> {
         let stored = self
             .shared
             .env
             .store
-            .job(id)?
+            .job(id)
+            .await?
             .ok_or_else(|| not_found(id))?;
         Ok(kinds::typed(stored)?)
     }
 
     /// A page of jobs, newest first, and the token of the next page (None on the last).
-    pub fn list(
+    pub async fn list(
         &self,
         states: Vec<JobState>,
         kind: Option<String>,
@@ -613,7 +635,7 @@ impl Engine {
             before,
             limit: limit + 1,
         };
-        let mut rows = self.shared.env.store.list(&filter)?;
+        let mut rows = self.shared.env.store.list(&filter).await?;
         let next = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
             rows.last().map(|(_, pos)| pos.to_string())
@@ -629,7 +651,7 @@ impl Engine {
 
     /// Streams a job's events after `after_seq`: the recorded ones, then live ones, ending
     /// after the terminal event. Nothing is skipped or repeated.
-    pub fn watch(
+    pub async fn watch(
         &self,
         id: JobId,
         after_seq: u64,
@@ -641,7 +663,7 @@ impl Engine {
         // learn it cost a job attached by RunJob ~4 % of the daemon's CPU under load.
         let ended = match &live {
             Some(l) => l.state.borrow().is_terminal(),
-            None => self.get(id)?.state.is_terminal(),
+            None => self.get(id).await?.state.is_terminal(),
         };
         let live = events;
         let (tx, rx) = mpsc::channel(64);
@@ -687,7 +709,7 @@ impl Engine {
     /// cancel (CANCELLING, or already ended).
     pub async fn cancel(&self, id: JobId, reason: &str, wait: bool) -> Result<Job, Error> {
         let Some(live) = self.live(id) else {
-            let record = self.get(id)?;
+            let record = self.get(id).await?;
             return Err(Error::FailedPrecondition(format!(
                 "job {id} has already ended {}; there is nothing to cancel{}",
                 record.state.as_str(),
@@ -714,11 +736,10 @@ impl Engine {
             deadline,
             state.wait_for(|s| s.is_terminal() || (!wait && *s == JobState::Cancelling)),
         )
-        .await;
-        let record = self.get(id)?;
-        if matches!(seen, Ok(Ok(_)))
-            && matches!(record.state, JobState::Succeeded | JobState::Failed)
-        {
+        .await
+        .is_ok_and(|r| r.is_ok());
+        let record = self.get(id).await?;
+        if seen && matches!(record.state, JobState::Succeeded | JobState::Failed) {
             return Err(Error::FailedPrecondition(format!(
                 "job {id} ended {} before the cancel took effect",
                 record.state.as_str()
@@ -737,7 +758,7 @@ impl Engine {
     ) -> Result<Job, Error> {
         let _one_at_a_time = self.shared.rollbacks.lock().await;
         // NOT_FOUND as for any job id; the rest is the rollback's planning.
-        self.get(id)?;
+        self.get(id).await?;
         let spec = JobSpec::Rollback(kinds::rollback::Spec { target: id, force });
         let env = self.shared.env_now();
         let plan = kinds::plan(&spec, &env, Moment::Submission).await?;
@@ -757,7 +778,7 @@ impl Engine {
     /// Retries at once the unwind of a job that ended with undo entries left, or (`abandon`)
     /// gives those entries up; returns the job after that attempt.
     pub async fn unwind(&self, id: JobId, abandon: bool) -> Result<Job, Error> {
-        let record = self.get(id)?;
+        let record = self.get(id).await?;
         if !record.unwind_incomplete {
             return Err(Error::FailedPrecondition(if record.state.is_terminal() {
                 format!(
@@ -773,7 +794,7 @@ impl Engine {
         }
         let Some(live) = self.live(id) else {
             // It may have just completed.
-            let now = self.get(id)?;
+            let now = self.get(id).await?;
             if !now.unwind_incomplete {
                 return Ok(now);
             }
@@ -794,7 +815,7 @@ impl Engine {
         // One attempt is bounded by the undo entries' own timeouts (a reload waits 15 s).
         let _ =
             tokio::time::timeout(Duration::from_secs(120), served.wait_for(|n| *n >= asked)).await;
-        self.get(id)
+        self.get(id).await
     }
 
     /// Stops taking jobs, gives running ones `grace` to end, then flushes the store. Jobs still
@@ -826,10 +847,9 @@ async fn prune_history(store: &Store, h: &crate::config::History) -> Result<(), 
     const PRUNE_SEARCH: u32 = 10_000;
     const PRUNE_BATCH: usize = 200;
     loop {
-        let (reader, keep, total) = (store.clone(), h.keep_per_resource, h.keep_total);
-        let ids = tokio::task::spawn_blocking(move || reader.prunable(keep, total, PRUNE_SEARCH))
+        let ids = store
+            .prunable(h.keep_per_resource, h.keep_total, PRUNE_SEARCH)
             .await
-            .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         for batch in ids.chunks(PRUNE_BATCH) {
             store
@@ -849,7 +869,7 @@ async fn replay(
     last: &mut u64,
     tx: &mpsc::Sender<Result<Event, Error>>,
 ) -> bool {
-    match store.events_after(id, *last) {
+    match store.events_after(id, *last).await {
         Err(e) => {
             let _ = tx.send(Err(e.into())).await;
             true
@@ -993,7 +1013,7 @@ argv = ["sleep", "30"]
 
     /// The states a job's events go through, until its terminal one.
     async fn states(engine: &Engine, id: JobId) -> Vec<JobState> {
-        let mut rx = engine.watch(id, 0).unwrap();
+        let mut rx = engine.watch(id, 0).await.unwrap();
         let mut out = Vec::new();
         while let Some(ev) = rx.recv().await {
             if let EventBody::State { to, .. } = ev.unwrap().body {
@@ -1012,7 +1032,7 @@ argv = ["sleep", "30"]
             states(&engine, job.id).await,
             [JobState::Pending, JobState::Running, JobState::Succeeded]
         );
-        let done = engine.get(job.id).unwrap();
+        let done = engine.get(job.id).await.unwrap();
         assert!(done.steps.iter().all(|s| s.state == StepState::Succeeded));
         assert!(done.finished_at.is_some() && done.error.is_none());
     }
@@ -1025,7 +1045,7 @@ argv = ["sleep", "30"]
             states(&engine, job.id).await,
             [JobState::Pending, JobState::Running, JobState::Failed]
         );
-        let done = engine.get(job.id).unwrap();
+        let done = engine.get(job.id).await.unwrap();
         assert_eq!(done.failed_step.as_deref(), Some("check false"));
         assert_eq!(done.steps[0].state, StepState::Failed);
     }
@@ -1034,7 +1054,7 @@ argv = ["sleep", "30"]
     async fn a_cancel_of_a_running_job_goes_through_cancelling() {
         let (engine, _stop, _dir) = engine().await;
         let job = engine.submit(run("slow")).await.unwrap();
-        let mut rx = engine.watch(job.id, 0).unwrap();
+        let mut rx = engine.watch(job.id, 0).await.unwrap();
         // Wait for the step to start before cancelling.
         while let Some(ev) = rx.recv().await {
             if let EventBody::StepStarted { .. } = ev.unwrap().body {
@@ -1062,7 +1082,7 @@ argv = ["sleep", "30"]
         let second = engine.submit(run("slow")).await.unwrap();
         assert_eq!(second.waiting_for, ["runbook:slow"]);
         engine.cancel(first.id, "make way", true).await.unwrap();
-        let mut rx = engine.watch(second.id, 0).unwrap();
+        let mut rx = engine.watch(second.id, 0).await.unwrap();
         while let Some(ev) = rx.recv().await {
             if let EventBody::State {
                 to: JobState::Running,

@@ -114,9 +114,32 @@ pub(crate) async fn run(
     complete(&shared, record, journal, &live, prepared).await;
 }
 
+/// A job's undo journal from the store, read again until it can be: an empty journal in its
+/// place would let the job's next undo entry overwrite entry 0. None once the store has closed
+/// (the daemon is stopping; the job is left for the next start).
+async fn stored_journal(
+    shared: &Shared,
+    id: crate::job::JobId,
+) -> Option<Vec<crate::undo::JournalEntry>> {
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        match shared.env.store.journal(id).await {
+            Ok(entries) => return Some(entries),
+            Err(crate::store::Error::Closed) => return None,
+            Err(e) => {
+                tracing::warn!(job = %id, "reading the undo journal: {e}; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 /// Carries on with a watch job found RUNNING at start-up, from the step it was in.
 pub(crate) async fn resume(shared: Arc<Shared>, record: Job, live: Arc<LiveJob>) {
-    let entries = shared.env.store.journal(record.id).unwrap_or_default();
+    let Some(entries) = stored_journal(&shared, record.id).await else {
+        return;
+    };
     let mut journal = journal_of(&shared, &live, &record, entries);
     let _release = Release {
         shared: shared.clone(),
@@ -198,7 +221,9 @@ fn unwound_after_cancel(record: &Job, live: &LiveJob) {
 
 /// Carries on with the unwind of a job that ended with undo entries left (found at start-up).
 pub(crate) async fn retry_unwind(shared: Arc<Shared>, mut record: Job, live: Arc<LiveJob>) {
-    let entries = shared.env.store.journal(record.id).unwrap_or_default();
+    let Some(entries) = stored_journal(&shared, record.id).await else {
+        return;
+    };
     let mut journal = journal_of(&shared, &live, &record, entries);
     let _release = Release {
         shared: shared.clone(),
@@ -419,11 +444,11 @@ pub(crate) async fn recover(
     mut record: Job,
     live: &Arc<LiveJob>,
 ) -> Result<(), crate::store::Error> {
-    let entries = shared.env.store.journal(record.id)?;
+    let entries = shared.env.store.journal(record.id).await?;
     let mut journal = journal_of(shared, live, &record, entries);
     let was = record.state;
     // A command that outlived the crashed daemon is stopped before its changes are undone.
-    for (pgid, started) in shared.env.store.processes(record.id)? {
+    for (pgid, started) in shared.env.store.processes(record.id).await? {
         if crate::command::kill_orphan(pgid, started) {
             journal.log(
                 LogLevel::Warn,

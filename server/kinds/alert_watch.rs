@@ -106,7 +106,7 @@ impl Watch {
         let job = ctx.job();
         let store = ctx.store().clone();
         let failed = |e: crate::store::Error| StepError::Failed(e.to_string());
-        let mut mem: Memory = match store.watch_state(job).map_err(failed)? {
+        let mut mem: Memory = match store.watch_state(job).await.map_err(failed)? {
             Some(s) => serde_json::from_str(&s)
                 .map_err(|e| StepError::Failed(format!("the watch's saved state: {e}")))?,
             None => Memory::default(),
@@ -118,6 +118,7 @@ impl Watch {
         }
         let mut outbox: VecDeque<OutboxEntry> = store
             .outbox(job)
+            .await
             .map_err(failed)?
             .into_iter()
             .filter(|e| e.state == "pending")

@@ -29,7 +29,7 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, at: Moment) -> Result<Planned, 
     let id = spec.target;
     let record = env
         .store
-        .job(id)?
+        .job(id).await?
         .ok_or_else(|| Error::NotFound(format!("job {id} no longer exists")))?;
     // Before the state: a revocation that failed or was cancelled may still have reached
     // the CA, and none can be undone.
@@ -59,9 +59,9 @@ pub(crate) async fn plan(spec: &Spec, env: &Env, at: Moment) -> Result<Planned, 
             "job {id} was already rolled back by job {by}"
         )));
     }
-    let journal = env.store.journal(id)?;
+    let journal = env.store.journal(id).await?;
     if at == Moment::Submission {
-        if let Some(active) = env.store.active_rollbacks_of(id)?.first() {
+        if let Some(active) = env.store.active_rollbacks_of(id).await?.first() {
             return Err(Error::FailedPrecondition(format!(
                 "job {active} is already rolling back job {id}"
             )));

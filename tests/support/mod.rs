@@ -159,7 +159,7 @@ impl Daemon {
         let root = dir.path().join("root");
         std::fs::create_dir_all(&root).unwrap();
         let config = dir.path().join("statelyd.toml");
-        let text = format!(
+        let mut text = format!(
             r#"listen = "127.0.0.1:0"
 data_dir = "{data}"
 shutdown_grace = "2s"
@@ -176,6 +176,16 @@ value = "{VIEWER}"
             data = dir.path().join("data").display(),
             runbooks = test_runbooks(&root),
         );
+        // The suites run again with the ledger on PostgreSQL (scripts/test.sh): each daemon
+        // gets a schema of its own in the run's cluster.
+        if std::env::var("STATELY_TEST_STORE").as_deref() == Ok("postgres")
+            && !extra.contains("[store]")
+        {
+            text.push_str(&format!(
+                "\n[store]\nurl = \"{}\"\n",
+                postgres::TestPostgres::schema_blocking()
+            ));
+        }
         std::fs::write(&config, text).unwrap();
         Daemon {
             env: env
@@ -687,6 +697,7 @@ pub fn tree(paths: &[PathBuf]) -> std::collections::BTreeMap<PathBuf, String> {
 pub mod bind;
 pub mod pebble;
 pub mod pki;
+pub mod postgres;
 
 pub const PYTHON: &str = "/usr/bin/python3";
 

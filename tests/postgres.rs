@@ -1,0 +1,204 @@
+//! The job ledger on PostgreSQL (`[store] url`), against a real PostgreSQL: what is particular
+//! to it. The engine and API suites also run whole with the ledger there (scripts/test.sh runs
+//! them a second time with STATELY_TEST_STORE=postgres).
+
+use crate::support::postgres::TestPostgres;
+use crate::support::*;
+use stately::pb;
+
+fn store(url: &str) -> String {
+    format!("[store]\nurl = \"{url}\"\n")
+}
+
+/// The rows of a table in the test's schema.
+async fn count(pg: &TestPostgres, table: &str) -> i64 {
+    TestPostgres::connect(&pg.url())
+        .await
+        .query_one(&format!("SELECT COUNT(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_on_postgresql_runs_jobs_and_keeps_them_across_a_restart() {
+    let pg = TestPostgres::start().await;
+    let mut d = Daemon::start(&store(&pg.url()));
+    let out = d
+        .cli()
+        .args([
+            "run",
+            "write",
+            "-p",
+            "name=pg",
+            "-p",
+            "content=on postgres\n",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.root().join("pg.txt")).unwrap(),
+        "on postgres\n"
+    );
+    // The ledger is in PostgreSQL, not in the data directory.
+    assert!(!d.data().join("stately.db").exists());
+    assert_eq!(count(&pg, "jobs").await, 1);
+    assert!(count(&pg, "events").await >= 4);
+    let status = d.cli().args(["-o", "json", "status"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let at = v["server"]["store"].as_str().unwrap();
+    assert!(
+        at.starts_with("postgresql://127.0.0.1:") && at.ends_with("/postgres"),
+        "{at}"
+    );
+    assert!(
+        !at.contains("search_path"),
+        "the store is named without its options: {at}"
+    );
+
+    // After a restart the history is there, events and all.
+    let mut client = d.client().await;
+    let before = client
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    d.terminate();
+    d.spawn();
+    let mut client2 = d.client().await;
+    let after = client2
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(before.len(), 1);
+    assert_eq!(after, before);
+    let job = wait_end(&mut client2, &after[0].id).await;
+    assert_eq!(state(&job), pb::JobState::Succeeded);
+    drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_survives_postgresql_restarting_under_it_and_its_watcher_misses_nothing() {
+    let pg = TestPostgres::own_cluster().await;
+    let d = Daemon::start(&store(&pg.url()));
+    let mut client = d.client().await;
+    for mode in ["fast", "immediate"] {
+        let job = client
+            .submit_job(runbook("chatty", &[("lines", "150")]))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut s = client
+            .watch_job(pb::WatchJobRequest {
+                job_id: job.id.clone(),
+                after_seq: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        until_log(&mut s, "line 20").await;
+        // PostgreSQL goes away under the running job and comes back.
+        pg.restart(mode);
+        let mut seqs = Vec::new();
+        let mut last_state = None;
+        while let Some(e) = tokio::time::timeout(std::time::Duration::from_secs(60), s.message())
+            .await
+            .expect("the stream goes on")
+            .unwrap()
+        {
+            seqs.push(e.seq);
+            if let Some(pb::job_event::Event::StateChanged(c)) = e.event {
+                last_state = Some(c.to);
+            }
+        }
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "-m {mode}: the watcher sees every event once, in order: {seqs:?}"
+        );
+        assert_eq!(
+            last_state,
+            Some(pb::JobState::Succeeded as i32),
+            "-m {mode}"
+        );
+        let end = wait_end(&mut client, &job.id).await;
+        assert_eq!(state(&end), pb::JobState::Succeeded);
+        // Every line is in the ledger, once.
+        let lines: i64 = TestPostgres::connect(&pg.url())
+            .await
+            .query_one(
+                "SELECT COUNT(*) FROM events WHERE job_id = $1 AND body LIKE '%line %'",
+                &[&job.id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(lines, 150, "-m {mode}");
+    }
+    assert!(
+        d.log().contains("the writes wait and are retried"),
+        "the outage was seen and ridden out: {}",
+        d.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_statelyd_on_the_same_ledger_refuses_to_start() {
+    let pg = TestPostgres::start().await;
+    let _first = Daemon::start(&store(&pg.url()));
+    let second = Daemon::configure(&store(&pg.url()), &[]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_statelyd"))
+        .arg("--config")
+        .arg(&second.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("another statelyd uses this ledger"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_store_configuration_is_refused_at_start_with_a_clear_message() {
+    let pg = TestPostgres::start().await;
+    let start = |extra: &str| {
+        let d = Daemon::configure(extra, &[]);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_statelyd"))
+            .arg("--config")
+            .arg(&d.config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, said) = start("[store]\nurl = \"postgresql://stately:secret@127.0.0.1/x\"\n");
+    assert_eq!(code, Some(64), "{said}");
+    assert!(
+        said.contains("password_file") && !said.contains("secret"),
+        "{said}"
+    );
+    let (code, said) = start("[store]\nurl = \"mysql://x\"\n");
+    assert_eq!(code, Some(64), "{said}");
+    assert!(said.contains("not a PostgreSQL URL"), "{said}");
+    let (code, said) = start(&format!(
+        "[store]\nurl = \"{}\"\npassword_file = \"/nonexistent/pw\"\n",
+        pg.url()
+    ));
+    assert_eq!(code, Some(64), "{said}");
+    assert!(said.contains("/nonexistent/pw"), "{said}");
+    // Nothing listens there: the start fails, naming where it tried.
+    let port = free_port();
+    let (code, said) = start(&store(&format!(
+        "postgresql://postgres@127.0.0.1:{port}/postgres"
+    )));
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains(&format!("127.0.0.1:{port}")), "{said}");
+}
