@@ -653,7 +653,7 @@ impl Config {
             )));
         }
         if let Some(url) = &self.store.url {
-            crate::store::PostgresTarget::check_url(url)
+            crate::store::PostgresTarget::check_url(url, self.insecure)
                 .map_err(|e| invalid(format!("[store] url: {e}")))?;
         }
         if self.store.pool_size == Some(0) {

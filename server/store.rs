@@ -221,6 +221,9 @@ impl Error {
 /// are 0 and are brought up by `migrate`).
 const SQLITE_VERSION: u32 = 1;
 
+/// How long closing waits for PostgreSQL to take the queued writes.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Read connections kept open between reads.
 const MAX_IDLE_READERS: usize = 4;
 
@@ -396,16 +399,25 @@ impl Store {
 
     /// Waits for every queued write, then stops the writer.
     pub(crate) async fn close(&self) {
-        let _ = self.commit(Vec::new(), None).await;
+        let flushed = self.commit(Vec::new(), None);
+        if matches!(self.inner.backend, Backend::Postgres(_)) {
+            // A database that is away holds the writes; shutting down does not wait for ever.
+            if tokio::time::timeout(CLOSE_WAIT, flushed).await.is_err() {
+                tracing::error!(
+                    "store: {} did not take the last writes within {CLOSE_WAIT:?}; they are lost, and the jobs they belong to are unwound at the next start",
+                    self.inner.describe
+                );
+            }
+        } else {
+            let _ = flushed.await;
+        }
         self.inner.tx.lock().expect("store lock").take();
         let writer = self.inner.writer.lock().expect("store lock").take();
         match writer {
             Some(WriterHandle::Thread(w)) => {
                 let _ = tokio::task::spawn_blocking(move || w.join()).await;
             }
-            Some(WriterHandle::Task(w)) => {
-                let _ = w.await;
-            }
+            Some(WriterHandle::Task(w)) => w.abort(),
             None => {}
         }
     }
@@ -1229,7 +1241,7 @@ mod tests {
             url: Some(url.to_owned()),
             ..Default::default()
         };
-        Store::open_postgres(PostgresTarget::from_config(&config, url, false)?).await
+        Store::open_postgres(PostgresTarget::from_config(&config, url, false, false)?).await
     }
 
     async fn events_undo_entries_processes_outbox_and_watch_state_round_trip(store: Store) {

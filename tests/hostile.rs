@@ -414,6 +414,17 @@ async fn huge_filters_names_and_sequence_numbers_get_clear_answers() {
     req.labels.insert("k".repeat(100_000), "v".into());
     let err = c.submit_job(req).await.unwrap_err();
     assert_short(&err, Code::InvalidArgument);
+    // A NUL (or another control character) in a label value or an idempotency key: refused
+    // alike on both ledgers (PostgreSQL's text would refuse it at the commit).
+    let mut req = runbook("noop", &[]);
+    req.labels.insert("k".into(), "a\0b".into());
+    let err = c.submit_job(req).await.unwrap_err();
+    assert_short(&err, Code::InvalidArgument);
+    assert!(err.message().contains("control character"), "{err:?}");
+    let mut req = runbook("noop", &[]);
+    req.request_id = "once\0".into();
+    let err = c.submit_job(req).await.unwrap_err();
+    assert_short(&err, Code::InvalidArgument);
 
     // after_seq past i64::MAX does not wrap to "everything".
     let job = c

@@ -185,6 +185,13 @@ async fn a_bad_store_configuration_is_refused_at_start_with_a_clear_message() {
         said.contains("password_file") && !said.contains("secret"),
         "{said}"
     );
+    // Refused before any connection is tried: nothing leaves the machine.
+    let (code, said) = start("[store]\nurl = \"postgresql://stately@192.0.2.1/x\"\n");
+    assert_eq!(code, Some(64), "{said}");
+    assert!(
+        said.contains("beyond loopback") && said.contains("insecure"),
+        "{said}"
+    );
     let (code, said) = start("[store]\nurl = \"mysql://x\"\n");
     assert_eq!(code, Some(64), "{said}");
     assert!(said.contains("not a PostgreSQL URL"), "{said}");
@@ -201,4 +208,50 @@ async fn a_bad_store_configuration_is_refused_at_start_with_a_clear_message() {
     )));
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains(&format!("127.0.0.1:{port}")), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statelyd_that_lost_the_ledger_to_another_writes_nothing_more() {
+    let pg = TestPostgres::start().await;
+    let a = Daemon::start(&store(&pg.url()));
+    let mut ca = a.client().await;
+    let first = ca
+        .submit_job(runbook("noop", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_end(&mut ca, &first.id).await;
+    // A's sessions end (a network cut, an administrator), so its lock goes with them, and
+    // another statelyd takes the ledger before A is back.
+    let admin = TestPostgres::connect(&pg.admin).await;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'statelyd' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    let b = Daemon::start(&store(&pg.url()));
+    let jobs_before = count(&pg, "jobs").await;
+    // A finds the ledger taken: its writes fail, and nothing of them lands.
+    let refused = ca.submit_job(runbook("noop", &[])).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(count(&pg, "jobs").await, jobs_before, "A wrote nothing");
+    assert!(
+        a.log().contains("another statelyd"),
+        "A says why it stopped writing: {}",
+        a.log()
+    );
+    // B goes on.
+    let mut cb = b.client().await;
+    let job = cb
+        .submit_job(runbook("noop", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        state(&wait_end(&mut cb, &job.id).await),
+        pb::JobState::Succeeded
+    );
 }

@@ -169,8 +169,12 @@ impl Engine {
         let store = match &config.store.url {
             None => Store::open(&data.join("stately.db"), sync_full)?,
             Some(url) => {
-                let target =
-                    crate::store::PostgresTarget::from_config(&config.store, url, sync_full)?;
+                let target = crate::store::PostgresTarget::from_config(
+                    &config.store,
+                    url,
+                    sync_full,
+                    config.insecure,
+                )?;
                 Store::open_postgres(target).await?
             }
         };
@@ -377,9 +381,10 @@ impl Engine {
 
         match sub.request_id.as_deref() {
             Some(rid) => {
-                if rid.is_empty() || rid.len() > 256 {
+                if rid.is_empty() || rid.len() > 256 || rid.contains(char::is_control) {
                     return Err(Error::InvalidArgument(
-                        "request_id must be 1 to 256 characters".into(),
+                        "request_id must be 1 to 256 characters, none of them control characters"
+                            .into(),
                     ));
                 }
                 let _one_at_a_time = self.shared.request_ids.lock().await;
@@ -952,6 +957,12 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), Error> {
         if v.len() > 256 {
             return Err(Error::InvalidArgument(format!(
                 "label {}: the value is longer than 256 bytes",
+                quote(k)
+            )));
+        }
+        if v.contains(char::is_control) {
+            return Err(Error::InvalidArgument(format!(
+                "label {}: the value holds a control character",
                 quote(k)
             )));
         }

@@ -126,6 +126,11 @@ async fn stored_journal(
         match shared.env.store.journal(id).await {
             Ok(entries) => return Some(entries),
             Err(crate::store::Error::Closed) => return None,
+            // Reading again will not mend it: the job stays as it is for an operator.
+            Err(e @ crate::store::Error::Corrupt(_)) => {
+                tracing::error!(job = %id, "reading the undo journal: {e}; the job is left as it is");
+                return None;
+            }
             Err(e) => {
                 tracing::warn!(job = %id, "reading the undo journal: {e}; retrying");
                 tokio::time::sleep(pause).await;

@@ -31,7 +31,7 @@ pub(crate) struct Target {
 
 impl Target {
     /// Checks a `[store] url` the way `from_config` reads it, without connecting.
-    pub(crate) fn check_url(url: &str) -> Result<(), String> {
+    pub(crate) fn check_url(url: &str, insecure: bool) -> Result<(), String> {
         let config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
@@ -47,6 +47,20 @@ impl Target {
         if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
             return Err("sslmode=require: TLS to PostgreSQL is not supported yet; reach it on loopback or a unix socket".into());
         }
+        // Without TLS the ledger (and, by some login methods, the password) would cross the
+        // network in clear: as for the listeners, only with `insecure = true`.
+        let remote = config.get_hosts().iter().any(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => {
+                name != "localhost"
+                    && !name
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            tokio_postgres::config::Host::Unix(_) => false,
+        });
+        if remote && !insecure {
+            return Err("names a host beyond loopback, and TLS to PostgreSQL is not supported yet: the ledger would cross the network in clear. Reach it on loopback or a unix socket, or set insecure = true if something else encrypts the path".into());
+        }
         Ok(())
     }
 
@@ -55,8 +69,9 @@ impl Target {
         store: &crate::config::StoreConfig,
         url: &str,
         sync_full: bool,
+        insecure: bool,
     ) -> Result<Target, Error> {
-        Self::check_url(url).map_err(|e| Error::Config(format!("[store] url: {e}")))?;
+        Self::check_url(url, insecure).map_err(|e| Error::Config(format!("[store] url: {e}")))?;
         let mut config: tokio_postgres::Config = url.parse().expect("checked above");
         // No TLS yet: "prefer" would try it first against a server that offers it.
         config.ssl_mode(tokio_postgres::config::SslMode::Disable);
@@ -64,6 +79,9 @@ impl Target {
             config.application_name("statelyd");
         }
         config.connect_timeout(Duration::from_secs(10));
+        // A half-open connection is noticed in seconds, not the kernel's quarter of an hour.
+        config.keepalives_idle(Duration::from_secs(15));
+        config.tcp_user_timeout(Duration::from_secs(30));
         if let Some(file) = &store.password_file {
             let text = std::fs::read_to_string(file).map_err(|e| {
                 Error::Config(format!("[store] password_file {}: {e}", file.display()))
@@ -141,7 +159,9 @@ CREATE TABLE outbox (
 );
 CREATE INDEX outbox_pending ON outbox (created_at) WHERE state = 'pending';
 CREATE TABLE watch_state (job_id TEXT PRIMARY KEY, state TEXT NOT NULL);
-CREATE TABLE stately_writer (one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), round BIGINT NOT NULL);
+CREATE TABLE stately_writer (
+    one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), round BIGINT NOT NULL, owner TEXT
+);
 INSERT INTO stately_writer (round) VALUES (0);
 "];
 
@@ -195,10 +215,16 @@ pub(crate) async fn open(
     Error,
 > {
     let client = connect(&target).await?;
-    migrate(&client, &target.describe).await?;
+    // The lock first: a newer binary started by mistake does not upgrade the schema under a
+    // running daemon.
     lock(&client, &target.describe).await?;
+    migrate(&client, &target.describe).await?;
+    let owner = uuid::Uuid::now_v7().to_string();
     let round: i64 = client
-        .query_one("SELECT round FROM stately_writer", &[])
+        .query_one(
+            "UPDATE stately_writer SET owner = $1 RETURNING round",
+            &[&owner],
+        )
         .await
         .map_err(pg)?
         .get(0);
@@ -223,6 +249,8 @@ pub(crate) async fn open(
             client: Some(client),
             statements: HashMap::new(),
             round,
+            owner,
+            sent: None,
         }
         .run(rx),
     );
@@ -297,59 +325,99 @@ struct Writer {
     statements: HashMap<&'static str, Statement>,
     /// The number of the last round committed (also in `stately_writer`).
     round: i64,
+    /// This process's claim on the ledger (in `stately_writer.owner`): a round commits only
+    /// while the row still names it.
+    owner: String,
+    /// The results of the round whose COMMIT was sent last, for when its answer is lost but
+    /// the commit took.
+    sent: Option<(i64, Vec<Result<(), String>>)>,
 }
 
-/// A statement and its parameters.
-type Stmt = (&'static str, Vec<Box<dyn ToSql + Sync + Send>>);
+/// Why a round did not commit.
+enum RoundError {
+    /// The connection or the server's state: the round is tried again, held in order.
+    Retry(Error),
+    /// Another statelyd holds the ledger now: this one must write nothing more.
+    Fenced(String),
+}
+
+impl From<Error> for RoundError {
+    fn from(e: Error) -> Self {
+        RoundError::Retry(e)
+    }
+}
+
+/// Errors of the moment, not of the batch (SQLSTATE classes): connection (08), transaction
+/// rollback such as serialization or deadlock (40), insufficient resources (53), operator
+/// intervention such as a shutdown or a statement timeout (57), a read-only transaction
+/// during a failover (25006).
+fn transient(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_none_or(|db| {
+        let code = db.code().code();
+        ["08", "40", "53", "57"].iter().any(|c| code.starts_with(c)) || code == "25006"
+    })
+}
 
 impl Writer {
     async fn run(mut self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Batch>) {
         let mut batches = Vec::new();
         while rx.recv_many(&mut batches, 1024).await > 0 {
             let round = self.round + 1;
-            let results = self.commit_round(round, &batches).await;
-            self.round = round;
-            finish_round(std::mem::take(&mut batches), results);
-        }
-    }
-
-    /// Commits one round, retrying it on a new connection while PostgreSQL is unreachable
-    /// (the batches are held, in order: nothing is dropped or reordered).
-    async fn commit_round(&mut self, round: i64, batches: &[Batch]) -> Vec<Result<(), String>> {
-        let mut pause = Duration::from_millis(100);
-        loop {
-            match self.try_round(round, batches).await {
-                Ok(results) => return results,
-                Err(e) => {
-                    tracing::warn!("store: {e}; the writes wait and are retried");
-                    self.client = None;
-                    self.statements.clear();
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                    // Reconnected, the round may have committed before its answer was lost.
-                    if let Ok(true) = self.committed(round).await {
-                        return batches.iter().map(|_| Ok(())).collect();
-                    }
+            match self.commit_round(round, &batches).await {
+                Ok(results) => {
+                    self.round = round;
+                    finish_round(std::mem::take(&mut batches), results);
+                }
+                Err(why) => {
+                    tracing::error!("store: {why}; this statelyd writes nothing more: stop it");
+                    let results = batches
+                        .iter()
+                        .map(|_| Err(format!("store: {why}")))
+                        .collect();
+                    finish_round(std::mem::take(&mut batches), results);
+                    // Every later write fails as the writer has stopped.
+                    return;
                 }
             }
         }
     }
 
-    /// Whether `round` is the last committed one (after a reconnect).
-    async fn committed(&mut self, round: i64) -> Result<bool, Error> {
-        let client = self.client().await?;
-        let now: i64 = client
-            .query_one("SELECT round FROM stately_writer", &[])
-            .await
-            .map_err(pg)?
-            .get(0);
-        Ok(now == round)
+    /// Commits one round, retrying it on a new connection while PostgreSQL is unreachable
+    /// (the batches are held, in order: nothing is dropped or reordered). Err when the ledger
+    /// has been taken by another statelyd.
+    async fn commit_round(
+        &mut self,
+        round: i64,
+        batches: &[Batch],
+    ) -> Result<Vec<Result<(), String>>, String> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let attempt = tokio::time::timeout(ROUND_TIMEOUT, self.try_round(round, batches)).await;
+            match attempt {
+                Ok(Ok(results)) => return Ok(results),
+                Ok(Err(RoundError::Fenced(why))) => return Err(why),
+                Ok(Err(RoundError::Retry(e))) => {
+                    tracing::warn!("store: {e}; the writes wait and are retried");
+                }
+                Err(_) => tracing::warn!(
+                    "store: no answer from PostgreSQL within {ROUND_TIMEOUT:?}; the writes wait and are retried"
+                ),
+            }
+            self.client = None;
+            self.statements.clear();
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
     }
 
-    async fn client(&mut self) -> Result<&Client, Error> {
+    /// The writer's connection: a new one takes the one-node lock again and must find the
+    /// ledger still claimed by this process.
+    async fn client(&mut self) -> Result<&Client, RoundError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             let c = connect(&self.target).await?;
-            lock(&c, &self.target.describe).await?;
+            if let Err(e) = lock(&c, &self.target.describe).await {
+                return Err(RoundError::Fenced(e.to_string()));
+            }
             self.statements.clear();
             self.client = Some(c);
         }
@@ -366,30 +434,54 @@ impl Writer {
         Ok(s)
     }
 
-    /// One attempt at a round. Err only when the connection (not a batch) failed.
+    /// One attempt at a round.
     async fn try_round(
         &mut self,
         round: i64,
         batches: &[Batch],
-    ) -> Result<Vec<Result<(), String>>, Error> {
+    ) -> Result<Vec<Result<(), String>>, RoundError> {
         let sync = if self.target.sync_full { "on" } else { "off" };
+        let owner = self.owner.clone();
         let client = self.client().await?;
         client
             .batch_execute(&format!("BEGIN; SET LOCAL synchronous_commit = {sync}"))
             .await
             .map_err(pg)?;
+        // The marker first, on this connection: a round whose COMMIT was sent before the
+        // connection broke may have taken, and must not be applied twice.
+        let row = client
+            .query_opt(
+                "SELECT round FROM stately_writer WHERE owner = $1 FOR UPDATE",
+                &[&owner],
+            )
+            .await
+            .map_err(pg)?;
+        let Some(row) = row else {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(RoundError::Fenced(format!(
+                "{}: another statelyd has taken this ledger",
+                self.target.describe
+            )));
+        };
+        if row.get::<_, i64>(0) == round {
+            client.batch_execute("ROLLBACK").await.map_err(pg)?;
+            return Ok(match self.sent.take() {
+                Some((r, results)) if r == round => results,
+                _ => batches.iter().map(|_| Ok(())).collect(),
+            });
+        }
         let mut results = Vec::with_capacity(batches.len());
         for batch in batches {
             let client = self.client.as_ref().expect("connected");
             client.batch_execute("SAVEPOINT b").await.map_err(pg)?;
             let mut failed = None;
-            for w in &batch.writes {
+            'writes: for w in &batch.writes {
                 for (sql, params) in statements(w) {
                     let stmt = match self.prepared(sql).await {
                         Ok(s) => s,
                         Err(e) => {
                             failed = Some(e);
-                            break;
+                            break 'writes;
                         }
                     };
                     let refs: Vec<&(dyn ToSql + Sync)> = params
@@ -399,11 +491,8 @@ impl Writer {
                     let client = self.client.as_ref().expect("connected");
                     if let Err(e) = client.execute(&stmt, &refs).await {
                         failed = Some(e);
-                        break;
+                        break 'writes;
                     }
-                }
-                if failed.is_some() {
-                    break;
                 }
             }
             let client = self.client.as_ref().expect("connected");
@@ -415,7 +504,8 @@ impl Writer {
                         .map_err(pg)?;
                     results.push(Ok(()));
                 }
-                Some(e) if client.is_closed() => return Err(pg(e)),
+                // Not the batch's fault: the whole round is tried again.
+                Some(e) if client.is_closed() || transient(&e) => return Err(pg(e).into()),
                 Some(e) => {
                     client
                         .batch_execute("ROLLBACK TO SAVEPOINT b; RELEASE SAVEPOINT b")
@@ -427,12 +517,33 @@ impl Writer {
         }
         let client = self.client.as_ref().expect("connected");
         client
-            .execute("UPDATE stately_writer SET round = $1", &[&round])
+            .execute(
+                "UPDATE stately_writer SET round = $1 WHERE owner = $2",
+                &[&round, &owner],
+            )
             .await
             .map_err(pg)?;
+        self.sent = Some((round, results.clone()));
+        let client = self.client.as_ref().expect("connected");
         client.batch_execute("COMMIT").await.map_err(pg)?;
+        self.sent = None;
         Ok(results)
     }
+}
+
+/// A statement and its parameters.
+type Stmt = (&'static str, Vec<Box<dyn ToSql + Sync + Send>>);
+
+/// How long one attempt at a round may take before the connection is given up on.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Free text as PostgreSQL's TEXT takes it (it refuses NUL, which a program's output may hold).
+fn text(s: &str) -> String {
+    s.replace('\0', "\u{FFFD}")
+}
+
+fn text_opt(s: &Option<String>) -> Option<String> {
+    s.as_deref().map(text)
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
@@ -465,11 +576,11 @@ fn statements(w: &Write) -> Vec<Stmt> {
                     j.created_at,
                     j.started_at,
                     j.finished_at,
-                    j.error.clone(),
-                    j.failed_step.clone(),
+                    text_opt(&j.error),
+                    text_opt(&j.failed_step),
                     j.rolled_back_by.map(|r| r.to_string()),
                     j.spec.rollback_of.map(|r| r.to_string()),
-                    j.submitted_by.clone(),
+                    text_opt(&j.submitted_by),
                 ],
             )];
             for r in &j.resources {
@@ -490,8 +601,8 @@ fn statements(w: &Write) -> Vec<Stmt> {
                 json(&j.waiting_for),
                 j.started_at,
                 j.finished_at,
-                j.error.clone(),
-                j.failed_step.clone(),
+                text_opt(&j.error),
+                text_opt(&j.failed_step),
                 j.unwind_incomplete,
             ],
         )],
@@ -565,7 +676,7 @@ fn statements(w: &Write) -> Vec<Stmt> {
                 job.to_string(),
                 *n as i64,
                 i64::from(*attempts),
-                error.clone()
+                text(error)
             ],
         )],
         Write::OutboxDone {
@@ -582,7 +693,7 @@ fn statements(w: &Write) -> Vec<Stmt> {
                 *n as i64,
                 if error.is_some() { "failed" } else { "sent" },
                 i64::from(*attempts),
-                error.clone(),
+                text_opt(error),
                 *at
             ],
         )],
