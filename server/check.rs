@@ -111,6 +111,15 @@ pub fn check(config: &Config) -> Report {
         )),
     }
     r.dir("data_dir", &config.data_dir, false);
+    match &config.store.url {
+        None => r.ok("[store] the ledger is SQLite in data_dir".into()),
+        Some(_) => {
+            r.ok("[store] the ledger is on PostgreSQL (reached, and its schema checked, at start)".into());
+            if let Some(f) = &config.store.password_file {
+                r.file("[store] password_file", f);
+            }
+        }
+    }
     if let Some(files) = config.tls.files(&config.cert_root()) {
         match crate::tls::build(&files) {
             Ok(_) => r.ok(format!(

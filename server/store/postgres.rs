@@ -434,42 +434,43 @@ impl Writer {
         Ok(s)
     }
 
-    /// One attempt at a round.
-    async fn try_round(
+    /// Sends every statement of the round at once (tokio-postgres pipelines requests polled
+    /// together, in order); the first error, if any.
+    async fn pipelined(&mut self, batches: &[Batch]) -> Result<(), tokio_postgres::Error> {
+        let all: Vec<Stmt> = batches
+            .iter()
+            .flat_map(|b| b.writes.iter().flat_map(statements))
+            .collect();
+        let mut prepared = Vec::with_capacity(all.len());
+        for (sql, _) in &all {
+            prepared.push(self.prepared(sql).await?);
+        }
+        let refs: Vec<Vec<&(dyn ToSql + Sync)>> = all
+            .iter()
+            .map(|(_, params)| {
+                params
+                    .iter()
+                    .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                    .collect()
+            })
+            .collect();
+        let client = self.client.as_ref().expect("connected");
+        let sent = prepared
+            .iter()
+            .zip(&refs)
+            .map(|(stmt, params)| client.execute(stmt, params));
+        for r in futures_util::future::join_all(sent).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// The round batch by batch, each in its savepoint: a batch that fails is rolled back
+    /// alone.
+    async fn batch_by_batch(
         &mut self,
-        round: i64,
         batches: &[Batch],
     ) -> Result<Vec<Result<(), String>>, RoundError> {
-        let sync = if self.target.sync_full { "on" } else { "off" };
-        let owner = self.owner.clone();
-        let client = self.client().await?;
-        client
-            .batch_execute(&format!("BEGIN; SET LOCAL synchronous_commit = {sync}"))
-            .await
-            .map_err(pg)?;
-        // The marker first, on this connection: a round whose COMMIT was sent before the
-        // connection broke may have taken, and must not be applied twice.
-        let row = client
-            .query_opt(
-                "SELECT round FROM stately_writer WHERE owner = $1 FOR UPDATE",
-                &[&owner],
-            )
-            .await
-            .map_err(pg)?;
-        let Some(row) = row else {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(RoundError::Fenced(format!(
-                "{}: another statelyd has taken this ledger",
-                self.target.describe
-            )));
-        };
-        if row.get::<_, i64>(0) == round {
-            client.batch_execute("ROLLBACK").await.map_err(pg)?;
-            return Ok(match self.sent.take() {
-                Some((r, results)) if r == round => results,
-                _ => batches.iter().map(|_| Ok(())).collect(),
-            });
-        }
         let mut results = Vec::with_capacity(batches.len());
         for batch in batches {
             let client = self.client.as_ref().expect("connected");
@@ -515,14 +516,79 @@ impl Writer {
                 }
             }
         }
-        let client = self.client.as_ref().expect("connected");
+        Ok(results)
+    }
+
+    /// One attempt at a round.
+    async fn try_round(
+        &mut self,
+        round: i64,
+        batches: &[Batch],
+    ) -> Result<Vec<Result<(), String>>, RoundError> {
+        let sync = if self.target.sync_full { "on" } else { "off" };
+        let owner = self.owner.clone();
+        let client = self.client().await?;
         client
+            .batch_execute(&format!("BEGIN; SET LOCAL synchronous_commit = {sync}"))
+            .await
+            .map_err(pg)?;
+        // The marker first, on this connection: a round whose COMMIT was sent before the
+        // connection broke may have taken, and must not be applied twice.
+        let row = client
+            .query_opt(
+                "SELECT round FROM stately_writer WHERE owner = $1 FOR UPDATE",
+                &[&owner],
+            )
+            .await
+            .map_err(pg)?;
+        let Some(row) = row else {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(RoundError::Fenced(format!(
+                "{}: another statelyd has taken this ledger",
+                self.target.describe
+            )));
+        };
+        if row.get::<_, i64>(0) == round {
+            client.batch_execute("ROLLBACK").await.map_err(pg)?;
+            return Ok(match self.sent.take() {
+                Some((r, results)) if r == round => results,
+                _ => batches.iter().map(|_| Ok(())).collect(),
+            });
+        }
+        // Every statement of the round in one pipeline: a round trip for the round, not one
+        // per statement. A batch that fails aborts the transaction; the round is then done
+        // again batch by batch, each in its savepoint, so only that batch fails.
+        let results = match self.pipelined(batches).await {
+            Ok(()) => batches.iter().map(|_| Ok(())).collect(),
+            Err(e) if self.client.as_ref().is_none_or(|c| c.is_closed()) || transient(&e) => {
+                return Err(pg(e).into());
+            }
+            Err(_) => {
+                let client = self.client.as_ref().expect("connected");
+                client
+                    .batch_execute(&format!(
+                        "ROLLBACK; BEGIN; SET LOCAL synchronous_commit = {sync}"
+                    ))
+                    .await
+                    .map_err(pg)?;
+                self.batch_by_batch(batches).await?
+            }
+        };
+        let client = self.client.as_ref().expect("connected");
+        let marked = client
             .execute(
                 "UPDATE stately_writer SET round = $1 WHERE owner = $2",
                 &[&round, &owner],
             )
             .await
             .map_err(pg)?;
+        if marked != 1 {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(RoundError::Fenced(format!(
+                "{}: another statelyd has taken this ledger",
+                self.target.describe
+            )));
+        }
         self.sent = Some((round, results.clone()));
         let client = self.client.as_ref().expect("connected");
         client.batch_execute("COMMIT").await.map_err(pg)?;
