@@ -114,7 +114,10 @@ pub fn check(config: &Config) -> Report {
     match &config.store.url {
         None => r.ok("[store] the ledger is SQLite in data_dir".into()),
         Some(_) => {
-            r.ok("[store] the ledger is on PostgreSQL (reached, and its schema checked, at start)".into());
+            r.ok(
+                "[store] the ledger is on PostgreSQL (reached, and its schema checked, at start)"
+                    .into(),
+            );
             if let Some(f) = &config.store.password_file {
                 r.file("[store] password_file", f);
             }

@@ -254,6 +254,9 @@ pub struct StoreConfig {
     pub url: Option<String>,
     /// A file holding the password (read at start).
     pub password_file: Option<PathBuf>,
+    /// With `sslmode=require`: the CA certificates (PEM) PostgreSQL's certificate is verified
+    /// against (default: the system's roots).
+    pub ca_file: Option<PathBuf>,
     /// Read connections at most (the writer has its own).
     pub pool_size: Option<usize>,
 }
@@ -443,6 +446,9 @@ include = []
 # `?options=-c%20search_path%3D<schema>`.
 # url = "postgresql://stately@db.example:5432/stately"
 # password_file = "/etc/stately/pg-password"
+# With sslmode=require in the url: TLS, the server's certificate verified against this CA
+# (default: the system's roots) and the url's host name.
+# ca_file = "/etc/stately/pg-ca.pem"
 # Read connections at most (the writer has its own).
 # pool_size = 4
 

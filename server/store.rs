@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use tokio::sync::{broadcast, oneshot};
 
+mod pgtls;
 mod postgres;
 pub(crate) use postgres::Target as PostgresTarget;
 

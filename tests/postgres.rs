@@ -255,3 +255,68 @@ async fn a_statelyd_that_lost_the_ledger_to_another_writes_nothing_more() {
         pb::JobState::Succeeded
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_tls_with_a_password_file_the_ledger_is_reached_and_its_certificate_verified() {
+    let pg = TestPostgres::own_cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = crate::support::pki::Ca::new("ledger test CA");
+    let ca_file = ca.write(&dir.path().join("ca.pem"));
+    let leaf = ca.server(dir.path(), "pg");
+    pg.enable_tls(&leaf.cert, &leaf.key, "s3cret-pw").await;
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "s3cret-pw\n").unwrap();
+    let tls = |ca: &std::path::Path| {
+        format!(
+            "[store]\nurl = \"{}\"\npassword_file = \"{}\"\nca_file = \"{}\"\n",
+            pg.tls_url(),
+            pw.display(),
+            ca.display()
+        )
+    };
+    let d = Daemon::start(&tls(&ca_file));
+    let mut c = d.client().await;
+    let job = c
+        .submit_job(runbook("noop", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        state(&wait_end(&mut c, &job.id).await),
+        pb::JobState::Succeeded
+    );
+    // Every connection statelyd holds is TLS, as the role `stately`.
+    let admin = TestPostgres::connect(&pg.admin).await;
+    let row = admin
+        .query_one(
+            "SELECT COUNT(*), COALESCE(bool_and(s.ssl), false), COALESCE(bool_and(a.usename = 'stately'), false) \
+             FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'statelyd'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, i64>(0) >= 1);
+    assert!(
+        row.get::<_, bool>(1),
+        "every connection of statelyd uses TLS"
+    );
+    assert!(row.get::<_, bool>(2), "as the role of the URL");
+    drop(d);
+
+    // A certificate from a CA statelyd was not told to trust: refused, saying why.
+    let other = crate::support::pki::Ca::new("another CA");
+    let other_file = other.write(&dir.path().join("other.pem"));
+    let d = Daemon::configure(&tls(&other_file), &[]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_statelyd"))
+        .arg("--config")
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("certificate"), "{said}");
+    assert!(
+        !said.contains("s3cret-pw"),
+        "the password is never shown: {said}"
+    );
+}

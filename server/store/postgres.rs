@@ -27,6 +27,8 @@ pub(crate) struct Target {
     pub(crate) describe: String,
     pub(crate) pool_size: usize,
     pub(crate) sync_full: bool,
+    /// TLS (`sslmode=require`), verified.
+    pub(crate) tls: Option<super::pgtls::Rustls>,
 }
 
 impl Target {
@@ -44,9 +46,7 @@ impl Target {
         if config.get_hosts().is_empty() {
             return Err("names no host".into());
         }
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err("sslmode=require: TLS to PostgreSQL is not supported yet; reach it on loopback or a unix socket".into());
-        }
+        let tls = config.get_ssl_mode() == tokio_postgres::config::SslMode::Require;
         // Without TLS the ledger (and, by some login methods, the password) would cross the
         // network in clear: as for the listeners, only with `insecure = true`.
         let remote = config.get_hosts().iter().any(|h| match h {
@@ -58,8 +58,8 @@ impl Target {
             }
             tokio_postgres::config::Host::Unix(_) => false,
         });
-        if remote && !insecure {
-            return Err("names a host beyond loopback, and TLS to PostgreSQL is not supported yet: the ledger would cross the network in clear. Reach it on loopback or a unix socket, or set insecure = true if something else encrypts the path".into());
+        if remote && !tls && !insecure {
+            return Err("names a host beyond loopback without sslmode=require: the ledger would cross the network in clear. Add sslmode=require (TLS, verified against [store] ca_file or the system's roots), or set insecure = true if something else encrypts the path".into());
         }
         Ok(())
     }
@@ -73,8 +73,20 @@ impl Target {
     ) -> Result<Target, Error> {
         Self::check_url(url, insecure).map_err(|e| Error::Config(format!("[store] url: {e}")))?;
         let mut config: tokio_postgres::Config = url.parse().expect("checked above");
-        // No TLS yet: "prefer" would try it first against a server that offers it.
-        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        // TLS when the URL asks for it, and then verified; otherwise none ("prefer", the
+        // default, would try TLS first and fall back to clear text on its own).
+        let tls = if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            Some(super::pgtls::Rustls::new(store.ca_file.as_deref()).map_err(Error::Config)?)
+        } else {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            if store.ca_file.is_some() {
+                return Err(Error::Config(
+                    "[store] ca_file is set but the url does not ask for TLS (sslmode=require)"
+                        .into(),
+                ));
+            }
+            None
+        };
         if config.get_application_name().is_none() {
             config.application_name("statelyd");
         }
@@ -103,6 +115,7 @@ impl Target {
             describe,
             pool_size: store.pool_size.unwrap_or(4),
             sync_full,
+            tls,
         })
     }
 }
@@ -189,17 +202,48 @@ fn describe_error(e: &tokio_postgres::Error) -> String {
 }
 
 async fn connect(target: &Target) -> Result<Client, Error> {
-    let (client, conn) =
-        tokio::time::timeout(Duration::from_secs(10), target.config.connect(NoTls))
-            .await
-            .map_err(|_| Error::Postgres(format!("{}: no answer within 10s", target.describe)))?
-            .map_err(|e| Error::Postgres(format!("{}: {}", target.describe, describe_error(&e))))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("store: a PostgreSQL connection ended: {e}");
+    let connected = async {
+        match &target.tls {
+            None => {
+                let (client, conn) = target.config.connect(NoTls).await?;
+                tokio::spawn(serve(conn));
+                Ok(client)
+            }
+            Some(tls) => {
+                let (client, conn) = target.config.connect(tls.clone()).await?;
+                tokio::spawn(serve(conn));
+                Ok(client)
+            }
         }
-    });
-    Ok(client)
+    };
+    tokio::time::timeout(Duration::from_secs(10), connected)
+        .await
+        .map_err(|_| Error::Postgres(format!("{}: no answer within 10s", target.describe)))?
+        .map_err(|e: tokio_postgres::Error| {
+            Error::Postgres(format!("{}: {}", target.describe, cause(&e)))
+        })
+}
+
+/// Drives a connection until it ends.
+async fn serve(conn: impl std::future::Future<Output = Result<(), tokio_postgres::Error>>) {
+    if let Err(e) = conn.await {
+        tracing::debug!("store: a PostgreSQL connection ended: {e}");
+    }
+}
+
+/// The server's message, or the innermost cause (a TLS verification failure says what it
+/// is only there).
+fn cause(e: &tokio_postgres::Error) -> String {
+    if e.as_db_error().is_some() {
+        return describe_error(e);
+    }
+    let mut msg = e.to_string();
+    let mut inner: &dyn std::error::Error = e;
+    while let Some(next) = inner.source() {
+        msg = next.to_string();
+        inner = next;
+    }
+    msg
 }
 
 /// Opens the ledger: connects, applies the migrations this binary knows, takes the one-node
@@ -228,13 +272,15 @@ pub(crate) async fn open(
         .await
         .map_err(pg)?
         .get(0);
-    let manager = deadpool_postgres::Manager::from_config(
-        target.config.clone(),
-        NoTls,
-        deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        },
-    );
+    let recycling = || deadpool_postgres::ManagerConfig {
+        recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+    };
+    let manager = match &target.tls {
+        None => deadpool_postgres::Manager::from_config(target.config.clone(), NoTls, recycling()),
+        Some(tls) => {
+            deadpool_postgres::Manager::from_config(target.config.clone(), tls.clone(), recycling())
+        }
+    };
     let pool = deadpool_postgres::Pool::builder(manager)
         .max_size(target.pool_size)
         .runtime(deadpool_postgres::Runtime::Tokio1)

@@ -100,6 +100,64 @@ impl TestPostgres {
         format!("{}?options=-c%20search_path%3D{}", self.admin, self.schema)
     }
 
+    /// Turns TLS on in the cluster this test owns (the certificate and key given), and makes a
+    /// role `stately` with `password` that may log in over TLS only, with SCRAM, owning this
+    /// test's schema.
+    pub async fn enable_tls(&self, cert: &Path, key: &Path, password: &str) {
+        let data = self
+            .cluster
+            .as_ref()
+            .expect("a cluster of the test's own")
+            .path()
+            .join("pg/data");
+        for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+            let to = data.join(to);
+            std::fs::copy(from, &to).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let status = std::process::Command::new("chown")
+                .arg("postgres:")
+                .arg(&to)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let hba = data.join("pg_hba.conf");
+        let old = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(
+            &hba,
+            format!(
+                "hostnossl all stately 127.0.0.1/32 reject\nhostssl all stately 127.0.0.1/32 scram-sha-256\n{old}"
+            ),
+        )
+        .unwrap();
+        let admin = Self::connect(&self.admin).await;
+        for sql in [
+            "ALTER SYSTEM SET ssl = on".to_owned(),
+            "SELECT pg_reload_conf()".to_owned(),
+            format!("CREATE ROLE stately LOGIN PASSWORD '{password}'"),
+            format!("GRANT ALL ON SCHEMA {} TO stately", self.schema),
+        ] {
+            admin.batch_execute(&sql).await.unwrap();
+        }
+    }
+
+    /// The URL of this test's schema as the role `stately`, over TLS.
+    pub fn tls_url(&self) -> String {
+        let port = self
+            .admin
+            .rsplit_once(':')
+            .unwrap()
+            .1
+            .split('/')
+            .next()
+            .unwrap();
+        format!(
+            "postgresql://stately@127.0.0.1:{port}/postgres?sslmode=require&options=-c%20search_path%3D{}",
+            self.schema
+        )
+    }
+
     /// Restarts the cluster this test owns: `pg_ctl restart -m <mode>` (fast: sessions are
     /// ended politely; immediate: as a crash, recovered from the WAL at the start).
     pub fn restart(&self, mode: &str) {
