@@ -8,103 +8,11 @@
 //! `cargo bench --bench ledger` (BENCH_JOBS per round, default 5000; 3 rounds each).
 
 mod support;
-use support::{Auth, cpu_secs, median, spawn_statelyd};
+use support::spine::{start, throughput};
+use support::{cpu_secs, median};
 
-use stately::pb;
-use stately::pb::jobs_client::JobsClient;
 use std::path::Path;
-use std::process::Child;
-use std::time::{Duration, Instant};
-use tonic::transport::Channel;
-
-const TOKEN: &str = "bench-operator-token-000000";
-
-type Client = JobsClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
-
-fn start(dir: &Path, store: &str) -> (Child, String) {
-    let root = dir.join("root");
-    std::fs::create_dir_all(&root).unwrap();
-    let config = dir.join("statelyd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"listen = "127.0.0.1:0"
-data_dir = "{data}"
-[[token]]
-name = "bench"
-role = "operator"
-value = "{TOKEN}"
-
-[[runbook]]
-name = "write"
-roots = ["{root}"]
-resources = ["write:{{n}}"]
-[runbook.params.n]
-pattern = "[0-9]+"
-[[runbook.step]]
-type = "write_file"
-path = "{root}/write-{{n}}"
-content = "hello\n"
-{store}"#,
-            data = dir.join("data").display(),
-            root = root.display(),
-        ),
-    )
-    .unwrap();
-    spawn_statelyd(&config)
-}
-
-async fn client(addr: &str) -> Client {
-    let ch = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .unwrap();
-    JobsClient::with_interceptor(ch, Auth(TOKEN))
-}
-
-fn job(n: usize) -> pb::SubmitJobRequest {
-    pb::SubmitJobRequest {
-        spec: Some(pb::JobSpec {
-            kind: Some(pb::job_spec::Kind::Runbook(pb::RunbookJob {
-                runbook: "write".into(),
-                params: [("n".to_owned(), n.to_string())].into_iter().collect(),
-            })),
-        }),
-        ..Default::default()
-    }
-}
-
-/// `total` jobs by `clients` clients, each attached (RunJob) until its job succeeded.
-async fn throughput(addr: &str, clients: usize, total: usize, first: usize) -> Duration {
-    let mut tasks = tokio::task::JoinSet::new();
-    let t = Instant::now();
-    for k in 0..clients {
-        let addr = addr.to_owned();
-        tasks.spawn(async move {
-            let mut c = client(&addr).await;
-            let mut n = k;
-            while n < total {
-                let mut s = c.run_job(job(first + n)).await.unwrap().into_inner();
-                let mut last = None;
-                while let Some(e) = s.message().await.unwrap() {
-                    last = Some(e);
-                }
-                match last.and_then(|e| e.event) {
-                    Some(pb::job_event::Event::StateChanged(sc))
-                        if sc.to == pb::JobState::Succeeded as i32 => {}
-                    other => panic!("job did not succeed: {other:?}"),
-                }
-                n += clients;
-            }
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r.unwrap();
-    }
-    t.elapsed()
-}
+use std::time::Duration;
 
 /// CPU seconds of the cluster's server processes (the postmaster and its children).
 fn postgres_cpu(postmaster: u32) -> f64 {
@@ -184,13 +92,13 @@ fn main() {
             (vec![], vec![], vec![], vec![], vec![]);
         for round in 0..3 {
             let cpu = cpu_secs(sqlite.id());
-            let wall = throughput(&sqlite_addr, 64, jobs, round * jobs).await;
+            let (_, wall) = throughput(&sqlite_addr, 64, jobs, round * jobs).await;
             let cpu = cpu_secs(sqlite.id()) - cpu;
             s_rates.push(jobs as f64 / wall.as_secs_f64());
             s_cpu.push(cpu * 1e6 / jobs as f64);
 
             let (cpu, db) = (cpu_secs(postgres.id()), postgres_cpu(postmaster));
-            let wall = throughput(&postgres_addr, 64, jobs, round * jobs).await;
+            let (_, wall) = throughput(&postgres_addr, 64, jobs, round * jobs).await;
             let (cpu, db) = (
                 cpu_secs(postgres.id()) - cpu,
                 postgres_cpu(postmaster) - db,

@@ -8,109 +8,11 @@
 //! `cargo bench --bench spine` (set BENCH_CANCELS / BENCH_JOBS to change the counts).
 
 mod support;
-use support::{Auth, spawn_statelyd};
+use support::spine::{client, job, start, throughput};
+use support::{cpu_secs, rss_kib};
 
 use stately::pb;
-use stately::pb::jobs_client::JobsClient;
-use std::process::Child;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
-
-const TOKEN: &str = "bench-operator-token-000000";
-
-fn start(dir: &std::path::Path) -> (Child, String) {
-    let root = dir.join("root");
-    std::fs::create_dir_all(&root).unwrap();
-    let config = dir.join("statelyd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"listen = "127.0.0.1:0"
-data_dir = "{data}"
-[[token]]
-name = "bench"
-role = "operator"
-value = "{TOKEN}"
-
-[[runbook]]
-name = "block"
-roots = ["{root}"]
-resources = ["block:{{n}}"]
-[runbook.params.n]
-pattern = "[0-9]+"
-[[runbook.step]]
-type = "write_file"
-path = "{root}/block-{{n}}"
-content = "changed\n"
-[[runbook.step]]
-type = "command"
-argv = ["/bin/sleep", "300"]
-
-[[runbook]]
-name = "write"
-roots = ["{root}"]
-resources = ["write:{{n}}"]
-[runbook.params.n]
-pattern = "[0-9]+"
-[[runbook.step]]
-type = "write_file"
-path = "{root}/write-{{n}}"
-content = "hello\n"
-"#,
-            data = dir.join("data").display(),
-            root = root.display()
-        ),
-    )
-    .unwrap();
-    spawn_statelyd(&config)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
-type Client = JobsClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
-
-async fn client(addr: &str) -> Client {
-    let ch = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .unwrap();
-    JobsClient::with_interceptor(ch, Auth(TOKEN))
-}
-
-fn job(runbook: &str, n: usize) -> pb::SubmitJobRequest {
-    pb::SubmitJobRequest {
-        spec: Some(pb::JobSpec {
-            kind: Some(pb::job_spec::Kind::Runbook(pb::RunbookJob {
-                runbook: runbook.into(),
-                params: [("n".to_owned(), n.to_string())].into_iter().collect(),
-            })),
-        }),
-        ..Default::default()
-    }
-}
-
-/// CPU seconds (user + system) a process has used.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -159,45 +61,6 @@ async fn cancel_latency(addr: &str, count: usize) -> (Vec<Duration>, Vec<Duratio
 }
 
 /// Runs `total` jobs writing files `write-{first}`… (new files, as the bare writes make).
-async fn throughput(addr: &str, clients: usize, total: usize, first: usize) -> (usize, Duration) {
-    let mut tasks = tokio::task::JoinSet::new();
-    let t = Instant::now();
-    for k in 0..clients {
-        let addr = addr.to_owned();
-        tasks.spawn(async move {
-            let mut c = client(&addr).await;
-            let mut done = 0;
-            let mut n = k;
-            while n < total {
-                let mut s = c
-                    .run_job(job("write", first + n))
-                    .await
-                    .unwrap()
-                    .into_inner();
-                let mut last = None;
-                while let Some(e) = s.message().await.unwrap() {
-                    last = Some(e);
-                }
-                match last.and_then(|e| e.event) {
-                    Some(pb::job_event::Event::StateChanged(sc))
-                        if sc.to == pb::JobState::Succeeded as i32 =>
-                    {
-                        done += 1
-                    }
-                    other => panic!("job did not succeed: {other:?}"),
-                }
-                n += clients;
-            }
-            done
-        });
-    }
-    let mut done = 0;
-    while let Some(r) = tasks.join_next().await {
-        done += r.unwrap();
-    }
-    (done, t.elapsed())
-}
-
 /// The same side effect without stately: 64 workers each replacing small files atomically
 /// (temp file, fsync, rename, fsync the directory), as a script would.
 async fn bare_writes(dir: &std::path::Path, workers: usize, total: usize) -> Duration {
@@ -235,7 +98,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
     let dir = tempfile::tempdir().unwrap();
-    let (mut daemon, addr) = start(dir.path());
+    let (mut daemon, addr) = start(dir.path(), "");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -268,7 +131,7 @@ fn main() {
                 cpu * 1e6 / done as f64 - four_cpu
             );
             rates.push(rate);
-            println!("  statelyd RSS right after round {round}: {:.1} MiB", rss_kib(daemon.id()) as f64 / 1024.0);
+            println!("  statelyd RSS right after round {round}: {:.1} MiB", rss_kib(daemon.id()) / 1024.0);
         }
         rates.sort_by(f64::total_cmp);
         println!("durable throughput, median of 3: {:.0} jobs/s", rates[1]);
@@ -285,7 +148,7 @@ fn main() {
 
         // statelyd hands freed memory back every 10 s.
         tokio::time::sleep(Duration::from_secs(12)).await;
-        println!("idle RSS: {:.1} MiB fresh, {:.1} MiB after the load", idle as f64 / 1024.0, rss_kib(daemon.id()) as f64 / 1024.0);
+        println!("idle RSS: {:.1} MiB fresh, {:.1} MiB after the load", idle / 1024.0, rss_kib(daemon.id()) / 1024.0);
     });
     daemon.kill().unwrap();
     daemon.wait().unwrap();

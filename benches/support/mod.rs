@@ -1,6 +1,8 @@
 //! What the benches share: free ports, medians, a bearer token, and a real statelyd.
 #![allow(dead_code)]
 
+pub mod spine;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
