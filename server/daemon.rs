@@ -40,6 +40,11 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// Another statelyd has taken the job ledger.
+    #[error(
+        "the job ledger was taken by another statelyd ({0}); this one stopped without touching anything more"
+    )]
+    LedgerLost(String),
 }
 
 impl Error {
@@ -342,6 +347,13 @@ pub async fn run(
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),
+        why = engine.ledger_lost() => {
+            // Fenced: whatever it did now could undo the other daemon's work.
+            tracing::error!("{why}: stopping");
+            stopping.cancel();
+            let _ = tokio::time::timeout(config.shutdown_grace, engine.shutdown(std::time::Duration::ZERO)).await;
+            return Err(Error::LedgerLost(why));
+        }
         Some(r) = servers.join_next() => {
             stopping.cancel();
             engine.shutdown(config.shutdown_grace).await;

@@ -160,6 +160,8 @@ struct Inner {
     tx: Mutex<Option<Tx>>,
     backend: Backend,
     writer: Mutex<Option<WriterHandle>>,
+    /// Says why, once the ledger has been lost to another statelyd (PostgreSQL).
+    lost: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// Where the ledger is, and how it is read.
@@ -339,6 +341,8 @@ impl Store {
                     readers: Mutex::new(Vec::new()),
                 },
                 writer: Mutex::new(Some(WriterHandle::Thread(writer))),
+                // A file is never taken by another daemon.
+                lost: tokio::sync::watch::channel(None).1,
             }),
         })
     }
@@ -347,15 +351,30 @@ impl Store {
     /// lock taken, its writer started.
     pub(crate) async fn open_postgres(target: PostgresTarget) -> Result<Store, Error> {
         let describe = target.describe.clone();
-        let (ledger, tx, writer) = postgres::open(target).await?;
+        let (ledger, tx, writer, lost) = postgres::open(target).await?;
         Ok(Store {
             inner: Arc::new(Inner {
                 describe,
                 tx: Mutex::new(Some(Tx::Task(tx))),
                 backend: Backend::Postgres(ledger),
                 writer: Mutex::new(Some(WriterHandle::Task(writer))),
+                lost,
             }),
         })
+    }
+
+    /// Resolves, saying why, if the ledger is taken by another statelyd: this one writes
+    /// nothing more and must stop. Never resolves for a SQLite ledger.
+    pub(crate) async fn lost(&self) -> String {
+        let mut rx = self.inner.lost.clone();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Where the ledger is: its file, or PostgreSQL's host, port and database.

@@ -213,7 +213,7 @@ async fn a_bad_store_configuration_is_refused_at_start_with_a_clear_message() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_statelyd_that_lost_the_ledger_to_another_writes_nothing_more() {
     let pg = TestPostgres::start().await;
-    let a = Daemon::start(&store(&pg.url()));
+    let mut a = Daemon::start(&store(&pg.url()));
     let mut ca = a.client().await;
     let first = ca
         .submit_job(runbook("noop", &[]))
@@ -238,10 +238,19 @@ async fn a_statelyd_that_lost_the_ledger_to_another_writes_nothing_more() {
     let refused = ca.submit_job(runbook("noop", &[])).await;
     assert!(refused.is_err(), "{refused:?}");
     assert_eq!(count(&pg, "jobs").await, jobs_before, "A wrote nothing");
+    // And A stops by itself, non-zero, saying why.
+    let status = tokio::task::spawn_blocking(move || {
+        let status = a.terminate_wait();
+        (status, a.log())
+    });
+    let (status, log) = tokio::time::timeout(std::time::Duration::from_secs(20), status)
+        .await
+        .expect("A exits by itself")
+        .unwrap();
+    assert!(!status.success(), "{status:?}");
     assert!(
-        a.log().contains("another statelyd"),
-        "A says why it stopped writing: {}",
-        a.log()
+        log.contains("taken by another statelyd"),
+        "A says why it stopped: {log}"
     );
     // B goes on.
     let mut cb = b.client().await;

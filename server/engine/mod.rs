@@ -360,6 +360,11 @@ impl Engine {
         Ok(self.shared.env.store.job_counts().await?)
     }
 
+    /// Resolves, saying why, if another statelyd has taken the ledger (this one must stop).
+    pub async fn ledger_lost(&self) -> String {
+        self.shared.env.store.lost().await
+    }
+
     /// Where the job ledger is (its file, or PostgreSQL's host, port and database).
     pub fn store_description(&self) -> String {
         self.shared.env.store.describe().to_owned()

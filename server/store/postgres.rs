@@ -255,6 +255,7 @@ pub(crate) async fn open(
         Ledger,
         tokio::sync::mpsc::UnboundedSender<Batch>,
         tokio::task::JoinHandle<()>,
+        tokio::sync::watch::Receiver<Option<String>>,
     ),
     Error,
 > {
@@ -289,6 +290,7 @@ pub(crate) async fn open(
         .build()
         .map_err(|e| Error::Postgres(e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (lost_tx, lost) = tokio::sync::watch::channel(None);
     let writer = tokio::spawn(
         Writer {
             target,
@@ -297,10 +299,11 @@ pub(crate) async fn open(
             round,
             owner,
             sent: None,
+            lost: lost_tx,
         }
         .run(rx),
     );
-    Ok((Ledger { pool }, tx, writer))
+    Ok((Ledger { pool }, tx, writer, lost))
 }
 
 /// Brings the schema up to this binary's version, under a lock so two starts do not race;
@@ -377,6 +380,8 @@ struct Writer {
     /// The results of the round whose COMMIT was sent last, for when its answer is lost but
     /// the commit took.
     sent: Option<(i64, Vec<Result<(), String>>)>,
+    /// Told why, when the ledger is lost to another statelyd.
+    lost: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// Why a round did not commit.
@@ -421,6 +426,7 @@ impl Writer {
                         .map(|_| Err(format!("store: {why}")))
                         .collect();
                     finish_round(std::mem::take(&mut batches), results);
+                    let _ = self.lost.send(Some(why));
                     // Every later write fails as the writer has stopped.
                     return;
                 }
