@@ -115,6 +115,15 @@ pub(crate) enum Command {
     /// Who statelyd takes you for: the identity your jobs record, your role, and how you
     /// proved it (token, client certificate, unix peer).
     Whoami,
+    /// The statelyd nodes of the job ledger.
+    #[command(subcommand)]
+    Nodes(Nodes),
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Nodes {
+    /// Each node: up or lost (no heartbeat for 15 s), its epoch, last heartbeat, version.
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -510,6 +519,16 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             Ok(0)
         }
         Command::Completions { .. } | Command::Man => unreachable!("answered before connecting"),
+        Command::Nodes(Nodes::List) => {
+            let nodes = client
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .nodes;
+            crate::render::print_nodes(&nodes, json);
+            Ok(0)
+        }
         Command::Runbooks(cmd) => {
             let all = client
                 .list_runbooks(pb::ListRunbooksRequest {})

@@ -615,6 +615,48 @@ impl EventView {
 }
 
 /// `stately runbooks list` (all, `one` None) or `show NAME`.
+/// The ledger's nodes: a table, or a JSON object a line.
+pub(crate) fn print_nodes(nodes: &[pb::Node], json: bool) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let state = |n: &pb::Node| match pb::NodeState::try_from(n.state) {
+        Ok(pb::NodeState::Up) => "up",
+        Ok(pb::NodeState::Lost) => "lost",
+        _ => "?",
+    };
+    let secs = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| t.seconds).unwrap_or(0);
+    if json {
+        for n in nodes {
+            say(&json!({
+                "name": n.name, "state": state(n), "epoch": n.epoch,
+                "started_at": secs(&n.started_at), "heartbeat_at": secs(&n.heartbeat_at),
+                "version": n.version, "answering": n.answering,
+            })
+            .to_string());
+        }
+        return;
+    }
+    let width = nodes.iter().map(|n| n.name.len()).max().unwrap_or(0).max(4);
+    say(&format!(
+        "{:<width$}  STATE  EPOCH  HEARTBEAT  VERSION",
+        "NODE"
+    ));
+    for n in nodes {
+        let ago = (now - secs(&n.heartbeat_at)).max(0) as u64;
+        say(&format!(
+            "{:<width$}  {:<5}  {:<5}  {:<9}  {}{}",
+            n.name,
+            state(n),
+            n.epoch,
+            format!("{}s ago", ago),
+            n.version,
+            if n.answering { "  (this node)" } else { "" }
+        ));
+    }
+}
+
 pub(crate) fn print_runbooks(
     all: Vec<pb::Runbook>,
     one: Option<&str>,

@@ -161,8 +161,24 @@ struct Inner {
     backend: Backend,
     writer: Mutex<Option<WriterHandle>>,
     /// Says why, once the ledger has been lost to another statelyd (PostgreSQL).
-    lost: tokio::sync::watch::Receiver<Option<String>>,
+    lost: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
+
+/// A statelyd on the ledger, as ListNodes shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeRow {
+    pub(crate) name: String,
+    pub(crate) epoch: u64,
+    /// Milliseconds since the epoch, on the database's clock.
+    pub(crate) started_at: i64,
+    pub(crate) heartbeat_at: i64,
+    pub(crate) up: bool,
+    pub(crate) version: String,
+}
+
+/// How often a node heartbeats, and how long without one it is taken for lost.
+pub(crate) const NODE_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const NODE_LEASE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Where the ledger is, and how it is read.
 enum Backend {
@@ -342,7 +358,7 @@ impl Store {
                 },
                 writer: Mutex::new(Some(WriterHandle::Thread(writer))),
                 // A file is never taken by another daemon.
-                lost: tokio::sync::watch::channel(None).1,
+                lost: Arc::new(tokio::sync::watch::channel(None).0),
             }),
         })
     }
@@ -366,7 +382,7 @@ impl Store {
     /// Resolves, saying why, if the ledger is taken by another statelyd: this one writes
     /// nothing more and must stop. Never resolves for a SQLite ledger.
     pub(crate) async fn lost(&self) -> String {
-        let mut rx = self.inner.lost.clone();
+        let mut rx = self.inner.lost.subscribe();
         loop {
             if let Some(why) = rx.borrow_and_update().clone() {
                 return why;
@@ -375,6 +391,37 @@ impl Store {
                 return std::future::pending().await;
             }
         }
+    }
+
+    /// Says the ledger is lost to another statelyd: `lost()` resolves, and the daemon stops.
+    pub(crate) fn fence(&self, why: String) {
+        let _ = self.inner.lost.send(Some(why));
+    }
+
+    /// Joins the ledger as node `name`, with a new epoch (1 on SQLite, where the node is
+    /// alone).
+    pub(crate) async fn join(&self, name: &str) -> Result<u64, Error> {
+        on_postgres!(self.join(name));
+        Ok(1)
+    }
+
+    /// A heartbeat of the node's epoch: false once a later start has taken the name.
+    pub(crate) async fn heartbeat(&self, name: &str, epoch: u64) -> Result<bool, Error> {
+        on_postgres!(self.heartbeat(name, epoch));
+        Ok(true)
+    }
+
+    /// The nodes of the ledger (None on SQLite: the answering node alone, in memory).
+    pub(crate) async fn nodes(&self) -> Result<Option<Vec<NodeRow>>, Error> {
+        if let Backend::Postgres(p) = &self.inner.backend {
+            return Box::pin(p.nodes()).await.map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Whether the ledger is shared (PostgreSQL) rather than this node's file.
+    pub(crate) fn is_shared(&self) -> bool {
+        matches!(self.inner.backend, Backend::Postgres(_))
     }
 
     /// Where the ledger is: its file, or PostgreSQL's host, port and database.

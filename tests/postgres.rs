@@ -329,3 +329,95 @@ async fn over_tls_with_a_password_file_the_ledger_is_reached_and_its_certificate
         "the password is never shown: {said}"
     );
 }
+
+fn nodes(d: &Daemon) -> Vec<serde_json::Value> {
+    let out = d
+        .cli()
+        .args(["-o", "json", "nodes", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_heartbeat_on_the_database_clock_and_a_node_started_again_fences_the_old_one() {
+    let pg = TestPostgres::start().await;
+    let mut d = Daemon::start(&format!("node = \"edge-a\"\n{}", store(&pg.url())));
+    let n = nodes(&d);
+    assert_eq!(n.len(), 1, "{n:?}");
+    assert_eq!(
+        (
+            n[0]["name"].as_str(),
+            n[0]["state"].as_str(),
+            n[0]["epoch"].as_u64(),
+            n[0]["answering"].as_bool()
+        ),
+        (Some("edge-a"), Some("up"), Some(1), Some(true))
+    );
+    // A start of the node is a new epoch.
+    d.terminate();
+    d.spawn();
+    assert_eq!(nodes(&d)[0]["epoch"], 2);
+    // A node whose heartbeat stopped 20 s ago, by the database's clock, is lost.
+    let admin = TestPostgres::connect(&pg.url()).await;
+    admin
+        .batch_execute(
+            "INSERT INTO nodes VALUES ('edge-b', 3, now() - interval '1 hour', now() - interval '20 seconds', '0.1.0')",
+        )
+        .await
+        .unwrap();
+    let n = nodes(&d);
+    let b = n.iter().find(|x| x["name"] == "edge-b").unwrap();
+    assert_eq!(
+        (b["state"].as_str(), b["answering"].as_bool()),
+        (Some("lost"), Some(false))
+    );
+    let table = d.cli().args(["nodes", "list"]).output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.starts_with("NODE"), "{table}");
+    assert!(
+        table.contains("edge-a  up") && table.contains("(this node)"),
+        "{table}"
+    );
+    assert!(table.contains("edge-b  lost"), "{table}");
+
+    // Another start of edge-a took its name (a new epoch): the old one's next heartbeat finds
+    // its epoch over, and it stops, touching nothing more.
+    admin
+        .batch_execute("UPDATE nodes SET epoch = epoch + 1 WHERE name = 'edge-a'")
+        .await
+        .unwrap();
+    let (status, log) = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || (d.terminate_wait(), d.log())),
+    )
+    .await
+    .expect("the old epoch stops by itself")
+    .unwrap();
+    assert!(!status.success());
+    assert!(log.contains("epoch 2 is over"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_sqlite_the_node_list_is_the_answering_node() {
+    let d = Daemon::start("node = \"solo\"\n[store]\n");
+    let n = nodes(&d);
+    assert_eq!(n.len(), 1);
+    assert_eq!(
+        (
+            n[0]["name"].as_str(),
+            n[0]["state"].as_str(),
+            n[0]["answering"].as_bool()
+        ),
+        (Some("solo"), Some("up"), Some(true))
+    );
+}

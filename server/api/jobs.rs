@@ -369,6 +369,34 @@ impl pb::jobs_server::Jobs for JobsApi {
         }))
     }
 
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        require(&req, Role::Viewer, "ListNodes")?;
+        let me = self.engine.node_name().to_owned();
+        let nodes = self
+            .engine
+            .nodes()
+            .await?
+            .into_iter()
+            .map(|n| pb::Node {
+                answering: n.name == me,
+                name: n.name,
+                epoch: n.epoch,
+                started_at: Some(ts(n.started_at)),
+                heartbeat_at: Some(ts(n.heartbeat_at)),
+                state: if n.up {
+                    pb::NodeState::Up
+                } else {
+                    pb::NodeState::Lost
+                } as i32,
+                version: n.version,
+            })
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
     async fn who_am_i(
         &self,
         req: Request<pb::WhoAmIRequest>,

@@ -101,6 +101,8 @@ pub(crate) struct Shared {
     request_ids: tokio::sync::Mutex<()>,
     rollbacks: tokio::sync::Mutex<()>,
     tasks: TaskTracker,
+    /// This node's name on the ledger, its epoch, and when the epoch began (ms).
+    node: (String, u64, i64),
 }
 
 impl Shared {
@@ -204,7 +206,11 @@ impl Engine {
             ),
             None => None,
         };
+        let node = config.node_name();
+        let epoch = store.join(&node).await?;
+        let node = (node, epoch, crate::job::now_ms());
         let shared = Arc::new(Shared {
+            node,
             current: std::sync::RwLock::new(config.clone()),
             env: Env {
                 responder,
@@ -224,6 +230,7 @@ impl Engine {
         let engine = Engine { shared };
         engine.recover().await?;
         engine.spawn_retention();
+        engine.spawn_heartbeat();
         Ok(engine)
     }
 
@@ -358,6 +365,57 @@ impl Engine {
     /// Jobs in the ledger by kind and state (for the metrics).
     pub(crate) async fn job_counts(&self) -> Result<Vec<(String, String, u64)>, Error> {
         Ok(self.shared.env.store.job_counts().await?)
+    }
+
+    /// Heartbeats this node's epoch on a shared ledger; a later start of the same node
+    /// (another process with its name) fences this one.
+    fn spawn_heartbeat(&self) {
+        let store = self.shared.env.store.clone();
+        if !store.is_shared() {
+            return;
+        }
+        let (name, epoch, _) = self.shared.node.clone();
+        let stop = self.shared.env.stopping.clone();
+        self.shared.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(crate::store::NODE_HEARTBEAT);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match store.heartbeat(&name, epoch).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        store.fence(format!(
+                            "node {name} was started again by another statelyd (its epoch {epoch} is over)"
+                        ));
+                        return;
+                    }
+                    Err(e) => tracing::warn!("the node's heartbeat: {e}"),
+                }
+            }
+        });
+    }
+
+    /// The ledger's nodes, by name (on SQLite, this node alone).
+    pub(crate) async fn nodes(&self) -> Result<Vec<crate::store::NodeRow>, Error> {
+        let (name, epoch, started_at) = self.shared.node.clone();
+        Ok(match self.shared.env.store.nodes().await? {
+            Some(nodes) => nodes,
+            None => vec![crate::store::NodeRow {
+                name,
+                epoch,
+                started_at,
+                heartbeat_at: crate::job::now_ms(),
+                up: true,
+                version: env!("CARGO_PKG_VERSION").into(),
+            }],
+        })
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        &self.shared.node.0
     }
 
     /// Resolves, saying why, if another statelyd has taken the ledger (this one must stop).
