@@ -614,7 +614,6 @@ impl EventView {
     }
 }
 
-/// `stately runbooks list` (all, `one` None) or `show NAME`.
 /// The ledger's nodes: a table, or a JSON object a line.
 pub(crate) fn print_nodes(nodes: &[pb::Node], json: bool) {
     let now = std::time::SystemTime::now()
@@ -657,6 +656,7 @@ pub(crate) fn print_nodes(nodes: &[pb::Node], json: bool) {
     }
 }
 
+/// `stately runbooks list` (all, `one` None) or `show NAME`.
 pub(crate) fn print_runbooks(
     all: Vec<pb::Runbook>,
     one: Option<&str>,

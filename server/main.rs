@@ -111,6 +111,9 @@ fn stderr_is_the_journal() -> bool {
 
 /// Exit status for a configuration that cannot be used.
 const EXIT_CONFIG: u8 = 64;
+/// The job ledger was taken by another statelyd (EX_TEMPFAIL): the unit does not restart it
+/// (`RestartPreventExitStatus`), so an operator decides which daemon owns the ledger.
+const EXIT_LEDGER_LOST: u8 = 75;
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
@@ -199,6 +202,10 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ stately::daemon::Error::LedgerLost(_)) => {
+            eprintln!("statelyd: {e}");
+            ExitCode::from(EXIT_LEDGER_LOST)
+        }
         Err(e) if e.is_configuration() => {
             eprintln!("statelyd: bad configuration: {e}");
             ExitCode::from(EXIT_CONFIG)

@@ -228,9 +228,10 @@ impl Engine {
             tasks: TaskTracker::new(),
         });
         let engine = Engine { shared };
+        // Heartbeating from the join on: a long recovery does not look like a lost node.
+        engine.spawn_heartbeat();
         engine.recover().await?;
         engine.spawn_retention();
-        engine.spawn_heartbeat();
         Ok(engine)
     }
 
@@ -378,6 +379,7 @@ impl Engine {
         let stop = self.shared.env.stopping.clone();
         self.shared.tasks.spawn(async move {
             let mut tick = tokio::time::interval(crate::store::NODE_HEARTBEAT);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,

@@ -42,6 +42,9 @@ impl Rustls {
         .map_err(|e| format!("TLS: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
+        // PostgreSQL 17's direct TLS negotiation asks for it; earlier servers ignore it.
+        let mut config = config;
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
         Ok(Rustls(Arc::new(config)))
     }
 }

@@ -58,6 +58,15 @@ impl Target {
             }
             tokio_postgres::config::Host::Unix(_) => false,
         });
+        let remote = remote || config.get_hostaddrs().iter().any(|ip| !ip.is_loopback());
+        if tls
+            && config
+                .get_hosts()
+                .iter()
+                .any(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
+        {
+            return Err("sslmode=require with a unix socket host: TLS is for TCP hosts".into());
+        }
         if remote && !tls && !insecure {
             return Err("names a host beyond loopback without sslmode=require: the ledger would cross the network in clear. Add sslmode=require (TLS, verified against [store] ca_file or the system's roots), or set insecure = true if something else encrypts the path".into());
         }
@@ -273,7 +282,9 @@ pub(crate) async fn open(
     let client = connect(&target).await?;
     // The lock first: a newer binary started by mistake does not upgrade the schema under a
     // running daemon.
-    lock(&client, &target.describe).await?;
+    let backend = lock(&client)
+        .await?
+        .ok_or_else(|| taken(&target.describe))?;
     migrate(&client, &target.describe).await?;
     let owner = uuid::Uuid::now_v7().to_string();
     let round: i64 = client
@@ -311,6 +322,7 @@ pub(crate) async fn open(
             owner,
             sent: None,
             lost: lost.clone(),
+            backend,
         }
         .run(rx),
     );
@@ -361,22 +373,23 @@ async fn migrate(client: &Client, describe: &str) -> Result<(), Error> {
 }
 
 /// The one-node lock: held by the writer's session for the daemon's life.
-async fn lock(client: &Client, describe: &str) -> Result<(), Error> {
-    let got: bool = client
+/// The one-node lock: held by the writer's session for the daemon's life. The session's
+/// backend process id when taken (a later session of this daemon may end a dead one).
+async fn lock(client: &Client) -> Result<Option<i32>, Error> {
+    let row = client
         .query_one(
-            "SELECT pg_try_advisory_lock(hashtext('stately:node:' || current_schema()))",
+            "SELECT pg_try_advisory_lock(hashtext('stately:node:' || current_schema())), pg_backend_pid()",
             &[],
         )
         .await
-        .map_err(pg)?
-        .get(0);
-    if got {
-        Ok(())
-    } else {
-        Err(Error::Postgres(format!(
-            "{describe}: another statelyd uses this ledger (one statelyd per database schema)"
-        )))
-    }
+        .map_err(pg)?;
+    Ok(row.get::<_, bool>(0).then(|| row.get(1)))
+}
+
+fn taken(describe: &str) -> Error {
+    Error::Postgres(format!(
+        "{describe}: another statelyd uses this ledger (one statelyd per database schema)"
+    ))
 }
 
 struct Writer {
@@ -393,6 +406,8 @@ struct Writer {
     sent: Option<(i64, Vec<Result<(), String>>)>,
     /// Told why, when the ledger is lost to another statelyd.
     lost: std::sync::Arc<tokio::sync::watch::Sender<Option<String>>>,
+    /// The backend process of the session holding the lock.
+    backend: i32,
 }
 
 /// Why a round did not commit.
@@ -478,8 +493,29 @@ impl Writer {
     async fn client(&mut self) -> Result<&Client, RoundError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             let c = connect(&self.target).await?;
-            if let Err(e) = lock(&c, &self.target.describe).await {
-                return Err(RoundError::Fenced(e.to_string()));
+            match lock(&c).await? {
+                Some(pid) => self.backend = pid,
+                None => {
+                    // Held: by this daemon's own session that died unnoticed by the server
+                    // (it ends that one and tries again), or by another statelyd (fenced).
+                    let owner: Option<String> = c
+                        .query_one("SELECT owner FROM stately_writer", &[])
+                        .await
+                        .map_err(pg)?
+                        .get(0);
+                    if owner.as_deref() != Some(self.owner.as_str()) {
+                        return Err(RoundError::Fenced(format!(
+                            "{}: another statelyd has taken this ledger",
+                            self.target.describe
+                        )));
+                    }
+                    c.execute("SELECT pg_terminate_backend($1)", &[&self.backend])
+                        .await
+                        .map_err(pg)?;
+                    return Err(RoundError::Retry(Error::Postgres(
+                        "this statelyd's previous session still held the ledger's lock; it was ended".into(),
+                    )));
+                }
             }
             self.statements.clear();
             self.client = Some(c);
