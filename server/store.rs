@@ -1339,10 +1339,10 @@ mod tests {
             message_id: "<1@stately>".into(),
             date_ms: 5,
         };
-        let mut writes = vec![Write::InsertJob(job)];
-        // Fire-and-forget writes keep their order with the commit that follows them.
-        store.write(vec![], None);
-        writes.extend((1..=3).map(|s| Write::Event(event(s))));
+        // A fire-and-forget write keeps its order with the commit that follows it: the job
+        // is there when the commit's writes about it are read back.
+        store.write(vec![Write::InsertJob(job)], None);
+        let mut writes: Vec<Write> = (1..=3).map(|s| Write::Event(event(s))).collect();
         writes.extend([
             Write::Undo {
                 job: id,

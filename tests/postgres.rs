@@ -10,6 +10,21 @@ fn store(url: &str) -> String {
     format!("[store]\nurl = \"{url}\"\n")
 }
 
+/// Starts statelyd with the test daemon's configuration and `extra`, expecting it to stop:
+/// its exit code and what it said.
+fn start_refused(extra: &str) -> (Option<i32>, String) {
+    let d = Daemon::configure(extra, &[]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_statelyd"))
+        .arg("--config")
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The rows of a table in the test's schema.
 async fn count(pg: &TestPostgres, table: &str) -> i64 {
     TestPostgres::connect(&pg.url())
@@ -153,32 +168,15 @@ async fn a_job_survives_postgresql_restarting_under_it_and_its_watcher_misses_no
 async fn a_second_statelyd_on_the_same_ledger_refuses_to_start() {
     let pg = TestPostgres::start().await;
     let _first = Daemon::start(&store(&pg.url()));
-    let second = Daemon::configure(&store(&pg.url()), &[]);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_statelyd"))
-        .arg("--config")
-        .arg(&second.config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let said = String::from_utf8_lossy(&out.stderr);
+    let (code, said) = start_refused(&store(&pg.url()));
+    assert_ne!(code, Some(0), "{said}");
     assert!(said.contains("another statelyd uses this ledger"), "{said}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bad_store_configuration_is_refused_at_start_with_a_clear_message() {
     let pg = TestPostgres::start().await;
-    let start = |extra: &str| {
-        let d = Daemon::configure(extra, &[]);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_statelyd"))
-            .arg("--config")
-            .arg(&d.config)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let start = start_refused;
     let (code, said) = start("[store]\nurl = \"postgresql://stately:secret@127.0.0.1/x\"\n");
     assert_eq!(code, Some(64), "{said}");
     assert!(
@@ -315,14 +313,8 @@ async fn over_tls_with_a_password_file_the_ledger_is_reached_and_its_certificate
     // A certificate from a CA statelyd was not told to trust: refused, saying why.
     let other = crate::support::pki::Ca::new("another CA");
     let other_file = other.write(&dir.path().join("other.pem"));
-    let d = Daemon::configure(&tls(&other_file), &[]);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_statelyd"))
-        .arg("--config")
-        .arg(&d.config)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{said}");
+    let (code, said) = start_refused(&tls(&other_file));
+    assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("certificate"), "{said}");
     assert!(
         !said.contains("s3cret-pw"),
