@@ -239,8 +239,8 @@ async fn reconnect(
         tokio::select! {
             r = client.watch_job(req) => match r {
                 Ok(s) => return Ok(Some(s.into_inner())),
-                // Unavailable, or Cancelled for a connection broken mid-call: still away.
-                Err(s) if !matches!(s.code(), Code::Unavailable | Code::Cancelled) => {
+                // Unavailable, or what a connection broken mid-call gives: still away.
+                Err(s) if !stately::client::is_away(&s) => {
                     return Err(explain(s));
                 }
                 Err(_) => {}
@@ -707,7 +707,7 @@ pub(crate) async fn follow(
                     Some(s) => stream = s,
                     None => return Ok(130),
                 },
-                Err(s) if s.code() == Code::Unavailable && !view.job_id.is_empty() => {
+                Err(s) if stately::client::is_away(&s) && !view.job_id.is_empty() => {
                     match reconnect(client, &view).await? {
                         Some(s) => stream = s,
                         None => return Ok(130),

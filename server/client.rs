@@ -85,6 +85,9 @@ impl From<tonic::Status> for Error {
     fn from(s: tonic::Status) -> Error {
         use tonic::Code;
         let m = s.message().to_owned();
+        if broke(&s) {
+            return Error::Unavailable(m);
+        }
         match s.code() {
             Code::Unavailable => Error::Unavailable(m),
             Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(m),
@@ -512,13 +515,28 @@ impl Client {
 }
 
 /// Whether a status means the daemon is away: Unavailable, or what a connection broken
-/// mid-call gives (Cancelled, or Unknown for a transport error) — statelyd itself answers
-/// neither for a watch.
-fn away(code: tonic::Code) -> bool {
-    matches!(
-        code,
-        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
-    )
+/// mid-call gives (Cancelled, Unknown, or any code tonic derived from the transport's error)
+/// — statelyd itself answers neither Cancelled nor Unknown for a watch.
+pub fn is_away(s: &tonic::Status) -> bool {
+    broke(s)
+        || matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+        )
+}
+
+/// Whether a status was made on this side from a broken connection rather than sent by
+/// statelyd: tonic keeps the transport's error as the source (a connection closed mid-stream
+/// by a restarting daemon comes as `Internal: h2 protocol error`, which is no answer of ours).
+fn broke(s: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        if e.is::<hyper::Error>() || e.is::<std::io::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// [`Client::watch`]'s loop: follow, and when the stream breaks or ends before the job did,
@@ -579,7 +597,7 @@ async fn follow(
                             }
                             break;
                         }
-                        Err(e) if away(e.code()) => break,
+                        Err(e) if is_away(&e) => break,
                         Err(e) => {
                             let _ = tx.send(Err(Error::from(e))).await;
                             return;
@@ -587,7 +605,7 @@ async fn follow(
                     }
                 }
             }
-            Err(e) if away(e.code()) => {}
+            Err(e) if is_away(&e) => {}
             Err(e) => {
                 let _ = tx.send(Err(Error::from(e))).await;
                 return;
@@ -625,4 +643,44 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(f(tx));
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A "server" that breaks HTTP/2 at once: a SETTINGS frame one byte long (a frame size
+    /// error), as a connection cut mid-call is seen — tonic makes that `Internal`.
+    async fn breaking_server() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = conn.read(&mut buf).await;
+                    let _ = conn.write_all(&[0, 0, 1, 4, 0, 0, 0, 0, 0, 0]).await;
+                    let _ = conn.read(&mut buf).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_broken_connection_is_unavailable_not_an_answer() {
+        let client = Client::connect(&Connect::new(breaking_server().await))
+            .await
+            .unwrap();
+        let status = client
+            .jobs_api()
+            .get_job(pb::GetJobRequest { job_id: "j".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert!(is_away(&status), "{status:?}");
+        let e = client.job("j").await.unwrap_err();
+        assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+    }
 }
