@@ -248,6 +248,7 @@ fn measure(interval_ms: u32, events: bool) {
             .unwrap();
         let mut c = pb::jobs_client::JobsClient::with_interceptor(ch, Auth(TOKEN));
         c.submit_job(pb::SubmitJobRequest {
+            node: String::new(),
             spec: Some(pb::JobSpec {
                 kind: Some(pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {
                     target: "edge".into(),

@@ -66,6 +66,7 @@ fn measure(label: &str, backends: usize, servers: usize) {
             let text = config(&sd, backends, servers, extra);
             let t = Instant::now();
             let req = pb::SubmitJobRequest {
+                node: String::new(),
                 spec: Some(pb::JobSpec {
                     kind: Some(pb::job_spec::Kind::HaproxyApply(pb::HaproxyApplyJob {
                         target: "edge".into(),

@@ -52,6 +52,7 @@ type Jobs = pb::jobs_client::JobsClient<
 
 fn runbook(name: &str) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::Runbook(pb::RunbookJob {
                 runbook: name.into(),

@@ -50,6 +50,7 @@ type Jobs = pb::jobs_client::JobsClient<
 /// Runs a job attached; returns its id.
 async fn run(c: &mut Jobs, kind: pb::job_spec::Kind) -> String {
     let req = pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec { kind: Some(kind) }),
         ..Default::default()
     };

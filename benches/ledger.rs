@@ -3,15 +3,16 @@
 //! loopback (scripts/pg-test-cluster.sh, `fsync=off` as the tests run it, so the figure is the
 //! ledger's protocol and CPU, not the disk), taking turns: 64 concurrent clients running jobs
 //! whose one step writes a small file, as in the spine bench. Per round: jobs/s, statelyd's
-//! CPU per job, and PostgreSQL's (its server processes').
+//! CPU per job, and PostgreSQL's (its server processes'). Then a fleet: three statelyd nodes
+//! on that one ledger, the 64 clients split among them, their jobs/s together beside the
+//! SQLite node's of the same run.
 //!
 //! `cargo bench --bench ledger` (BENCH_JOBS per round, default 5000; 3 rounds each).
 
 mod support;
 use support::spine::{start, throughput};
-use support::{cpu_secs, median};
+use support::{Postgres, cpu_secs, median};
 
-use std::path::Path;
 use std::time::Duration;
 
 /// CPU seconds of the cluster's server processes (the postmaster and its children).
@@ -57,34 +58,25 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5000);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg-test-cluster.sh");
-    let pg_dir = tempfile::tempdir().unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(pg_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = std::process::Command::new(&script)
-        .arg("start")
-        .arg(pg_dir.path().join("pg"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let postmaster: u32 = std::fs::read_to_string(pg_dir.path().join("pg/data/postmaster.pid"))
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pg = Postgres::start();
+    let (url, postmaster) = (pg.url.clone(), pg.postmaster);
 
     let sqlite_dir = tempfile::tempdir().unwrap();
     let postgres_dir = tempfile::tempdir().unwrap();
     let (mut sqlite, sqlite_addr) = start(sqlite_dir.path(), "");
     let (mut postgres, postgres_addr) =
         start(postgres_dir.path(), &format!("[store]\nurl = \"{url}\"\n"));
+    let fleet_dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (fleet, fleet_addrs): (Vec<_>, Vec<_>) = fleet_dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            start(
+                d.path(),
+                &format!("node = \"fleet-{i}\"\n[store]\nurl = \"{url}\"\n"),
+            )
+        })
+        .unzip();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -116,6 +108,30 @@ fn main() {
                 pg_cpu[round]
             );
         }
+        // The fleet, after the single nodes (which are idle meanwhile).
+        let mut fleet_rates = vec![];
+        for round in 0..3 {
+            let mut runs = tokio::task::JoinSet::new();
+            for (i, addr) in fleet_addrs.iter().enumerate() {
+                let addr = addr.clone();
+                let (clients, share) = (if i == 0 { 22 } else { 21 }, jobs / 3);
+                runs.spawn(async move {
+                    throughput(&addr, clients, share, (3 + round) * jobs + i * share).await
+                });
+            }
+            let t = std::time::Instant::now();
+            let mut done = 0;
+            while let Some(r) = runs.join_next().await {
+                done += r.unwrap().0;
+            }
+            fleet_rates.push(done as f64 / t.elapsed().as_secs_f64());
+            println!(
+                "fleet round {}: 3 PostgreSQL nodes {:.0} jobs/s together",
+                round + 1,
+                fleet_rates[round]
+            );
+        }
+        let f = median(fleet_rates);
         let (s, p) = (median(s_rates), median(p_rates));
         let (sc, pc) = (median(s_cpu), median(p_cpu));
         println!(
@@ -124,11 +140,15 @@ fn main() {
             pc / sc,
             median(pg_cpu)
         );
+        println!(
+            "median of 3: 3 PostgreSQL nodes {f:.0} jobs/s together beside one SQLite node's {s:.0} (ratio {:.2})",
+            f / s
+        );
     });
+    for mut n in fleet {
+        let _ = n.kill();
+    }
     let _ = sqlite.kill();
     let _ = postgres.kill();
-    let _ = std::process::Command::new(&script)
-        .arg("stop")
-        .arg(pg_dir.path().join("pg"))
-        .status();
+    drop(pg);
 }

@@ -81,6 +81,7 @@ fn main() {
                     let mut p = std::collections::HashMap::new();
                     p.insert("n".to_owned(), i.to_string());
                     c.submit_job(pb::SubmitJobRequest {
+                        node: String::new(),
                         spec: Some(pb::JobSpec {
                             kind: Some(pb::job_spec::Kind::Runbook(pb::RunbookJob {
                                 runbook: "touch".into(),

@@ -79,6 +79,7 @@ pub(crate) async fn run(client: &mut Client, cmd: AlertsCommand, json: bool) -> 
             follow: stay,
         } => {
             let req = pb::SubmitJobRequest {
+                node: crate::cli::target_node(),
                 spec: Some(pb::JobSpec {
                     kind: Some(pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {
                         target,

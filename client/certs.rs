@@ -168,6 +168,7 @@ pub(crate) async fn run(
             detach,
         } => {
             let req = pb::SubmitJobRequest {
+                node: crate::cli::target_node(),
                 spec: Some(pb::JobSpec {
                     kind: Some(pb::job_spec::Kind::CertificateIssue(
                         pb::CertificateIssueJob {
@@ -201,6 +202,7 @@ pub(crate) async fn run(
                 .into());
             }
             let req = pb::SubmitJobRequest {
+                node: crate::cli::target_node(),
                 spec: Some(pb::JobSpec {
                     kind: Some(pb::job_spec::Kind::CertificateRevoke(
                         pb::CertificateRevokeJob {
@@ -221,6 +223,7 @@ pub(crate) async fn run(
             detach,
         } => {
             let req = pb::SubmitJobRequest {
+                node: crate::cli::target_node(),
                 spec: Some(pb::JobSpec {
                     kind: Some(pb::job_spec::Kind::CertificateAdopt(
                         pb::CertificateAdoptJob {
@@ -237,6 +240,7 @@ pub(crate) async fn run(
         }
         CertCommand::Delete { name, detach } => {
             let req = pb::SubmitJobRequest {
+                node: crate::cli::target_node(),
                 spec: Some(pb::JobSpec {
                     kind: Some(pb::job_spec::Kind::CertificateDelete(
                         pb::CertificateDeleteJob { lineage: name },

@@ -55,6 +55,10 @@ pub(crate) struct Args {
     /// Output for people (table) or for scripts (json: one object per line).
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// On a shared ledger: the node a job is submitted for, and the node whose jobs `jobs
+    /// list` shows (see `stately nodes list`); default: the node reached.
+    #[arg(long, global = true, env = "STATELY_NODE")]
+    node: Option<String>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -352,6 +356,14 @@ pub(crate) fn explain(s: tonic::Status) -> anyhow::Error {
     anyhow!("{code}: {}", s.message())
 }
 
+/// `--node`, for the requests that name a node (set once, before any is made).
+static TARGET_NODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The node `--node` names; empty for the node reached.
+pub(crate) fn target_node() -> String {
+    TARGET_NODE.get().cloned().unwrap_or_default()
+}
+
 pub(crate) async fn run(args: Args) -> Result<u8> {
     // Generated from the flags themselves, so they cannot drift; no daemon needed.
     match &args.command {
@@ -390,6 +402,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
     let token = token(args.token.clone(), args.token_file.clone(), generated)?;
     let channel = connect(&args.server, token.as_deref(), &tls).await?;
     let json = args.output == Output::Json;
+    let _ = TARGET_NODE.set(args.node.clone().unwrap_or_default());
     let mut client = pb::jobs_client::JobsClient::new(channel.clone());
     match args.command {
         Command::Haproxy(cmd) => {
@@ -461,6 +474,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
             labels,
         } => {
             let req = pb::SubmitJobRequest {
+                node: crate::cli::target_node(),
                 spec: Some(pb::JobSpec {
                     kind: Some(pb::job_spec::Kind::Runbook(pb::RunbookJob {
                         runbook,
@@ -495,6 +509,7 @@ pub(crate) async fn run(args: Args) -> Result<u8> {
                     labels: labels.into_iter().collect(),
                     page_size: limit,
                     page_token: page_token.unwrap_or_default(),
+                    node: target_node(),
                 })
                 .await
                 .map_err(explain)?

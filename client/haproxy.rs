@@ -566,6 +566,7 @@ pub(crate) async fn run(
                 .split_once('/')
                 .ok_or_else(|| anyhow!("'{server}' is not BACKEND/SERVER"))?;
             let req = pb::SubmitJobRequest {
+                node: crate::cli::target_node(),
                 spec: Some(pb::JobSpec {
                     kind: Some(pb::job_spec::Kind::HaproxyServerState(
                         pb::HaproxyServerStateJob {
@@ -606,6 +607,7 @@ pub(crate) async fn run(
                 return Ok(if p.valid { 0 } else { crate::cli::EXIT_JOB });
             }
             let req = pb::SubmitJobRequest {
+                node: crate::cli::target_node(),
                 spec: Some(pb::JobSpec {
                     kind: Some(pb::job_spec::Kind::HaproxyEdit(pb::HaproxyEditJob {
                         target: e.target,
@@ -631,6 +633,7 @@ pub(crate) async fn run(
                 .with_context(|| format!("cannot read {}", file.display()))?;
             if !dry_run {
                 let req = pb::SubmitJobRequest {
+                    node: crate::cli::target_node(),
                     spec: Some(pb::JobSpec {
                         kind: Some(pb::job_spec::Kind::HaproxyApply(pb::HaproxyApplyJob {
                             target,

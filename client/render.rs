@@ -201,6 +201,7 @@ pub(crate) fn job_json(j: &pb::Job) -> Value {
         "rolled_back_by": j.rolled_back_by, "rollback_of": j.rollback_of, "last_seq": j.last_seq,
         "unwind_incomplete": j.unwind_incomplete,
         "submitted_by": (!j.submitted_by.is_empty()).then_some(&j.submitted_by),
+        "node": j.node,
         "undo": j.undo.iter().map(|u| json!({"what": u.what, "applied": u.applied})).collect::<Vec<_>>(),
     })
 }
@@ -306,10 +307,12 @@ fn coloured_state(j: &pb::Job, width: usize) -> String {
 }
 
 pub(crate) fn print_jobs_table(jobs: &[pb::Job]) {
-    let rows: Vec<[String; 6]> = jobs
+    // A NODE column once the page holds jobs of more than one node (a shared ledger).
+    let nodes = jobs.iter().any(|j| j.node != jobs[0].node);
+    let rows: Vec<Vec<String>> = jobs
         .iter()
         .map(|j| {
-            [
+            let mut r = vec![
                 j.id.clone(),
                 j.kind.clone(),
                 job_state(j),
@@ -319,22 +322,32 @@ pub(crate) fn print_jobs_table(jobs: &[pb::Job]) {
                 } else {
                     j.submitted_by.clone()
                 },
-                what(j),
-            ]
+            ];
+            if nodes {
+                r.push(j.node.clone());
+            }
+            r.push(what(j));
+            r
         })
         .collect();
-    let header = ["ID", "KIND", "STATE", "CREATED", "BY", "WHAT"].map(String::from);
-    let mut widths = header.clone().map(|h| h.len());
+    let mut header: Vec<String> = ["ID", "KIND", "STATE", "CREATED", "BY"]
+        .map(String::from)
+        .to_vec();
+    if nodes {
+        header.push("NODE".into());
+    }
+    header.push("WHAT".into());
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
         }
     }
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let line = |r: &[String; 6], job: Option<&pb::Job>| {
+    let line = |r: &[String], job: Option<&pb::Job>| {
         let cells: Vec<String> = r
             .iter()
-            .zip(widths)
+            .zip(widths.iter().copied())
             .enumerate()
             .map(|(i, (c, w))| match job {
                 Some(j) if i == 2 && tty => coloured_state(j, w),
@@ -362,6 +375,9 @@ pub(crate) fn print_job(j: &pb::Job) {
     say(&format!("created    {}", short_time(&j.created_at)));
     if !j.submitted_by.is_empty() {
         say(&format!("by         {}", j.submitted_by));
+    }
+    if !j.node.is_empty() {
+        say(&format!("node       {}", j.node));
     }
     if j.finished_at.is_some() {
         say(&format!("finished   {}", short_time(&j.finished_at)));

@@ -342,6 +342,7 @@ pub fn runbook<'a>(
     params: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::Runbook(pb::RunbookJob {
                 runbook: name.to_owned(),

@@ -374,7 +374,7 @@ impl Default for Config {
 }
 
 /// A node name: what a host name may hold, and `_`; at most 63 bytes.
-fn is_node_name(n: &str) -> bool {
+pub(crate) fn is_node_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 63
         && n.bytes()

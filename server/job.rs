@@ -178,6 +178,8 @@ pub struct JobRecord<S> {
     /// Who submitted it (`token:ci`, `cert:ci.example.com`, `uid:0`, `statelyd` for the
     /// daemon's own renewals); unknown for jobs from before it was recorded.
     pub submitted_by: Option<String>,
+    /// The node it runs on (on a SQLite ledger, always the node that answers).
+    pub node: String,
 }
 
 impl<S> JobRecord<S> {
@@ -202,6 +204,7 @@ impl<S> JobRecord<S> {
             last_seq: self.last_seq,
             unwind_incomplete: self.unwind_incomplete,
             submitted_by: self.submitted_by,
+            node: self.node,
         })
     }
 

@@ -46,6 +46,8 @@ pub(crate) fn spawn(engine: &Engine) {
                     vec![JobState::Pending, JobState::Running, JobState::Cancelling],
                     None,
                     Vec::new(),
+                    // This node's: its lineages are its own.
+                    Some(engine.node_name().to_owned()),
                     MAX_PAGE_SIZE,
                     "",
                 )
@@ -77,15 +79,18 @@ pub(crate) fn spawn(engine: &Engine) {
                 let sub = Submission {
                     spec,
                     // Once per certificate and day: a renewal that failed (or was rolled
-                    // back) is tried again the next day, not at every check.
+                    // back) is tried again the next day, not at every check. The node's name
+                    // too: request ids are unique over a shared ledger, lineage names are not.
                     request_id: Some(format!(
-                        "auto-renew:{}:{}:{}",
+                        "auto-renew:{}:{}:{}:{}",
+                        engine.node_name(),
                         l.name,
                         l.info.serial,
                         now_ms() / 86_400_000
                     )),
                     labels: [("trigger".to_owned(), "auto-renew".to_owned())].into(),
                     submitted_by: Some("statelyd".into()),
+                    node: None,
                 };
                 match engine.submit(sub).await {
                     Ok(job) => {

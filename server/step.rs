@@ -295,7 +295,7 @@ pub(crate) fn test_env(config: Config) -> (Env, tempfile::TempDir) {
     let mut config = config;
     config.data_dir = dir.path().to_owned();
     let env = Env {
-        store: Store::open(&dir.path().join("stately.db"), false).expect("store"),
+        store: Store::open(&dir.path().join("stately.db"), false, "test").expect("store"),
         blobs: BlobStore::open(dir.path().join("blobs")).expect("blobs"),
         http: reqwest::Client::new(),
         stats: Arc::new(crate::stats::StatsHub::new(Default::default())),

@@ -131,6 +131,28 @@ pub(crate) enum Write {
     },
     /// A watch job's remembered state (JSON), kept across restarts.
     WatchState { job: JobId, state: String },
+    /// What a job submitted on another node touches, once its node has planned it.
+    Resources { job: JobId, resources: Vec<String> },
+    /// A cancel asked on one node for a job of another (a shared ledger only): recorded, and
+    /// signalled to that node.
+    CancelRequest {
+        job: JobId,
+        node: String,
+        reason: String,
+    },
+}
+
+/// What another node wrote that this one may have to act on (a shared ledger only).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Notice {
+    /// A job was submitted for `node`.
+    Submitted { job: JobId, node: String },
+    /// A cancel of a job of `node` was recorded.
+    Cancel { job: JobId, node: String },
+    /// These jobs have new events.
+    Events(Vec<JobId>),
+    /// The listener (re)connected: notices may have been missed; read the ledger again.
+    Resync,
 }
 
 /// A message of a job's outbox.
@@ -162,6 +184,8 @@ struct Inner {
     writer: Mutex<Option<WriterHandle>>,
     /// Says why, once the ledger has been lost to another statelyd (PostgreSQL).
     lost: Arc<tokio::sync::watch::Sender<Option<String>>>,
+    /// This node's name: the node of every job on a SQLite ledger.
+    node: String,
 }
 
 /// A statelyd on the ledger, as ListNodes shows it.
@@ -227,6 +251,10 @@ pub(crate) struct JobFilter {
     /// Only jobs older than this position (the page token).
     pub(crate) before: Option<i64>,
     pub(crate) limit: u32,
+    /// Only this node's jobs.
+    pub(crate) node: Option<String>,
+    /// Not the jobs submitted elsewhere that their node has yet to plan.
+    pub(crate) planned_only: bool,
 }
 
 impl Error {
@@ -308,7 +336,7 @@ const JOB_COLUMNS: &str = "id, spec, state, steps, request_id, labels, resources
 
 impl Store {
     /// Opens (creating if needed) the ledger at `path` and starts its writer.
-    pub(crate) fn open(path: &Path, sync_full: bool) -> Result<Store, Error> {
+    pub(crate) fn open(path: &Path, sync_full: bool, node: &str) -> Result<Store, Error> {
         // The ledger holds job history and configurations: owner only. SQLite gives its -wal
         // and -shm files the database file's mode; older ones are corrected here too.
         for p in [
@@ -359,6 +387,7 @@ impl Store {
                 writer: Mutex::new(Some(WriterHandle::Thread(writer))),
                 // A file is never taken by another daemon.
                 lost: Arc::new(tokio::sync::watch::channel(None).0),
+                node: node.to_owned(),
             }),
         })
     }
@@ -366,7 +395,7 @@ impl Store {
     /// Opens the ledger on PostgreSQL: its schema brought up to this version, the one-node
     /// lock taken, its writer started.
     pub(crate) async fn open_postgres(target: PostgresTarget) -> Result<Store, Error> {
-        let describe = target.describe.clone();
+        let (describe, node) = (target.describe.clone(), target.node.clone());
         let (ledger, tx, writer, lost) = postgres::open(target).await?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -375,6 +404,7 @@ impl Store {
                 backend: Backend::Postgres(ledger),
                 writer: Mutex::new(Some(WriterHandle::Task(writer))),
                 lost,
+                node,
             }),
         })
     }
@@ -417,6 +447,30 @@ impl Store {
             return Box::pin(p.nodes()).await.map(Some);
         }
         Ok(None)
+    }
+
+    /// This node's jobs submitted on other nodes and not yet planned here, oldest first.
+    pub(crate) async fn unplanned(&self) -> Result<Vec<StoredJob>, Error> {
+        if let Backend::Postgres(p) = &self.inner.backend {
+            return Box::pin(p.unplanned()).await;
+        }
+        Ok(Vec::new())
+    }
+
+    /// Cancels recorded for this node's jobs that have not ended: (job, reason).
+    pub(crate) async fn cancel_requests(&self) -> Result<Vec<(JobId, String)>, Error> {
+        if let Backend::Postgres(p) = &self.inner.backend {
+            return Box::pin(p.cancel_requests()).await;
+        }
+        Ok(Vec::new())
+    }
+
+    /// What other nodes wrote that may concern this one (None on SQLite: nobody else writes).
+    pub(crate) fn notices(&self) -> Option<broadcast::Receiver<Notice>> {
+        match &self.inner.backend {
+            Backend::Postgres(p) => Some(p.notices()),
+            Backend::Sqlite { .. } => None,
+        }
     }
 
     /// Whether the ledger is shared (PostgreSQL) rather than this node's file.
@@ -500,6 +554,12 @@ impl Store {
             .map_err(|e| Error::Write(format!("a read stopped: {e}")))?
     }
 
+    /// A job read from SQLite, on this node (the file is the node's own).
+    fn here(&self, mut job: StoredJob) -> StoredJob {
+        job.node.clone_from(&self.inner.node);
+        job
+    }
+
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
         let Backend::Sqlite { path, readers } = &self.inner.backend else {
             unreachable!("PostgreSQL reads return before a SQLite read");
@@ -565,7 +625,7 @@ impl Store {
             c.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
                 .query_row([id.to_string()], row_to_job)
                 .optional()?
-                .map(|r| r.map(|(job, _)| job))
+                .map(|r| r.map(|(job, _)| self.here(job)))
                 .transpose()
         })
     }
@@ -582,13 +642,12 @@ impl Store {
             ))?
             .query_row([request_id], row_to_job)
             .optional()?
-            .map(|r| r.map(|(job, _)| job))
+            .map(|r| r.map(|(job, _)| self.here(job)))
             .transpose()
         })
     }
 
-    /// Jobs in these states, oldest first (for recovery at start-up).
-    /// Jobs that ended with undo entries left to apply.
+    /// This node's jobs that ended with undo entries left to apply.
     pub(crate) async fn jobs_unwind_incomplete(&self) -> Result<Vec<StoredJob>, Error> {
         on_postgres!(self.jobs_unwind_incomplete());
         self.read(|c| {
@@ -598,16 +657,19 @@ impl Store {
             let rows = stmt.query_map([], row_to_job)?;
             let mut out = Vec::new();
             for r in rows {
-                out.push(r??.0);
+                out.push(self.here(r??.0));
             }
             Ok(out)
         })
     }
 
+    /// This node's jobs in these states, oldest first (for recovery at start-up).
     pub(crate) async fn jobs_in(&self, states: &[JobState]) -> Result<Vec<StoredJob>, Error> {
         let filter = JobFilter {
             states: states.to_vec(),
             limit: u32::MAX,
+            node: Some(self.inner.node.clone()),
+            planned_only: true,
             ..Default::default()
         };
         let mut jobs: Vec<StoredJob> = self
@@ -637,6 +699,9 @@ impl Store {
     /// Jobs matching the filter, newest first, each with its position (for page tokens).
     pub(crate) async fn list(&self, f: &JobFilter) -> Result<Vec<(StoredJob, i64)>, Error> {
         on_postgres!(self.list(f));
+        if f.node.as_ref().is_some_and(|n| *n != self.inner.node) {
+            return Ok(Vec::new());
+        }
         let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1=1");
         let mut args: Vec<Value> = Vec::new();
         if !f.states.is_empty() {
@@ -667,8 +732,12 @@ impl Store {
         self.read(|c| {
             let mut stmt = c.prepare_cached(&sql)?;
             let rows = stmt.query_map(rusqlite::params_from_iter(args), row_to_job)?;
-            rows.map(|r| r.map_err(Error::from).and_then(|x| x))
-                .collect()
+            rows.map(|r| {
+                r.map_err(Error::from)
+                    .and_then(|x| x)
+                    .map(|(j, pos)| (self.here(j), pos))
+            })
+            .collect()
         })
     }
 
@@ -869,6 +938,8 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
         kind: r.get(18)?,
         rollback_of: r.get(19)?,
         submitted_by: r.get(20)?,
+        // The store's node, set by the caller (`Store::here`).
+        node: String::new(),
     }
     .build())
 }
@@ -896,6 +967,7 @@ struct JobColumns {
     kind: String,
     rollback_of: Option<String>,
     submitted_by: Option<String>,
+    node: String,
 }
 
 impl JobColumns {
@@ -936,6 +1008,7 @@ impl JobColumns {
             last_seq: self.last_seq as u64,
             unwind_incomplete: self.unwind_incomplete,
             submitted_by: self.submitted_by,
+            node: self.node,
         };
         Ok((job, self.pos))
     }
@@ -1115,6 +1188,18 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 .execute(params![job.to_string(), by.map(|b| b.to_string())])?;
         }
         Write::Prune(ids) => prune(tx, ids)?,
+        Write::Resources { job, resources } => {
+            tx.prepare_cached("UPDATE jobs SET resources = ?2 WHERE id = ?1")?
+                .execute(params![job.to_string(), json(resources)])?;
+            for r in resources {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO job_resources (resource, job_id) VALUES (?1, ?2)",
+                )?
+                .execute(params![r, job.to_string()])?;
+            }
+        }
+        // A SQLite ledger has one node: a cancel never crosses to another.
+        Write::CancelRequest { .. } => {}
         Write::ProcessStarted { job, pgid, started } => {
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO processes (job_id, pgid, started) VALUES (?1, ?2, ?3)",
@@ -1263,6 +1348,7 @@ mod tests {
             rolled_back_by: None,
             last_seq: 0,
             unwind_incomplete: false,
+            node: "test".into(),
             submitted_by: None,
         }
     }
@@ -1277,7 +1363,7 @@ mod tests {
                     #[tokio::test]
                     async fn $case() {
                         let dir = tempfile::tempdir().unwrap();
-                        let store = super::Store::open(&dir.path().join("stately.db"), false).unwrap();
+                        let store = super::Store::open(&dir.path().join("stately.db"), false, "test").unwrap();
                         super::$case(store).await;
                     }
                 )*
@@ -1304,11 +1390,18 @@ mod tests {
     );
 
     async fn postgres_store(url: &str) -> Result<Store, Error> {
+        postgres_store_as(url, "test").await
+    }
+
+    async fn postgres_store_as(url: &str, node: &str) -> Result<Store, Error> {
         let config = crate::config::StoreConfig {
             url: Some(url.to_owned()),
             ..Default::default()
         };
-        Store::open_postgres(PostgresTarget::from_config(&config, url, false, false)?).await
+        Store::open_postgres(PostgresTarget::from_config(
+            &config, url, false, false, node,
+        )?)
+        .await
     }
 
     async fn events_undo_entries_processes_outbox_and_watch_state_round_trip(store: Store) {
@@ -1513,11 +1606,11 @@ mod tests {
     async fn a_ledger_of_a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stately.db");
-        Store::open(&path, false).unwrap().close().await;
+        Store::open(&path, false, "test").unwrap().close().await;
         let conn = Connection::open(&path).unwrap();
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
-        let err = Store::open(&path, false).unwrap_err().to_string();
+        let err = Store::open(&path, false, "test").unwrap_err().to_string();
         assert!(
             err.contains("schema version 99") && err.contains("upgrade statelyd"),
             "{err}"
@@ -1538,13 +1631,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_second_daemon_on_one_postgresql_ledger_is_refused() {
+    async fn a_second_daemon_with_one_node_name_is_refused_and_another_name_shares_the_ledger() {
         let pg = pg_support::TestPostgres::start().await;
         let first = postgres_store(&pg.url()).await.unwrap();
         let err = postgres_store(&pg.url()).await.unwrap_err().to_string();
-        assert!(err.contains("another statelyd uses this ledger"), "{err}");
+        assert!(
+            err.contains("another statelyd runs as node test on this ledger"),
+            "{err}"
+        );
+        let other = postgres_store_as(&pg.url(), "other").await.unwrap();
         first.close().await;
-        // Once the first has stopped, the ledger is free again.
+        other.close().await;
+        // Once the first has stopped, its name is free again.
         postgres_store(&pg.url()).await.unwrap().close().await;
     }
 
@@ -1558,6 +1656,7 @@ mod tests {
                 .collect(),
             before: None,
             limit: 100,
+            ..Default::default()
         }
     }
 
@@ -1689,7 +1788,7 @@ mod tests {
             &path,
         )
         .unwrap();
-        let store = Store::open(&path, true).unwrap();
+        let store = Store::open(&path, true, "test").unwrap();
         let jobs = store
             .list(&JobFilter {
                 states: vec![],
@@ -1697,6 +1796,7 @@ mod tests {
                 labels: vec![],
                 before: None,
                 limit: 100,
+                ..Default::default()
             })
             .await
             .unwrap();

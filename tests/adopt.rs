@@ -200,6 +200,7 @@ fn adopt_req(
     };
     f(&mut a);
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::CertificateAdopt(a)),
         }),

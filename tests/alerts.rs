@@ -76,6 +76,7 @@ async fn wait_stat(stats: &std::path::Path, ok: impl Fn(&[stately::stats::parse:
 
 fn watch_spec(to: &[&str], hold_ms: u32) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {
                 target: "edge".into(),

@@ -91,6 +91,7 @@ fn issue_with(
     };
     f(&mut c);
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::CertificateIssue(c)),
         }),
@@ -1123,6 +1124,7 @@ async fn cert_delete_removes_a_lineage_and_a_rollback_puts_it_back_as_it_was() {
     );
     let e = c
         .submit_job(pb::SubmitJobRequest {
+            node: String::new(),
             spec: Some(pb::JobSpec {
                 kind: Some(pb::job_spec::Kind::CertificateDelete(
                     pb::CertificateDeleteJob {
@@ -1288,6 +1290,7 @@ async fn revoke_and_delete_refuse_bad_input_with_a_short_message_and_change_noth
     let before = tree(&[a.root(), a.bundles()]);
     let huge = "x".repeat(100_000);
     let revoke = |lineage: &str, reason: &str| pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::CertificateRevoke(
                 pb::CertificateRevokeJob {
@@ -1299,6 +1302,7 @@ async fn revoke_and_delete_refuse_bad_input_with_a_short_message_and_change_noth
         ..Default::default()
     };
     let delete = |lineage: &str| pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::CertificateDelete(
                 pb::CertificateDeleteJob {

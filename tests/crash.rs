@@ -361,6 +361,7 @@ async fn sigkill_around_an_applys_reload_leaves_haproxy_serving_the_file_on_disk
 
 fn apply_req(config: &str) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::HaproxyApply(pb::HaproxyApplyJob {
                 target: "edge".into(),
@@ -426,6 +427,7 @@ async fn sigkill_during_a_certificate_reissue_leaves_the_lineage_at_one_version(
         p.config()
     ));
     let issue = || pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::CertificateIssue(
                 pb::CertificateIssueJob {
@@ -484,6 +486,7 @@ async fn sigkill_during_a_certificate_reissue_leaves_the_lineage_at_one_version(
 
 fn add_server_req(name: &str, port: u16) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::HaproxyEdit(pb::HaproxyEditJob {
                 target: "edge".into(),
@@ -612,6 +615,7 @@ async fn sigkill_during_a_certificate_delete_leaves_the_lineage_all_there_or_all
     let mut c = d.client().await;
     let issue = c
         .submit_job(pb::SubmitJobRequest {
+            node: String::new(),
             spec: Some(pb::JobSpec {
                 kind: Some(pb::job_spec::Kind::CertificateIssue(
                     pb::CertificateIssueJob {
@@ -637,6 +641,7 @@ async fn sigkill_during_a_certificate_delete_leaves_the_lineage_all_there_or_all
     ];
     let before = tree(&places);
     let delete = || pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::CertificateDelete(
                 pb::CertificateDeleteJob {

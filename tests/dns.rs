@@ -68,6 +68,7 @@ fn config(p: &Pebble, bind: &Bind, dir: &std::path::Path, more: &str) -> String 
 
 fn issue(names: &[&str], challenge: &str) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::CertificateIssue(
                 pb::CertificateIssueJob {

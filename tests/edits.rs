@@ -147,6 +147,7 @@ fn restrict_admin() -> pb::HaproxyEdit {
 
 fn job(edits: Vec<pb::HaproxyEdit>, replace: bool, base: &str) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::HaproxyEdit(pb::HaproxyEditJob {
                 target: "edge".into(),
@@ -700,6 +701,7 @@ async fn a_missing_acme_route_is_caught_before_the_ca_and_route_acme_makes_issui
     ));
     let mut c = d.client().await;
     let issue = pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::CertificateIssue(
                 pb::CertificateIssueJob {
@@ -940,6 +942,7 @@ async fn a_deploy_to_a_target_whose_config_loads_no_bundle_is_refused_naming_the
     let mut c = e.d.client().await;
     let err = c
         .submit_job(pb::SubmitJobRequest {
+            node: String::new(),
             spec: Some(pb::JobSpec {
                 kind: Some(pb::job_spec::Kind::CertificateIssue(
                     pb::CertificateIssueJob {

@@ -405,6 +405,7 @@ async fn a_bad_log_stream_edit_is_refused_with_the_right_code_and_nothing_change
     let before = std::fs::read(&h.config).unwrap();
     let mut c = d.client().await;
     let edit = |target: &str, defaults: &str| pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::HaproxyEdit(pb::HaproxyEditJob {
                 target: target.into(),

@@ -322,6 +322,7 @@ async fn managed() -> Edge {
 
 fn apply(config: &str, base_version: &str) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::HaproxyApply(pb::HaproxyApplyJob {
                 target: "edge".into(),
@@ -673,6 +674,7 @@ async fn cancelling_during_verify_restores_the_old_config() {
 
 fn server_state(target: &str, backend: &str, server: &str, state: &str) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::HaproxyServerState(
                 pb::HaproxyServerStateJob {

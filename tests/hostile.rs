@@ -101,6 +101,7 @@ fn proxies(h: &Haproxy) -> Vec<String> {
 
 fn apply(config: &str, base_version: &str) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::HaproxyApply(pb::HaproxyApplyJob {
                 target: "edge".into(),

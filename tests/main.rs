@@ -16,6 +16,7 @@ mod crash;
 mod dns;
 mod edits;
 mod events;
+mod fleet;
 mod haproxy;
 mod hostile;
 mod jobs_api;

@@ -333,6 +333,7 @@ async fn metrics_time_steps_queues_cancels_and_count_watchers_transitions_renewa
 
     // A renewal (an issuance submitted as one) that fails.
     let mut renew = pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::CertificateIssue(
                 pb::CertificateIssueJob {

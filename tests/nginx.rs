@@ -45,6 +45,7 @@ impl Web {
 
 fn issue(deploy: &[&str]) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::CertificateIssue(
                 pb::CertificateIssueJob {

@@ -165,12 +165,12 @@ async fn a_job_survives_postgresql_restarting_under_it_and_its_watcher_misses_no
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_second_statelyd_on_the_same_ledger_refuses_to_start() {
+async fn a_second_statelyd_with_the_same_node_name_refuses_to_start() {
     let pg = TestPostgres::start().await;
     let _first = Daemon::start(&store(&pg.url()));
     let (code, said) = start_refused(&store(&pg.url()));
     assert_ne!(code, Some(0), "{said}");
-    assert!(said.contains("another statelyd uses this ledger"), "{said}");
+    assert!(said.contains("another statelyd runs as node"), "{said}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

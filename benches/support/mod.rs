@@ -240,3 +240,57 @@ pub fn start_exporter(sock: &Path) -> (Child, u16) {
     }
     (exporter, port)
 }
+
+/// A throwaway PostgreSQL cluster on loopback (scripts/pg-test-cluster.sh, `fsync=off` as the
+/// tests run it), stopped when dropped.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    /// A URL for its own fresh schema.
+    pub url: String,
+    /// The postmaster's pid.
+    pub postmaster: u32,
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = Command::new(Self::script())
+            .arg("start")
+            .arg(dir.path().join("pg"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        let postmaster = std::fs::read_to_string(dir.path().join("pg/data/postmaster.pid"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        Postgres {
+            dir,
+            url,
+            postmaster,
+        }
+    }
+
+    fn script() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg-test-cluster.sh")
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new(Self::script())
+            .arg("stop")
+            .arg(self.dir.path().join("pg"))
+            .status();
+    }
+}

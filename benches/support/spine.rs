@@ -10,7 +10,8 @@ use tonic::transport::Channel;
 
 pub const TOKEN: &str = "bench-operator-token-000000";
 
-/// Starts statelyd in `dir` with the bench's runbooks, and `extra` configuration after them.
+/// Starts statelyd in `dir` with the bench's runbooks, and `extra` configuration (top-level
+/// keys, then tables) before them.
 pub fn start(dir: &std::path::Path, extra: &str) -> (Child, String) {
     let root = dir.join("root");
     std::fs::create_dir_all(&root).unwrap();
@@ -20,6 +21,7 @@ pub fn start(dir: &std::path::Path, extra: &str) -> (Child, String) {
         format!(
             r#"listen = "127.0.0.1:0"
 data_dir = "{data}"
+{extra}
 [[token]]
 name = "bench"
 role = "operator"
@@ -49,7 +51,7 @@ pattern = "[0-9]+"
 type = "write_file"
 path = "{root}/write-{{n}}"
 content = "hello\n"
-{extra}"#,
+"#,
             data = dir.join("data").display(),
             root = root.display()
         ),
@@ -72,6 +74,7 @@ pub async fn client(addr: &str) -> Client {
 
 pub fn job(runbook: &str, n: usize) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::Runbook(pb::RunbookJob {
                 runbook: runbook.into(),

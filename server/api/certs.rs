@@ -147,6 +147,7 @@ impl pb::certificates_server::Certificates for CertsApi {
                 request_id: Some(r.request_id).filter(|s| !s.is_empty()),
                 labels: [("trigger".to_owned(), "renew".to_owned())].into(),
                 submitted_by: by,
+                node: None,
             })
             .await?;
         Ok(Response::new(super::jobs::job_to_pb(&job)))

@@ -181,6 +181,7 @@ fn submission(req: pb::SubmitJobRequest, by: Option<String>) -> Result<Submissio
         request_id: Some(req.request_id).filter(|r| !r.is_empty()),
         labels: req.labels.into_iter().collect(),
         submitted_by: by,
+        node: Some(req.node).filter(|n| !n.is_empty()),
     })
 }
 
@@ -268,6 +269,7 @@ impl pb::jobs_server::Jobs for JobsApi {
                 states,
                 kind,
                 r.labels.into_iter().collect(),
+                Some(r.node).filter(|n| !n.is_empty()),
                 r.page_size,
                 &r.page_token,
             )
@@ -735,6 +737,7 @@ pub(crate) fn job_to_pb(j: &Job) -> pb::Job {
         unwind_incomplete: j.unwind_incomplete,
         undo: Vec::new(),
         submitted_by: j.submitted_by.clone().unwrap_or_default(),
+        node: j.node.clone(),
     }
 }
 

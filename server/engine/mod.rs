@@ -34,6 +34,8 @@ pub struct Submission {
     pub labels: BTreeMap<String, String>,
     /// Who submits it (see [`JobRecord::submitted_by`]).
     pub submitted_by: Option<String>,
+    /// The node to run it on (None: the node that takes the submission).
+    pub node: Option<String>,
 }
 
 /// A job that has not ended, in this process.
@@ -168,14 +170,16 @@ impl Engine {
             ))
         })?;
         let sync_full = config.sync == crate::config::SyncMode::Full;
+        let node = config.node_name();
         let store = match &config.store.url {
-            None => Store::open(&data.join("stately.db"), sync_full)?,
+            None => Store::open(&data.join("stately.db"), sync_full, &node)?,
             Some(url) => {
                 let target = crate::store::PostgresTarget::from_config(
                     &config.store,
                     url,
                     sync_full,
                     config.insecure,
+                    &node,
                 )?;
                 Store::open_postgres(target).await?
             }
@@ -206,7 +210,6 @@ impl Engine {
             ),
             None => None,
         };
-        let node = config.node_name();
         let epoch = store.join(&node).await?;
         let node = (node, epoch, crate::job::now_ms());
         let shared = Arc::new(Shared {
@@ -231,6 +234,7 @@ impl Engine {
         // Heartbeating from the join on: a long recovery does not look like a lost node.
         engine.spawn_heartbeat();
         engine.recover().await?;
+        engine.spawn_fleet();
         engine.spawn_retention();
         Ok(engine)
     }
@@ -399,6 +403,49 @@ impl Engine {
         });
     }
 
+    /// On a shared ledger, what other nodes ask of this one: jobs submitted for it (planned
+    /// and run here) and cancels of its jobs — at each notice, and in full at the start, after
+    /// every reconnect of the listener and at each heartbeat (a notice lost is not a request
+    /// lost).
+    fn spawn_fleet(&self) {
+        let store = self.shared.env.store.clone();
+        let Some(mut notices) = store.notices() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.shared);
+        let stop = self.shared.env.stopping.clone();
+        let mine = self.shared.node.0.clone();
+        self.shared.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(crate::store::NODE_HEARTBEAT);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let full = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => true,
+                    n = notices.recv() => match n {
+                        Ok(crate::store::Notice::Cancel { job, node }) if node == mine => {
+                            let Some(s) = weak.upgrade() else { return };
+                            // Not live yet (still to be planned): the full pass finds it.
+                            !cancel_here(&s, job).await
+                        }
+                        Ok(crate::store::Notice::Submitted { node, .. }) => node == mine,
+                        Ok(crate::store::Notice::Resync)
+                        | Err(broadcast::error::RecvError::Lagged(_)) => true,
+                        Ok(_) => false,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                };
+                if !full {
+                    continue;
+                }
+                let Some(s) = weak.upgrade() else { return };
+                if let Err(e) = reconcile(&s).await {
+                    tracing::warn!("reading what other nodes asked of this one: {e}");
+                }
+            }
+        });
+    }
+
     /// The ledger's nodes, by name (on SQLite, this node alone).
     pub(crate) async fn nodes(&self) -> Result<Vec<crate::store::NodeRow>, Error> {
         let (name, epoch, started_at) = self.shared.node.clone();
@@ -443,6 +490,11 @@ impl Engine {
             ));
         }
         validate_labels(&sub.labels)?;
+        if let Some(node) = sub.node.as_deref()
+            && node != self.shared.node.0
+        {
+            self.known_node(node).await?;
+        }
 
         match sub.request_id.as_deref() {
             Some(rid) => {
@@ -465,16 +517,99 @@ impl Engine {
                     // A repeat gets its job back even if the config changed since.
                     return Ok(existing);
                 }
+                if self.elsewhere(&sub) {
+                    return self.enqueue_elsewhere(sub).await;
+                }
                 let env = self.shared.env_now();
                 let plan = kinds::plan(&sub.spec, &env, Moment::Submission).await?;
                 self.enqueue(sub, plan, env.config).await
             }
+            None if self.elsewhere(&sub) => self.enqueue_elsewhere(sub).await,
             None => {
                 let env = self.shared.env_now();
                 let plan = kinds::plan(&sub.spec, &env, Moment::Submission).await?;
                 self.enqueue(sub, plan, env.config).await
             }
         }
+    }
+
+    /// Whether a submission is for another node.
+    fn elsewhere(&self, sub: &Submission) -> bool {
+        sub.node.as_deref().is_some_and(|n| n != self.shared.node.0)
+    }
+
+    /// Refuses a node the ledger does not know (on SQLite, any other than this one).
+    async fn known_node(&self, node: &str) -> Result<(), Error> {
+        if !crate::config::is_node_name(node) {
+            return Err(Error::InvalidArgument(format!(
+                "node {} is not a node name (letters, digits, '-', '_' and '.'; at most 63)",
+                quote(node)
+            )));
+        }
+        let nodes = self.nodes().await?;
+        if nodes.iter().any(|n| n.name == node) {
+            return Ok(());
+        }
+        let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        Err(Error::NotFound(format!(
+            "no node {} on this ledger (nodes: {})",
+            quote(node),
+            names.join(", ")
+        )))
+    }
+
+    /// Records a job for another node: its node plans it against its own configuration (its
+    /// targets, lineages and runbooks) when it takes it, and fails it there if it cannot.
+    async fn enqueue_elsewhere(&self, sub: Submission) -> Result<Job, Error> {
+        let s = &self.shared;
+        if !s.accepting() {
+            return Err(Error::Unavailable("the daemon is shutting down".into()));
+        }
+        let node = sub.node.clone().expect("elsewhere has a node");
+        let id = JobId::new();
+        let now = now_ms();
+        let record = JobRecord {
+            id,
+            spec: sub.spec,
+            state: JobState::Pending,
+            steps: Vec::new(),
+            request_id: sub.request_id,
+            labels: sub.labels,
+            resources: Vec::new(),
+            waiting_for: Vec::new(),
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            error: None,
+            failed_step: None,
+            undo_entries: 0,
+            rolled_back_by: None,
+            last_seq: 1,
+            unwind_incomplete: false,
+            submitted_by: sub.submitted_by,
+            node: node.clone(),
+        };
+        let first = Event {
+            job: id,
+            seq: 1,
+            at: now,
+            body: EventBody::State {
+                from: None,
+                to: JobState::Pending,
+                reason: format!("submitted on node {} for node {node}", s.node.0),
+            },
+        };
+        s.env
+            .store
+            .commit(
+                vec![
+                    Write::InsertJob(record.clone().map_spec(|s| Ok::<_, Error>(s.stored()))?),
+                    Write::Event(first),
+                ],
+                None,
+            )
+            .await?;
+        Ok(record)
     }
 
     /// Records and starts a job planned (at submission) with `config`.
@@ -519,6 +654,7 @@ impl Engine {
             last_seq: 1,
             unwind_incomplete: false,
             submitted_by: sub.submitted_by,
+            node: s.node.0.clone(),
         };
         let live = LiveJob::new();
         s.live.lock().expect("live lock").insert(id, live.clone());
@@ -587,6 +723,7 @@ impl Engine {
                 vec![JobState::Succeeded],
                 Some("certificate_issue".into()),
                 Vec::new(),
+                Some(self.shared.node.0.clone()),
                 MAX_PAGE_SIZE,
                 "",
             )
@@ -656,6 +793,7 @@ impl Engine {
         states: Vec<JobState>,
         kind: Option<String>,
         labels: Vec<(String, String)>,
+        node: Option<String>,
         page_size: u32,
         page_token: &str,
     ) -> Result<(Vec<Job>, Option<String>), Error> {
@@ -684,6 +822,14 @@ impl Engine {
                 quote(k)
             )));
         }
+        if let Some(n) = &node
+            && !crate::config::is_node_name(n)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "node {} is not a node name (letters, digits, '-', '_' and '.'; at most 63)",
+                quote(n)
+            )));
+        }
         if states.len() > 16 {
             return Err(Error::InvalidArgument(
                 "states: at most 16 states (there are 6)".into(),
@@ -704,6 +850,8 @@ impl Engine {
             labels,
             before,
             limit: limit + 1,
+            node,
+            planned_only: false,
         };
         let mut rows = self.shared.env.store.list(&filter).await?;
         let next = if rows.len() > limit as usize {
@@ -743,7 +891,13 @@ impl Engine {
             if replay(&store, id, &mut last, &tx).await {
                 return;
             }
-            let Some(mut rx) = live.filter(|_| !ended) else {
+            if ended {
+                return;
+            }
+            let Some(mut rx) = live else {
+                // Not running in this process: on another node (or stopping here). Its
+                // events come from the ledger, read again at each notice that names it.
+                follow_ledger(&store, id, &mut last, &tx).await;
                 return;
             };
             loop {
@@ -780,6 +934,9 @@ impl Engine {
     pub async fn cancel(&self, id: JobId, reason: &str, wait: bool) -> Result<Job, Error> {
         let Some(live) = self.live(id) else {
             let record = self.get(id).await?;
+            if !record.state.is_terminal() && record.node != self.shared.node.0 {
+                return self.cancel_elsewhere(record, reason, wait).await;
+            }
             return Err(Error::FailedPrecondition(format!(
                 "job {id} has already ended {}; there is nothing to cancel{}",
                 record.state.as_str(),
@@ -818,6 +975,79 @@ impl Engine {
         Ok(record)
     }
 
+    /// Cancels a job of another node: the cancel is recorded in the ledger and signalled to
+    /// its node, which cancels and unwinds it as a local cancel; returns as [`Engine::cancel`]
+    /// once the ledger shows the job seeing it.
+    async fn cancel_elsewhere(&self, record: Job, reason: &str, wait: bool) -> Result<Job, Error> {
+        let store = &self.shared.env.store;
+        let mut notices = store.notices();
+        let id = record.id;
+        let reason = if reason.trim().is_empty() {
+            format!("cancelled by request (on node {})", self.shared.node.0)
+        } else {
+            format!(
+                "cancelled on node {}: {}",
+                self.shared.node.0,
+                reason.trim()
+            )
+        };
+        store
+            .commit(
+                vec![Write::CancelRequest {
+                    job: id,
+                    node: record.node.clone(),
+                    reason,
+                }],
+                None,
+            )
+            .await?;
+        let limit = if wait {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_secs(5)
+        };
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let now = self.get(id).await?;
+            if now.state.is_terminal() || (!wait && now.state == JobState::Cancelling) {
+                if matches!(now.state, JobState::Succeeded | JobState::Failed) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "job {id} ended {} before the cancel took effect",
+                        now.state.as_str()
+                    )));
+                }
+                return Ok(now);
+            }
+            let wake = async {
+                match notices.as_mut() {
+                    Some(n) => loop {
+                        match n.recv().await {
+                            Ok(crate::store::Notice::Events(ids)) if ids.contains(&id) => return,
+                            Ok(crate::store::Notice::Events(_)) => {}
+                            _ => return,
+                        }
+                    },
+                    None => std::future::pending().await,
+                }
+            };
+            // The backstop, should a notice be missed.
+            if tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_secs(1)),
+                wake,
+            )
+            .await
+            .is_err()
+                && tokio::time::Instant::now() >= deadline
+            {
+                return Err(Error::Unavailable(format!(
+                    "node {} has not taken the cancel of job {id} within {}s; it is recorded, and the node applies it when it reads the ledger again",
+                    now.node,
+                    limit.as_secs()
+                )));
+            }
+        }
+    }
+
     /// Starts a rollback of a finished job, after checking it can be undone and (unless
     /// `force`) that nothing changed what it left.
     pub async fn rollback(
@@ -828,8 +1058,20 @@ impl Engine {
     ) -> Result<Job, Error> {
         let _one_at_a_time = self.shared.rollbacks.lock().await;
         // NOT_FOUND as for any job id; the rest is the rollback's planning.
-        self.get(id).await?;
+        let target = self.get(id).await?;
         let spec = JobSpec::Rollback(kinds::rollback::Spec { target: id, force });
+        if target.node != self.shared.node.0 {
+            // Its node undoes it: the journal's files are that node's.
+            return self
+                .enqueue_elsewhere(Submission {
+                    spec,
+                    request_id: None,
+                    labels: BTreeMap::new(),
+                    submitted_by,
+                    node: Some(target.node),
+                })
+                .await;
+        }
         let env = self.shared.env_now();
         let plan = kinds::plan(&spec, &env, Moment::Submission).await?;
         self.enqueue(
@@ -838,6 +1080,7 @@ impl Engine {
                 request_id: None,
                 labels: BTreeMap::new(),
                 submitted_by,
+                node: None,
             },
             plan,
             env.config,
@@ -861,6 +1104,12 @@ impl Engine {
                     record.state.as_str()
                 )
             }));
+        }
+        if record.node != self.shared.node.0 {
+            return Err(Error::FailedPrecondition(format!(
+                "job {id} is node {}'s: its unwind is retried there, and UnwindJob is asked of that node",
+                record.node
+            )));
         }
         let Some(live) = self.live(id) else {
             // It may have just completed.
@@ -931,6 +1180,77 @@ async fn prune_history(store: &Store, h: &crate::config::History) -> Result<(), 
             return Ok(());
         }
     }
+}
+
+/// Follows a job that runs elsewhere through the ledger, to its terminal event: the events
+/// after `last` are read again at each notice naming the job, after every reconnect of the
+/// listener, and at least every 30 s. Sequence numbers are the job's node's, committed in
+/// order, so what is read is gap-free.
+async fn follow_ledger(
+    store: &Store,
+    id: JobId,
+    last: &mut u64,
+    tx: &mpsc::Sender<Result<Event, Error>>,
+) {
+    // Subscribed first: what commits after the read below is in a notice.
+    let Some(mut notices) = store.notices() else {
+        return;
+    };
+    loop {
+        if replay(store, id, last, tx).await {
+            return;
+        }
+        loop {
+            tokio::select! {
+                n = notices.recv() => match n {
+                    Ok(crate::store::Notice::Events(ids)) if ids.contains(&id) => break,
+                    Ok(crate::store::Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = tokio::time::sleep(Duration::from_secs(30)) => break,
+                _ = tx.closed() => return,
+            }
+        }
+    }
+}
+
+/// Asks a live job of this node to cancel for the reason recorded; false if it is not live
+/// here.
+async fn cancel_here(s: &Arc<Shared>, job: JobId) -> bool {
+    let Some(live) = s.live.lock().expect("live lock").get(&job).cloned() else {
+        return false;
+    };
+    match s.env.store.cancel_requests().await {
+        Ok(asked) => {
+            if let Some((_, reason)) = asked.into_iter().find(|(j, _)| *j == job) {
+                live.request_cancel(reason);
+            }
+        }
+        Err(e) => tracing::warn!(job = %job, "reading a cancel: {e}"),
+    }
+    true
+}
+
+/// Takes the jobs other nodes submitted for this one, then applies the cancels recorded for
+/// its jobs.
+async fn reconcile(s: &Arc<Shared>) -> Result<(), Error> {
+    for record in s.env.store.unplanned().await? {
+        if s.live.lock().expect("live lock").contains_key(&record.id) {
+            continue;
+        }
+        let record = kinds::typed(record)?;
+        runner::claim(s, record).await;
+    }
+    for (job, reason) in s.env.store.cancel_requests().await? {
+        let live = s.live.lock().expect("live lock").get(&job).cloned();
+        if let Some(live) = live
+            && !live.cancel.is_cancelled()
+        {
+            live.request_cancel(reason);
+        }
+    }
+    Ok(())
 }
 
 async fn replay(
@@ -1084,6 +1404,7 @@ argv = ["sleep", "30"]
             request_id: None,
             labels: BTreeMap::new(),
             submitted_by: None,
+            node: None,
         }
     }
 
@@ -1183,6 +1504,7 @@ argv = ["sleep", "30"]
                 request_id: None,
                 labels: BTreeMap::new(),
                 submitted_by: None,
+                node: None,
             })
             .await
             .unwrap_err();

@@ -8,6 +8,7 @@ use crate::kinds::{self, Executor, Job, Moment};
 use crate::step::{StepCtx, StepError};
 use crate::store::Write;
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// The span a job's tasks run in: what they log carries the job's id and kind (journald
 /// fields JOB_ID and JOB_KIND under systemd).
@@ -38,6 +39,75 @@ fn journal_of(
 pub(crate) struct Prepared {
     pub(crate) executor: Box<dyn Executor>,
     pub(crate) config: Arc<crate::config::Config>,
+}
+
+/// Takes a job another node submitted for this one: plans it against this node's
+/// configuration (its targets, lineages and runbooks), records the steps and resources, and
+/// runs it as a job submitted here. One this node cannot plan fails, saying why.
+pub(crate) async fn claim(shared: &Arc<Shared>, mut record: Job) {
+    let live = LiveJob::new();
+    {
+        let mut map = shared.live.lock().expect("live lock");
+        if map.contains_key(&record.id) {
+            return;
+        }
+        map.insert(record.id, live.clone());
+    }
+    let env = shared.env_now();
+    let mut journal = journal_of(shared, &live, &record, Vec::new());
+    let plan = match kinds::plan(&record.spec, &env, Moment::Submission).await {
+        Ok(plan) => plan,
+        Err(e) => {
+            let why = format!("node {} cannot run it: {e}", shared.node.0);
+            record.finished_at = Some(now_ms());
+            record.error = Some(why.clone());
+            journal
+                .set_state(&mut record, JobState::Failed, why, true, Vec::new())
+                .await;
+            shared.finish(record.id, &[]);
+            return;
+        }
+    };
+    record.steps = plan
+        .steps
+        .into_iter()
+        .map(|name| crate::job::StepRecord {
+            name,
+            state: StepState::Pending,
+            started_at: None,
+            finished_at: None,
+            error: None,
+        })
+        .collect();
+    record.resources = plan.resources;
+    shared.scheduler.enqueue(record.id, &record.resources);
+    let planned = vec![
+        Write::UpdateJob(record.progress()),
+        Write::Resources {
+            job: record.id,
+            resources: record.resources.clone(),
+        },
+    ];
+    if let Err(e) = shared.env.store.commit(planned, None).await {
+        // Still unplanned in the ledger: taken again at the next pass.
+        tracing::warn!(job = %record.id, "recording the plan: {e}");
+        shared.finish(record.id, &record.resources);
+        return;
+    }
+    tracing::info!(job = %record.id, "took a job submitted for this node");
+    let span = span(&record);
+    shared.tasks.spawn(
+        run(
+            shared.clone(),
+            record,
+            live,
+            Some(Prepared {
+                executor: plan.executor,
+                config: env.config,
+            }),
+        )
+        .instrument(span),
+    );
 }
 
 /// Runs a submitted job to its end.

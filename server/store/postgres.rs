@@ -7,11 +7,17 @@
 //! Reads come from a small pool. A lost connection is retried with the round held; a commit
 //! whose answer was lost is told apart by the round number the transaction also wrote.
 //!
-//! One statelyd per database (its schema) for now: recovery at start-up unwinds every job it
-//! finds running, so a second daemon would unwind the first one's live jobs. The writer holds
-//! an advisory lock for the daemon's life, and a second start is refused.
+//! Several statelyd share one database (its schema), each as its node: a job belongs to one
+//! node, and only that node runs, recovers and unwinds it. The writer holds an advisory lock
+//! on its node's name for the daemon's life, so a second statelyd with the same name is
+//! refused. What one node writes for another (a job submitted for it, a cancel) is signalled
+//! with NOTIFY on one channel; each node has one listening connection that fans the notices
+//! out, and reads the ledger again after every reconnect, so a notice lost meanwhile is not
+//! a change lost.
 
-use super::{Batch, Error, JobColumns, JobFilter, OutboxEntry, StoredJob, Write, finish_round};
+use super::{
+    Batch, Error, JobColumns, JobFilter, Notice, OutboxEntry, StoredJob, Write, finish_round,
+};
 use crate::job::{Event, JobId};
 use crate::undo::JournalEntry;
 use std::collections::{HashMap, HashSet};
@@ -29,6 +35,8 @@ pub(crate) struct Target {
     pub(crate) sync_full: bool,
     /// TLS (`sslmode=require`), verified.
     pub(crate) tls: Option<super::pgtls::Rustls>,
+    /// This statelyd's node.
+    pub(crate) node: String,
 }
 
 impl Target {
@@ -79,6 +87,7 @@ impl Target {
         url: &str,
         sync_full: bool,
         insecure: bool,
+        node: &str,
     ) -> Result<Target, Error> {
         Self::check_url(url, insecure).map_err(|e| Error::Config(format!("[store] url: {e}")))?;
         let mut config: tokio_postgres::Config = url.parse().expect("checked above");
@@ -125,6 +134,7 @@ impl Target {
             pool_size: store.pool_size.unwrap_or(4),
             sync_full,
             tls,
+            node: node.to_owned(),
         })
     }
 }
@@ -196,17 +206,42 @@ CREATE TABLE nodes (
     version TEXT NOT NULL
 );
 ",
+    // Nodes share the ledger: each job is one node's, each node writes under its own marker.
+    // Jobs from before are the node's that migrates (the ledger had one daemon).
+    "
+ALTER TABLE jobs ADD COLUMN node TEXT;
+ALTER TABLE jobs ADD COLUMN unplanned BOOLEAN NOT NULL DEFAULT FALSE;
+CREATE INDEX jobs_node_state ON jobs (node, state);
+CREATE TABLE writers (node TEXT PRIMARY KEY, round BIGINT NOT NULL, owner TEXT);
+DROP TABLE stately_writer;
+CREATE TABLE cancels (
+    job_id TEXT PRIMARY KEY, reason TEXT NOT NULL, at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+",
 ];
+
+/// The channel of every notice between nodes.
+const CHANNEL: &str = "stately";
 
 const JOB_COLUMNS: &str = "id, spec, state, steps, request_id, labels::text, resources, waiting_for, \
      created_at, started_at, finished_at, error, failed_step, \
      (SELECT COUNT(*) FROM undo u WHERE u.job_id = jobs.id), rolled_back_by, \
      (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.job_id = jobs.id), pos, unwind_incomplete, \
-     kind, rollback_of, submitted_by";
+     kind, rollback_of, submitted_by, COALESCE(node, '')";
 
 /// The reads' side of the ledger.
 pub(crate) struct Ledger {
     pool: deadpool_postgres::Pool,
+    /// This node.
+    node: String,
+    notices: tokio::sync::broadcast::Sender<Notice>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
 }
 
 fn pg(e: tokio_postgres::Error) -> Error {
@@ -282,15 +317,16 @@ pub(crate) async fn open(
     let client = connect(&target).await?;
     // The lock first: a newer binary started by mistake does not upgrade the schema under a
     // running daemon.
-    let backend = lock(&client)
+    let backend = lock(&client, &target.node)
         .await?
-        .ok_or_else(|| taken(&target.describe))?;
-    migrate(&client, &target.describe).await?;
+        .ok_or_else(|| taken(&target.describe, &target.node))?;
+    migrate(&client, &target.describe, &target.node).await?;
     let owner = uuid::Uuid::now_v7().to_string();
     let round: i64 = client
         .query_one(
-            "UPDATE stately_writer SET owner = $1 RETURNING round",
-            &[&owner],
+            "INSERT INTO writers (node, round, owner) VALUES ($1, 0, $2) \
+             ON CONFLICT (node) DO UPDATE SET owner = EXCLUDED.owner RETURNING round",
+            &[&target.node, &owner],
         )
         .await
         .map_err(pg)?
@@ -313,6 +349,9 @@ pub(crate) async fn open(
         .map_err(|e| Error::Postgres(e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let lost = std::sync::Arc::new(tokio::sync::watch::channel(None).0);
+    let notices = tokio::sync::broadcast::channel(1024).0;
+    let listener = tokio::spawn(listen(target.clone(), notices.clone()));
+    let node = target.node.clone();
     let writer = tokio::spawn(
         Writer {
             target,
@@ -326,12 +365,22 @@ pub(crate) async fn open(
         }
         .run(rx),
     );
-    Ok((Ledger { pool }, tx, writer, lost))
+    Ok((
+        Ledger {
+            pool,
+            node,
+            notices,
+            listener,
+        },
+        tx,
+        writer,
+        lost,
+    ))
 }
 
 /// Brings the schema up to this binary's version, under a lock so two starts do not race;
 /// refuses a schema newer than the binary knows.
-async fn migrate(client: &Client, describe: &str) -> Result<(), Error> {
+async fn migrate(client: &Client, describe: &str, node: &str) -> Result<(), Error> {
     client
         .batch_execute(
             "BEGIN; SELECT pg_advisory_xact_lock(hashtext('stately:migrate:' || current_schema()));
@@ -356,6 +405,12 @@ async fn migrate(client: &Client, describe: &str) -> Result<(), Error> {
         }
         for (i, m) in MIGRATIONS.iter().enumerate().skip(found as usize) {
             client.batch_execute(m).await.map_err(pg)?;
+            if i == 2 {
+                client
+                    .execute("UPDATE jobs SET node = $1 WHERE node IS NULL", &[&node])
+                    .await
+                    .map_err(pg)?;
+            }
             client
                 .execute(
                     "INSERT INTO stately_schema (version, applied_at, statelyd) VALUES ($1, $2, $3)",
@@ -372,23 +427,24 @@ async fn migrate(client: &Client, describe: &str) -> Result<(), Error> {
     result
 }
 
-/// The one-node lock: held by the writer's session for the daemon's life.
-/// The one-node lock: held by the writer's session for the daemon's life. The session's
-/// backend process id when taken (a later session of this daemon may end a dead one).
-async fn lock(client: &Client) -> Result<Option<i32>, Error> {
+/// The node's lock: held by the writer's session for the daemon's life. The session's
+/// backend process id when taken (a later session of this daemon may end a dead one). Two
+/// keys (the schema, the node): two names share a lock only if both their hashes collide.
+async fn lock(client: &Client, node: &str) -> Result<Option<i32>, Error> {
     let row = client
         .query_one(
-            "SELECT pg_try_advisory_lock(hashtext('stately:node:' || current_schema())), pg_backend_pid()",
-            &[],
+            "SELECT pg_try_advisory_lock(hashtext('stately:node:' || current_schema()), hashtext($1)), \
+             pg_backend_pid()",
+            &[&node],
         )
         .await
         .map_err(pg)?;
     Ok(row.get::<_, bool>(0).then(|| row.get(1)))
 }
 
-fn taken(describe: &str) -> Error {
+fn taken(describe: &str, node: &str) -> Error {
     Error::Postgres(format!(
-        "{describe}: another statelyd uses this ledger (one statelyd per database schema)"
+        "{describe}: another statelyd runs as node {node} on this ledger (each statelyd needs its own node name)"
     ))
 }
 
@@ -493,13 +549,16 @@ impl Writer {
     async fn client(&mut self) -> Result<&Client, RoundError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             let c = connect(&self.target).await?;
-            match lock(&c).await? {
+            match lock(&c, &self.target.node).await? {
                 Some(pid) => self.backend = pid,
                 None => {
                     // Held: by this daemon's own session that died unnoticed by the server
                     // (it ends that one and tries again), or by another statelyd (fenced).
                     let owner: Option<String> = c
-                        .query_one("SELECT owner FROM stately_writer", &[])
+                        .query_one(
+                            "SELECT owner FROM writers WHERE node = $1",
+                            &[&self.target.node],
+                        )
                         .await
                         .map_err(pg)?
                         .get(0);
@@ -538,7 +597,12 @@ impl Writer {
     async fn pipelined(&mut self, batches: &[Batch]) -> Result<(), tokio_postgres::Error> {
         let all: Vec<Stmt> = batches
             .iter()
-            .flat_map(|b| b.writes.iter().flat_map(statements))
+            .flat_map(|b| {
+                b.writes
+                    .iter()
+                    .flat_map(|w| statements(w, &self.target.node))
+            })
+            .chain(notify_events(batches))
             .collect();
         let mut prepared = Vec::with_capacity(all.len());
         for (sql, _) in &all {
@@ -576,7 +640,7 @@ impl Writer {
             client.batch_execute("SAVEPOINT b").await.map_err(pg)?;
             let mut failed = None;
             'writes: for w in &batch.writes {
-                for (sql, params) in statements(w) {
+                for (sql, params) in statements(w, &self.target.node) {
                     let stmt = match self.prepared(sql).await {
                         Ok(s) => s,
                         Err(e) => {
@@ -625,7 +689,7 @@ impl Writer {
         batches: &[Batch],
     ) -> Result<Vec<Result<(), String>>, RoundError> {
         let sync = if self.target.sync_full { "on" } else { "off" };
-        let owner = self.owner.clone();
+        let (owner, node) = (self.owner.clone(), self.target.node.clone());
         let client = self.client().await?;
         client
             .batch_execute(&format!("BEGIN; SET LOCAL synchronous_commit = {sync}"))
@@ -635,8 +699,8 @@ impl Writer {
         // connection broke may have taken, and must not be applied twice.
         let row = client
             .query_opt(
-                "SELECT round FROM stately_writer WHERE owner = $1 FOR UPDATE",
-                &[&owner],
+                "SELECT round FROM writers WHERE node = $1 AND owner = $2 FOR UPDATE",
+                &[&node, &owner],
             )
             .await
             .map_err(pg)?;
@@ -670,14 +734,29 @@ impl Writer {
                     ))
                     .await
                     .map_err(pg)?;
-                self.batch_by_batch(batches).await?
+                let results = self.batch_by_batch(batches).await?;
+                let done: Vec<&Batch> = batches
+                    .iter()
+                    .zip(&results)
+                    .filter(|(_, r)| r.is_ok())
+                    .map(|(b, _)| b)
+                    .collect();
+                for (sql, params) in notify_events(done) {
+                    let refs: Vec<&(dyn ToSql + Sync)> = params
+                        .iter()
+                        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                        .collect();
+                    let client = self.client.as_ref().expect("connected");
+                    client.execute(sql, &refs).await.map_err(pg)?;
+                }
+                results
             }
         };
         let client = self.client.as_ref().expect("connected");
         let marked = client
             .execute(
-                "UPDATE stately_writer SET round = $1 WHERE owner = $2",
-                &[&round, &owner],
+                "UPDATE writers SET round = $1 WHERE node = $2 AND owner = $3",
+                &[&round, &node, &owner],
             )
             .await
             .map_err(pg)?;
@@ -720,14 +799,38 @@ macro_rules! params {
 }
 
 /// The statements a write is made of.
-fn statements(w: &Write) -> Vec<Stmt> {
+/// One NOTIFY per round naming the jobs that have new events in it (delivered at the
+/// commit), for watchers on other nodes; split to stay under PostgreSQL's 8000-byte payload.
+fn notify_events<'a>(batches: impl IntoIterator<Item = &'a Batch>) -> Vec<Stmt> {
+    let mut jobs: Vec<JobId> = Vec::new();
+    for b in batches {
+        for w in &b.writes {
+            if let Write::Event(e) = w
+                && !jobs.contains(&e.job)
+            {
+                jobs.push(e.job);
+            }
+        }
+    }
+    jobs.chunks(100)
+        .map(|chunk| {
+            let ids: Vec<String> = chunk.iter().map(JobId::to_string).collect();
+            (
+                "SELECT pg_notify('stately', $1)",
+                params![format!("events {}", ids.join(" "))],
+            )
+        })
+        .collect()
+}
+
+fn statements(w: &Write, mine: &str) -> Vec<Stmt> {
     match w {
         Write::InsertJob(j) => {
             let mut out: Vec<Stmt> = vec![(
                 "INSERT INTO jobs (id, kind, spec, state, steps, request_id, labels, resources, waiting_for, \
                  created_at, started_at, finished_at, error, failed_step, rolled_back_by, rollback_of, \
-                 submitted_by) \
-                 VALUES ($1,$2,$3,$4,$5,$6,$7::text::jsonb,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)",
+                 submitted_by, node, unplanned) \
+                 VALUES ($1,$2,$3,$4,$5,$6,$7::text::jsonb,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19)",
                 params![
                     j.id.to_string(),
                     j.spec.kind.clone(),
@@ -746,8 +849,17 @@ fn statements(w: &Write) -> Vec<Stmt> {
                     j.rolled_back_by.map(|r| r.to_string()),
                     j.spec.rollback_of.map(|r| r.to_string()),
                     text_opt(&j.submitted_by),
+                    j.node.clone(),
+                    j.node != mine,
                 ],
             )];
+            // Its node plans and runs it: told at the commit.
+            if j.node != mine {
+                out.push((
+                    "SELECT pg_notify('stately', $1)",
+                    params![format!("submitted {} {}", j.id, j.node)],
+                ));
+            }
             for r in &j.resources {
                 out.push((
                     "INSERT INTO job_resources (resource, job_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -813,7 +925,8 @@ fn statements(w: &Write) -> Vec<Stmt> {
              p AS (DELETE FROM processes WHERE job_id IN (SELECT id FROM doomed)), \
              o AS (DELETE FROM outbox WHERE job_id IN (SELECT id FROM doomed)), \
              w AS (DELETE FROM watch_state WHERE job_id IN (SELECT id FROM doomed)), \
-             r AS (DELETE FROM job_resources WHERE job_id IN (SELECT id FROM doomed)) \
+             r AS (DELETE FROM job_resources WHERE job_id IN (SELECT id FROM doomed)), \
+             c AS (DELETE FROM cancels WHERE job_id IN (SELECT id FROM doomed)) \
              DELETE FROM jobs WHERE id IN (SELECT id FROM doomed)",
             params![ids.iter().map(|i| i.to_string()).collect::<Vec<String>>()],
         )],
@@ -867,6 +980,125 @@ fn statements(w: &Write) -> Vec<Stmt> {
              ON CONFLICT (job_id) DO UPDATE SET state = EXCLUDED.state",
             params![job.to_string(), state.clone()],
         )],
+        Write::Resources { job, resources } => {
+            let mut out: Vec<Stmt> = vec![(
+                "UPDATE jobs SET resources = $2, unplanned = FALSE WHERE id = $1",
+                params![job.to_string(), json(resources)],
+            )];
+            for r in resources {
+                out.push((
+                    "INSERT INTO job_resources (resource, job_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    params![r.clone(), job.to_string()],
+                ));
+            }
+            out
+        }
+        Write::CancelRequest { job, node, reason } => vec![
+            (
+                "INSERT INTO cancels (job_id, reason) VALUES ($1, $2) ON CONFLICT (job_id) DO NOTHING",
+                params![job.to_string(), text(reason)],
+            ),
+            (
+                "SELECT pg_notify('stately', $1)",
+                params![format!("cancel {job} {node}")],
+            ),
+        ],
+    }
+}
+
+/// A notice as NOTIFY carried it; None for one this version does not know.
+fn parse_notice(payload: &str) -> Option<Notice> {
+    let mut words = payload.split(' ');
+    let what = words.next()?;
+    match what {
+        "events" => Some(Notice::Events(
+            words.map(|w| w.parse().ok()).collect::<Option<_>>()?,
+        )),
+        "submitted" | "cancel" => {
+            let job = words.next()?.parse().ok()?;
+            let node = words.next()?.to_owned();
+            Some(if what == "submitted" {
+                Notice::Submitted { job, node }
+            } else {
+                Notice::Cancel { job, node }
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The node's one listening connection: LISTEN, then every notice to the broadcast; after
+/// each (re)connect a `Resync`, as notices sent while it was away are gone.
+async fn listen(target: Target, tx: tokio::sync::broadcast::Sender<Notice>) {
+    let mut target = target;
+    target
+        .config
+        .application_name(format!("statelyd listener {}", target.node));
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match connect_listening(&target, tx.clone()).await {
+            Ok((client, conn)) => match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                Ok(()) => {
+                    pause = Duration::from_millis(100);
+                    let _ = tx.send(Notice::Resync);
+                    let _ = conn.await;
+                    tracing::warn!("store: the ledger's listening connection ended; reconnecting");
+                }
+                Err(e) => tracing::warn!("store: LISTEN: {}", describe_error(&e)),
+            },
+            Err(e) => tracing::debug!("store: the listening connection: {e}"),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A connection whose notifications go to `tx`; the task driving it ends with it.
+async fn connect_listening(
+    target: &Target,
+    tx: tokio::sync::broadcast::Sender<Notice>,
+) -> Result<(Client, tokio::task::JoinHandle<()>), Error> {
+    let connected = async {
+        Ok::<_, tokio_postgres::Error>(match &target.tls {
+            None => {
+                let (client, conn) = target.config.connect(NoTls).await?;
+                (client, tokio::spawn(notices(conn, tx)))
+            }
+            Some(tls) => {
+                let (client, conn) = target.config.connect(tls.clone()).await?;
+                (client, tokio::spawn(notices(conn, tx)))
+            }
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), connected)
+        .await
+        .map_err(|_| Error::Postgres(format!("{}: no answer within 10s", target.describe)))?
+        .map_err(|e| Error::Postgres(format!("{}: {}", target.describe, cause(&e))))
+}
+
+/// Drives a listening connection, passing its notifications on.
+async fn notices<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    tx: tokio::sync::broadcast::Sender<Notice>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+    while let Some(m) = messages.next().await {
+        match m {
+            Ok(tokio_postgres::AsyncMessage::Notification(n)) if n.channel() == CHANNEL => {
+                if let Some(notice) = parse_notice(n.payload()) {
+                    let _ = tx.send(notice);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!("store: the listening connection: {e}");
+                return;
+            }
+        }
     }
 }
 
@@ -894,6 +1126,7 @@ fn job_row(r: &tokio_postgres::Row) -> Result<(StoredJob, i64), Error> {
         kind: r.try_get(18).map_err(get)?,
         rollback_of: r.try_get(19).map_err(get)?,
         submitted_by: r.try_get(20).map_err(get)?,
+        node: r.try_get(21).map_err(get)?,
     }
     .build()
 }
@@ -939,15 +1172,15 @@ impl Ledger {
         let rows = self
             .query(
                 "SELECT id FROM jobs
-                 WHERE state IN ('SUCCEEDED','FAILED','CANCELLED') AND NOT unwind_incomplete
+                 WHERE state IN ('SUCCEEDED','FAILED','CANCELLED') AND NOT unwind_incomplete AND node = $4
                    AND (pos NOT IN (SELECT pos FROM jobs WHERE state IN ('SUCCEEDED','FAILED','CANCELLED')
-                                    ORDER BY pos DESC LIMIT $2)
+                                    AND node = $4 ORDER BY pos DESC LIMIT $2)
                         OR (EXISTS (SELECT 1 FROM job_resources r WHERE r.job_id = jobs.id)
                             AND id NOT IN (
                               SELECT job_id FROM (
                                 SELECT r.job_id, ROW_NUMBER() OVER (PARTITION BY r.resource ORDER BY j.pos DESC) AS n
                                 FROM job_resources r JOIN jobs j ON j.id = r.job_id
-                                WHERE j.state IN ('SUCCEEDED','FAILED','CANCELLED')) AS ranked
+                                WHERE j.state IN ('SUCCEEDED','FAILED','CANCELLED') AND j.node = $4) AS ranked
                               WHERE n <= $1)))
                  ORDER BY pos
                  LIMIT $3",
@@ -955,6 +1188,7 @@ impl Ledger {
                     &i64::from(keep_per_resource),
                     &i64::from(keep_total),
                     &i64::from(max),
+                    &self.node,
                 ],
             )
             .await?;
@@ -979,9 +1213,11 @@ impl Ledger {
     }
 
     pub(crate) async fn jobs_unwind_incomplete(&self) -> Result<Vec<StoredJob>, Error> {
-        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE unwind_incomplete ORDER BY pos");
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE unwind_incomplete AND node = $1 ORDER BY pos"
+        );
         Ok(self
-            .jobs(&sql, &[])
+            .jobs(&sql, &[&self.node])
             .await?
             .into_iter()
             .map(|(j, _)| j)
@@ -1026,6 +1262,13 @@ impl Ledger {
             sql.push_str(" AND pos < ");
             arg(&mut sql, Box::new(before));
         }
+        if let Some(node) = &f.node {
+            sql.push_str(" AND node = ");
+            arg(&mut sql, Box::new(node.clone()));
+        }
+        if f.planned_only {
+            sql.push_str(" AND NOT unplanned");
+        }
         sql.push_str(" ORDER BY pos DESC LIMIT ");
         arg(&mut sql, Box::new(i64::from(f.limit)));
         let refs: Vec<&(dyn ToSql + Sync)> = args
@@ -1068,8 +1311,48 @@ impl Ledger {
     }
 
     pub(crate) async fn unwind_incomplete_count(&self) -> Result<u64, Error> {
-        self.count("SELECT COUNT(*) FROM jobs WHERE unwind_incomplete")
-            .await
+        let rows = self
+            .query(
+                "SELECT COUNT(*) FROM jobs WHERE unwind_incomplete AND node = $1",
+                &[&self.node],
+            )
+            .await?;
+        Ok(rows[0].get::<_, i64>(0) as u64)
+    }
+
+    /// This node's jobs submitted elsewhere and not yet planned here.
+    pub(crate) async fn unplanned(&self) -> Result<Vec<StoredJob>, Error> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE node = $1 AND unplanned AND state = 'PENDING' ORDER BY pos"
+        );
+        Ok(self
+            .jobs(&sql, &[&self.node])
+            .await?
+            .into_iter()
+            .map(|(j, _)| j)
+            .collect())
+    }
+
+    /// Cancels recorded for this node's jobs that have not ended.
+    pub(crate) async fn cancel_requests(&self) -> Result<Vec<(JobId, String)>, Error> {
+        let rows = self
+            .query(
+                "SELECT c.job_id, c.reason FROM cancels c JOIN jobs j ON j.id = c.job_id \
+                 WHERE j.node = $1 AND j.state IN ('PENDING','RUNNING') ORDER BY c.at",
+                &[&self.node],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                Ok((id.parse().map_err(Error::Corrupt)?, r.get(1)))
+            })
+            .collect()
+    }
+
+    /// What other nodes write that may concern this one.
+    pub(crate) fn notices(&self) -> tokio::sync::broadcast::Receiver<Notice> {
+        self.notices.subscribe()
     }
 
     pub(crate) async fn outbox_pending(&self) -> Result<u64, Error> {

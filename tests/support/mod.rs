@@ -325,6 +325,7 @@ impl Drop for Daemon {
 
 pub fn runbook(name: &str, params: &[(&str, &str)]) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
+        node: String::new(),
         spec: Some(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::Runbook(pb::RunbookJob {
                 runbook: name.into(),
@@ -845,6 +846,7 @@ pub async fn start_alert_watch(
 ) -> (String, tonic::Streaming<pb::JobEvent>) {
     let job = c
         .submit_job(pb::SubmitJobRequest {
+            node: String::new(),
             spec: Some(pb::JobSpec {
                 kind: Some(pb::job_spec::Kind::AlertWatch(pb::AlertWatchJob {
                     target: "edge".into(),

@@ -1,0 +1,302 @@
+//! Several statelyd on one PostgreSQL ledger, each its node: a job submitted on one node for
+//! another runs there and is watched, cancelled and listed from the first; a job for a node
+//! that cannot plan it fails saying so; a node killed mid-job unwinds it itself when it comes
+//! back, and no other node ran it.
+
+use crate::support::postgres::TestPostgres;
+use crate::support::*;
+use stately::pb;
+use std::time::Duration;
+
+fn node(name: &str, url: &str) -> Daemon {
+    Daemon::start(&format!("node = \"{name}\"\n[store]\nurl = \"{url}\"\n"))
+}
+
+fn on(node: &str, mut req: pb::SubmitJobRequest) -> pb::SubmitJobRequest {
+    req.node = node.into();
+    req
+}
+
+/// Every event of a job, from the node `d` (to its end).
+async fn events(d: &Daemon, id: &str) -> Vec<pb::JobEvent> {
+    let mut s = d
+        .client()
+        .await
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.into(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut all = Vec::new();
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(60), s.message())
+        .await
+        .expect("the job ends in time")
+        .unwrap()
+    {
+        all.push(e);
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_submitted_on_a_for_b_runs_on_b_and_a_watches_and_lists_it() {
+    let pg = TestPostgres::start().await;
+    let (a, b) = (node("edge-a", &pg.url()), node("edge-b", &pg.url()));
+    // From A's CLI, attached: the job runs on B (B's root), and A follows it to its end.
+    let out = a
+        .cli()
+        .args(["--node", "edge-b", "run", "write", "-p", "name=fleet", "-p"])
+        .arg("content=from a\n")
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("succeeded"), "{said}");
+    assert_eq!(
+        std::fs::read_to_string(b.root().join("fleet.txt")).unwrap(),
+        "from a\n"
+    );
+    assert!(!a.root().join("fleet.txt").exists(), "nothing ran on A");
+
+    // The same job through the API: submitted on A for B, watched from A, gap-free.
+    let mut ca = a.client().await;
+    let job = ca
+        .submit_job(on("edge-b", runbook("chatty", &[("lines", "30")])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (job.node.as_str(), state(&job)),
+        ("edge-b", pb::JobState::Pending)
+    );
+    let seen = events(&a, &job.id).await;
+    let seqs: Vec<u64> = seen.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "gap-free from A"
+    );
+    let lines = seen
+        .iter()
+        .filter(|e| matches!(&e.event, Some(pb::job_event::Event::Log(l)) if l.message.starts_with("line ")))
+        .count();
+    assert_eq!(lines, 30);
+    let done = ca
+        .get_job(pb::GetJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&done), pb::JobState::Succeeded);
+    assert!(!done.steps.is_empty(), "B planned its steps: {done:?}");
+    assert_eq!(seen, events(&b, &job.id).await, "A and B see one log");
+
+    // Listed from A, per node.
+    let list = |node: &str| {
+        let out = a
+            .cli()
+            .args(["-o", "json", "--node", node, "jobs", "list"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let on_b = list("edge-b");
+    assert_eq!(on_b.len(), 2, "{on_b:?}");
+    assert!(on_b.iter().all(|j| j["node"] == "edge-b"), "{on_b:?}");
+    assert!(list("edge-a").is_empty());
+    // With a job of A's own beside B's, the table says which node each is.
+    let own = ca
+        .submit_job(runbook("noop", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_end(&mut ca, &own.id).await;
+    let table = a.cli().args(["jobs", "list"]).output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    let header = table.lines().next().unwrap_or_default();
+    assert!(header.contains("  NODE  "), "{table}");
+    assert!(
+        table.contains("edge-a") && table.contains("edge-b"),
+        "{table}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_from_a_unwinds_a_job_on_b_even_with_bs_listener_cut() {
+    let pg = TestPostgres::start().await;
+    let (a, b) = (node("cut-a", &pg.url()), node("cut-b", &pg.url()));
+    let mut ca = a.client().await;
+    for (round, cut) in [("kept", false), ("cut", true)] {
+        let job = ca
+            .submit_job(on("cut-b", runbook("write-then-block", &[("name", round)])))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut s = ca
+            .watch_job(pb::WatchJobRequest {
+                job_id: job.id.clone(),
+                after_seq: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        until_log(&mut s, "ready").await;
+        assert!(b.root().join(format!("{round}.txt")).exists());
+        if cut {
+            // B's listening connection goes: the notice of the cancel is lost to it, and B
+            // reads the ledger again when it is back. (Node names of this test alone: the
+            // cluster is shared by the tests running beside it.)
+            let admin = TestPostgres::connect(&pg.admin).await;
+            let ended: i64 = admin
+                .query_one(
+                    "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE application_name = 'statelyd listener cut-b') t",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(ended, 1, "B has one listening connection");
+        }
+        let started = std::time::Instant::now();
+        let cancelled = ca
+            .cancel_job(pb::CancelJobRequest {
+                job_id: job.id.clone(),
+                reason: "from a".into(),
+                wait: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(state(&cancelled), pb::JobState::Cancelled, "{round}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{round}: {:?}",
+            started.elapsed()
+        );
+        assert!(
+            cancelled.error.contains("cancelled on node cut-a: from a"),
+            "{}",
+            cancelled.error
+        );
+        // B unwound it: its file is gone, its command stopped.
+        assert!(!b.root().join(format!("{round}.txt")).exists(), "{round}");
+        let pid = read_pid(&b.root().join(format!("{round}.pid")));
+        assert!(!pid_alive(pid), "{round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_for_another_node_is_planned_there_and_unknown_nodes_are_refused() {
+    let pg = TestPostgres::start().await;
+    let (a, _b) = (node("edge-a", &pg.url()), node("edge-b", &pg.url()));
+    let mut ca = a.client().await;
+    // A runbook B does not have: B fails it, saying so; A could not have known.
+    let job = ca
+        .submit_job(on("edge-b", runbook("no-such-runbook", &[])))
+        .await
+        .unwrap()
+        .into_inner();
+    let end = wait_end(&mut ca, &job.id).await;
+    assert_eq!(state(&end), pb::JobState::Failed);
+    assert!(
+        end.error.starts_with("node edge-b cannot run it:")
+            && end.error.contains("no-such-runbook"),
+        "{}",
+        end.error
+    );
+    let e = ca
+        .submit_job(on("edge-z", runbook("noop", &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert!(e.message().contains("edge-a, edge-b"), "{}", e.message());
+    let e = ca
+        .submit_job(on("bad name!", runbook("noop", &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    // On a node's own SQLite ledger there is no other node.
+    let alone = Daemon::start("[store]\n");
+    let e = alone
+        .client()
+        .await
+        .submit_job(on("edge-b", runbook("noop", &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_killed_mid_job_unwinds_it_when_it_returns_and_no_other_node_ran_it() {
+    let pg = TestPostgres::start().await;
+    let (a, mut b) = (node("edge-a", &pg.url()), node("edge-b", &pg.url()));
+    let mut ca = a.client().await;
+    let job = ca
+        .submit_job(on(
+            "edge-b",
+            runbook("write-then-block", &[("name", "crash")]),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s = ca
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until_log(&mut s, "ready").await;
+    b.kill9();
+    // A's watcher waits on through B's absence; A does not take the job.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let now = ca
+        .get_job(pb::GetJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&now), pb::JobState::Running);
+    b.spawn();
+    let mut rest = Vec::new();
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(60), s.message())
+        .await
+        .expect("the job ends")
+        .unwrap()
+    {
+        rest.push(e);
+    }
+    let end = ca
+        .get_job(pb::GetJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(state(&end), pb::JobState::Failed | pb::JobState::Cancelled),
+        "{end:?}"
+    );
+    assert!(!b.root().join("crash.txt").exists(), "B unwound it");
+    assert!(!a.root().join("crash.txt").exists());
+    assert!(!a.log().contains("took a job submitted"), "{}", a.log());
+}
