@@ -126,7 +126,7 @@ pub(crate) enum Command {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum Nodes {
-    /// Each node: up or lost (no heartbeat for 15 s), its epoch, last heartbeat, version.
+    /// Each node: up or lost (no heartbeat for its lease, 15 s by default), its epoch, last heartbeat, version.
     List,
 }
 

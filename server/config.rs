@@ -246,7 +246,7 @@ pub enum SyncMode {
 }
 
 /// Where the job ledger lives.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// A PostgreSQL connection URL (`postgresql://user@host:port/database`, without a
@@ -259,6 +259,23 @@ pub struct StoreConfig {
     pub ca_file: Option<PathBuf>,
     /// Read connections at most (the writer has its own).
     pub pool_size: Option<usize>,
+    /// How long a node may go without a heartbeat (every third of it) before it is lost; a
+    /// node whose lease lapsed (paused, or cut off from PostgreSQL that long) writes nothing
+    /// more and stops.
+    #[serde(with = "crate::human_time")]
+    pub lease: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: None,
+            password_file: None,
+            ca_file: None,
+            pool_size: None,
+            lease: Duration::from_secs(15),
+        }
+    }
 }
 
 /// Retention of finished jobs and their backups.
@@ -442,8 +459,8 @@ include = []
 
 [store]
 # The job ledger: SQLite in data_dir unless a PostgreSQL URL is given (no password in it:
-# give password_file). One statelyd per database schema; pick one with
-# `?options=-c%20search_path%3D<schema>`.
+# give password_file). Several statelyd share one schema, each as its node (`node`); keep
+# fleets apart with `?options=-c%20search_path%3D<schema>`.
 # url = "postgresql://stately@db.example:5432/stately"
 # password_file = "/etc/stately/pg-password"
 # With sslmode=require in the url: TLS, the server's certificate verified against this CA
@@ -451,6 +468,9 @@ include = []
 # ca_file = "/etc/stately/pg-ca.pem"
 # Read connections at most (the writer has its own).
 # pool_size = 4
+# A node heartbeats every third of its lease; one that goes a lease without (paused, or cut
+# off from PostgreSQL that long) writes nothing more and stops (exit 75).
+# lease = "15s"
 
 [history]
 # Finished jobs (and the backups their undo needs) kept per resource, newest first.
@@ -665,6 +685,11 @@ impl Config {
         if self.store.pool_size == Some(0) {
             return Err(invalid("[store] pool_size must be at least 1".into()));
         }
+        if !(Duration::from_secs(3)..=Duration::from_secs(600)).contains(&self.store.lease) {
+            return Err(invalid(
+                "[store] lease must be from 3s to 10m (a heartbeat goes every third of it)".into(),
+            ));
+        }
         if let Some(n) = &self.node
             && !is_node_name(n)
         {
@@ -792,6 +817,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("argvv"), "{err}");
+    }
+
+    #[test]
+    fn a_lease_is_from_3s_to_10m_and_15s_by_default() {
+        assert_eq!(Config::default().store.lease, Duration::from_secs(15));
+        let c = Config::parse("[store]\nlease = \"30s\"\n", Path::new("x.toml")).unwrap();
+        assert_eq!(c.store.lease, Duration::from_secs(30));
+        for bad in ["1s", "11m"] {
+            let err = Config::parse(
+                &format!("[store]\nlease = \"{bad}\"\n"),
+                Path::new("x.toml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("lease must be from 3s to 10m"), "{err}");
+        }
     }
 
     #[test]

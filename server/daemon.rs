@@ -40,9 +40,10 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
-    /// Another statelyd has taken the job ledger.
+    /// This node may not write the job ledger any more: another statelyd took its name, or
+    /// its lease lapsed.
     #[error(
-        "the job ledger was taken by another statelyd ({0}); this one stopped without touching anything more"
+        "this statelyd lost its claim on the job ledger ({0}); it stopped without touching anything more"
     )]
     LedgerLost(String),
 }

@@ -111,8 +111,9 @@ fn stderr_is_the_journal() -> bool {
 
 /// Exit status for a configuration that cannot be used.
 const EXIT_CONFIG: u8 = 64;
-/// The job ledger was taken by another statelyd (EX_TEMPFAIL): the unit does not restart it
-/// (`RestartPreventExitStatus`), so an operator decides which daemon owns the ledger.
+/// This node lost its claim on the job ledger — another statelyd took its name, or its lease
+/// lapsed (EX_TEMPFAIL): the unit does not restart it (`RestartPreventExitStatus`), so an
+/// operator decides which daemon is the node (started again, it unwinds what it left).
 const EXIT_LEDGER_LOST: u8 = 75;
 
 fn main() -> ExitCode {

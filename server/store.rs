@@ -200,10 +200,6 @@ pub(crate) struct NodeRow {
     pub(crate) version: String,
 }
 
-/// How often a node heartbeats, and how long without one it is taken for lost.
-pub(crate) const NODE_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
-pub(crate) const NODE_LEASE: std::time::Duration = std::time::Duration::from_secs(15);
-
 /// Where the ledger is, and how it is read.
 enum Backend {
     Sqlite {

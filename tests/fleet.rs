@@ -300,3 +300,99 @@ async fn a_node_killed_mid_job_unwinds_it_when_it_returns_and_no_other_node_ran_
     assert!(!a.root().join("crash.txt").exists());
     assert!(!a.log().contains("took a job submitted"), "{}", a.log());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_paused_past_its_lease_writes_nothing_when_it_resumes_and_stops() {
+    let pg = TestPostgres::start().await;
+    let lease = |name: &str| {
+        Daemon::start(&format!(
+            "node = \"{name}\"\n[store]\nurl = \"{}\"\nlease = \"3s\"\n",
+            pg.url()
+        ))
+    };
+    let (a, mut b) = (lease("pause-a"), lease("pause-b"));
+    let mut ca = a.client().await;
+    let job = ca
+        .submit_job(on(
+            "pause-b",
+            runbook("write-then-block", &[("name", "paused")]),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s = ca
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until_log(&mut s, "ready").await;
+    let admin = TestPostgres::connect(&pg.url()).await;
+    let events = || async {
+        admin
+            .query_one("SELECT COUNT(*) FROM events WHERE job_id = $1", &[&job.id])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let pid = b.pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    signal("-STOP");
+    // Past the lease, by the database's clock: A sees B lost.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let out = a
+        .cli()
+        .args(["-o", "json", "nodes", "list"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let b_row = listed
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|n| n["name"] == "pause-b")
+        .unwrap();
+    assert_eq!(b_row["state"], "lost", "{listed}");
+    let before = events().await;
+    signal("-CONT");
+    // B finds its lease lapsed and stops, exit 75, without a write.
+    let (status, log, back) = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || {
+            let status = b.terminate_wait();
+            (status, b.log(), b)
+        }),
+    )
+    .await
+    .expect("B stops by itself")
+    .unwrap();
+    let mut b = back;
+    assert_eq!(status.code(), Some(75), "{log}");
+    assert!(log.contains("lease lapsed"), "{log}");
+    assert_eq!(events().await, before, "B wrote nothing after it resumed");
+    let now = ca
+        .get_job(pb::GetJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&now), pb::JobState::Running, "left for B to unwind");
+    // Started again, B unwinds it.
+    b.spawn();
+    let end = wait_end(&mut ca, &job.id).await;
+    assert!(
+        matches!(state(&end), pb::JobState::Failed | pb::JobState::Cancelled),
+        "{end:?}"
+    );
+    assert!(!b.root().join("paused.txt").exists(), "B unwound it");
+}

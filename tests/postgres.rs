@@ -247,7 +247,7 @@ async fn a_statelyd_that_lost_the_ledger_to_another_writes_nothing_more() {
         .unwrap();
     assert_eq!(status.code(), Some(75), "{status:?}");
     assert!(
-        log.contains("taken by another statelyd"),
+        log.contains("another statelyd has taken this ledger"),
         "A says why it stopped: {log}"
     );
     // B goes on.

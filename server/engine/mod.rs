@@ -381,8 +381,10 @@ impl Engine {
         }
         let (name, epoch, _) = self.shared.node.clone();
         let stop = self.shared.env.stopping.clone();
+        // The lease of the start ([store] is not reloaded).
+        let lease = self.shared.env.config.store.lease;
         self.shared.tasks.spawn(async move {
-            let mut tick = tokio::time::interval(crate::store::NODE_HEARTBEAT);
+            let mut tick = tokio::time::interval(lease / 3);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -393,7 +395,7 @@ impl Engine {
                     Ok(true) => {}
                     Ok(false) => {
                         store.fence(format!(
-                            "node {name} was started again by another statelyd (its epoch {epoch} is over)"
+                            "node {name} was started again by another statelyd (its epoch {epoch} is over), or its lease lapsed (no heartbeat for {lease:?}: paused, or cut off from the ledger)"
                         ));
                         return;
                     }
@@ -415,8 +417,9 @@ impl Engine {
         let weak = Arc::downgrade(&self.shared);
         let stop = self.shared.env.stopping.clone();
         let mine = self.shared.node.0.clone();
+        let every = self.shared.env.config.store.lease / 3;
         self.shared.tasks.spawn(async move {
-            let mut tick = tokio::time::interval(crate::store::NODE_HEARTBEAT);
+            let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let full = tokio::select! {

@@ -37,6 +37,8 @@ pub(crate) struct Target {
     pub(crate) tls: Option<super::pgtls::Rustls>,
     /// This statelyd's node.
     pub(crate) node: String,
+    /// How long the node may go without a heartbeat.
+    pub(crate) lease: Duration,
 }
 
 impl Target {
@@ -135,6 +137,7 @@ impl Target {
             sync_full,
             tls,
             node: node.to_owned(),
+            lease: store.lease,
         })
     }
 }
@@ -218,7 +221,15 @@ CREATE TABLE cancels (
     job_id TEXT PRIMARY KEY, reason TEXT NOT NULL, at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 ",
+    // Each node's lease, as it configured it: a round commits only within it.
+    "
+ALTER TABLE nodes ADD COLUMN lease_ms BIGINT NOT NULL DEFAULT 15000;
+",
 ];
+
+/// A node's lease has not lapsed (its last heartbeat is younger than its lease), by the
+/// database's clock; `n` is the nodes row.
+const WITHIN_LEASE: &str = "n.heartbeat_at > now() - n.lease_ms * interval '1 millisecond'";
 
 /// The channel of every notice between nodes.
 const CHANNEL: &str = "stately";
@@ -232,8 +243,9 @@ const JOB_COLUMNS: &str = "id, spec, state, steps, request_id, labels::text, res
 /// The reads' side of the ledger.
 pub(crate) struct Ledger {
     pool: deadpool_postgres::Pool,
-    /// This node.
+    /// This node, and the epoch it joined with.
     node: String,
+    epoch: u64,
     notices: tokio::sync::broadcast::Sender<Notice>,
     listener: tokio::task::JoinHandle<()>,
 }
@@ -331,6 +343,23 @@ pub(crate) async fn open(
         .await
         .map_err(pg)?
         .get(0);
+    // Joined here, before the writer starts: every round it commits names this epoch.
+    let epoch = client
+        .query_one(
+            "INSERT INTO nodes (name, epoch, started_at, heartbeat_at, version, lease_ms) \
+             VALUES ($1, 1, now(), now(), $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET epoch = nodes.epoch + 1, started_at = now(), \
+             heartbeat_at = now(), version = EXCLUDED.version, lease_ms = EXCLUDED.lease_ms \
+             RETURNING epoch",
+            &[
+                &target.node,
+                &env!("CARGO_PKG_VERSION"),
+                &(target.lease.as_millis() as i64),
+            ],
+        )
+        .await
+        .map_err(pg)?
+        .get::<_, i64>(0);
     let recycling = || deadpool_postgres::ManagerConfig {
         recycling_method: deadpool_postgres::RecyclingMethod::Fast,
     };
@@ -362,6 +391,7 @@ pub(crate) async fn open(
             sent: None,
             lost: lost.clone(),
             backend,
+            epoch,
         }
         .run(rx),
     );
@@ -369,6 +399,7 @@ pub(crate) async fn open(
         Ledger {
             pool,
             node,
+            epoch: epoch as u64,
             notices,
             listener,
         },
@@ -452,8 +483,10 @@ struct Writer {
     target: Target,
     client: Option<Client>,
     statements: HashMap<&'static str, Statement>,
-    /// The number of the last round committed (also in `stately_writer`).
+    /// The number of the last round committed (also in `writers`).
     round: i64,
+    /// The node's epoch: a round commits only while it is the node's, within its lease.
+    epoch: i64,
     /// This process's claim on the ledger (in `stately_writer.owner`): a round commits only
     /// while the row still names it.
     owner: String,
@@ -689,7 +722,7 @@ impl Writer {
         batches: &[Batch],
     ) -> Result<Vec<Result<(), String>>, RoundError> {
         let sync = if self.target.sync_full { "on" } else { "off" };
-        let (owner, node) = (self.owner.clone(), self.target.node.clone());
+        let (owner, node, epoch) = (self.owner.clone(), self.target.node.clone(), self.epoch);
         let client = self.client().await?;
         client
             .batch_execute(&format!("BEGIN; SET LOCAL synchronous_commit = {sync}"))
@@ -697,18 +730,23 @@ impl Writer {
             .map_err(pg)?;
         // The marker first, on this connection: a round whose COMMIT was sent before the
         // connection broke may have taken, and must not be applied twice.
+        // And only while this epoch is the node's and its lease has not lapsed: a node paused
+        // (or cut off) past its lease writes nothing when it resumes.
         let row = client
             .query_opt(
-                "SELECT round FROM writers WHERE node = $1 AND owner = $2 FOR UPDATE",
-                &[&node, &owner],
+                &format!(
+                    "SELECT w.round FROM writers w JOIN nodes n ON n.name = w.node \
+                     WHERE w.node = $1 AND w.owner = $2 AND n.epoch = $3 AND {WITHIN_LEASE} FOR UPDATE OF w"
+                ),
+                &[&node, &owner, &epoch],
             )
             .await
             .map_err(pg)?;
         let Some(row) = row else {
             let _ = client.batch_execute("ROLLBACK").await;
             return Err(RoundError::Fenced(format!(
-                "{}: another statelyd has taken this ledger",
-                self.target.describe
+                "{}: node {node}'s lease lapsed (no heartbeat for {:?}: paused, or cut off from the ledger), or another statelyd has taken this ledger as node {node}",
+                self.target.describe, self.target.lease
             )));
         };
         if row.get::<_, i64>(0) == round {
@@ -1439,26 +1477,22 @@ impl Ledger {
     }
 
     /// Joins the ledger as `name`: a new epoch for the node, on the database's clock.
+    /// The epoch this node joined with (at `open`, before its writer started).
     pub(crate) async fn join(&self, name: &str) -> Result<u64, Error> {
-        let rows = self
-            .query(
-                "INSERT INTO nodes (name, epoch, started_at, heartbeat_at, version) \
-                 VALUES ($1, 1, now(), now(), $2) \
-                 ON CONFLICT (name) DO UPDATE SET epoch = nodes.epoch + 1, started_at = now(), \
-                 heartbeat_at = now(), version = EXCLUDED.version RETURNING epoch",
-                &[&name, &env!("CARGO_PKG_VERSION")],
-            )
-            .await?;
-        Ok(rows[0].get::<_, i64>(0) as u64)
+        debug_assert_eq!(name, self.node);
+        Ok(self.epoch)
     }
 
     /// A heartbeat of this epoch of the node; false when a later start of the node has
     /// taken its name.
     pub(crate) async fn heartbeat(&self, name: &str, epoch: u64) -> Result<bool, Error> {
         let c = self.client().await?;
+        // Not renewed once lapsed: a node that was away past its lease stays fenced.
         let n = c
             .execute(
-                "UPDATE nodes SET heartbeat_at = now() WHERE name = $1 AND epoch = $2",
+                &format!(
+                    "UPDATE nodes AS n SET heartbeat_at = now() WHERE n.name = $1 AND n.epoch = $2 AND {WITHIN_LEASE}"
+                ),
                 &[&name, &(epoch as i64)],
             )
             .await
@@ -1470,11 +1504,12 @@ impl Ledger {
     pub(crate) async fn nodes(&self) -> Result<Vec<super::NodeRow>, Error> {
         let rows = self
             .query(
-                "SELECT name, epoch, (extract(epoch FROM started_at) * 1000)::bigint, \
-                 (extract(epoch FROM heartbeat_at) * 1000)::bigint, \
-                 heartbeat_at > now() - make_interval(secs => $1), version \
-                 FROM nodes ORDER BY name",
-                &[&super::NODE_LEASE.as_secs_f64()],
+                &format!(
+                    "SELECT name, epoch, (extract(epoch FROM started_at) * 1000)::bigint, \
+                     (extract(epoch FROM heartbeat_at) * 1000)::bigint, \
+                     {WITHIN_LEASE}, version FROM nodes n ORDER BY name"
+                ),
+                &[],
             )
             .await?;
         Ok(rows
