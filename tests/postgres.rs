@@ -101,9 +101,11 @@ async fn a_daemon_on_postgresql_runs_jobs_and_keeps_them_across_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_job_survives_postgresql_restarting_under_it_and_its_watcher_misses_nothing() {
+async fn a_job_survives_postgresql_restarting_under_it_and_its_watchers_miss_nothing() {
     let pg = TestPostgres::own_cluster().await;
-    let d = Daemon::start(&store(&pg.url()));
+    // The job's node, and another node whose watcher reads the job from the ledger.
+    let d = Daemon::start(&format!("node = \"edge-b\"\n{}", store(&pg.url())));
+    let other = Daemon::start(&format!("node = \"edge-a\"\n{}", store(&pg.url())));
     let mut client = d.client().await;
     for mode in ["fast", "immediate"] {
         let job = client
@@ -111,14 +113,19 @@ async fn a_job_survives_postgresql_restarting_under_it_and_its_watcher_misses_no
             .await
             .unwrap()
             .into_inner();
-        let mut s = client
-            .watch_job(pb::WatchJobRequest {
-                job_id: job.id.clone(),
-                after_seq: 0,
-            })
+        let watch = pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+        };
+        let mut s = client.watch_job(watch.clone()).await.unwrap().into_inner();
+        let mut far = other
+            .client()
+            .await
+            .watch_job(watch)
             .await
             .unwrap()
             .into_inner();
+        let mut far_seen = until_log(&mut far, "line 20").await;
         until_log(&mut s, "line 20").await;
         // PostgreSQL goes away under the running job and comes back.
         pg.restart(mode);
@@ -142,6 +149,20 @@ async fn a_job_survives_postgresql_restarting_under_it_and_its_watcher_misses_no
             last_state,
             Some(pb::JobState::Succeeded as i32),
             "-m {mode}"
+        );
+        // The other node's watcher too, from the first event to the last.
+        while let Some(e) = tokio::time::timeout(std::time::Duration::from_secs(60), far.message())
+            .await
+            .expect("the other node's stream goes on")
+            .unwrap()
+        {
+            far_seen.push(e);
+        }
+        let far_seqs: Vec<u64> = far_seen.iter().map(|e| e.seq).collect();
+        assert_eq!(
+            far_seqs,
+            (1..=*seqs.last().unwrap()).collect::<Vec<_>>(),
+            "-m {mode}: on the other node, every event once, in order"
         );
         let end = wait_end(&mut client, &job.id).await;
         assert_eq!(state(&end), pb::JobState::Succeeded);

@@ -1200,7 +1200,28 @@ async fn follow_ledger(
         return;
     };
     loop {
-        if replay(store, id, last, tx).await {
+        // While the ledger is away (a restart of PostgreSQL), read again until it is back:
+        // the watcher waits, then goes on from `last`, missing nothing.
+        let mut pause = Duration::from_millis(100);
+        let gave_up = tokio::time::Instant::now() + Duration::from_secs(60);
+        let ended = loop {
+            match read_after(store, id, last, tx).await {
+                Ok(ended) => break ended,
+                Err(e) if tokio::time::Instant::now() < gave_up => {
+                    tracing::debug!(job = %id, "following from the ledger: {e}; again in {pause:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = tx.closed() => return,
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        };
+        if ended {
             return;
         }
         loop {
@@ -1262,22 +1283,31 @@ async fn replay(
     last: &mut u64,
     tx: &mpsc::Sender<Result<Event, Error>>,
 ) -> bool {
-    match store.events_after(id, *last).await {
+    match read_after(store, id, last, tx).await {
         Err(e) => {
-            let _ = tx.send(Err(e.into())).await;
+            let _ = tx.send(Err(e)).await;
             true
         }
-        Ok(events) => {
-            for e in events {
-                *last = e.seq;
-                let end = e.body.is_terminal();
-                if tx.send(Ok(e)).await.is_err() || end {
-                    return true;
-                }
-            }
-            false
+        Ok(ended) => ended,
+    }
+}
+
+/// Sends the job's recorded events after `last`; true once the stream is over (its terminal
+/// event sent, or the watcher gone).
+async fn read_after(
+    store: &Store,
+    id: JobId,
+    last: &mut u64,
+    tx: &mpsc::Sender<Result<Event, Error>>,
+) -> Result<bool, Error> {
+    for e in store.events_after(id, *last).await? {
+        *last = e.seq;
+        let end = e.body.is_terminal();
+        if tx.send(Ok(e)).await.is_err() || end {
+            return Ok(true);
         }
     }
+    Ok(false)
 }
 
 /// The stats sockets of the configured targets, by target.
