@@ -17,6 +17,30 @@ fn on(node: &str, mut req: pb::SubmitJobRequest) -> pb::SubmitJobRequest {
     req
 }
 
+/// Submits on `via` a write-then-block job named `name` for `node`, and follows it from `via`
+/// until its command runs: the job, and the watch (to follow it on).
+async fn blocked_on(
+    via: &mut Client,
+    node: &str,
+    name: &str,
+) -> (pb::Job, tonic::Streaming<pb::JobEvent>) {
+    let job = via
+        .submit_job(on(node, runbook("write-then-block", &[("name", name)])))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s = via
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until_log(&mut s, "ready").await;
+    (job, s)
+}
+
 /// Every event of a job, from the node `d` (to its end).
 async fn events(d: &Daemon, id: &str) -> Vec<pb::JobEvent> {
     let mut s = d
@@ -143,20 +167,7 @@ async fn a_cancel_from_a_unwinds_a_job_on_b_even_with_bs_listener_cut() {
     let (a, b) = (node("cut-a", &pg.url()), node("cut-b", &pg.url()));
     let mut ca = a.client().await;
     for (round, cut) in [("kept", false), ("cut", true)] {
-        let job = ca
-            .submit_job(on("cut-b", runbook("write-then-block", &[("name", round)])))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut s = ca
-            .watch_job(pb::WatchJobRequest {
-                job_id: job.id.clone(),
-                after_seq: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        until_log(&mut s, "ready").await;
+        let (job, _) = blocked_on(&mut ca, "cut-b", round).await;
         assert!(b.root().join(format!("{round}.txt")).exists());
         if cut {
             // B's listening connection goes: the notice of the cancel is lost to it, and B
@@ -248,23 +259,7 @@ async fn a_node_killed_mid_job_unwinds_it_when_it_returns_and_no_other_node_ran_
     let pg = TestPostgres::start().await;
     let (a, mut b) = (node("edge-a", &pg.url()), node("edge-b", &pg.url()));
     let mut ca = a.client().await;
-    let job = ca
-        .submit_job(on(
-            "edge-b",
-            runbook("write-then-block", &[("name", "crash")]),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut s = ca
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.clone(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    until_log(&mut s, "ready").await;
+    let (job, mut s) = blocked_on(&mut ca, "edge-b", "crash").await;
     b.kill9();
     // A's watcher waits on through B's absence; A does not take the job.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -312,23 +307,7 @@ async fn a_node_paused_past_its_lease_writes_nothing_when_it_resumes_and_stops()
     };
     let (a, mut b) = (lease("pause-a"), lease("pause-b"));
     let mut ca = a.client().await;
-    let job = ca
-        .submit_job(on(
-            "pause-b",
-            runbook("write-then-block", &[("name", "paused")]),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut s = ca
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.clone(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    until_log(&mut s, "ready").await;
+    let (job, _) = blocked_on(&mut ca, "pause-b", "paused").await;
     let admin = TestPostgres::connect(&pg.url()).await;
     let events = || async {
         admin
