@@ -678,7 +678,8 @@ impl Store {
         Ok(jobs)
     }
 
-    /// Rollback jobs of `target` that have not ended.
+    /// Rollback jobs of `target` that have not ended (and are planned: one submitted on
+    /// another node is counted once its node has planned it).
     pub(crate) async fn active_rollbacks_of(&self, target: JobId) -> Result<Vec<JobId>, Error> {
         on_postgres!(self.active_rollbacks_of(target));
         self.read(|c| {
@@ -1640,6 +1641,60 @@ mod tests {
         other.close().await;
         // Once the first has stopped, its name is free again.
         postgres_store(&pg.url()).await.unwrap().close().await;
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_from_one_node_per_ledger_waits_for_the_old_daemon_and_keeps_its_jobs_on_its_node()
+     {
+        let pg = pg_support::TestPostgres::start().await;
+        // The ledger as the single-node version left it (schema 2: its node row, a job of
+        // its own), and that version still running: it holds the one key per schema.
+        let old = pg_support::TestPostgres::connect(&pg.url()).await;
+        old.batch_execute(
+            "CREATE TABLE stately_schema (
+                 version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL, statelyd TEXT NOT NULL)",
+        )
+        .await
+        .unwrap();
+        for (i, m) in crate::store::postgres::MIGRATIONS[..2].iter().enumerate() {
+            old.batch_execute(m).await.unwrap();
+            old.execute(
+                "INSERT INTO stately_schema VALUES ($1, 0, 'earlier')",
+                &[&(i as i32 + 1)],
+            )
+            .await
+            .unwrap();
+        }
+        let id = JobId::new();
+        old.batch_execute(&format!(
+            "INSERT INTO nodes VALUES ('old-edge', 3, now(), now(), 'earlier');
+             INSERT INTO jobs (id, kind, spec, state, steps, labels, resources, waiting_for, created_at)
+             VALUES ('{id}', 'runbook', '{{}}', 'SUCCEEDED', '[]', '{{}}', '[]', '[]', 1);
+             SELECT pg_advisory_lock(hashtext('stately:node:' || current_schema()))"
+        ))
+        .await
+        .unwrap();
+        let err = postgres_store_as(&pg.url(), "new-edge")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a statelyd of an earlier version") && err.contains("stop it"),
+            "{err}"
+        );
+        let version: i32 = old
+            .query_one("SELECT MAX(version) FROM stately_schema", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(version, 2, "nothing migrated under the running daemon");
+        // Stopped: the new version upgrades the ledger, and the old job stays the old node's.
+        old.batch_execute("SELECT pg_advisory_unlock_all()")
+            .await
+            .unwrap();
+        let store = postgres_store_as(&pg.url(), "new-edge").await.unwrap();
+        assert_eq!(store.job(id).await.unwrap().unwrap().node, "old-edge");
+        store.close().await;
     }
 
     fn filter(states: &[JobState], kind: Option<&str>, labels: &[(&str, &str)]) -> JobFilter {
