@@ -55,8 +55,8 @@ pub(crate) struct Args {
     /// Output for people (table) or for scripts (json: one object per line).
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
-    /// On a shared ledger: the node a job is submitted for, and the node whose jobs `jobs
-    /// list` shows (see `stately nodes list`); default: the node reached.
+    /// On a shared ledger: the node a job is submitted for (default: the node reached), and
+    /// the node whose jobs `jobs list` shows (default: every node's); see `stately nodes list`.
     #[arg(long, global = true, env = "STATELY_NODE")]
     node: Option<String>,
     #[command(subcommand)]

@@ -87,6 +87,50 @@ async fn a_job_submitted_on_a_for_b_runs_on_b_and_a_watches_and_lists_it() {
         "from a\n"
     );
     assert!(!a.root().join("fleet.txt").exists(), "nothing ran on A");
+    // Rolled back from A: a rollback job for B, planned and run there (B's file goes).
+    let written = a
+        .client()
+        .await
+        .list_jobs(pb::ListJobsRequest {
+            node: "edge-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .remove(0);
+    let out = a
+        .cli()
+        .args(["jobs", "rollback", &written.id])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("succeeded"), "{said}");
+    assert!(
+        !b.root().join("fleet.txt").exists(),
+        "B's file is gone: {said}"
+    );
+    // A second one is refused by B's planning, as a local one would be.
+    let again = a
+        .client()
+        .await
+        .rollback_job(pb::RollbackJobRequest {
+            job_id: written.id.clone(),
+            force: false,
+        })
+        .await;
+    let again = match again {
+        Ok(j) => wait_end(&mut a.client().await, &j.into_inner().id).await,
+        Err(e) => panic!("recorded for B, refused there: {e:?}"),
+    };
+    assert_eq!(state(&again), pb::JobState::Failed);
+    assert!(again.error.contains("already rolled back"), "{again:?}");
 
     // The same job through the API: submitted on A for B, watched from A, gap-free.
     let mut ca = a.client().await;
@@ -141,7 +185,7 @@ async fn a_job_submitted_on_a_for_b_runs_on_b_and_a_watches_and_lists_it() {
             .collect::<Vec<_>>()
     };
     let on_b = list("edge-b");
-    assert_eq!(on_b.len(), 2, "{on_b:?}");
+    assert_eq!(on_b.len(), 4, "{on_b:?}");
     assert!(on_b.iter().all(|j| j["node"] == "edge-b"), "{on_b:?}");
     assert!(list("edge-a").is_empty());
     // With a job of A's own beside B's, the table says which node each is.
@@ -252,6 +296,92 @@ async fn a_job_for_another_node_is_planned_there_and_unknown_nodes_are_refused()
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_node_was_asked_while_it_was_down_is_done_when_it_returns() {
+    let pg = TestPostgres::start().await;
+    let (a, mut b) = (node("down-a", &pg.url()), node("down-b", &pg.url()));
+    let mut ca = a.client().await;
+    // One request id is one job, on one node.
+    let mut once = on("down-b", runbook("noop", &[]));
+    once.request_id = "deploy-42".into();
+    let first = ca.submit_job(once.clone()).await.unwrap().into_inner();
+    let again = ca.submit_job(once.clone()).await.unwrap().into_inner();
+    assert_eq!(again.id, first.id, "a repeat is the same job");
+    once.node = "down-a".into();
+    let e = ca.submit_job(once).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains("on node down-b"), "{}", e.message());
+    wait_end(&mut ca, &first.id).await;
+
+    b.terminate();
+    // While B is down: a job for it, then its cancel (recorded; B is not there to take it).
+    let cancelled = ca
+        .submit_job(on(
+            "down-b",
+            runbook("write", &[("name", "never"), ("content", "x")]),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let e = ca
+        .cancel_job(pb::CancelJobRequest {
+            job_id: cancelled.id.clone(),
+            reason: "not now".into(),
+            wait: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("it is recorded"), "{}", e.message());
+    // A job of a kind B cannot read (a newer version's, say), then one it can.
+    let admin = TestPostgres::connect(&pg.url()).await;
+    let unreadable = uuid::Uuid::now_v7().to_string();
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO jobs (id, kind, spec, state, steps, labels, resources, waiting_for, created_at, node, unplanned) \
+             VALUES ('{unreadable}', 'from_the_future', '{{\"from_the_future\":{{}}}}', 'PENDING', '[]', '{{}}', '[]', '[]', 1, 'down-b', TRUE)"
+        ))
+        .await
+        .unwrap();
+    let later = ca
+        .submit_job(on(
+            "down-b",
+            runbook("write", &[("name", "later"), ("content", "y")]),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+
+    b.spawn();
+    let end = wait_end(&mut ca, &cancelled.id).await;
+    assert_eq!(state(&end), pb::JobState::Cancelled, "{end:?}");
+    assert!(end.error.contains("not now"), "{end:?}");
+    assert!(
+        end.steps.is_empty() && !b.root().join("never.txt").exists(),
+        "it never ran: {end:?}"
+    );
+    // (Read from the ledger: no node of this version reads that spec.)
+    let end = wait_end(&mut ca, &later.id).await;
+    assert_eq!(state(&end), pb::JobState::Succeeded, "{end:?}");
+    assert_eq!(
+        std::fs::read_to_string(b.root().join("later.txt")).unwrap(),
+        "y"
+    );
+    let row = admin
+        .query_one(
+            "SELECT state, error FROM jobs WHERE id = $1",
+            &[&unreadable],
+        )
+        .await
+        .unwrap();
+    let (state_of, error): (String, String) = (row.get(0), row.get(1));
+    assert_eq!(state_of, "FAILED", "{error}");
+    assert!(
+        error.contains("node down-b cannot read its spec"),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

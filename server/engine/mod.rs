@@ -291,8 +291,15 @@ impl Engine {
             s.tasks
                 .spawn(runner::retry_unwind(s.clone(), record, live).instrument(span));
         }
+        // Cancels other nodes recorded while this one was away apply before a pending job
+        // starts.
+        let cancels: BTreeMap<JobId, String> =
+            s.env.store.cancel_requests().await?.into_iter().collect();
         for record in pending {
             let live = LiveJob::new();
+            if let Some(reason) = cancels.get(&record.id) {
+                live.request_cancel(reason.clone());
+            }
             s.scheduler.enqueue(record.id, &record.resources);
             s.live
                 .lock()
@@ -499,7 +506,7 @@ impl Engine {
             self.known_node(node).await?;
         }
 
-        match sub.request_id.as_deref() {
+        match sub.request_id.clone().as_deref() {
             Some(rid) => {
                 if rid.is_empty() || rid.len() > 256 || rid.contains(char::is_control) {
                     return Err(Error::InvalidArgument(
@@ -508,24 +515,33 @@ impl Engine {
                     ));
                 }
                 let _one_at_a_time = self.shared.request_ids.lock().await;
-                if let Some(existing) = self.shared.env.store.job_by_request_id(rid).await? {
-                    let existing = kinds::typed(existing)?;
-                    if existing.spec != sub.spec {
-                        return Err(Error::AlreadyExists(format!(
-                            "request_id {} was already used for job {} with a different spec",
-                            quote(rid),
-                            existing.id
-                        )));
-                    }
-                    // A repeat gets its job back even if the config changed since.
+                let node = sub
+                    .node
+                    .clone()
+                    .unwrap_or_else(|| self.shared.node.0.clone());
+                if let Some(existing) = self.repeat(rid, &sub.spec, &node).await? {
                     return Ok(existing);
                 }
-                if self.elsewhere(&sub) {
-                    return self.enqueue_elsewhere(sub).await;
+                let spec = sub.spec.clone();
+                let done = if self.elsewhere(&sub) {
+                    self.enqueue_elsewhere(sub).await
+                } else {
+                    let env = self.shared.env_now();
+                    let plan = kinds::plan(&sub.spec, &env, Moment::Submission).await?;
+                    self.enqueue(sub, plan, env.config).await
+                };
+                match done {
+                    // On a shared ledger another node may have recorded the same id first
+                    // (the ledger's unique index refused this one): its job is the answer.
+                    Err(e) if self.shared.env.store.is_shared() => {
+                        match self.repeat(rid, &spec, &node).await {
+                            Ok(Some(existing)) => Ok(existing),
+                            Ok(None) => Err(e),
+                            Err(refused) => Err(refused),
+                        }
+                    }
+                    done => done,
                 }
-                let env = self.shared.env_now();
-                let plan = kinds::plan(&sub.spec, &env, Moment::Submission).await?;
-                self.enqueue(sub, plan, env.config).await
             }
             None if self.elsewhere(&sub) => self.enqueue_elsewhere(sub).await,
             None => {
@@ -534,6 +550,32 @@ impl Engine {
                 self.enqueue(sub, plan, env.config).await
             }
         }
+    }
+
+    /// The job a request id was already used for, when `sub` repeats it; ALREADY_EXISTS when
+    /// it was used for another spec or another node.
+    async fn repeat(&self, rid: &str, spec: &JobSpec, node: &str) -> Result<Option<Job>, Error> {
+        let Some(existing) = self.shared.env.store.job_by_request_id(rid).await? else {
+            return Ok(None);
+        };
+        let existing = kinds::typed(existing)?;
+        if existing.spec != *spec {
+            return Err(Error::AlreadyExists(format!(
+                "request_id {} was already used for job {} with a different spec",
+                quote(rid),
+                existing.id
+            )));
+        }
+        if existing.node != node {
+            return Err(Error::AlreadyExists(format!(
+                "request_id {} was already used for job {} on node {}",
+                quote(rid),
+                existing.id,
+                existing.node
+            )));
+        }
+        // A repeat gets its job back even if the config changed since.
+        Ok(Some(existing))
     }
 
     /// Whether a submission is for another node.
@@ -569,29 +611,8 @@ impl Engine {
             return Err(Error::Unavailable("the daemon is shutting down".into()));
         }
         let node = sub.node.clone().expect("elsewhere has a node");
-        let id = JobId::new();
-        let now = now_ms();
-        let record = JobRecord {
-            id,
-            spec: sub.spec,
-            state: JobState::Pending,
-            steps: Vec::new(),
-            request_id: sub.request_id,
-            labels: sub.labels,
-            resources: Vec::new(),
-            waiting_for: Vec::new(),
-            created_at: now,
-            started_at: None,
-            finished_at: None,
-            error: None,
-            failed_step: None,
-            undo_entries: 0,
-            rolled_back_by: None,
-            last_seq: 1,
-            unwind_incomplete: false,
-            submitted_by: sub.submitted_by,
-            node: node.clone(),
-        };
+        let record = pending(sub, node.clone(), Vec::new(), Vec::new());
+        let (id, now) = (record.id, record.created_at);
         let first = Event {
             job: id,
             seq: 1,
@@ -626,39 +647,19 @@ impl Engine {
         if !s.accepting() {
             return Err(Error::Unavailable("the daemon is shutting down".into()));
         }
-        let id = JobId::new();
-        let now = now_ms();
-        let mut record = JobRecord {
-            id,
-            spec: sub.spec,
-            state: JobState::Pending,
-            steps: plan
-                .steps
-                .into_iter()
-                .map(|name| StepRecord {
-                    name,
-                    state: StepState::Pending,
-                    started_at: None,
-                    finished_at: None,
-                    error: None,
-                })
-                .collect(),
-            request_id: sub.request_id,
-            labels: sub.labels,
-            resources: plan.resources,
-            waiting_for: Vec::new(),
-            created_at: now,
-            started_at: None,
-            finished_at: None,
-            error: None,
-            failed_step: None,
-            undo_entries: 0,
-            rolled_back_by: None,
-            last_seq: 1,
-            unwind_incomplete: false,
-            submitted_by: sub.submitted_by,
-            node: s.node.0.clone(),
-        };
+        let steps = plan
+            .steps
+            .into_iter()
+            .map(|name| StepRecord {
+                name,
+                state: StepState::Pending,
+                started_at: None,
+                finished_at: None,
+                error: None,
+            })
+            .collect();
+        let mut record = pending(sub, s.node.0.clone(), steps, plan.resources);
+        let (id, now) = (record.id, record.created_at);
         let live = LiveJob::new();
         s.live.lock().expect("live lock").insert(id, live.clone());
         s.scheduler.enqueue(id, &record.resources);
@@ -937,7 +938,9 @@ impl Engine {
     pub async fn cancel(&self, id: JobId, reason: &str, wait: bool) -> Result<Job, Error> {
         let Some(live) = self.live(id) else {
             let record = self.get(id).await?;
-            if !record.state.is_terminal() && record.node != self.shared.node.0 {
+            if !record.state.is_terminal() {
+                // Another node's, or one of this node's it has not taken yet (submitted on
+                // another node): recorded, and its node applies it when it takes the job.
                 return self.cancel_elsewhere(record, reason, wait).await;
             }
             return Err(Error::FailedPrecondition(format!(
@@ -1239,6 +1242,31 @@ async fn follow_ledger(
     }
 }
 
+/// A new job's record, PENDING with its first event to come, for `node`.
+fn pending(sub: Submission, node: String, steps: Vec<StepRecord>, resources: Vec<String>) -> Job {
+    JobRecord {
+        id: JobId::new(),
+        spec: sub.spec,
+        state: JobState::Pending,
+        steps,
+        request_id: sub.request_id,
+        labels: sub.labels,
+        resources,
+        waiting_for: Vec::new(),
+        created_at: now_ms(),
+        started_at: None,
+        finished_at: None,
+        error: None,
+        failed_step: None,
+        undo_entries: 0,
+        rolled_back_by: None,
+        last_seq: 1,
+        unwind_incomplete: false,
+        submitted_by: sub.submitted_by,
+        node,
+    }
+}
+
 /// Asks a live job of this node to cancel for the reason recorded; false if it is not live
 /// here.
 async fn cancel_here(s: &Arc<Shared>, job: JobId) -> bool {
@@ -1257,16 +1285,16 @@ async fn cancel_here(s: &Arc<Shared>, job: JobId) -> bool {
 }
 
 /// Takes the jobs other nodes submitted for this one, then applies the cancels recorded for
-/// its jobs.
+/// its jobs. The cancels are read first: a job cancelled before this node took it ends
+/// CANCELLED without running.
 async fn reconcile(s: &Arc<Shared>) -> Result<(), Error> {
+    let cancels: BTreeMap<JobId, String> =
+        s.env.store.cancel_requests().await?.into_iter().collect();
     for record in s.env.store.unplanned().await? {
-        if s.live.lock().expect("live lock").contains_key(&record.id) {
-            continue;
-        }
-        let record = kinds::typed(record)?;
-        runner::claim(s, record).await;
+        let cancelled = cancels.get(&record.id).cloned();
+        runner::claim(s, record, cancelled).await;
     }
-    for (job, reason) in s.env.store.cancel_requests().await? {
+    for (job, reason) in cancels {
         let live = s.live.lock().expect("live lock").get(&job).cloned();
         if let Some(live) = live
             && !live.cancel.is_cancelled()

@@ -4,7 +4,7 @@
 use super::{LiveJob, Shared};
 use crate::job::{EventBody, JobId, JobState, LogLevel, StepState, now_ms};
 use crate::journal::{Journal, Unwound};
-use crate::kinds::{self, Executor, Job, Moment};
+use crate::kinds::{self, Executor, Job, JobSpec, Moment};
 use crate::step::{StepCtx, StepError};
 use crate::store::Write;
 use std::sync::Arc;
@@ -43,28 +43,53 @@ pub(crate) struct Prepared {
 
 /// Takes a job another node submitted for this one: plans it against this node's
 /// configuration (its targets, lineages and runbooks), records the steps and resources, and
-/// runs it as a job submitted here. One this node cannot plan fails, saying why.
-pub(crate) async fn claim(shared: &Arc<Shared>, mut record: Job) {
+/// runs it as a job submitted here. One this node cannot read or plan fails, saying why; one
+/// cancelled before it was taken (`cancelled`, the reason recorded) ends CANCELLED, nothing
+/// run.
+pub(crate) async fn claim(
+    shared: &Arc<Shared>,
+    stored: crate::store::StoredJob,
+    cancelled: Option<String>,
+) {
     let live = LiveJob::new();
     {
         let mut map = shared.live.lock().expect("live lock");
-        if map.contains_key(&record.id) {
+        if map.contains_key(&stored.id) {
             return;
         }
-        map.insert(record.id, live.clone());
+        map.insert(stored.id, live.clone());
     }
+    let (id, kind) = (stored.id, stored.spec.kind.clone());
+    let mut record = match kinds::typed(stored.clone()) {
+        Ok(record) => record,
+        Err(e) => {
+            // A kind of a newer version, say: that job fails, the others are taken.
+            let why = format!(
+                "node {} cannot read its spec ({}): {e}",
+                shared.node.0,
+                crate::quote::quote(&kind)
+            );
+            end_untaken(shared, &live, stored, JobState::Failed, why).await;
+            return;
+        }
+    };
+    if let Some(reason) = cancelled {
+        tracing::info!(job = %id, "a job cancelled before this node took it");
+        end_untaken(shared, &live, record, JobState::Cancelled, reason).await;
+        return;
+    }
+    // Rollbacks are planned one at a time, as `Engine::rollback` does: the planning of one
+    // looks for others of the same job.
+    let _one_rollback_at_a_time = match record.spec {
+        JobSpec::Rollback(_) => Some(shared.rollbacks.lock().await),
+        _ => None,
+    };
     let env = shared.env_now();
-    let mut journal = journal_of(shared, &live, &record, Vec::new());
     let plan = match kinds::plan(&record.spec, &env, Moment::Submission).await {
         Ok(plan) => plan,
         Err(e) => {
             let why = format!("node {} cannot run it: {e}", shared.node.0);
-            record.finished_at = Some(now_ms());
-            record.error = Some(why.clone());
-            journal
-                .set_state(&mut record, JobState::Failed, why, true, Vec::new())
-                .await;
-            shared.finish(record.id, &[]);
+            end_untaken(shared, &live, record, JobState::Failed, why).await;
             return;
         }
     };
@@ -108,6 +133,30 @@ pub(crate) async fn claim(shared: &Arc<Shared>, mut record: Job) {
         )
         .instrument(span),
     );
+}
+
+/// Ends a job submitted for this node before it was planned: nothing ran, nothing to undo.
+async fn end_untaken<S>(
+    shared: &Shared,
+    live: &LiveJob,
+    mut record: crate::job::JobRecord<S>,
+    to: JobState,
+    why: String,
+) {
+    let mut journal = Journal::new(
+        &shared.env.store,
+        &shared.env.blobs,
+        &live.events,
+        &live.state,
+        &record,
+        Vec::new(),
+    );
+    record.finished_at = Some(now_ms());
+    record.error = Some(why.clone());
+    journal
+        .set_state(&mut record, to, why, true, Vec::new())
+        .await;
+    shared.finish(record.id, &[]);
 }
 
 /// Runs a submitted job to its end.
