@@ -1,6 +1,7 @@
 //! statelyd killed with SIGKILL at seeded random moments — not at step boundaries — during
-//! runbook file steps, HAProxy applies around their reload, and certificate installs; then
-//! restarted on the same data directory. After each trial: the world is all old or all new
+//! runbook file steps, HAProxy applies around their reload, and certificate installs, and a
+//! node of a PostgreSQL fleet running a job submitted on another; then restarted on the same
+//! data directory. After each trial: the world is all old or all new
 //! (files with their modes, the running HAProxy serving the file on disk, a lineage at one
 //! version with its bundle), no temp file anywhere, no job left RUNNING, events contiguous with
 //! one terminal event at the end. A failing trial prints its seed: replay it with
@@ -693,4 +694,103 @@ async fn sigkill_during_a_certificate_delete_leaves_the_lineage_all_there_or_all
         tally.trials += 1;
     }
     tally.print("certificate-delete", seed);
+}
+
+/// Two nodes on one PostgreSQL ledger: a job submitted on A for B, B killed at a seeded random
+/// moment — while it is told, takes (plans) the job, or runs its steps — and started again.
+/// A's watch sees every event once, in order, through B's absence; B's files are all old or
+/// all new; nothing is left behind; A never runs B's job.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_of_a_node_at_random_moments_of_a_job_submitted_on_another_leaves_all_old_or_all_new()
+ {
+    let seed = crash_seed("fleet");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    static BODY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let body: &'static [u8] = BODY.get_or_init(|| vec![b'x'; 2_000_000]);
+    let url = http_server(body).await;
+    let pg = crate::support::postgres::TestPostgres::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("files");
+    std::fs::create_dir_all(&root).unwrap();
+    let a = Daemon::start(&format!(
+        "node = \"crash-a\"\n[store]\nurl = \"{}\"\n",
+        pg.url()
+    ));
+    let mut b = Daemon::start(&format!(
+        "node = \"crash-b\"\n[store]\nurl = \"{}\"\n[certificates]\nrenew_check = \"0s\"\n{}",
+        pg.url(),
+        crash_runbook(&root, &url)
+    ));
+    let for_b = |v: &str| {
+        let mut req = runbook("crash-files", &[("v", v)]);
+        req.node = "crash-b".into();
+        req
+    };
+    let mut ca = a.client().await;
+    let t = Instant::now();
+    let first = ca.submit_job(for_b("0")).await.unwrap().into_inner();
+    let done = wait_end(&mut ca, &first.id).await;
+    let took = t.elapsed();
+    assert_eq!(state(&done), pb::JobState::Succeeded, "{done:?}");
+    let mut version = "0".to_owned();
+    let mut tally = Tally::default();
+    let window = took.as_micros().max(2000) as u64 * 2;
+    for trial in 1..=20u32 {
+        let ctx = format!("seed {seed}, trial {trial}");
+        // Every other trial within the first 10 ms: while B is told of the job and plans it.
+        let upto = if trial % 2 == 1 { 10_000 } else { window };
+        let delay = Duration::from_micros(rng.random_range(0..upto));
+        let v = trial.to_string();
+        let job = ca.submit_job(for_b(&v)).await.unwrap().into_inner();
+        tokio::time::sleep(delay).await;
+        let killed_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        b.kill9();
+        b.spawn();
+        let ended = wait_end(&mut ca, &job.id).await;
+        let events = check_events(&mut ca, &job.id, &ctx).await;
+        let mut moment = killed_in(&events);
+        let at_ms = |e: &pb::JobEvent| {
+            e.at.as_ref()
+                .map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+        };
+        if moment == "after the end" && events.last().is_some_and(|e| at_ms(e) > killed_at) {
+            // No step was interrupted, and it ended after the kill: B had not started it.
+            moment = "before it was taken or started".into();
+        }
+        *tally.in_step.entry(moment).or_default() += 1;
+        let now = files_version(&root, &ctx);
+        match state(&ended) {
+            pb::JobState::Succeeded => {
+                assert_eq!(now, v, "{ctx}: succeeded, so all new");
+                tally.new += 1;
+                version = v;
+            }
+            pb::JobState::Failed => {
+                assert_eq!(now, version, "{ctx}: interrupted, so all old: {ended:?}");
+                assert!(
+                    ended.error.contains("interrupted by restart"),
+                    "{ctx}: {}",
+                    ended.error
+                );
+                tally.old += 1;
+            }
+            s => panic!("{ctx}: ended {s:?}"),
+        }
+        assert_eq!(ended.node, "crash-b", "{ctx}");
+        for d in [dir.path().to_owned(), b.data(), a.data()] {
+            let temps = temps_under(&d);
+            assert!(temps.is_empty(), "{ctx}: temp files left: {temps:?}");
+        }
+        assert_all_ended(&mut ca, &ctx).await;
+        tally.trials += 1;
+    }
+    assert!(!a.log().contains("took a job submitted"), "{}", a.log());
+    tally.print("fleet", seed);
+    assert!(
+        tally.old > 0 && tally.new > 0,
+        "both outcomes were hit: {tally:?}"
+    );
 }
