@@ -3,13 +3,16 @@
 //! - cancel: a job blocked in its command on node B, cancelled (and waited for to its unwind)
 //!   from B itself, then from node A through the ledger — p50/p99 of each;
 //! - events: a job on B printing a line every 10 ms, watched from B and from A at once —
-//!   each event's delay from its timestamp to its arrival, p50/p99 at each watcher.
+//!   each event's delay from its timestamp to its arrival, p50/p99 at each watcher;
+//! - idle: both nodes left alone — the database's transactions per second per node, and
+//!   each daemon's CPU and RSS.
 //!
-//! `cargo bench --bench fleet` (BENCH_CANCELS, default 100; BENCH_LINES, default 500).
+//! `cargo bench --bench fleet` (BENCH_CANCELS, default 100; BENCH_LINES, default 500;
+//! BENCH_IDLE_SECS, default 30).
 
 mod support;
-use support::Postgres;
 use support::spine::{Client, client, job, start};
+use support::{Postgres, cpu_secs, rss_kib};
 
 use stately::pb;
 use std::time::{Duration, Instant};
@@ -162,6 +165,45 @@ argv = ["/bin/sh", "-c", "i=0; while [ $i -lt {lines} ]; do i=$((i+1)); echo lin
                 percentile(&mut there, 0.99)
             );
         }
+
+        // The cost of a node at idle: the database's transactions (every statement of a node
+        // at idle is one: heartbeat, the reconciling reads) and each daemon's CPU and RSS.
+        let idle: u64 = std::env::var("BENCH_IDLE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (admin, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let xacts = async || -> i64 {
+            admin
+                .query_one(
+                    "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = current_database()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0)
+        };
+        // The statistics are flushed at most once a second: read after a pause each time.
+        let before = xacts().await;
+        let cpu = (cpu_secs(a.id()), cpu_secs(b.id()));
+        let t = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_secs(idle)).await;
+        let after = xacts().await;
+        let secs = t.elapsed().as_secs_f64();
+        let cpu = (cpu_secs(a.id()) - cpu.0, cpu_secs(b.id()) - cpu.1);
+        // Less this bench's own reading transaction.
+        let per_node = (after - before - 1) as f64 / 2.0 / secs;
+        println!(
+            "idle {secs:.0} s, 2 nodes: {per_node:.2} database transactions/s per node; statelyd CPU a {:.2} % b {:.2} %; RSS a {:.1} MiB b {:.1} MiB",
+            cpu.0 / secs * 100.0,
+            cpu.1 / secs * 100.0,
+            rss_kib(a.id()) / 1024.0,
+            rss_kib(b.id()) / 1024.0
+        );
     });
     let _ = a.kill();
     let _ = b.kill();

@@ -505,3 +505,103 @@ async fn a_node_paused_past_its_lease_writes_nothing_when_it_resumes_and_stops()
     );
     assert!(!b.root().join("paused.txt").exists(), "B unwound it");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_watchers_on_one_node_of_a_job_on_another_share_one_read_of_the_ledger() {
+    // A cluster of the test's own: its transaction count is this test's alone.
+    let pg = TestPostgres::own_cluster().await;
+    let a = node("many-a", &pg.url());
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let b = Daemon::start(&format!(
+        "node = \"many-b\"\n[store]\nurl = \"{}\"\n\n[[runbook]]\nname = \"on-go\"\nresources = []\n\
+         [[runbook.step]]\nname = \"lines\"\ntype = \"command\"\n\
+         argv = [\"/bin/sh\", \"-c\", \"echo waiting; while [ ! -e {go} ]; do sleep 0.02; done; \
+         i=1; while [ $i -le 40 ]; do echo line $i; i=$((i+1)); sleep 0.02; done\"]\n",
+        pg.url(),
+        go = go.display()
+    ));
+    let mut ca = a.client().await;
+    let job = ca
+        .submit_job(on("many-b", runbook("on-go", &[])))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut first = ca
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until_log(&mut first, "waiting").await;
+    const WATCHERS: usize = 300;
+    let mut streams = Vec::new();
+    for i in 0..WATCHERS {
+        // A few connections, each carrying many streams.
+        if i % 75 == 0 {
+            ca = a.client().await;
+        }
+        let s = ca
+            .watch_job(pb::WatchJobRequest {
+                job_id: job.id.clone(),
+                after_seq: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push(s);
+    }
+    let admin = TestPostgres::connect(&pg.url()).await;
+    let xacts = async || -> i64 {
+        admin
+            .query_one(
+                "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let before = xacts().await;
+    std::fs::write(&go, "").unwrap();
+    let watchers: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                while let Some(e) = tokio::time::timeout(Duration::from_secs(60), s.message())
+                    .await
+                    .expect("the job ends in time")
+                    .unwrap()
+                {
+                    all.push(e);
+                }
+                all
+            })
+        })
+        .collect();
+    let mut logs = Vec::new();
+    for w in watchers {
+        logs.push(w.await.unwrap());
+    }
+    let whole = events(&b, &job.id).await;
+    for seen in &logs {
+        assert_eq!(seen, &whole, "every watcher: every event once, in order");
+    }
+    let lines = whole
+        .iter()
+        .filter(|e| matches!(&e.event, Some(pb::job_event::Event::Log(l)) if l.message.starts_with("line ")))
+        .count();
+    assert_eq!(lines, 40);
+    // Backends report their counts within 10 s of going idle.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let spent = xacts().await - before;
+    eprintln!("ledger transactions while {WATCHERS} watchers followed: {spent}");
+    // One read per commit of B's for all 300, not one per watcher (that would be ~40 × 300).
+    assert!(
+        spent < 1500,
+        "{spent} database transactions for {WATCHERS} watchers of a 40-line job"
+    );
+}

@@ -100,6 +100,9 @@ pub(crate) struct Shared {
     current: std::sync::RwLock<Arc<Config>>,
     scheduler: Scheduler,
     live: Mutex<HashMap<JobId, Arc<LiveJob>>>,
+    /// Jobs of other nodes watched here: one follower each reads the ledger at each notice
+    /// and fans the events out to every watcher of the job (see [`follower`]).
+    followed: Mutex<HashMap<JobId, broadcast::Sender<Event>>>,
     request_ids: tokio::sync::Mutex<()>,
     rollbacks: tokio::sync::Mutex<()>,
     tasks: TaskTracker,
@@ -226,6 +229,7 @@ impl Engine {
             },
             scheduler: Scheduler::default(),
             live: Mutex::new(HashMap::new()),
+            followed: Mutex::new(HashMap::new()),
             request_ids: tokio::sync::Mutex::new(()),
             rollbacks: tokio::sync::Mutex::new(()),
             tasks: TaskTracker::new(),
@@ -883,9 +887,16 @@ impl Engine {
         let events = live.as_ref().map(|l| l.events.subscribe());
         // A live job's state is in memory; reading the record back from the store only to
         // learn it cost a job attached by RunJob ~4 % of the daemon's CPU under load.
-        let ended = match &live {
-            Some(l) => l.state.borrow().is_terminal(),
-            None => self.get(id).await?.state.is_terminal(),
+        let (ended, events) = match &live {
+            Some(l) => (l.state.borrow().is_terminal(), events),
+            None => {
+                let record = self.get(id).await?;
+                let ended = record.state.is_terminal();
+                // Not running in this process: on another node (or stopping here). Its
+                // events come from the ledger, through the job's one follower here.
+                let followed = (!ended).then(|| self.follow(id, record.last_seq)).flatten();
+                (ended, followed)
+            }
         };
         let live = events;
         let (tx, rx) = mpsc::channel(64);
@@ -899,9 +910,6 @@ impl Engine {
                 return;
             }
             let Some(mut rx) = live else {
-                // Not running in this process: on another node (or stopping here). Its
-                // events come from the ledger, read again at each notice that names it.
-                follow_ledger(&store, id, &mut last, &tx).await;
                 return;
             };
             loop {
@@ -922,7 +930,15 @@ impl Engine {
                             }
                         }
                         Err(broadcast::error::RecvError::Closed) => {
-                            replay(&store, id, &mut last, &tx).await;
+                            // The job ended (its end is in the ledger), or its follower
+                            // could not read the ledger for a minute.
+                            if !replay(&store, id, &mut last, &tx).await {
+                                let _ = tx
+                                    .send(Err(Error::Unavailable(format!(
+                                        "the events of job {id} could not be followed from the ledger; watch again"
+                                    ))))
+                                    .await;
+                            }
                             return;
                         }
                     },
@@ -931,6 +947,21 @@ impl Engine {
             }
         });
         Ok(rx)
+    }
+
+    /// A subscription to the follower of a job not live here (started if it has none), or
+    /// None on a ledger nobody else writes. `seen` is the job's last event when it was read:
+    /// a new follower reads from there (the watcher reads up to it itself).
+    fn follow(&self, id: JobId, seen: u64) -> Option<broadcast::Receiver<Event>> {
+        let notices = self.shared.env.store.notices()?;
+        let mut map = self.shared.followed.lock().expect("followed lock");
+        if let Some(tx) = map.get(&id) {
+            return Some(tx.subscribe());
+        }
+        let (tx, rx) = broadcast::channel(256);
+        map.insert(id, tx.clone());
+        tokio::spawn(follower(self.shared.clone(), id, seen, notices, tx));
+        Some(rx)
     }
 
     /// Cancels a job. With `wait`, returns once it has ended; otherwise once it has seen the
@@ -1188,55 +1219,82 @@ async fn prune_history(store: &Store, h: &crate::config::History) -> Result<(), 
     }
 }
 
-/// Follows a job that runs elsewhere through the ledger, to its terminal event: the events
-/// after `last` are read again at each notice naming the job, after every reconnect of the
-/// listener, and at least every 30 s. Sequence numbers are the job's node's, committed in
-/// order, so what is read is gap-free.
-async fn follow_ledger(
-    store: &Store,
+/// Follows a job of another node from the ledger for every watcher of it here: reads its
+/// events after `last` at each notice naming it, at each resync of the listener and every
+/// 30 s, and sends them to the watchers; ends at the job's end or when no watcher is left.
+/// One read per commit of the job's node, however many watch it (1000 watchers of one job
+/// cost one read each time, not 1000). While the ledger is away it reads again with backoff
+/// (up to 60 s), and the watchers wait.
+async fn follower(
+    shared: Arc<Shared>,
     id: JobId,
-    last: &mut u64,
-    tx: &mpsc::Sender<Result<Event, Error>>,
+    mut last: u64,
+    mut notices: broadcast::Receiver<crate::store::Notice>,
+    tx: broadcast::Sender<Event>,
 ) {
-    // Subscribed first: what commits after the read below is in a notice.
-    let Some(mut notices) = store.notices() else {
-        return;
+    let store = shared.env.store.clone();
+    let stop = |shared: &Shared| {
+        let mut map = shared.followed.lock().expect("followed lock");
+        if map.get(&id).is_some_and(|t| t.same_channel(&tx)) {
+            map.remove(&id);
+        }
     };
     loop {
-        // While the ledger is away (a restart of PostgreSQL), read again until it is back:
-        // the watcher waits, then goes on from `last`, missing nothing.
         let mut pause = Duration::from_millis(100);
         let gave_up = tokio::time::Instant::now() + Duration::from_secs(60);
-        let ended = loop {
-            match read_after(store, id, last, tx).await {
-                Ok(ended) => break ended,
+        let events = loop {
+            match store.events_after(id, last).await {
+                Ok(events) => break events,
                 Err(e) if tokio::time::Instant::now() < gave_up => {
                     tracing::debug!(job = %id, "following from the ledger: {e}; again in {pause:?}");
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = tx.closed() => return,
-                    }
+                    tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(e)).await;
+                    // The watchers read the ledger themselves once this ends, and say why.
+                    tracing::warn!(job = %id, "following from the ledger: {e}");
+                    stop(&shared);
                     return;
                 }
             }
         };
-        if ended {
-            return;
+        for e in events {
+            last = e.seq;
+            let end = e.body.is_terminal();
+            let _ = tx.send(e);
+            if end {
+                stop(&shared);
+                return;
+            }
         }
+        let backstop = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            tokio::select! {
+            {
+                // Under the map's lock: a watcher subscribes under it too.
+                let mut map = shared.followed.lock().expect("followed lock");
+                if tx.receiver_count() == 0 {
+                    if map.get(&id).is_some_and(|t| t.same_channel(&tx)) {
+                        map.remove(&id);
+                    }
+                    return;
+                }
+            }
+            let wake = tokio::select! {
                 n = notices.recv() => match n {
-                    Ok(crate::store::Notice::Events(ids)) if ids.contains(&id) => break,
-                    Ok(crate::store::Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => break,
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
+                    Ok(crate::store::Notice::Events(ids)) => ids.contains(&id),
+                    Ok(crate::store::Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => true,
+                    Ok(_) => false,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        stop(&shared);
+                        return;
+                    }
                 },
-                _ = tokio::time::sleep(Duration::from_secs(30)) => break,
-                _ = tx.closed() => return,
+                _ = tokio::time::sleep_until(backstop) => true,
+                // A watcher gone is seen here within a second.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+            };
+            if wake {
+                break;
             }
         }
     }
