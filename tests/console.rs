@@ -49,9 +49,10 @@ async fn edge() -> Edge {
     let mut d = Daemon::configure(
         &format!(
             "node = \"edge-7\"\nconsole_listen = \"127.0.0.1:{port}\"\nconsole_hosts = [\"console.test\"]\n\
-             [[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nstats_socket = \"{}\"\n",
+             [[haproxy]]\nname = \"edge\"\nconfig = \"{}\"\nstats_socket = \"{}\"\nmaster_socket = \"{}\"\n",
             h.config.display(),
-            h.stats.display()
+            h.stats.display(),
+            h.dir.join("master.sock").display()
         ),
         &[],
     );
@@ -133,6 +134,22 @@ async fn answer(e: &mut Edge, ask: &str) -> Result<String, String> {
         "cancel" => {
             cancel_wait(&mut c, arg).await;
             Ok(String::new())
+        }
+        "config-has-not" => {
+            let text = std::fs::read_to_string(&e.h.config).unwrap();
+            if text.lines().any(|l| l.trim() == arg) {
+                Err(format!("{} already has {arg:?}", e.h.config.display()))
+            } else {
+                Ok(String::new())
+            }
+        }
+        "config-has" => {
+            let text = std::fs::read_to_string(&e.h.config).unwrap();
+            if text.lines().any(|l| l.trim() == arg) {
+                Ok(String::new())
+            } else {
+                Err(format!("{} has no line {arg:?}", e.h.config.display()))
+            }
         }
         _ => Err(format!("no such request: {ask}")),
     }

@@ -125,6 +125,20 @@ try {
   await page.click('tr[data-server="web/s2"] button[data-action="ready"]');
   await page.waitForSelector('tr[data-server="web/s2"][data-status="UP"]', { timeout: 3 * POLL_MS + 2000 });
 
+  step('an edit previewed on the HAProxy page (its diff), then applied as a job');
+  await page.click('details.edits summary');
+  await page.fill('details.edits textarea', JSON.stringify([{ setLine: { section: 'backend web', line: 'timeout server 31s' } }]));
+  await page.click('button[data-action="preview-edits"]');
+  await page.waitForSelector('details.edits .diff .add');
+  const added = await page.$$eval('details.edits .diff .add', (els) => els.map((e) => e.textContent));
+  check(added.some((l) => l.includes('timeout server 31s')), 'the diff adds the line: ' + added.join(' | '));
+  check((await page.textContent('details.edits .verdict')).includes('goes live by reload'), 'the preview says how it goes live');
+  if (SHOTS) await page.screenshot({ path: SHOTS + '/edit-preview.png', fullPage: true });
+  await ask('config-has-not timeout server 31s');
+  await page.click('button[data-action="apply-edits"]');
+  await waitState(page, 'JOB_STATE_SUCCEEDED', 30000);
+  await ask('config-has timeout server 31s');
+
   step('the other pages');
   await page.goto(URL_ + '#/certs');
   await page.waitForSelector('#certs tr');
@@ -174,6 +188,11 @@ try {
   await vpage.goto(URL_ + '#/haproxy');
   await vpage.waitForSelector('tr[data-server="web/s2"]');
   check(await vpage.isDisabled('tr[data-server="web/s2"] button[data-action="drain"]'), 'a viewer cannot drain');
+  // Previewing (it runs haproxy -c) and applying edits are an operator's.
+  await vpage.click('details.edits summary');
+  check(await vpage.isDisabled('button[data-action="preview-edits"]'), 'a viewer cannot preview edits');
+  check(await vpage.isDisabled('button[data-action="apply-edits"]'), 'a viewer cannot apply edits');
+  check((await vpage.getAttribute('button[data-action="preview-edits"]', 'title')).includes('operator'), 'the preview button says why');
   await ask('cancel ' + other);
 
   check(!problems.length, 'the page logged no errors: ' + problems.join(' | '));

@@ -442,7 +442,17 @@ function configView(section, target) {
   const version = h('span', { class: 'muted' });
   const edits = h('textarea', { placeholder: '[{"forceHttps": {"frontend": "web"}}]', 'aria-label': 'edits as JSON' });
   const diff = h('pre', { class: 'diff', hidden: true });
-  const preview = h('button', { type: 'button' }, 'Preview edits');
+  const preview = h('button', { type: 'button', 'data-action': 'preview-edits' }, 'Preview edits');
+  // Applies what was previewed, on the version it was previewed on (a later change of the
+  // file refuses the job rather than editing what nobody saw).
+  const apply = h('button', { type: 'button', 'data-action': 'apply-edits', disabled: true }, 'Apply (a haproxy_edit job)');
+  let previewed = null;
+  // PreviewEdits is an operator's call (it runs haproxy -c on the candidate).
+  const viewerWhy = needsOperator('previewing edits');
+  preview.disabled = !!viewerWhy;
+  preview.title = viewerWhy || 'show the diff, and what haproxy -c says';
+  apply.title = viewerWhy || 'preview a valid change first';
+  edits.oninput = () => { previewed = null; apply.disabled = true; };
   preview.onclick = async () => {
     let list;
     try { list = JSON.parse(edits.value || '[]'); } catch (e) { say('the edits are not JSON: ' + e.message, true); return; }
@@ -450,13 +460,25 @@ function configView(section, target) {
       const p = await call('Haproxy/PreviewEdits', { target, edits: list });
       diff.hidden = false;
       fill(diff, ...(p.changed ? p.diff : 'no change\n').split('\n').map((l) =>
-        h('div', { class: l.startsWith('+') ? 'add' : l.startsWith('-') ? 'del' : l.startsWith('@@') ? 'hunk' : '' }, l)),
-      h('div', { class: p.valid ? 'muted' : 'error' }, p.valid ? 'valid; goes live by ' + p.goesLiveBy : 'haproxy -c refuses it'),
+        h('div', { class: /^(\+\+\+|---) /.test(l) ? 'head' : l.startsWith('+') ? 'add' : l.startsWith('-') ? 'del' : l.startsWith('@@') ? 'hunk' : '' }, l)),
+      ...(p.notes || []).map((n) => h('div', { class: 'muted note' }, n)),
+      h('div', { class: p.valid ? 'muted verdict' : 'error verdict' }, p.valid ? (p.changed ? 'valid; goes live by ' + p.goesLiveBy : 'nothing to apply') : 'haproxy -c refuses it'),
       ...(p.diagnostics || []).map((d) => h('div', { class: 'error' }, JSON.stringify(d))));
+      previewed = p.changed && p.valid ? { list, base: p.currentVersion } : null;
+      const why = needsOperator('applying edits');
+      apply.disabled = !previewed || !!why;
+      apply.title = why || (previewed ? 'apply on version ' + p.currentVersion.slice(0, 19) : 'preview a valid change first');
+    } catch (e) { sayError(e); }
+  };
+  apply.onclick = async () => {
+    if (!previewed) return;
+    try {
+      const j = await call('Jobs/SubmitJob', { spec: { haproxyEdit: { target, edits: previewed.list, baseVersion: previewed.base } } });
+      location.hash = '#/jobs/' + j.id;
     } catch (e) { sayError(e); }
   };
   section.append(h('details', {}, h('summary', {}, 'Configuration ', version), pre),
-    h('details', {}, h('summary', {}, 'Preview structured edits'), edits, preview, diff));
+    h('details', { class: 'edits' }, h('summary', {}, 'Preview structured edits'), edits, preview, apply, diff));
   call('Haproxy/GetConfig', { target }).then((c) => {
     version.textContent = 'version ' + c.version.slice(0, 12);
     pre.textContent = c.text;
