@@ -310,9 +310,13 @@ async fn what_a_node_was_asked_while_it_was_down_is_done_when_it_returns() {
     let again = ca.submit_job(once.clone()).await.unwrap().into_inner();
     assert_eq!(again.id, first.id, "a repeat is the same job");
     once.node = "down-a".into();
-    let e = ca.submit_job(once).await.unwrap_err();
+    let e = ca.submit_job(once.clone()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
     assert!(e.message().contains("on node down-b"), "{}", e.message());
+    // Naming no node, a retry (perhaps through a balancer) gets the job wherever it runs.
+    once.node = String::new();
+    let retried = ca.submit_job(once).await.unwrap().into_inner();
+    assert_eq!(retried.id, first.id);
     wait_end(&mut ca, &first.id).await;
 
     b.terminate();

@@ -519,11 +519,8 @@ impl Engine {
                     ));
                 }
                 let _one_at_a_time = self.shared.request_ids.lock().await;
-                let node = sub
-                    .node
-                    .clone()
-                    .unwrap_or_else(|| self.shared.node.0.clone());
-                if let Some(existing) = self.repeat(rid, &sub.spec, &node).await? {
+                let node = sub.node.clone();
+                if let Some(existing) = self.repeat(rid, &sub.spec, node.as_deref()).await? {
                     return Ok(existing);
                 }
                 let spec = sub.spec.clone();
@@ -538,7 +535,7 @@ impl Engine {
                     // On a shared ledger another node may have recorded the same id first
                     // (the ledger's unique index refused this one): its job is the answer.
                     Err(e) if self.shared.env.store.is_shared() => {
-                        match self.repeat(rid, &spec, &node).await {
+                        match self.repeat(rid, &spec, node.as_deref()).await {
                             Ok(Some(existing)) => Ok(existing),
                             Ok(None) => Err(e),
                             Err(refused) => Err(refused),
@@ -557,8 +554,15 @@ impl Engine {
     }
 
     /// The job a request id was already used for, when `sub` repeats it; ALREADY_EXISTS when
-    /// it was used for another spec or another node.
-    async fn repeat(&self, rid: &str, spec: &JobSpec, node: &str) -> Result<Option<Job>, Error> {
+    /// it was used for another spec, or for another node than the one named. A repeat that
+    /// names no node gets the job wherever it runs (a client retrying through a balancer may
+    /// reach another node than the first time).
+    async fn repeat(
+        &self,
+        rid: &str,
+        spec: &JobSpec,
+        node: Option<&str>,
+    ) -> Result<Option<Job>, Error> {
         let Some(existing) = self.shared.env.store.job_by_request_id(rid).await? else {
             return Ok(None);
         };
@@ -570,7 +574,7 @@ impl Engine {
                 existing.id
             )));
         }
-        if existing.node != node {
+        if node.is_some_and(|n| n != existing.node) {
             return Err(Error::AlreadyExists(format!(
                 "request_id {} was already used for job {} on node {}",
                 quote(rid),
@@ -898,6 +902,7 @@ impl Engine {
                 (ended, followed)
             }
         };
+        let from_ledger = live.is_none();
         let live = events;
         let (tx, rx) = mpsc::channel(64);
         let store = self.shared.env.store.clone();
@@ -930,14 +935,16 @@ impl Engine {
                             }
                         }
                         Err(broadcast::error::RecvError::Closed) => {
-                            // The job ended (its end is in the ledger), or its follower
-                            // could not read the ledger for a minute.
+                            // The job ended (its end is in the ledger); or the daemon is
+                            // stopping, or the job's follower could not read the ledger for
+                            // a minute.
                             if !replay(&store, id, &mut last, &tx).await {
-                                let _ = tx
-                                    .send(Err(Error::Unavailable(format!(
-                                        "the events of job {id} could not be followed from the ledger; watch again"
-                                    ))))
-                                    .await;
+                                let why = if from_ledger {
+                                    format!("the events of job {id} could not be followed from the ledger (or the daemon is stopping); watch again")
+                                } else {
+                                    format!("the daemon is stopping before job {id} ended; watch again once it is back")
+                                };
+                                let _ = tx.send(Err(Error::Unavailable(why))).await;
                             }
                             return;
                         }
@@ -972,7 +979,13 @@ impl Engine {
             if !record.state.is_terminal() {
                 // Another node's, or one of this node's it has not taken yet (submitted on
                 // another node): recorded, and its node applies it when it takes the job.
-                return self.cancel_elsewhere(record, reason, wait).await;
+                if record.node != self.shared.node.0 || self.untaken(id).await? {
+                    return self.cancel_elsewhere(record, reason, wait).await;
+                }
+                return Err(Error::Unavailable(format!(
+                    "job {id} is {} but not running in this daemon (it is stopping, or its recovery failed: see the daemon's log); cancel it again once it runs",
+                    record.state.as_str()
+                )));
             }
             return Err(Error::FailedPrecondition(format!(
                 "job {id} has already ended {}; there is nothing to cancel{}",
@@ -1010,6 +1023,18 @@ impl Engine {
             )));
         }
         Ok(record)
+    }
+
+    /// Whether a job of this node was submitted on another and is not yet taken here.
+    async fn untaken(&self, id: JobId) -> Result<bool, Error> {
+        Ok(self
+            .shared
+            .env
+            .store
+            .unplanned()
+            .await?
+            .iter()
+            .any(|j| j.id == id))
     }
 
     /// Cancels a job of another node: the cancel is recorded in the ledger and signalled to
@@ -1245,7 +1270,10 @@ async fn follower(
         let events = loop {
             match store.events_after(id, last).await {
                 Ok(events) => break events,
-                Err(e) if tokio::time::Instant::now() < gave_up => {
+                Err(e)
+                    if tokio::time::Instant::now() < gave_up
+                        && !shared.env.stopping.is_cancelled() =>
+                {
                     tracing::debug!(job = %id, "following from the ledger: {e}; again in {pause:?}");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
@@ -1290,6 +1318,11 @@ async fn follower(
                     }
                 },
                 _ = tokio::time::sleep_until(backstop) => true,
+                // The daemon stopping: the watchers end, and are told to watch again.
+                _ = shared.env.stopping.cancelled() => {
+                    stop(&shared);
+                    return;
+                }
                 // A watcher gone is seen here within a second.
                 _ = tokio::time::sleep(Duration::from_secs(1)) => false,
             };

@@ -459,15 +459,35 @@ async fn migrate(client: &Client, describe: &str, node: &str) -> Result<(), Erro
             if i == 2 {
                 // The jobs of before are the node's that last ran on the ledger (the one that
                 // ran them, when the node upgrading is another), else the node upgrading's.
-                client
-                    .execute(
-                        "UPDATE jobs SET node = COALESCE( \
-                             (SELECT name FROM nodes ORDER BY heartbeat_at DESC LIMIT 1), $1) \
-                         WHERE node IS NULL",
+                let owner: String = client
+                    .query_one(
+                        "SELECT COALESCE( \
+                             (SELECT name FROM nodes ORDER BY heartbeat_at DESC LIMIT 1), $1)",
                         &[&node],
                     )
                     .await
+                    .map_err(pg)?
+                    .get(0);
+                client
+                    .execute("UPDATE jobs SET node = $1 WHERE node IS NULL", &[&owner])
+                    .await
                     .map_err(pg)?;
+                if owner != node {
+                    let open: i64 = client
+                        .query_one(
+                            "SELECT count(*) FROM jobs WHERE node = $1 AND \
+                             (state NOT IN ('SUCCEEDED','FAILED','CANCELLED') OR unwind_incomplete)",
+                            &[&owner],
+                        )
+                        .await
+                        .map_err(pg)?
+                        .get(0);
+                    if open > 0 {
+                        tracing::warn!(
+                            "{describe}: the ledger's {open} unfinished job(s) from before are node {owner}'s (it ran them); only a statelyd started as node {owner} recovers them"
+                        );
+                    }
+                }
             }
             client
                 .execute(
@@ -573,7 +593,10 @@ impl Writer {
                 "{describe}: node {node} was started again by another statelyd (its epoch {} is over)",
                 self.epoch
             ),
-            Some(_) => format!(
+            Some(Some(_)) => format!(
+                "{describe}: node {node}'s lease lapsed for a moment (no heartbeat for {lease:?}: paused, or cut off from the ledger), or another statelyd has taken this ledger as node {node}"
+            ),
+            Some(None) => format!(
                 "{describe}: node {node}'s lease lapsed (no heartbeat for {lease:?}: paused, or cut off from the ledger)"
             ),
             None => format!(

@@ -455,9 +455,12 @@ function configView(section, target) {
   edits.oninput = () => { previewed = null; apply.disabled = true; };
   preview.onclick = async () => {
     let list;
-    try { list = JSON.parse(edits.value || '[]'); } catch (e) { say('the edits are not JSON: ' + e.message, true); return; }
+    const asked = edits.value;
+    try { list = JSON.parse(asked || '[]'); } catch (e) { say('the edits are not JSON: ' + e.message, true); return; }
     try {
       const p = await call('Haproxy/PreviewEdits', { target, edits: list });
+      // Typed over while it was asked: that preview is not of what the box says.
+      if (edits.value !== asked) return;
       diff.hidden = false;
       fill(diff, ...(p.changed ? p.diff : 'no change\n').split('\n').map((l) =>
         h('div', { class: /^(\+\+\+|---) /.test(l) ? 'head' : l.startsWith('+') ? 'add' : l.startsWith('-') ? 'del' : l.startsWith('@@') ? 'hunk' : '' }, l)),
@@ -472,10 +475,14 @@ function configView(section, target) {
   };
   apply.onclick = async () => {
     if (!previewed) return;
+    // Once: a second click (or a retry) is the same job, by its request id.
+    apply.disabled = true;
+    // (getRandomValues, not randomUUID: the latter needs a secure context.)
+    previewed.requestId = previewed.requestId || 'console-' + Array.from(crypto.getRandomValues(new Uint8Array(16)), (x) => x.toString(16).padStart(2, '0')).join('');
     try {
-      const j = await call('Jobs/SubmitJob', { spec: { haproxyEdit: { target, edits: previewed.list, baseVersion: previewed.base } } });
+      const j = await call('Jobs/SubmitJob', { spec: { haproxyEdit: { target, edits: previewed.list, baseVersion: previewed.base } }, requestId: previewed.requestId });
       location.hash = '#/jobs/' + j.id;
-    } catch (e) { sayError(e); }
+    } catch (e) { apply.disabled = false; sayError(e); }
   };
   section.append(h('details', {}, h('summary', {}, 'Configuration ', version), pre),
     h('details', { class: 'edits' }, h('summary', {}, 'Preview structured edits'), edits, preview, apply, diff));
