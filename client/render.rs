@@ -648,6 +648,7 @@ pub(crate) fn print_nodes(nodes: &[pb::Node], json: bool) {
                 "name": n.name, "state": state(n), "epoch": n.epoch,
                 "started_at": secs(&n.started_at), "heartbeat_at": secs(&n.heartbeat_at),
                 "version": n.version, "answering": n.answering,
+                "heartbeat_age_s": n.heartbeat_age.as_ref().map(|d| d.seconds),
             })
             .to_string());
         }
@@ -659,7 +660,11 @@ pub(crate) fn print_nodes(nodes: &[pb::Node], json: bool) {
         "NODE"
     ));
     for n in nodes {
-        let ago = (now - secs(&n.heartbeat_at)).max(0) as u64;
+        // On the database's clock; the CLI's own only from a server that does not say.
+        let ago = match &n.heartbeat_age {
+            Some(d) => d.seconds.max(0) as u64,
+            None => (now - secs(&n.heartbeat_at)).max(0) as u64,
+        };
         say(&format!(
             "{:<width$}  {:<5}  {:<5}  {:<9}  {}{}",
             n.name,

@@ -196,6 +196,8 @@ pub(crate) struct NodeRow {
     /// Milliseconds since the epoch, on the database's clock.
     pub(crate) started_at: i64,
     pub(crate) heartbeat_at: i64,
+    /// Milliseconds since the last heartbeat, on the database's clock.
+    pub(crate) heartbeat_age_ms: i64,
     pub(crate) up: bool,
     pub(crate) version: String,
 }

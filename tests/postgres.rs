@@ -394,6 +394,9 @@ async fn nodes_heartbeat_on_the_database_clock_and_a_node_started_again_fences_t
         (b["state"].as_str(), b["answering"].as_bool()),
         (Some("lost"), Some(false))
     );
+    // Its age on the database's clock, whatever the CLI's says.
+    let age = b["heartbeat_age_s"].as_i64().unwrap();
+    assert!((20..40).contains(&age), "{b}");
     let table = d.cli().args(["nodes", "list"]).output().unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.starts_with("NODE"), "{table}");

@@ -394,6 +394,10 @@ impl pb::jobs_server::Jobs for JobsApi {
                     pb::NodeState::Lost
                 } as i32,
                 version: n.version,
+                heartbeat_age: Some(prost_types::Duration {
+                    seconds: n.heartbeat_age_ms / 1000,
+                    nanos: (n.heartbeat_age_ms % 1000) as i32 * 1_000_000,
+                }),
             })
             .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))

@@ -470,6 +470,7 @@ impl Engine {
                 epoch,
                 started_at,
                 heartbeat_at: crate::job::now_ms(),
+                heartbeat_age_ms: 0,
                 up: true,
                 version: env!("CARGO_PKG_VERSION").into(),
             }],

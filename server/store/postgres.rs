@@ -1593,7 +1593,9 @@ impl Ledger {
                 &format!(
                     "SELECT name, epoch, (extract(epoch FROM started_at) * 1000)::bigint, \
                      (extract(epoch FROM heartbeat_at) * 1000)::bigint, \
-                     {WITHIN_LEASE}, version FROM nodes n ORDER BY name"
+                     {WITHIN_LEASE}, version, \
+                     (extract(epoch FROM now() - heartbeat_at) * 1000)::bigint \
+                     FROM nodes n ORDER BY name"
                 ),
                 &[],
             )
@@ -1607,6 +1609,7 @@ impl Ledger {
                 heartbeat_at: r.get(3),
                 up: r.get(4),
                 version: r.get(5),
+                heartbeat_age_ms: r.get::<_, i64>(6).max(0),
             })
             .collect())
     }
