@@ -389,6 +389,62 @@ async fn what_a_node_was_asked_while_it_was_down_is_done_when_it_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_planned_job_cancelled_while_its_node_was_dead_never_starts_when_it_returns() {
+    let pg = TestPostgres::start().await;
+    let (a, mut b) = (node("dead-a", &pg.url()), node("dead-b", &pg.url()));
+    let mut ca = a.client().await;
+    let (first, _) = blocked_on(&mut ca, "dead-b", "same").await;
+    // The second needs the same file: planned by B, waiting for the first.
+    let second = ca
+        .submit_job(on(
+            "dead-b",
+            runbook("write-then-block", &[("name", "same")]),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let get = async |c: &mut Client, id: &str| {
+        c.get_job(pb::GetJobRequest { job_id: id.into() })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let t = std::time::Instant::now();
+    while get(&mut ca, &second.id).await.steps.is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "B plans the second job"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.kill9();
+    let e = ca
+        .cancel_job(pb::CancelJobRequest {
+            job_id: second.id.clone(),
+            reason: "while b was dead".into(),
+            wait: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    b.spawn();
+    let end = wait_end(&mut ca, &first.id).await;
+    assert_ne!(
+        state(&end),
+        pb::JobState::Succeeded,
+        "interrupted, unwound: {end:?}"
+    );
+    let end = wait_end(&mut ca, &second.id).await;
+    assert_eq!(state(&end), pb::JobState::Cancelled, "{end:?}");
+    assert!(end.error.contains("while b was dead"), "{end:?}");
+    assert!(
+        end.steps.iter().all(|s| s.started_at.is_none()),
+        "no step of it started: {end:?}"
+    );
+    assert!(!b.root().join("same.txt").exists(), "{end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_node_killed_mid_job_unwinds_it_when_it_returns_and_no_other_node_ran_it() {
     let pg = TestPostgres::start().await;
     let (a, mut b) = (node("edge-a", &pg.url()), node("edge-b", &pg.url()));
