@@ -175,6 +175,35 @@ fn files_version(root: &Path, ctx: &str) -> String {
     a.trim().to_owned()
 }
 
+/// A file trial's outcome: succeeded, so all new (the version is now `v`); failed by the
+/// restart, so all old; nothing else.
+fn judge_files(
+    ended: &pb::Job,
+    now: &str,
+    v: String,
+    version: &mut String,
+    tally: &mut Tally,
+    ctx: &str,
+) {
+    match state(ended) {
+        pb::JobState::Succeeded => {
+            assert_eq!(now, v, "{ctx}: succeeded, so all new");
+            tally.new += 1;
+            *version = v;
+        }
+        pb::JobState::Failed => {
+            assert_eq!(now, version, "{ctx}: interrupted, so all old: {ended:?}");
+            assert!(
+                ended.error.contains("interrupted by restart"),
+                "{ctx}: {}",
+                ended.error
+            );
+            tally.old += 1;
+        }
+        s => panic!("{ctx}: ended {s:?}"),
+    }
+}
+
 #[tokio::test]
 async fn sigkill_at_random_moments_of_runbook_file_steps_leaves_all_old_or_all_new() {
     let seed = crash_seed("runbook");
@@ -221,23 +250,7 @@ async fn sigkill_at_random_moments_of_runbook_file_steps_leaves_all_old_or_all_n
         let events = check_events(&mut c, &job.id, &ctx).await;
         *tally.in_step.entry(killed_in(&events)).or_default() += 1;
         let now = files_version(&root, &ctx);
-        match state(&ended) {
-            pb::JobState::Succeeded => {
-                assert_eq!(now, v, "{ctx}: succeeded, so all new");
-                tally.new += 1;
-                version = v;
-            }
-            pb::JobState::Failed => {
-                assert_eq!(now, version, "{ctx}: interrupted, so all old: {ended:?}");
-                assert!(
-                    ended.error.contains("interrupted by restart"),
-                    "{ctx}: {}",
-                    ended.error
-                );
-                tally.old += 1;
-            }
-            s => panic!("{ctx}: ended {s:?}"),
-        }
+        judge_files(&ended, &now, v, &mut version, &mut tally, &ctx);
         let temps = temps_under(dir.path());
         assert!(temps.is_empty(), "{ctx}: temp files left: {temps:?}");
         let temps = temps_under(&d.data());
@@ -762,23 +775,7 @@ async fn sigkill_of_a_node_at_random_moments_of_a_job_submitted_on_another_leave
         }
         *tally.in_step.entry(moment).or_default() += 1;
         let now = files_version(&root, &ctx);
-        match state(&ended) {
-            pb::JobState::Succeeded => {
-                assert_eq!(now, v, "{ctx}: succeeded, so all new");
-                tally.new += 1;
-                version = v;
-            }
-            pb::JobState::Failed => {
-                assert_eq!(now, version, "{ctx}: interrupted, so all old: {ended:?}");
-                assert!(
-                    ended.error.contains("interrupted by restart"),
-                    "{ctx}: {}",
-                    ended.error
-                );
-                tally.old += 1;
-            }
-            s => panic!("{ctx}: ended {s:?}"),
-        }
+        judge_files(&ended, &now, v, &mut version, &mut tally, &ctx);
         assert_eq!(ended.node, "crash-b", "{ctx}");
         for d in [dir.path().to_owned(), b.data(), a.data()] {
             let temps = temps_under(&d);

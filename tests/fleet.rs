@@ -41,6 +41,19 @@ async fn blocked_on(
     (job, s)
 }
 
+/// What an attached CLI command said (stdout and stderr), asserting it ended well and said
+/// its job succeeded.
+fn succeeded(out: &std::process::Output) -> String {
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("succeeded"), "{said}");
+    said
+}
+
 /// Every event of a job, from the node `d` (to its end).
 async fn events(d: &Daemon, id: &str) -> Vec<pb::JobEvent> {
     let mut s = d
@@ -75,13 +88,7 @@ async fn a_job_submitted_on_a_for_b_runs_on_b_and_a_watches_and_lists_it() {
         .arg("content=from a\n")
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{said}");
-    assert!(said.contains("succeeded"), "{said}");
+    succeeded(&out);
     assert_eq!(
         std::fs::read_to_string(b.root().join("fleet.txt")).unwrap(),
         "from a\n"
@@ -105,13 +112,7 @@ async fn a_job_submitted_on_a_for_b_runs_on_b_and_a_watches_and_lists_it() {
         .args(["jobs", "rollback", &written.id])
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{said}");
-    assert!(said.contains("succeeded"), "{said}");
+    let said = succeeded(&out);
     assert!(
         !b.root().join("fleet.txt").exists(),
         "B's file is gone: {said}"

@@ -270,13 +270,21 @@ function viewJob(root, id) {
   // the next frame, so a chatty job costs one layout a frame, not one an event.
   let follow = true;
   let scrollQueued = false;
+  // Where the list last scrolled itself: its own scroll event comes a frame later, when more
+  // events may have been added below, and must not read as the reader leaving the bottom.
+  let autoTop = 0;
   events.addEventListener('scroll', () => {
-    follow = events.scrollTop + events.clientHeight >= events.scrollHeight - 8;
+    const atBottom = events.scrollTop + events.clientHeight >= events.scrollHeight - 8;
+    follow = atBottom || events.scrollTop >= autoTop - 1;
   });
   const keepAtBottom = () => {
     if (!follow || scrollQueued) return;
     scrollQueued = true;
-    requestAnimationFrame(() => { scrollQueued = false; events.scrollTop = events.scrollHeight; });
+    requestAnimationFrame(() => {
+      scrollQueued = false;
+      events.scrollTop = events.scrollHeight;
+      autoTop = events.scrollTop;
+    });
   };
   root.append(title, h('div', { class: 'toolbar' }, stateEl, cancelBtn, rollbackBtn),
     h('div', { class: 'grid' },
