@@ -351,8 +351,15 @@ pub async fn run(
         why = engine.ledger_lost() => {
             // Fenced: whatever it did now could undo the other daemon's work.
             tracing::error!("{why}: stopping");
+            notify(&[
+                sd_notify::NotifyState::Stopping,
+                sd_notify::NotifyState::Status(&format!("stopped: {why}")),
+            ]);
             stopping.cancel();
             let _ = tokio::time::timeout(config.shutdown_grace, engine.shutdown(std::time::Duration::ZERO)).await;
+            if let Some(path) = &config.listen_unix {
+                let _ = std::fs::remove_file(path);
+            }
             return Err(Error::LedgerLost(why));
         }
         Some(r) = servers.join_next() => {

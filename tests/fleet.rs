@@ -490,9 +490,12 @@ async fn a_node_killed_mid_job_unwinds_it_when_it_returns_and_no_other_node_ran_
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_paused_past_its_lease_writes_nothing_when_it_resumes_and_stops() {
     let pg = TestPostgres::start().await;
+    let socks = tempfile::tempdir().unwrap();
+    let sock = |name: &str| socks.path().join(format!("{name}.sock"));
     let lease = |name: &str| {
         Daemon::start(&format!(
-            "node = \"{name}\"\n[store]\nurl = \"{}\"\nlease = \"3s\"\n",
+            "node = \"{name}\"\nlisten_unix = \"{}\"\n[store]\nurl = \"{}\"\nlease = \"3s\"\n",
+            sock(name).display(),
             pg.url()
         ))
     };
@@ -548,6 +551,7 @@ async fn a_node_paused_past_its_lease_writes_nothing_when_it_resumes_and_stops()
     let mut b = back;
     assert_eq!(status.code(), Some(75), "{log}");
     assert!(log.contains("lease lapsed"), "{log}");
+    assert!(!sock("pause-b").exists(), "its unix socket is removed");
     assert_eq!(events().await, before, "B wrote nothing after it resumed");
     let now = ca
         .get_job(pb::GetJobRequest {
