@@ -367,26 +367,31 @@ async fn what_a_node_was_asked_while_it_was_down_is_done_when_it_returns() {
         end.steps.is_empty() && !b.root().join("never.txt").exists(),
         "it never ran: {end:?}"
     );
-    // (Read from the ledger: no node of this version reads that spec.)
     let end = wait_end(&mut ca, &later.id).await;
     assert_eq!(state(&end), pb::JobState::Succeeded, "{end:?}");
     assert_eq!(
         std::fs::read_to_string(b.root().join("later.txt")).unwrap(),
         "y"
     );
-    let row = admin
-        .query_one(
-            "SELECT state, error FROM jobs WHERE id = $1",
-            &[&unreadable],
-        )
-        .await
-        .unwrap();
-    let (state_of, error): (String, String) = (row.get(0), row.get(1));
-    assert_eq!(state_of, "FAILED", "{error}");
-    assert!(
-        error.contains("node down-b cannot read its spec"),
-        "{error}"
+    // Listed, shown and watched from A like any job, its kind named; B refused to run it.
+    let end = wait_end(&mut ca, &unreadable).await;
+    assert_eq!(
+        (state(&end), end.kind.as_str()),
+        (pb::JobState::Failed, "from_the_future"),
+        "{end:?}"
     );
+    assert!(
+        end.error.starts_with("node down-b cannot run it")
+            && end.error.contains("does not know jobs of kind"),
+        "{end:?}"
+    );
+    let listed = ca
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert!(listed.iter().any(|j| j.id == unreadable), "{listed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -592,6 +592,8 @@ fn step_state_to_pb(s: StepState) -> pb::StepState {
 
 fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
     let kind = match spec {
+        // Another version's kind: no message of this version holds it (Job.kind names it).
+        JobSpec::Unknown(_) => return pb::JobSpec { kind: None },
         JobSpec::Runbook(kinds::runbook::Spec { runbook, params }) => {
             pb::job_spec::Kind::Runbook(pb::RunbookJob {
                 runbook: runbook.clone(),
@@ -712,7 +714,10 @@ fn step_to_pb(i: usize, s: &StepRecord) -> pb::Step {
 pub(crate) fn job_to_pb(j: &Job) -> pb::Job {
     pb::Job {
         id: j.id.to_string(),
-        kind: j.spec.kind().to_owned(),
+        kind: match &j.spec {
+            JobSpec::Unknown(u) => u.kind.clone(),
+            s => s.kind().to_owned(),
+        },
         spec: Some(spec_to_pb(&j.spec)),
         state: state_to_pb(j.state) as i32,
         steps: j
