@@ -137,6 +137,22 @@ pub struct StepRecord {
     pub error: Option<String>,
 }
 
+impl StepRecord {
+    /// The steps a plan names, none started.
+    pub(crate) fn planned(names: Vec<String>) -> Vec<StepRecord> {
+        names
+            .into_iter()
+            .map(|name| StepRecord {
+                name,
+                state: StepState::Pending,
+                started_at: None,
+                finished_at: None,
+                error: None,
+            })
+            .collect()
+    }
+}
+
 /// A job: what it does (`S`, its spec — the kinds' `JobSpec`, or the store's JSON of it), and
 /// where it is.
 #[derive(Clone, Debug, PartialEq)]

@@ -54,6 +54,20 @@ fn succeeded(out: &std::process::Output) -> String {
     said
 }
 
+/// Cancels a job whose node is down: recorded, and UNAVAILABLE (its node has not taken it).
+async fn cancel_while_down(via: &mut Client, id: &str, reason: &str) {
+    let e = via
+        .cancel_job(pb::CancelJobRequest {
+            job_id: id.into(),
+            reason: reason.into(),
+            wait: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("it is recorded"), "{}", e.message());
+}
+
 /// Every event of a job, from the node `d` (to its end).
 async fn events(d: &Daemon, id: &str) -> Vec<pb::JobEvent> {
     let mut s = d
@@ -330,16 +344,7 @@ async fn what_a_node_was_asked_while_it_was_down_is_done_when_it_returns() {
         .await
         .unwrap()
         .into_inner();
-    let e = ca
-        .cancel_job(pb::CancelJobRequest {
-            job_id: cancelled.id.clone(),
-            reason: "not now".into(),
-            wait: false,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-    assert!(e.message().contains("it is recorded"), "{}", e.message());
+    cancel_while_down(&mut ca, &cancelled.id, "not now").await;
     // A job of a kind B cannot read (a newer version's, say), then one it can.
     let admin = TestPostgres::connect(&pg.url()).await;
     let unreadable = uuid::Uuid::now_v7().to_string();
@@ -424,15 +429,7 @@ async fn a_planned_job_cancelled_while_its_node_was_dead_never_starts_when_it_re
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     b.kill9();
-    let e = ca
-        .cancel_job(pb::CancelJobRequest {
-            job_id: second.id.clone(),
-            reason: "while b was dead".into(),
-            wait: false,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    cancel_while_down(&mut ca, &second.id, "while b was dead").await;
     b.spawn();
     let end = wait_end(&mut ca, &first.id).await;
     assert_ne!(

@@ -7,7 +7,7 @@ mod scheduler;
 
 use crate::blobs::BlobStore;
 use crate::config::Config;
-use crate::job::{Event, EventBody, JobId, JobRecord, JobState, StepRecord, StepState, now_ms};
+use crate::job::{Event, EventBody, JobId, JobRecord, JobState, StepRecord, now_ms};
 use crate::kinds::{self, Job, JobSpec, Moment, Planned};
 use crate::quote::quote;
 use crate::step::Env;
@@ -656,17 +656,7 @@ impl Engine {
         if !s.accepting() {
             return Err(Error::Unavailable("the daemon is shutting down".into()));
         }
-        let steps = plan
-            .steps
-            .into_iter()
-            .map(|name| StepRecord {
-                name,
-                state: StepState::Pending,
-                started_at: None,
-                finished_at: None,
-                error: None,
-            })
-            .collect();
+        let steps = StepRecord::planned(plan.steps);
         let mut record = pending(sub, s.node.0.clone(), steps, plan.resources);
         let (id, now) = (record.id, record.created_at);
         let live = LiveJob::new();
@@ -1512,6 +1502,7 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::StepState;
     use crate::kinds::runbook;
 
     const RUNBOOKS: &str = r#"

@@ -93,17 +93,7 @@ pub(crate) async fn claim(
             return;
         }
     };
-    record.steps = plan
-        .steps
-        .into_iter()
-        .map(|name| crate::job::StepRecord {
-            name,
-            state: StepState::Pending,
-            started_at: None,
-            finished_at: None,
-            error: None,
-        })
-        .collect();
+    record.steps = crate::job::StepRecord::planned(plan.steps);
     record.resources = plan.resources;
     shared.scheduler.enqueue(record.id, &record.resources);
     let planned = vec![
