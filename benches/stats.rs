@@ -134,7 +134,7 @@ fn main() {
     let mut first = parse::Parser::remembering(None, parse::Memory::default());
     let used = first.feed(&sample).unwrap();
     let (before, memory) = first.finish_remembering(&sample[used..]).unwrap();
-    let memory = memory.unwrap();
+    let memory = memory.unwrap().memory;
     for (what, next) in [
         ("idle servers", bump("lastchg")),
         ("every server busy", bump("stot")),
@@ -148,7 +148,7 @@ fn main() {
                 let used = p.feed(&next).unwrap();
                 let (rows, kept) = p.finish_remembering(&next[used..]).unwrap();
                 assert_eq!(rows.len(), before.len());
-                spare = kept.unwrap();
+                spare = kept.unwrap().memory;
             }
             batches.push(t.elapsed().as_secs_f64() * 1e3 / 20.0);
         }

@@ -74,6 +74,9 @@ pub struct Snapshot {
     /// proxy → server → row, built on first use (a diff of polls in the same order, the
     /// usual case, needs none).
     index: std::sync::OnceLock<HashMap<Text, HashMap<Text, usize>>>,
+    /// The poll before, and per row whether it is that poll's row at the same place but for
+    /// `lastchg` (see `parse::Memory`): a diff from it skips those rows.
+    taken: Option<(std::sync::Weak<Snapshot>, Vec<bool>)>,
 }
 
 impl Snapshot {
@@ -81,6 +84,15 @@ impl Snapshot {
         Snapshot {
             rows,
             index: Default::default(),
+            taken: None,
+        }
+    }
+
+    /// The rows of a poll whose parse took rows from `before`'s (`taken`: which).
+    fn following(rows: Vec<Row>, before: &Arc<Snapshot>, taken: Vec<bool>) -> Snapshot {
+        Snapshot {
+            taken: Some((Arc::downgrade(before), taken)),
+            ..Snapshot::new(rows)
         }
     }
 
@@ -103,7 +115,16 @@ impl Snapshot {
     pub fn delta_since(&self, before: &Snapshot) -> Delta {
         let mut delta = Delta::default();
         let mut same_order = self.rows.len() == before.rows.len();
+        // A weak reference keeps its allocation, so an address equal to it is that snapshot.
+        let taken = self
+            .taken
+            .as_ref()
+            .filter(|(from, _)| std::ptr::eq(from.as_ptr(), before))
+            .map(|(_, taken)| taken);
         for (i, row) in self.rows.iter().enumerate() {
+            if taken.is_some_and(|t| t[i]) {
+                continue;
+            }
             let at_same_place = before
                 .rows
                 .get(i)
@@ -521,9 +542,13 @@ async fn poll_once(socket: &Path, mut recall: Recall) -> (Result<Arc<Snapshot>, 
         let before = recall.rows.as_ref().map(|s| (&recall.lines, &s.rows[..]));
         let parser = parse::Parser::remembering(before, into);
         match read_answer(&socket, "show stat\n", parser, true) {
-            Ok((rows, lines)) => {
-                let now = Arc::new(Snapshot::new(rows));
-                recall.spare = std::mem::replace(&mut recall.lines, lines.unwrap_or_default());
+            Ok((rows, recalled)) => {
+                let recalled = recalled.expect("a remembering parse");
+                let now = Arc::new(match &recall.rows {
+                    Some(before) => Snapshot::following(rows, before, recalled.taken),
+                    None => Snapshot::new(rows),
+                });
+                recall.spare = std::mem::replace(&mut recall.lines, recalled.memory);
                 recall.rows = Some(now.clone());
                 (Ok(now), recall)
             }
@@ -561,7 +586,7 @@ fn read_answer(
     command: &str,
     mut parser: parse::Parser<'_>,
     gather: bool,
-) -> Result<(Vec<Row>, Option<parse::Memory>), Error> {
+) -> Result<(Vec<Row>, Option<parse::Recalled>), Error> {
     use std::io::{Read, Write};
     let unreachable = |e: std::io::Error| {
         let reason = match e.kind() {
@@ -645,7 +670,51 @@ fn read_answer(
 
 #[cfg(test)]
 mod tests {
-    use super::glob;
+    use super::{Snapshot, glob, parse};
+    use std::sync::Arc;
+
+    #[test]
+    fn a_diff_skips_only_rows_taken_from_the_poll_it_is_from() {
+        let a = include_str!("testdata/show-stat-2.6.csv");
+        // The next poll: every lastchg moved on, and one server went DOWN → UP.
+        let b = a
+            .replace(",46,46,", ",47,46,")
+            .replacen(",DOWN,", ",UP,", 1);
+        assert_ne!(a, b);
+        let parse_into = |text: &str, before: Option<(&parse::Memory, &[parse::Row])>| {
+            let mut p = parse::Parser::remembering(before, parse::Memory::default());
+            let used = p.feed(text.as_bytes()).unwrap();
+            let (rows, recalled) = p.finish_remembering(&text.as_bytes()[used..]).unwrap();
+            (rows, recalled.unwrap())
+        };
+        let (rows, first) = parse_into(a, None);
+        let before = Arc::new(Snapshot::new(rows));
+        let (rows, next) = parse_into(&b, Some((&first.memory, &before.rows)));
+        assert!(next.taken.iter().any(|t| *t) && next.taken.iter().any(|t| !*t));
+        let skipping = Snapshot::following(rows.clone(), &before, next.taken);
+        let plain = Snapshot::new(rows);
+        let (d1, d2) = (skipping.delta_since(&before), plain.delta_since(&before));
+        assert_eq!(d1.changed, d2.changed);
+        assert_eq!((d1.added, d1.removed), (d2.added, d2.removed));
+        assert_eq!(d1.changed.len(), 1);
+        // From another snapshot (the same rows, not the one parsed from), nothing is skipped.
+        let other = Snapshot::new(
+            before
+                .rows
+                .iter()
+                .map(|r| {
+                    let mut r = r.clone();
+                    r.status = parse::Status::parse("MAINT");
+                    r
+                })
+                .collect(),
+        );
+        assert_eq!(
+            skipping.delta_since(&other).changed.len(),
+            plain.delta_since(&other).changed.len()
+        );
+        assert!(plain.delta_since(&other).changed.len() > 1);
+    }
 
     #[test]
     fn globs_match_like_a_shell() {

@@ -379,6 +379,16 @@ impl Memory {
     }
 }
 
+/// What a remembering parse gives besides the rows.
+#[derive(Debug)]
+pub struct Recalled {
+    /// This answer's lines, for the next.
+    pub memory: Memory,
+    /// Per row: whether it is the row at the same place in the answer before (its line the
+    /// same but for `lastchg`), so no diff of the two needs to look at it.
+    pub taken: Vec<bool>,
+}
+
 /// Where a line is in `Memory::text`, and where its `lastchg` field is in the line (both
 /// ends at the line's length when it has none, or it was not sliced in place).
 #[derive(Debug, Clone, Copy)]
@@ -404,6 +414,8 @@ pub struct Parser<'p> {
     before: Option<(&'p Memory, &'p [Row])>,
     /// This answer's lines, when they are to be kept.
     memory: Option<Memory>,
+    /// Per row: whether it was taken from `before` (when remembering).
+    taken: Vec<bool>,
     /// Rows taken from `before`.
     reused: usize,
 }
@@ -419,6 +431,7 @@ impl<'p> Parser<'p> {
             owned: csv::ByteRecord::new(),
             before: None,
             memory: None,
+            taken: Vec::new(),
             reused: 0,
         }
     }
@@ -481,11 +494,17 @@ impl<'p> Parser<'p> {
                     self.rows.push(before.clone());
                     self.rows.last_mut().expect("just pushed").last_change = last_change;
                     self.reused += 1;
+                    if self.memory.is_some() {
+                        self.taken.push(true);
+                    }
                     mark
                 }
                 None => {
                     let (row, sliced) = line(layout, l, self.line, &mut fields, &mut self.owned)?;
                     self.rows.push(row);
+                    if self.memory.is_some() {
+                        self.taken.push(false);
+                    }
                     match (sliced, lastchg) {
                         (true, Some(slot)) => {
                             let at = fields[slot].as_ptr() as usize - l.as_ptr() as usize;
@@ -518,14 +537,22 @@ impl<'p> Parser<'p> {
         Ok(self.finish_remembering(rest)?.0)
     }
 
-    /// The rows and this answer's lines (when `remembering`), once the answer has ended.
-    pub fn finish_remembering(self, rest: &[u8]) -> Result<(Vec<Row>, Option<Memory>), ParseError> {
+    /// The rows and, when `remembering`, this answer's lines and which rows were taken from
+    /// the answer before, once the answer has ended.
+    pub fn finish_remembering(
+        self,
+        rest: &[u8],
+    ) -> Result<(Vec<Row>, Option<Recalled>), ParseError> {
         // HAProxy ends its answer with an empty line: without it, or with a line cut short,
         // the answer is truncated.
         if self.layout.is_none() || !rest.is_empty() || !self.ended {
             return Err(ParseError::Truncated);
         }
-        Ok((self.rows, self.memory))
+        let taken = self.taken;
+        Ok((
+            self.rows,
+            self.memory.map(|memory| Recalled { memory, taken }),
+        ))
     }
 }
 
@@ -1047,7 +1074,11 @@ mod tests {
         }
         let reused = p.reused;
         match p.finish_remembering(&text[fed..]) {
-            Ok((rows, memory)) => (Ok(rows), memory, reused),
+            Ok((rows, recalled)) => {
+                let recalled = recalled.expect("remembering");
+                assert_eq!(recalled.taken.iter().filter(|t| **t).count(), reused);
+                (Ok(rows), Some(recalled.memory), reused)
+            }
             Err(e) => (Err(e), None, reused),
         }
     }
