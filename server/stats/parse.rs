@@ -1113,11 +1113,21 @@ mod tests {
         let mut before: Option<(Memory, Vec<Row>)> = None;
         let (mut reused, mut changed_header) = (0, 0);
         for round in 0..400 {
-            let mut head = header.to_owned();
+            // Now and then the names of two columns read trade places while the lines stay
+            // as they were: the same bytes mean other rows.
+            let mut head = if next(10) == 0 {
+                changed_header += 1;
+                header.replacen(",scur,smax,", ",smax,scur,", 1)
+            } else {
+                header.to_owned()
+            };
             for r in rows.iter_mut() {
-                r[lastchg] = match next(8) {
+                r[lastchg] = match next(10) {
                     0 => "-1".into(),
                     1 => String::new(),
+                    // Not a number: a fresh parse reads a quoted one, and no number from this.
+                    2 => "\"5\"".into(),
+                    3 => "5x".into(),
                     _ => next(100_000).to_string(),
                 };
                 match next(12) {
@@ -1141,6 +1151,7 @@ mod tests {
                     head.push_str(",extra");
                     changed_header += 1;
                 }
+                3 => {}
                 _ => {}
             }
             let mut text = format!("{head}\n");
@@ -1163,7 +1174,7 @@ mod tests {
             before = got.ok().map(|rows| (memory.expect("remembering"), rows));
         }
         // Most lines were taken again; a changed header took none.
-        assert!(reused > 400, "{reused} rows taken from the poll before");
+        assert!(reused > 200, "{reused} rows taken from the poll before");
         assert!(changed_header > 10);
     }
 
