@@ -70,7 +70,7 @@ async fn cancel_while_down(via: &mut Client, id: &str, reason: &str) {
 
 /// Every event of a job, from the node `d` (to its end).
 async fn events(d: &Daemon, id: &str) -> Vec<pb::JobEvent> {
-    let mut s = d
+    let s = d
         .client()
         .await
         .watch_job(pb::WatchJobRequest {
@@ -80,6 +80,11 @@ async fn events(d: &Daemon, id: &str) -> Vec<pb::JobEvent> {
         .await
         .unwrap()
         .into_inner();
+    to_end(s).await
+}
+
+/// The rest of a watch stream, to the job's end (within a minute).
+async fn to_end(mut s: tonic::Streaming<pb::JobEvent>) -> Vec<pb::JobEvent> {
     let mut all = Vec::new();
     while let Some(e) = tokio::time::timeout(Duration::from_secs(60), s.message())
         .await
@@ -452,7 +457,7 @@ async fn a_node_killed_mid_job_unwinds_it_when_it_returns_and_no_other_node_ran_
     let pg = TestPostgres::start().await;
     let (a, mut b) = (node("edge-a", &pg.url()), node("edge-b", &pg.url()));
     let mut ca = a.client().await;
-    let (job, mut s) = blocked_on(&mut ca, "edge-b", "crash").await;
+    let (job, s) = blocked_on(&mut ca, "edge-b", "crash").await;
     b.kill9();
     // A's watcher waits on through B's absence; A does not take the job.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -465,14 +470,8 @@ async fn a_node_killed_mid_job_unwinds_it_when_it_returns_and_no_other_node_ran_
         .into_inner();
     assert_eq!(state(&now), pb::JobState::Running);
     b.spawn();
-    let mut rest = Vec::new();
-    while let Some(e) = tokio::time::timeout(Duration::from_secs(60), s.message())
-        .await
-        .expect("the job ends")
-        .unwrap()
-    {
-        rest.push(e);
-    }
+    // The watch from A goes on to the job's end.
+    to_end(s).await;
     let end = ca
         .get_job(pb::GetJobRequest {
             job_id: job.id.clone(),
@@ -635,19 +634,7 @@ async fn many_watchers_on_one_node_of_a_job_on_another_share_one_read_of_the_led
     std::fs::write(&go, "").unwrap();
     let watchers: Vec<_> = streams
         .into_iter()
-        .map(|mut s| {
-            tokio::spawn(async move {
-                let mut all = Vec::new();
-                while let Some(e) = tokio::time::timeout(Duration::from_secs(60), s.message())
-                    .await
-                    .expect("the job ends in time")
-                    .unwrap()
-                {
-                    all.push(e);
-                }
-                all
-            })
-        })
+        .map(|s| tokio::spawn(to_end(s)))
         .collect();
     let mut logs = Vec::new();
     for w in watchers {
